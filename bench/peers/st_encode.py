@@ -1,0 +1,32 @@
+"""Peer for `rustrag bench encode`: sentence-transformers on PyTorch CPU, same texts, batch size and max length.
+
+Reads texts (one JSON string per line) from --texts, prints one JSON object with timings."""
+import argparse, json, time
+
+p = argparse.ArgumentParser()
+p.add_argument("--model", required=True)
+p.add_argument("--texts", required=True)
+p.add_argument("--batch-size", type=int, default=32)
+p.add_argument("--max-length", type=int, default=256)
+p.add_argument("--threads", type=int, default=0)
+p.add_argument("--repeats", type=int, default=2)
+a = p.parse_args()
+
+import torch
+from sentence_transformers import SentenceTransformer
+
+if a.threads:
+    torch.set_num_threads(a.threads)
+texts = [json.loads(l) for l in open(a.texts, encoding="utf-8")]
+model = SentenceTransformer(a.model, device="cpu")
+model.max_seq_length = a.max_length
+model.encode(texts[: a.batch_size], batch_size=a.batch_size)  # warm-up
+best = None
+for _ in range(a.repeats):
+    t0 = time.perf_counter()
+    emb = model.encode(texts, batch_size=a.batch_size, normalize_embeddings=False, convert_to_numpy=True)
+    dt = time.perf_counter() - t0
+    best = dt if best is None else min(best, dt)
+print(json.dumps({"peer": "sentence-transformers", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "n": len(texts), "seconds": best, "per_second": len(texts) / best,
+                  "first_embedding_head": [float(x) for x in emb[0][:4]]}))

@@ -1,0 +1,10 @@
+//! `rustrag ask`.
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args, _json: bool) -> Result<()> {
+    anyhow::bail!("`rustrag ask` is not implemented yet")
+}

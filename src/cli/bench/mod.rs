@@ -1,0 +1,10 @@
+//! `rustrag bench`: benchmarks that run the named peer in the same run and report ratios.
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args, _json: bool) -> Result<()> {
+    anyhow::bail!("`rustrag bench` is not implemented yet")
+}

@@ -1,0 +1,63 @@
+//! The `rustrag` command line: one file per subcommand, each a thin layer over the library.
+
+pub mod ask;
+pub mod bench;
+pub mod embed;
+pub mod eval;
+pub mod index;
+pub mod retrieve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "rustrag", version, about = "Retrieval-augmented generation: index, retrieve, ask, evaluate")]
+pub struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build or update a knowledge base.
+    Index(index::Args),
+    /// Top-k passages for questions.
+    Retrieve(retrieve::Args),
+    /// Answer questions with retrieval-augmented generation.
+    Ask(ask::Args),
+    /// Evaluate retrieval (nDCG, recall, MRR) or QA (EM/F1).
+    Eval(eval::Args),
+    /// Embed texts with an encoder.
+    Embed(embed::Args),
+    /// Benchmarks against the Python/C++ peers.
+    Bench(bench::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Index(a) => index::run(a, cli.json),
+        Command::Retrieve(a) => retrieve::run(a, cli.json),
+        Command::Ask(a) => ask::run(a, cli.json),
+        Command::Eval(a) => eval::run(a, cli.json),
+        Command::Embed(a) => embed::run(a, cli.json),
+        Command::Bench(a) => bench::run(a, cli.json),
+    }
+}
+
+/// Logs go to stderr through `tracing`; `RUST_LOG` wins over `-v`.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

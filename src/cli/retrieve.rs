@@ -1,0 +1,10 @@
+//! `rustrag retrieve`.
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args, _json: bool) -> Result<()> {
+    anyhow::bail!("`rustrag retrieve` is not implemented yet")
+}

@@ -1,0 +1,32 @@
+//! rustrag: retrieval-augmented generation (Lewis et al. 2020) in Rust.
+//!
+//! - [`hub`]: finding and loading HF model directories and weights.
+//! - [`tokenize`]: HF tokenizers with per-call truncation/padding.
+//! - [`nn`]: differentiable layers shared by the models.
+//! - [`encoders`]: DPR and sentence-transformers text encoders (BERT).
+//! - [`generators`]: BART, T5 and Llama generators behind one step-wise decoding interface.
+//! - [`kb`]: the on-disk knowledge base (passages, embeddings, manifest).
+//! - [`retrieve`]: dense (exact, HNSW), BM25 and hybrid retrievers.
+//! - [`rag`]: RagModel, RAG-Sequence and RAG-Token (losses, decoding, provenance).
+//! - [`eval`]: retrieval and QA metrics.
+//! - [`cli`]: the `rustrag` command line (a thin layer over the library).
+
+pub mod cli;
+pub mod encoders;
+pub mod eval;
+pub mod generators;
+pub mod hub;
+pub mod kb;
+pub mod nn;
+pub mod rag;
+pub mod retrieve;
+pub mod tokenize;
+
+/// The device models run on: CUDA device 0 when built with `cuda` and available, else CPU.
+pub fn default_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = candle_core::Device::new_cuda(0) {
+        return d;
+    }
+    candle_core::Device::Cpu
+}

@@ -1,0 +1,43 @@
+//! Retrievers: questions -> top-k passages of a knowledge base, with scores (and, for dense retrievers,
+//! the passage embeddings so that RAG can recompute differentiable doc scores `q · d`).
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// One passage of a knowledge base.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Passage {
+    /// Stable passage id (e.g. `<doc id>#<chunk>` or the corpus id).
+    pub id: String,
+    pub title: String,
+    pub text: String,
+}
+
+/// Top-k result for one query, best first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Hits {
+    /// Row indices into the knowledge base: `[k]`.
+    pub doc_ids: Vec<u64>,
+    /// Retrieval scores: `[k]` (inner product for dense, BM25 for sparse, fused for hybrid).
+    pub scores: Vec<f32>,
+    /// The passages: `[k]`.
+    pub passages: Vec<Passage>,
+    /// Passage embeddings `[k][dim]` (dense retrievers only).
+    #[serde(skip)]
+    pub embeddings: Option<Vec<Vec<f32>>>,
+}
+
+/// A batched retriever.
+pub trait Retriever: Send + Sync {
+    /// Top-`k` hits per query. `queries`: `[batch]` texts; `query_embeddings`: `[batch, dim]` f32 when the
+    /// caller has already encoded the questions (RAG does, to keep the gradient path); a dense retriever
+    /// without them encodes `queries` itself or fails with a clear error.
+    fn retrieve(&self, queries: &[&str], query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>>;
+
+    /// Number of passages searchable.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
