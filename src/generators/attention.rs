@@ -8,7 +8,9 @@ use candle_core::{DType, Tensor};
 /// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]` (contiguous).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// `[batch, heads, len, head_dim]` -> `[batch, len, heads * head_dim]`.
@@ -20,7 +22,13 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// `softmax(q k^T * scale + bias) v` with `q: [b, h, tq, d]`, `k, v: [b, h, tk, d]` and an additive
 /// `bias` broadcastable to `[b, h, tq, tk]` (padding/causal masks, T5 position bias).
 /// Returns `[b, h, tq, d]`.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let mut scores = q.matmul(&k.t()?)?;
     if scale != 1.0 {
         scores = (scores * scale)?;
@@ -35,7 +43,11 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: 
 }
 
 /// Append this step's keys/values `[b, h, t, d]` to a self-attention cache and return the full ones.
-pub fn append_kv(cache: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+pub fn append_kv(
+    cache: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
     let full = match cache.take() {
         Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         None => (k, v),
@@ -67,7 +79,10 @@ pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 /// Validate a [`super::GenInput`]: `[rows, len]` ids and mask of the same shape, ids in the vocabulary.
 pub fn check_input(input: &super::GenInput, vocab: usize) -> Result<()> {
     let (r, l) = input.input_ids.dims2().map_err(|_| {
-        anyhow::anyhow!("input_ids must be [rows, len], got {:?}", input.input_ids.dims())
+        anyhow::anyhow!(
+            "input_ids must be [rows, len], got {:?}",
+            input.input_ids.dims()
+        )
     })?;
     if input.attention_mask.dims() != [r, l] {
         bail!(
