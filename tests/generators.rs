@@ -412,3 +412,163 @@ fn bad_runtime_inputs_are_errors() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Config variants the fixtures do not exercise, proven by exact equivalences with the fixture models.
+
+fn logits_of(dir: &Path, input: &GenInput, dec: &Tensor) -> Result<Tensor> {
+    let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+    model.forward(input, dec)
+}
+
+/// Relative max difference of two logit tensors.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let scale = b
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?
+        .max(1e-12);
+    Ok(max_diff(a, b)? / scale)
+}
+
+#[test]
+fn bart_untied_lm_head_and_scaled_embeddings() -> Result<()> {
+    // shared' = shared / sqrt(d) with scale_embedding = true, and an untied lm_head = the original table:
+    // every logit must stay the same.
+    let dir = generator_dir("bart");
+    let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+    let (input, dec) = batch(&dir, model.as_ref())?;
+    let want = model.forward(&input, &dec)?;
+    let tmp = copy_dir(&dir)?;
+    let mut d_model = 0usize;
+    edit_config(tmp.path(), |c| {
+        d_model = c["d_model"].as_u64().unwrap_or(0) as usize;
+        c["scale_embedding"] = true.into();
+        c["tie_word_embeddings"] = false.into();
+    })?;
+    edit_weights(tmp.path(), |w| {
+        let shared = w.get("model.shared.weight").context("shared")?.clone();
+        w.insert("lm_head.weight".into(), shared.clone());
+        w.insert(
+            "model.shared.weight".into(),
+            (shared / (d_model as f64).sqrt())?,
+        );
+        Ok(())
+    })?;
+    let got = logits_of(tmp.path(), &input, &dec)?;
+    let d = rel_diff(&got, &want)?;
+    assert!(d < 1e-5, "untied/scaled BART differs by {d}");
+    // Without the untied head the (scaled-down) shared table is used for the logits: different numbers.
+    edit_config(tmp.path(), |c| c["tie_word_embeddings"] = true.into())?;
+    let tied = logits_of(tmp.path(), &input, &dec)?;
+    assert!(
+        rel_diff(&tied, &want)? > 1e-2,
+        "tie_word_embeddings is ignored"
+    );
+    Ok(())
+}
+
+#[test]
+fn t5_untied_lm_head_is_unscaled() -> Result<()> {
+    // Tied: logits = (h * d^-0.5) @ shared^T. Untied with lm_head = shared * d^-0.5: the same logits.
+    let dir = generator_dir("t5");
+    let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+    let (input, dec) = batch(&dir, model.as_ref())?;
+    let want = model.forward(&input, &dec)?;
+    let tmp = copy_dir(&dir)?;
+    let mut d_model = 0usize;
+    edit_config(tmp.path(), |c| {
+        d_model = c["d_model"].as_u64().unwrap_or(0) as usize;
+        c["tie_word_embeddings"] = false.into();
+    })?;
+    edit_weights(tmp.path(), |w| {
+        let shared = w.get("shared.weight").context("shared")?.clone();
+        w.insert(
+            "lm_head.weight".into(),
+            (shared * (d_model as f64).powf(-0.5))?,
+        );
+        Ok(())
+    })?;
+    let got = logits_of(tmp.path(), &input, &dec)?;
+    let d = rel_diff(&got, &want)?;
+    assert!(d < 1e-5, "untied T5 differs by {d}");
+    Ok(())
+}
+
+#[test]
+fn t5_gated_gelu_decodes_consistently_and_trains() -> Result<()> {
+    // feed_forward_proj = "gated-gelu": wi_0 (gelu_new branch) * wi_1 (linear branch), then wo.
+    let dir = generator_dir("t5");
+    let tmp = copy_dir(&dir)?;
+    edit_config(tmp.path(), |c| {
+        c["feed_forward_proj"] = "gated-gelu".into();
+        c["dense_act_fn"] = "gelu_new".into();
+        c["is_gated_act"] = true.into();
+    })?;
+    edit_weights(tmp.path(), |w| {
+        let names: Vec<String> = w
+            .keys()
+            .filter(|k| k.ends_with("DenseReluDense.wi.weight"))
+            .cloned()
+            .collect();
+        assert!(!names.is_empty());
+        for name in names {
+            let wi = w.remove(&name).context("wi")?;
+            let base = name.trim_end_matches("wi.weight");
+            w.insert(format!("{base}wi_1.weight"), (wi.flip(&[0])? * 0.5)?);
+            w.insert(format!("{base}wi_0.weight"), wi);
+        }
+        Ok(())
+    })?;
+    let model = load_seq2seq(
+        &tmp.path().to_string_lossy(),
+        DType::F32,
+        &Device::Cpu,
+        true,
+    )?;
+    let (input, dec) = batch(&dir, model.as_ref())?;
+    let full = model.forward(&input, &dec)?;
+    let mut state = model.start(&input)?;
+    let steps = (0..dec.dim(1)?)
+        .map(|t| model.step(&mut state, &dec.narrow(1, t, 1)?.squeeze(1)?.contiguous()?))
+        .collect::<Result<Vec<_>>>()?;
+    let d = rel_diff(&Tensor::stack(&steps, 1)?, &full)?;
+    assert!(
+        d < 1e-5,
+        "gated T5: step-wise differs from teacher-forced by {d}"
+    );
+    let loss = rustrag::nn::log_softmax_last_dim(&full)?.sum_all()?.neg()?;
+    let grads = loss.backward()?;
+    for (name, var) in model.vars().iter().filter(|(n, _)| n.contains("wi_")) {
+        let g = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("no gradient for {name}"))?;
+        assert!(
+            g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+            "zero gradient for {name}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn forward_from_state_rescores_selected_rows_without_reencoding() -> Result<()> {
+    for kind in ["bart", "t5"] {
+        let dir = generator_dir(kind);
+        let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+        let (input, dec) = batch(&dir, model.as_ref())?;
+        let sel = Tensor::new(&[1u32, 1, 0, 2], &Device::Cpu)?;
+        let state = model.start(&input)?.select_rows(&sel)?;
+        let dec_sel = dec.index_select(&sel, 0)?;
+        let got = model.forward_from_state(&state, &dec_sel)?;
+        let fresh = GenInput {
+            input_ids: input.input_ids.index_select(&sel, 0)?,
+            attention_mask: input.attention_mask.index_select(&sel, 0)?,
+        };
+        let want = model.forward(&fresh, &dec_sel)?;
+        let d = rel_diff(&got, &want)?;
+        assert!(d < 1e-5, "{kind}: forward_from_state differs by {d}");
+    }
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //! attention product itself and the growing self-attention cache. Differentiable (uses
 //! [`crate::nn::softmax_last_dim`]).
 
-use anyhow::{bail, Result};
+use super::{DecodeState, LayerCache};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 /// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]` (contiguous).
@@ -94,4 +95,64 @@ pub fn check_input(input: &super::GenInput, vocab: usize) -> Result<()> {
         bail!("empty generator input [{r}, {l}]");
     }
     check_ids(&input.input_ids, vocab, "input_ids")
+}
+
+/// Checks `tokens: [rows]` and the cache depth of `state` before a decoding step; returns the encoder
+/// padding bias `[rows, 1, 1, src_len]`.
+pub fn step_inputs(
+    state: &DecodeState,
+    tokens: &Tensor,
+    layers: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let rows = state.rows()?;
+    if tokens.dims() != [rows] {
+        bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
+    }
+    if state.layers.len() != layers {
+        bail!(
+            "step: decode state has {} layer caches, the model has {layers} decoder layers",
+            state.layers.len()
+        );
+    }
+    encoder_bias(state, dtype)
+}
+
+/// Fresh decoder caches for a teacher-forced pass over the encoded rows of `state` (cross-attention
+/// keys/values shared, self-attention empty) and the encoder padding bias. Checks that
+/// `decoder_input_ids` is `[rows, tgt_len]`.
+pub fn full_pass_inputs(
+    state: &DecodeState,
+    decoder_input_ids: &Tensor,
+    layers: usize,
+    dtype: DType,
+) -> Result<(Vec<LayerCache>, Tensor)> {
+    let rows = state.rows()?;
+    match decoder_input_ids.dims() {
+        [r, t] if *r == rows && *t > 0 => {}
+        d => bail!("decoder_input_ids must be [{rows}, tgt_len > 0], got {d:?}"),
+    }
+    if state.layers.len() != layers {
+        bail!(
+            "decode state has {} layer caches, the model has {layers} decoder layers",
+            state.layers.len()
+        );
+    }
+    let caches = state
+        .layers
+        .iter()
+        .map(|l| LayerCache {
+            self_kv: None,
+            cross_kv: l.cross_kv.clone(),
+        })
+        .collect();
+    Ok((caches, encoder_bias(state, dtype)?))
+}
+
+fn encoder_bias(state: &DecodeState, dtype: DType) -> Result<Tensor> {
+    let mask = state
+        .encoder_mask
+        .as_ref()
+        .context("decode state has no encoder mask (call start first)")?;
+    padding_bias(mask, dtype)
 }

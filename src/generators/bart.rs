@@ -4,7 +4,8 @@
 //! `final_logits_bias`. Differentiable; decodes step by step with a key/value cache.
 
 use super::attention::{
-    append_kv, attend, check_ids, check_input, merge_heads, padding_bias, split_heads,
+    append_kv, attend, check_ids, check_input, full_pass_inputs, merge_heads, padding_bias,
+    split_heads, step_inputs,
 };
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
@@ -426,22 +427,7 @@ impl Decoder for BartForConditionalGeneration {
     }
 
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
-        let rows = state.rows()?;
-        if tokens.dims() != [rows] {
-            bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
-        }
-        let mask = state
-            .encoder_mask
-            .as_ref()
-            .context("step: decode state has no encoder mask (call start)")?;
-        let enc_bias = padding_bias(mask, self.dtype)?;
-        if state.layers.len() != self.decoder_layers.len() {
-            bail!(
-                "step: decode state has {} layer caches, model has {}",
-                state.layers.len(),
-                self.decoder_layers.len()
-            );
-        }
+        let enc_bias = step_inputs(state, tokens, self.decoder_layers.len(), self.dtype)?;
         let logits = self.decode(
             &tokens.unsqueeze(1)?,
             state.steps,
@@ -473,16 +459,18 @@ impl Seq2Seq for BartForConditionalGeneration {
         Ok(h)
     }
 
-    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let rows = input.input_ids.dim(0)?;
-        match decoder_input_ids.dims() {
-            [r, _] if *r == rows => {}
-            d => bail!("decoder_input_ids must be [{rows}, tgt_len], got {d:?}"),
-        }
-        let encoder_hidden = self.encode(input)?;
-        let mut cache = self.cross_caches(&encoder_hidden)?;
-        let bias = padding_bias(&input.attention_mask, self.dtype)?;
-        self.decode(decoder_input_ids, 0, &mut cache, &bias)
+    fn forward_from_state(
+        &self,
+        state: &DecodeState,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (mut cache, enc_bias) = full_pass_inputs(
+            state,
+            decoder_input_ids,
+            self.decoder_layers.len(),
+            self.dtype,
+        )?;
+        self.decode(decoder_input_ids, 0, &mut cache, &enc_bias)
     }
 
     fn vars(&self) -> Vec<(String, Var)> {

@@ -5,7 +5,8 @@
 //! decodes step by step with a key/value cache.
 
 use super::attention::{
-    append_kv, attend, check_ids, check_input, merge_heads, padding_bias, split_heads,
+    append_kv, attend, check_ids, check_input, full_pass_inputs, merge_heads, padding_bias,
+    split_heads, step_inputs,
 };
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
@@ -511,22 +512,7 @@ impl Decoder for T5ForConditionalGeneration {
     }
 
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
-        let rows = state.rows()?;
-        if tokens.dims() != [rows] {
-            bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
-        }
-        let mask = state
-            .encoder_mask
-            .as_ref()
-            .context("step: decode state has no encoder mask (call start)")?;
-        if state.layers.len() != self.decoder_blocks.len() {
-            bail!(
-                "step: decode state has {} layer caches, model has {}",
-                state.layers.len(),
-                self.decoder_blocks.len()
-            );
-        }
-        let enc_bias = padding_bias(mask, self.dtype)?;
+        let enc_bias = step_inputs(state, tokens, self.decoder_blocks.len(), self.dtype)?;
         let logits = self.decode(
             &tokens.unsqueeze(1)?,
             state.steps,
@@ -561,16 +547,18 @@ impl Seq2Seq for T5ForConditionalGeneration {
         Ok(self.encoder_final_norm.forward(&h)?)
     }
 
-    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let rows = input.input_ids.dim(0)?;
-        match decoder_input_ids.dims() {
-            [r, _] if *r == rows => {}
-            d => bail!("decoder_input_ids must be [{rows}, tgt_len], got {d:?}"),
-        }
-        let encoder_hidden = self.encode(input)?;
-        let mut cache = self.cross_caches(&encoder_hidden)?;
-        let bias = padding_bias(&input.attention_mask, self.dtype)?;
-        self.decode(decoder_input_ids, 0, &mut cache, &bias)
+    fn forward_from_state(
+        &self,
+        state: &DecodeState,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (mut cache, enc_bias) = full_pass_inputs(
+            state,
+            decoder_input_ids,
+            self.decoder_blocks.len(),
+            self.dtype,
+        )?;
+        self.decode(decoder_input_ids, 0, &mut cache, &enc_bias)
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
@@ -615,6 +603,37 @@ mod tests {
                 causal(-1000)
             ],
             [0, 0, 1, 15, 16, 31]
+        );
+    }
+
+    #[test]
+    fn feed_forward_proj_parsing() {
+        use crate::nn::Activation;
+        let cfg = |ffp: &str| -> super::T5Config {
+            serde_json::from_value(serde_json::json!({
+                "vocab_size": 10, "d_model": 4, "d_kv": 2, "d_ff": 8, "num_layers": 1, "num_heads": 2,
+                "feed_forward_proj": ffp
+            }))
+            .expect("config")
+        };
+        assert_eq!(
+            cfg("relu").feed_forward().unwrap(),
+            (false, Activation::Relu)
+        );
+        assert_eq!(
+            cfg("gated-gelu").feed_forward().unwrap(),
+            (true, Activation::GeluTanh)
+        );
+        assert_eq!(
+            cfg("gated-silu").feed_forward().unwrap(),
+            (true, Activation::Silu)
+        );
+        assert!(
+            format!("{:#}", cfg("gated-foo").feed_forward().unwrap_err())
+                .contains("feed_forward_proj")
+        );
+        assert!(
+            format!("{:#}", cfg("a-b-c").feed_forward().unwrap_err()).contains("feed_forward_proj")
         );
     }
 }
