@@ -1,8 +1,6 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
 //! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
-pub mod decode;
-pub mod encode;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -24,17 +22,11 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
-    /// Sentence-encoder throughput vs sentence-transformers (PyTorch CPU).
-    Encode(encode::Args),
-    /// GGUF decode tokens/s vs llama.cpp (llama-cpp-python).
-    Decode(decode::Args),
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
     let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
-    let report = match args.which {
-        Which::Encode(a) => encode::run(a, peer.as_ref())?,
-        Which::Decode(a) => decode::run(a, peer.as_ref())?,
+    let report: Report = match args.which {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
