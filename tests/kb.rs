@@ -38,8 +38,7 @@ fn data_dir() -> PathBuf {
 fn minilm() -> Arc<dyn TextEncoder> {
     static ENC: OnceLock<Arc<dyn TextEncoder>> = OnceLock::new();
     ENC.get_or_init(|| {
-        let opts = rustrag::encoders::LoadOptions { batch_size: 32, ..Default::default() };
-        Arc::from(rustrag::encoders::load_encoder(minilm_dir().to_str().unwrap(), &opts).expect("load MiniLM"))
+        Arc::from(rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None).expect("load MiniLM"))
     })
     .clone()
 }

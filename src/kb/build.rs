@@ -72,7 +72,7 @@ pub fn build(out: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder, opts: &
     let documents = ingested.documents.len() as u64;
     let fp = encoder.fingerprint();
     let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
-    let mut report = write_generation(out, &passages, documents, src, &fp, opts, None, &mut |batch| embed(encoder, batch), progress)?;
+    let mut report = write_generation(out, &passages, documents, src, &fp, opts, None, &mut |batch: &[Passage]| embed(encoder, batch), progress)?;
     report.bad_records = ingested.bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -87,7 +87,7 @@ pub fn write_kb(out: &Path, passages: &[Passage], embeddings: &[f32], encoder: &
     let mut from_matrix = |batch: &[Passage]| {
         let s = &embeddings[next * dim..(next + batch.len()) * dim];
         next += batch.len();
-        Ok(s.to_vec())
+        Ok::<_, anyhow::Error>(s.to_vec())
     };
     let t0 = Instant::now();
     let mut r = write_generation(out, passages, passages.len() as u64, vec![], encoder, opts, None, &mut from_matrix, &mut |_, _| {})?;
@@ -129,7 +129,7 @@ pub fn add_documents(root: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder
         &fp,
         &opts,
         Some((&kb, old)),
-        &mut |batch| embed(encoder, batch),
+        &mut |batch: &[Passage]| embed(encoder, batch),
         progress,
     )?;
     report.added = (passages.len() - old) as u64;
@@ -147,7 +147,7 @@ pub fn reembed(root: &Path, encoder: &dyn TextEncoder, opts: &BuildOptions, prog
     let passages = kb.passages().all()?;
     drop(kb);
     let opts = BuildOptions { words_per_passage: m.words_per_passage, hnsw: opts.hnsw.clone().or(m.hnsw.clone()), ..opts.clone() };
-    let mut r = write_generation(root, &passages, m.documents, m.sources, &encoder.fingerprint(), &opts, None, &mut |b| embed(encoder, b), progress)?;
+    let mut r = write_generation(root, &passages, m.documents, m.sources, &encoder.fingerprint(), &opts, None, &mut |b: &[Passage]| embed(encoder, b), progress)?;
     r.total_seconds = t0.elapsed().as_secs_f64();
     Ok(r)
 }

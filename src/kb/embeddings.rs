@@ -39,7 +39,7 @@ impl EmbeddingWriter {
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             bail!("embedding row {} has a non-finite value", self.rows + (i / self.dim) as u64);
         }
-        let io = |e| anyhow::Error::from(e).context(format!("write {}", self.path.display()));
+        let io = |e: std::io::Error| anyhow::Error::from(e).context(format!("write {}", self.path.display()));
         match self.dtype {
             EmbeddingDtype::F32 => {
                 for x in data {

@@ -161,7 +161,7 @@ enum Line {
 /// Next line (without `\n`/`\r\n`), reading at most `max` bytes of it into memory.
 fn next_line(r: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> std::io::Result<Option<Line>> {
     buf.clear();
-    let n = r.by_ref().take(max as u64 + 1).read_until(b'\n', buf)?;
+    let n = (&mut *r).take(max as u64 + 1).read_until(b'\n', buf)?;
     if n == 0 {
         return Ok(None);
     }

@@ -157,7 +157,6 @@ fn hnsw_at_095(curve: &[(f64, f64)]) -> Option<f64> {
     curve.iter().filter(|(r, _)| *r >= 0.95).map(|(_, q)| *q).fold(None, |a, q| Some(a.map_or(q, |a: f64| a.max(q))))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn bench_set(a: &RetrievalArgs, name: &str, base: &[f32], queries: &[f32], dim: usize, work: &Path) -> Result<SetResult> {
     let n = base.len() / dim;
     let nq = queries.len() / dim;
