@@ -1,6 +1,8 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
 //! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
+pub mod encode;
+pub mod retrieval;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -22,11 +24,20 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
+    /// Sentence-encoder throughput vs sentence-transformers (PyTorch CPU).
+    Encode(encode::Args),
+    /// Exact and HNSW inner-product search vs faiss-cpu (IndexFlatIP, IndexHNSWFlat).
+    Retrieval(retrieval::RetrievalArgs),
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
     let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
-    let report: Report = match args.which {
+    let report = match args.which {
+        Which::Encode(a) => encode::run(a, peer.as_ref())?,
+        Which::Retrieval(a) => {
+            let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
+            return retrieval::run(a, &peer, json);
+        }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
