@@ -1,6 +1,9 @@
 //! Retrievers: questions -> top-k passages of a knowledge base, with scores (and, for dense retrievers,
 //! the passage embeddings so that RAG can recompute differentiable doc scores `q · d`).
 
+pub mod dense;
+pub mod hnsw;
+
 use anyhow::Result;
 use candle_core::Tensor;
 
