@@ -125,6 +125,10 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // Inference fast path: candle's fused kernel (no backward op, so only when no gradient is tracked).
+        if !xs.track_op() && !self.weight.track_op() && xs.dtype() == DType::F32 {
+            return candle_nn::ops::rms_norm(&xs.contiguous()?, &self.weight, self.eps as f32);
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
