@@ -289,6 +289,26 @@ fn wrong_tensor_shape_names_file_and_tensor() -> Result<()> {
 }
 
 #[test]
+fn integer_tensor_names_file_tensor_and_dtype() -> Result<()> {
+    let tmp = copy_dir(&generator_dir("bart"))?;
+    let name = "model.decoder.layers.0.fc2.bias";
+    edit_weights(tmp.path(), |w| {
+        let t = w
+            .get(name)
+            .context("tensor present")?
+            .to_dtype(DType::I64)?;
+        w.insert(name.to_string(), t);
+        Ok(())
+    })?;
+    let e = load_err(tmp.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains(name) && e.contains("I64"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
 fn missing_tensor_names_file_and_tensor() -> Result<()> {
     for kind in ["bart", "t5"] {
         let tmp = copy_dir(&generator_dir(kind))?;
