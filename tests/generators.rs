@@ -592,3 +592,42 @@ fn forward_from_state_rescores_selected_rows_without_reencoding() -> Result<()> 
     }
     Ok(())
 }
+
+#[test]
+fn loads_by_hub_id_from_the_hf_cache_layout() -> Result<()> {
+    // models--org--name/snapshots/<rev>/ with refs/main, as huggingface_hub writes it; nothing on the network.
+    let cache = tempfile::tempdir()?;
+    let repo = cache.path().join("models--tiny-org--rag-t5-generator");
+    let snap = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snap)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs").join("main"), "0123abcd")?;
+    let src = generator_dir("t5");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), snap.join(f))?;
+    }
+    // Only this test reads HF_HUB_CACHE.
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let by_id = load_seq2seq("tiny-org/rag-t5-generator", DType::F32, &Device::Cpu, false)?;
+    let by_dir = load_seq2seq(&src.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+    let (input, dec) = batch(&src, by_dir.as_ref())?;
+    let d = max_diff(
+        &by_id.forward(&input, &dec)?,
+        &by_dir.forward(&input, &dec)?,
+    )?;
+    assert_eq!(d, 0.0);
+    let e = match load_seq2seq("tiny-org/not-cached", DType::F32, &Device::Cpu, false) {
+        Ok(_) => panic!("an uncached id must not load"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("tiny-org/not-cached") && e.contains("models--tiny-org--not-cached"),
+        "{e}"
+    );
+    Ok(())
+}

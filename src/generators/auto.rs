@@ -49,9 +49,10 @@ fn kind_of(config: &Value, config_path: &Path, field: &str) -> Result<Seq2SeqKin
     if let Some(mt) = config.get("model_type").and_then(Value::as_str) {
         return match mt {
             "bart" => Ok(Seq2SeqKind::Bart),
-            "t5" => Ok(Seq2SeqKind::T5),
+            // mT5 is the T5 v1.1 architecture (gated-gelu, untied head) with another vocabulary.
+            "t5" | "mt5" => Ok(Seq2SeqKind::T5),
             other => bail!(
-                "{}: unsupported generator architecture `{other}` in field `{field}model_type` (supported: bart, t5)",
+                "{}: unsupported generator architecture `{other}` in field `{field}model_type` (supported: bart, t5, mt5)",
                 config_path.display()
             ),
         };
@@ -63,10 +64,10 @@ fn kind_of(config: &Value, config_path: &Path, field: &str) -> Result<Seq2SeqKin
         .and_then(Value::as_str);
     match arch {
         Some("BartForConditionalGeneration") => Ok(Seq2SeqKind::Bart),
-        Some("T5ForConditionalGeneration") => Ok(Seq2SeqKind::T5),
+        Some("T5ForConditionalGeneration" | "MT5ForConditionalGeneration") => Ok(Seq2SeqKind::T5),
         Some(other) => bail!(
             "{}: unsupported generator architecture `{other}` in field `{field}architectures` \
-             (supported: BartForConditionalGeneration, T5ForConditionalGeneration)",
+             (supported: BartForConditionalGeneration, T5ForConditionalGeneration, MT5ForConditionalGeneration)",
             config_path.display()
         ),
         None => bail!(
