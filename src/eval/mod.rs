@@ -1,1 +1,73 @@
-//! TODO
+//! Evaluation: retrieval metrics as trec_eval computes them ([`metrics`]), SQuAD EM/F1 ([`qa`]), BEIR
+//! readers ([`beir`]) and a runner that turns a [`Retriever`] plus queries into a run.
+
+pub mod beir;
+pub mod metrics;
+pub mod qa;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::retrieve::Retriever;
+use beir::Query;
+use metrics::Run;
+
+/// A run plus how long it took.
+pub struct TimedRun {
+    pub run: Run,
+    /// Wall time of all `retrieve` calls.
+    pub seconds: f64,
+}
+
+/// Retrieve the top `k` passages for every query, `batch` queries per `retrieve` call, and key the
+/// results by passage id (which must match the qrels' corpus ids).
+pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch: usize) -> Result<TimedRun> {
+    if batch == 0 {
+        bail!("batch size must be > 0");
+    }
+    let bar = progress(queries.len() as u64, "retrieve");
+    let mut run = Run::new();
+    let mut seconds = 0.0;
+    for chunk in queries.chunks(batch) {
+        let texts: Vec<&str> = chunk.iter().map(|q| q.text.as_str()).collect();
+        let t = Instant::now();
+        let hits = retriever.retrieve(&texts, None, k)?;
+        seconds += t.elapsed().as_secs_f64();
+        if hits.len() != chunk.len() {
+            bail!("retriever returned {} result lists for {} queries", hits.len(), chunk.len());
+        }
+        for (q, h) in chunk.iter().zip(hits) {
+            if h.passages.len() != h.scores.len() {
+                bail!("query {}: {} passages for {} scores", q.id, h.passages.len(), h.scores.len());
+            }
+            let docs = h.passages.into_iter().zip(h.scores).map(|(p, s)| (p.id, f64::from(s))).collect();
+            run.insert(q.id.clone(), docs);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(TimedRun { run, seconds })
+}
+
+/// A progress bar on stderr (hidden when `RUSTRAG_NO_PROGRESS` is set).
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Write a run in TREC format (`qid Q0 docid rank score tag`), ranked as trec_eval ranks it.
+pub fn write_trec_run(run: &Run, tag: &str, out: &mut impl std::io::Write) -> Result<()> {
+    for (q, docs) in run {
+        for (rank, (d, s)) in metrics::trec_rank(q, docs)?.into_iter().enumerate() {
+            writeln!(out, "{q} Q0 {d} {} {s} {tag}", rank + 1)?;
+        }
+    }
+    Ok(())
+}
