@@ -109,6 +109,9 @@ pub struct RetrievalArgs {
     /// Count judged queries that got no results as zeros (trec_eval -c).
     #[arg(long)]
     pub complete: bool,
+    /// Also time BM25 one query at a time (top-k rows only, and with stored passages): mean/p50/p99.
+    #[arg(long)]
+    pub latency: bool,
     /// Write the run in TREC format here.
     #[arg(long)]
     pub run_out: Option<PathBuf>,
@@ -179,8 +182,15 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
         }
     };
     let mut build_seconds = None;
+    let mut latency = None;
     let retriever: Box<dyn Retriever> = match a.retriever {
-        RetrieverKind::Bm25 => Box::new(open_or_build_bm25(&index_dir, &a, &mut build_seconds)?),
+        RetrieverKind::Bm25 => {
+            let bm25 = open_or_build_bm25(&index_dir, &a, &mut build_seconds)?;
+            if a.latency {
+                latency = Some(bm25_latency(&bm25, &judged, a.k)?);
+            }
+            Box::new(bm25)
+        }
         RetrieverKind::Dense => dense_retriever(&a)?,
         RetrieverKind::Hybrid => {
             let dense = dense_retriever(&a)?;
@@ -199,7 +209,26 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?);
         write_trec_run(&timed.run, &format!("rustrag-{:?}", a.retriever).to_lowercase(), &mut f)?;
     }
-    print_report(&a, &report, timed.seconds, judged.len(), build_seconds, json)
+    print_report(&a, &report, timed.seconds, judged.len(), build_seconds, latency, json)
+}
+
+/// Single-query BM25 latency in microseconds: `{search: [mean, p50, p99], with_passages: [...]}`.
+fn bm25_latency(bm25: &Bm25Retriever, queries: &[Query], k: usize) -> Result<serde_json::Value> {
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        json!({"mean_us": v.iter().sum::<f64>() / v.len() as f64, "p50_us": pct(0.5), "p99_us": pct(0.99)})
+    };
+    let (mut rows_only, mut with_passages) = (Vec::new(), Vec::new());
+    for q in queries {
+        let t = Instant::now();
+        std::hint::black_box(bm25.search(&q.text, k)?);
+        rows_only.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        std::hint::black_box(bm25.search_hits(&q.text, k)?);
+        with_passages.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(json!({"k": k, "queries": queries.len(), "search": stats(rows_only), "with_passages": stats(with_passages)}))
 }
 
 /// The dense retriever of a knowledge base (needs the KB and encoder from the kb/enc modules).
@@ -214,6 +243,7 @@ fn print_report(
     seconds: f64,
     num_queries: usize,
     build_seconds: Option<f64>,
+    latency: Option<serde_json::Value>,
     json: bool,
 ) -> Result<()> {
     let pretty: Vec<(String, f64)> = r
@@ -247,6 +277,7 @@ fn print_report(
             "retrieval_seconds": seconds,
             "queries_per_second": qps,
             "index_build_seconds": build_seconds,
+            "bm25_latency": latency,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -257,6 +288,9 @@ fn print_report(
         println!("retrieval: {seconds:.2} s ({qps:.1} queries/s, batch {})", a.batch);
         if let Some(b) = build_seconds {
             println!("BM25 index build: {b:.2} s");
+        }
+        if let Some(l) = latency {
+            println!("BM25 single-query latency (µs): {l}");
         }
     }
     Ok(())
