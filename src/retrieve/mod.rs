@@ -3,6 +3,8 @@
 
 pub mod analysis;
 pub mod bm25;
+pub mod dense;
+pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
 
