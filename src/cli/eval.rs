@@ -14,7 +14,11 @@ use crate::eval::{progress, qa, run_queries, write_trec_run};
 use crate::retrieve::analysis::{AnalyzerConfig, StemmerKind};
 use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
 use crate::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
-use crate::retrieve::Retriever;
+use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
+use crate::kb::KnowledgeBase;
+use crate::retrieve::dense::DenseRetriever;
+use crate::retrieve::{Passage, Retriever};
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -59,9 +63,13 @@ pub struct RetrievalArgs {
     /// Query encoder (dense, hybrid).
     #[arg(long)]
     pub encoder: Option<PathBuf>,
-    /// Knowledge base directory (dense, hybrid); its BM25 index lives in `<kb>/bm25` unless --index.
+    /// Knowledge base directory (dense, hybrid; build it with `rustrag index build`). With --kb the BM25
+    /// index is built from the KB's passages and lives in `<kb>/bm25` unless --index.
     #[arg(long)]
     pub kb: Option<PathBuf>,
+    /// Search the KB's HNSW graph with this ef (default: exact inner-product search).
+    #[arg(long)]
+    pub ef_search: Option<usize>,
     /// BM25 index directory: built from --corpus if it holds no index (or with --rebuild). Without
     /// --index and --kb, a temporary index is built.
     #[arg(long)]
@@ -142,8 +150,22 @@ fn bm25_config(a: &RetrievalArgs) -> Bm25Config {
     }
 }
 
-/// Open the BM25 index at `dir`, building it from `corpus` when missing, stale (other analysis or size)
-/// or when `rebuild`.
+fn open_kb(a: &RetrievalArgs) -> Result<Arc<KnowledgeBase>> {
+    let dir = a.kb.as_ref().context("--retriever dense/hybrid needs --kb DIR (build it with `rustrag index build`)")?;
+    Ok(Arc::new(KnowledgeBase::open(dir)?))
+}
+
+/// The passages a BM25 index is built from: the knowledge base's (so that rows match the dense side)
+/// when `--kb` is given, else the corpus file.
+fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
+    match &a.kb {
+        Some(dir) => KnowledgeBase::open(dir)?.passages().all(),
+        None => read_corpus(&a.corpus),
+    }
+}
+
+/// Open the BM25 index at `dir`, building it when missing, built with another analysis, or when
+/// `rebuild`.
 fn open_or_build_bm25(dir: &Path, a: &RetrievalArgs, build_info: &mut Option<f64>) -> Result<Bm25Retriever> {
     let params = Bm25Params { k1: a.k1, b: a.b, title_boost: a.title_boost };
     let config = bm25_config(a);
@@ -155,7 +177,7 @@ fn open_or_build_bm25(dir: &Path, a: &RetrievalArgs, build_info: &mut Option<f64
             tracing::info!("BM25 index in {} has another configuration; rebuilding", dir.display());
         }
     }
-    let corpus = read_corpus(&a.corpus)?;
+    let corpus = bm25_passages(a)?;
     let t = Instant::now();
     build_index(dir, &corpus, &config)?;
     *build_info = Some(t.elapsed().as_secs_f64());
@@ -191,9 +213,10 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
             }
             Box::new(bm25)
         }
-        RetrieverKind::Dense => dense_retriever(&a)?,
+        RetrieverKind::Dense => dense_retriever(&a, &open_kb(&a)?)?,
         RetrieverKind::Hybrid => {
-            let dense = dense_retriever(&a)?;
+            let kb = open_kb(&a)?;
+            let dense = dense_retriever(&a, &kb)?;
             let sparse = Box::new(open_or_build_bm25(&index_dir, &a, &mut build_seconds)?);
             let fusion = match a.fusion {
                 FusionKind::Rrf => Fusion::Rrf { k: a.rrf_k },
@@ -231,10 +254,13 @@ fn bm25_latency(bm25: &Bm25Retriever, queries: &[Query], k: usize) -> Result<ser
     Ok(json!({"k": k, "queries": queries.len(), "search": stats(rows_only), "with_passages": stats(with_passages)}))
 }
 
-/// The dense retriever of a knowledge base (needs the KB and encoder from the kb/enc modules).
-fn dense_retriever(a: &RetrievalArgs) -> Result<Box<dyn Retriever>> {
-    let _ = (&a.kb, &a.encoder);
-    bail!("dense retrieval is not wired into `eval retrieval` yet (needs the knowledge base of src/kb)")
+/// The dense retriever of the knowledge base at `--kb` with the question encoder `--encoder`.
+fn dense_retriever(a: &RetrievalArgs, kb: &Arc<KnowledgeBase>) -> Result<Box<dyn Retriever>> {
+    let enc_path = a.encoder.as_ref().context("--retriever dense/hybrid needs --encoder (the question encoder)")?;
+    let encoder: Arc<dyn TextEncoder> = Arc::from(load_encoder(&enc_path.to_string_lossy(), &LoadOptions::default())?);
+    let mut dense = DenseRetriever::new(kb.clone(), Some(encoder), a.ef_search)?;
+    dense.return_embeddings = false;
+    Ok(Box::new(dense))
 }
 
 fn print_report(

@@ -5,10 +5,12 @@ pub mod beir;
 pub mod metrics;
 pub mod qa;
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 
+use crate::kb::split::document_id;
 use crate::retrieve::Retriever;
 use beir::Query;
 use metrics::Run;
@@ -21,7 +23,8 @@ pub struct TimedRun {
 }
 
 /// Retrieve the top `k` passages for every query, `batch` queries per `retrieve` call, and key the
-/// results by passage id (which must match the qrels' corpus ids).
+/// results by document id: a passage `<doc>#<chunk>` of a split document counts for `<doc>` with the
+/// best score of its passages (so a run never holds a document twice).
 pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch: usize) -> Result<TimedRun> {
     if batch == 0 {
         bail!("batch size must be > 0");
@@ -41,8 +44,13 @@ pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch
             if h.passages.len() != h.scores.len() {
                 bail!("query {}: {} passages for {} scores", q.id, h.passages.len(), h.scores.len());
             }
-            let docs = h.passages.into_iter().zip(h.scores).map(|(p, s)| (p.id, f64::from(s))).collect();
-            run.insert(q.id.clone(), docs);
+            let mut best: HashMap<String, f64> = HashMap::with_capacity(h.scores.len());
+            for (p, s) in h.passages.iter().zip(&h.scores) {
+                let s = f64::from(*s);
+                let e = best.entry(document_id(&p.id).to_string()).or_insert(s);
+                *e = e.max(s);
+            }
+            run.insert(q.id.clone(), best.into_iter().collect());
         }
         bar.inc(chunk.len() as u64);
     }
