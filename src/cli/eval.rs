@@ -143,11 +143,18 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
 }
 
-fn bm25_config(a: &RetrievalArgs) -> Bm25Config {
-    Bm25Config {
+/// The BM25 configuration asked for; its source is the KB generation (rows must match the dense side)
+/// or the corpus file.
+fn bm25_config(a: &RetrievalArgs) -> Result<Bm25Config> {
+    let source = match &a.kb {
+        Some(dir) => KnowledgeBase::open(dir)?.dir().canonicalize()?.display().to_string(),
+        None => a.corpus.canonicalize().with_context(|| format!("{}", a.corpus.display()))?.display().to_string(),
+    };
+    Ok(Bm25Config {
         analyzer: AnalyzerConfig { stopwords: !a.keep_stopwords, stemmer: a.stemmer, ..AnalyzerConfig::default() },
         layout: a.layout,
-    }
+        source: Some(source),
+    })
 }
 
 fn open_kb(a: &RetrievalArgs) -> Result<Arc<KnowledgeBase>> {
@@ -168,13 +175,13 @@ fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
 /// `rebuild`.
 fn open_or_build_bm25(dir: &Path, a: &RetrievalArgs, build_info: &mut Option<f64>) -> Result<Bm25Retriever> {
     let params = Bm25Params { k1: a.k1, b: a.b, title_boost: a.title_boost };
-    let config = bm25_config(a);
+    let config = bm25_config(a)?;
     if !a.rebuild {
         if let Ok(r) = Bm25Retriever::open(dir, params) {
             if r.manifest().config == config {
                 return Ok(r);
             }
-            tracing::info!("BM25 index in {} has another configuration; rebuilding", dir.display());
+            tracing::info!("BM25 index in {} has another configuration or source; rebuilding", dir.display());
         }
     }
     let corpus = bm25_passages(a)?;

@@ -69,6 +69,10 @@ impl Default for Bm25Params {
 pub struct Bm25Config {
     pub analyzer: AnalyzerConfig,
     pub layout: FieldLayout,
+    /// What the passages came from (e.g. a knowledge-base generation), so that callers can tell an
+    /// index of other passages (whose rows would not match) from a current one.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// `bm25.json`: what a generation holds and how it was analysed.
@@ -178,7 +182,7 @@ fn write_generation(dir: &Path, passages: &[Passage], config: &Bm25Config) -> Re
         indicatif::ProgressStyle::with_template("BM25 index {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    if !tracing::enabled!(tracing::Level::WARN) || std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
+    if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     for (row, p) in passages.iter().enumerate() {
@@ -366,34 +370,35 @@ impl Bm25Retriever {
         if terms.is_empty() || k == 0 {
             return Ok(best);
         }
+        // Per (field, term): the clause weight `boost · qtf · idf`, from collection-wide statistics.
+        let mut clauses: Vec<(&FieldStats, Term, f32)> = Vec::new();
+        for fs in self.stats.iter().filter(|fs| fs.boost > 0.0) {
+            for (term, qtf) in &terms {
+                let term = Term::from_field_text(fs.field, term);
+                let df = self.searcher.doc_freq(&term)?;
+                if df == 0 {
+                    continue;
+                }
+                let n = fs.doc_count as f64;
+                let idf = (1.0 + (n - df as f64 + 0.5) / (df as f64 + 0.5)).ln() as f32;
+                clauses.push((fs, term, fs.boost * *qtf as f32 * idf));
+            }
+        }
         for (seg_ord, seg) in self.searcher.segment_readers().iter().enumerate() {
             let mut acc = vec![0f32; seg.max_doc() as usize];
             let mut hit = vec![false; seg.max_doc() as usize];
-            for fs in &self.stats {
-                if fs.boost == 0.0 {
-                    continue;
-                }
+            for (fs, term, weight) in &clauses {
                 let inverted = seg.inverted_index(fs.field)?;
                 let norms = seg.get_fieldnorms_reader(fs.field)?;
-                for (term, qtf) in &terms {
-                    let term = Term::from_field_text(fs.field, term);
-                    let df = self.searcher.doc_freq(&term)?;
-                    if df == 0 {
-                        continue;
-                    }
-                    let n = fs.doc_count as f64;
-                    let idf = (1.0 + (n - df as f64 + 0.5) / (df as f64 + 0.5)).ln() as f32;
-                    let weight = fs.boost * *qtf as f32 * idf;
-                    let Some(mut postings) = inverted.read_postings(&term, IndexRecordOption::WithFreqs)? else {
-                        continue;
-                    };
-                    let mut doc = postings.doc();
-                    while doc != TERMINATED {
-                        let tf = postings.term_freq() as f32;
-                        acc[doc as usize] += weight * tf / (tf + fs.norm[norms.fieldnorm_id(doc) as usize]);
-                        hit[doc as usize] = true;
-                        doc = postings.advance();
-                    }
+                let Some(mut postings) = inverted.read_postings(term, IndexRecordOption::WithFreqs)? else {
+                    continue;
+                };
+                let mut doc = postings.doc();
+                while doc != TERMINATED {
+                    let tf = postings.term_freq() as f32;
+                    acc[doc as usize] += weight * tf / (tf + fs.norm[norms.fieldnorm_id(doc) as usize]);
+                    hit[doc as usize] = true;
+                    doc = postings.advance();
                 }
             }
             let rows = seg.fast_fields().u64("row").with_context(|| format!("segment {seg_ord}: no row column"))?;
