@@ -8,15 +8,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
 use crate::eval::beir::{read_corpus, read_qrels, read_queries, Query};
 use crate::eval::metrics::{evaluate, MetricSpec, Report};
 use crate::eval::{progress, qa, run_queries, write_trec_run};
+use crate::kb::KnowledgeBase;
 use crate::retrieve::analysis::{AnalyzerConfig, StemmerKind};
 use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
-use crate::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
-use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
-use crate::kb::KnowledgeBase;
 use crate::retrieve::dense::DenseRetriever;
+use crate::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
 use crate::retrieve::{Passage, Retriever};
 use std::sync::Arc;
 
@@ -147,18 +147,34 @@ pub fn run(args: Args, json: bool) -> Result<()> {
 /// or the corpus file.
 fn bm25_config(a: &RetrievalArgs) -> Result<Bm25Config> {
     let source = match &a.kb {
-        Some(dir) => KnowledgeBase::open(dir)?.dir().canonicalize()?.display().to_string(),
-        None => a.corpus.canonicalize().with_context(|| format!("{}", a.corpus.display()))?.display().to_string(),
+        Some(dir) => KnowledgeBase::open(dir)?
+            .dir()
+            .canonicalize()?
+            .display()
+            .to_string(),
+        None => a
+            .corpus
+            .canonicalize()
+            .with_context(|| format!("{}", a.corpus.display()))?
+            .display()
+            .to_string(),
     };
     Ok(Bm25Config {
-        analyzer: AnalyzerConfig { stopwords: !a.keep_stopwords, stemmer: a.stemmer, ..AnalyzerConfig::default() },
+        analyzer: AnalyzerConfig {
+            stopwords: !a.keep_stopwords,
+            stemmer: a.stemmer,
+            ..AnalyzerConfig::default()
+        },
         layout: a.layout,
         source: Some(source),
     })
 }
 
 fn open_kb(a: &RetrievalArgs) -> Result<Arc<KnowledgeBase>> {
-    let dir = a.kb.as_ref().context("--retriever dense/hybrid needs --kb DIR (build it with `rustrag index build`)")?;
+    let dir = a
+        .kb
+        .as_ref()
+        .context("--retriever dense/hybrid needs --kb DIR (build it with `rustrag index build`)")?;
     Ok(Arc::new(KnowledgeBase::open(dir)?))
 }
 
@@ -173,15 +189,26 @@ fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
 
 /// Open the BM25 index at `dir`, building it when missing, built with another analysis, or when
 /// `rebuild`.
-fn open_or_build_bm25(dir: &Path, a: &RetrievalArgs, build_info: &mut Option<f64>) -> Result<Bm25Retriever> {
-    let params = Bm25Params { k1: a.k1, b: a.b, title_boost: a.title_boost };
+fn open_or_build_bm25(
+    dir: &Path,
+    a: &RetrievalArgs,
+    build_info: &mut Option<f64>,
+) -> Result<Bm25Retriever> {
+    let params = Bm25Params {
+        k1: a.k1,
+        b: a.b,
+        title_boost: a.title_boost,
+    };
     let config = bm25_config(a)?;
     if !a.rebuild {
         if let Ok(r) = Bm25Retriever::open(dir, params) {
             if r.manifest().config == config {
                 return Ok(r);
             }
-            tracing::info!("BM25 index in {} has another configuration or source; rebuilding", dir.display());
+            tracing::info!(
+                "BM25 index in {} has another configuration or source; rebuilding",
+                dir.display()
+            );
         }
     }
     let corpus = bm25_passages(a)?;
@@ -195,9 +222,16 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
     let queries = read_queries(&a.queries)?;
     let qrels = read_qrels(&a.qrels)?;
     // Only judged queries are evaluated (trec_eval skips the others).
-    let judged: Vec<Query> = queries.into_iter().filter(|q| qrels.contains_key(&q.id)).collect();
+    let judged: Vec<Query> = queries
+        .into_iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .collect();
     if judged.is_empty() {
-        bail!("no query in {} has judgements in {}", a.queries.display(), a.qrels.display());
+        bail!(
+            "no query in {} has judgements in {}",
+            a.queries.display(),
+            a.qrels.display()
+        );
     }
     let _tmp; // keeps a temporary index alive for the run
     let index_dir = match (&a.index, &a.kb) {
@@ -227,19 +261,40 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
             let sparse = Box::new(open_or_build_bm25(&index_dir, &a, &mut build_seconds)?);
             let fusion = match a.fusion {
                 FusionKind::Rrf => Fusion::Rrf { k: a.rrf_k },
-                FusionKind::Weighted => Fusion::Weighted { dense_weight: a.dense_weight, norm: a.norm },
+                FusionKind::Weighted => Fusion::Weighted {
+                    dense_weight: a.dense_weight,
+                    norm: a.norm,
+                },
             };
             Box::new(HybridRetriever::new(dense, sparse, fusion, a.depth)?)
         }
     };
     let timed = run_queries(retriever.as_ref(), &judged, a.k, a.batch)?;
-    let spec = MetricSpec { all_relevant: a.all_relevant.clone(), complete: a.complete, ..MetricSpec::default() };
+    let spec = MetricSpec {
+        all_relevant: a.all_relevant.clone(),
+        complete: a.complete,
+        ..MetricSpec::default()
+    };
     let report = evaluate(&qrels, &timed.run, &spec)?;
     if let Some(path) = &a.run_out {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?);
-        write_trec_run(&timed.run, &format!("rustrag-{:?}", a.retriever).to_lowercase(), &mut f)?;
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+        );
+        write_trec_run(
+            &timed.run,
+            &format!("rustrag-{:?}", a.retriever).to_lowercase(),
+            &mut f,
+        )?;
     }
-    print_report(&a, &report, timed.seconds, judged.len(), build_seconds, latency, json)
+    print_report(
+        &a,
+        &report,
+        timed.seconds,
+        judged.len(),
+        build_seconds,
+        latency,
+        json,
+    )
 }
 
 /// Single-query BM25 latency in microseconds: `{search: [mean, p50, p99], with_passages: [...]}`.
@@ -258,13 +313,21 @@ fn bm25_latency(bm25: &Bm25Retriever, queries: &[Query], k: usize) -> Result<ser
         std::hint::black_box(bm25.search_hits(&q.text, k)?);
         with_passages.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(json!({"k": k, "queries": queries.len(), "search": stats(rows_only), "with_passages": stats(with_passages)}))
+    Ok(
+        json!({"k": k, "queries": queries.len(), "search": stats(rows_only), "with_passages": stats(with_passages)}),
+    )
 }
 
 /// The dense retriever of the knowledge base at `--kb` with the question encoder `--encoder`.
 fn dense_retriever(a: &RetrievalArgs, kb: &Arc<KnowledgeBase>) -> Result<Box<dyn Retriever>> {
-    let enc_path = a.encoder.as_ref().context("--retriever dense/hybrid needs --encoder (the question encoder)")?;
-    let encoder: Arc<dyn TextEncoder> = Arc::from(load_encoder(&enc_path.to_string_lossy(), &LoadOptions::default())?);
+    let enc_path = a
+        .encoder
+        .as_ref()
+        .context("--retriever dense/hybrid needs --encoder (the question encoder)")?;
+    let encoder: Arc<dyn TextEncoder> = Arc::from(load_encoder(
+        &enc_path.to_string_lossy(),
+        &LoadOptions::default(),
+    )?);
     let mut dense = DenseRetriever::new(kb.clone(), Some(encoder), a.ef_search)?;
     dense.return_embeddings = false;
     Ok(Box::new(dense))
@@ -314,11 +377,17 @@ fn print_report(
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("retriever {:?}, {} queries evaluated, k = {}", a.retriever, r.num_queries, a.k);
+        println!(
+            "retriever {:?}, {} queries evaluated, k = {}",
+            a.retriever, r.num_queries, a.k
+        );
         for (name, v) in &pretty {
             println!("{name:>12}  {v:.4}");
         }
-        println!("retrieval: {seconds:.2} s ({qps:.1} queries/s, batch {})", a.batch);
+        println!(
+            "retrieval: {seconds:.2} s ({qps:.1} queries/s, batch {})",
+            a.batch
+        );
         if let Some(b) = build_seconds {
             println!("BM25 index build: {b:.2} s");
         }
@@ -336,19 +405,31 @@ fn read_predictions(path: &Path) -> Result<BTreeMap<String, String>> {
             .into_iter()
             .map(|(k, v)| match v {
                 serde_json::Value::String(s) => Ok((k, s)),
-                other => bail!("{}: prediction for {k} must be a string, found {other}", path.display()),
+                other => bail!(
+                    "{}: prediction for {k} must be a string, found {other}",
+                    path.display()
+                ),
             })
             .collect();
     }
     let mut out = BTreeMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-        let id = v.get("id").and_then(|x| x.as_str()).with_context(|| format!("{}:{}: missing `id`", path.display(), i + 1))?;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let id = v
+            .get("id")
+            .and_then(|x| x.as_str())
+            .with_context(|| format!("{}:{}: missing `id`", path.display(), i + 1))?;
         let p = v
             .get("prediction")
             .and_then(|x| x.as_str())
-            .with_context(|| format!("{}:{}: missing string `prediction`", path.display(), i + 1))?;
+            .with_context(|| {
+                format!("{}:{}: missing string `prediction`", path.display(), i + 1)
+            })?;
         out.insert(id.to_string(), p.to_string());
     }
     Ok(out)
@@ -379,7 +460,12 @@ fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
     }
     let (em, f1) = (100.0 * em / n as f64, 100.0 * f1 / n as f64);
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"exact_match": em, "f1": f1, "questions": n, "unanswered": missing}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"exact_match": em, "f1": f1, "questions": n, "unanswered": missing})
+            )?
+        );
     } else {
         println!("exact_match {em:.2}  f1 {f1:.2}  ({n} questions, {missing} unanswered)");
     }

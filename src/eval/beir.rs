@@ -27,7 +27,9 @@ pub struct Query {
 pub fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
     let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut magic = [0u8; 2];
-    let n = f.read(&mut magic).with_context(|| format!("read {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("read {}", path.display()))?;
     let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
     if n == 2 && magic == [0x1f, 0x8b] {
         Ok(Box::new(BufReader::new(MultiGzDecoder::new(f))))
@@ -43,12 +45,15 @@ fn for_each_line(path: &Path, mut f: impl FnMut(usize, &str) -> Result<()>) -> R
     let mut line_no = 0;
     loop {
         buf.clear();
-        let n = r.read_until(b'\n', &mut buf).with_context(|| format!("{}:{}: read error", path.display(), line_no + 1))?;
+        let n = r
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{}:{}: read error", path.display(), line_no + 1))?;
         if n == 0 {
             return Ok(());
         }
         line_no += 1;
-        let line = std::str::from_utf8(&buf).map_err(|e| anyhow::anyhow!("{}:{line_no}: invalid UTF-8 ({e})", path.display()))?;
+        let line = std::str::from_utf8(&buf)
+            .map_err(|e| anyhow::anyhow!("{}:{line_no}: invalid UTF-8 ({e})", path.display()))?;
         let line = line.trim_end_matches(['\n', '\r']);
         if line.trim().is_empty() {
             continue;
@@ -73,16 +78,26 @@ fn as_id(v: &Value, what: &str) -> Result<String> {
 /// Read queries from JSONL (`_id` or `id`; `text` or `question`; optional `answers`: list of strings) or,
 /// for `.tsv` files, `id<TAB>text` lines.
 pub fn read_queries(path: &Path) -> Result<Vec<Query>> {
-    let tsv = path.to_string_lossy().trim_end_matches(".gz").ends_with(".tsv");
+    let tsv = path
+        .to_string_lossy()
+        .trim_end_matches(".gz")
+        .ends_with(".tsv");
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for_each_line(path, |_, line| {
         let q = if tsv {
             let (id, text) = line.split_once('\t').context("expected `id<TAB>text`")?;
-            Query { id: id.to_string(), text: text.to_string(), answers: vec![] }
+            Query {
+                id: id.to_string(),
+                text: text.to_string(),
+                answers: vec![],
+            }
         } else {
             let v: Value = serde_json::from_str(line).context("invalid JSON")?;
-            let id = as_id(str_field(&v, &["_id", "id"]).context("missing `_id` (or `id`)")?, "_id")?;
+            let id = as_id(
+                str_field(&v, &["_id", "id"]).context("missing `_id` (or `id`)")?,
+                "_id",
+            )?;
             let text = str_field(&v, &["text", "question"])
                 .and_then(Value::as_str)
                 .context("missing string field `text` (or `question`)")?
@@ -91,7 +106,11 @@ pub fn read_queries(path: &Path) -> Result<Vec<Query>> {
                 None | Some(Value::Null) => vec![],
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|x| x.as_str().map(str::to_string).context("`answers` must be a list of strings"))
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .context("`answers` must be a list of strings")
+                    })
                     .collect::<Result<_>>()?,
                 Some(_) => bail!("`answers` must be a list of strings"),
             };
@@ -116,8 +135,11 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
     let mut qrels = Qrels::new();
     let mut first = true;
     for_each_line(path, |_, line| {
-        let cols: Vec<&str> =
-            if line.contains('\t') { line.split('\t').map(str::trim).collect() } else { line.split_whitespace().collect() };
+        let cols: Vec<&str> = if line.contains('\t') {
+            line.split('\t').map(str::trim).collect()
+        } else {
+            line.split_whitespace().collect()
+        };
         let is_first = std::mem::replace(&mut first, false);
         let (q, d, g) = match cols.as_slice() {
             [q, d, g] => (*q, *d, *g),
@@ -133,7 +155,12 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
         if q.is_empty() || d.is_empty() {
             bail!("empty query or doc id");
         }
-        if qrels.entry(q.to_string()).or_default().insert(d.to_string(), grade).is_some() {
+        if qrels
+            .entry(q.to_string())
+            .or_default()
+            .insert(d.to_string(), grade)
+            .is_some()
+        {
             bail!("query {q}: doc {d} is judged twice");
         }
         Ok(())
@@ -152,7 +179,11 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Passage>> {
     for_each_line(path, |_, line| {
         let v: Value = serde_json::from_str(line).context("invalid JSON")?;
         let id = as_id(v.get("_id").context("missing `_id`")?, "_id")?;
-        let text = v.get("text").and_then(Value::as_str).context("missing string field `text`")?.to_string();
+        let text = v
+            .get("text")
+            .and_then(Value::as_str)
+            .context("missing string field `text`")?
+            .to_string();
         let title = match v.get("title") {
             None | Some(Value::Null) => String::new(),
             Some(t) => t.as_str().context("`title` must be a string")?.to_string(),

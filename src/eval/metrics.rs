@@ -67,7 +67,10 @@ pub struct Report {
 /// trec_eval's ranking: score descending, then doc id descending (`strcmp`). Errors on duplicate docs.
 pub fn trec_rank<'a>(query: &str, docs: &'a [(String, f64)]) -> Result<Vec<&'a (String, f64)>> {
     let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.as_bytes().cmp(a.0.as_bytes())));
+    ranked.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+    });
     let mut seen = HashSet::with_capacity(docs.len());
     for (d, _) in &ranked {
         if !seen.insert(d.as_str()) {
@@ -85,7 +88,10 @@ pub fn evaluate_query(
     spec: &MetricSpec,
 ) -> Result<QueryScores> {
     let ranked = trec_rank(query, docs)?;
-    let grades: Vec<i64> = ranked.iter().map(|(d, _)| judged.get(d).copied().unwrap_or(0)).collect();
+    let grades: Vec<i64> = ranked
+        .iter()
+        .map(|(d, _)| judged.get(d).copied().unwrap_or(0))
+        .collect();
     let relevant = |g: i64| g >= spec.relevance_level;
     let num_rel = judged.values().filter(|&&g| relevant(g)).count();
     let mut ideal: Vec<i64> = judged.values().copied().filter(|&g| g > 0).collect();
@@ -95,27 +101,44 @@ pub fn evaluate_query(
     for &k in &spec.ndcg_cut {
         let dcg = dcg(grades.iter().copied().take(k));
         let idcg = dcg_of_sorted(&ideal, k);
-        out.insert(format!("ndcg_cut_{k}"), if idcg > 0.0 { dcg / idcg } else { dcg });
+        out.insert(
+            format!("ndcg_cut_{k}"),
+            if idcg > 0.0 { dcg / idcg } else { dcg },
+        );
     }
     for &k in &spec.recall {
         let rel_ret = grades.iter().take(k).filter(|&&g| relevant(g)).count();
-        let v = if num_rel > 0 { rel_ret as f64 / num_rel as f64 } else { 0.0 };
+        let v = if num_rel > 0 {
+            rel_ret as f64 / num_rel as f64
+        } else {
+            0.0
+        };
         out.insert(format!("recall_{k}"), v);
     }
     for &k in &spec.recip_rank_cut {
         let first = grades.iter().take(k).position(|&g| relevant(g));
-        out.insert(format!("recip_rank_{k}"), first.map_or(0.0, |i| 1.0 / (i + 1) as f64));
+        out.insert(
+            format!("recip_rank_{k}"),
+            first.map_or(0.0, |i| 1.0 / (i + 1) as f64),
+        );
     }
     for &k in &spec.all_relevant {
         let rel_ret = grades.iter().take(k).filter(|&&g| relevant(g)).count();
-        out.insert(format!("all_rel_{k}"), f64::from(u8::from(num_rel > 0 && rel_ret == num_rel)));
+        out.insert(
+            format!("all_rel_{k}"),
+            f64::from(u8::from(num_rel > 0 && rel_ret == num_rel)),
+        );
     }
     Ok(out)
 }
 
 /// `Σ_i gain_i / log2(i + 2)` over positive gains (0-based `i`).
 fn dcg(gains: impl Iterator<Item = i64>) -> f64 {
-    gains.enumerate().filter(|&(_, g)| g > 0).map(|(i, g)| g as f64 / ((i + 2) as f64).log2()).sum()
+    gains
+        .enumerate()
+        .filter(|&(_, g)| g > 0)
+        .map(|(i, g)| g as f64 / ((i + 2) as f64).log2())
+        .sum()
 }
 
 fn dcg_of_sorted(ideal: &[i64], k: usize) -> f64 {
@@ -144,7 +167,11 @@ pub fn evaluate(qrels: &Qrels, run: &Run, spec: &MetricSpec) -> Result<Report> {
     for v in mean.values_mut() {
         *v /= n as f64;
     }
-    Ok(Report { num_queries: n, mean, per_query })
+    Ok(Report {
+        num_queries: n,
+        mean,
+        per_query,
+    })
 }
 
 #[cfg(test)]
@@ -163,7 +190,11 @@ mod tests {
     #[test]
     fn ties_break_by_docno_descending() {
         let d = docs(&[("a", 1.0), ("c", 1.0), ("b", 2.0)]);
-        let r: Vec<&str> = trec_rank("q", &d).unwrap().iter().map(|x| x.0.as_str()).collect();
+        let r: Vec<&str> = trec_rank("q", &d)
+            .unwrap()
+            .iter()
+            .map(|x| x.0.as_str())
+            .collect();
         assert_eq!(r, ["b", "c", "a"]);
         assert!(trec_rank("q", &docs(&[("a", 1.0), ("a", 0.5)])).is_err());
     }
@@ -179,7 +210,13 @@ mod tests {
             ..Default::default()
         };
         let j = qrels("q", &[("d2", 2), ("d3", 1), ("d4", 3), ("d1", 0)]);
-        let s = evaluate_query("q", &j, &docs(&[("d1", 3.0), ("d2", 2.0), ("d3", 1.0)]), &spec).unwrap();
+        let s = evaluate_query(
+            "q",
+            &j,
+            &docs(&[("d1", 3.0), ("d2", 2.0), ("d3", 1.0)]),
+            &spec,
+        )
+        .unwrap();
         let l = |x: f64| x.log2();
         let dcg10 = 2.0 / l(3.0) + 1.0 / l(4.0);
         let idcg10 = 3.0 + 2.0 / l(3.0) + 1.0 / l(4.0);

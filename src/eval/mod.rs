@@ -25,7 +25,12 @@ pub struct TimedRun {
 /// Retrieve the top `k` passages for every query, `batch` queries per `retrieve` call, and key the
 /// results by document id: a passage `<doc>#<chunk>` of a split document counts for `<doc>` with the
 /// best score of its passages (so a run never holds a document twice).
-pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch: usize) -> Result<TimedRun> {
+pub fn run_queries(
+    retriever: &dyn Retriever,
+    queries: &[Query],
+    k: usize,
+    batch: usize,
+) -> Result<TimedRun> {
     if batch == 0 {
         bail!("batch size must be > 0");
     }
@@ -38,11 +43,20 @@ pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch
         let hits = retriever.retrieve(&texts, None, k)?;
         seconds += t.elapsed().as_secs_f64();
         if hits.len() != chunk.len() {
-            bail!("retriever returned {} result lists for {} queries", hits.len(), chunk.len());
+            bail!(
+                "retriever returned {} result lists for {} queries",
+                hits.len(),
+                chunk.len()
+            );
         }
         for (q, h) in chunk.iter().zip(hits) {
             if h.passages.len() != h.scores.len() {
-                bail!("query {}: {} passages for {} scores", q.id, h.passages.len(), h.scores.len());
+                bail!(
+                    "query {}: {} passages for {} scores",
+                    q.id,
+                    h.passages.len(),
+                    h.scores.len()
+                );
             }
             let mut best: HashMap<String, f64> = HashMap::with_capacity(h.scores.len());
             for (p, s) in h.passages.iter().zip(&h.scores) {
@@ -61,8 +75,10 @@ pub fn run_queries(retriever: &dyn Retriever, queries: &[Query], k: usize, batch
 /// A progress bar on stderr (hidden when `RUSTRAG_NO_PROGRESS` is set).
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len).with_style(
-        indicatif::ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

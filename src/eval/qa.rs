@@ -7,7 +7,10 @@ use std::collections::HashMap;
 /// `normalize_answer` of the official script.
 pub fn normalize_answer(s: &str) -> String {
     let lower = s.to_lowercase();
-    let no_punc: String = lower.chars().filter(|c| !c.is_ascii_punctuation()).collect();
+    let no_punc: String = lower
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
     // `re.sub(r'\b(a|an|the)\b', ' ', text)`: an article matches only as a whole run of word characters.
     let mut no_articles = String::with_capacity(no_punc.len());
     let mut word = String::new();
@@ -33,7 +36,9 @@ pub fn normalize_answer(s: &str) -> String {
 
 /// 1.0 if the normalised strings are equal.
 pub fn exact_match(prediction: &str, truth: &str) -> f64 {
-    f64::from(u8::from(normalize_answer(prediction) == normalize_answer(truth)))
+    f64::from(u8::from(
+        normalize_answer(prediction) == normalize_answer(truth),
+    ))
 }
 
 /// Token-level F1 between the normalised prediction and reference.
@@ -64,8 +69,15 @@ pub fn f1_score(prediction: &str, truth: &str) -> f64 {
 }
 
 /// `metric_max_over_ground_truths`: the best score against any reference (0 when there is none).
-pub fn max_over_answers(metric: fn(&str, &str) -> f64, prediction: &str, answers: &[String]) -> f64 {
-    answers.iter().map(|a| metric(prediction, a)).fold(0.0, f64::max)
+pub fn max_over_answers(
+    metric: fn(&str, &str) -> f64,
+    prediction: &str,
+    answers: &[String],
+) -> f64 {
+    answers
+        .iter()
+        .map(|a| metric(prediction, a))
+        .fold(0.0, f64::max)
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@ use super::porter::porter_stem;
 
 /// Lucene's `EnglishAnalyzer.ENGLISH_STOP_WORDS_SET` (the stopwords Anserini removes by default).
 pub const LUCENE_ENGLISH_STOPWORDS: [&str; 33] = [
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no",
-    "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this",
-    "to", "was", "will", "with",
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it",
+    "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these",
+    "they", "this", "to", "was", "will", "with",
 ];
 
 /// Lucene `StandardTokenizer`'s default maximum token length; longer words are split at this length.
@@ -47,7 +47,12 @@ pub struct AnalyzerConfig {
 impl Default for AnalyzerConfig {
     /// Anserini's default English analysis.
     fn default() -> Self {
-        Self { lowercase: true, stopwords: true, possessives: true, stemmer: StemmerKind::Porter }
+        Self {
+            lowercase: true,
+            stopwords: true,
+            possessives: true,
+            stemmer: StemmerKind::Porter,
+        }
     }
 }
 
@@ -60,7 +65,9 @@ pub struct Analyzer {
 
 impl std::fmt::Debug for Analyzer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Analyzer").field("config", &self.config).finish()
+        f.debug_struct("Analyzer")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -95,9 +102,19 @@ impl Analyzer {
 
     /// Possessive, lowercase, stopword and stemming filters on one token; `None` if it is dropped.
     fn normalize(&self, word: &str) -> Option<String> {
-        let word = if self.config.possessives { strip_possessive(word) } else { word };
-        let word: Cow<str> = if self.config.lowercase { Cow::Owned(word.to_lowercase()) } else { Cow::Borrowed(word) };
-        if word.is_empty() || (self.config.stopwords && LUCENE_ENGLISH_STOPWORDS.contains(&word.as_ref())) {
+        let word = if self.config.possessives {
+            strip_possessive(word)
+        } else {
+            word
+        };
+        let word: Cow<str> = if self.config.lowercase {
+            Cow::Owned(word.to_lowercase())
+        } else {
+            Cow::Borrowed(word)
+        };
+        if word.is_empty()
+            || (self.config.stopwords && LUCENE_ENGLISH_STOPWORDS.contains(&word.as_ref()))
+        {
             return None;
         }
         Some(match self.config.stemmer {
@@ -128,7 +145,10 @@ fn split_long(word: &str) -> impl Iterator<Item = (usize, &str)> {
         if s.is_empty() {
             return None;
         }
-        let cut = s.char_indices().nth(MAX_TOKEN_CHARS).map_or(s.len(), |(i, _)| i);
+        let cut = s
+            .char_indices()
+            .nth(MAX_TOKEN_CHARS)
+            .map_or(s.len(), |(i, _)| i);
         rest = (from + cut, &s[cut..]);
         Some((from, &s[..cut]))
     })
@@ -185,7 +205,10 @@ mod tests {
             a.terms("The 1,000 genomes project: it's John's data-sets, e.g. 3.5 mg/kg!"),
             ["1,000", "genom", "project", "john", "data", "set", "e.g", "3.5", "mg", "kg"]
         );
-        assert_eq!(a.terms("Immunological  IMMUNOLOGY"), ["immunolog", "immunolog"]);
+        assert_eq!(
+            a.terms("Immunological  IMMUNOLOGY"),
+            ["immunolog", "immunolog"]
+        );
         assert!(a.terms("the and of, ... !!").is_empty());
     }
 
@@ -198,15 +221,24 @@ mod tests {
             stemmer: StemmerKind::None,
         });
         assert_eq!(plain.terms("The Running dogs"), ["The", "Running", "dogs"]);
-        let snowball = Analyzer::new(AnalyzerConfig { stemmer: StemmerKind::Snowball, ..Default::default() });
+        let snowball = Analyzer::new(AnalyzerConfig {
+            stemmer: StemmerKind::Snowball,
+            ..Default::default()
+        });
         assert_eq!(snowball.terms("generously running"), ["generous", "run"]);
     }
 
     #[test]
     fn long_tokens_are_split() {
-        let a = Analyzer::new(AnalyzerConfig { stemmer: StemmerKind::None, ..Default::default() });
+        let a = Analyzer::new(AnalyzerConfig {
+            stemmer: StemmerKind::None,
+            ..Default::default()
+        });
         let long = "x".repeat(600);
         let terms = a.terms(&long);
-        assert_eq!(terms.iter().map(|t| t.len()).collect::<Vec<_>>(), [255, 255, 90]);
+        assert_eq!(
+            terms.iter().map(|t| t.len()).collect::<Vec<_>>(),
+            [255, 255, 90]
+        );
     }
 }

@@ -21,9 +21,14 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tantivy::postings::Postings;
-use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, STORED};
+use tantivy::schema::{
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, STORED,
+};
 use tantivy::tokenizer::TextAnalyzer;
-use tantivy::{DocAddress, DocSet, Index, IndexReader, ReloadPolicy, Searcher, TantivyDocument, Term, TERMINATED};
+use tantivy::{
+    DocAddress, DocSet, Index, IndexReader, ReloadPolicy, Searcher, TantivyDocument, Term,
+    TERMINATED,
+};
 
 use super::analysis::{Analyzer, AnalyzerConfig};
 use super::{Hits, Passage, Retriever};
@@ -60,7 +65,11 @@ pub struct Bm25Params {
 
 impl Default for Bm25Params {
     fn default() -> Self {
-        Self { k1: 0.9, b: 0.4, title_boost: 1.0 }
+        Self {
+            k1: 0.9,
+            b: 0.4,
+            title_boost: 1.0,
+        }
     }
 }
 
@@ -126,22 +135,47 @@ fn schema(layout: FieldLayout) -> (Schema, Fields) {
     let indexed = match layout {
         FieldLayout::Flat => vec![(b.add_text_field("contents", opts), IndexedRole::Contents)],
         FieldLayout::Multifield => vec![
-            (b.add_text_field("title_terms", opts.clone()), IndexedRole::Title),
+            (
+                b.add_text_field("title_terms", opts.clone()),
+                IndexedRole::Title,
+            ),
             (b.add_text_field("text_terms", opts), IndexedRole::Text),
         ],
     };
-    (b.build(), Fields { row, id, title, text, indexed })
+    (
+        b.build(),
+        Fields {
+            row,
+            id,
+            title,
+            text,
+            indexed,
+        },
+    )
 }
 
 fn resolve_fields(schema: &Schema, layout: FieldLayout) -> Result<Fields> {
-    let get = |name: &str| schema.get_field(name).with_context(|| format!("BM25 index has no field `{name}`"));
+    let get = |name: &str| {
+        schema
+            .get_field(name)
+            .with_context(|| format!("BM25 index has no field `{name}`"))
+    };
     let indexed = match layout {
         FieldLayout::Flat => vec![(get("contents")?, IndexedRole::Contents)],
         FieldLayout::Multifield => {
-            vec![(get("title_terms")?, IndexedRole::Title), (get("text_terms")?, IndexedRole::Text)]
+            vec![
+                (get("title_terms")?, IndexedRole::Title),
+                (get("text_terms")?, IndexedRole::Text),
+            ]
         }
     };
-    Ok(Fields { row: get("row")?, id: get("id")?, title: get("title")?, text: get("text")?, indexed })
+    Ok(Fields {
+        row: get("row")?,
+        id: get("id")?,
+        title: get("title")?,
+        text: get("text")?,
+        indexed,
+    })
 }
 
 /// Build a BM25 index of `passages` (row `i` = `passages[i]`) as a new generation under `root`, and make
@@ -151,7 +185,8 @@ pub fn build_index(root: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     if passages.is_empty() {
         bail!("cannot build a BM25 index of an empty corpus");
     }
-    fs::create_dir_all(root).with_context(|| format!("create BM25 index dir {}", root.display()))?;
+    fs::create_dir_all(root)
+        .with_context(|| format!("create BM25 index dir {}", root.display()))?;
     let next = next_generation(root)?;
     let tmp = root.join(format!("{TMP_PREFIX}{next:08}-{}", std::process::id()));
     if tmp.exists() {
@@ -165,22 +200,35 @@ pub fn build_index(root: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     }
     let name = format!("{GEN_PREFIX}{next:08}");
     let gen = root.join(&name);
-    fs::rename(&tmp, &gen).with_context(|| format!("rename {} -> {}", tmp.display(), gen.display()))?;
+    fs::rename(&tmp, &gen)
+        .with_context(|| format!("rename {} -> {}", tmp.display(), gen.display()))?;
     fsync_dir(root)?;
     write_file_atomic(&root.join(CURRENT), name.as_bytes())?;
     remove_stale(root, &name);
     tracing::info!(generation = %gen.display(), passages = passages.len(), "BM25 index built");
-    Ok(BuildSummary { generation: gen, num_passages: passages.len() as u64, seconds: start.elapsed().as_secs_f64() })
+    Ok(BuildSummary {
+        generation: gen,
+        num_passages: passages.len() as u64,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn write_generation(dir: &Path, passages: &[Passage], config: &Bm25Config) -> Result<()> {
     let (schema, f) = schema(config.layout);
-    let index = Index::create_in_dir(dir, schema).with_context(|| format!("create tantivy index in {}", dir.display()))?;
-    index.tokenizers().register(TOKENIZER, TextAnalyzer::from(Analyzer::new(config.analyzer.clone())));
-    let mut writer = index.writer_with_num_threads::<TantivyDocument>(1, 128_000_000).context("open tantivy writer")?;
+    let index = Index::create_in_dir(dir, schema)
+        .with_context(|| format!("create tantivy index in {}", dir.display()))?;
+    index.tokenizers().register(
+        TOKENIZER,
+        TextAnalyzer::from(Analyzer::new(config.analyzer.clone())),
+    );
+    let mut writer = index
+        .writer_with_num_threads::<TantivyDocument>(1, 128_000_000)
+        .context("open tantivy writer")?;
     let bar = indicatif::ProgressBar::new(passages.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("BM25 index {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "BM25 index {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -198,18 +246,24 @@ fn write_generation(dir: &Path, passages: &[Passage], config: &Bm25Config) -> Re
                 IndexedRole::Text => doc.add_text(*field, &p.text),
             }
         }
-        writer.add_document(doc).with_context(|| format!("index passage {:?} (row {row})", p.id))?;
+        writer
+            .add_document(doc)
+            .with_context(|| format!("index passage {:?} (row {row})", p.id))?;
         bar.inc(1);
     }
     writer.commit().context("commit tantivy index")?;
-    writer.wait_merging_threads().context("finish tantivy merges")?;
+    writer
+        .wait_merging_threads()
+        .context("finish tantivy merges")?;
     bar.finish_and_clear();
     let manifest = Bm25Manifest {
         format: FORMAT.into(),
         version: FORMAT_VERSION,
         config: config.clone(),
         num_passages: passages.len() as u64,
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     write_file_atomic(&dir.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
     fsync_dir(dir)
@@ -219,7 +273,10 @@ fn next_generation(root: &Path) -> Result<u64> {
     let mut max = 0;
     for e in fs::read_dir(root).with_context(|| format!("list {}", root.display()))? {
         let name = e?.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix(GEN_PREFIX).and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix(GEN_PREFIX)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             max = max.max(n);
         }
     }
@@ -228,14 +285,23 @@ fn next_generation(root: &Path) -> Result<u64> {
 
 /// Remove generations other than `live` and temp dirs left by killed builds (best effort).
 fn remove_stale(root: &Path, live: &str) {
-    let Ok(entries) = fs::read_dir(root) else { return };
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let stale_tmp = name.starts_with(TMP_PREFIX)
-            && name.rsplit('-').next().and_then(|pid| pid.parse::<u32>().ok()) != Some(std::process::id());
+            && name
+                .rsplit('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok())
+                != Some(std::process::id());
         if (name.starts_with(GEN_PREFIX) && name != live) || stale_tmp {
             if let Err(err) = fs::remove_dir_all(e.path()) {
-                tracing::warn!("could not remove old BM25 generation {}: {err}", e.path().display());
+                tracing::warn!(
+                    "could not remove old BM25 generation {}: {err}",
+                    e.path().display()
+                );
             }
         }
     }
@@ -243,7 +309,9 @@ fn remove_stale(root: &Path, live: &str) {
 
 fn fsync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
-    File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync {}", dir.display()))?;
     Ok(())
 }
 
@@ -252,10 +320,13 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
         let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
     fsync_dir(parent)
 }
 
@@ -290,17 +361,24 @@ impl Bm25Retriever {
     pub fn open(root: &Path, params: Bm25Params) -> Result<Self> {
         let current = root.join(CURRENT);
         let name = fs::read_to_string(&current).with_context(|| {
-            format!("no BM25 index in {} (missing {}); build one first", root.display(), current.display())
+            format!(
+                "no BM25 index in {} (missing {}); build one first",
+                root.display(),
+                current.display()
+            )
         })?;
         let name = name.trim();
         if !name.starts_with(GEN_PREFIX) || name.contains(['/', '\\']) {
-            bail!("{}: expected a generation name like `gen-00000001`, found {name:?}", current.display());
+            bail!(
+                "{}: expected a generation name like `gen-00000001`, found {name:?}",
+                current.display()
+            );
         }
         let generation = root.join(name);
         let mpath = generation.join(MANIFEST);
         let bytes = fs::read(&mpath).with_context(|| format!("read {}", mpath.display()))?;
-        let manifest: Bm25Manifest =
-            serde_json::from_slice(&bytes).with_context(|| format!("{}: not a rustrag BM25 manifest", mpath.display()))?;
+        let manifest: Bm25Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a rustrag BM25 manifest", mpath.display()))?;
         if manifest.format != FORMAT || manifest.version != FORMAT_VERSION {
             bail!(
                 "{}: BM25 index format {} v{} is not supported (this build reads {FORMAT} v{FORMAT_VERSION}); rebuild the index",
@@ -310,28 +388,58 @@ impl Bm25Retriever {
             );
         }
         if !(params.k1 >= 0.0 && (0.0..=1.0).contains(&params.b) && params.title_boost >= 0.0) {
-            bail!("invalid BM25 parameters {params:?}: need k1 >= 0, 0 <= b <= 1, title_boost >= 0");
+            bail!(
+                "invalid BM25 parameters {params:?}: need k1 >= 0, 0 <= b <= 1, title_boost >= 0"
+            );
         }
-        let index = Index::open_in_dir(&generation).with_context(|| format!("open tantivy index {}", generation.display()))?;
+        let index = Index::open_in_dir(&generation)
+            .with_context(|| format!("open tantivy index {}", generation.display()))?;
         let analyzer = Analyzer::new(manifest.config.analyzer.clone());
-        index.tokenizers().register(TOKENIZER, TextAnalyzer::from(analyzer.clone()));
+        index
+            .tokenizers()
+            .register(TOKENIZER, TextAnalyzer::from(analyzer.clone()));
         let fields = resolve_fields(&index.schema(), manifest.config.layout)?;
-        let reader: IndexReader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let reader: IndexReader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
         let searcher = reader.searcher();
-        let num_docs: u64 = searcher.segment_readers().iter().map(|s| u64::from(s.num_docs())).sum();
+        let num_docs: u64 = searcher
+            .segment_readers()
+            .iter()
+            .map(|s| u64::from(s.num_docs()))
+            .sum();
         if num_docs != manifest.num_passages {
-            bail!("{}: manifest says {} passages, index holds {num_docs}", generation.display(), manifest.num_passages);
+            bail!(
+                "{}: manifest says {} passages, index holds {num_docs}",
+                generation.display(),
+                manifest.num_passages
+            );
         }
         let stats = fields
             .indexed
             .iter()
             .map(|&(field, role)| {
-                let boost = if role == IndexedRole::Title { params.title_boost } else { 1.0 };
+                let boost = if role == IndexedRole::Title {
+                    params.title_boost
+                } else {
+                    1.0
+                };
                 field_stats(&searcher, field, boost, params)
             })
             .collect::<Result<Vec<_>>>()?;
         let row_addr = row_addresses(&searcher, manifest.num_passages)?;
-        Ok(Self { searcher, _reader: reader, analyzer, fields, stats, manifest, params, generation, row_addr })
+        Ok(Self {
+            searcher,
+            _reader: reader,
+            analyzer,
+            fields,
+            stats,
+            manifest,
+            params,
+            generation,
+            row_addr,
+        })
     }
 
     pub fn manifest(&self) -> &Bm25Manifest {
@@ -390,21 +498,29 @@ impl Bm25Retriever {
             for (fs, term, weight) in &clauses {
                 let inverted = seg.inverted_index(fs.field)?;
                 let norms = seg.get_fieldnorms_reader(fs.field)?;
-                let Some(mut postings) = inverted.read_postings(term, IndexRecordOption::WithFreqs)? else {
+                let Some(mut postings) =
+                    inverted.read_postings(term, IndexRecordOption::WithFreqs)?
+                else {
                     continue;
                 };
                 let mut doc = postings.doc();
                 while doc != TERMINATED {
                     let tf = postings.term_freq() as f32;
-                    acc[doc as usize] += weight * tf / (tf + fs.norm[norms.fieldnorm_id(doc) as usize]);
+                    acc[doc as usize] +=
+                        weight * tf / (tf + fs.norm[norms.fieldnorm_id(doc) as usize]);
                     hit[doc as usize] = true;
                     doc = postings.advance();
                 }
             }
-            let rows = seg.fast_fields().u64("row").with_context(|| format!("segment {seg_ord}: no row column"))?;
+            let rows = seg
+                .fast_fields()
+                .u64("row")
+                .with_context(|| format!("segment {seg_ord}: no row column"))?;
             for (doc, (&score, &h)) in acc.iter().zip(&hit).enumerate() {
                 if h {
-                    let row = rows.first(doc as u32).with_context(|| format!("segment {seg_ord} doc {doc}: no row"))?;
+                    let row = rows
+                        .first(doc as u32)
+                        .with_context(|| format!("segment {seg_ord} doc {doc}: no row"))?;
                     best.push((row, score));
                 }
             }
@@ -419,10 +535,22 @@ impl Bm25Retriever {
     pub fn passages(&self, rows: &[u64]) -> Result<Vec<Passage>> {
         rows.iter()
             .map(|&r| {
-                let a = *self.row_addr.get(r as usize).with_context(|| format!("row {r} is not in the BM25 index"))?;
+                let a = *self
+                    .row_addr
+                    .get(r as usize)
+                    .with_context(|| format!("row {r} is not in the BM25 index"))?;
                 let doc: TantivyDocument = self.searcher.doc(a)?;
-                let get = |f: Field| doc.get_first(f).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-                Ok(Passage { id: get(self.fields.id), title: get(self.fields.title), text: get(self.fields.text) })
+                let get = |f: Field| {
+                    doc.get_first(f)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                Ok(Passage {
+                    id: get(self.fields.id),
+                    title: get(self.fields.title),
+                    text: get(self.fields.text),
+                })
             })
             .collect()
     }
@@ -432,7 +560,12 @@ impl Bm25Retriever {
         let top = self.search(query, k)?;
         let doc_ids: Vec<u64> = top.iter().map(|t| t.0).collect();
         let passages = self.passages(&doc_ids)?;
-        Ok(Hits { scores: top.iter().map(|t| t.1).collect(), doc_ids, passages, embeddings: None })
+        Ok(Hits {
+            scores: top.iter().map(|t| t.1).collect(),
+            doc_ids,
+            passages,
+            embeddings: None,
+        })
     }
 }
 
@@ -442,8 +575,12 @@ fn row_addresses(searcher: &Searcher, n: u64) -> Result<Vec<DocAddress>> {
     for (seg_ord, seg) in searcher.segment_readers().iter().enumerate() {
         let col = seg.fast_fields().u64("row")?;
         for doc in 0..seg.max_doc() {
-            let row = col.first(doc).with_context(|| format!("segment {seg_ord} doc {doc} has no row"))?;
-            let slot = addr.get_mut(row as usize).with_context(|| format!("row {row} out of range (n = {n})"))?;
+            let row = col
+                .first(doc)
+                .with_context(|| format!("segment {seg_ord} doc {doc} has no row"))?;
+            let slot = addr
+                .get_mut(row as usize)
+                .with_context(|| format!("row {row} out of range (n = {n})"))?;
             if slot.is_some() {
                 bail!("row {row} appears twice in the BM25 index");
             }
@@ -483,19 +620,33 @@ fn field_stats(searcher: &Searcher, field: Field, boost: f32, p: Bm25Params) -> 
             }
         }
     }
-    let avgdl = if doc_count > 0 { total_tokens as f32 / doc_count as f32 } else { 1.0 };
+    let avgdl = if doc_count > 0 {
+        total_tokens as f32 / doc_count as f32
+    } else {
+        1.0
+    };
     let mut norm = [0f32; 256];
     for (id, n) in norm.iter_mut().enumerate() {
         // Norm ids never seen in this index are never looked up; fill them with a harmless value.
         let len = lengths[id].unwrap_or(0) as f32;
         *n = p.k1 * (1.0 - p.b + p.b * len / avgdl);
     }
-    Ok(FieldStats { field, boost, doc_count, norm })
+    Ok(FieldStats {
+        field,
+        boost,
+        doc_count,
+        norm,
+    })
 }
 
 impl Retriever for Bm25Retriever {
     /// BM25 ignores `query_embeddings`.
-    fn retrieve(&self, queries: &[&str], _query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>> {
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        _query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<Hits>> {
         queries.par_iter().map(|q| self.search_hits(q, k)).collect()
     }
 

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use super::{Hits, Passage, Retriever};
 
 /// How scores are normalised before weighted fusion.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreNorm {
     /// `(s - min) / (max - min)` (1 when all scores are equal).
@@ -50,7 +52,12 @@ pub struct HybridRetriever {
 
 impl HybridRetriever {
     /// `depth`: candidates asked from each retriever per query (raised to `k` when smaller).
-    pub fn new(dense: Box<dyn Retriever>, sparse: Box<dyn Retriever>, fusion: Fusion, depth: usize) -> Result<Self> {
+    pub fn new(
+        dense: Box<dyn Retriever>,
+        sparse: Box<dyn Retriever>,
+        fusion: Fusion,
+        depth: usize,
+    ) -> Result<Self> {
         if dense.len() != sparse.len() {
             bail!(
                 "hybrid retrieval needs both retrievers over the same knowledge base: dense has {} passages, BM25 has {}",
@@ -65,7 +72,12 @@ impl HybridRetriever {
             }
             _ => {}
         }
-        Ok(Self { dense, sparse, fusion, depth })
+        Ok(Self {
+            dense,
+            sparse,
+            fusion,
+            depth,
+        })
     }
 
     pub fn fusion(&self) -> Fusion {
@@ -115,12 +127,17 @@ pub fn fuse(dense: &Hits, sparse: &Hits, fusion: Fusion, k: usize) -> Hits {
             }
         }
     }
-    let embeddings: Option<Vec<Vec<f32>>> =
-        ranked.iter().map(|(row, _)| embedding.get(row).map(|e| (*e).clone())).collect();
+    let embeddings: Option<Vec<Vec<f32>>> = ranked
+        .iter()
+        .map(|(row, _)| embedding.get(row).map(|e| (*e).clone()))
+        .collect();
     Hits {
         doc_ids: ranked.iter().map(|r| r.0).collect(),
         scores: ranked.iter().map(|r| r.1).collect(),
-        passages: ranked.iter().filter_map(|(row, _)| passage.get(row).map(|p| (*p).clone())).collect(),
+        passages: ranked
+            .iter()
+            .filter_map(|(row, _)| passage.get(row).map(|p| (*p).clone()))
+            .collect(),
         embeddings,
     }
 }
@@ -132,15 +149,25 @@ fn normalize(scores: &[f32], norm: ScoreNorm) -> Vec<f32> {
     }
     match norm {
         ScoreNorm::MinMax => {
-            let (lo, hi) = scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &s| (l.min(s), h.max(s)));
+            let (lo, hi) = scores
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &s| {
+                    (l.min(s), h.max(s))
+                });
             let range = hi - lo;
-            scores.iter().map(|&s| if range > 0.0 { (s - lo) / range } else { 1.0 }).collect()
+            scores
+                .iter()
+                .map(|&s| if range > 0.0 { (s - lo) / range } else { 1.0 })
+                .collect()
         }
         ScoreNorm::ZScore => {
             let n = scores.len() as f32;
             let mean = scores.iter().sum::<f32>() / n;
             let std = (scores.iter().map(|s| (s - mean) * (s - mean)).sum::<f32>() / n).sqrt();
-            scores.iter().map(|&s| if std > 0.0 { (s - mean) / std } else { 0.0 }).collect()
+            scores
+                .iter()
+                .map(|&s| if std > 0.0 { (s - mean) / std } else { 0.0 })
+                .collect()
         }
     }
 }
@@ -148,14 +175,28 @@ fn normalize(scores: &[f32], norm: ScoreNorm) -> Vec<f32> {
 impl Retriever for HybridRetriever {
     /// `query_embeddings` go to the dense retriever. The fused hits carry embeddings only when every
     /// fused passage came with one (i.e. it was also in the dense list).
-    fn retrieve(&self, queries: &[&str], query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>> {
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<Hits>> {
         let depth = self.depth.max(k);
         let dense = self.dense.retrieve(queries, query_embeddings, depth)?;
         let sparse = self.sparse.retrieve(queries, None, depth)?;
         if dense.len() != queries.len() || sparse.len() != queries.len() {
-            bail!("a retriever returned {} / {} result lists for {} queries", dense.len(), sparse.len(), queries.len());
+            bail!(
+                "a retriever returned {} / {} result lists for {} queries",
+                dense.len(),
+                sparse.len(),
+                queries.len()
+            );
         }
-        Ok(dense.iter().zip(&sparse).map(|(d, s)| fuse(d, s, self.fusion, k)).collect())
+        Ok(dense
+            .iter()
+            .zip(&sparse)
+            .map(|(d, s)| fuse(d, s, self.fusion, k))
+            .collect())
     }
 
     fn len(&self) -> usize {
@@ -173,7 +214,11 @@ mod tests {
             scores: scores.to_vec(),
             passages: rows
                 .iter()
-                .map(|r| Passage { id: format!("p{r}"), title: String::new(), text: String::new() })
+                .map(|r| Passage {
+                    id: format!("p{r}"),
+                    title: String::new(),
+                    text: String::new(),
+                })
                 .collect(),
             embeddings: None,
         }
@@ -194,12 +239,28 @@ mod tests {
     fn weighted_minmax_by_hand() {
         let d = hits(&[1, 2], &[0.9, 0.5]);
         let s = hits(&[2, 3], &[10.0, 4.0]);
-        let f = fuse(&d, &s, Fusion::Weighted { dense_weight: 0.5, norm: ScoreNorm::MinMax }, 3);
+        let f = fuse(
+            &d,
+            &s,
+            Fusion::Weighted {
+                dense_weight: 0.5,
+                norm: ScoreNorm::MinMax,
+            },
+            3,
+        );
         // dense norm: 1 -> 1, 2 -> 0; sparse norm: 2 -> 1, 3 -> 0; missing -> 0.
         // 1: 0.5, 2: 0.5, 3: 0.
         assert_eq!(f.doc_ids, [1, 2, 3]);
         assert_eq!(f.scores, [0.5, 0.5, 0.0]);
-        let z = fuse(&d, &s, Fusion::Weighted { dense_weight: 0.8, norm: ScoreNorm::ZScore }, 1);
+        let z = fuse(
+            &d,
+            &s,
+            Fusion::Weighted {
+                dense_weight: 0.8,
+                norm: ScoreNorm::ZScore,
+            },
+            1,
+        );
         assert_eq!(z.doc_ids, [1]);
     }
 }

@@ -6,7 +6,11 @@
 
 /// Stem one lowercased word. Non-ASCII letters count as consonants, as in Lucene.
 pub fn porter_stem(word: &str) -> String {
-    let mut s = Stemmer { b: word.chars().collect(), k: 0, j: 0 };
+    let mut s = Stemmer {
+        b: word.chars().collect(),
+        k: 0,
+        j: 0,
+    };
     if s.b.len() <= 2 {
         return word.to_string();
     }
@@ -148,7 +152,10 @@ impl Stemmer {
             if self.stem_len() > 0 && self.m() > 0 {
                 self.k -= 1;
             }
-        } else if (self.ends("ed") || self.ends("ing")) && self.stem_len() > 0 && self.vowel_in_stem() {
+        } else if (self.ends("ed") || self.ends("ing"))
+            && self.stem_len() > 0
+            && self.vowel_in_stem()
+        {
             self.k = self.j;
             self.b.truncate(self.k + 1);
             if self.ends("at") {
@@ -190,9 +197,20 @@ impl Stemmer {
             'a' => &[("ational", "ate"), ("tional", "tion")],
             'c' => &[("enci", "ence"), ("anci", "ance")],
             'e' => &[("izer", "ize")],
-            'l' => &[("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous")],
+            'l' => &[
+                ("bli", "ble"),
+                ("alli", "al"),
+                ("entli", "ent"),
+                ("eli", "e"),
+                ("ousli", "ous"),
+            ],
             'o' => &[("ization", "ize"), ("ation", "ate"), ("ator", "ate")],
-            's' => &[("alism", "al"), ("iveness", "ive"), ("fulness", "ful"), ("ousness", "ous")],
+            's' => &[
+                ("alism", "al"),
+                ("iveness", "ive"),
+                ("fulness", "ful"),
+                ("ousness", "ous"),
+            ],
             't' => &[("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")],
             'g' => &[("logi", "log")],
             _ => &[],
