@@ -44,6 +44,7 @@ trait FiniteMask {
 impl FiniteMask for Tensor {
     fn is_finite_mask(&self) -> candle_core::Result<Tensor> {
         // x - x is 0 for finite x and NaN for ±inf; NaN != 0.
+        #[allow(clippy::eq_op)]
         let diff = (self - self)?;
         diff.eq(&diff.zeros_like()?)
     }
