@@ -6,6 +6,7 @@
 //! steps ([`DecodeState::select_rows`]) for beam search and n_docs expansion.
 
 pub mod bart;
+pub mod gguf;
 pub mod llama;
 pub mod t5;
 
