@@ -2,7 +2,7 @@
 //! llama.cpp via llama-cpp-python on the same file, run by the bench driver).
 
 use crate::generators::gguf::{tokenizer_from_gguf, GgufFile};
-use crate::generators::llama::Llama;
+use crate::generators::llama::{GgufWeights, Llama};
 use crate::generators::{Decoder, GenInput};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -13,6 +13,8 @@ use std::time::Instant;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DecodeBench {
     pub model: String,
+    /// How the weights were held (`Fast`, `AsStored`, `F32`).
+    pub weights: String,
     /// Worker threads available to the matmuls (rayon pool).
     pub threads: usize,
     pub load_s: f64,
@@ -27,15 +29,21 @@ pub struct DecodeBench {
     pub text: String,
 }
 
-/// Load `gguf`, prefill `prompt` (encoded without special tokens) and greedily decode `n_tokens`.
+/// Load `gguf`, prefill `prompt` (encoded without special tokens) and greedily decode `n_tokens`,
+/// with the default weight handling ([`GgufWeights::Fast`]).
 pub fn bench_decode(gguf: &Path, prompt: &str, n_tokens: usize) -> Result<DecodeBench> {
+    bench_decode_with(gguf, prompt, n_tokens, GgufWeights::default())
+}
+
+/// [`bench_decode`] with the weights held as `weights` says.
+pub fn bench_decode_with(gguf: &Path, prompt: &str, n_tokens: usize, weights: GgufWeights) -> Result<DecodeBench> {
     if n_tokens == 0 {
         bail!("bench decode: n_tokens must be at least 1");
     }
     let device = Device::Cpu;
     let t0 = Instant::now();
     let g = GgufFile::open(gguf)?;
-    let model = Llama::from_gguf(&g, &device)?;
+    let model = Llama::from_gguf_with(&g, &device, weights)?;
     let tok = tokenizer_from_gguf(&g, model.config.vocab_size)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut ids = tok.encode_batch(&[prompt], false, None, crate::tokenize::Padding::None)?.input_ids.remove(0);
@@ -68,6 +76,7 @@ pub fn bench_decode(gguf: &Path, prompt: &str, n_tokens: usize) -> Result<Decode
     let steps = n_tokens.saturating_sub(1).max(1);
     Ok(DecodeBench {
         model: gguf.display().to_string(),
+        weights: format!("{weights:?}"),
         threads: rayon::current_num_threads(),
         load_s,
         prompt_tokens: n,
