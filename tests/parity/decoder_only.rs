@@ -4,6 +4,8 @@
 use crate::common::{Checker, Fixture};
 use anyhow::{Context, Result};
 use candle_core::Device;
+use rustrag::encoders::dpr::DprEncoder;
+use rustrag::encoders::{LoadOptions, TextEncoder};
 use rustrag::generators::llama::Llama;
 use rustrag::generators::Decoder;
 use rustrag::rag::decoder_only::{prompt_text, DecoderOnlyRag};
@@ -53,6 +55,18 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         Some(fx.usize("eos_token_id")? as u32),
     ]);
     let n_questions = fx.get("questions")?.as_array().context("questions")?.len();
+    // Retrieval: DPR question encoder over all questions (padding = longest), exact inner product
+    // against the KB embeddings, top-K.
+    let qenc = DprEncoder::load(&path("question_encoder")?.display().to_string(), &LoadOptions::default())?;
+    let questions: Vec<String> = (0..n_questions)
+        .map(|qi| Ok(fx.get(&format!("questions/{qi}/question"))?.as_str().context("question")?.to_string()))
+        .collect::<Result<_>>()?;
+    let q_refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
+    let q_emb = qenc.encode_texts(&q_refs)?;
+    let emb_path = path("kb_embeddings")?;
+    let kb = candle_core::safetensors::load(&emb_path, &Device::Cpu)?;
+    let kb = kb.get("embeddings").with_context(|| format!("{}: no `embeddings` tensor", emb_path.display()))?;
+    let all_scores = q_emb.matmul(&kb.t()?)?.to_vec2::<f32>()?;
     for qi in 0..n_questions {
         let q = |k: &str| format!("questions/{qi}/{k}");
         let question = fx.get(&q("question"))?.as_str().context("question")?.to_string();
@@ -62,10 +76,16 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             anyhow::ensure!(doc_ids.len() == n_docs, "{} docs, n_docs {n_docs}", doc_ids.len());
             Ok(())
         });
+        let mut order: Vec<usize> = (0..all_scores[qi].len()).collect();
+        order.sort_by(|&a, &b| all_scores[qi][b].total_cmp(&all_scores[qi][a]));
+        let top: Vec<u32> = order[..n_docs.min(order.len())].iter().map(|&i| i as u32).collect();
+        c.ids(&format!("q{qi} retrieved doc_ids"), &top, &doc_ids);
+        let doc_scores: Vec<f32> = top.iter().map(|&i| all_scores[qi][i as usize]).collect();
+        c.close(&format!("q{qi} doc_scores"), &doc_scores, &fx.f32s(&q("doc_scores"))?);
         // doc_logprobs = log_softmax(doc_scores) over the retrieved top-K.
-        let doc_scores = fx.f32s(&q("doc_scores"))?;
+        let doc_lp = log_softmax(&doc_scores);
         let doc_lp_expected = fx.f32s(&q("doc_logprobs"))?;
-        c.close(&format!("q{qi} doc_logprobs"), &log_softmax(&doc_scores), &doc_lp_expected);
+        c.close(&format!("q{qi} doc_logprobs"), &doc_lp, &doc_lp_expected);
         let docs: Vec<&Passage> = doc_ids
             .iter()
             .map(|&i| passages.get(i as usize).with_context(|| format!("doc id {i} outside the KB")))
@@ -81,8 +101,8 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         let answer_ids = rag.answer_ids(&answer)?;
         c.ids(&format!("q{qi} answer_ids"), &answer_ids, &fx.ids1(&q("answer_ids"))?);
 
-        // Scores with the expected priors, so each check isolates one part of the math.
-        let scores = rag.score(&prompt_rows, &doc_lp_expected, &answer_ids)?;
+        // End to end: our retrieval's priors feed the marginals.
+        let scores = rag.score(&prompt_rows, &doc_lp, &answer_ids)?;
         let flat: Vec<f32> = scores.token_logprobs.iter().flatten().copied().collect();
         c.close(&format!("q{qi} answer_token_logprobs"), &flat, &fx.f32s(&q("answer_token_logprobs"))?);
         c.close(&format!("q{qi} answer_loglik_per_doc"), &scores.loglik_per_doc, &fx.f32s(&q("answer_loglik_per_doc"))?);
@@ -100,7 +120,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         }
         c.close(&format!("q{qi} answer_token_logprobs (full forward)"), &full, &fx.f32s(&q("answer_token_logprobs"))?);
 
-        let g = rag.generate_token_greedy(&prompt_rows, &doc_lp_expected, steps, false)?;
+        let g = rag.generate_token_greedy(&prompt_rows, &doc_lp, steps, false)?;
         let gp = |k: &str| q(&format!("greedy_rag_token/{k}"));
         c.ids(&format!("q{qi} greedy generated_ids"), &g.ids, &fx.ids1(&gp("generated_ids"))?);
         c.close(&format!("q{qi} greedy chosen_marginal_logprob"), &g.chosen_logprobs, &fx.f32s(&gp("chosen_marginal_logprob"))?);
