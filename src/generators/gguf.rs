@@ -23,7 +23,9 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+};
 
 /// An opened GGUF file: its metadata and tensor directory (tensor data is read on demand).
 pub struct GgufFile {
@@ -34,10 +36,18 @@ pub struct GgufFile {
 impl GgufFile {
     /// Read the header, metadata and tensor directory of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
-        let content = gguf_file::Content::read(&mut f)
-            .with_context(|| format!("{}: not a readable GGUF file (corrupt or truncated?)", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), content })
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("opening GGUF file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut f).with_context(|| {
+            format!(
+                "{}: not a readable GGUF file (corrupt or truncated?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+        })
     }
 
     /// The metadata value under `key`, or an error naming the file and the key.
@@ -65,9 +75,17 @@ impl GgufFile {
             I32(x) => *x as i128,
             U64(x) => *x as i128,
             I64(x) => *x as i128,
-            other => bail!("{}: metadata `{key}` should be an integer, found {other:?}", self.path.display()),
+            other => bail!(
+                "{}: metadata `{key}` should be an integer, found {other:?}",
+                self.path.display()
+            ),
         };
-        u64::try_from(n).map_err(|_| anyhow!("{}: metadata `{key}` is negative ({n})", self.path.display()))
+        u64::try_from(n).map_err(|_| {
+            anyhow!(
+                "{}: metadata `{key}` is negative ({n})",
+                self.path.display()
+            )
+        })
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
@@ -76,7 +94,12 @@ impl GgufFile {
 
     pub fn u32(&self, key: &str) -> Result<u32> {
         let v = self.u64(key)?;
-        u32::try_from(v).map_err(|_| anyhow!("{}: metadata `{key}` = {v} does not fit in u32", self.path.display()))
+        u32::try_from(v).map_err(|_| {
+            anyhow!(
+                "{}: metadata `{key}` = {v} does not fit in u32",
+                self.path.display()
+            )
+        })
     }
 
     /// A float (f32 or f64 in the file; integers are accepted too).
@@ -91,21 +114,32 @@ impl GgufFile {
     pub fn bool(&self, key: &str) -> Result<bool> {
         match self.value(key)? {
             gguf_file::Value::Bool(b) => Ok(*b),
-            other => bail!("{}: metadata `{key}` should be a bool, found {other:?}", self.path.display()),
+            other => bail!(
+                "{}: metadata `{key}` should be a bool, found {other:?}",
+                self.path.display()
+            ),
         }
     }
 
     pub fn str(&self, key: &str) -> Result<&str> {
         match self.value(key)? {
             gguf_file::Value::String(s) => Ok(s),
-            other => bail!("{}: metadata `{key}` should be a string, found {:?}", self.path.display(), other.value_type()),
+            other => bail!(
+                "{}: metadata `{key}` should be a string, found {:?}",
+                self.path.display(),
+                other.value_type()
+            ),
         }
     }
 
     fn array(&self, key: &str) -> Result<&Vec<gguf_file::Value>> {
         match self.value(key)? {
             gguf_file::Value::Array(a) => Ok(a),
-            other => bail!("{}: metadata `{key}` should be an array, found {:?}", self.path.display(), other.value_type()),
+            other => bail!(
+                "{}: metadata `{key}` should be an array, found {:?}",
+                self.path.display(),
+                other.value_type()
+            ),
         }
     }
 
@@ -116,7 +150,10 @@ impl GgufFile {
             .enumerate()
             .map(|(i, v)| match v {
                 gguf_file::Value::String(s) => Ok(s.clone()),
-                _ => bail!("{}: metadata `{key}`[{i}] is not a string", self.path.display()),
+                _ => bail!(
+                    "{}: metadata `{key}`[{i}] is not a string",
+                    self.path.display()
+                ),
             })
             .collect()
     }
@@ -130,7 +167,10 @@ impl GgufFile {
             .map(|(i, v)| match v {
                 F32(x) => Ok(*x),
                 F64(x) => Ok(*x as f32),
-                _ => bail!("{}: metadata `{key}`[{i}] is not a float", self.path.display()),
+                _ => bail!(
+                    "{}: metadata `{key}`[{i}] is not a float",
+                    self.path.display()
+                ),
             })
             .collect()
     }
@@ -150,7 +190,10 @@ impl GgufFile {
                 I32(x) => Ok(*x as i64),
                 U64(x) => Ok(*x as i64),
                 I64(x) => Ok(*x),
-                _ => bail!("{}: metadata `{key}`[{i}] is not an integer", self.path.display()),
+                _ => bail!(
+                    "{}: metadata `{key}`[{i}] is not an integer",
+                    self.path.display()
+                ),
             })
             .collect()
     }
@@ -175,7 +218,8 @@ impl GgufFile {
                 shape.dims()
             );
         }
-        let mut f = std::fs::File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
+        let mut f = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
         self.content
             .tensor(&mut f, name, device)
             .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))
@@ -198,7 +242,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile, model_vocab: usize) -> Result<TextToken
     let model = g.str("tokenizer.ggml.model")?;
     let tokens = g.strings("tokenizer.ggml.tokens")?;
     if tokens.is_empty() {
-        bail!("{}: metadata `tokenizer.ggml.tokens` is empty", g.path.display());
+        bail!(
+            "{}: metadata `tokenizer.ggml.tokens` is empty",
+            g.path.display()
+        );
     }
     let types = if g.has("tokenizer.ggml.token_type") {
         let t = g.i64s("tokenizer.ggml.token_type")?;
@@ -220,7 +267,11 @@ pub fn tokenizer_from_gguf(g: &GgufFile, model_vocab: usize) -> Result<TextToken
         }
         let id = g.u32(key)?;
         if id as usize >= tokens.len() {
-            bail!("{}: `{key}` = {id} is outside the vocabulary ({} tokens)", g.path.display(), tokens.len());
+            bail!(
+                "{}: `{key}` = {id} is outside the vocabulary ({} tokens)",
+                g.path.display(),
+                tokens.len()
+            );
         }
         Ok(Some(id))
     };
@@ -245,7 +296,8 @@ pub fn tokenizer_from_gguf(g: &GgufFile, model_vocab: usize) -> Result<TextToken
     let mut specials: Vec<AddedToken> = Vec::new();
     let mut added: Vec<AddedToken> = Vec::new();
     for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-        let is_declared = [special.bos, special.eos, special.pad, special.unk].contains(&Some(i as u32));
+        let is_declared =
+            [special.bos, special.eos, special.pad, special.unk].contains(&Some(i as u32));
         if *ty == TOKEN_CONTROL || (is_declared && *ty != TOKEN_BYTE) {
             specials.push(AddedToken::from(t.clone(), true).normalized(false));
         } else if *ty == TOKEN_USER_DEFINED {
@@ -265,8 +317,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile, model_vocab: usize) -> Result<TextToken
         let bos_tok = tokens[bos as usize].clone();
         let err = |e: String| anyhow!("{}: BOS template: {e}", g.path.display());
         let mut b = TemplateProcessing::builder();
-        b.try_single(format!("{bos_tok} $A")).map_err(|e| err(e.to_string()))?;
-        b.try_pair(format!("{bos_tok} $A {bos_tok}:1 $B:1")).map_err(|e| err(e.to_string()))?;
+        b.try_single(format!("{bos_tok} $A"))
+            .map_err(|e| err(e.to_string()))?;
+        b.try_pair(format!("{bos_tok} $A {bos_tok}:1 $B:1"))
+            .map_err(|e| err(e.to_string()))?;
         b.special_tokens(vec![(bos_tok, bos)]);
         let tp = b.build().map_err(|e| err(e.to_string()))?;
         tok.with_post_processor(Some(tp));
@@ -279,17 +333,29 @@ pub fn tokenizer_from_gguf(g: &GgufFile, model_vocab: usize) -> Result<TextToken
 /// GPT-2 style byte-level BPE; the pre-tokenizer follows `tokenizer.ggml.pre` (llama.cpp's names).
 fn byte_level_bpe(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
     let merges = read_merges(g)?;
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| anyhow!("{}: building BPE from tokens/merges: {e}", g.path.display()))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
-    let pre = if g.has("tokenizer.ggml.pre") { g.str("tokenizer.ggml.pre")? } else { "default" };
+    let pre = if g.has("tokenizer.ggml.pre") {
+        g.str("tokenizer.ggml.pre")?
+    } else {
+        "default"
+    };
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?
+        .into())
     };
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         // GPT-2 regex inside ByteLevel.
@@ -323,7 +389,12 @@ fn read_merges(g: &GgufFile) -> Result<Vec<(String, String)>> {
         .map(|(i, m)| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| anyhow!("{}: `tokenizer.ggml.merges`[{i}] = `{m}` is not `left right`", g.path.display()))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: `tokenizer.ggml.merges`[{i}] = `{m}` is not `left right`",
+                        g.path.display()
+                    )
+                })
         })
         .collect()
 }
@@ -341,27 +412,52 @@ fn sentencepiece_bpe(
     } else {
         let scores = g.f32s("tokenizer.ggml.scores")?;
         if scores.len() != tokens.len() {
-            bail!("{}: `tokenizer.ggml.scores` has {} entries, tokens {}", g.path.display(), scores.len(), tokens.len());
+            bail!(
+                "{}: `tokenizer.ggml.scores` has {} entries, tokens {}",
+                g.path.display(),
+                scores.len(),
+                tokens.len()
+            );
         }
         merges_from_scores(tokens, types, &scores)
     };
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(u) = unk {
         builder = builder.unk_token(tokens[u as usize].clone());
     }
-    let bpe = builder.build().map_err(|e| anyhow!("{}: building SentencePiece BPE: {e}", g.path.display()))?;
+    let bpe = builder
+        .build()
+        .map_err(|e| anyhow!("{}: building SentencePiece BPE: {e}", g.path.display()))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
-    let add_prefix = if g.has("tokenizer.ggml.add_space_prefix") { g.bool("tokenizer.ggml.add_space_prefix")? } else { true };
+    let add_prefix = if g.has("tokenizer.ggml.add_space_prefix") {
+        g.bool("tokenizer.ggml.add_space_prefix")?
+    } else {
+        true
+    };
     let replace = Replace::new(" ", "\u{2581}").map_err(|e| anyhow!("{e}"))?;
     let normalizer: NormalizerWrapper = if add_prefix {
-        tokenizers::normalizers::Sequence::new(vec![Prepend::new("\u{2581}".into()).into(), replace.into()]).into()
+        tokenizers::normalizers::Sequence::new(vec![
+            Prepend::new("\u{2581}".into()).into(),
+            replace.into(),
+        ])
+        .into()
     } else {
         replace.into()
     };
-    tok.with_normalizer(Some(normalizer)).map_err(|e| anyhow!("{e}"))?;
+    tok.with_normalizer(Some(normalizer))
+        .map_err(|e| anyhow!("{e}"))?;
     let mut decoders: Vec<DecoderWrapper> = vec![
-        tokenizers::decoders::DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(|e| anyhow!("{e}"))?),
+        tokenizers::decoders::DecoderWrapper::Replace(
+            Replace::new("\u{2581}", " ").map_err(|e| anyhow!("{e}"))?,
+        ),
         ByteFallback::new().into(),
         Fuse::new().into(),
     ];
@@ -390,8 +486,16 @@ fn merges_from_scores(tokens: &[String], types: &[i64], scores: &[f32]) -> Vec<(
             }
         }
     }
-    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
-    merges.into_iter().map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
+        .collect()
 }
 
 /// One chat message.
@@ -404,7 +508,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -426,10 +533,17 @@ impl ChatTemplate {
         let template = g.str("tokenizer.chat_template")?;
         let tokens = g.strings("tokenizer.ggml.tokens")?;
         let name = |key: &str, default: &str| -> String {
-            g.u32(key).ok().and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_else(|| default.to_string())
+            g.u32(key)
+                .ok()
+                .and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_else(|| default.to_string())
         };
-        Self::detect(template, &name("tokenizer.ggml.bos_token_id", "<s>"), &name("tokenizer.ggml.eos_token_id", "</s>"))
-            .with_context(|| format!("{}: `tokenizer.chat_template`", g.path.display()))
+        Self::detect(
+            template,
+            &name("tokenizer.ggml.bos_token_id", "<s>"),
+            &name("tokenizer.ggml.eos_token_id", "</s>"),
+        )
+        .with_context(|| format!("{}: `tokenizer.chat_template`", g.path.display()))
     }
 
     /// Recognise a Jinja chat template by its markers; an unknown format is an error.
@@ -437,18 +551,26 @@ impl ChatTemplate {
         if template.contains("<|im_start|>") {
             // A literal default system turn, e.g. '<|im_start|>system\nYou are ...<|im_end|>\n' (the
             // newline may be a real one or Jinja's `\n` escape).
-            let default_system = ["<|im_start|>system\n", "<|im_start|>system\\n"].iter().find_map(|marker| {
-                let at = template.find(marker)?;
-                let rest = &template[at + marker.len()..];
-                let text = &rest[..rest.find("<|im_end|>")?];
-                // Only a literal string, not a Jinja expression.
-                (!text.contains("{{") && !text.contains('\'') && !text.contains('+')).then(|| text.replace("\\n", "\n"))
-            });
+            let default_system = ["<|im_start|>system\n", "<|im_start|>system\\n"]
+                .iter()
+                .find_map(|marker| {
+                    let at = template.find(marker)?;
+                    let rest = &template[at + marker.len()..];
+                    let text = &rest[..rest.find("<|im_end|>")?];
+                    // Only a literal string, not a Jinja expression.
+                    (!text.contains("{{") && !text.contains('\'') && !text.contains('+'))
+                        .then(|| text.replace("\\n", "\n"))
+                });
             Ok(Self::ChatMl { default_system })
         } else if template.contains("<|start_header_id|>") {
-            Ok(Self::Llama3 { bos: bos.to_string() })
+            Ok(Self::Llama3 {
+                bos: bos.to_string(),
+            })
         } else if template.contains("[INST]") {
-            Ok(Self::Llama2 { bos: bos.to_string(), eos: eos.to_string() })
+            Ok(Self::Llama2 {
+                bos: bos.to_string(),
+                eos: eos.to_string(),
+            })
         } else {
             bail!("unrecognised chat template (supported: ChatML <|im_start|>, Llama 3 <|start_header_id|>, Llama 2 [INST])")
         }
@@ -467,7 +589,10 @@ impl ChatTemplate {
                     out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
                 }
                 for m in messages {
-                    out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                    out.push_str(&format!(
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        m.role, m.content
+                    ));
                 }
                 if add_generation_prompt {
                     out.push_str("<|im_start|>assistant\n");

@@ -18,9 +18,16 @@ use std::sync::Arc;
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x wavelength-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// How GGUF weights are held in memory.
@@ -104,22 +111,34 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
 }
 
 fn parse_rope_scaling(v: &serde_json::Value, file: &Path) -> Result<RopeScaling> {
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
     let num = |k: &str| -> Result<f64> {
-        v.get(k)
-            .and_then(|x| x.as_f64())
-            .with_context(|| format!("{}: rope scaling `{kind}` needs numeric `{k}`", file.display()))
+        v.get(k).and_then(|x| x.as_f64()).with_context(|| {
+            format!(
+                "{}: rope scaling `{kind}` needs numeric `{k}`",
+                file.display()
+            )
+        })
     };
     Ok(match kind {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
-        other => bail!("{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3)", file.display()),
+        other => bail!(
+            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3)",
+            file.display()
+        ),
     })
 }
 
@@ -129,16 +148,25 @@ impl LlamaConfig {
         let c: HfConfig = crate::hub::read_json(path)?;
         if let Some(t) = c.model_type.as_deref() {
             if !matches!(t, "llama" | "mistral") {
-                bail!("{}: model_type `{t}` is not a Llama-family model", path.display());
+                bail!(
+                    "{}: model_type `{t}` is not a Llama-family model",
+                    path.display()
+                );
             }
         }
         if let Some(act) = c.hidden_act.as_deref() {
             if !matches!(act, "silu" | "swish") {
-                bail!("{}: hidden_act `{act}` unsupported (Llama uses silu)", path.display());
+                bail!(
+                    "{}: hidden_act `{act}` unsupported (Llama uses silu)",
+                    path.display()
+                );
             }
         }
         if c.attention_bias == Some(true) || c.mlp_bias == Some(true) {
-            bail!("{}: attention_bias / mlp_bias are not supported", path.display());
+            bail!(
+                "{}: attention_bias / mlp_bias are not supported",
+                path.display()
+            );
         }
         let params = c.rope_parameters.as_ref();
         let rope_theta = params
@@ -155,7 +183,7 @@ impl LlamaConfig {
             bail!("{}: num_attention_heads is 0", path.display());
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !c.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "{}: num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 path.display(),
@@ -184,7 +212,10 @@ impl LlamaConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.str("general.architecture")?;
         if !matches!(arch, "llama" | "mistral") {
-            bail!("{}: `general.architecture` = `{arch}` is not supported (llama)", g.path.display());
+            bail!(
+                "{}: `general.architecture` = `{arch}` is not supported (llama)",
+                g.path.display()
+            );
         }
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = g.usize(&k("embedding_length"))?;
@@ -192,10 +223,16 @@ impl LlamaConfig {
         if num_heads == 0 {
             bail!("{}: `{}` is 0", g.path.display(), k("attention.head_count"));
         }
-        let num_kv_heads =
-            if g.has(&k("attention.head_count_kv")) { g.usize(&k("attention.head_count_kv"))? } else { num_heads };
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            bail!("{}: head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}", g.path.display());
+        let num_kv_heads = if g.has(&k("attention.head_count_kv")) {
+            g.usize(&k("attention.head_count_kv"))?
+        } else {
+            num_heads
+        };
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            bail!(
+                "{}: head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}",
+                g.path.display()
+            );
         }
         let head_dim = if g.has(&k("attention.key_length")) {
             g.usize(&k("attention.key_length"))?
@@ -203,18 +240,33 @@ impl LlamaConfig {
             hidden_size / num_heads
         };
         if g.has(&k("rope.dimension_count")) && g.usize(&k("rope.dimension_count"))? != head_dim {
-            bail!("{}: partial rotary (`{}` != head dim {head_dim}) is not supported", g.path.display(), k("rope.dimension_count"));
+            bail!(
+                "{}: partial rotary (`{}` != head dim {head_dim}) is not supported",
+                g.path.display(),
+                k("rope.dimension_count")
+            );
         }
         let rope_scaling = if g.has(&k("rope.scaling.type")) {
             match g.str(&k("rope.scaling.type"))? {
                 "none" => RopeScaling::None,
-                "linear" => RopeScaling::Linear { factor: g.f64(&k("rope.scaling.factor"))? },
-                other => bail!("{}: `{}` = `{other}` is not supported", g.path.display(), k("rope.scaling.type")),
+                "linear" => RopeScaling::Linear {
+                    factor: g.f64(&k("rope.scaling.factor"))?,
+                },
+                other => bail!(
+                    "{}: `{}` = `{other}` is not supported",
+                    g.path.display(),
+                    k("rope.scaling.type")
+                ),
             }
         } else {
             RopeScaling::None
         };
-        let vocab_size = g.tensor_shape("token_embd.weight")?.dims().first().copied().unwrap_or(0);
+        let vocab_size = g
+            .tensor_shape("token_embd.weight")?
+            .dims()
+            .first()
+            .copied()
+            .unwrap_or(0);
         if g.has(&k("vocab_size")) && g.usize(&k("vocab_size"))? != vocab_size {
             bail!(
                 "{}: `{}` = {} but tensor `token_embd.weight` has {vocab_size} rows",
@@ -223,7 +275,13 @@ impl LlamaConfig {
                 g.usize(&k("vocab_size"))?
             );
         }
-        let id = |key: &str| -> Result<Option<u32>> { if g.has(key) { g.u32(key).map(Some) } else { Ok(None) } };
+        let id = |key: &str| -> Result<Option<u32>> {
+            if g.has(key) {
+                g.u32(key).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         Ok(Self {
             vocab_size,
             hidden_size,
@@ -233,7 +291,11 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: g.f64(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: if g.has(&k("rope.freq_base")) { g.f64(&k("rope.freq_base"))? } else { 10000.0 },
+            rope_theta: if g.has(&k("rope.freq_base")) {
+                g.f64(&k("rope.freq_base"))?
+            } else {
+                10000.0
+            },
             rope_scaling,
             tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
@@ -245,12 +307,18 @@ impl LlamaConfig {
     /// Rotary inverse frequencies `[head_dim / 2]`, computed in f32 as HF does.
     fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f32> =
-            (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)).collect();
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
         match self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let low_wavelen = original_max_position_embeddings / low_freq_factor;
                 let high_wavelen = original_max_position_embeddings / high_freq_factor;
                 base.iter()
@@ -261,7 +329,8 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             (f as f64 / factor) as f32
                         } else {
-                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);
                             ((1.0 - smooth) * f as f64 / factor + smooth * f as f64) as f32
                         }
@@ -348,13 +417,20 @@ impl Llama {
                 _ => QMatMul::from_arc(t)?,
             })
         };
-        let (h, kv, hd) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim * cfg.num_heads);
+        let (h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.head_dim * cfg.num_heads,
+        );
         let qmm = |name: &str, shape: &[usize]| -> Result<QMatMul> {
             to_qmm(Arc::new(g.tensor(name, shape, device)?), name)
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             let w = g.tensor(name, &[h], device)?.dequantize(device)?;
-            Ok(RmsNorm { weight: w, eps: cfg.rms_norm_eps as f32 })
+            Ok(RmsNorm {
+                weight: w,
+                eps: cfg.rms_norm_eps as f32,
+            })
         };
         let embed_q = Arc::new(g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?);
         let embed = embed_q.dequantize(device)?;
@@ -383,7 +459,16 @@ impl Llama {
             });
         }
         let norm = norm("output_norm.weight")?;
-        Self::assemble(cfg, embed, blocks, norm, lm_head, RopeLayout::Interleaved, device, g.path.clone())
+        Self::assemble(
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            RopeLayout::Interleaved,
+            device,
+            g.path.clone(),
+        )
     }
 
     /// Load from a HF directory (`config.json` + safetensors / pytorch weights), f32.
@@ -391,13 +476,21 @@ impl Llama {
         let cfg = LlamaConfig::from_hf(&dir.join("config.json"))?;
         let weights = crate::hub::Weights::from_dir(dir, DType::F32, device, false)?;
         let vb = weights.var_builder(DType::F32, device);
-        let (h, kv, hd) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim * cfg.num_heads);
+        let (h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.head_dim * cfg.num_heads,
+        );
         let rms = |vb: candle_nn::VarBuilder| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: vb.get(h, "weight")?, eps: cfg.rms_norm_eps as f32 })
+            Ok(RmsNorm {
+                weight: vb.get(h, "weight")?,
+                eps: cfg.rms_norm_eps as f32,
+            })
         };
-        let lin = |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<QMatMul> {
-            Ok(QMatMul::Tensor(vb.pp(name).get((out, inp), "weight")?))
-        };
+        let lin =
+            |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<QMatMul> {
+                Ok(QMatMul::Tensor(vb.pp(name).get((out, inp), "weight")?))
+            };
         let vbm = vb.pp("model");
         let embed = vbm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -427,7 +520,16 @@ impl Llama {
         } else {
             lin(&vb, "lm_head", cfg.vocab_size, h)?
         };
-        Self::assemble(cfg, embed, blocks, norm, lm_head, RopeLayout::Halves, device, dir.to_path_buf())
+        Self::assemble(
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            RopeLayout::Halves,
+            device,
+            dir.to_path_buf(),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -442,7 +544,9 @@ impl Llama {
         source: PathBuf,
     ) -> Result<Self> {
         let inv_freq = Tensor::new(config.inv_freq(), device)?;
-        let eos = config.eos_token_id.with_context(|| format!("{}: no eos token id", source.display()))?;
+        let eos = config
+            .eos_token_id
+            .with_context(|| format!("{}: no eos token id", source.display()))?;
         let special = SpecialIds {
             vocab_size: config.vocab_size,
             decoder_start: config.bos_token_id.unwrap_or(eos),
@@ -452,7 +556,18 @@ impl Llama {
             forced_bos: None,
             forced_eos: None,
         };
-        Ok(Self { config, embed, blocks, norm, lm_head, inv_freq, rope_layout, special, device: device.clone(), source })
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+            rope_layout,
+            special,
+            device: device.clone(),
+            source,
+        })
     }
 
     /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32.
@@ -475,13 +590,22 @@ impl Llama {
     /// (one entry per layer; empty = no past). `mask`: additive `[rows, 1, len, past + len]` or None
     /// (no padding, and causal masking unnecessary because `len == 1`). Returns hidden states
     /// `[rows, len, hidden]` after the final norm.
-    fn run(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: &mut [LayerCache]) -> Result<Tensor> {
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut [LayerCache],
+    ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n_rep = nh / nkv;
         let (cos, sin) = self.rotary(positions)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, cfg.hidden_size))?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, l, cfg.hidden_size))?;
         let scale = 1.0 / (hd as f64).sqrt();
         // Mask broadcast over the n_rep query heads that share a key/value head.
         let mask = match mask {
@@ -492,9 +616,21 @@ impl Llama {
             let residual = &x;
             let hs = block.attn_norm.forward(&x)?;
             let a = &block.attn;
-            let q = a.q.forward(&hs)?.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = a.k.forward(&hs)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = a.v.forward(&hs)?.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q =
+                a.q.forward(&hs)?
+                    .reshape((b, l, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+            let k =
+                a.k.forward(&hs)?
+                    .reshape((b, l, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+            let v =
+                a.v.forward(&hs)?
+                    .reshape((b, l, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
             let q = self.rope(&q, &cos, &sin)?;
             let k = self.rope(&k, &cos, &sin)?;
             let (k, v) = match &layer_cache.self_kv {
@@ -507,11 +643,18 @@ impl Llama {
             let q = q.reshape((b, nkv, n_rep * l, hd))?;
             let att = (q.matmul(&k.t()?)? * scale)?;
             let att = match &mask {
-                Some(m) => att.reshape((b, nkv, n_rep, l, k_len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * l, k_len))?,
+                Some(m) => att
+                    .reshape((b, nkv, n_rep, l, k_len))?
+                    .broadcast_add(m)?
+                    .reshape((b, nkv, n_rep * l, k_len))?,
                 None => att,
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.reshape((b, nh, l, hd))?.transpose(1, 2)?.reshape((b, l, nh * hd))?;
+            let y = att
+                .matmul(&v)?
+                .reshape((b, nh, l, hd))?
+                .transpose(1, 2)?
+                .reshape((b, l, nh * hd))?;
             let y = a.o.forward(&y)?;
             x = (residual + y)?;
             let residual = &x;
@@ -532,7 +675,13 @@ impl Llama {
         let mut data = Vec::with_capacity(rows * q_len * k_len);
         for row in key_mask {
             for i in 0..q_len {
-                data.extend(row.iter().enumerate().map(|(j, &m)| if j <= past + i && m == 1 { 0f32 } else { f32::MIN }));
+                data.extend(row.iter().enumerate().map(|(j, &m)| {
+                    if j <= past + i && m == 1 {
+                        0f32
+                    } else {
+                        f32::MIN
+                    }
+                }));
             }
         }
         Ok(Tensor::from_vec(data, (rows, 1, q_len, k_len), device)?)
@@ -542,7 +691,11 @@ impl Llama {
     fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let l = hidden.dim(1)?;
         let last = hidden.narrow(1, l - 1, 1)?.contiguous()?;
-        Ok(self.lm_head.forward(&last)?.squeeze(1)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward(&last)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Teacher-forced logits `[rows, len, vocab]` for `input_ids: [rows, len]` u32 and a right-padded
@@ -567,7 +720,10 @@ impl Llama {
                 if lens[r] == l {
                     Ok(real)
                 } else {
-                    Ok(Tensor::cat(&[&real, &row.narrow(0, 0, l - lens[r])?.zeros_like()?], 0)?)
+                    Ok(Tensor::cat(
+                        &[&real, &row.narrow(0, 0, l - lens[r])?.zeros_like()?],
+                        0,
+                    )?)
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -586,9 +742,16 @@ impl Llama {
         let ids = Tensor::from_vec(all.clone(), (1, n), &self.device)?;
         let mask = Tensor::ones((1, n), DType::U32, &self.device)?;
         let logits = self.forward(&ids, &mask)?.squeeze(0)?;
-        let logp = candle_nn::ops::log_softmax(&logits.narrow(0, prompt.len() - 1, continuation.len())?, D::Minus1)?;
+        let logp = candle_nn::ops::log_softmax(
+            &logits.narrow(0, prompt.len() - 1, continuation.len())?,
+            D::Minus1,
+        )?;
         let logp = logp.to_vec2::<f32>()?;
-        Ok(continuation.iter().enumerate().map(|(t, &id)| logp[t][id as usize]).collect())
+        Ok(continuation
+            .iter()
+            .enumerate()
+            .map(|(t, &id)| logp[t][id as usize])
+            .collect())
     }
 }
 
@@ -616,12 +779,16 @@ fn left_pad(ids: &Tensor, mask: &Tensor, pad: u32) -> Result<(Vec<Vec<u32>>, Vec
 }
 
 fn key_mask(lens: &[usize], l: usize) -> Vec<Vec<u32>> {
-    lens.iter().map(|&n| (0..l).map(|j| u32::from(j >= l - n)).collect()).collect()
+    lens.iter()
+        .map(|&n| (0..l).map(|j| u32::from(j >= l - n)).collect())
+        .collect()
 }
 
 /// Per-row positions of left-padded rows: 0 at the first real token (padding gets 0 too).
 fn positions(lens: &[usize], l: usize) -> Vec<Vec<u32>> {
-    lens.iter().map(|&n| (0..l).map(|j| (j + n).saturating_sub(l) as u32).collect()).collect()
+    lens.iter()
+        .map(|&n| (0..l).map(|j| (j + n).saturating_sub(l) as u32).collect())
+        .collect()
 }
 
 impl Decoder for Llama {
@@ -637,7 +804,11 @@ impl Decoder for Llama {
         let key_mask = key_mask(&lens, l);
         let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
         let pos = crate::tokenize::ids_tensor(&positions(&lens, l), &self.device)?;
-        let mask = if l == 1 { None } else { Some(Self::additive_mask(&key_mask, l, &self.device)?) };
+        let mask = if l == 1 {
+            None
+        } else {
+            Some(Self::additive_mask(&key_mask, l, &self.device)?)
+        };
         let mut layers = vec![LayerCache::default(); self.blocks.len()];
         let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
         let logits = self.last_logits(&hidden)?;
@@ -655,8 +826,14 @@ impl Decoder for Llama {
     /// Append one token per row (`tokens: [rows]` u32) and return next-token logits `[rows, vocab]`.
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
         let rows = tokens.dim(0)?;
-        let past_mask = state.past_mask.as_ref().context("llama step: decode state has no past_mask (call start first)")?;
-        let next = state.next_position.as_ref().context("llama step: decode state has no next_position")?;
+        let past_mask = state
+            .past_mask
+            .as_ref()
+            .context("llama step: decode state has no past_mask (call start first)")?;
+        let next = state
+            .next_position
+            .as_ref()
+            .context("llama step: decode state has no next_position")?;
         if past_mask.dim(0)? != rows {
             bail!("llama step: {rows} tokens for {} rows", past_mask.dim(0)?);
         }
@@ -665,7 +842,11 @@ impl Decoder for Llama {
         // Without padding every key is visible to the single query: no mask needed.
         let key_mask = new_mask.to_vec2::<u32>()?;
         let padded = key_mask.iter().flatten().any(|&m| m == 0);
-        let mask = if padded { Some(Self::additive_mask(&key_mask, 1, &self.device)?) } else { None };
+        let mask = if padded {
+            Some(Self::additive_mask(&key_mask, 1, &self.device)?)
+        } else {
+            None
+        };
         let ids = tokens.to_dtype(DType::U32)?.reshape((rows, 1))?;
         let pos = next.reshape((rows, 1))?;
         let hidden = self.run(&ids, &pos, mask.as_ref(), &mut state.layers)?;

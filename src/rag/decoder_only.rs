@@ -96,13 +96,17 @@ impl<'a> DecoderOnlyRag<'a> {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut e = self.tokenizer.encode_batch(&[text], false, None, Padding::None)?;
+        let mut e = self
+            .tokenizer
+            .encode_batch(&[text], false, None, Padding::None)?;
         Ok(e.input_ids.remove(0))
     }
 
     fn bos(&self) -> Result<u32> {
         let s = self.decoder.special_ids();
-        s.bos.or(Some(s.decoder_start)).context("generator has no BOS token")
+        s.bos
+            .or(Some(s.decoder_start))
+            .context("generator has no BOS token")
     }
 
     /// `[bos] + enc(prompt_text(title, text, question))` for each `(title, text)` passage.
@@ -138,11 +142,25 @@ impl<'a> DecoderOnlyRag<'a> {
         }
         let pad = self.decoder.special_ids().pad;
         let l = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let ids: Vec<Vec<u32>> =
-            prompts.iter().map(|p| p.iter().copied().chain(std::iter::repeat(pad)).take(l).collect()).collect();
-        let mask: Vec<Vec<u32>> = prompts.iter().map(|p| (0..l).map(|j| u32::from(j < p.len())).collect()).collect();
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .copied()
+                    .chain(std::iter::repeat(pad))
+                    .take(l)
+                    .collect()
+            })
+            .collect();
+        let mask: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| (0..l).map(|j| u32::from(j < p.len())).collect())
+            .collect();
         let dev = self.decoder.device();
-        let input = GenInput { input_ids: ids_tensor(&ids, &dev)?, attention_mask: ids_tensor(&mask, &dev)? };
+        let input = GenInput {
+            input_ids: ids_tensor(&ids, &dev)?,
+            attention_mask: ids_tensor(&mask, &dev)?,
+        };
         let mut state = self.decoder.start(&input)?;
         let logits = self.decoder.first_logits(&mut state)?;
         Ok((state, logits))
@@ -150,25 +168,38 @@ impl<'a> DecoderOnlyRag<'a> {
 
     fn check_priors(prompts: &[Vec<u32>], doc_logprobs: &[f32]) -> Result<()> {
         if prompts.len() != doc_logprobs.len() {
-            bail!("{} document prompts but {} doc log-probabilities", prompts.len(), doc_logprobs.len());
+            bail!(
+                "{} document prompts but {} doc log-probabilities",
+                prompts.len(),
+                doc_logprobs.len()
+            );
         }
         Ok(())
     }
 
     /// Teacher-forced `lp[z][t]` of `answer` after each prompt, `[n_docs][answer_len]`.
-    pub fn answer_token_logprobs(&self, prompts: &[Vec<u32>], answer: &[u32]) -> Result<Vec<Vec<f32>>> {
+    pub fn answer_token_logprobs(
+        &self,
+        prompts: &[Vec<u32>],
+        answer: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
         let (mut state, mut logits) = self.start(prompts)?;
         let n = prompts.len();
         let mut lp = vec![Vec::with_capacity(answer.len()); n];
         let dev = self.decoder.device();
         for (t, &tok) in answer.iter().enumerate() {
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let col = logp.narrow(1, tok as usize, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            let col = logp
+                .narrow(1, tok as usize, 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (z, v) in col.into_iter().enumerate() {
                 lp[z].push(v);
             }
             if t + 1 < answer.len() {
-                logits = self.decoder.step(&mut state, &Tensor::new(vec![tok; n], &dev)?)?;
+                logits = self
+                    .decoder
+                    .step(&mut state, &Tensor::new(vec![tok; n], &dev)?)?;
             }
         }
         Ok(lp)
@@ -176,7 +207,12 @@ impl<'a> DecoderOnlyRag<'a> {
 
     /// Score `answer` (ids, usually ending with EOS) under every document and marginalize.
     /// `doc_logprobs: [n_docs]` = log p(z | x).
-    pub fn score(&self, prompts: &[Vec<u32>], doc_logprobs: &[f32], answer: &[u32]) -> Result<AnswerScores> {
+    pub fn score(
+        &self,
+        prompts: &[Vec<u32>],
+        doc_logprobs: &[f32],
+        answer: &[u32],
+    ) -> Result<AnswerScores> {
         Self::check_priors(prompts, doc_logprobs)?;
         if answer.is_empty() {
             bail!("empty answer");
@@ -208,15 +244,23 @@ impl<'a> DecoderOnlyRag<'a> {
             provenance: Vec::new(),
         };
         for step in 0..max_new_tokens {
-            let joint = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?
-                .broadcast_add(&prior)?;
+            let joint =
+                candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?
+                    .broadcast_add(&prior)?;
             let marginal = crate::nn::logsumexp(&joint, 0)?.to_vec1::<f32>()?;
             let (best, second) = top2(&marginal).context("empty vocabulary")?;
             let tok = best as u32;
-            let col: Vec<f64> = joint.narrow(1, best, 1)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+            let col: Vec<f64> = joint
+                .narrow(1, best, 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect();
             out.provenance.push(normalize(&col));
             out.chosen_logprobs.push(marginal[best]);
-            out.top1_top2_margin.push(marginal[best] - second.map_or(f32::NEG_INFINITY, |s| marginal[s]));
+            out.top1_top2_margin
+                .push(marginal[best] - second.map_or(f32::NEG_INFINITY, |s| marginal[s]));
             if step == 0 {
                 out.first_marginal = marginal;
             }
@@ -224,7 +268,9 @@ impl<'a> DecoderOnlyRag<'a> {
             if (stop_at_eos && tok == eos) || step + 1 == max_new_tokens {
                 break;
             }
-            logits = self.decoder.step(&mut state, &Tensor::new(vec![tok; n], &dev)?)?;
+            logits = self
+                .decoder
+                .step(&mut state, &Tensor::new(vec![tok; n], &dev)?)?;
         }
         Ok(out)
     }
@@ -248,7 +294,11 @@ impl<'a> DecoderOnlyRag<'a> {
             let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
             let mut feed = Vec::with_capacity(n);
             for z in 0..n {
-                let tok = if done[z] { eos } else { top2(&rows[z]).context("empty vocabulary")?.0 as u32 };
+                let tok = if done[z] {
+                    eos
+                } else {
+                    top2(&rows[z]).context("empty vocabulary")?.0 as u32
+                };
                 if !done[z] {
                     seqs[z].push(tok);
                     done[z] = tok == eos;
@@ -264,7 +314,12 @@ impl<'a> DecoderOnlyRag<'a> {
         for (z, seq) in seqs.into_iter().enumerate() {
             if let Some(c) = candidates.iter_mut().find(|c| {
                 let ended = seq.last() == Some(&eos);
-                c.ids.as_slice() == if ended { &seq[..seq.len() - 1] } else { &seq[..] }
+                c.ids.as_slice()
+                    == if ended {
+                        &seq[..seq.len() - 1]
+                    } else {
+                        &seq[..]
+                    }
             }) {
                 c.from_docs.push(z);
                 continue;
@@ -273,7 +328,11 @@ impl<'a> DecoderOnlyRag<'a> {
                 continue;
             }
             let s = self.score(prompts, doc_logprobs, &seq)?;
-            let ids = if seq.last() == Some(&eos) { seq[..seq.len() - 1].to_vec() } else { seq };
+            let ids = if seq.last() == Some(&eos) {
+                seq[..seq.len() - 1].to_vec()
+            } else {
+                seq
+            };
             candidates.push(SequenceCandidate {
                 ids,
                 loglik: s.rag_sequence_loglik,
@@ -312,7 +371,10 @@ pub fn marginals(lp: Vec<Vec<f32>>, doc_logprobs: &[f32]) -> AnswerScores {
     let n = lp.len();
     let t_len = lp.first().map_or(0, |r| r.len());
     let prior: Vec<f64> = doc_logprobs.iter().map(|&x| x as f64).collect();
-    let loglik_per_doc: Vec<f64> = lp.iter().map(|r| r.iter().map(|&x| x as f64).sum()).collect();
+    let loglik_per_doc: Vec<f64> = lp
+        .iter()
+        .map(|r| r.iter().map(|&x| x as f64).sum())
+        .collect();
     let rag_sequence_loglik = logsumexp((0..n).map(|z| prior[z] + loglik_per_doc[z]));
     let mut token_marginals = Vec::with_capacity(t_len);
     let mut token_provenance = Vec::with_capacity(t_len);
@@ -322,8 +384,8 @@ pub fn marginals(lp: Vec<Vec<f32>>, doc_logprobs: &[f32]) -> AnswerScores {
         let joint: Vec<f64> = (0..n).map(|z| prior[z] + lp[z][t] as f64).collect();
         token_marginals.push(logsumexp(joint.iter().copied()));
         token_provenance.push(normalize(&joint));
-        for z in 0..n {
-            cumulative[z] += lp[z][t] as f64;
+        for (c, row) in cumulative.iter_mut().zip(&lp) {
+            *c += row[t] as f64;
         }
         sequence_provenance.push(normalize(&cumulative));
     }

@@ -36,7 +36,12 @@ pub fn bench_decode(gguf: &Path, prompt: &str, n_tokens: usize) -> Result<Decode
 }
 
 /// [`bench_decode`] with the weights held as `weights` says.
-pub fn bench_decode_with(gguf: &Path, prompt: &str, n_tokens: usize, weights: GgufWeights) -> Result<DecodeBench> {
+pub fn bench_decode_with(
+    gguf: &Path,
+    prompt: &str,
+    n_tokens: usize,
+    weights: GgufWeights,
+) -> Result<DecodeBench> {
     if n_tokens == 0 {
         bail!("bench decode: n_tokens must be at least 1");
     }
@@ -46,7 +51,10 @@ pub fn bench_decode_with(gguf: &Path, prompt: &str, n_tokens: usize, weights: Gg
     let model = Llama::from_gguf_with(&g, &device, weights)?;
     let tok = tokenizer_from_gguf(&g, model.config.vocab_size)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let mut ids = tok.encode_batch(&[prompt], false, None, crate::tokenize::Padding::None)?.input_ids.remove(0);
+    let mut ids = tok
+        .encode_batch(&[prompt], false, None, crate::tokenize::Padding::None)?
+        .input_ids
+        .remove(0);
     if let (true, Some(bos)) = (ids.is_empty(), tok.special.bos) {
         ids.push(bos);
     }
