@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod auto;
 pub mod bart;
+pub mod gguf;
 pub mod llama;
 pub mod t5;
 

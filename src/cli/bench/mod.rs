@@ -1,6 +1,7 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
 //! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
+pub mod decode;
 pub mod encode;
 pub mod retrieval;
 
