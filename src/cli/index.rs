@@ -111,9 +111,8 @@ pub struct ReembedArgs {
 
 /// Load a text encoder for KB building/querying.
 pub fn load_encoder(spec: &str, batch_size: usize, max_length: Option<usize>) -> Result<Box<dyn TextEncoder>> {
-    // TEMP until the enc branch is merged: crate::encoders::load_encoder(spec, &LoadOptions{..}).
-    let _ = (batch_size, max_length);
-    anyhow::bail!("cannot load encoder {spec}: encoders not merged yet")
+    let opts = crate::encoders::LoadOptions { batch_size, max_length, ..Default::default() };
+    crate::encoders::load_encoder(spec, &opts)
 }
 
 fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOptions {

@@ -35,7 +35,7 @@ impl EmbeddingWriter {
 
     /// Append rows: `data` is `[rows, dim]` row-major f32.
     pub fn append(&mut self, data: &[f32]) -> Result<()> {
-        ensure!(data.len() % self.dim == 0, "embedding batch of {} floats is not a multiple of dim {}", data.len(), self.dim);
+        ensure!(data.len().is_multiple_of(self.dim), "embedding batch of {} floats is not a multiple of dim {}", data.len(), self.dim);
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             bail!("embedding row {} has a non-finite value", self.rows + (i / self.dim) as u64);
         }
@@ -91,7 +91,7 @@ impl EmbeddingMatrix {
             );
         }
         // mmap is page-aligned, so the f32/f16 views below are aligned.
-        ensure!(map.as_ptr() as usize % 4 == 0, "{}: unaligned mapping", path.display());
+        ensure!((map.as_ptr() as usize).is_multiple_of(4), "{}: unaligned mapping", path.display());
         ensure!(cfg!(target_endian = "little"), "embedding files are little-endian; big-endian hosts unsupported");
         Ok(Self { map, rows, dim, dtype })
     }

@@ -104,7 +104,7 @@ fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d:
 /// first). `queries`: `[nq, dim]` row-major.
 pub fn exact_search(matrix: &EmbeddingMatrix, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
     let dim = matrix.dim();
-    ensure!(dim > 0 && queries.len() % dim == 0, "query batch of {} floats is not a multiple of dim {dim}", queries.len());
+    ensure!(dim > 0 && queries.len().is_multiple_of(dim), "query batch of {} floats is not a multiple of dim {dim}", queries.len());
     let nq = queries.len() / dim;
     let n = matrix.rows();
     let k = k.min(n);

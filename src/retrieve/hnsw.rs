@@ -85,7 +85,7 @@ impl HnswIndex {
 
     /// Top-`k` `(row, inner product)` per query; `queries`: `[nq, dim]` row-major.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        ensure!(queries.len() % self.dim == 0, "query batch of {} floats is not a multiple of dim {}", queries.len(), self.dim);
+        ensure!(queries.len().is_multiple_of(self.dim), "query batch of {} floats is not a multiple of dim {}", queries.len(), self.dim);
         queries
             .par_chunks(self.dim)
             .map(|q| {
