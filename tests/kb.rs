@@ -338,7 +338,7 @@ fn squad_questions(ids: &[String], per_para: usize) -> Vec<(String, String)> {
             let c = count.entry(gold.clone()).or_insert(0);
             if *c < per_para {
                 *c += 1;
-                out.push((v["text"].as_str().unwrap().to_string(), gold));
+                out.push((v["question"].as_str().unwrap().to_string(), gold));
             }
         }
     }
@@ -490,7 +490,7 @@ fn killing_index_build_keeps_previous_kb_usable() {
     let out = rustrag()
         .args(["index", "build", "--corpus"])
         .arg(&small)
-        .args(["--encoder", model.to_str().unwrap(), "--out", root.to_str().unwrap(), "--f16"])
+        .args(["--encoder", model.to_str().unwrap(), "--out", root.to_str().unwrap(), "--f16", "--words-per-passage", "0"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -145,7 +145,10 @@ fn read_questions(files: &[PathBuf], max: usize) -> Result<Vec<String>> {
         for (i, line) in r.lines().enumerate().take(per) {
             let line = line.with_context(|| format!("{}:{}", f.display(), i + 1))?;
             let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", f.display(), i + 1))?;
-            let text = v["text"].as_str().with_context(|| format!("{}:{}: no `text`", f.display(), i + 1))?;
+            let text = v["text"]
+                .as_str()
+                .or(v["question"].as_str())
+                .with_context(|| format!("{}:{}: no `text` or `question`", f.display(), i + 1))?;
             out.push(text.to_string());
         }
     }
