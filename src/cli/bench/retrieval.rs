@@ -2,10 +2,11 @@
 //! IndexHNSWFlat), in the same run, on the same vectors: the embeddings of real knowledge bases, and
 //! a larger set made by perturbing them. Queries are real questions embedded by the KB's encoder.
 
+use super::Peer;
 use crate::kb::{EmbeddingMatrix, HnswParams, KnowledgeBase};
 use crate::retrieve::dense::exact_search;
 use crate::retrieve::hnsw::HnswIndex;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,16 +39,6 @@ pub struct RetrievalArgs {
     /// Timed repetitions (best is kept), both sides.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Python with faiss-cpu and numpy.
-    #[arg(
-        long,
-        env = "RUSTRAG_BENCH_PYTHON",
-        default_value = "/work/venv-bench/bin/python"
-    )]
-    pub python: String,
-    /// The faiss peer script.
-    #[arg(long, default_value = "bench/peers/faiss_bench.py")]
-    pub peer: PathBuf,
     /// Keep the vector files here (default: a temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -173,6 +164,7 @@ fn hnsw_at_095(curve: &[(f64, f64)]) -> Option<f64> {
 
 fn bench_set(
     a: &RetrievalArgs,
+    peer: &Peer,
     name: &str,
     base: &[f32],
     queries: &[f32],
@@ -237,44 +229,30 @@ fn bench_set(
         .collect();
     std::fs::write(&gt_f, gt_bytes)?;
     let efs: Vec<String> = a.ef_search.iter().map(|e| e.to_string()).collect();
-    let out = std::process::Command::new(&a.python)
-        .arg(&a.peer)
-        .args([
-            "--base",
-            &base_f.display().to_string(),
-            "--queries",
-            &q_f.display().to_string(),
-        ])
-        .args([
-            "--gt",
-            &gt_f.display().to_string(),
-            "--dim",
-            &dim.to_string(),
-            "--k",
-            &a.k.to_string(),
-        ])
-        .args([
-            "--m",
-            &a.m.to_string(),
-            "--ef-construction",
-            &a.ef_construction.to_string(),
-        ])
-        .args([
-            "--ef-search",
-            &efs.join(","),
-            "--repeats",
-            &a.repeats.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("run {} {}", a.python, a.peer.display()))?;
-    if !out.status.success() {
-        bail!(
-            "faiss peer failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let faiss: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("faiss peer output is not JSON")?;
+    let args: Vec<String> = [
+        "--base",
+        &base_f.display().to_string(),
+        "--queries",
+        &q_f.display().to_string(),
+        "--gt",
+        &gt_f.display().to_string(),
+        "--dim",
+        &dim.to_string(),
+        "--k",
+        &a.k.to_string(),
+        "--m",
+        &a.m.to_string(),
+        "--ef-construction",
+        &a.ef_construction.to_string(),
+        "--ef-search",
+        &efs.join(","),
+        "--repeats",
+        &a.repeats.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let faiss = peer.run("faiss_bench.py", &args)?;
     let f_exact_qps = faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN);
     let f_curve: Vec<(f64, f64)> = faiss["hnsw"]["curve"]
         .as_array()
@@ -312,7 +290,7 @@ fn bench_set(
 }
 
 /// Run the retrieval benchmark and print a table (or JSON).
-pub fn run(a: RetrievalArgs, json: bool) -> Result<()> {
+pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
     ensure!(
         !a.ef_search.is_empty(),
         "--ef-search needs at least one value"
@@ -351,11 +329,12 @@ pub fn run(a: RetrievalArgs, json: bool) -> Result<()> {
     );
     let work = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&work)?;
-    let mut results = vec![bench_set(&a, "real", &base, &q, dim, &work)?];
+    let mut results = vec![bench_set(&a, peer, "real", &base, &q, dim, &work)?];
     if a.synthetic > base.len() / dim {
         let big = perturb(&base, dim, a.synthetic, a.noise);
         results.push(bench_set(
             &a,
+            peer,
             &format!("perturbed-{}", a.synthetic),
             &big,
             &q,
