@@ -151,7 +151,7 @@ fn bad_input_is_reported_with_file_and_line() {
     };
 
     let f = write(t.path(), "bad.jsonl", b"{\"_id\":\"a\",\"text\":\"ok\"}\n{\"_id\":\"b\",\"text\":\n{\"_id\":\"c\"}\n{\"_id\":\"d\",\"text\":\"ok\"}\n");
-    let e = err_of(read_corpus(&[f.clone()], &strict));
+    let e = err_of(read_corpus(std::slice::from_ref(&f), &strict));
     assert!(
         e.contains("bad.jsonl:2: not valid JSON") && e.contains("--skip-bad"),
         "{e}"
@@ -205,7 +205,7 @@ fn bad_input_is_reported_with_file_and_line() {
         max_doc_bytes: 1000,
         ..Default::default()
     };
-    let e = err_of(read_corpus(&[f.clone()], &small_limit));
+    let e = err_of(read_corpus(std::slice::from_ref(&f), &small_limit));
     assert!(
         e.contains("huge.jsonl:1: record of 1221 bytes is over the limit of 1000 bytes"),
         "{e}"
@@ -595,7 +595,7 @@ fn real_minilm_kb_build_retrieve_add_reembed_hnsw() {
     // Incremental add: old rows keep their embeddings, new documents become searchable.
     let r = kb::add_documents(
         &root,
-        &[more.clone()],
+        std::slice::from_ref(&more),
         enc.as_ref(),
         &BuildOptions::default(),
         &mut |_, _| {},
@@ -736,7 +736,7 @@ fn killing_index_build_keeps_previous_kb_usable() {
     assert_eq!(kb.len(), 30);
     kb.verify().unwrap();
     let p3 = kb.passage(3).unwrap();
-    let q = squad_questions(&[p3.id.clone()], 1);
+    let q = squad_questions(std::slice::from_ref(&p3.id), 1);
     let r = DenseRetriever::new(kb.clone(), Some(minilm()), None).unwrap();
     let hits = r.retrieve(&[q[0].0.as_str()], None, 3).unwrap();
     assert!(
