@@ -70,6 +70,8 @@ impl EmbeddingWriter {
                 }
             }
         }
+        // Flush per batch so partial progress is visible on disk (the data only counts once committed).
+        self.out.flush().map_err(io)?;
         self.rows += (data.len() / self.dim) as u64;
         Ok(())
     }
