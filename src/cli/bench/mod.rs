@@ -1,5 +1,7 @@
 //! `rustrag bench`: benchmarks that run the named peer in the same run and report ratios.
 
+pub mod rag;
+
 use anyhow::Result;
 
 #[derive(clap::Args, Debug)]
