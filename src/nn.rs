@@ -26,7 +26,7 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
 pub fn logsumexp(xs: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
     let max = xs.max_keepdim(dim)?.detach();
     // Rows that are all -inf would give NaN; their max is replaced by 0 (result stays -inf).
-    let max = max.where_cond(&max.is_finite_mask()?, &max.zeros_like()?)?;
+    let max = max.is_finite_mask()?.where_cond(&max, &max.zeros_like()?)?;
     let s = xs.broadcast_sub(&max)?.exp()?.sum_keepdim(dim)?.log()?;
     s.broadcast_add(&max)?.squeeze(dim)
 }
