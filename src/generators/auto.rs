@@ -96,22 +96,25 @@ pub fn load_seq2seq(dir_or_id: &str, dtype: DType, device: &Device, trainable: b
     let layout = generator_layout(dir_or_id)?;
     let within = if layout.prefix.is_empty() { "" } else { " in field `generator`" };
     let bad_config = || format!("{}: invalid {:?} config{within}", layout.config_path.display(), layout.kind);
+    // Parse the config before reading (possibly large) weights, so config errors come first.
+    enum Parsed {
+        Bart(BartConfig),
+        T5(T5Config),
+    }
+    let parsed = match layout.kind {
+        Seq2SeqKind::Bart => Parsed::Bart(serde_json::from_value(layout.config.clone()).with_context(bad_config)?),
+        Seq2SeqKind::T5 => Parsed::T5(serde_json::from_value(layout.config.clone()).with_context(bad_config)?),
+    };
     let weights = Weights::from_dir(&layout.dir, dtype, device, trainable)?;
-    let model: Box<dyn Seq2Seq> = match layout.kind {
-        Seq2SeqKind::Bart => {
-            let cfg: BartConfig = serde_json::from_value(layout.config.clone()).with_context(bad_config)?;
-            Box::new(
-                BartForConditionalGeneration::load(cfg, weights, layout.prefix, dtype, device)
-                    .with_context(|| format!("loading BART generator from {}", layout.dir.display()))?,
-            )
-        }
-        Seq2SeqKind::T5 => {
-            let cfg: T5Config = serde_json::from_value(layout.config.clone()).with_context(bad_config)?;
-            Box::new(
-                T5ForConditionalGeneration::load(cfg, weights, layout.prefix, dtype, device)
-                    .with_context(|| format!("loading T5 generator from {}", layout.dir.display()))?,
-            )
-        }
+    let model: Box<dyn Seq2Seq> = match parsed {
+        Parsed::Bart(cfg) => Box::new(
+            BartForConditionalGeneration::load(cfg, weights, layout.prefix, dtype, device)
+                .with_context(|| format!("loading BART generator from {}", layout.dir.display()))?,
+        ),
+        Parsed::T5(cfg) => Box::new(
+            T5ForConditionalGeneration::load(cfg, weights, layout.prefix, dtype, device)
+                .with_context(|| format!("loading T5 generator from {}", layout.dir.display()))?,
+        ),
     };
     if layout.tokenizer_dir.join("tokenizer.json").is_file() {
         let tok = load_tokenizer(&layout.tokenizer_dir)?;

@@ -4,13 +4,14 @@
 
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
-use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use super::{Peer, Report};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Settings of one RAG benchmark run.
 #[derive(Clone, Debug, clap::Args)]
-pub struct RagBenchArgs {
+pub struct Args {
     /// HF RAG checkpoint directory.
     #[arg(long)]
     pub model: PathBuf,
@@ -31,29 +32,6 @@ pub struct RagBenchArgs {
     pub max_length: usize,
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// Python interpreter with torch + transformers for the peer (skip the peer when "none").
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-}
-
-/// Timings of both sides.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RagBenchReport {
-    pub mode: RagMode,
-    pub questions: usize,
-    pub n_docs: usize,
-    pub beams: usize,
-    pub max_length: usize,
-    /// Best-of-N wall time of rustrag, seconds.
-    pub rustrag_seconds: f64,
-    /// Best-of-N wall time of HF transformers, seconds (None when the peer did not run).
-    pub hf_seconds: Option<f64>,
-    /// hf / rustrag.
-    pub speedup: Option<f64>,
-    /// Whether both produced the same ids.
-    pub same_output: Option<bool>,
-    pub peer: Option<serde_json::Value>,
-    pub peer_error: Option<String>,
 }
 
 const DEFAULT_QUESTIONS: &[&str] = &[
@@ -63,7 +41,7 @@ const DEFAULT_QUESTIONS: &[&str] = &[
     "How many NFL teams have gone 15-1 in one season?",
 ];
 
-fn generate(model: &RagModel, index: &InMemoryIndex, questions: &[&str], a: &RagBenchArgs) -> Result<Vec<Vec<u32>>> {
+fn generate(model: &RagModel, index: &InMemoryIndex, questions: &[&str], a: &Args) -> Result<Vec<Vec<u32>>> {
     let r = model.retrieve(index, questions, a.n_docs)?;
     let p = model.generation_params(&GenerationSettings {
         num_beams: Some(a.beams),
@@ -76,8 +54,8 @@ fn generate(model: &RagModel, index: &InMemoryIndex, questions: &[&str], a: &Rag
     }
 }
 
-/// Run rustrag, then the HF peer, on the same inputs.
-pub fn bench_rag(a: &RagBenchArgs) -> Result<RagBenchReport> {
+/// Run rustrag, then (when given) the HF peer `rag_hf.py`, on the same inputs.
+pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
     let mode = a.mode.as_deref().map(str::parse::<RagMode>).transpose()?;
     let mut model = load_rag(&a.model.to_string_lossy(), &LoadOptions { mode, ..Default::default() })?;
     if let Some(m) = mode {
@@ -92,81 +70,50 @@ pub fn bench_rag(a: &RagBenchArgs) -> Result<RagBenchReport> {
     if a.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    let mut out = generate(&model, &index, &refs, a)?; // warm-up
+    let mut out = generate(&model, &index, &refs, &a)?; // warm-up
     let mut best = f64::INFINITY;
     for _ in 0..a.repeats {
         let t0 = Instant::now();
-        out = generate(&model, &index, &refs, a)?;
+        out = generate(&model, &index, &refs, &a)?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
-    let mut report = RagBenchReport {
-        mode: model.mode,
-        questions: questions.len(),
-        n_docs: a.n_docs,
-        beams: a.beams,
-        max_length: a.max_length,
-        rustrag_seconds: best,
-        hf_seconds: None,
-        speedup: None,
-        same_output: None,
-        peer: None,
-        peer_error: None,
-    };
-    if a.python != "none" {
-        match run_peer(a, model.mode, &questions) {
-            Ok(v) => {
-                report.hf_seconds = v.get("seconds").and_then(|s| s.as_f64());
-                report.speedup = report.hf_seconds.map(|h| h / best);
-                let theirs: Option<Vec<Vec<u32>>> = v.get("output_ids").and_then(|o| serde_json::from_value(o.clone()).ok());
-                report.same_output = theirs.map(|t| t == out);
-                let mut v = v;
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("output_ids");
-                }
-                report.peer = Some(v);
-            }
-            Err(e) => report.peer_error = Some(format!("{e:#}")),
-        }
-    }
-    Ok(report)
-}
-
-fn peer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers/rag_hf.py")
-}
-
-fn run_peer(a: &RagBenchArgs, mode: RagMode, questions: &[String]) -> Result<serde_json::Value> {
-    let qfile = tempfile::NamedTempFile::new()?;
-    std::fs::write(qfile.path(), serde_json::to_string(questions)?)?;
-    let mode = match mode {
+    let mode_name = match model.mode {
         RagMode::Token => "token",
         RagMode::Sequence => "sequence",
     };
-    let out = std::process::Command::new(&a.python)
-        .arg(peer_script())
-        .args(["--model", &a.model.to_string_lossy(), "--kb", &a.kb.to_string_lossy()])
-        .args(["--questions", &qfile.path().to_string_lossy(), "--mode", mode])
-        .args(["--n-docs", &a.n_docs.to_string(), "--beams", &a.beams.to_string()])
-        .args(["--max-length", &a.max_length.to_string(), "--repeats", &a.repeats.to_string()])
-        .output()
-        .with_context(|| format!("running {} {}", a.python, peer_script().display()))?;
-    if !out.status.success() {
-        bail!("HF peer failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+    let setup = serde_json::json!({
+        "model": a.model, "kb": a.kb, "mode": mode_name, "questions": questions.len(), "n_docs": a.n_docs,
+        "beams": a.beams, "max_length": a.max_length, "repeats": a.repeats, "timing": "best of repeats after one warm-up",
+    });
+    let mut report = Report {
+        benchmark: format!("rag-{mode_name}-generate"),
+        setup,
+        rustrag: serde_json::json!({ "seconds": best, "threads": rayon::current_num_threads() }),
+        peer: None,
+        ratios: Vec::new(),
+    };
+    if let Some(peer) = peer {
+        let qfile = tempfile::NamedTempFile::new()?;
+        std::fs::write(qfile.path(), serde_json::to_string(&questions)?)?;
+        let args: Vec<String> = [
+            "--model", &a.model.to_string_lossy(), "--kb", &a.kb.to_string_lossy(),
+            "--questions", &qfile.path().to_string_lossy(), "--mode", mode_name,
+            "--n-docs", &a.n_docs.to_string(), "--beams", &a.beams.to_string(),
+            "--max-length", &a.max_length.to_string(), "--repeats", &a.repeats.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut v = peer.run("rag_hf.py", &args)?;
+        let theirs: Option<Vec<Vec<u32>>> = v.get("output_ids").and_then(|o| serde_json::from_value(o.clone()).ok());
+        if let Some(o) = v.as_object_mut() {
+            o.remove("output_ids");
+            o.insert("same_output_ids".into(), serde_json::json!(theirs.map(|t| t == out)));
+        }
+        if let Some(h) = v.get("seconds").and_then(|s| s.as_f64()) {
+            report.ratios.push(("hf_seconds / rustrag_seconds".into(), h / best));
+        }
+        report.peer = Some(v);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("HF peer printed no JSON")?;
-    Ok(serde_json::from_str(line)?)
-}
-
-/// Human-readable summary.
-pub fn print_report(r: &RagBenchReport) {
-    println!(
-        "rag {:?}: {} questions, n_docs {}, beams {}, max_length {}",
-        r.mode, r.questions, r.n_docs, r.beams, r.max_length
-    );
-    println!("  rustrag      {:.4} s", r.rustrag_seconds);
-    match (r.hf_seconds, r.speedup) {
-        (Some(h), Some(s)) => println!("  transformers {h:.4} s  -> {s:.2}x (same output: {:?})", r.same_output),
-        _ => println!("  transformers: not run ({})", r.peer_error.as_deref().unwrap_or("--python none")),
-    }
+    Ok(report)
 }
