@@ -153,6 +153,19 @@ fn retrieval(fx: &Fixture, c: &mut Checker, m: &RagModel, index: &InMemoryIndex)
     Some(r.context)
 }
 
+/// Tolerance for d loss / d doc_scores (and the question embedding, which gets its gradient only
+/// through them). These gradients are ~1e-4 differences of O(1) terms (posterior minus prior), so
+/// float32 cancellation noise is ~1e-3 of their size: recomputing them in float64 from the fixture's
+/// own logits differs from the recorded float32 values by up to 1e-3 relative.
+const GRAD_RTOL: f64 = 1e-2;
+
+fn close_tol_t(c: &mut Checker, fx: &Fixture, path: &str, t: &Tensor, rtol: f64) {
+    match (flat(t), fx.f32s(path)) {
+        (Ok(g), Ok(e)) => c.close_tol(path, &g, &e, rtol),
+        (Err(e), _) | (_, Err(e)) => c.check(path, || Err(e)),
+    }
+}
+
 fn close_t(c: &mut Checker, fx: &Fixture, path: &str, t: &Tensor) {
     match (flat(t), fx.f32s(path)) {
         (Ok(g), Ok(e)) => c.close(path, &g, &e),
@@ -323,9 +336,17 @@ fn gradients(fx: &Fixture, c: &mut Checker, m: &RagModel, index: &InMemoryIndex)
             return;
         }
     };
+    // The same gradient on HF's own logits isolates the loss math from generator float noise.
+    c.check("gradients/d_loss_d_doc_scores (fixture logits)", || {
+        let ds = Var::from_tensor(&doc_scores_of(fx, "gradients/doc_scores")?)?;
+        let opts = NllOptions { reduce_loss: true, epsilon: 0.1, exclude_bos_score: false };
+        let l = m.nll(&fx.tensor("forward.seq_logits")?, ds.as_tensor(), &labels(fx, "labels")?, fx.usize("settings/n_docs")?, &opts)?;
+        let g = l.backward()?.get(ds.as_tensor()).context("no gradient")?.clone();
+        crate::common::compare(&flat(&g)?, &fx.f32s("gradients/d_loss_d_doc_scores")?, GRAD_RTOL)
+    });
     close_t(c, fx, "gradients/loss", &loss);
-    close_t(c, fx, "gradients/d_loss_d_doc_scores", &g_ds);
-    close_t(c, fx, "gradients/d_loss_d_question_pooled_output", &g_q);
+    close_tol_t(c, fx, "gradients/d_loss_d_doc_scores", &g_ds, GRAD_RTOL);
+    close_tol_t(c, fx, "gradients/d_loss_d_question_pooled_output", &g_q, GRAD_RTOL);
     let vars: std::collections::HashMap<String, Var> = m.generator.vars().into_iter().collect();
     if let Ok(Value::Object(norms)) = fx.get("gradients/grad_l2_norms_all").cloned() {
         let mut got = Vec::new();
@@ -347,9 +368,12 @@ fn gradients(fx: &Fixture, c: &mut Checker, m: &RagModel, index: &InMemoryIndex)
             if !missing.is_empty() {
                 bail!("no trainable generator parameter for {missing:?}");
             }
-            // Per-parameter relative check (norms span many magnitudes).
+            // Per-parameter relative check (norms span many magnitudes), with an absolute floor of 1e-6 of
+            // the largest norm: some gradients are mathematically zero (attention key biases: softmax is
+            // shift-invariant) and both sides hold only float noise there.
+            let floor = 1e-6 * want.iter().fold(0f32, |m, w| m.max(w.abs())) as f64;
             for ((g, w), name) in got.iter().zip(&want).zip(norms.keys().filter(|n| n.starts_with("rag.generator."))) {
-                if ((g - w).abs() as f64) > 1e-3 * (w.abs() as f64).max(1e-6) + 1e-7 {
+                if ((g - w).abs() as f64) > 1e-3 * (w.abs() as f64) + floor {
                     bail!("{name}: grad norm {g} vs {w}");
                 }
             }
@@ -451,8 +475,12 @@ fn generation(fx: &Fixture, c: &mut Checker, m: &RagModel, ctx: &RagContext) {
                         let mut wn = Vec::new();
                         let _ = w.get("candidate_nll").map(|v| crate::common::flatten_f32(v, &mut wn));
                         c.close(&format!("generation/{name}/q{q}/candidate_nll"), &g.candidate_nll, &wn);
+                        // Compared as the sequences they pick: identical candidates (no de-duplication)
+                        // tie exactly, and torch.topk's choice among ties is arbitrary.
                         let wt: Vec<usize> = w.get("top_candidate_indices").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
-                        c.ids(&format!("generation/{name}/q{q}/top_candidate_indices"), &g.top_candidate_indices, &wt);
+                        let wc = wid("candidates");
+                        let pick = |cands: &[Vec<u32>], idx: &[usize]| idx.iter().map(|&i| cands.get(i).cloned().unwrap_or_default()).collect::<Vec<_>>();
+                        c.ids(&format!("generation/{name}/q{q}/top_candidates"), &pick(&g.candidates, &g.top_candidate_indices), &pick(&wc, &wt));
                     }
                 }
             }
