@@ -1,1 +1,477 @@
-//! TODO
+//! BERT (Devlin et al. 2019) as Hugging Face's `BertModel`: the body of the DPR and
+//! sentence-transformers encoders.
+//!
+//! Written with [`crate::nn`] so that every parameter receives gradients (RAG fine-tunes the
+//! question encoder). Dense layers run as one 2-D matmul over all `batch * len` tokens.
+
+use crate::nn::{self, Activation, LayerNorm};
+use crate::tokenize::{Encoded, TextTokenizer};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use std::path::Path;
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+/// The fields of an HF BERT `config.json` that shape the model (DPR configs are a superset).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+}
+
+impl BertConfig {
+    /// Parse and validate a config object; `origin` names the file in errors.
+    pub fn from_value(v: &serde_json::Value, origin: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(v.clone())
+            .with_context(|| format!("{origin}: not a BERT config"))?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Read `config.json` (or any BERT-like config file).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let v: serde_json::Value = crate::hub::read_json(path)?;
+        Self::from_value(&v, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str) -> Result<()> {
+        if self.position_embedding_type != "absolute" {
+            bail!(
+                "{origin}: position_embedding_type `{}` is not supported (only `absolute`)",
+                self.position_embedding_type
+            );
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "{origin}: hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        Activation::from_hf(&self.hidden_act, "hidden_act").with_context(|| origin.to_string())?;
+        Ok(())
+    }
+}
+
+/// Dense layer `y = x W^T + b` on `[n, in]` rows (HF weight layout `[out, in]`).
+#[derive(Clone, Debug)]
+pub(crate) struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    pub(crate) fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let l = nn::linear(in_dim, out_dim, true, vb)?;
+        let bias = l.bias().cloned().context("dense layer without bias")?;
+        Ok(Self {
+            weight: l.weight().clone(),
+            bias,
+        })
+    }
+
+    pub(crate) fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x: [n, in] -> [n, out]`; also accepts `[b, l, in]` (flattened to one matmul).
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    layer_norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            word: vb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            position: vb.get(
+                (cfg.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    /// `ids, types: [b, l] -> [b * l, h]`.
+    fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let h = self.word.dim(1)?;
+        let max_pos = self.position.dim(0)?;
+        if l > max_pos {
+            bail!("sequence of {l} tokens is longer than max_position_embeddings {max_pos}");
+        }
+        let word = self
+            .word
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, l, h))?;
+        let pos = self.position.narrow(0, 0, l)?;
+        let mut x = word.broadcast_add(&pos)?;
+        x = match token_type_ids {
+            Some(t) => {
+                let tt = self
+                    .token_type
+                    .index_select(&t.flatten_all()?, 0)?
+                    .reshape((b, l, h))?;
+                (x + tt)?
+            }
+            // HF's default token_type_ids buffer is all zeros.
+            None => x.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?,
+        };
+        Ok(self.layer_norm.forward(&x.reshape((b * l, h))?)?)
+    }
+}
+
+struct Layer {
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attn_out: Dense,
+    attn_norm: LayerNorm,
+    intermediate: Dense,
+    output: Dense,
+    out_norm: LayerNorm,
+}
+
+impl Layer {
+    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let att = vb.pp("attention");
+        Ok(Self {
+            query: Dense::load(h, h, att.pp("self").pp("query"))?,
+            key: Dense::load(h, h, att.pp("self").pp("key"))?,
+            value: Dense::load(h, h, att.pp("self").pp("value"))?,
+            attn_out: Dense::load(h, h, att.pp("output").pp("dense"))?,
+            attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
+            intermediate: Dense::load(h, i, vb.pp("intermediate").pp("dense"))?,
+            output: Dense::load(i, h, vb.pp("output").pp("dense"))?,
+            out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
+        })
+    }
+
+    /// `x: [b * l, h]`, `mask: [b, 1, 1, l]` additive -> `[b * l, h]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        b: usize,
+        heads: usize,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let (n, h) = x.dims2()?;
+        let l = n / b;
+        let dh = h / heads;
+        // [b*l, h] -> [b, heads, l, dh]
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous()
+        };
+        // Scaling q before the product is cheaper than scaling the [l, l] scores.
+        let q = split((self.query.forward(x)? * (1.0 / (dh as f64).sqrt()))?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = nn::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, h))?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let inter = act.forward(&self.intermediate.forward(&x)?)?;
+        Ok(self
+            .out_norm
+            .forward(&(self.output.forward(&inter)? + x)?)?)
+    }
+}
+
+/// HF `BertModel`: embeddings, `num_hidden_layers` post-LN transformer layers, optional pooler.
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<Dense>,
+    activation: Activation,
+    pub config: BertConfig,
+}
+
+impl BertModel {
+    /// Load from `vb` positioned at the model root (keys `embeddings.*`, `encoder.layer.N.*`,
+    /// `pooler.dense.*`). The pooler is loaded when `with_pooler` and present.
+    pub fn load(cfg: &BertConfig, vb: VarBuilder, with_pooler: bool) -> Result<Self> {
+        let embeddings = Embeddings::load(cfg, vb.pp("embeddings"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(cfg, vb.pp("encoder").pp("layer").pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if with_pooler && vb.contains_tensor("pooler.dense.weight") {
+            Some(Dense::load(
+                cfg.hidden_size,
+                cfg.hidden_size,
+                vb.pp("pooler").pp("dense"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            pooler,
+            activation: Activation::from_hf(&cfg.hidden_act, "hidden_act")?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// `input_ids, attention_mask, token_type_ids: [b, l]` u32 -> last hidden state `[b, l, h]`.
+    /// `token_type_ids` None means all zeros (as HF).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        if attention_mask.dims2()? != (b, l) {
+            bail!(
+                "attention_mask shape {:?} != input_ids shape {:?}",
+                attention_mask.dims(),
+                input_ids.dims()
+            );
+        }
+        if let Some(t) = token_type_ids {
+            if t.dims2()? != (b, l) {
+                bail!(
+                    "token_type_ids shape {:?} != input_ids shape {:?}",
+                    t.dims(),
+                    input_ids.dims()
+                );
+            }
+        }
+        let vocab = self.config.vocab_size as u32;
+        let max_id = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id >= vocab {
+            bail!("token id {max_id} is outside the model's vocabulary (vocab_size {vocab})");
+        }
+        let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
+        let mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
+        for layer in &self.layers {
+            x = layer.forward(
+                &x,
+                &mask,
+                b,
+                self.config.num_attention_heads,
+                self.activation,
+            )?;
+        }
+        Ok(x.reshape((b, l, self.config.hidden_size))?)
+    }
+
+    /// HF pooler: `tanh(dense(h[:, 0]))`, `last_hidden: [b, l, h] -> [b, h]`.
+    pub fn pool(&self, last_hidden: &Tensor) -> Result<Tensor> {
+        let pooler = self
+            .pooler
+            .as_ref()
+            .context("this BERT checkpoint has no pooler weights")?;
+        let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(pooler.forward(&cls)?.tanh()?)
+    }
+}
+
+/// How token vectors `[b, l, h]` become one vector per text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The first (`[CLS]`) token.
+    Cls,
+    /// Mean over non-padding tokens: `sum(h * mask) / max(sum(mask), 1e-9)`.
+    Mean,
+    /// Element-wise max over non-padding tokens (padding set to -1e9 first, as sentence-transformers).
+    Max,
+    /// Sum over non-padding tokens divided by `sqrt(n_tokens)`.
+    MeanSqrtLen,
+}
+
+impl Pooling {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cls => "cls",
+            Self::Mean => "mean",
+            Self::Max => "max",
+            Self::MeanSqrtLen => "mean_sqrt_len",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "cls" => Self::Cls,
+            "mean" => Self::Mean,
+            "max" => Self::Max,
+            "mean_sqrt_len" | "mean_sqrt_len_tokens" => Self::MeanSqrtLen,
+            other => bail!("unknown pooling `{other}` (cls, mean, max, mean_sqrt_len)"),
+        })
+    }
+
+    /// `last_hidden: [b, l, h]`, `attention_mask: [b, l]` (u32) -> `[b, h]`.
+    pub fn apply(&self, last_hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        if *self == Self::Cls {
+            return Ok(last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?);
+        }
+        let mask = attention_mask
+            .to_dtype(last_hidden.dtype())?
+            .unsqueeze(D::Minus1)?; // [b, l, 1]
+        Ok(match self {
+            Self::Cls => unreachable!("handled above"),
+            Self::Max => {
+                let neg = ((1.0 - &mask)? * -1e9)?;
+                last_hidden
+                    .broadcast_mul(&mask)?
+                    .broadcast_add(&neg)?
+                    .max(1)?
+            }
+            Self::Mean | Self::MeanSqrtLen => {
+                let sum = last_hidden.broadcast_mul(&mask)?.sum(1)?; // [b, h]
+                let count = mask.sum(1)?; // [b, 1]
+                let denom = match self {
+                    Self::Mean => count.clamp(1e-9, f64::MAX)?,
+                    _ => count.sqrt()?,
+                };
+                sum.broadcast_div(&denom)?
+            }
+        })
+    }
+}
+
+/// L2-normalise rows: `x / max(||x||, 1e-12)` (torch `F.normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// One padded batch as `[b, l]` u32 tensors.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub token_type_ids: Tensor,
+}
+
+/// Pad `rows` (indices into `enc`) to their longest with `pad_id`; mask 0 and type 0 on padding.
+pub fn pad_rows(enc: &Encoded, rows: &[usize], pad_id: u32, device: &Device) -> Result<Batch> {
+    let len = rows
+        .iter()
+        .map(|&i| enc.input_ids[i].len())
+        .max()
+        .unwrap_or(0);
+    let n = rows.len();
+    let (mut ids, mut mask, mut types) = (
+        Vec::with_capacity(n * len),
+        Vec::with_capacity(n * len),
+        Vec::with_capacity(n * len),
+    );
+    for &i in rows {
+        let row = &enc.input_ids[i];
+        let pad = len - row.len();
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        mask.extend_from_slice(&enc.attention_mask[i]);
+        mask.extend(std::iter::repeat_n(0u32, pad));
+        types.extend_from_slice(&enc.type_ids[i]);
+        types.extend(std::iter::repeat_n(0u32, pad));
+    }
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (n, len), device)?,
+        attention_mask: Tensor::from_vec(mask, (n, len), device)?,
+        token_type_ids: Tensor::from_vec(types, (n, len), device)?,
+    })
+}
+
+/// Run `f` on batches of at most `batch_size` rows of `enc`, longest rows first so that each
+/// batch holds rows of similar length (little padding), and return the `[rows, d]` results in the
+/// original row order.
+pub fn run_sorted_batches(
+    enc: &Encoded,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+    mut f: impl FnMut(&Batch) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n = enc.input_ids.len();
+    if n == 0 {
+        bail!("no texts to encode");
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(enc.input_ids[i].len()));
+    let mut outs = Vec::new();
+    for chunk in order.chunks(batch_size.max(1)) {
+        outs.push(f(&pad_rows(enc, chunk, pad_id, device)?)?);
+    }
+    let sorted = Tensor::cat(&outs, 0)?.contiguous()?;
+    // position of original row i inside `sorted`
+    let mut inverse = vec![0u32; n];
+    for (pos, &i) in order.iter().enumerate() {
+        inverse[i] = pos as u32;
+    }
+    if order.iter().enumerate().all(|(p, &i)| p == i) {
+        return Ok(sorted);
+    }
+    Ok(sorted.index_select(&Tensor::from_vec(inverse, n, device)?, 0)?)
+}
+
+/// The pad id of a tokenizer, falling back to the model's `pad_token_id`, then 0.
+pub fn pad_id(tokenizer: &TextTokenizer, config: &BertConfig) -> u32 {
+    tokenizer.special.pad.or(config.pad_token_id).unwrap_or(0)
+}
+
+/// Tensor dtype used by the encoders.
+pub const DTYPE: DType = DType::F32;

@@ -32,3 +32,64 @@ pub struct EncoderFingerprint {
     /// sha256 of the weight files.
     pub weights_sha256: String,
 }
+
+pub use bert::Pooling;
+pub use dpr::DprEncoder;
+pub use sentence::{load_encoder, SentenceEncoder};
+
+/// Options for loading an encoder ([`load_encoder`], [`DprEncoder::load`], [`SentenceEncoder::load`]).
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Make every weight a trainable `Var` (for fine-tuning).
+    pub trainable: bool,
+    /// Texts per forward pass in [`TextEncoder::encode_texts`].
+    pub batch_size: usize,
+    /// Override the maximum number of tokens per text (specials included).
+    pub max_length: Option<usize>,
+    /// Pooling for a plain BERT directory (default mean); sentence-transformers and DPR
+    /// directories declare their own.
+    pub pooling: Option<Pooling>,
+    /// L2-normalise a plain BERT directory's output (default false).
+    pub normalize: Option<bool>,
+    pub device: candle_core::Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            trainable: false,
+            batch_size: 32,
+            max_length: None,
+            pooling: None,
+            normalize: None,
+            device: crate::default_device(),
+        }
+    }
+}
+
+/// Hex sha256 over the concatenated contents of `files` (in order); a read error is reported in
+/// the string instead of failing, since a fingerprint is descriptive.
+pub fn sha256_files(files: &[std::path::PathBuf]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = match std::fs::File::open(f) {
+            Ok(file) => file,
+            Err(e) => return format!("unavailable ({}: {e})", f.display()),
+        };
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) => return format!("unavailable ({}: {e})", f.display()),
+            }
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -75,8 +75,21 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
 
 /// The DPR question encoder nested in a RAG checkpoint (`rag.question_encoder.question_encoder.bert_model.*`).
 fn load_question_encoder(dir: &Path, config: &RagConfig, opts: &LoadOptions) -> Result<Option<Box<dyn QuestionEncoder>>> {
-    let _ = (dir, config, opts);
-    Ok(None)
+    let model_type = config.question_encoder.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    if model_type != "dpr" {
+        bail!(
+            "{}: question encoder `model_type` is `{model_type}`; only DPR question encoders are supported",
+            dir.join("config.json").display()
+        );
+    }
+    let enc_opts = crate::encoders::LoadOptions {
+        trainable: opts.trainable,
+        device: opts.device.clone(),
+        ..Default::default()
+    };
+    let enc = crate::encoders::dpr::DprEncoder::load_from_rag(dir, &enc_opts)
+        .with_context(|| format!("loading the question encoder of {}", dir.display()))?;
+    Ok(Some(Box::new(enc)))
 }
 
 impl RagModel {

@@ -25,6 +25,16 @@ pub fn shift_left(labels: &Tensor, pad: u32) -> Result<Tensor> {
     Ok(Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &pad_col], 1)?)
 }
 
+/// log p(z|x) = log_softmax(doc_scores) over docs, `[batch, n_docs]` in `dtype`.
+///
+/// Computed in f64: its backward then gives d loss / d doc_scores rows that sum to zero to f64 precision
+/// (as the softmax Jacobian requires). In f32 the rows keep a common-mode error ~1e-7 that gradients
+/// which should cancel exactly (e.g. a context-encoder output bias, since every doc of a question shares
+/// q) turn into visible noise.
+pub fn doc_log_prior(doc_scores: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(log_softmax_last_dim(&doc_scores.to_dtype(DType::F64)?)?.to_dtype(dtype)?)
+}
+
 /// Split `seq_logits: [batch*n_docs, T, V]` into log-probs `[batch, n_docs, T, V]`.
 fn doc_logprobs(seq_logits: &Tensor, n_docs: usize) -> Result<Tensor> {
     let (rows, t, v) = seq_logits.dims3().context("seq_logits must be [batch*n_docs, T, V]")?;
@@ -47,7 +57,7 @@ fn check_doc_scores(doc_scores: &Tensor, batch: usize, n_docs: usize) -> Result<
 pub fn marginalize(seq_logits: &Tensor, doc_scores: &Tensor, n_docs: usize) -> Result<Tensor> {
     let lp = doc_logprobs(seq_logits, n_docs)?;
     check_doc_scores(doc_scores, lp.dim(0)?, n_docs)?;
-    let doc_lp = log_softmax_last_dim(&doc_scores.to_dtype(lp.dtype())?)?.unsqueeze(2)?.unsqueeze(3)?;
+    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?.unsqueeze(2)?.unsqueeze(3)?;
     Ok(logsumexp(&lp.broadcast_add(&doc_lp)?, 1)?)
 }
 
@@ -117,7 +127,7 @@ pub fn rag_sequence_nll(
     // log p(z|x) is added to the token log-probs of target position 1 only (every vocab entry).
     let at_second: Vec<f32> = (0..t).map(|i| if i == 1 { 1.0 } else { 0.0 }).collect();
     let at_second = Tensor::from_vec(at_second, (1, 1, t), dev)?.to_dtype(lp.dtype())?;
-    let doc_lp = log_softmax_last_dim(&doc_scores.to_dtype(lp.dtype())?)?.unsqueeze(2)?; // [B, K, 1]
+    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?.unsqueeze(2)?; // [B, K, 1]
     let prior = doc_lp.broadcast_mul(&at_second)?; // [B, K, T]
     let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?; // [B, 1, T]
     let ll = (gather_last(&lp, &target.unsqueeze(1)?)? + &prior)?.broadcast_mul(&mask)?;
@@ -135,7 +145,7 @@ pub fn sequence_doc_posterior(seq_logits: &Tensor, doc_scores: &Tensor, labels: 
     let target = shift_left(labels, pad)?;
     let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?;
     let ll = gather_last(&lp, &target.unsqueeze(1)?)?.broadcast_mul(&mask)?.sum(2)?; // [B, K]
-    let joint = (ll + log_softmax_last_dim(&doc_scores.to_dtype(lp.dtype())?)?)?;
+    let joint = (ll + doc_log_prior(doc_scores, lp.dtype())?)?;
     Ok(crate::nn::softmax_last_dim(&joint)?)
 }
 

@@ -24,6 +24,16 @@ pub trait QuestionEncoder: Send + Sync {
     }
 }
 
+impl QuestionEncoder for crate::encoders::dpr::DprEncoder {
+    fn encode_ids(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        crate::encoders::dpr::DprEncoder::encode_ids(self, input_ids, Some(attention_mask), None)
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        crate::encoders::dpr::DprEncoder::vars(self)
+    }
+}
+
 /// The generator inputs of a batch plus the doc scores: what both heads consume. Produced by
 /// [`RagModel::retrieve`] or passed by the caller (external retriever).
 #[derive(Clone, Debug)]
@@ -199,6 +209,30 @@ impl RagModel {
         })
     }
 
+    /// End-to-end retrieval training (HF `set_context_encoder_for_training`): re-encode the retrieved
+    /// passages with `ctx_encoder` (`ctx_tokenizer(titles, texts, truncation=True, padding="longest")`,
+    /// input ids + attention mask, no token types) so that `doc_scores = q · ctx_encoder(doc)` is
+    /// differentiable w.r.t. the context encoder too. Returns the tokenized docs `[batch*n_docs][len]`
+    /// and the updated contexts.
+    pub fn reencode_docs(
+        &self,
+        ctx_encoder: &crate::encoders::dpr::DprEncoder,
+        retrieved: &Retrieved,
+    ) -> Result<(crate::tokenize::Encoded, RagContext)> {
+        let pairs: Vec<(&str, &str)> =
+            retrieved.passages.iter().flatten().map(|p| (p.title.as_str(), p.text.as_str())).collect();
+        let enc = ctx_encoder.tokenizer.encode_pairs(&pairs, Some(ctx_encoder.max_length), Padding::Longest)?;
+        let (ids, mask) = enc.tensors(&self.device)?;
+        let emb = ctx_encoder.encode_ids(&ids, Some(&mask), None)?; // [b*k, d]
+        let (b, k) = retrieved.context.doc_scores.dims2()?;
+        let d = emb.dim(1)?;
+        let emb = emb.reshape((b, k, d))?;
+        let q = &retrieved.question_embeddings;
+        let doc_scores = q.unsqueeze(1)?.matmul(&emb.transpose(1, 2)?)?.squeeze(1)?;
+        let c = &retrieved.context;
+        Ok((enc, RagContext::new(c.input_ids.clone(), c.attention_mask.clone(), doc_scores)?))
+    }
+
     /// Question texts → retrieval and contexts.
     pub fn retrieve(&self, retriever: &dyn Retriever, questions: &[&str], n_docs: usize) -> Result<Retrieved> {
         let (ids, mask) = self.tokenize_questions(questions)?;
@@ -277,8 +311,8 @@ impl RagModel {
         let rows: Vec<u32> =
             (0..batch).flat_map(|b| (0..nb).flat_map(move |_| (0..k).map(move |j| (b * k + j) as u32))).collect();
         let state = state.select_rows(&Tensor::new(rows.as_slice(), &self.device)?)?;
-        let doc_lp = crate::nn::log_softmax_last_dim(&ctx.doc_scores.to_dtype(DType::F32)?)?;
-        let doc_lp = repeat_interleave_rows(&doc_lp, nb)?.detach(); // [batch*nb, k]
+        let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?;
+        let doc_lp = repeat_interleave_rows(&doc_lp, nb)?; // [batch*nb, k]
         let mut scorer = MarginalScorer { model: self, state, doc_lp, n_docs: k, started: false };
         if nb == 1 {
             search::greedy(&mut scorer, batch, p)
@@ -411,7 +445,7 @@ impl RagModel {
                 let target = loss::shift_left(&labels, pad)?.squeeze(0)?; // [T]
                 let idx = target.unsqueeze(0)?.unsqueeze(2)?.broadcast_as((k, t, 1))?.contiguous()?;
                 let tok_lp = lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?; // [k, T]
-                let doc_lp = crate::nn::log_softmax_last_dim(&qctx.doc_scores)?.squeeze(0)?.unsqueeze(1)?; // [k, 1]
+                let doc_lp = loss::doc_log_prior(&qctx.doc_scores, tok_lp.dtype())?.squeeze(0)?.unsqueeze(1)?; // [k, 1]
                 let joint = tok_lp.broadcast_add(&doc_lp)?.t()?; // [T, k]
                 let post = crate::nn::softmax_last_dim(&joint.contiguous()?)?;
                 // Position t predicts ids[t + 1]; keep the generated tokens only.

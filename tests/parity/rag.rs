@@ -308,88 +308,154 @@ fn nll(fx: &Fixture, c: &mut Checker, m: &RagModel, ctx: &RagContext) {
 }
 
 /// Gradients of the training loss (label smoothing 0.1, reduce_loss) w.r.t. doc scores, the question
-/// embedding and generator parameters.
+/// embedding and every parameter; then the end-to-end variant through the context encoder.
 fn gradients(fx: &Fixture, c: &mut Checker, m: &RagModel, index: &InMemoryIndex) {
     if !fx.has("gradients") {
         return;
     }
-    let r = (|| {
-        let q = Var::from_tensor(&pooled(fx)?)?;
-        let (ids, _) = question_tensors(fx)?;
-        let ret = m.retrieve_with_embeddings(index, &ids, q.as_tensor(), fx.usize("settings/n_docs")?)?;
-        let opts = NllOptions { reduce_loss: true, epsilon: 0.1, exclude_bos_score: false };
-        let l = labels(fx, "labels")?;
-        let logits = m.forward(&ret.context, &l)?;
-        // doc_scores as an explicit leaf too, to read d loss / d doc_scores.
-        let ds = Var::from_tensor(&ret.context.doc_scores.detach())?;
-        let loss_ds = m.nll(&logits.detach(), ds.as_tensor(), &l, ret.context.n_docs, &opts)?;
-        let g_ds = loss_ds.backward()?.get(ds.as_tensor()).context("no gradient for doc_scores")?.clone();
-        let loss = m.nll(&logits, &ret.context.doc_scores, &l, ret.context.n_docs, &opts)?;
-        let grads = loss.backward()?;
-        let g_q = grads.get(q.as_tensor()).context("no gradient for the question embedding")?.clone();
-        Ok::<_, anyhow::Error>((loss, g_ds, g_q, grads))
-    })();
-    let (loss, g_ds, g_q, grads) = match r {
-        Ok(x) => x,
-        Err(e) => {
-            c.check("gradients", || Err(e));
-            return;
-        }
-    };
+    let opts = NllOptions { reduce_loss: true, epsilon: 0.1, exclude_bos_score: false };
     // The same gradient on HF's own logits isolates the loss math from generator float noise.
     c.check("gradients/d_loss_d_doc_scores (fixture logits)", || {
         let ds = Var::from_tensor(&doc_scores_of(fx, "gradients/doc_scores")?)?;
-        let opts = NllOptions { reduce_loss: true, epsilon: 0.1, exclude_bos_score: false };
         let l = m.nll(&fx.tensor("forward.seq_logits")?, ds.as_tensor(), &labels(fx, "labels")?, fx.usize("settings/n_docs")?, &opts)?;
         let g = l.backward()?.get(ds.as_tensor()).context("no gradient")?.clone();
         crate::common::compare(&flat(&g)?, &fx.f32s("gradients/d_loss_d_doc_scores")?, GRAD_RTOL)
     });
+    let k = match fx.usize("settings/n_docs") {
+        Ok(k) => k,
+        Err(e) => return c.check("settings/n_docs", || Err(e)),
+    };
+    let r = (|| {
+        let (ids, mask) = question_tensors(fx)?;
+        let ret = m.retrieve_ids(index, &ids, &mask, k)?;
+        let l = labels(fx, "labels")?;
+        let logits = m.forward(&ret.context, &l)?;
+        // doc_scores as an explicit leaf too, to read d loss / d doc_scores.
+        let ds = Var::from_tensor(&ret.context.doc_scores.detach())?;
+        let loss_ds = m.nll(&logits.detach(), ds.as_tensor(), &l, k, &opts)?;
+        let g_ds = loss_ds.backward()?.get(ds.as_tensor()).context("no gradient for doc_scores")?.clone();
+        let loss = m.nll(&logits, &ret.context.doc_scores, &l, k, &opts)?;
+        let grads = loss.backward()?;
+        // candle keeps gradients of leaves only: d loss / d q through a leaf copy of the question embedding.
+        let q = Var::from_tensor(&ret.question_embeddings.detach())?;
+        let ret_q = m.retrieve_with_embeddings(index, &ids, q.as_tensor(), k)?;
+        let loss_q = m.nll(&logits.detach(), &ret_q.context.doc_scores, &l, k, &opts)?;
+        let g_q = loss_q.backward()?.get(q.as_tensor()).context("no gradient for the question embedding")?.clone();
+        Ok::<_, anyhow::Error>((loss, g_ds, g_q, grads, ret))
+    })();
+    let (loss, g_ds, g_q, grads, ret) = match r {
+        Ok(x) => x,
+        Err(e) => return c.check("gradients", || Err(e)),
+    };
     close_t(c, fx, "gradients/loss", &loss);
     close_tol_t(c, fx, "gradients/d_loss_d_doc_scores", &g_ds, GRAD_RTOL);
     close_tol_t(c, fx, "gradients/d_loss_d_question_pooled_output", &g_q, GRAD_RTOL);
-    let vars: std::collections::HashMap<String, Var> = m.generator.vars().into_iter().collect();
-    if let Ok(Value::Object(norms)) = fx.get("gradients/grad_l2_norms_all").cloned() {
-        let mut got = Vec::new();
-        let mut want = Vec::new();
-        let mut missing = Vec::new();
-        for (name, v) in norms.iter().filter(|(n, _)| n.starts_with("rag.generator.")) {
-            let Some(var) = vars.get(name) else {
-                missing.push(name.clone());
-                continue;
-            };
-            let n = grads.get(var.as_tensor()).map(|g| g.sqr().and_then(|s| s.sum_all()).and_then(|s| s.to_scalar::<f32>()).map(|s| s.sqrt()));
-            got.push(match n {
-                Some(Ok(x)) => x,
-                _ => 0.0,
-            });
-            want.push(v.as_f64().unwrap_or(f64::NAN) as f32);
+    let mut vars: std::collections::HashMap<String, Var> = m.generator.vars().into_iter().collect();
+    if let Some(q) = &m.question_encoder {
+        vars.extend(q.vars());
+    }
+    // Question-encoder gradients are d loss / d doc_scores pushed back: they carry its float noise.
+    grad_norms(c, fx, "gradients/grad_l2_norms_all", &grads, &vars, &[("rag.generator.", 1e-3), ("rag.question_encoder.", GRAD_RTOL)]);
+    full_gradients(c, fx, "gradients/full_gradients", &grads, &vars);
+    end_to_end(fx, c, m, &ret, &opts);
+}
+
+/// `grad_l2_norms`-style map at `path` (parameter name -> L2 norm) against our gradients, for the
+/// parameters starting with each prefix (its relative tolerance), with an absolute floor of 1e-6 of
+/// the largest norm: some gradients are mathematically zero (attention key biases: softmax is
+/// shift-invariant) and both sides hold only float noise there.
+fn grad_norms(
+    c: &mut Checker,
+    fx: &Fixture,
+    path: &str,
+    grads: &candle_core::backprop::GradStore,
+    vars: &std::collections::HashMap<String, Var>,
+    groups: &[(&str, f64)],
+) {
+    let Ok(Value::Object(norms)) = fx.get(path).cloned() else { return };
+    for (prefix, rtol) in groups {
+        let sel: Vec<(&String, f64)> =
+            norms.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, v)| (n, v.as_f64().unwrap_or(f64::NAN))).collect();
+        if sel.is_empty() {
+            continue;
         }
-        c.check("gradients/grad_l2_norms_all (generator)", || {
-            if !missing.is_empty() {
-                bail!("no trainable generator parameter for {missing:?}");
-            }
-            // Per-parameter relative check (norms span many magnitudes), with an absolute floor of 1e-6 of
-            // the largest norm: some gradients are mathematically zero (attention key biases: softmax is
-            // shift-invariant) and both sides hold only float noise there.
-            let floor = 1e-6 * want.iter().fold(0f32, |m, w| m.max(w.abs())) as f64;
-            for ((g, w), name) in got.iter().zip(&want).zip(norms.keys().filter(|n| n.starts_with("rag.generator."))) {
-                if ((g - w).abs() as f64) > 1e-3 * (w.abs() as f64) + floor {
-                    bail!("{name}: grad norm {g} vs {w}");
+        c.check(&format!("{path} ({prefix}*, {} parameters)", sel.len()), || {
+            let floor = 1e-6 * sel.iter().fold(0f64, |m, (_, w)| m.max(w.abs()));
+            for (name, want) in &sel {
+                let var = vars.get(*name).with_context(|| format!("no trainable parameter {name}"))?;
+                let got = match grads.get(var.as_tensor()) {
+                    Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64,
+                    None => 0.0,
+                };
+                if (got - want).abs() > rtol * want.abs() + floor {
+                    bail!("{name}: grad norm {got} vs {want}");
                 }
             }
             Ok(())
         });
     }
-    if let Ok(Value::Object(full)) = fx.get("gradients/full_gradients").cloned() {
-        for (name, v) in full.iter().filter(|(n, _)| n.starts_with("rag.generator.")) {
-            c.check(&format!("gradients/full_gradients/{name}"), || {
-                let var = vars.get(name).with_context(|| format!("no parameter {name}"))?;
-                let g = grads.get(var.as_tensor()).context("no gradient")?;
-                let mut want = Vec::new();
-                crate::common::flatten_f32(v.get("grad").context("grad")?, &mut want)?;
-                crate::common::compare(&flat(g)?, &want, 1e-3)
-            });
-        }
+}
+
+fn full_gradients(
+    c: &mut Checker,
+    fx: &Fixture,
+    path: &str,
+    grads: &candle_core::backprop::GradStore,
+    vars: &std::collections::HashMap<String, Var>,
+) {
+    let Ok(Value::Object(full)) = fx.get(path).cloned() else { return };
+    for (name, v) in &full {
+        c.check(&format!("{path}/{name}"), || {
+            let var = vars.get(name).with_context(|| format!("no parameter {name}"))?;
+            let g = grads.get(var.as_tensor()).context("no gradient")?;
+            let mut want = Vec::new();
+            crate::common::flatten_f32(v.get("grad").unwrap_or(v), &mut want)?;
+            crate::common::compare(&flat(g)?, &want, GRAD_RTOL)
+        });
+    }
+}
+
+/// End-to-end retrieval training: the context encoder re-encodes the retrieved docs.
+fn end_to_end(fx: &Fixture, c: &mut Checker, m: &RagModel, ret: &rustrag::rag::Retrieved, opts: &NllOptions) {
+    if !fx.has("end_to_end") {
+        return;
+    }
+    let enc_opts = rustrag::encoders::LoadOptions { trainable: true, ..Default::default() };
+    let ctx_enc = match rustrag::encoders::dpr::DprEncoder::load(&fx.dir.join("ctx_encoder").to_string_lossy(), &enc_opts) {
+        Ok(e) => e,
+        Err(e) => return c.check("end_to_end: load ctx_encoder", || Err(e)),
+    };
+    let r = (|| {
+        let (enc, ctx) = m.reencode_docs(&ctx_enc, ret)?;
+        let l = labels(fx, "labels")?;
+        let logits = m.forward(&ctx, &l)?;
+        let ds = Var::from_tensor(&ctx.doc_scores.detach())?;
+        let g_ds = m.nll(&logits.detach(), ds.as_tensor(), &l, ctx.n_docs, opts)?.backward()?.get(ds.as_tensor()).context("no gradient")?.clone();
+        let loss = m.nll(&logits, &ctx.doc_scores, &l, ctx.n_docs, opts)?;
+        let grads = loss.backward()?;
+        Ok::<_, anyhow::Error>((enc, ctx, loss, g_ds, grads))
+    })();
+    let (enc, ctx, loss, g_ds, grads) = match r {
+        Ok(x) => x,
+        Err(e) => return c.check("end_to_end", || Err(e)),
+    };
+    c.ids("end_to_end/tokenized_docs_input_ids", &enc.input_ids, &fx.ids2("end_to_end/tokenized_docs_input_ids").unwrap_or_default());
+    c.ids("end_to_end/tokenized_docs_attention_mask", &enc.attention_mask, &fx.ids2("end_to_end/tokenized_docs_attention_mask").unwrap_or_default());
+    close_t(c, fx, "end_to_end/doc_scores", &ctx.doc_scores);
+    close_t(c, fx, "end_to_end/loss", &loss);
+    close_tol_t(c, fx, "end_to_end/d_loss_d_doc_scores", &g_ds, GRAD_RTOL);
+    let vars: std::collections::HashMap<String, Var> = ctx_enc.vars().into_iter().collect();
+    grad_norms(c, fx, "end_to_end/ctx_grad_l2_norms_all", &grads, &vars, &[("ctx_encoder.", GRAD_RTOL)]);
+    full_gradients(c, fx, "end_to_end/ctx_full_gradients", &grads, &vars);
+    if let Some(q) = &m.question_encoder {
+        c.check("end_to_end/question_encoder_grad_l2_norm_word_embeddings", || {
+            let name = fx.get("gradients/named_parameters/question_encoder_word_embeddings")?.as_str().context("name")?.to_string();
+            let qv: std::collections::HashMap<String, Var> = q.vars().into_iter().collect();
+            let g = grads.get(qv.get(&name).with_context(|| format!("no parameter {name}"))?.as_tensor()).context("no gradient")?;
+            let got = g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+            let want = fx.f32s("end_to_end/question_encoder_grad_l2_norm_word_embeddings")?;
+            crate::common::compare(&[got], &want, GRAD_RTOL)
+        });
     }
 }
 
