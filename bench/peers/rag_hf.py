@@ -33,7 +33,7 @@ gtok = AutoTokenizer.from_pretrained(f"{a.model}/generator_tokenizer")
 passages = [json.loads(l) for l in open(f"{a.kb}/passages.jsonl", encoding="utf-8") if l.strip()]
 E = load_file(f"{a.kb}/embeddings.safetensors")["embeddings"]
 cfg = model.config
-prefix = model.generator.config.prefix or ""
+prefix = getattr(model.generator.config, "prefix", None) or ""
 
 
 def context_string(title, text, question):
