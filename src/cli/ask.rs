@@ -39,6 +39,10 @@ pub struct Args {
     pub max_length: Option<usize>,
     #[arg(long)]
     pub min_length: Option<usize>,
+    /// RAG-Sequence decoding: `thorough` (HF: rescore every candidate under every document) or `fast`
+    /// (the paper's approximation without extra forward passes).
+    #[arg(long, default_value = "thorough", value_parser = ["thorough", "fast"])]
+    pub decoding: String,
     /// Characters of passage text shown per source.
     #[arg(long, default_value_t = 160)]
     pub snippet_chars: usize,
@@ -109,6 +113,7 @@ pub fn ask_hf_rag(model: &RagModel, index: &InMemoryIndex, questions: &[String],
     let ctx = &retrieved.context;
     let ids = match model.mode {
         RagMode::Token => model.generate_token(ctx, &p)?,
+        RagMode::Sequence if args.decoding == "fast" => model.generate_sequence_fast(ctx, &p)?.0,
         RagMode::Sequence => model.generate_sequence(ctx, &p, model.config.do_deduplication)?.0,
     };
     let priors = crate::nn::softmax_last_dim(&ctx.doc_scores.detach())?.to_vec2::<f32>()?;

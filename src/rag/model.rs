@@ -324,6 +324,11 @@ impl RagModel {
     /// Plain generator decoding of context rows (what RAG-Sequence runs per question):
     /// `num_return_sequences = num_beams` outputs per row, `[rows * num_beams][len]`.
     pub fn generate_per_doc(&self, state: &DecodeState, rows: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+        Ok(self.generate_per_doc_scored(state, rows, p)?.ids)
+    }
+
+    /// [`Self::generate_per_doc`] with each hypothesis' log-likelihood under its own document.
+    pub fn generate_per_doc_scored(&self, state: &DecodeState, rows: usize, p: &GenerationParams) -> Result<search::Hypotheses> {
         let nb = p.num_beams;
         let sel: Vec<u32> = (0..rows).flat_map(|r| std::iter::repeat_n(r as u32, nb)).collect();
         let state = state.select_rows(&Tensor::new(sel.as_slice(), &self.device)?)?;
@@ -331,10 +336,60 @@ impl RagModel {
         let mut p = p.clone();
         p.num_return_sequences = nb;
         if nb == 1 {
-            search::greedy(&mut scorer, rows, &p)
+            search::greedy_scored(&mut scorer, rows, &p)
         } else {
-            search::beam_search(&mut scorer, rows, &p)
+            search::beam_search_scored(&mut scorer, rows, &p)
         }
+    }
+
+    /// RAG-Sequence fast decoding (Lewis et al. 2020, §2.4): beam search per document, then
+    /// p(y|x) ≈ Σ_{z : y ∈ beam(z)} p(z|x) p(y|x,z), taking p(y|x,z) ≈ 0 where document z's beam did not
+    /// produce y — no extra forward passes. Returns `[batch * num_return_sequences]` rows (right-padded
+    /// with the generator pad id) and, per returned answer, its approximate log p(y|x).
+    pub fn generate_sequence_fast(&self, ctx: &RagContext, p: &GenerationParams) -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+        let k = ctx.n_docs;
+        let nb = p.num_beams;
+        let pad = self.generator_pad();
+        let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?.to_vec2::<f32>()?;
+        let (mut hypos, mut scores) = (Vec::new(), Vec::new());
+        for i in 0..ctx.batch() {
+            let qctx = ctx.questions(i, 1)?;
+            let mask = qctx.input_ids.ne(pad)?.to_dtype(DType::U32)?;
+            let state = self.generator.start(&GenInput { input_ids: qctx.input_ids.clone(), attention_mask: mask })?;
+            let h = self.generate_per_doc_scored(&state, k, p)?;
+            // candidate -> log-sum-exp accumulator over the docs whose beams produced it
+            let mut cands: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+            for (r, (ids, lp)) in h.ids.iter().zip(&h.logprobs).enumerate() {
+                let z = r / nb;
+                let term = doc_lp[i][z] + lp;
+                match cands.iter_mut().find(|(c, _)| c == ids) {
+                    Some((_, terms)) => terms.push(term),
+                    None => cands.push((ids.clone(), vec![term])),
+                }
+            }
+            let mut scored: Vec<(f32, usize)> = cands
+                .iter()
+                .enumerate()
+                .map(|(c, (_, t))| {
+                    let m = t.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    (m + t.iter().map(|x| (x - m).exp()).sum::<f32>().ln(), c)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let nrs = p.num_return_sequences;
+            if nrs > scored.len() {
+                bail!("num_return_sequences = {nrs} but question {i} has only {} distinct candidates", scored.len());
+            }
+            for &(s, c) in &scored[..nrs] {
+                hypos.push(cands[c].0.clone());
+                scores.push(s);
+            }
+        }
+        let len = hypos.iter().map(|h| h.len()).max().unwrap_or(0);
+        for h in hypos.iter_mut() {
+            h.resize(len, pad);
+        }
+        Ok((hypos, scores))
     }
 
     /// RAG-Sequence thorough decoding: beam search per document, optional de-duplication, then every

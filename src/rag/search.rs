@@ -100,8 +100,22 @@ fn argmax(row: &[f32]) -> usize {
 /// rows padded with `pad_token_id` up to the longest row (HF `_sample`, do_sample=False).
 /// `step_scores(i)` (optional) receives each step's processed scores (for provenance / margins).
 pub fn greedy(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+    Ok(greedy_scored(scorer, rows, p)?.ids)
+}
+
+/// Generated sequences with their log-likelihoods (sum over generated tokens of the log-softmaxed,
+/// processed scores; beam search: the final beam score times `length ** length_penalty`).
+#[derive(Clone, Debug)]
+pub struct Hypotheses {
+    pub ids: Vec<Vec<u32>>,
+    pub logprobs: Vec<f32>,
+}
+
+/// [`greedy`] with sequence log-likelihoods.
+pub fn greedy_scored(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) -> Result<Hypotheses> {
     let vocab = scorer.vocab_size();
     check_ids(p, vocab)?;
+    let mut total = vec![0f32; rows];
     let mut seqs: Vec<Vec<u32>> = vec![vec![p.decoder_start_token_id]; rows];
     let mut unfinished = vec![true; rows];
     let mut last: Option<Vec<u32>> = None;
@@ -114,6 +128,11 @@ pub fn greedy(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) ->
         for (r, row) in scores.chunks_mut(vocab).enumerate() {
             process_row(p, &seqs[r], row);
             let tok = if unfinished[r] { argmax(row) as u32 } else { p.pad_token_id };
+            if unfinished[r] {
+                let mut ls = row.to_vec();
+                log_softmax(&mut ls);
+                total[r] += ls[tok as usize];
+            }
             next.push(tok);
         }
         for r in 0..rows {
@@ -125,7 +144,7 @@ pub fn greedy(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) ->
         }
         last = Some(next);
     }
-    Ok(seqs)
+    Ok(Hypotheses { ids: seqs, logprobs: total })
 }
 
 /// Beam search with HF transformers' vectorised algorithm (`_beam_search`, ≥ 4.50): `batch` items of
@@ -133,6 +152,11 @@ pub fn greedy(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) ->
 /// and accumulated. Returns `[batch * num_return_sequences][len]`, best first per item, right-filled
 /// with `pad_token_id or eos_token_id` (HF's `output_fill_value`) to the longest returned hypothesis.
 pub fn beam_search(scorer: &mut dyn StepScorer, batch: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+    Ok(beam_search_scored(scorer, batch, p)?.ids)
+}
+
+/// [`beam_search`] with sequence log-likelihoods.
+pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &GenerationParams) -> Result<Hypotheses> {
     let nb = p.num_beams;
     let vocab = scorer.vocab_size();
     check_ids(p, vocab)?;
@@ -271,7 +295,12 @@ pub fn beam_search(scorer: &mut dyn StepScorer, batch: usize, p: &GenerationPara
     let nrs = p.num_return_sequences;
     let gen_len = (0..batch).flat_map(|b| hyp_len[b][..nrs].iter().copied()).max().unwrap_or(0);
     let out_len = prompt + gen_len;
-    Ok((0..batch).flat_map(|b| seqs[b][..nrs].iter().map(|s| s[..out_len].to_vec()).collect::<Vec<_>>()).collect())
+    let ids = (0..batch).flat_map(|b| seqs[b][..nrs].iter().map(|s| s[..out_len].to_vec()).collect::<Vec<_>>()).collect();
+    let logprobs = (0..batch)
+        .flat_map(|b| (0..nrs).map(move |k| (b, k)))
+        .map(|(b, k)| beam_scores[b][k] * (hyp_len[b][k] as f64).powf(p.length_penalty) as f32)
+        .collect();
+    Ok(Hypotheses { ids, logprobs })
 }
 
 /// The `k` largest `(value, index)` pairs, best first; equal values keep the lower index first.
