@@ -166,13 +166,21 @@ impl DprEncoder {
         let vb = weights
             .var_builder(bert::DTYPE, &opts.device)
             .pp(prefix.trim_end_matches('.'));
-        let bert = BertModel::load(&cfg, vb.pp("bert_model"), false)?;
+        let files_list = || {
+            let list: Vec<String> = weight_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            list.join(", ")
+        };
+        let bert = BertModel::load(&cfg, vb.pp("bert_model"), false)
+            .with_context(|| format!("loading `{prefix}bert_model.*` from {}", files_list()))?;
         let projection = if projection_dim > 0 {
-            Some(Dense::load(
-                cfg.hidden_size,
-                projection_dim,
-                vb.pp("encode_proj"),
-            )?)
+            let proj = Dense::load(cfg.hidden_size, projection_dim, vb.pp("encode_proj"))
+                .with_context(|| {
+                    format!("loading `{prefix}encode_proj.*` from {}", files_list())
+                })?;
+            Some(proj)
         } else {
             None
         };

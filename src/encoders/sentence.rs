@@ -175,7 +175,10 @@ impl SentenceEncoder {
         } else {
             vb.pp(prefix.trim_end_matches('.'))
         };
-        let bert = BertModel::load(&cfg, vb, kind == "bert")?;
+        let bert = BertModel::load(&cfg, vb, kind == "bert").with_context(|| {
+            let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            format!("loading BERT weights from {}", list.join(", "))
+        })?;
         let max_length = opts
             .max_length
             .or(max_seq_length)

@@ -1,7 +1,9 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
 //! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
+pub mod encode;
 pub mod rag;
+pub mod retrieval;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -23,6 +25,10 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
+    /// Sentence-encoder throughput vs sentence-transformers (PyTorch CPU).
+    Encode(encode::Args),
+    /// Exact and HNSW inner-product search vs faiss-cpu (IndexFlatIP, IndexHNSWFlat).
+    Retrieval(retrieval::RetrievalArgs),
     /// RAG-Token beam / RAG-Sequence thorough generate vs HF transformers (PyTorch CPU).
     Rag(rag::Args),
 }
@@ -30,7 +36,12 @@ pub enum Which {
 pub fn run(args: Args, json: bool) -> Result<()> {
     let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
     let report = match args.which {
+        Which::Encode(a) => encode::run(a, peer.as_ref())?,
         Which::Rag(a) => rag::run(a, peer.as_ref())?,
+        Which::Retrieval(a) => {
+            let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
+            return retrieval::run(a, &peer, json);
+        }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
