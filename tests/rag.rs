@@ -15,15 +15,27 @@ fn case_dir(name: &str) -> Result<PathBuf> {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/parity"));
     let dir = root.join(name);
     if !dir.join("rag/config.json").is_file() {
-        bail!("parity fixture {} missing (set RUSTRAG_PARITY_DIR)", dir.display());
+        bail!(
+            "parity fixture {} missing (set RUSTRAG_PARITY_DIR)",
+            dir.display()
+        );
     }
     Ok(dir)
 }
 
 fn load(name: &str, trainable: bool) -> Result<(RagModel, InMemoryIndex, PathBuf)> {
     let dir = case_dir(name)?;
-    let model = load_rag(&dir.join("rag").to_string_lossy(), &LoadOptions { trainable, ..Default::default() })?;
-    let index = InMemoryIndex::load(&dir.join("kb/passages.jsonl"), &dir.join("kb/embeddings.safetensors"))?;
+    let model = load_rag(
+        &dir.join("rag").to_string_lossy(),
+        &LoadOptions {
+            trainable,
+            ..Default::default()
+        },
+    )?;
+    let index = InMemoryIndex::load(
+        &dir.join("kb/passages.jsonl"),
+        &dir.join("kb/embeddings.safetensors"),
+    )?;
     Ok((model, index, dir))
 }
 
@@ -46,10 +58,17 @@ fn save_pretrained_round_trip_keeps_the_loss() -> Result<()> {
         let refs: Vec<&str> = qs.iter().map(|s| s.as_str()).collect();
         let labels = answers(&dir)?;
         let r = model.retrieve(&index, &refs, model.n_docs())?;
-        let before = model.loss(&r.context, &labels, &model.default_nll_options())?.to_vec1::<f32>()?;
+        let before = model
+            .loss(&r.context, &labels, &model.default_nll_options())?
+            .to_vec1::<f32>()?;
         let out = tempfile::tempdir()?;
         model.save_pretrained(out.path())?;
-        for f in ["config.json", "model.safetensors", "generator_tokenizer/tokenizer.json", "question_encoder_tokenizer/tokenizer.json"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "generator_tokenizer/tokenizer.json",
+            "question_encoder_tokenizer/tokenizer.json",
+        ] {
             assert!(out.path().join(f).is_file(), "{case}: {f} not written");
         }
         let again = load_rag(&out.path().to_string_lossy(), &LoadOptions::default())?;
@@ -57,7 +76,9 @@ fn save_pretrained_round_trip_keeps_the_loss() -> Result<()> {
         assert_eq!(again.config.n_docs, model.config.n_docs);
         let r2 = again.retrieve(&index, &refs, again.n_docs())?;
         assert_eq!(r2.doc_ids, r.doc_ids);
-        let after = again.loss(&r2.context, &labels, &again.default_nll_options())?.to_vec1::<f32>()?;
+        let after = again
+            .loss(&r2.context, &labels, &again.default_nll_options())?
+            .to_vec1::<f32>()?;
         assert_eq!(before, after, "{case}: loss changed after save/load");
     }
     Ok(())
@@ -76,7 +97,13 @@ fn a_training_step_lowers_the_loss_and_is_saved() -> Result<()> {
     let loss = model.loss(&r.context, &labels, &opts)?;
     let grads = loss.backward()?;
     let mut vars = model.generator.vars();
-    vars.extend(model.question_encoder.as_ref().context("question encoder")?.vars());
+    vars.extend(
+        model
+            .question_encoder
+            .as_ref()
+            .context("question encoder")?
+            .vars(),
+    );
     assert!(!vars.is_empty());
     for (_, v) in &vars {
         if let Some(g) = grads.get(v.as_tensor()) {
@@ -91,8 +118,13 @@ fn a_training_step_lowers_the_loss_and_is_saved() -> Result<()> {
     model.save_pretrained(out.path())?;
     let again = load_rag(&out.path().to_string_lossy(), &LoadOptions::default())?;
     let r2 = again.retrieve(&index, &refs, again.n_docs())?;
-    let reloaded = again.loss(&r2.context, &labels, &opts)?.to_scalar::<f32>()?;
-    assert!((reloaded - after).abs() < 1e-4 * after.abs(), "saved model gives {reloaded}, trained {after}");
+    let reloaded = again
+        .loss(&r2.context, &labels, &opts)?
+        .to_scalar::<f32>()?;
+    assert!(
+        (reloaded - after).abs() < 1e-4 * after.abs(),
+        "saved model gives {reloaded}, trained {after}"
+    );
     Ok(())
 }
 
@@ -115,7 +147,10 @@ fn ask_args(dir: &std::path::Path, beams: usize) -> AskArgs {
 
 #[test]
 fn ask_returns_answers_sources_and_normalised_provenance() -> Result<()> {
-    for (case, mode) in [("bart-token", RagMode::Token), ("t5-seq", RagMode::Sequence)] {
+    for (case, mode) in [
+        ("bart-token", RagMode::Token),
+        ("t5-seq", RagMode::Sequence),
+    ] {
         let (model, index, dir) = load(case, false)?;
         let qs = questions(&dir)?;
         let res = ask_hf_rag(&model, &index, &qs, &ask_args(&dir, 2))?;
@@ -125,7 +160,10 @@ fn ask_returns_answers_sources_and_normalised_provenance() -> Result<()> {
             assert_eq!(r.sources.len(), model.n_docs());
             let prior: f32 = r.sources.iter().map(|s| s.prior).sum();
             assert!((prior - 1.0).abs() < 1e-5);
-            assert!(r.sources.windows(2).all(|w| w[0].score >= w[1].score), "sources not ranked");
+            assert!(
+                r.sources.windows(2).all(|w| w[0].score >= w[1].score),
+                "sources not ranked"
+            );
             let a = &r.answers[0];
             assert!(!a.text.is_empty());
             assert!(!a.doc_posteriors.is_empty());
@@ -148,10 +186,18 @@ fn thorough_decoding_returns_the_lowest_nll_candidate() -> Result<()> {
     let qs = questions(&dir)?;
     let refs: Vec<&str> = qs.iter().map(|s| s.as_str()).collect();
     let r = model.retrieve(&index, &refs, model.n_docs())?;
-    let p = model.generation_params(&GenerationSettings { num_beams: Some(3), max_length: Some(12), ..Default::default() })?;
+    let p = model.generation_params(&GenerationSettings {
+        num_beams: Some(3),
+        max_length: Some(12),
+        ..Default::default()
+    })?;
     let (ids, details) = model.generate_sequence(&r.context, &p, true)?;
     for (i, d) in details.iter().enumerate() {
-        let best = d.candidate_nll.iter().copied().fold(f32::INFINITY, f32::min);
+        let best = d
+            .candidate_nll
+            .iter()
+            .copied()
+            .fold(f32::INFINITY, f32::min);
         assert_eq!(d.candidate_nll[d.top_candidate_indices[0]], best);
         let mut want = d.candidates[d.top_candidate_indices[0]].clone();
         want.resize(ids[i].len(), model.generator_pad());
@@ -163,20 +209,33 @@ fn thorough_decoding_returns_the_lowest_nll_candidate() -> Result<()> {
 #[test]
 fn bad_inputs_give_clear_errors() -> Result<()> {
     let (model, index, dir) = load("bart-token", false)?;
-    let e = model.retrieve(&index, &["who?"], index.passages.len() + 1).unwrap_err();
-    assert!(format!("{e:#}").contains("knowledge base has only"), "{e:#}");
+    let e = model
+        .retrieve(&index, &["who?"], index.passages.len() + 1)
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("knowledge base has only"),
+        "{e:#}"
+    );
     let e = model.retrieve(&index, &[""], 2).unwrap_err();
     assert!(format!("{e:#}").contains("empty"), "{e:#}");
-    let p = model.generation_params(&GenerationSettings { num_beams: Some(2), num_return_sequences: Some(3), ..Default::default() })?;
+    let p = model.generation_params(&GenerationSettings {
+        num_beams: Some(2),
+        num_return_sequences: Some(3),
+        ..Default::default()
+    })?;
     let r = model.retrieve(&index, &["who?"], 2)?;
     let e = model.generate_token(&r.context, &p).unwrap_err();
     assert!(format!("{e:#}").contains("num_return_sequences"), "{e:#}");
     // A config without its generator sub-config.
     let tmp = tempfile::tempdir()?;
     let mut cfg: serde_json::Value = rustrag::hub::read_json(&dir.join("rag/config.json"))?;
-    cfg.as_object_mut().context("config")?.remove("question_encoder");
+    cfg.as_object_mut()
+        .context("config")?
+        .remove("question_encoder");
     std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&cfg)?)?;
-    let e = load_rag(&tmp.path().to_string_lossy(), &LoadOptions::default()).err().context("no error")?;
+    let e = load_rag(&tmp.path().to_string_lossy(), &LoadOptions::default())
+        .err()
+        .context("no error")?;
     assert!(format!("{e:#}").contains("question_encoder"), "{e:#}");
     // A generator tokenizer bigger than the generator's vocabulary.
     let tmp = tempfile::tempdir()?;
@@ -190,8 +249,13 @@ fn bad_inputs_give_clear_errors() -> Result<()> {
             std::fs::copy(f.path(), tmp.path().join(sub).join(f.file_name()))?;
         }
     }
-    std::fs::copy(dir.join("rag/model.safetensors"), tmp.path().join("model.safetensors"))?;
-    let e = load_rag(&tmp.path().to_string_lossy(), &LoadOptions::default()).err().context("no error")?;
+    std::fs::copy(
+        dir.join("rag/model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )?;
+    let e = load_rag(&tmp.path().to_string_lossy(), &LoadOptions::default())
+        .err()
+        .context("no error")?;
     let msg = format!("{e:#}");
     assert!(msg.contains("vocab") || msg.contains("shape"), "{msg}");
     Ok(())
@@ -228,10 +292,22 @@ fn fast_decoding_scores_bound_the_thorough_ones() -> Result<()> {
             })
             .context("fast answer is not a thorough candidate")?;
         let exact = -d.candidate_nll[c];
-        assert!(scores[i] <= exact + 1e-4, "fast {} > exact {exact}", scores[i]);
-        let produced = d.generator_outputs.iter().filter(|o| **o == d.candidates[c]).count();
+        assert!(
+            scores[i] <= exact + 1e-4,
+            "fast {} > exact {exact}",
+            scores[i]
+        );
+        let produced = d
+            .generator_outputs
+            .iter()
+            .filter(|o| **o == d.candidates[c])
+            .count();
         if produced == model.n_docs() {
-            assert!((scores[i] - exact).abs() < 1e-4, "all docs produced it: fast {} vs exact {exact}", scores[i]);
+            assert!(
+                (scores[i] - exact).abs() < 1e-4,
+                "all docs produced it: fast {} vs exact {exact}",
+                scores[i]
+            );
         }
     }
     Ok(())

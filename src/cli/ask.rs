@@ -85,8 +85,14 @@ pub struct AskResult {
 fn read_questions(args: &Args) -> Result<Vec<String>> {
     let mut qs = args.questions.clone();
     if let Some(f) = &args.questions_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        qs.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        qs.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
     }
     if qs.is_empty() {
         bail!("no question given (pass questions as arguments or --questions-file)");
@@ -98,7 +104,12 @@ fn read_questions(args: &Args) -> Result<Vec<String>> {
 }
 
 /// Answer questions with an HF RAG checkpoint and an in-memory dense KB.
-pub fn ask_hf_rag(model: &RagModel, index: &InMemoryIndex, questions: &[String], args: &Args) -> Result<Vec<AskResult>> {
+pub fn ask_hf_rag(
+    model: &RagModel,
+    index: &InMemoryIndex,
+    questions: &[String],
+    args: &Args,
+) -> Result<Vec<AskResult>> {
     let n_docs = args.n_docs.unwrap_or(model.config.n_docs);
     let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
     let retrieved = model.retrieve(index, &refs, n_docs)?;
@@ -114,7 +125,11 @@ pub fn ask_hf_rag(model: &RagModel, index: &InMemoryIndex, questions: &[String],
     let ids = match model.mode {
         RagMode::Token => model.generate_token(ctx, &p)?,
         RagMode::Sequence if args.decoding == "fast" => model.generate_sequence_fast(ctx, &p)?.0,
-        RagMode::Sequence => model.generate_sequence(ctx, &p, model.config.do_deduplication)?.0,
+        RagMode::Sequence => {
+            model
+                .generate_sequence(ctx, &p, model.config.do_deduplication)?
+                .0
+        }
     };
     let priors = crate::nn::softmax_last_dim(&ctx.doc_scores.detach())?.to_vec2::<f32>()?;
     let scores = ctx.doc_scores.detach().to_vec2::<f32>()?;
@@ -136,7 +151,11 @@ pub fn ask_hf_rag(model: &RagModel, index: &InMemoryIndex, questions: &[String],
             .collect();
         let mut answers = Vec::new();
         for a in &ids[i * per_q..(i + 1) * per_q] {
-            let text = model.generator_tokenizer.decode(a, true)?.trim().to_string();
+            let text = model
+                .generator_tokenizer
+                .decode(a, true)?
+                .trim()
+                .to_string();
             let doc_posteriors = model.doc_posteriors(ctx, i, a)?;
             let tokens = match model.mode {
                 RagMode::Token => a[1..=doc_posteriors.len().min(a.len() - 1)]
@@ -145,21 +164,44 @@ pub fn ask_hf_rag(model: &RagModel, index: &InMemoryIndex, questions: &[String],
                     .collect::<Result<Vec<_>>>()?,
                 RagMode::Sequence => Vec::new(),
             };
-            answers.push(AskAnswer { text, ids: a.clone(), doc_posteriors, tokens });
+            answers.push(AskAnswer {
+                text,
+                ids: a.clone(),
+                doc_posteriors,
+                tokens,
+            });
         }
-        out.push(AskResult { question: q.clone(), mode: model.mode, sources, answers });
+        out.push(AskResult {
+            question: q.clone(),
+            mode: model.mode,
+            sources,
+            answers,
+        });
     }
     Ok(out)
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
     let questions = read_questions(&args)?;
-    let mode = args.mode.as_deref().map(str::parse::<RagMode>).transpose()?;
-    let mut model = load_rag(&args.model, &LoadOptions { mode, ..Default::default() })?;
+    let mode = args
+        .mode
+        .as_deref()
+        .map(str::parse::<RagMode>)
+        .transpose()?;
+    let mut model = load_rag(
+        &args.model,
+        &LoadOptions {
+            mode,
+            ..Default::default()
+        },
+    )?;
     if let Some(m) = mode {
         model.mode = m;
     }
-    let index = InMemoryIndex::load(&args.kb.join("passages.jsonl"), &args.kb.join("embeddings.safetensors"))?;
+    let index = InMemoryIndex::load(
+        &args.kb.join("passages.jsonl"),
+        &args.kb.join("embeddings.safetensors"),
+    )?;
     let results = ask_hf_rag(&model, &index, &questions, &args)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -185,7 +227,11 @@ pub fn print_result(r: &AskResult) {
             }
             RagMode::Token => {
                 for (tok, post) in a.tokens.iter().zip(&a.doc_posteriors) {
-                    let best = post.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(j, p)| (j + 1, *p));
+                    let best = post
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(j, p)| (j + 1, *p));
                     if let Some((j, p)) = best {
                         println!("   {tok:?} <- source {j} (p={p:.3})");
                     }
@@ -195,7 +241,10 @@ pub fn print_result(r: &AskResult) {
     }
     println!("Sources:");
     for s in &r.sources {
-        println!("  [{}] p(z|x)={:.3} score={:.3} {} ({}): {}", s.rank, s.prior, s.score, s.title, s.passage_id, s.snippet);
+        println!(
+            "  [{}] p(z|x)={:.3} score={:.3} {} ({}): {}",
+            s.rank, s.prior, s.score, s.title, s.passage_id, s.snippet
+        );
     }
     println!();
 }

@@ -25,7 +25,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, trainable: false, mode: None }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: false,
+            mode: None,
+        }
     }
 }
 
@@ -36,15 +41,27 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
     let config_path = dir.join("config.json");
     let config = RagConfig::from_file(&config_path)?;
     let mode = opts.mode.or_else(|| config.mode()).with_context(|| {
-        format!("{}: `architectures` names no RAG head; choose --mode token|sequence", config_path.display())
+        format!(
+            "{}: `architectures` names no RAG head; choose --mode token|sequence",
+            config_path.display()
+        )
     })?;
-    let generator = load_seq2seq(&dir.to_string_lossy(), opts.dtype, &opts.device, opts.trainable)
-        .with_context(|| format!("loading the generator of {}", dir.display()))?;
+    let generator = load_seq2seq(
+        &dir.to_string_lossy(),
+        opts.dtype,
+        &opts.device,
+        opts.trainable,
+    )
+    .with_context(|| format!("loading the generator of {}", dir.display()))?;
     let generator_tokenizer = load_tokenizer(&dir.join("generator_tokenizer"))?;
     let vocab = generator.special_ids().vocab_size;
     generator_tokenizer.check_vocab(vocab, &config_path)?;
     let qdir = dir.join("question_encoder_tokenizer");
-    let question_tokenizer = if qdir.is_dir() { Some(load_tokenizer(&qdir)?) } else { None };
+    let question_tokenizer = if qdir.is_dir() {
+        Some(load_tokenizer(&qdir)?)
+    } else {
+        None
+    };
     let question_encoder = load_question_encoder(&dir, &config, opts)?;
     let gen_cfg = dir.join("generation_config.json");
     let from_generator = GenerationSettings::from_value(&config.generator);
@@ -54,7 +71,10 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
         from_generator
     };
     let format = ContextFormat {
-        prefix: generator.config_prefix().map(String::from).or_else(|| config.generator_prefix()),
+        prefix: generator
+            .config_prefix()
+            .map(String::from)
+            .or_else(|| config.generator_prefix()),
         title_sep: config.title_sep.clone(),
         doc_sep: config.doc_sep.clone(),
         max_combined_length: config.max_combined_length,
@@ -74,8 +94,16 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
 }
 
 /// The DPR question encoder nested in a RAG checkpoint (`rag.question_encoder.question_encoder.bert_model.*`).
-fn load_question_encoder(dir: &Path, config: &RagConfig, opts: &LoadOptions) -> Result<Option<Box<dyn QuestionEncoder>>> {
-    let model_type = config.question_encoder.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+fn load_question_encoder(
+    dir: &Path,
+    config: &RagConfig,
+    opts: &LoadOptions,
+) -> Result<Option<Box<dyn QuestionEncoder>>> {
+    let model_type = config
+        .question_encoder
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if model_type != "dpr" {
         bail!(
             "{}: question encoder `model_type` is `{model_type}`; only DPR question encoders are supported",
@@ -98,7 +126,10 @@ impl RagModel {
     /// variables when the model was loaded trainable (so training is saved), else from the source files.
     pub fn save_pretrained(&self, out: &Path) -> Result<()> {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let src = self.source.as_ref().context("model was not loaded from a directory")?;
+        let src = self
+            .source
+            .as_ref()
+            .context("model was not loaded from a directory")?;
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         let weights = crate::hub::Weights::from_dir(src, DType::F32, &Device::Cpu, false)?;
         for name in weights.names() {
@@ -112,16 +143,25 @@ impl RagModel {
             if !tensors.contains_key(&name) {
                 bail!("trainable parameter `{name}` is not in {}", src.display());
             }
-            tensors.insert(name, var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+            tensors.insert(
+                name,
+                var.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            );
         }
-        write_atomic(&out.join("model.safetensors"), |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))?;
+        write_atomic(&out.join("model.safetensors"), |tmp| {
+            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        })?;
         let config = serde_json::to_string_pretty(&self.config.to_value()?)?;
-        write_atomic(&out.join("config.json"), |tmp| Ok(std::fs::write(tmp, config.as_bytes())?))?;
-        for name in ["generation_config.json"] {
-            let p = src.join(name);
-            if p.is_file() {
-                write_atomic(&out.join(name), |tmp| Ok(std::fs::copy(&p, tmp).map(|_| ())?))?;
-            }
+        write_atomic(&out.join("config.json"), |tmp| {
+            Ok(std::fs::write(tmp, config.as_bytes())?)
+        })?;
+        let generation_config = src.join("generation_config.json");
+        if generation_config.is_file() {
+            write_atomic(&out.join("generation_config.json"), |tmp| {
+                Ok(std::fs::copy(&generation_config, tmp).map(|_| ())?)
+            })?;
         }
         for sub in ["question_encoder_tokenizer", "generator_tokenizer"] {
             let from = src.join(sub);
@@ -144,11 +184,15 @@ impl RagModel {
 
 /// Write through a temp file in the same directory, fsync, rename.
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
     let tmp_path = tmp.path().to_path_buf();
     write(&tmp_path).with_context(|| format!("writing {}", path.display()))?;
     std::fs::File::open(&tmp_path)?.sync_all()?;
-    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }

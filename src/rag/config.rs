@@ -115,16 +115,23 @@ impl RagConfig {
 
     /// `generator.<key>` as an id (None when absent or null).
     pub fn generator_id(&self, key: &str) -> Option<u32> {
-        self.generator.get(key).and_then(|v| v.as_u64()).map(|v| v as u32)
+        self.generator
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32)
     }
 
     /// The generator's context prefix (T5: e.g. "context: "), prepended to every context string.
     pub fn generator_prefix(&self) -> Option<String> {
-        self.generator.get("prefix").and_then(|v| v.as_str()).map(String::from)
+        self.generator
+            .get("prefix")
+            .and_then(|v| v.as_str())
+            .map(String::from)
     }
 
     pub fn generator_pad(&self) -> Result<u32> {
-        self.generator_id("pad_token_id").context("generator config has no `pad_token_id`")
+        self.generator_id("pad_token_id")
+            .context("generator config has no `pad_token_id`")
     }
 
     pub fn generator_vocab_size(&self) -> Result<usize> {
@@ -188,7 +195,9 @@ impl GenerationSettings {
             length_penalty: v.get("length_penalty").and_then(|x| x.as_f64()),
             early_stopping: v.get("early_stopping").filter(|x| !x.is_null()).cloned(),
             no_repeat_ngram_size: u("no_repeat_ngram_size"),
-            bad_words_ids: v.get("bad_words_ids").and_then(|x| serde_json::from_value(x.clone()).ok()),
+            bad_words_ids: v
+                .get("bad_words_ids")
+                .and_then(|x| serde_json::from_value(x.clone()).ok()),
             decoder_start_token_id: id("decoder_start_token_id"),
             bos_token_id: id("bos_token_id"),
             eos_token_id: id("eos_token_id"),
@@ -211,9 +220,15 @@ impl GenerationSettings {
             num_beams: self.num_beams.or(other.num_beams),
             num_return_sequences: self.num_return_sequences.or(other.num_return_sequences),
             length_penalty: self.length_penalty.or(other.length_penalty),
-            early_stopping: self.early_stopping.clone().or_else(|| other.early_stopping.clone()),
+            early_stopping: self
+                .early_stopping
+                .clone()
+                .or_else(|| other.early_stopping.clone()),
             no_repeat_ngram_size: self.no_repeat_ngram_size.or(other.no_repeat_ngram_size),
-            bad_words_ids: self.bad_words_ids.clone().or_else(|| other.bad_words_ids.clone()),
+            bad_words_ids: self
+                .bad_words_ids
+                .clone()
+                .or_else(|| other.bad_words_ids.clone()),
             decoder_start_token_id: self.decoder_start_token_id.or(other.decoder_start_token_id),
             bos_token_id: self.bos_token_id.or(other.bos_token_id),
             eos_token_id: self.eos_token_id.or(other.eos_token_id),
@@ -232,7 +247,9 @@ impl GenerationSettings {
             Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
             Some(other) => bail!("`early_stopping` must be true, false or \"never\", got {other}"),
         };
-        let eos = self.eos_token_id.context("generation settings have no `eos_token_id`")?;
+        let eos = self
+            .eos_token_id
+            .context("generation settings have no `eos_token_id`")?;
         let p = GenerationParams {
             max_length: self.max_length.unwrap_or(20),
             min_length: self.min_length.unwrap_or(0),

@@ -21,7 +21,11 @@ impl ContextFormat {
         let title = passage.title.strip_prefix('"').unwrap_or(&passage.title);
         let title = title.strip_suffix('"').unwrap_or(title);
         let prefix = self.prefix.as_deref().unwrap_or("");
-        format!("{prefix}{title}{}{}{}{question}", self.title_sep, passage.text, self.doc_sep).replace("  ", " ")
+        format!(
+            "{prefix}{title}{}{}{}{question}",
+            self.title_sep, passage.text, self.doc_sep
+        )
+        .replace("  ", " ")
     }
 
     /// Context strings of `[question][doc]` rows: `docs[i]` are the passages retrieved for `questions[i]`.
@@ -35,7 +39,11 @@ impl ContextFormat {
 
     /// Generator tokenization: truncation and padding to exactly `max_combined_length` tokens
     /// (`padding="max_length", truncation=True`). Rows: `[batch*n_docs][max_combined_length]`.
-    pub fn tokenize(&self, generator_tokenizer: &TextTokenizer, strings: &[String]) -> Result<Encoded> {
+    pub fn tokenize(
+        &self,
+        generator_tokenizer: &TextTokenizer,
+        strings: &[String],
+    ) -> Result<Encoded> {
         let texts: Vec<&str> = strings.iter().map(|s| s.as_str()).collect();
         generator_tokenizer.encode_batch(
             &texts,
@@ -58,7 +66,14 @@ mod tests {
             doc_sep: " // ".into(),
             max_combined_length: 8,
         };
-        let p = Passage { id: "a".into(), title: "\"Quoted\"".into(), text: "two  spaces   three".into() };
-        assert_eq!(f.context_string(&p, "q?"), "context: Quoted / two spaces  three // q?");
+        let p = Passage {
+            id: "a".into(),
+            title: "\"Quoted\"".into(),
+            text: "two  spaces   three".into(),
+        };
+        assert_eq!(
+            f.context_string(&p, "q?"),
+            "context: Quoted / two spaces  three // q?"
+        );
     }
 }

@@ -37,7 +37,9 @@ pub fn doc_log_prior(doc_scores: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Split `seq_logits: [batch*n_docs, T, V]` into log-probs `[batch, n_docs, T, V]`.
 fn doc_logprobs(seq_logits: &Tensor, n_docs: usize) -> Result<Tensor> {
-    let (rows, t, v) = seq_logits.dims3().context("seq_logits must be [batch*n_docs, T, V]")?;
+    let (rows, t, v) = seq_logits
+        .dims3()
+        .context("seq_logits must be [batch*n_docs, T, V]")?;
     if n_docs == 0 || rows % n_docs != 0 {
         bail!("seq_logits has {rows} rows, not a multiple of n_docs = {n_docs}");
     }
@@ -57,7 +59,9 @@ fn check_doc_scores(doc_scores: &Tensor, batch: usize, n_docs: usize) -> Result<
 pub fn marginalize(seq_logits: &Tensor, doc_scores: &Tensor, n_docs: usize) -> Result<Tensor> {
     let lp = doc_logprobs(seq_logits, n_docs)?;
     check_doc_scores(doc_scores, lp.dim(0)?, n_docs)?;
-    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?.unsqueeze(2)?.unsqueeze(3)?;
+    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?
+        .unsqueeze(2)?
+        .unsqueeze(3)?;
     Ok(logsumexp(&lp.broadcast_add(&doc_lp)?, 1)?)
 }
 
@@ -66,7 +70,10 @@ pub fn marginalize(seq_logits: &Tensor, doc_scores: &Tensor, n_docs: usize) -> R
 fn gather_last(logprobs: &Tensor, target: &Tensor) -> Result<Tensor> {
     let dims = logprobs.dims().to_vec();
     let idx_shape: Vec<usize> = dims[..dims.len() - 1].iter().copied().chain([1]).collect();
-    let idx = target.unsqueeze(D::Minus1)?.broadcast_as(idx_shape)?.contiguous()?;
+    let idx = target
+        .unsqueeze(D::Minus1)?
+        .broadcast_as(idx_shape)?
+        .contiguous()?;
     Ok(logprobs.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)
 }
 
@@ -76,7 +83,11 @@ fn non_pad_mask(target: &Tensor, pad: u32, dtype: DType) -> Result<Tensor> {
 }
 
 fn finish(nll: Tensor, smooth: Tensor, opts: &NllOptions, vocab: usize) -> Result<Tensor> {
-    let (nll, smooth) = if opts.reduce_loss { (nll.sum_all()?, smooth.sum_all()?) } else { (nll, smooth) };
+    let (nll, smooth) = if opts.reduce_loss {
+        (nll.sum_all()?, smooth.sum_all()?)
+    } else {
+        (nll, smooth)
+    };
     let eps_i = opts.epsilon / vocab as f64;
     Ok(((nll * (1.0 - opts.epsilon))? + (smooth * eps_i)?)?)
 }
@@ -94,7 +105,10 @@ pub fn rag_token_nll(
     let rag_lp = marginalize(seq_logits, doc_scores, n_docs)?; // [B, T, V]
     let (b, t, v) = rag_lp.dims3()?;
     if labels.dims() != [b, t] {
-        bail!("labels have shape {:?}, the logits need [{b}, {t}]", labels.dims());
+        bail!(
+            "labels have shape {:?}, the logits need [{b}, {t}]",
+            labels.dims()
+        );
     }
     let target = shift_left(labels, pad)?;
     let mask = non_pad_mask(&target, pad, rag_lp.dtype())?;
@@ -118,7 +132,10 @@ pub fn rag_sequence_nll(
     let (b, k, t, v) = lp.dims4()?;
     check_doc_scores(doc_scores, b, k)?;
     if labels.dims() != [b, t] {
-        bail!("labels have shape {:?}, the logits need [{b}, {t}]", labels.dims());
+        bail!(
+            "labels have shape {:?}, the logits need [{b}, {t}]",
+            labels.dims()
+        );
     }
     let dev = lp.device();
     let target = shift_left(labels, pad)?;
@@ -132,7 +149,11 @@ pub fn rag_sequence_nll(
     let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?; // [B, 1, T]
     let ll = (gather_last(&lp, &target.unsqueeze(1)?)? + &prior)?.broadcast_mul(&mask)?;
     let smooth = (lp.sum(D::Minus1)? + (&prior * v as f64)?)?.broadcast_mul(&mask)?;
-    let ll = if opts.exclude_bos_score && use_bos { ll.narrow(2, 1, t - 1)?.sum(2)? } else { ll.sum(2)? };
+    let ll = if opts.exclude_bos_score && use_bos {
+        ll.narrow(2, 1, t - 1)?.sum(2)?
+    } else {
+        ll.sum(2)?
+    };
     let ll = logsumexp(&ll, 1)?;
     let smooth = logsumexp(&smooth.sum(2)?, 1)?;
     finish(ll.neg()?, smooth.neg()?, opts, v)
@@ -140,11 +161,19 @@ pub fn rag_sequence_nll(
 
 /// RAG-Sequence posterior over documents given a whole answer, p(z | x, y) ∝ p(z|x) Π_t p(y_t|x,z,y<t):
 /// `[batch, n_docs]` probabilities. Pad targets are ignored.
-pub fn sequence_doc_posterior(seq_logits: &Tensor, doc_scores: &Tensor, labels: &Tensor, n_docs: usize, pad: u32) -> Result<Tensor> {
+pub fn sequence_doc_posterior(
+    seq_logits: &Tensor,
+    doc_scores: &Tensor,
+    labels: &Tensor,
+    n_docs: usize,
+    pad: u32,
+) -> Result<Tensor> {
     let lp = doc_logprobs(seq_logits, n_docs)?;
     let target = shift_left(labels, pad)?;
     let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?;
-    let ll = gather_last(&lp, &target.unsqueeze(1)?)?.broadcast_mul(&mask)?.sum(2)?; // [B, K]
+    let ll = gather_last(&lp, &target.unsqueeze(1)?)?
+        .broadcast_mul(&mask)?
+        .sum(2)?; // [B, K]
     let joint = (ll + doc_log_prior(doc_scores, lp.dtype())?)?;
     Ok(crate::nn::softmax_last_dim(&joint)?)
 }
@@ -161,12 +190,17 @@ mod tests {
         let logits = Tensor::new(&[[[1f32, 2., 0.5], [0.1, 0.2, 3.0], [0.0, 0.0, 0.0]]], &dev)?;
         let scores = Tensor::new(&[[0.7f32]], &dev)?;
         let labels = Tensor::new(&[[0u32, 1, 2]], &dev)?; // targets: 1, 2, pad(0)
-        let opts = NllOptions { reduce_loss: false, epsilon: 0.0, exclude_bos_score: false };
+        let opts = NllOptions {
+            reduce_loss: false,
+            epsilon: 0.0,
+            exclude_bos_score: false,
+        };
         let got = rag_token_nll(&logits, &scores, &labels, 1, 0, &opts)?.to_vec1::<f32>()?;
         let lse = |r: [f32; 3]| r.iter().map(|x| x.exp()).sum::<f32>().ln();
         let want = -((2.0 - lse([1., 2., 0.5])) + (3.0 - lse([0.1, 0.2, 3.0])));
         assert!((got[0] - want).abs() < 1e-5, "{got:?} vs {want}");
-        let seq = rag_sequence_nll(&logits, &scores, &labels, 1, 0, None, &opts)?.to_vec1::<f32>()?;
+        let seq =
+            rag_sequence_nll(&logits, &scores, &labels, 1, 0, None, &opts)?.to_vec1::<f32>()?;
         assert!((seq[0] - want).abs() < 1e-5);
         Ok(())
     }

@@ -50,15 +50,27 @@ pub struct RagContext {
 impl RagContext {
     /// Check shapes: rows = batch × n_docs.
     pub fn new(input_ids: Tensor, attention_mask: Tensor, doc_scores: Tensor) -> Result<Self> {
-        let (batch, n_docs) = doc_scores.dims2().context("doc_scores must be [batch, n_docs]")?;
-        let (rows, len) = input_ids.dims2().context("context_input_ids must be [batch * n_docs, len]")?;
+        let (batch, n_docs) = doc_scores
+            .dims2()
+            .context("doc_scores must be [batch, n_docs]")?;
+        let (rows, len) = input_ids
+            .dims2()
+            .context("context_input_ids must be [batch * n_docs, len]")?;
         if n_docs == 0 || rows != batch * n_docs {
             bail!("context_input_ids has {rows} rows but doc_scores is [{batch}, {n_docs}] (need batch * n_docs rows)");
         }
         if attention_mask.dims() != [rows, len] {
-            bail!("context_attention_mask has shape {:?}, context_input_ids [{rows}, {len}]", attention_mask.dims());
+            bail!(
+                "context_attention_mask has shape {:?}, context_input_ids [{rows}, {len}]",
+                attention_mask.dims()
+            );
         }
-        Ok(Self { input_ids, attention_mask, doc_scores, n_docs })
+        Ok(Self {
+            input_ids,
+            attention_mask,
+            doc_scores,
+            n_docs,
+        })
     }
 
     pub fn batch(&self) -> usize {
@@ -66,14 +78,23 @@ impl RagContext {
     }
 
     pub fn gen_input(&self) -> GenInput {
-        GenInput { input_ids: self.input_ids.clone(), attention_mask: self.attention_mask.clone() }
+        GenInput {
+            input_ids: self.input_ids.clone(),
+            attention_mask: self.attention_mask.clone(),
+        }
     }
 
     /// The rows of questions `range` only.
     pub fn questions(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self {
-            input_ids: self.input_ids.narrow(0, start * self.n_docs, len * self.n_docs)?,
-            attention_mask: self.attention_mask.narrow(0, start * self.n_docs, len * self.n_docs)?,
+            input_ids: self
+                .input_ids
+                .narrow(0, start * self.n_docs, len * self.n_docs)?,
+            attention_mask: self.attention_mask.narrow(
+                0,
+                start * self.n_docs,
+                len * self.n_docs,
+            )?,
             doc_scores: self.doc_scores.narrow(0, start, len)?,
             n_docs: self.n_docs,
         })
@@ -136,7 +157,10 @@ impl RagModel {
 
     /// Tokenize questions for the question encoder (`padding="longest", truncation=True`).
     pub fn tokenize_questions(&self, questions: &[&str]) -> Result<(Tensor, Tensor)> {
-        let tok = self.question_tokenizer.as_ref().context("this RAG model has no question encoder tokenizer")?;
+        let tok = self
+            .question_tokenizer
+            .as_ref()
+            .context("this RAG model has no question encoder tokenizer")?;
         if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
             bail!("question {i} is empty");
         }
@@ -153,7 +177,10 @@ impl RagModel {
         attention_mask: &Tensor,
         n_docs: usize,
     ) -> Result<Retrieved> {
-        let enc = self.question_encoder.as_ref().context("this RAG model has no question encoder: pass contexts and doc scores")?;
+        let enc = self
+            .question_encoder
+            .as_ref()
+            .context("this RAG model has no question encoder: pass contexts and doc scores")?;
         let q = enc.encode_ids(input_ids, attention_mask)?;
         self.retrieve_with_embeddings(retriever, input_ids, &q, n_docs)
     }
@@ -167,15 +194,24 @@ impl RagModel {
         q: &Tensor,
         n_docs: usize,
     ) -> Result<Retrieved> {
-        let tok = self.question_tokenizer.as_ref().context("this RAG model has no question encoder tokenizer")?;
+        let tok = self
+            .question_tokenizer
+            .as_ref()
+            .context("this RAG model has no question encoder tokenizer")?;
         if n_docs == 0 {
             bail!("n_docs must be at least 1");
         }
         if n_docs > retriever.len() {
-            bail!("n_docs = {n_docs} but the knowledge base has only {} passages", retriever.len());
+            bail!(
+                "n_docs = {n_docs} but the knowledge base has only {} passages",
+                retriever.len()
+            );
         }
         let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
-        let decoded = ids.iter().map(|r| tok.decode(r, true)).collect::<Result<Vec<_>>>()?;
+        let decoded = ids
+            .iter()
+            .map(|r| tok.decode(r, true))
+            .collect::<Result<Vec<_>>>()?;
         let queries: Vec<&str> = decoded.iter().map(|s| s.as_str()).collect();
         let hits = retriever.retrieve(&queries, Some(&q.detach()), n_docs)?;
         let (batch, dim) = q.dims2()?;
@@ -183,20 +219,32 @@ impl RagModel {
         for h in &hits {
             let e = h.embeddings.as_ref().context("the retriever returned no passage embeddings (dense retriever needed for doc scores)")?;
             if e.len() != n_docs {
-                bail!("retriever returned {} passages, asked for {n_docs}", e.len());
+                bail!(
+                    "retriever returned {} passages, asked for {n_docs}",
+                    e.len()
+                );
             }
             for v in e {
                 if v.len() != dim {
-                    bail!("passage embedding has dim {}, question embedding {dim}", v.len());
+                    bail!(
+                        "passage embedding has dim {}, question embedding {dim}",
+                        v.len()
+                    );
                 }
                 flat.extend_from_slice(v);
             }
         }
-        let doc_embeddings = Tensor::from_vec(flat, (batch, n_docs, dim), &self.device)?.to_dtype(q.dtype())?;
-        let doc_scores = q.unsqueeze(1)?.matmul(&doc_embeddings.transpose(1, 2)?)?.squeeze(1)?;
+        let doc_embeddings =
+            Tensor::from_vec(flat, (batch, n_docs, dim), &self.device)?.to_dtype(q.dtype())?;
+        let doc_scores = q
+            .unsqueeze(1)?
+            .matmul(&doc_embeddings.transpose(1, 2)?)?
+            .squeeze(1)?;
         let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
         let context_strings = self.format.context_strings(&decoded, &passages);
-        let enc = self.format.tokenize(&self.generator_tokenizer, &context_strings)?;
+        let enc = self
+            .format
+            .tokenize(&self.generator_tokenizer, &context_strings)?;
         let (ci, cm) = enc.tensors(&self.device)?;
         Ok(Retrieved {
             question_embeddings: q.clone(),
@@ -219,9 +267,17 @@ impl RagModel {
         ctx_encoder: &crate::encoders::dpr::DprEncoder,
         retrieved: &Retrieved,
     ) -> Result<(crate::tokenize::Encoded, RagContext)> {
-        let pairs: Vec<(&str, &str)> =
-            retrieved.passages.iter().flatten().map(|p| (p.title.as_str(), p.text.as_str())).collect();
-        let enc = ctx_encoder.tokenizer.encode_pairs(&pairs, Some(ctx_encoder.max_length), Padding::Longest)?;
+        let pairs: Vec<(&str, &str)> = retrieved
+            .passages
+            .iter()
+            .flatten()
+            .map(|p| (p.title.as_str(), p.text.as_str()))
+            .collect();
+        let enc = ctx_encoder.tokenizer.encode_pairs(
+            &pairs,
+            Some(ctx_encoder.max_length),
+            Padding::Longest,
+        )?;
         let (ids, mask) = enc.tensors(&self.device)?;
         let emb = ctx_encoder.encode_ids(&ids, Some(&mask), None)?; // [b*k, d]
         let (b, k) = retrieved.context.doc_scores.dims2()?;
@@ -230,18 +286,30 @@ impl RagModel {
         let q = &retrieved.question_embeddings;
         let doc_scores = q.unsqueeze(1)?.matmul(&emb.transpose(1, 2)?)?.squeeze(1)?;
         let c = &retrieved.context;
-        Ok((enc, RagContext::new(c.input_ids.clone(), c.attention_mask.clone(), doc_scores)?))
+        Ok((
+            enc,
+            RagContext::new(c.input_ids.clone(), c.attention_mask.clone(), doc_scores)?,
+        ))
     }
 
     /// Question texts → retrieval and contexts.
-    pub fn retrieve(&self, retriever: &dyn Retriever, questions: &[&str], n_docs: usize) -> Result<Retrieved> {
+    pub fn retrieve(
+        &self,
+        retriever: &dyn Retriever,
+        questions: &[&str],
+        n_docs: usize,
+    ) -> Result<Retrieved> {
         let (ids, mask) = self.tokenize_questions(questions)?;
         self.retrieve_ids(retriever, &ids, &mask, n_docs)
     }
 
     /// Contexts from caller-supplied strings (external retriever): `[batch * n_docs]` strings and
     /// `doc_scores: [batch, n_docs]`.
-    pub fn context_from_strings(&self, strings: &[String], doc_scores: Tensor) -> Result<RagContext> {
+    pub fn context_from_strings(
+        &self,
+        strings: &[String],
+        doc_scores: Tensor,
+    ) -> Result<RagContext> {
         let enc = self.format.tokenize(&self.generator_tokenizer, strings)?;
         let (ci, cm) = enc.tensors(&self.device)?;
         RagContext::new(ci, cm, doc_scores)
@@ -250,9 +318,14 @@ impl RagModel {
     /// Raw generator logits `[batch * n_docs, T, V]` for `decoder_input_ids: [batch, T]` (each row
     /// repeated for its n_docs contexts). Differentiable.
     pub fn forward(&self, ctx: &RagContext, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = decoder_input_ids.dims2().context("decoder_input_ids must be [batch, T]")?;
+        let (b, t) = decoder_input_ids
+            .dims2()
+            .context("decoder_input_ids must be [batch, T]")?;
         if b != ctx.batch() {
-            bail!("decoder_input_ids has {b} rows, the contexts are for {} questions", ctx.batch());
+            bail!(
+                "decoder_input_ids has {b} rows, the contexts are for {} questions",
+                ctx.batch()
+            );
         }
         let vocab = self.generator.special_ids().vocab_size as u32;
         let max = decoder_input_ids.max_all()?.to_scalar::<u32>()?;
@@ -272,13 +345,26 @@ impl RagModel {
     }
 
     /// `get_nll` of this model's head over precomputed logits.
-    pub fn nll(&self, logits: &Tensor, doc_scores: &Tensor, labels: &Tensor, n_docs: usize, opts: &NllOptions) -> Result<Tensor> {
+    pub fn nll(
+        &self,
+        logits: &Tensor,
+        doc_scores: &Tensor,
+        labels: &Tensor,
+        n_docs: usize,
+        opts: &NllOptions,
+    ) -> Result<Tensor> {
         let pad = self.generator_pad();
         match self.mode {
             RagMode::Token => loss::rag_token_nll(logits, doc_scores, labels, n_docs, pad, opts),
-            RagMode::Sequence => {
-                loss::rag_sequence_nll(logits, doc_scores, labels, n_docs, pad, self.config.nll_bos_token_id(), opts)
-            }
+            RagMode::Sequence => loss::rag_sequence_nll(
+                logits,
+                doc_scores,
+                labels,
+                n_docs,
+                pad,
+                self.config.nll_bos_token_id(),
+                opts,
+            ),
         }
     }
 
@@ -308,12 +394,19 @@ impl RagModel {
         }
         let state = self.generator.start(&ctx.gen_input())?;
         // rows [batch][beam][doc]
-        let rows: Vec<u32> =
-            (0..batch).flat_map(|b| (0..nb).flat_map(move |_| (0..k).map(move |j| (b * k + j) as u32))).collect();
+        let rows: Vec<u32> = (0..batch)
+            .flat_map(|b| (0..nb).flat_map(move |_| (0..k).map(move |j| (b * k + j) as u32)))
+            .collect();
         let state = state.select_rows(&Tensor::new(rows.as_slice(), &self.device)?)?;
         let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?;
         let doc_lp = repeat_interleave_rows(&doc_lp, nb)?; // [batch*nb, k]
-        let mut scorer = MarginalScorer { model: self, state, doc_lp, n_docs: k, started: false };
+        let mut scorer = MarginalScorer {
+            model: self,
+            state,
+            doc_lp,
+            n_docs: k,
+            started: false,
+        };
         if nb == 1 {
             search::greedy(&mut scorer, batch, p)
         } else {
@@ -323,16 +416,32 @@ impl RagModel {
 
     /// Plain generator decoding of context rows (what RAG-Sequence runs per question):
     /// `num_return_sequences = num_beams` outputs per row, `[rows * num_beams][len]`.
-    pub fn generate_per_doc(&self, state: &DecodeState, rows: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+    pub fn generate_per_doc(
+        &self,
+        state: &DecodeState,
+        rows: usize,
+        p: &GenerationParams,
+    ) -> Result<Vec<Vec<u32>>> {
         Ok(self.generate_per_doc_scored(state, rows, p)?.ids)
     }
 
     /// [`Self::generate_per_doc`] with each hypothesis' log-likelihood under its own document.
-    pub fn generate_per_doc_scored(&self, state: &DecodeState, rows: usize, p: &GenerationParams) -> Result<search::Hypotheses> {
+    pub fn generate_per_doc_scored(
+        &self,
+        state: &DecodeState,
+        rows: usize,
+        p: &GenerationParams,
+    ) -> Result<search::Hypotheses> {
         let nb = p.num_beams;
-        let sel: Vec<u32> = (0..rows).flat_map(|r| std::iter::repeat_n(r as u32, nb)).collect();
+        let sel: Vec<u32> = (0..rows)
+            .flat_map(|r| std::iter::repeat_n(r as u32, nb))
+            .collect();
         let state = state.select_rows(&Tensor::new(sel.as_slice(), &self.device)?)?;
-        let mut scorer = GeneratorScorer { model: self, state, started: false };
+        let mut scorer = GeneratorScorer {
+            model: self,
+            state,
+            started: false,
+        };
         let mut p = p.clone();
         p.num_return_sequences = nb;
         if nb == 1 {
@@ -346,22 +455,29 @@ impl RagModel {
     /// p(y|x) ≈ Σ_{z : y ∈ beam(z)} p(z|x) p(y|x,z), taking p(y|x,z) ≈ 0 where document z's beam did not
     /// produce y — no extra forward passes. Returns `[batch * num_return_sequences]` rows (right-padded
     /// with the generator pad id) and, per returned answer, its approximate log p(y|x).
-    pub fn generate_sequence_fast(&self, ctx: &RagContext, p: &GenerationParams) -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+    pub fn generate_sequence_fast(
+        &self,
+        ctx: &RagContext,
+        p: &GenerationParams,
+    ) -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
         let k = ctx.n_docs;
         let nb = p.num_beams;
         let pad = self.generator_pad();
         let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?.to_vec2::<f32>()?;
         let (mut hypos, mut scores) = (Vec::new(), Vec::new());
-        for i in 0..ctx.batch() {
+        for (i, prior) in doc_lp.iter().enumerate() {
             let qctx = ctx.questions(i, 1)?;
             let mask = qctx.input_ids.ne(pad)?.to_dtype(DType::U32)?;
-            let state = self.generator.start(&GenInput { input_ids: qctx.input_ids.clone(), attention_mask: mask })?;
+            let state = self.generator.start(&GenInput {
+                input_ids: qctx.input_ids.clone(),
+                attention_mask: mask,
+            })?;
             let h = self.generate_per_doc_scored(&state, k, p)?;
             // candidate -> log-sum-exp accumulator over the docs whose beams produced it
             let mut cands: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
             for (r, (ids, lp)) in h.ids.iter().zip(&h.logprobs).enumerate() {
                 let z = r / nb;
-                let term = doc_lp[i][z] + lp;
+                let term = prior[z] + lp;
                 match cands.iter_mut().find(|(c, _)| c == ids) {
                     Some((_, terms)) => terms.push(term),
                     None => cands.push((ids.clone(), vec![term])),
@@ -378,7 +494,10 @@ impl RagModel {
             scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             let nrs = p.num_return_sequences;
             if nrs > scored.len() {
-                bail!("num_return_sequences = {nrs} but question {i} has only {} distinct candidates", scored.len());
+                bail!(
+                    "num_return_sequences = {nrs} but question {i} has only {} distinct candidates",
+                    scored.len()
+                );
             }
             for &(s, c) in &scored[..nrs] {
                 hypos.push(cands[c].0.clone());
@@ -411,7 +530,10 @@ impl RagModel {
             let qctx = ctx.questions(i, 1)?;
             // HF passes attention_mask=None: generate() infers it as ids != pad.
             let mask = qctx.input_ids.ne(pad)?.to_dtype(DType::U32)?;
-            let input = GenInput { input_ids: qctx.input_ids.clone(), attention_mask: mask };
+            let input = GenInput {
+                input_ids: qctx.input_ids.clone(),
+                attention_mask: mask,
+            };
             let state = self.generator.start(&input)?;
             let outputs = self.generate_per_doc(&state, k, p)?;
             let mut candidates: Vec<Vec<u32>> = Vec::new();
@@ -432,7 +554,12 @@ impl RagModel {
             order.sort_by(|&a, &b| nll[a].total_cmp(&nll[b]).then(a.cmp(&b)));
             order.truncate(nrs);
             hypos.extend(order.iter().map(|&c| candidates[c].clone()));
-            details.push(SequenceDetails { generator_outputs: outputs, candidates, candidate_nll: nll, top_candidate_indices: order });
+            details.push(SequenceDetails {
+                generator_outputs: outputs,
+                candidates,
+                candidate_nll: nll,
+                top_candidate_indices: order,
+            });
         }
         let len = hypos.iter().map(|h| h.len()).max().unwrap_or(0);
         for h in hypos.iter_mut() {
@@ -443,17 +570,34 @@ impl RagModel {
 
     /// RAG-Sequence NLL (exclude_bos_score=True, config reduce/smoothing off per candidate) of each
     /// candidate `[n][T]` for one question, teacher-forced step by step on the already-encoded contexts.
-    fn rescore(&self, state: &DecodeState, qctx: &RagContext, candidates: &[Vec<u32>]) -> Result<Vec<f32>> {
+    fn rescore(
+        &self,
+        state: &DecodeState,
+        qctx: &RagContext,
+        candidates: &[Vec<u32>],
+    ) -> Result<Vec<f32>> {
         let k = qctx.n_docs;
         let n = candidates.len();
         let t = candidates[0].len();
         let labels = ids_tensor(candidates, &self.device)?;
         let logits = self.teacher_forced(state, k, &labels)?; // [n*k, t, V]
         let doc_scores = qctx.doc_scores.broadcast_as((n, k))?.contiguous()?;
-        let opts = NllOptions { reduce_loss: false, epsilon: self.config.label_smoothing, exclude_bos_score: true };
+        let opts = NllOptions {
+            reduce_loss: false,
+            epsilon: self.config.label_smoothing,
+            exclude_bos_score: true,
+        };
         let pad = self.generator_pad();
         let _ = t;
-        let loss = loss::rag_sequence_nll(&logits, &doc_scores, &labels, k, pad, self.config.nll_bos_token_id(), &opts)?;
+        let loss = loss::rag_sequence_nll(
+            &logits,
+            &doc_scores,
+            &labels,
+            k,
+            pad,
+            self.config.nll_bos_token_id(),
+            &opts,
+        )?;
         Ok(loss.to_vec1::<f32>()?)
     }
 
@@ -474,7 +618,12 @@ impl RagModel {
 
     /// Provenance: RAG-Token per-token posteriors p(z | x, y_i) ∝ p(z|x) p(y_i | x, z, y<i) or the
     /// RAG-Sequence answer posterior p(z | x, y), for `ids` generated for question `question`.
-    pub fn doc_posteriors(&self, ctx: &RagContext, question: usize, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    pub fn doc_posteriors(
+        &self,
+        ctx: &RagContext,
+        question: usize,
+        ids: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
         let qctx = ctx.questions(question, 1)?;
         let k = qctx.n_docs;
         let pad = self.generator_pad();
@@ -491,16 +640,23 @@ impl RagModel {
         let logits = self.forward(&qctx, &labels)?; // [k, T, V]
         match self.mode {
             RagMode::Sequence => {
-                let post = loss::sequence_doc_posterior(&logits, &qctx.doc_scores, &labels, k, pad)?;
+                let post =
+                    loss::sequence_doc_posterior(&logits, &qctx.doc_scores, &labels, k, pad)?;
                 Ok(post.to_vec2::<f32>()?)
             }
             RagMode::Token => {
                 let t = ids.len();
                 let lp = crate::nn::log_softmax_last_dim(&logits)?; // [k, T, V]
                 let target = loss::shift_left(&labels, pad)?.squeeze(0)?; // [T]
-                let idx = target.unsqueeze(0)?.unsqueeze(2)?.broadcast_as((k, t, 1))?.contiguous()?;
+                let idx = target
+                    .unsqueeze(0)?
+                    .unsqueeze(2)?
+                    .broadcast_as((k, t, 1))?
+                    .contiguous()?;
                 let tok_lp = lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?; // [k, T]
-                let doc_lp = loss::doc_log_prior(&qctx.doc_scores, tok_lp.dtype())?.squeeze(0)?.unsqueeze(1)?; // [k, 1]
+                let doc_lp = loss::doc_log_prior(&qctx.doc_scores, tok_lp.dtype())?
+                    .squeeze(0)?
+                    .unsqueeze(1)?; // [k, 1]
                 let joint = tok_lp.broadcast_add(&doc_lp)?.t()?; // [T, k]
                 let post = crate::nn::softmax_last_dim(&joint.contiguous()?)?;
                 // Position t predicts ids[t + 1]; keep the generated tokens only.
@@ -526,7 +682,9 @@ pub struct SequenceDetails {
 /// `[rows, ..]` → `[rows * n, ..]` with each row repeated `n` times in place (torch `repeat_interleave`).
 pub fn repeat_interleave_rows(t: &Tensor, n: usize) -> Result<Tensor> {
     let rows = t.dim(0)?;
-    let idx: Vec<u32> = (0..rows as u32).flat_map(|r| std::iter::repeat_n(r, n)).collect();
+    let idx: Vec<u32> = (0..rows as u32)
+        .flat_map(|r| std::iter::repeat_n(r, n))
+        .collect();
     Ok(t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0)?)
 }
 
@@ -545,8 +703,14 @@ impl StepScorer for MarginalScorer<'_> {
         let g = &self.model.generator;
         let logits = match (last, self.started) {
             (Some(l), true) => {
-                let toks: Vec<u32> = l.iter().flat_map(|&t| std::iter::repeat_n(t, self.n_docs)).collect();
-                g.step(&mut self.state, &Tensor::new(toks.as_slice(), &self.model.device)?)?
+                let toks: Vec<u32> = l
+                    .iter()
+                    .flat_map(|&t| std::iter::repeat_n(t, self.n_docs))
+                    .collect();
+                g.step(
+                    &mut self.state,
+                    &Tensor::new(toks.as_slice(), &self.model.device)?,
+                )?
             }
             _ => {
                 self.started = true;
@@ -554,17 +718,28 @@ impl StepScorer for MarginalScorer<'_> {
             }
         };
         let (rows, v) = logits.dims2()?;
-        let lp = crate::nn::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?.reshape((rows / self.n_docs, self.n_docs, v))?;
+        let lp = crate::nn::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?.reshape((
+            rows / self.n_docs,
+            self.n_docs,
+            v,
+        ))?;
         let marg = crate::nn::logsumexp(&lp.broadcast_add(&self.doc_lp.unsqueeze(2)?)?, 1)?;
         Ok(marg.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {
         let k = self.n_docs;
-        let sel: Vec<u32> = rows.iter().flat_map(|&r| (0..k).map(move |j| (r * k + j) as u32)).collect();
-        self.state = self.state.select_rows(&Tensor::new(sel.as_slice(), &self.model.device)?)?;
+        let sel: Vec<u32> = rows
+            .iter()
+            .flat_map(|&r| (0..k).map(move |j| (r * k + j) as u32))
+            .collect();
+        self.state = self
+            .state
+            .select_rows(&Tensor::new(sel.as_slice(), &self.model.device)?)?;
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        self.doc_lp = self.doc_lp.index_select(&Tensor::new(idx.as_slice(), &self.model.device)?, 0)?;
+        self.doc_lp = self
+            .doc_lp
+            .index_select(&Tensor::new(idx.as_slice(), &self.model.device)?, 0)?;
         Ok(())
     }
 
@@ -590,12 +765,17 @@ impl StepScorer for GeneratorScorer<'_> {
                 g.first_logits(&mut self.state)?
             }
         };
-        Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        self.state = self.state.select_rows(&Tensor::new(idx.as_slice(), &self.model.device)?)?;
+        self.state = self
+            .state
+            .select_rows(&Tensor::new(idx.as_slice(), &self.model.device)?)?;
         Ok(())
     }
 

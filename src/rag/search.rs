@@ -99,7 +99,11 @@ fn argmax(row: &[f32]) -> usize {
 /// Greedy decoding of `rows` sequences: `[rows][len]` ids starting with the decoder start token, finished
 /// rows padded with `pad_token_id` up to the longest row (HF `_sample`, do_sample=False).
 /// `step_scores(i)` (optional) receives each step's processed scores (for provenance / margins).
-pub fn greedy(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+pub fn greedy(
+    scorer: &mut dyn StepScorer,
+    rows: usize,
+    p: &GenerationParams,
+) -> Result<Vec<Vec<u32>>> {
     Ok(greedy_scored(scorer, rows, p)?.ids)
 }
 
@@ -112,7 +116,11 @@ pub struct Hypotheses {
 }
 
 /// [`greedy`] with sequence log-likelihoods.
-pub fn greedy_scored(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationParams) -> Result<Hypotheses> {
+pub fn greedy_scored(
+    scorer: &mut dyn StepScorer,
+    rows: usize,
+    p: &GenerationParams,
+) -> Result<Hypotheses> {
     let vocab = scorer.vocab_size();
     check_ids(p, vocab)?;
     let mut total = vec![0f32; rows];
@@ -122,12 +130,19 @@ pub fn greedy_scored(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationPar
     while unfinished.iter().any(|&u| u) {
         let mut scores = scorer.next_scores(last.as_deref())?;
         if scores.len() != rows * vocab {
-            bail!("scorer returned {} scores for {rows} rows x {vocab}", scores.len());
+            bail!(
+                "scorer returned {} scores for {rows} rows x {vocab}",
+                scores.len()
+            );
         }
         let mut next = Vec::with_capacity(rows);
         for (r, row) in scores.chunks_mut(vocab).enumerate() {
             process_row(p, &seqs[r], row);
-            let tok = if unfinished[r] { argmax(row) as u32 } else { p.pad_token_id };
+            let tok = if unfinished[r] {
+                argmax(row) as u32
+            } else {
+                p.pad_token_id
+            };
             if unfinished[r] {
                 let mut ls = row.to_vec();
                 log_softmax(&mut ls);
@@ -144,28 +159,46 @@ pub fn greedy_scored(scorer: &mut dyn StepScorer, rows: usize, p: &GenerationPar
         }
         last = Some(next);
     }
-    Ok(Hypotheses { ids: seqs, logprobs: total })
+    Ok(Hypotheses {
+        ids: seqs,
+        logprobs: total,
+    })
 }
 
 /// Beam search with HF transformers' vectorised algorithm (`_beam_search`, ≥ 4.50): `batch` items of
 /// `num_beams` rows each (row `b * num_beams + k`). The scorer's scores are log-softmaxed, processed,
 /// and accumulated. Returns `[batch * num_return_sequences][len]`, best first per item, right-filled
 /// with `pad_token_id or eos_token_id` (HF's `output_fill_value`) to the longest returned hypothesis.
-pub fn beam_search(scorer: &mut dyn StepScorer, batch: usize, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+pub fn beam_search(
+    scorer: &mut dyn StepScorer,
+    batch: usize,
+    p: &GenerationParams,
+) -> Result<Vec<Vec<u32>>> {
     Ok(beam_search_scored(scorer, batch, p)?.ids)
 }
 
 /// [`beam_search`] with sequence log-likelihoods.
-pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &GenerationParams) -> Result<Hypotheses> {
+pub fn beam_search_scored(
+    scorer: &mut dyn StepScorer,
+    batch: usize,
+    p: &GenerationParams,
+) -> Result<Hypotheses> {
     let nb = p.num_beams;
     let vocab = scorer.vocab_size();
     check_ids(p, vocab)?;
     if p.num_return_sequences > nb {
-        bail!("`num_return_sequences` ({}) has to be smaller or equal to `num_beams` ({nb})", p.num_return_sequences);
+        bail!(
+            "`num_return_sequences` ({}) has to be smaller or equal to `num_beams` ({nb})",
+            p.num_return_sequences
+        );
     }
     let max_len = p.max_length;
     let prompt = 1usize;
-    let fill = if p.pad_token_id != 0 { p.pad_token_id } else { p.eos_token_id };
+    let fill = if p.pad_token_id != 0 {
+        p.pad_token_id
+    } else {
+        p.eos_token_id
+    };
     let keep = 2 * nb; // beams_to_keep = max(2, 1 + n_eos) * num_beams with one EOS id
     let neg = -1.0e9f32;
 
@@ -192,7 +225,11 @@ pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &Generat
     loop {
         let mut lp = scorer.next_scores(last.as_deref())?;
         if lp.len() != batch * nb * vocab {
-            bail!("scorer returned {} scores for {} rows x {vocab}", lp.len(), batch * nb);
+            bail!(
+                "scorer returned {} scores for {} rows x {vocab}",
+                lp.len(),
+                batch * nb
+            );
         }
         for (r, row) in lp.chunks_mut(vocab).enumerate() {
             log_softmax(row);
@@ -225,13 +262,21 @@ pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &Generat
             }
             all_hit &= hits.iter().all(|&h| h);
             // e. best `nb` unfinished continuations keep running.
-            let mut running: Vec<(f32, usize)> =
-                top.iter().enumerate().map(|(j, &(v, _))| (if hits[j] { v + neg } else { v }, j)).collect();
+            let mut running: Vec<(f32, usize)> = top
+                .iter()
+                .enumerate()
+                .map(|(j, &(v, _))| (if hits[j] { v + neg } else { v }, j))
+                .collect();
             let next_run = top_k(&mut running, nb);
             // f. finished hypotheses among the top `nb` compete with the stored ones.
             let denom = ((cur_len + 1 - prompt) as f64).powf(p.length_penalty) as f32;
-            let batch_full = finished[b].iter().all(|&f| f) && p.early_stopping == EarlyStopping::True;
-            let mut merged: Vec<(f32, usize)> = beam_scores[b].iter().enumerate().map(|(k, &v)| (v, k)).collect();
+            let batch_full =
+                finished[b].iter().all(|&f| f) && p.early_stopping == EarlyStopping::True;
+            let mut merged: Vec<(f32, usize)> = beam_scores[b]
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| (v, k))
+                .collect();
             for (j, &(v, _)) in top.iter().enumerate() {
                 let just_finished = hits[j] && j < nb;
                 let mut s = v / denom;
@@ -247,7 +292,8 @@ pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &Generat
                 merged.push((s, nb + j));
             }
             let best = top_k(&mut merged, nb);
-            let (old_seq, old_len, old_fin) = (seqs[b].clone(), hyp_len[b].clone(), finished[b].clone());
+            let (old_seq, old_len, old_fin) =
+                (seqs[b].clone(), hyp_len[b].clone(), finished[b].clone());
             for (k, &(v, m)) in best.iter().enumerate() {
                 beam_scores[b][k] = v;
                 if m < nb {
@@ -271,7 +317,11 @@ pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &Generat
             run_seq[b] = new_seq;
         }
         scorer.reorder(&reorder)?;
-        last = Some((0..batch * nb).map(|r| run_seq[r / nb][r % nb][cur_len]).collect());
+        last = Some(
+            (0..batch * nb)
+                .map(|r| run_seq[r / nb][r % nb][cur_len])
+                .collect(),
+        );
         cur_len += 1;
         // g. can the running beams still beat the worst finished hypothesis?
         let best_len = if p.early_stopping == EarlyStopping::Never && p.length_penalty > 0.0 {
@@ -283,19 +333,31 @@ pub fn beam_search_scored(scorer: &mut dyn StepScorer, batch: usize, p: &Generat
         for b in 0..batch {
             let best_possible = run_scores[b][0] / denom;
             let worst = beam_scores[b].iter().copied().fold(f32::INFINITY, f32::min);
-            let improvable = (0..nb).any(|k| best_possible > if finished[b][k] { worst } else { neg });
+            let improvable =
+                (0..nb).any(|k| best_possible > if finished[b][k] { worst } else { neg });
             early_unsat[b] = early_unsat[b] && improvable;
         }
         let improvement_possible = early_unsat.iter().any(|&u| u);
-        let all_done = finished.iter().all(|f| f.iter().all(|&x| x)) && p.early_stopping == EarlyStopping::True;
+        let all_done = finished.iter().all(|f| f.iter().all(|&x| x))
+            && p.early_stopping == EarlyStopping::True;
         if !improvement_possible || all_done || all_hit {
             break;
         }
     }
     let nrs = p.num_return_sequences;
-    let gen_len = (0..batch).flat_map(|b| hyp_len[b][..nrs].iter().copied()).max().unwrap_or(0);
+    let gen_len = (0..batch)
+        .flat_map(|b| hyp_len[b][..nrs].iter().copied())
+        .max()
+        .unwrap_or(0);
     let out_len = prompt + gen_len;
-    let ids = (0..batch).flat_map(|b| seqs[b][..nrs].iter().map(|s| s[..out_len].to_vec()).collect::<Vec<_>>()).collect();
+    let ids = (0..batch)
+        .flat_map(|b| {
+            seqs[b][..nrs]
+                .iter()
+                .map(|s| s[..out_len].to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let logprobs = (0..batch)
         .flat_map(|b| (0..nrs).map(move |k| (b, k)))
         .map(|(b, k)| beam_scores[b][k] * (hyp_len[b][k] as f64).powf(p.length_penalty) as f32)
@@ -332,7 +394,11 @@ mod tests {
             if let Some(l) = last {
                 self.rows = l.to_vec();
             }
-            Ok(self.rows.iter().flat_map(|&t| self.table[t as usize].iter().map(|p| p.ln())).collect())
+            Ok(self
+                .rows
+                .iter()
+                .flat_map(|&t| self.table[t as usize].iter().map(|p| p.ln()))
+                .collect())
         }
         fn reorder(&mut self, rows: &[usize]) -> Result<()> {
             self.rows = rows.iter().map(|&r| self.rows[r]).collect();

@@ -2,9 +2,9 @@
 //! transformers (bench/peers/rag_hf.py) in the same run, same checkpoint, KB, questions and settings.
 //! Both sides time question encoding + exact retrieval + context building + generation.
 
+use super::{Peer, Report};
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
-use super::{Peer, Report};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,7 +41,12 @@ const DEFAULT_QUESTIONS: &[&str] = &[
     "How many NFL teams have gone 15-1 in one season?",
 ];
 
-fn generate(model: &RagModel, index: &InMemoryIndex, questions: &[&str], a: &Args) -> Result<Vec<Vec<u32>>> {
+fn generate(
+    model: &RagModel,
+    index: &InMemoryIndex,
+    questions: &[&str],
+    a: &Args,
+) -> Result<Vec<Vec<u32>>> {
     let r = model.retrieve(index, questions, a.n_docs)?;
     let p = model.generation_params(&GenerationSettings {
         num_beams: Some(a.beams),
@@ -50,18 +55,29 @@ fn generate(model: &RagModel, index: &InMemoryIndex, questions: &[&str], a: &Arg
     })?;
     match model.mode {
         RagMode::Token => model.generate_token(&r.context, &p),
-        RagMode::Sequence => Ok(model.generate_sequence(&r.context, &p, model.config.do_deduplication)?.0),
+        RagMode::Sequence => Ok(model
+            .generate_sequence(&r.context, &p, model.config.do_deduplication)?
+            .0),
     }
 }
 
 /// Run rustrag, then (when given) the HF peer `rag_hf.py`, on the same inputs.
 pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
     let mode = a.mode.as_deref().map(str::parse::<RagMode>).transpose()?;
-    let mut model = load_rag(&a.model.to_string_lossy(), &LoadOptions { mode, ..Default::default() })?;
+    let mut model = load_rag(
+        &a.model.to_string_lossy(),
+        &LoadOptions {
+            mode,
+            ..Default::default()
+        },
+    )?;
     if let Some(m) = mode {
         model.mode = m;
     }
-    let index = InMemoryIndex::load(&a.kb.join("passages.jsonl"), &a.kb.join("embeddings.safetensors"))?;
+    let index = InMemoryIndex::load(
+        &a.kb.join("passages.jsonl"),
+        &a.kb.join("embeddings.safetensors"),
+    )?;
     let questions: Vec<String> = match &a.questions {
         Some(p) => crate::hub::read_json(p)?,
         None => DEFAULT_QUESTIONS.iter().map(|s| s.to_string()).collect(),
@@ -96,22 +112,41 @@ pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
         let qfile = tempfile::NamedTempFile::new()?;
         std::fs::write(qfile.path(), serde_json::to_string(&questions)?)?;
         let args: Vec<String> = [
-            "--model", &a.model.to_string_lossy(), "--kb", &a.kb.to_string_lossy(),
-            "--questions", &qfile.path().to_string_lossy(), "--mode", mode_name,
-            "--n-docs", &a.n_docs.to_string(), "--beams", &a.beams.to_string(),
-            "--max-length", &a.max_length.to_string(), "--repeats", &a.repeats.to_string(),
+            "--model",
+            &a.model.to_string_lossy(),
+            "--kb",
+            &a.kb.to_string_lossy(),
+            "--questions",
+            &qfile.path().to_string_lossy(),
+            "--mode",
+            mode_name,
+            "--n-docs",
+            &a.n_docs.to_string(),
+            "--beams",
+            &a.beams.to_string(),
+            "--max-length",
+            &a.max_length.to_string(),
+            "--repeats",
+            &a.repeats.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let mut v = peer.run("rag_hf.py", &args)?;
-        let theirs: Option<Vec<Vec<u32>>> = v.get("output_ids").and_then(|o| serde_json::from_value(o.clone()).ok());
+        let theirs: Option<Vec<Vec<u32>>> = v
+            .get("output_ids")
+            .and_then(|o| serde_json::from_value(o.clone()).ok());
         if let Some(o) = v.as_object_mut() {
             o.remove("output_ids");
-            o.insert("same_output_ids".into(), serde_json::json!(theirs.map(|t| t == out)));
+            o.insert(
+                "same_output_ids".into(),
+                serde_json::json!(theirs.map(|t| t == out)),
+            );
         }
         if let Some(h) = v.get("seconds").and_then(|s| s.as_f64()) {
-            report.ratios.push(("hf_seconds / rustrag_seconds".into(), h / best));
+            report
+                .ratios
+                .push(("hf_seconds / rustrag_seconds".into(), h / best));
         }
         report.peer = Some(v);
     }
