@@ -439,6 +439,35 @@ mod tests {
     }
 
     #[test]
+    fn logits_processors_follow_hf() {
+        let mut p = params(1, 1);
+        p.no_repeat_ngram_size = 2;
+        p.bad_words_ids = vec![vec![3], vec![2, 1]];
+        p.min_length = 4;
+        // input 0 2 3 2: bigram (2, 3) seen -> 3 banned after 2; bad word 3 always; [2, 1] bans 1 after 2;
+        // min_length 4 not reached -> eos (1) banned.
+        let mut s = vec![0.0f32; 4];
+        process_row(&p, &[0, 2, 3, 2], &mut s);
+        assert_eq!(s, vec![0.0, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]);
+        // forced BOS at length 1, forced EOS at max_length - 1 (max_length 6).
+        p.forced_bos_token_id = Some(2);
+        p.forced_eos_token_id = Some(1);
+        p.min_length = 0;
+        let mut s = vec![0.5f32; 4];
+        process_row(&p, &[0], &mut s);
+        assert_eq!(
+            s,
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]
+        );
+        let mut s = vec![0.5f32; 4];
+        process_row(&p, &[0, 2, 3, 2, 2], &mut s);
+        assert_eq!(
+            s,
+            vec![f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
+        );
+    }
+
+    #[test]
     fn greedy_follows_the_argmax_and_pads() -> Result<()> {
         let mut t = table();
         t.rows = vec![0, 0];
