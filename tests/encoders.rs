@@ -73,7 +73,7 @@ fn assert_all_params_get_gradient(enc: &DprEncoder, texts: &[&str]) -> Result<()
             Some(g) => g.abs()?.sum_all()?.to_scalar::<f32>()?,
             None => 0.0,
         };
-        if !(norm > 0.0) {
+        if norm.is_nan() || norm <= 0.0 {
             missing.push(name.clone());
         }
     }

@@ -67,7 +67,9 @@ impl BertConfig {
                 self.position_embedding_type
             );
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "{origin}: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,
