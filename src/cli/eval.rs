@@ -1,10 +1,473 @@
-//! `rustrag eval`.
+//! `rustrag eval retrieval` (nDCG@10, recall@{1,5,20,100}, MRR@10 as trec_eval computes them) and
+//! `rustrag eval qa` (SQuAD EM/F1).
 
-use anyhow::Result;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
+use crate::eval::beir::{read_corpus, read_qrels, read_queries, Query};
+use crate::eval::metrics::{evaluate, MetricSpec, Report};
+use crate::eval::{progress, qa, run_queries, write_trec_run};
+use crate::kb::KnowledgeBase;
+use crate::retrieve::analysis::{AnalyzerConfig, StemmerKind};
+use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
+use crate::retrieve::dense::DenseRetriever;
+use crate::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
+use crate::retrieve::{Passage, Retriever};
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
 
-pub fn run(_args: Args, _json: bool) -> Result<()> {
-    anyhow::bail!("`rustrag eval` is not implemented yet")
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Retrieval quality on BEIR-format data.
+    Retrieval(RetrievalArgs),
+    /// SQuAD exact match / F1 of predicted answers.
+    Qa(QaArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RetrieverKind {
+    Bm25,
+    Dense,
+    Hybrid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FusionKind {
+    Rrf,
+    Weighted,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RetrievalArgs {
+    /// BEIR corpus.jsonl(.gz) (`_id`, `title`, `text`).
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// queries.jsonl(.gz) (`_id`/`id`, `text`/`question`).
+    #[arg(long)]
+    pub queries: PathBuf,
+    /// qrels TSV (`query-id corpus-id score`) or TREC qrels.
+    #[arg(long)]
+    pub qrels: PathBuf,
+    #[arg(long, value_enum, default_value = "bm25")]
+    pub retriever: RetrieverKind,
+    /// Query encoder (dense, hybrid).
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
+    /// Knowledge base directory (dense, hybrid; build it with `rustrag index build`). With --kb the BM25
+    /// index is built from the KB's passages and lives in `<kb>/bm25` unless --index.
+    #[arg(long)]
+    pub kb: Option<PathBuf>,
+    /// Search the KB's HNSW graph with this ef (default: exact inner-product search).
+    #[arg(long)]
+    pub ef_search: Option<usize>,
+    /// BM25 index directory: built from --corpus if it holds no index (or with --rebuild). Without
+    /// --index and --kb, a temporary index is built.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Rebuild the BM25 index even if one exists.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// Passages retrieved per query.
+    #[arg(long, default_value_t = 100)]
+    pub k: usize,
+    /// Queries per retrieve call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Title and text as one field (flat) or two (multifield).
+    #[arg(long, value_enum, default_value = "flat")]
+    pub layout: FieldLayout,
+    #[arg(long, value_enum, default_value = "porter")]
+    pub stemmer: StemmerKind,
+    /// Keep stopwords (default: drop Lucene's English stopwords).
+    #[arg(long)]
+    pub keep_stopwords: bool,
+    #[arg(long, default_value_t = 0.9)]
+    pub k1: f32,
+    #[arg(long, default_value_t = 0.4)]
+    pub b: f32,
+    /// Title field weight (multifield).
+    #[arg(long, default_value_t = 1.0)]
+    pub title_boost: f32,
+    #[arg(long, value_enum, default_value = "rrf")]
+    pub fusion: FusionKind,
+    /// RRF constant.
+    #[arg(long, default_value_t = 60.0)]
+    pub rrf_k: f32,
+    /// Dense weight in weighted fusion.
+    #[arg(long, default_value_t = 0.5)]
+    pub dense_weight: f32,
+    #[arg(long, value_enum, default_value = "min-max")]
+    pub norm: ScoreNorm,
+    /// Candidates per retriever before fusion.
+    #[arg(long, default_value_t = 1000)]
+    pub depth: usize,
+    /// Also report `all_rel_K` (all relevant docs in the top K), e.g. 10 for HotpotQA.
+    #[arg(long)]
+    pub all_relevant: Vec<usize>,
+    /// Count judged queries that got no results as zeros (trec_eval -c).
+    #[arg(long)]
+    pub complete: bool,
+    /// Also time BM25 one query at a time (top-k rows only, and with stored passages): mean/p50/p99.
+    #[arg(long)]
+    pub latency: bool,
+    /// Write the run in TREC format here.
+    #[arg(long)]
+    pub run_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct QaArgs {
+    /// Predictions: a JSON object `{question id: answer}` (the official SQuAD format) or JSONL lines
+    /// `{"id": ..., "prediction": ...}`.
+    #[arg(long)]
+    pub predictions: PathBuf,
+    /// Questions with `answers` (e.g. squad-dev/queries.jsonl.gz).
+    #[arg(long)]
+    pub queries: PathBuf,
+}
+
+pub fn run(args: Args, json: bool) -> Result<()> {
+    match args.what {
+        What::Retrieval(a) => retrieval(a, json),
+        What::Qa(a) => qa_eval(a, json),
+    }
+}
+
+/// The BM25 configuration asked for; its source is the KB generation (rows must match the dense side)
+/// or the corpus file.
+fn bm25_config(a: &RetrievalArgs) -> Result<Bm25Config> {
+    let source = match &a.kb {
+        Some(dir) => KnowledgeBase::open(dir)?
+            .dir()
+            .canonicalize()?
+            .display()
+            .to_string(),
+        None => a
+            .corpus
+            .canonicalize()
+            .with_context(|| format!("{}", a.corpus.display()))?
+            .display()
+            .to_string(),
+    };
+    Ok(Bm25Config {
+        analyzer: AnalyzerConfig {
+            stopwords: !a.keep_stopwords,
+            stemmer: a.stemmer,
+            ..AnalyzerConfig::default()
+        },
+        layout: a.layout,
+        source: Some(source),
+    })
+}
+
+fn open_kb(a: &RetrievalArgs) -> Result<Arc<KnowledgeBase>> {
+    let dir = a
+        .kb
+        .as_ref()
+        .context("--retriever dense/hybrid needs --kb DIR (build it with `rustrag index build`)")?;
+    Ok(Arc::new(KnowledgeBase::open(dir)?))
+}
+
+/// The passages a BM25 index is built from: the knowledge base's (so that rows match the dense side)
+/// when `--kb` is given, else the corpus file.
+fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
+    match &a.kb {
+        Some(dir) => KnowledgeBase::open(dir)?.passages().all(),
+        None => read_corpus(&a.corpus),
+    }
+}
+
+/// Open the BM25 index at `dir`, building it when missing, built with another analysis, or when
+/// `rebuild`.
+fn open_or_build_bm25(
+    dir: &Path,
+    a: &RetrievalArgs,
+    build_info: &mut Option<f64>,
+) -> Result<Bm25Retriever> {
+    let params = Bm25Params {
+        k1: a.k1,
+        b: a.b,
+        title_boost: a.title_boost,
+    };
+    let config = bm25_config(a)?;
+    if !a.rebuild {
+        if let Ok(r) = Bm25Retriever::open(dir, params) {
+            if r.manifest().config == config {
+                return Ok(r);
+            }
+            tracing::info!(
+                "BM25 index in {} has another configuration or source; rebuilding",
+                dir.display()
+            );
+        }
+    }
+    let corpus = bm25_passages(a)?;
+    let t = Instant::now();
+    build_index(dir, &corpus, &config)?;
+    *build_info = Some(t.elapsed().as_secs_f64());
+    Bm25Retriever::open(dir, params)
+}
+
+fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
+    let queries = read_queries(&a.queries)?;
+    let qrels = read_qrels(&a.qrels)?;
+    // Only judged queries are evaluated (trec_eval skips the others).
+    let judged: Vec<Query> = queries
+        .into_iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .collect();
+    if judged.is_empty() {
+        bail!(
+            "no query in {} has judgements in {}",
+            a.queries.display(),
+            a.qrels.display()
+        );
+    }
+    let _tmp; // keeps a temporary index alive for the run
+    let index_dir = match (&a.index, &a.kb) {
+        (Some(d), _) => d.clone(),
+        (None, Some(kb)) => kb.join("bm25"),
+        (None, None) => {
+            let t = tempfile::tempdir().context("create a temporary BM25 index dir")?;
+            let p = t.path().to_path_buf();
+            _tmp = t;
+            p
+        }
+    };
+    let mut build_seconds = None;
+    let mut latency = None;
+    let retriever: Box<dyn Retriever> = match a.retriever {
+        RetrieverKind::Bm25 => {
+            let bm25 = open_or_build_bm25(&index_dir, &a, &mut build_seconds)?;
+            if a.latency {
+                latency = Some(bm25_latency(&bm25, &judged, a.k)?);
+            }
+            Box::new(bm25)
+        }
+        RetrieverKind::Dense => dense_retriever(&a, &open_kb(&a)?)?,
+        RetrieverKind::Hybrid => {
+            let kb = open_kb(&a)?;
+            let dense = dense_retriever(&a, &kb)?;
+            let sparse = Box::new(open_or_build_bm25(&index_dir, &a, &mut build_seconds)?);
+            let fusion = match a.fusion {
+                FusionKind::Rrf => Fusion::Rrf { k: a.rrf_k },
+                FusionKind::Weighted => Fusion::Weighted {
+                    dense_weight: a.dense_weight,
+                    norm: a.norm,
+                },
+            };
+            Box::new(HybridRetriever::new(dense, sparse, fusion, a.depth)?)
+        }
+    };
+    let timed = run_queries(retriever.as_ref(), &judged, a.k, a.batch)?;
+    let spec = MetricSpec {
+        all_relevant: a.all_relevant.clone(),
+        complete: a.complete,
+        ..MetricSpec::default()
+    };
+    let report = evaluate(&qrels, &timed.run, &spec)?;
+    if let Some(path) = &a.run_out {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+        );
+        write_trec_run(
+            &timed.run,
+            &format!("rustrag-{:?}", a.retriever).to_lowercase(),
+            &mut f,
+        )?;
+    }
+    print_report(
+        &a,
+        &report,
+        timed.seconds,
+        judged.len(),
+        build_seconds,
+        latency,
+        json,
+    )
+}
+
+/// Single-query BM25 latency in microseconds: `{search: [mean, p50, p99], with_passages: [...]}`.
+fn bm25_latency(bm25: &Bm25Retriever, queries: &[Query], k: usize) -> Result<serde_json::Value> {
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        json!({"mean_us": v.iter().sum::<f64>() / v.len() as f64, "p50_us": pct(0.5), "p99_us": pct(0.99)})
+    };
+    let (mut rows_only, mut with_passages) = (Vec::new(), Vec::new());
+    for q in queries {
+        let t = Instant::now();
+        std::hint::black_box(bm25.search(&q.text, k)?);
+        rows_only.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        std::hint::black_box(bm25.search_hits(&q.text, k)?);
+        with_passages.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(
+        json!({"k": k, "queries": queries.len(), "search": stats(rows_only), "with_passages": stats(with_passages)}),
+    )
+}
+
+/// The dense retriever of the knowledge base at `--kb` with the question encoder `--encoder`.
+fn dense_retriever(a: &RetrievalArgs, kb: &Arc<KnowledgeBase>) -> Result<Box<dyn Retriever>> {
+    let enc_path = a
+        .encoder
+        .as_ref()
+        .context("--retriever dense/hybrid needs --encoder (the question encoder)")?;
+    let encoder: Arc<dyn TextEncoder> = Arc::from(load_encoder(
+        &enc_path.to_string_lossy(),
+        &LoadOptions::default(),
+    )?);
+    let mut dense = DenseRetriever::new(kb.clone(), Some(encoder), a.ef_search)?;
+    dense.return_embeddings = false;
+    Ok(Box::new(dense))
+}
+
+fn print_report(
+    a: &RetrievalArgs,
+    r: &Report,
+    seconds: f64,
+    num_queries: usize,
+    build_seconds: Option<f64>,
+    latency: Option<serde_json::Value>,
+    json: bool,
+) -> Result<()> {
+    let pretty: Vec<(String, f64)> = r
+        .mean
+        .iter()
+        .map(|(m, v)| {
+            let name = if let Some(k) = m.strip_prefix("ndcg_cut_") {
+                format!("nDCG@{k}")
+            } else if let Some(k) = m.strip_prefix("recall_") {
+                format!("Recall@{k}")
+            } else if let Some(k) = m.strip_prefix("recip_rank_") {
+                format!("MRR@{k}")
+            } else if let Some(k) = m.strip_prefix("all_rel_") {
+                format!("AllRel@{k}")
+            } else {
+                m.clone()
+            };
+            (name, *v)
+        })
+        .collect();
+    let qps = num_queries as f64 / seconds.max(1e-9);
+    if json {
+        let metrics: BTreeMap<&str, f64> = r.mean.iter().map(|(m, v)| (m.as_str(), *v)).collect();
+        let out = json!({
+            "retriever": format!("{:?}", a.retriever).to_lowercase(),
+            "corpus": a.corpus, "queries": a.queries, "qrels": a.qrels,
+            "k": a.k,
+            "bm25": { "layout": a.layout, "stemmer": a.stemmer, "stopwords": !a.keep_stopwords, "k1": a.k1, "b": a.b },
+            "num_queries": r.num_queries,
+            "metrics": metrics,
+            "retrieval_seconds": seconds,
+            "queries_per_second": qps,
+            "index_build_seconds": build_seconds,
+            "bm25_latency": latency,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "retriever {:?}, {} queries evaluated, k = {}",
+            a.retriever, r.num_queries, a.k
+        );
+        for (name, v) in &pretty {
+            println!("{name:>12}  {v:.4}");
+        }
+        println!(
+            "retrieval: {seconds:.2} s ({qps:.1} queries/s, batch {})",
+            a.batch
+        );
+        if let Some(b) = build_seconds {
+            println!("BM25 index build: {b:.2} s");
+        }
+        if let Some(l) = latency {
+            println!("BM25 single-query latency (µs): {l}");
+        }
+    }
+    Ok(())
+}
+
+fn read_predictions(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text) {
+        return map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => Ok((k, s)),
+                other => bail!(
+                    "{}: prediction for {k} must be a string, found {other}",
+                    path.display()
+                ),
+            })
+            .collect();
+    }
+    let mut out = BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let id = v
+            .get("id")
+            .and_then(|x| x.as_str())
+            .with_context(|| format!("{}:{}: missing `id`", path.display(), i + 1))?;
+        let p = v
+            .get("prediction")
+            .and_then(|x| x.as_str())
+            .with_context(|| {
+                format!("{}:{}: missing string `prediction`", path.display(), i + 1)
+            })?;
+        out.insert(id.to_string(), p.to_string());
+    }
+    Ok(out)
+}
+
+fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
+    let preds = read_predictions(&a.predictions)?;
+    let queries = read_queries(&a.queries)?;
+    let bar = progress(queries.len() as u64, "score");
+    let (mut em, mut f1, mut n, mut missing) = (0.0, 0.0, 0usize, 0usize);
+    for q in &queries {
+        bar.inc(1);
+        if q.answers.is_empty() {
+            continue;
+        }
+        n += 1;
+        // The official script counts an unanswered question as 0 (and warns).
+        let Some(p) = preds.get(&q.id) else {
+            missing += 1;
+            continue;
+        };
+        em += qa::max_over_answers(qa::exact_match, p, &q.answers);
+        f1 += qa::max_over_answers(qa::f1_score, p, &q.answers);
+    }
+    bar.finish_and_clear();
+    if n == 0 {
+        bail!("{}: no question has `answers`", a.queries.display());
+    }
+    let (em, f1) = (100.0 * em / n as f64, 100.0 * f1 / n as f64);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"exact_match": em, "f1": f1, "questions": n, "unanswered": missing})
+            )?
+        );
+    } else {
+        println!("exact_match {em:.2}  f1 {f1:.2}  ({n} questions, {missing} unanswered)");
+    }
+    Ok(())
 }

@@ -1,10 +1,258 @@
-//! `rustrag index`.
+//! `rustrag index build|add|info|reembed`: build and maintain on-disk knowledge bases.
 
+use crate::encoders::TextEncoder;
+use crate::kb::ingest::IngestOptions;
+use crate::kb::{self, BuildOptions, BuildReport, EmbeddingDtype, HnswParams, KnowledgeBase};
 use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    pub command: IndexCommand,
+}
 
-pub fn run(_args: Args, _json: bool) -> Result<()> {
-    anyhow::bail!("`rustrag index` is not implemented yet")
+#[derive(clap::Subcommand, Debug)]
+pub enum IndexCommand {
+    /// Build a knowledge base from a corpus (replaces the live one atomically).
+    Build(BuildArgs),
+    /// Add documents to an existing knowledge base (same encoder).
+    Add(AddArgs),
+    /// Show what a knowledge base holds.
+    Info(InfoArgs),
+    /// Re-embed every passage with another context encoder (e.g. after training).
+    Reembed(ReembedArgs),
+}
+
+/// Options shared by the commands that embed passages.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EmbedOpts {
+    /// Passages per encoder forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Override the encoder's maximum tokens per passage.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Skip (and report) malformed records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Records larger than this many bytes are malformed.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_doc_bytes: usize,
+    /// Also build an HNSW graph (inner product).
+    #[arg(long)]
+    pub hnsw: bool,
+    /// HNSW: neighbours per node.
+    #[arg(long, default_value_t = 32)]
+    pub m: usize,
+    /// HNSW: candidate list size while building.
+    #[arg(long, default_value_t = 128)]
+    pub ef_construction: usize,
+    /// HNSW: default candidate list size while searching.
+    #[arg(long, default_value_t = 128)]
+    pub ef_search: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// Corpus file(s) or directories: BEIR corpus.jsonl[.gz], DPR TSV, title/text CSV/TSV, .txt/.md dirs.
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Context encoder directory or hub id.
+    #[arg(long)]
+    pub encoder: String,
+    /// Knowledge base directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store embeddings as f16 (half the size).
+    #[arg(long)]
+    pub f16: bool,
+    /// Words per passage (0 = do not split documents).
+    #[arg(long, default_value_t = 100)]
+    pub words_per_passage: usize,
+    #[command(flatten)]
+    pub embed: EmbedOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AddArgs {
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Knowledge base directory.
+    #[arg(long)]
+    pub kb: PathBuf,
+    /// Encoder (default: the one recorded in the manifest).
+    #[arg(long)]
+    pub encoder: Option<String>,
+    #[command(flatten)]
+    pub embed: EmbedOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    #[arg(long)]
+    pub kb: PathBuf,
+    /// Recompute and check the sha256 of every file.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReembedArgs {
+    #[arg(long)]
+    pub kb: PathBuf,
+    /// The new context encoder.
+    #[arg(long)]
+    pub encoder: String,
+    #[command(flatten)]
+    pub embed: EmbedOpts,
+}
+
+/// Load a text encoder for KB building/querying.
+pub fn load_encoder(spec: &str, batch_size: usize, max_length: Option<usize>) -> Result<Box<dyn TextEncoder>> {
+    let opts = crate::encoders::LoadOptions { batch_size, max_length, ..Default::default() };
+    crate::encoders::load_encoder(spec, &opts)
+}
+
+fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOptions {
+    BuildOptions {
+        words_per_passage,
+        dtype: if f16 { EmbeddingDtype::F16 } else { EmbeddingDtype::F32 },
+        hnsw: e.hnsw.then_some(HnswParams { m: e.m, ef_construction: e.ef_construction, ef_search: e.ef_search }),
+        batch_size: e.batch_size,
+        ingest: IngestOptions { skip_bad: e.skip_bad, max_doc_bytes: e.max_doc_bytes },
+    }
+}
+
+fn progress_bar(json: bool) -> ProgressBar {
+    let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} passages ({per_sec}, eta {eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message("embedding");
+    pb
+}
+
+pub fn run(args: Args, json: bool) -> Result<()> {
+    match args.command {
+        IndexCommand::Build(a) => {
+            let encoder = load_encoder(&a.encoder, a.embed.batch_size, a.embed.max_length)?;
+            let opts = build_options(&a.embed, a.words_per_passage, a.f16);
+            let pb = progress_bar(json);
+            let mut cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = kb::build(&a.out, &a.corpus, encoder.as_ref(), &opts, &mut cb)?;
+            pb.finish_and_clear();
+            print_report("built", &a.out, &r, json)
+        }
+        IndexCommand::Add(a) => {
+            let spec = match a.encoder {
+                Some(e) => e,
+                None => KnowledgeBase::open(&a.kb)?.manifest().encoder.source.clone(),
+            };
+            let encoder = load_encoder(&spec, a.embed.batch_size, a.embed.max_length)?;
+            let mut opts = build_options(&a.embed, 0, false);
+            if !a.embed.hnsw {
+                opts.hnsw = None; // keep the KB's own HNSW settings
+            }
+            let pb = progress_bar(json);
+            let mut cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = kb::add_documents(&a.kb, &a.corpus, encoder.as_ref(), &opts, &mut cb)?;
+            pb.finish_and_clear();
+            print_report("added to", &a.kb, &r, json)
+        }
+        IndexCommand::Reembed(a) => {
+            let encoder = load_encoder(&a.encoder, a.embed.batch_size, a.embed.max_length)?;
+            let cur = KnowledgeBase::open(&a.kb)?;
+            let mut opts = build_options(&a.embed, 0, cur.manifest().dtype == EmbeddingDtype::F16);
+            if !a.embed.hnsw {
+                opts.hnsw = None;
+            }
+            drop(cur);
+            let pb = progress_bar(json);
+            let mut cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = kb::reembed(&a.kb, encoder.as_ref(), &opts, &mut cb)?;
+            pb.finish_and_clear();
+            print_report("re-embedded", &a.kb, &r, json)
+        }
+        IndexCommand::Info(a) => {
+            let kb = KnowledgeBase::open(&a.kb)?;
+            if a.verify {
+                kb.verify()?;
+            }
+            let m = kb.manifest();
+            if json {
+                let mut v = serde_json::to_value(m)?;
+                v["generation_dir"] = serde_json::json!(kb.dir().display().to_string());
+                v["bytes_on_disk"] = serde_json::json!(kb.bytes_on_disk());
+                v["verified"] = serde_json::json!(a.verify);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
+                println!("  passages     {} from {} documents ({} words/passage)", m.passages, m.documents, m.words_per_passage);
+                println!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
+                println!(
+                    "  encoder      {} ({}, pooling {}, normalized {}, sha256 {})",
+                    m.encoder.source, m.encoder.kind, m.encoder.pooling, m.encoder.normalized, m.encoder.weights_sha256
+                );
+                match &m.hnsw {
+                    Some(h) => println!("  hnsw         M {} ef_construction {} ef_search {}", h.m, h.ef_construction, h.ef_search),
+                    None => println!("  hnsw         none (exact search only)"),
+                }
+                let per = kb.bytes_on_disk() as f64 / m.passages.max(1) as f64;
+                println!("  on disk      {} bytes ({per:.0} bytes/passage)", kb.bytes_on_disk());
+                println!("  format       v{} by {}", m.format_version, m.writer);
+                if a.verify {
+                    println!("  checksums    ok");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!(
+        "{what} {}: {} passages ({} new) from {} documents, dim {} {:?}, {} bytes on disk ({:.0} bytes/passage)",
+        dir.display(),
+        r.passages,
+        r.added,
+        r.documents,
+        r.dim,
+        r.dtype,
+        r.bytes_on_disk,
+        r.bytes_on_disk as f64 / r.passages.max(1) as f64
+    );
+    println!(
+        "time: {:.1}s total, {:.1}s embedding ({:.1} passages/s), {:.1}s HNSW",
+        r.total_seconds,
+        r.embed_seconds,
+        r.added as f64 / r.embed_seconds.max(1e-9),
+        r.hnsw_seconds
+    );
+    if !r.bad_records.is_empty() {
+        println!("skipped {} bad records:", r.bad_records.len());
+        for b in r.bad_records.iter().take(20) {
+            println!("  {b}");
+        }
+        if r.bad_records.len() > 20 {
+            println!("  ... and {} more", r.bad_records.len() - 20);
+        }
+    }
+    Ok(())
 }

@@ -1,10 +1,84 @@
-//! `rustrag retrieve`.
+//! `rustrag retrieve`: top-k passages for questions from a knowledge base.
 
-use anyhow::Result;
+use crate::kb::KnowledgeBase;
+use crate::retrieve::dense::DenseRetriever;
+use crate::retrieve::Retriever;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Knowledge base directory.
+    #[arg(long)]
+    pub kb: PathBuf,
+    /// Question(s).
+    #[arg(long, required = true, num_args = 1..)]
+    pub query: Vec<String>,
+    /// Passages per question.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// HNSW candidate list size (default: the KB's); ignored with --exact.
+    #[arg(long)]
+    pub ef_search: Option<usize>,
+    /// Exact inner-product search even when the KB has an HNSW graph.
+    #[arg(long)]
+    pub exact: bool,
+    /// Question encoder (default: the encoder recorded in the KB manifest).
+    #[arg(long)]
+    pub encoder: Option<String>,
+    /// Characters of passage text to print (text output).
+    #[arg(long, default_value_t = 160)]
+    pub width: usize,
+}
 
-pub fn run(_args: Args, _json: bool) -> Result<()> {
-    anyhow::bail!("`rustrag retrieve` is not implemented yet")
+pub fn run(args: Args, json: bool) -> Result<()> {
+    if args.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let kb = Arc::new(KnowledgeBase::open(&args.kb)?);
+    let m = kb.manifest().clone();
+    let spec = args.encoder.clone().unwrap_or_else(|| m.encoder.source.clone());
+    let encoder = super::index::load_encoder(&spec, 32, None)?;
+    let ef = match (args.exact, &m.hnsw) {
+        (true, _) | (false, None) => None,
+        (false, Some(h)) => Some(args.ef_search.unwrap_or(h.ef_search)),
+    };
+    if args.ef_search.is_some() && m.hnsw.is_none() && !args.exact {
+        bail!("{} has no HNSW index; drop --ef-search or rebuild with `rustrag index build --hnsw`", args.kb.display());
+    }
+    let retriever = DenseRetriever::new(kb, Some(Arc::from(encoder)), ef)?;
+    let queries: Vec<&str> = args.query.iter().map(|s| s.as_str()).collect();
+    let t0 = std::time::Instant::now();
+    let hits = retriever.retrieve(&queries, None, args.k)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let mode = if ef.is_some() { "hnsw" } else { "exact" };
+    if json {
+        let results: Vec<_> = queries
+            .iter()
+            .zip(&hits)
+            .map(|(q, h)| {
+                let hits: Vec<_> = (0..h.doc_ids.len())
+                    .map(|i| {
+                        serde_json::json!({"rank": i + 1, "row": h.doc_ids[i], "score": h.scores[i], "id": h.passages[i].id,
+                                           "title": h.passages[i].title, "text": h.passages[i].text})
+                    })
+                    .collect();
+                serde_json::json!({"query": q, "hits": hits})
+            })
+            .collect();
+        let out = serde_json::json!({"kb": args.kb.display().to_string(), "search": mode, "ef_search": ef, "k": args.k,
+                                     "seconds": seconds, "results": results});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (q, h) in queries.iter().zip(&hits) {
+        println!("query: {q}");
+        for (i, p) in h.passages.iter().enumerate() {
+            let text: String = p.text.chars().take(args.width).collect();
+            let more = if p.text.chars().count() > args.width { "…" } else { "" };
+            println!("  {:>2}. {:.4}  [{}] {} — {text}{more}", i + 1, h.scores[i], p.id, p.title);
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,8 @@
 //! logits one step at a time for many rows ([`Decoder::step`]), reordering or duplicating rows between
 //! steps ([`DecodeState::select_rows`]) for beam search and n_docs expansion.
 
+pub mod attention;
+pub mod auto;
 pub mod bart;
 pub mod llama;
 pub mod t5;
@@ -143,4 +145,10 @@ pub trait Seq2Seq: Decoder {
 
     /// Trainable parameters by HF name (empty unless loaded trainable).
     fn vars(&self) -> Vec<(String, Var)>;
+
+    /// The `prefix` of the generator's config.json (T5: e.g. "context: "), which the retriever puts
+    /// in front of every context string.
+    fn config_prefix(&self) -> Option<&str> {
+        None
+    }
 }

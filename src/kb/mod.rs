@@ -1,1 +1,128 @@
-//! TODO
+//! The on-disk knowledge base: passages (memory-mapped store), their embeddings (f32 or f16,
+//! memory-mapped), an optional HNSW graph and a manifest, written atomically as a generation of a KB
+//! directory (see [`atomic`]).
+//!
+//! Layout: `<root>/CURRENT` names `<root>/gen-NNNNNNNN/`, which holds `manifest.json`,
+//! `passages.bin`, `passages.idx`, `ids.idx`, `embeddings.f32|f16` and optionally `hnsw.usearch`.
+
+pub mod atomic;
+pub mod build;
+pub mod embeddings;
+pub mod ingest;
+pub mod manifest;
+pub mod split;
+pub mod store;
+
+pub use build::{add_documents, build, reembed, write_kb, BuildOptions, BuildReport};
+pub use embeddings::EmbeddingMatrix;
+pub use manifest::{EmbeddingDtype, HnswParams, Manifest};
+pub use store::PassageStore;
+
+use crate::encoders::EncoderFingerprint;
+use crate::retrieve::Passage;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// File name of the persisted HNSW graph inside a generation.
+pub const HNSW_FILE: &str = "hnsw.usearch";
+
+/// An opened (read-only) knowledge base generation.
+pub struct KnowledgeBase {
+    root: PathBuf,
+    dir: PathBuf,
+    manifest: Manifest,
+    store: PassageStore,
+    embeddings: EmbeddingMatrix,
+}
+
+impl KnowledgeBase {
+    /// Open the live generation of the KB at `root`: reads the manifest (format version checked),
+    /// maps the passage store and the embeddings and checks their sizes against the manifest.
+    pub fn open(root: &Path) -> Result<Self> {
+        let dir = match atomic::current_generation(root)? {
+            Some(d) => d,
+            None if root.join(manifest::MANIFEST_FILE).exists() => root.to_path_buf(),
+            None => bail!("{} is not a rustrag knowledge base (no {} file); build one with `rustrag index build`", root.display(), atomic::CURRENT),
+        };
+        let manifest = Manifest::load(&dir)?;
+        for (name, entry) in &manifest.files {
+            let p = dir.join(name);
+            let len = std::fs::metadata(&p).with_context(|| format!("knowledge base file {} is missing", p.display()))?.len();
+            if len != entry.bytes {
+                bail!("{}: {len} bytes, the manifest records {} (corrupt or partially copied)", p.display(), entry.bytes);
+            }
+        }
+        let store = PassageStore::open(&dir, manifest.passages)?;
+        let embeddings = EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
+        Ok(Self { root: root.to_path_buf(), dir, manifest, store, embeddings })
+    }
+
+    /// Recompute the sha256 of every data file and compare with the manifest.
+    pub fn verify(&self) -> Result<()> {
+        for (name, entry) in &self.manifest.files {
+            let got = manifest::file_entry(&self.dir.join(name))?;
+            if got.sha256 != entry.sha256 {
+                bail!("{}: checksum mismatch (manifest {}, file {})", self.dir.join(name).display(), entry.sha256, got.sha256);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The generation directory in use.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.manifest.dim
+    }
+
+    pub fn passages(&self) -> &PassageStore {
+        &self.store
+    }
+
+    pub fn passage(&self, row: usize) -> Result<Passage> {
+        self.store.get(row)
+    }
+
+    pub fn row_of(&self, id: &str) -> Result<Option<usize>> {
+        self.store.row_of(id)
+    }
+
+    /// Passage embeddings `[len, dim]`.
+    pub fn embeddings(&self) -> &EmbeddingMatrix {
+        &self.embeddings
+    }
+
+    /// Path of the persisted HNSW graph, when the KB has one.
+    pub fn hnsw_path(&self) -> Option<PathBuf> {
+        self.manifest.hnsw.as_ref().map(|_| self.dir.join(HNSW_FILE))
+    }
+
+    /// Refuse a query encoder that does not match the encoder recorded in the manifest.
+    pub fn check_query_encoder(&self, q: &EncoderFingerprint) -> Result<()> {
+        self.manifest.check_query_encoder(q).with_context(|| format!("knowledge base {}", self.root.display()))
+    }
+
+    /// Bytes on disk of this generation's files.
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.manifest.files.values().map(|f| f.bytes).sum::<u64>()
+            + std::fs::metadata(self.dir.join(manifest::MANIFEST_FILE)).map(|m| m.len()).unwrap_or(0)
+    }
+}

@@ -1,6 +1,13 @@
 //! Retrievers: questions -> top-k passages of a knowledge base, with scores (and, for dense retrievers,
 //! the passage embeddings so that RAG can recompute differentiable doc scores `q · d`).
 
+pub mod analysis;
+pub mod bm25;
+pub mod dense;
+pub mod hnsw;
+pub mod hybrid;
+pub mod porter;
+
 use anyhow::Result;
 use candle_core::Tensor;
 

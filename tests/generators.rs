@@ -1,0 +1,302 @@
+//! Seq2seq generators (BART, T5) on the real tiny HF checkpoints of the parity fixtures: every parameter
+//! trains, decode-state row selection is consistent with decoding the selected rows from scratch, and bad
+//! checkpoints give errors naming the file / field / tensor instead of panicking.
+//!
+//! Fixtures: `$RUSTRAG_PARITY_DIR` (default `<crate>/../shared/parity`); missing fixtures fail the tests.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rustrag::generators::auto::{load_generator_tokenizer, load_seq2seq};
+use rustrag::generators::{GenInput, Seq2Seq};
+use rustrag::tokenize::Padding;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn parity_dir() -> PathBuf {
+    let dir = std::env::var("RUSTRAG_PARITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/parity"));
+    assert!(dir.is_dir(), "parity fixtures not found at {} (set RUSTRAG_PARITY_DIR)", dir.display());
+    dir
+}
+
+/// `<case>/generator` of the first case whose generator config has `model_type == kind`.
+fn generator_dir(kind: &str) -> PathBuf {
+    let root = parity_dir();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("read parity dir")
+        .filter_map(|e| e.ok().map(|e| e.path().join("generator")))
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    cases.sort();
+    cases
+        .into_iter()
+        .find(|p| {
+            let cfg: serde_json::Value = rustrag::hub::read_json(&p.join("config.json")).expect("config.json");
+            cfg.get("model_type").and_then(|v| v.as_str()) == Some(kind)
+        })
+        .unwrap_or_else(|| panic!("no `{kind}` generator under {}", root.display()))
+}
+
+const TEXTS: [&str; 3] = [
+    "Super Bowl 50 / the Denver Broncos defeated the Carolina Panthers // who won super bowl 50?",
+    "Normans / The Normans were the people who gave their name to Normandy // where is normandy?",
+    "short context",
+];
+
+/// Tokenized context rows `[3, len]` and decoder inputs `[3, 5]` (decoder start + ids from the contexts).
+fn batch(dir: &Path, model: &dyn Seq2Seq) -> Result<(GenInput, Tensor)> {
+    let tok = load_generator_tokenizer(&dir.to_string_lossy())?;
+    let enc = tok.encode_batch(&TEXTS, true, Some(40), Padding::Longest)?;
+    let (ids, mask) = enc.tensors(&Device::Cpu)?;
+    let start = model.special_ids().decoder_start;
+    let dec: Vec<Vec<u32>> =
+        enc.input_ids.iter().map(|r| std::iter::once(start).chain(r.iter().skip(1).take(4).copied()).collect()).collect();
+    Ok((GenInput { input_ids: ids, attention_mask: mask }, rustrag::tokenize::ids_tensor(&dec, &Device::Cpu)?))
+}
+
+fn every_parameter_gets_a_gradient(kind: &str) -> Result<()> {
+    let dir = generator_dir(kind);
+    let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, true)?;
+    let vars = model.vars();
+    let weights = rustrag::hub::Weights::from_dir(&dir, DType::F32, &Device::Cpu, false)?;
+    assert_eq!(vars.len(), weights.names().count(), "{kind}: every stored tensor is a trainable variable");
+    let (input, dec) = batch(&dir, model.as_ref())?;
+    let logits = model.forward(&input, &dec)?;
+    // Teacher-forced NLL of the next decoder input (last position predicts the first one again, any target works).
+    let (_, t_len, _) = logits.dims3()?;
+    let next = Tensor::cat(&[dec.narrow(1, 1, t_len - 1)?, dec.narrow(1, 0, 1)?], 1)?.contiguous()?;
+    let lp = rustrag::nn::log_softmax_last_dim(&logits)?;
+    let loss = lp.gather(&next.unsqueeze(2)?, 2)?.sum_all()?.neg()?;
+    assert!(loss.to_scalar::<f32>()?.is_finite());
+    let grads = loss.backward()?;
+    let mut missing = Vec::new();
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor());
+        let norm = match g {
+            Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        if !(norm > 0.0) {
+            missing.push(name.clone());
+        }
+    }
+    assert!(missing.is_empty(), "{kind}: {} of {} parameters got no gradient: {missing:?}", missing.len(), vars.len());
+    Ok(())
+}
+
+#[test]
+fn bart_every_parameter_gets_a_gradient() -> Result<()> {
+    every_parameter_gets_a_gradient("bart")
+}
+
+#[test]
+fn t5_every_parameter_gets_a_gradient() -> Result<()> {
+    every_parameter_gets_a_gradient("t5")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Decode two steps on rows `[0, 1, 2]`, reorder/duplicate to `[2, 0, 0, 1]` between the steps, and compare
+/// with decoding the selected rows from scratch; also `select_rows` right after `start` (n_docs expansion).
+fn select_rows_matches_fresh_decoding(kind: &str) -> Result<()> {
+    let dir = generator_dir(kind);
+    let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+    let (input, dec) = batch(&dir, model.as_ref())?;
+    let dev = Device::Cpu;
+    let sel = Tensor::new(&[2u32, 0, 0, 1], &dev)?;
+    let pick = |t: &Tensor| t.index_select(&sel, 0);
+    let col = |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(1, i, 1)?.squeeze(1)?.contiguous()?) };
+
+    let mut state = model.start(&input)?;
+    model.step(&mut state, &col(&dec, 0)?)?;
+    let mut moved = state.select_rows(&sel)?;
+    assert_eq!(moved.rows()?, 4);
+    let got = model.step(&mut moved, &pick(&col(&dec, 1)?)?)?;
+
+    let fresh_input = GenInput { input_ids: pick(&input.input_ids)?, attention_mask: pick(&input.attention_mask)? };
+    let mut fresh = model.start(&fresh_input)?;
+    model.step(&mut fresh, &pick(&col(&dec, 0)?)?)?;
+    let want = model.step(&mut fresh, &pick(&col(&dec, 1)?)?)?;
+    assert_eq!(got.dims(), [4, model.special_ids().vocab_size]);
+    let d = max_diff(&got, &want)?;
+    assert!(d < 1e-4, "{kind}: reordered cache differs from fresh decoding by {d}");
+
+    // Expansion before the first step (RAG: one encoder pass per doc row, then duplicated for beams).
+    let mut expanded = model.start(&input)?.select_rows(&sel)?;
+    let a = model.first_logits(&mut expanded)?;
+    let b = model.first_logits(&mut model.start(&fresh_input)?)?;
+    let d = max_diff(&a, &b)?;
+    assert!(d < 1e-4, "{kind}: expanded state differs from fresh decoding by {d}");
+    // Duplicated rows give identical logits.
+    let d = max_diff(&a.get(1)?, &a.get(2)?)?;
+    assert!(d == 0.0, "{kind}: duplicated rows differ by {d}");
+    Ok(())
+}
+
+#[test]
+fn bart_select_rows_matches_fresh_decoding() -> Result<()> {
+    select_rows_matches_fresh_decoding("bart")
+}
+
+#[test]
+fn t5_select_rows_matches_fresh_decoding() -> Result<()> {
+    select_rows_matches_fresh_decoding("t5")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Bad input
+
+/// Copy a generator directory into a temp dir so that it can be damaged.
+fn copy_dir(src: &Path) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::copy(&p, tmp.path().join(p.file_name().context("file name")?))?;
+        }
+    }
+    Ok(tmp)
+}
+
+fn load_err(dir: &Path) -> String {
+    match load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = rustrag::hub::read_json(&path)?;
+    f(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}
+
+fn edit_weights(dir: &Path, f: impl FnOnce(&mut HashMap<String, Tensor>) -> Result<()>) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    f(&mut t)?;
+    candle_core::safetensors::save(&t, &path)?;
+    Ok(())
+}
+
+#[test]
+fn unknown_architecture_names_file_and_field() -> Result<()> {
+    let tmp = copy_dir(&generator_dir("bart"))?;
+    edit_config(tmp.path(), |c| {
+        c["model_type"] = "gpt2".into();
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    })?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json") && e.contains("model_type") && e.contains("gpt2"), "{e}");
+
+    edit_config(tmp.path(), |c| {
+        c.as_object_mut().unwrap().remove("model_type");
+    })?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json") && e.contains("architectures") && e.contains("GPT2LMHeadModel"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn rag_checkpoint_without_generator_config_is_an_error() -> Result<()> {
+    let rag = generator_dir("t5").parent().context("case dir")?.join("rag");
+    let tmp = copy_dir(&rag)?;
+    edit_config(tmp.path(), |c| {
+        c.as_object_mut().unwrap().remove("generator");
+    })?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json") && e.contains("generator"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn wrong_tensor_shape_names_file_and_tensor() -> Result<()> {
+    for kind in ["bart", "t5"] {
+        let tmp = copy_dir(&generator_dir(kind))?;
+        let name = if kind == "bart" { "model.decoder.layers.0.fc1.weight" } else { "decoder.block.0.layer.2.DenseReluDense.wi.weight" };
+        edit_weights(tmp.path(), |w| {
+            let t = w.get(name).context("tensor present")?.narrow(0, 1, 3)?;
+            w.insert(name.to_string(), t);
+            Ok(())
+        })?;
+        let e = load_err(tmp.path());
+        assert!(e.contains("model.safetensors") && e.contains(name) && e.contains("shape"), "{kind}: {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_tensor_names_file_and_tensor() -> Result<()> {
+    for kind in ["bart", "t5"] {
+        let tmp = copy_dir(&generator_dir(kind))?;
+        let name = if kind == "bart" { "model.encoder.layers.0.self_attn.k_proj.bias" } else { "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" };
+        edit_weights(tmp.path(), |w| {
+            w.remove(name).context("tensor present")?;
+            Ok(())
+        })?;
+        let e = load_err(tmp.path());
+        assert!(e.contains(&tmp.path().display().to_string()) && e.contains("missing") && e.contains(name), "{kind}: {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn corrupt_weights_and_config_name_the_file() -> Result<()> {
+    let tmp = copy_dir(&generator_dir("bart"))?;
+    let weights = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights)?;
+    std::fs::write(&weights, &bytes[..bytes.len() / 2])?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.safetensors"), "truncated weights: {e}");
+    std::fs::write(&weights, b"not a safetensors file at all")?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("model.safetensors"), "garbage weights: {e}");
+
+    std::fs::write(tmp.path().join("config.json"), b"{ \"model_type\": \"bart\", ")?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json"), "corrupt config: {e}");
+    std::fs::write(tmp.path().join("config.json"), b"{ \"model_type\": \"bart\", \"d_model\": 32 }")?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json") && e.contains("vocab_size"), "incomplete config: {e}");
+    Ok(())
+}
+
+#[test]
+fn tokenizer_larger_than_model_vocab_is_an_error() -> Result<()> {
+    // The BART tokenizer has more tokens than the T5 model's vocab_size.
+    let t5 = generator_dir("t5");
+    let bart = generator_dir("bart");
+    let tmp = copy_dir(&t5)?;
+    std::fs::copy(bart.join("tokenizer.json"), tmp.path().join("tokenizer.json"))?;
+    let e = load_err(tmp.path());
+    assert!(e.contains("tokenizer.json") && e.contains("vocab_size"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn bad_runtime_inputs_are_errors() -> Result<()> {
+    for kind in ["bart", "t5"] {
+        let dir = generator_dir(kind);
+        let model = load_seq2seq(&dir.to_string_lossy(), DType::F32, &Device::Cpu, false)?;
+        let dev = Device::Cpu;
+        let vocab = model.special_ids().vocab_size as u32;
+        let ids = Tensor::new(&[[5u32, 6, vocab]], &dev)?;
+        let mask = Tensor::new(&[[1u32, 1, 1]], &dev)?;
+        let e = model.start(&GenInput { input_ids: ids.clone(), attention_mask: mask.clone() }).err().context("id out of range")?;
+        assert!(format!("{e:#}").contains("out of range"), "{kind}: {e:#}");
+        let ok = Tensor::new(&[[5u32, 6, 7]], &dev)?;
+        let e = model.start(&GenInput { input_ids: ok.clone(), attention_mask: Tensor::new(&[[1u32, 1]], &dev)? }).err().context("mask shape")?;
+        assert!(format!("{e:#}").contains("attention_mask"), "{kind}: {e:#}");
+        let mut state = model.start(&GenInput { input_ids: ok.clone(), attention_mask: mask.clone() })?;
+        let e = model.step(&mut state, &Tensor::new(&[1u32, 2], &dev)?).err().context("wrong token count")?;
+        assert!(format!("{e:#}").contains("tokens"), "{kind}: {e:#}");
+        let e = model.forward(&GenInput { input_ids: ok, attention_mask: mask }, &Tensor::new(&[[0u32], [0]], &dev)?).err().context("rows")?;
+        assert!(format!("{e:#}").contains("decoder_input_ids"), "{kind}: {e:#}");
+    }
+    Ok(())
+}
