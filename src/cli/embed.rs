@@ -53,7 +53,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let t0 = std::time::Instant::now();
     let vectors = encoder.encode_texts(&refs)?.to_vec2::<f32>()?;
-    tracing::info!(texts = texts.len(), secs = t0.elapsed().as_secs_f64(), "embedded");
+    tracing::info!(
+        texts = texts.len(),
+        secs = t0.elapsed().as_secs_f64(),
+        "embedded"
+    );
     if json {
         let out = serde_json::json!({
             "model": args.model,

@@ -67,7 +67,9 @@ impl BertConfig {
                 self.position_embedding_type
             );
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "{origin}: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,
@@ -168,6 +170,9 @@ impl Embeddings {
 }
 
 struct Layer {
+    /// `[3h, h]` weight and `[3h]` bias of query|key|value for the fused inference path (None
+    /// when the weights are trainable: a copy would not follow their updates).
+    qkv: Option<(Tensor, Tensor)>,
     query: Dense,
     key: Dense,
     value: Dense,
@@ -182,16 +187,63 @@ impl Layer {
     fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let att = vb.pp("attention");
+        let query = Dense::load(h, h, att.pp("self").pp("query"))?;
+        let key = Dense::load(h, h, att.pp("self").pp("key"))?;
+        let value = Dense::load(h, h, att.pp("self").pp("value"))?;
+        let fusable = [&query, &key, &value].iter().all(|d| {
+            !d.weight.track_op() && d.weight.device().is_cpu() && d.weight.dtype() == DType::F32
+        });
+        let qkv = if fusable {
+            let w = Tensor::cat(&[&query.weight, &key.weight, &value.weight], 0)?.contiguous()?;
+            let b = Tensor::cat(&[&query.bias, &key.bias, &value.bias], 0)?.contiguous()?;
+            Some((w, b))
+        } else {
+            None
+        };
         Ok(Self {
-            query: Dense::load(h, h, att.pp("self").pp("query"))?,
-            key: Dense::load(h, h, att.pp("self").pp("key"))?,
-            value: Dense::load(h, h, att.pp("self").pp("value"))?,
+            qkv,
+            query,
+            key,
+            value,
             attn_out: Dense::load(h, h, att.pp("output").pp("dense"))?,
             attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
             intermediate: Dense::load(h, i, vb.pp("intermediate").pp("dense"))?,
             output: Dense::load(i, h, vb.pp("output").pp("dense"))?,
             out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
         })
+    }
+
+    /// Inference path with fused CPU kernels; `keep: [b * l]` padding mask (1 = token).
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        qkv: &(Tensor, Tensor),
+        keep: &[u32],
+        b: usize,
+        heads: usize,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let (n, h) = x.dims2()?;
+        let dh = h / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (q, k, v) = fused::split_qkv(&x.matmul(&qkv.0.t()?)?, &qkv.1, b, heads, scale)?;
+        let probs = fused::masked_softmax(&q.matmul(&k.t()?)?, keep)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, h))?;
+        let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
+            let bias = ln.bias.clone().context("LayerNorm without bias")?;
+            Ok((ln.weight.clone(), bias, ln.eps))
+        };
+        let (g, be, eps) = norm(&self.attn_norm)?;
+        let attn = ctx.matmul(&self.attn_out.weight.t()?)?;
+        let x = fused::bias_residual_layer_norm(&attn, &self.attn_out.bias, x, &g, &be, eps)?;
+        let inter = x.matmul(&self.intermediate.weight.t()?)?;
+        let inter = match act {
+            Activation::Gelu => fused::bias_gelu(&inter, &self.intermediate.bias)?,
+            other => other.forward(&inter.broadcast_add(&self.intermediate.bias)?)?,
+        };
+        let (g, be, eps) = norm(&self.out_norm)?;
+        let out = inter.matmul(&self.output.weight.t()?)?;
+        fused::bias_residual_layer_norm(&out, &self.output.bias, &x, &g, &be, eps)
     }
 
     /// `x: [b * l, h]`, `mask: [b, 1, 1, l]` additive -> `[b * l, h]`.
@@ -301,15 +353,19 @@ impl BertModel {
             bail!("token id {max_id} is outside the model's vocabulary (vocab_size {vocab})");
         }
         let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
-        let mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
-        for layer in &self.layers {
-            x = layer.forward(
-                &x,
-                &mask,
-                b,
-                self.config.num_attention_heads,
-                self.activation,
-            )?;
+        let heads = self.config.num_attention_heads;
+        // Fused kernels for inference; the composed path when gradients are tracked.
+        if !x.track_op() && self.layers.iter().all(|l| l.qkv.is_some()) {
+            let keep = attention_mask.flatten_all()?.to_vec1::<u32>()?;
+            for layer in &self.layers {
+                let qkv = layer.qkv.as_ref().context("fused weights")?;
+                x = layer.forward_fused(&x, qkv, &keep, b, heads, self.activation)?;
+            }
+        } else {
+            let mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
+            for layer in &self.layers {
+                x = layer.forward(&x, &mask, b, heads, self.activation)?;
+            }
         }
         Ok(x.reshape((b, l, self.config.hidden_size))?)
     }
@@ -475,3 +531,221 @@ pub fn pad_id(tokenizer: &TextTokenizer, config: &BertConfig) -> u32 {
 
 /// Tensor dtype used by the encoders.
 pub const DTYPE: DType = DType::F32;
+
+/// Fused CPU kernels for inference (no gradient tracked, f32, contiguous): the element-wise work
+/// around the matmuls done in one parallel pass each instead of several candle ops.
+/// Training and other devices use the composed, differentiable path in [`Layer::forward`].
+mod fused {
+    use anyhow::{bail, Result};
+    use candle_core::{Device, Storage, Tensor};
+    use rayon::prelude::*;
+
+    /// Run `f` on the f32 data of a contiguous CPU tensor.
+    pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("fused kernel: tensor is not contiguous");
+        };
+        match &*storage {
+            Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+            _ => bail!("fused kernel: tensor is not on the CPU"),
+        }
+    }
+
+    /// erf for f32 as a rational approximation (Eigen / XLA `generic_fast_erf_float`), a few ulp
+    /// from the exact value; branch-free so it vectorises.
+    #[inline(always)]
+    pub fn erf(x: f32) -> f32 {
+        let x = x.clamp(-4.0, 4.0);
+        let x2 = x * x;
+        let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+        p = x2 * p + -2.101_024e-6;
+        p = x2 * p + -5.692_506_4e-5;
+        p = x2 * p + -7.349_906_3e-4;
+        p = x2 * p + -2.954_6e-3;
+        p = x2 * p + -1.609_603_3e-2;
+        p *= x;
+        let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+        q = x2 * q + -1.682_827e-3;
+        q = x2 * q + -7.373_329e-3;
+        q = x2 * q + -1.426_474e-2;
+        p / q
+    }
+
+    const ROWS_PER_TASK: usize = 16;
+
+    /// `gelu_erf(x + bias)`, `x: [n, c]`, `bias: [c]`.
+    pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let mut out = vec![0f32; n * c];
+        with_f32(bias, |b| {
+            with_f32(x, |x| {
+                out.par_chunks_mut(c * ROWS_PER_TASK)
+                    .zip(x.par_chunks(c * ROWS_PER_TASK))
+                    .for_each(|(o, x)| {
+                        for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
+                            for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
+                                let v = x + b;
+                                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                            }
+                        }
+                    })
+            })
+        })??;
+        Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
+    }
+
+    /// `LayerNorm(x + bias + residual)` per row (two-pass mean/variance), all `[n, c]` / `[c]`.
+    pub fn bias_residual_layer_norm(
+        x: &Tensor,
+        bias: &Tensor,
+        residual: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let mut out = vec![0f32; n * c];
+        let eps = eps as f32;
+        with_f32(x, |x| {
+            with_f32(residual, |r| {
+                with_f32(bias, |b| {
+                    with_f32(gamma, |g| {
+                        with_f32(beta, |be| {
+                            out.par_chunks_mut(c)
+                                .zip(x.par_chunks(c))
+                                .zip(r.par_chunks(c))
+                                .for_each(|((o, x), r)| {
+                                    for ((o, x), (r, b)) in o.iter_mut().zip(x).zip(r.iter().zip(b))
+                                    {
+                                        *o = x + b + r;
+                                    }
+                                    let mean = o.iter().sum::<f32>() / c as f32;
+                                    let var =
+                                        o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+                                            / c as f32;
+                                    let inv = 1.0 / (var + eps).sqrt();
+                                    for ((o, g), be) in o.iter_mut().zip(g).zip(be) {
+                                        *o = (*o - mean) * inv * g + be;
+                                    }
+                                })
+                        })
+                    })
+                })
+            })
+        })?????;
+        Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
+    }
+
+    /// Split fused projections `qkv: [b * l, 3 * h]` (+ `bias: [3 * h]`) into `q * scale`, `k`, `v`,
+    /// each `[b, heads, l, h / heads]` contiguous.
+    pub fn split_qkv(
+        qkv: &Tensor,
+        bias: &Tensor,
+        b: usize,
+        heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, h3) = qkv.dims2()?;
+        let (l, h) = (n / b, h3 / 3);
+        let dh = h / heads;
+        let mut outs = [vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n * h]];
+        with_f32(qkv, |src| {
+            with_f32(bias, |bias| {
+                for (which, out) in outs.iter_mut().enumerate() {
+                    let s = if which == 0 { scale } else { 1.0 };
+                    // one task per (batch row, head): l * dh contiguous outputs
+                    out.par_chunks_mut(l * dh).enumerate().for_each(|(bh, o)| {
+                        let (bi, hd) = (bh / heads, bh % heads);
+                        let col = which * h + hd * dh;
+                        let bias = &bias[col..col + dh];
+                        for (t, o) in o.chunks_mut(dh).enumerate() {
+                            let row = &src[(bi * l + t) * h3 + col..][..dh];
+                            for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
+                                *o = (x + bv) * s;
+                            }
+                        }
+                    });
+                }
+            })
+        })??;
+        let [q, k, v] = outs;
+        let shape = (b, heads, l, dh);
+        Ok((
+            Tensor::from_vec(q, shape, &Device::Cpu)?,
+            Tensor::from_vec(k, shape, &Device::Cpu)?,
+            Tensor::from_vec(v, shape, &Device::Cpu)?,
+        ))
+    }
+
+    /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys (`keep[b][j] == 0`) set to
+    /// probability 0, as HF's additive dtype-min mask gives.
+    pub fn masked_softmax(scores: &Tensor, keep: &[u32]) -> Result<Tensor> {
+        let (b, heads, lq, lk) = scores.dims4()?;
+        if keep.len() != b * lk {
+            bail!("mask has {} entries, expected {}", keep.len(), b * lk);
+        }
+        let mut out = vec![0f32; b * heads * lq * lk];
+        with_f32(scores, |s| {
+            out.par_chunks_mut(lk)
+                .zip(s.par_chunks(lk))
+                .enumerate()
+                .for_each(|(row, (o, s))| {
+                    let keep = &keep[(row / (heads * lq)) * lk..][..lk];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, k) in s.iter().zip(keep) {
+                        if *k != 0 && *x > max {
+                            max = *x;
+                        }
+                    }
+                    if max == f32::NEG_INFINITY {
+                        // every key masked: HF's uniform distribution
+                        o.fill(1.0 / lk as f32);
+                        return;
+                    }
+                    let mut sum = 0f32;
+                    for ((o, x), k) in o.iter_mut().zip(s).zip(keep) {
+                        let e = if *k != 0 { (x - max).exp() } else { 0.0 };
+                        *o = e;
+                        sum += e;
+                    }
+                    let inv = 1.0 / sum;
+                    o.iter_mut().for_each(|o| *o *= inv);
+                })
+        })?;
+        Ok(Tensor::from_vec(out, (b, heads, lq, lk), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_erf_matches_candle_erf() -> Result<()> {
+        let xs: Vec<f32> = (-8000..=8000).map(|i| i as f32 * 1e-3).collect();
+        let exact = Tensor::new(xs.as_slice(), &Device::Cpu)?
+            .erf()?
+            .to_vec1::<f32>()?;
+        for (x, e) in xs.iter().zip(&exact) {
+            let got = fused::erf(*x);
+            assert!((got - e).abs() < 2e-6, "erf({x}) = {got}, candle {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn masked_softmax_matches_additive_mask_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        let scores = Tensor::randn(0f32, 3., (2, 3, 4, 5), &dev)?;
+        let keep = [1u32, 1, 1, 0, 0, 1, 1, 1, 1, 1];
+        let mask = Tensor::from_vec(keep.to_vec(), (2, 5), &dev)?;
+        let want = nn::softmax_last_dim(
+            &scores.broadcast_add(&nn::additive_padding_mask(&mask, DType::F32)?)?,
+        )?;
+        let got = fused::masked_softmax(&scores, &keep)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max diff {diff}");
+        Ok(())
+    }
+}

@@ -28,7 +28,10 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 /// Pad unpadded rows to `width` (ids with `pad`, mask/type 0) for comparison with HF's padded output.
-fn padded(enc: &Encoded, width: usize, pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<u32>>) {
+/// `(input_ids, attention_mask, token_type_ids)`, each `[rows][width]`.
+type Rows3 = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+
+fn padded(enc: &Encoded, width: usize, pad: u32) -> Rows3 {
     let fill = |rows: &[Vec<u32>], v: u32| -> Vec<Vec<u32>> {
         rows.iter()
             .map(|r| {
