@@ -96,3 +96,68 @@ pub fn bench_decode_with(
         text: tok.decode(&out, true)?,
     })
 }
+
+/// `rustrag bench decode` options.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// GGUF model file.
+    #[arg(long, default_value = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub gguf: std::path::PathBuf,
+    /// Prompt (already in the model's chat format; encoded without adding special tokens).
+    #[arg(
+        long,
+        default_value = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+    )]
+    pub prompt: String,
+    /// Tokens to decode greedily after the prefill.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Timed repetitions (best is reported, both sides).
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+}
+
+/// Run rustrag and llama.cpp (llama-cpp-python) on the same GGUF, prompt and token count.
+pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
+    let mut best: Option<DecodeBench> = None;
+    for _ in 0..args.repeats.max(1) {
+        let b = bench_decode(&args.gguf, &args.prompt, args.tokens)?;
+        if best.as_ref().is_none_or(|x| b.decode_s < x.decode_s) {
+            best = Some(b);
+        }
+    }
+    let ours = best.ok_or_else(|| anyhow::anyhow!("bench decode: no repetition ran"))?;
+    let threads = ours.threads;
+    let mut report = super::Report {
+        benchmark: "decode".into(),
+        setup: serde_json::json!({"gguf": args.gguf, "prompt_tokens": ours.prompt_tokens, "decode_tokens": args.tokens}),
+        rustrag: serde_json::to_value(&ours)?,
+        peer: None,
+        ratios: vec![],
+    };
+    if let Some(peer) = peer {
+        let p = peer.run(
+            "llamacpp_decode.py",
+            &[
+                "--gguf".into(),
+                args.gguf.display().to_string(),
+                "--prompt".into(),
+                args.prompt.clone(),
+                "--tokens".into(),
+                args.tokens.to_string(),
+                "--threads".into(),
+                threads.to_string(),
+                "--repeats".into(),
+                args.repeats.to_string(),
+            ],
+        )?;
+        if let Some(tps) = p.get("decode_tokens_per_second").and_then(|v| v.as_f64()) {
+            report.ratios.push(("decode tokens/s (rustrag / llama.cpp)".into(), ours.decode_tokens_per_s / tps));
+        }
+        if let Some(s) = p.get("prefill_seconds").and_then(|v| v.as_f64()) {
+            report.ratios.push(("prefill speed (rustrag / llama.cpp)".into(), s / ours.prefill_s));
+        }
+        report.peer = Some(p);
+    }
+    Ok(report)
+}

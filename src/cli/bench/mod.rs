@@ -28,6 +28,8 @@ pub struct Args {
 pub enum Which {
     /// Sentence-encoder throughput vs sentence-transformers (PyTorch CPU).
     Encode(encode::Args),
+    /// GGUF greedy decode tokens/s vs llama.cpp (llama-cpp-python), same file and prompt.
+    Decode(decode::Args),
     /// Exact and HNSW inner-product search vs faiss-cpu (IndexFlatIP, IndexHNSWFlat).
     Retrieval(retrieval::RetrievalArgs),
     /// RAG-Token beam / RAG-Sequence thorough generate vs HF transformers (PyTorch CPU).
@@ -38,6 +40,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
     let report = match args.which {
         Which::Encode(a) => encode::run(a, peer.as_ref())?,
+        Which::Decode(a) => decode::run(a, peer.as_ref())?,
         Which::Rag(a) => rag::run(a, peer.as_ref())?,
         Which::Retrieval(a) => {
             let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
