@@ -125,6 +125,30 @@ impl<'a> DecoderOnlyRag<'a> {
             .collect()
     }
 
+    /// Prompts for a chat-tuned model: one user turn with `prompt_text(title, text, question)`,
+    /// formatted by the model's chat template and ending with the opened assistant turn (the
+    /// template supplies its own special tokens, so no BOS is prepended).
+    pub fn chat_prompt_ids(
+        &self,
+        passages: &[(&str, &str)],
+        question: &str,
+        template: &crate::generators::gguf::ChatTemplate,
+    ) -> Result<Vec<Vec<u32>>> {
+        if question.trim().is_empty() {
+            bail!("empty question");
+        }
+        passages
+            .iter()
+            .map(|(title, text)| {
+                let user = crate::generators::gguf::ChatMessage::new(
+                    "user",
+                    &prompt_text(title, text, question),
+                );
+                self.encode(&template.format(&[user], true)?)
+            })
+            .collect()
+    }
+
     /// `enc(" " + answer) + [eos]`.
     pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(&format!(" {answer}"))?;
