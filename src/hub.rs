@@ -100,6 +100,9 @@ struct WeightsInner {
     tensors: HashMap<String, (Tensor, PathBuf)>,
     vars: HashMap<String, Var>,
     origin: PathBuf,
+    /// Integer tensors that were skipped (buffers such as position_ids), kept to name their dtype when a
+    /// model asks for one of them as a parameter.
+    non_float: HashMap<String, (DType, PathBuf)>,
 }
 
 impl Weights {
@@ -107,42 +110,46 @@ impl Weights {
     /// `pytorch_model.bin` or its sharded index from `dir`; floats are converted to `dtype`.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device, trainable: bool) -> Result<Self> {
         let files = weight_files(dir)?;
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut non_float) = (HashMap::new(), HashMap::new());
         for file in &files {
             for (name, t) in read_weight_file(file, device)? {
                 if !t.dtype().is_float() {
                     // Integer buffers (e.g. BERT position_ids) are not parameters.
+                    non_float.insert(name, (t.dtype(), file.clone()));
                     continue;
                 }
                 let t = t.to_dtype(dtype)?;
                 tensors.insert(name, (t, file.clone()));
             }
         }
-        Self::build(tensors, dir.to_path_buf(), trainable)
+        Self::build(tensors, dir.to_path_buf(), trainable, non_float)
     }
 
     /// Load one weight file (`.safetensors`, `.bin`/`.pt`, or `.gguf` is not handled here).
     pub fn from_file(file: &Path, dtype: DType, device: &Device, trainable: bool) -> Result<Self> {
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut non_float) = (HashMap::new(), HashMap::new());
         for (name, t) in read_weight_file(file, device)? {
             if t.dtype().is_float() {
                 tensors.insert(name, (t.to_dtype(dtype)?, file.to_path_buf()));
+            } else {
+                non_float.insert(name, (t.dtype(), file.to_path_buf()));
             }
         }
-        Self::build(tensors, file.to_path_buf(), trainable)
+        Self::build(tensors, file.to_path_buf(), trainable, non_float)
     }
 
     /// Wrap tensors that are already in memory (tests, conversions).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, origin: &str, trainable: bool) -> Result<Self> {
         let origin = PathBuf::from(origin);
         let tensors = tensors.into_iter().map(|(k, v)| (k, (v, origin.clone()))).collect();
-        Self::build(tensors, origin, trainable)
+        Self::build(tensors, origin, trainable, HashMap::new())
     }
 
     fn build(
         mut tensors: HashMap<String, (Tensor, PathBuf)>,
         origin: PathBuf,
         trainable: bool,
+        non_float: HashMap<String, (DType, PathBuf)>,
     ) -> Result<Self> {
         let mut vars = HashMap::new();
         if trainable {
@@ -152,7 +159,18 @@ impl Weights {
                 vars.insert(name.clone(), var);
             }
         }
-        Ok(Self { inner: Arc::new(WeightsInner { tensors, vars, origin }) })
+        Ok(Self { inner: Arc::new(WeightsInner { tensors, vars, origin, non_float }) })
+    }
+
+    /// Error text for a tensor that is not a loaded float parameter: missing, or stored with an integer dtype.
+    fn missing(&self, name: &str) -> String {
+        match self.inner.non_float.get(name) {
+            Some((dtype, file)) => format!(
+                "{}: tensor `{name}` has dtype {dtype:?}, a floating-point parameter is expected",
+                file.display()
+            ),
+            None => format!("{}: missing tensor `{name}`", self.inner.origin.display()),
+        }
     }
 
     /// Where the weights were read from (directory or file).
@@ -172,7 +190,7 @@ impl Weights {
     pub fn get(&self, name: &str) -> Result<Tensor> {
         match self.inner.tensors.get(name) {
             Some((t, _)) => Ok(t.clone()),
-            None => bail!("{}: missing tensor `{name}`", self.inner.origin.display()),
+            None => bail!("{}", self.missing(name)),
         }
     }
 
@@ -214,10 +232,7 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.inner.tensors.get(name) {
             Some((t, _)) => t.to_dtype(dtype)?.to_device(dev),
-            None => Err(candle_core::Error::Msg(format!(
-                "{}: missing tensor `{name}`",
-                self.inner.origin.display()
-            ))),
+            None => Err(candle_core::Error::Msg(self.missing(name))),
         }
     }
 

@@ -32,7 +32,7 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
 pub fn logsumexp(xs: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
     let max = xs.max_keepdim(dim)?.detach();
     // Rows that are all -inf would give NaN; their max is replaced by 0 (result stays -inf).
-    let max = max.where_cond(&max.is_finite_mask()?, &max.zeros_like()?)?;
+    let max = max.is_finite_mask()?.where_cond(&max, &max.zeros_like()?)?;
     let s = xs.broadcast_sub(&max)?.exp()?.sum_keepdim(dim)?.log()?;
     s.broadcast_add(&max)?.squeeze(dim)
 }
@@ -45,6 +45,7 @@ impl FiniteMask for Tensor {
     #[allow(clippy::eq_op)]
     fn is_finite_mask(&self) -> candle_core::Result<Tensor> {
         // x - x is 0 for finite x and NaN for ±inf; NaN != 0.
+        #[allow(clippy::eq_op)]
         let diff = (self - self)?;
         diff.eq(&diff.zeros_like()?)
     }
@@ -126,6 +127,10 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // Inference fast path: candle's fused kernel (no backward op, so only when no gradient is tracked).
+        if !xs.track_op() && !self.weight.track_op() && xs.dtype() == DType::F32 {
+            return candle_nn::ops::rms_norm(&xs.contiguous()?, &self.weight, self.eps as f32);
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -336,3 +336,113 @@ fn bm25_index_lifecycle() {
         .to_string();
     assert!(err.contains("v99") && err.contains("rebuild"), "{err}");
 }
+
+fn minilm_dir() -> PathBuf {
+    let root = std::env::var_os("RUSTRAG_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let dir = root.join("all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "real model missing: {} (run scripts/fetch-models.sh or set RUSTRAG_MODELS)",
+        dir.display()
+    );
+    dir
+}
+
+/// Dense (real MiniLM KB) + BM25 over the same rows, fused with RRF and weighted fusion, on a slice of
+/// the HotpotQA paragraphs: fused scores follow the formulas from the two real lists, and the fusion
+/// keeps both supporting passages of the first question.
+#[test]
+fn hybrid_fuses_dense_and_bm25_over_one_kb() {
+    use rustrag::encoders::{load_encoder, LoadOptions, TextEncoder};
+    use rustrag::kb::{build, BuildOptions, KnowledgeBase};
+    use rustrag::retrieve::dense::DenseRetriever;
+    use rustrag::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
+    use std::sync::Arc;
+
+    let data = data_dir().join("hotpotqa-dev100");
+    let dir = tempfile::tempdir().unwrap();
+    // The first 40 paragraphs (the first questions' gold and distractor paragraphs).
+    let lines: Vec<String> = std::fs::read_to_string(data.join("corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .take(40)
+        .map(str::to_string)
+        .collect();
+    let slice = dir.path().join("corpus.jsonl");
+    std::fs::write(&slice, lines.join("\n") + "\n").unwrap();
+
+    let encoder: Arc<dyn TextEncoder> =
+        Arc::from(load_encoder(&minilm_dir().to_string_lossy(), &LoadOptions::default()).unwrap());
+    let kb_dir = dir.path().join("kb");
+    let opts = BuildOptions {
+        words_per_passage: 0,
+        ..Default::default()
+    };
+    build(&kb_dir, &[slice], encoder.as_ref(), &opts, &mut |_, _| {}).unwrap();
+    let kb = Arc::new(KnowledgeBase::open(&kb_dir).unwrap());
+    let bm25_dir = kb_dir.join("bm25");
+    build_index(
+        &bm25_dir,
+        &kb.passages().all().unwrap(),
+        &Bm25Config::default(),
+    )
+    .unwrap();
+
+    let dense = || -> Box<dyn Retriever> {
+        Box::new(DenseRetriever::new(kb.clone(), Some(encoder.clone()), None).unwrap())
+    };
+    let sparse = || -> Box<dyn Retriever> {
+        Box::new(Bm25Retriever::open(&bm25_dir, Bm25Params::default()).unwrap())
+    };
+    let q = "Were Scott Derrickson and Ed Wood of the same nationality?";
+    let d = dense().retrieve(&[q], None, 40).unwrap().remove(0);
+    let s = sparse().retrieve(&[q], None, 40).unwrap().remove(0);
+
+    let rrf = HybridRetriever::new(dense(), sparse(), Fusion::Rrf { k: 60.0 }, 40).unwrap();
+    let fused = rrf.retrieve(&[q], None, 10).unwrap().remove(0);
+    let rank = |h: &rustrag::retrieve::Hits, row: u64| h.doc_ids.iter().position(|&r| r == row);
+    for (row, score) in fused.doc_ids.iter().zip(&fused.scores) {
+        let want: f32 = [rank(&d, *row), rank(&s, *row)]
+            .iter()
+            .flatten()
+            .map(|r| 1.0 / (60.0 + *r as f32 + 1.0))
+            .sum();
+        assert!(
+            (score - want).abs() < 1e-6,
+            "row {row}: fused {score}, expected {want}"
+        );
+    }
+    let ids: Vec<&str> = fused.passages.iter().map(|p| p.id.as_str()).collect();
+    assert!(
+        ids.contains(&"Scott Derrickson") && ids.contains(&"Ed Wood"),
+        "{ids:?}"
+    );
+    // Dense hits carry embeddings for RAG; the fused list keeps them when all fused rows had one.
+    assert!(fused.embeddings.is_some());
+
+    let weighted = HybridRetriever::new(
+        dense(),
+        sparse(),
+        Fusion::Weighted {
+            dense_weight: 0.3,
+            norm: ScoreNorm::MinMax,
+        },
+        40,
+    )
+    .unwrap();
+    let w = weighted.retrieve(&[q], None, 5).unwrap().remove(0);
+    let minmax = |h: &rustrag::retrieve::Hits, row: u64| {
+        let (lo, hi) = (h.scores[h.scores.len() - 1], h.scores[0]);
+        rank(h, row).map_or(0.0, |i| (h.scores[i] - lo) / (hi - lo))
+    };
+    for (row, score) in w.doc_ids.iter().zip(&w.scores) {
+        let want = 0.3 * minmax(&d, *row) + 0.7 * minmax(&s, *row);
+        assert!(
+            (score - want).abs() < 1e-5,
+            "row {row}: fused {score}, expected {want}"
+        );
+    }
+    assert!(w.scores.windows(2).all(|p| p[0] >= p[1]));
+}

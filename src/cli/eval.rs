@@ -26,6 +26,8 @@ pub struct Args {
     pub what: What,
 }
 
+// Parsed once per process: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand, Debug)]
 pub enum What {
     /// Retrieval quality on BEIR-format data.

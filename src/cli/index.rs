@@ -110,27 +110,52 @@ pub struct ReembedArgs {
 }
 
 /// Load a text encoder for KB building/querying.
-pub fn load_encoder(spec: &str, batch_size: usize, max_length: Option<usize>) -> Result<Box<dyn TextEncoder>> {
-    let opts = crate::encoders::LoadOptions { batch_size, max_length, ..Default::default() };
+pub fn load_encoder(
+    spec: &str,
+    batch_size: usize,
+    max_length: Option<usize>,
+) -> Result<Box<dyn TextEncoder>> {
+    let opts = crate::encoders::LoadOptions {
+        batch_size,
+        max_length,
+        ..Default::default()
+    };
     crate::encoders::load_encoder(spec, &opts)
 }
 
 fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOptions {
     BuildOptions {
         words_per_passage,
-        dtype: if f16 { EmbeddingDtype::F16 } else { EmbeddingDtype::F32 },
-        hnsw: e.hnsw.then_some(HnswParams { m: e.m, ef_construction: e.ef_construction, ef_search: e.ef_search }),
+        dtype: if f16 {
+            EmbeddingDtype::F16
+        } else {
+            EmbeddingDtype::F32
+        },
+        hnsw: e.hnsw.then_some(HnswParams {
+            m: e.m,
+            ef_construction: e.ef_construction,
+            ef_search: e.ef_search,
+        }),
         batch_size: e.batch_size,
-        ingest: IngestOptions { skip_bad: e.skip_bad, max_doc_bytes: e.max_doc_bytes },
+        ingest: IngestOptions {
+            skip_bad: e.skip_bad,
+            max_doc_bytes: e.max_doc_bytes,
+        },
     }
 }
 
 fn progress_bar(json: bool) -> ProgressBar {
-    let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let pb = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} passages ({per_sec}, eta {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} passages ({per_sec}, eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_message("embedding");
     pb
@@ -153,7 +178,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         IndexCommand::Add(a) => {
             let spec = match a.encoder {
                 Some(e) => e,
-                None => KnowledgeBase::open(&a.kb)?.manifest().encoder.source.clone(),
+                None => KnowledgeBase::open(&a.kb)?
+                    .manifest()
+                    .encoder
+                    .source
+                    .clone(),
             };
             let encoder = load_encoder(&spec, a.embed.batch_size, a.embed.max_length)?;
             let mut opts = build_options(&a.embed, 0, false);
@@ -200,18 +229,31 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
-                println!("  passages     {} from {} documents ({} words/passage)", m.passages, m.documents, m.words_per_passage);
+                println!(
+                    "  passages     {} from {} documents ({} words/passage)",
+                    m.passages, m.documents, m.words_per_passage
+                );
                 println!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
                 println!(
                     "  encoder      {} ({}, pooling {}, normalized {}, sha256 {})",
-                    m.encoder.source, m.encoder.kind, m.encoder.pooling, m.encoder.normalized, m.encoder.weights_sha256
+                    m.encoder.source,
+                    m.encoder.kind,
+                    m.encoder.pooling,
+                    m.encoder.normalized,
+                    m.encoder.weights_sha256
                 );
                 match &m.hnsw {
-                    Some(h) => println!("  hnsw         M {} ef_construction {} ef_search {}", h.m, h.ef_construction, h.ef_search),
+                    Some(h) => println!(
+                        "  hnsw         M {} ef_construction {} ef_search {}",
+                        h.m, h.ef_construction, h.ef_search
+                    ),
                     None => println!("  hnsw         none (exact search only)"),
                 }
                 let per = kb.bytes_on_disk() as f64 / m.passages.max(1) as f64;
-                println!("  on disk      {} bytes ({per:.0} bytes/passage)", kb.bytes_on_disk());
+                println!(
+                    "  on disk      {} bytes ({per:.0} bytes/passage)",
+                    kb.bytes_on_disk()
+                );
                 println!("  format       v{} by {}", m.format_version, m.writer);
                 if a.verify {
                     println!("  checksums    ok");

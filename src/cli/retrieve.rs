@@ -38,14 +38,20 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
     let kb = Arc::new(KnowledgeBase::open(&args.kb)?);
     let m = kb.manifest().clone();
-    let spec = args.encoder.clone().unwrap_or_else(|| m.encoder.source.clone());
+    let spec = args
+        .encoder
+        .clone()
+        .unwrap_or_else(|| m.encoder.source.clone());
     let encoder = super::index::load_encoder(&spec, 32, None)?;
     let ef = match (args.exact, &m.hnsw) {
         (true, _) | (false, None) => None,
         (false, Some(h)) => Some(args.ef_search.unwrap_or(h.ef_search)),
     };
     if args.ef_search.is_some() && m.hnsw.is_none() && !args.exact {
-        bail!("{} has no HNSW index; drop --ef-search or rebuild with `rustrag index build --hnsw`", args.kb.display());
+        bail!(
+            "{} has no HNSW index; drop --ef-search or rebuild with `rustrag index build --hnsw`",
+            args.kb.display()
+        );
     }
     let retriever = DenseRetriever::new(kb, Some(Arc::from(encoder)), ef)?;
     let queries: Vec<&str> = args.query.iter().map(|s| s.as_str()).collect();
@@ -76,8 +82,18 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         println!("query: {q}");
         for (i, p) in h.passages.iter().enumerate() {
             let text: String = p.text.chars().take(args.width).collect();
-            let more = if p.text.chars().count() > args.width { "…" } else { "" };
-            println!("  {:>2}. {:.4}  [{}] {} — {text}{more}", i + 1, h.scores[i], p.id, p.title);
+            let more = if p.text.chars().count() > args.width {
+                "…"
+            } else {
+                ""
+            };
+            println!(
+                "  {:>2}. {:.4}  [{}] {} — {text}{more}",
+                i + 1,
+                h.scores[i],
+                p.id,
+                p.title
+            );
         }
     }
     Ok(())

@@ -2,13 +2,16 @@
 //! attention product itself and the growing self-attention cache. Differentiable (uses
 //! [`crate::nn::softmax_last_dim`]).
 
-use anyhow::{bail, Result};
+use super::{DecodeState, LayerCache};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 /// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]` (contiguous).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// `[batch, heads, len, head_dim]` -> `[batch, len, heads * head_dim]`.
@@ -20,7 +23,13 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// `softmax(q k^T * scale + bias) v` with `q: [b, h, tq, d]`, `k, v: [b, h, tk, d]` and an additive
 /// `bias` broadcastable to `[b, h, tq, tk]` (padding/causal masks, T5 position bias).
 /// Returns `[b, h, tq, d]`.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let mut scores = q.matmul(&k.t()?)?;
     if scale != 1.0 {
         scores = (scores * scale)?;
@@ -35,7 +44,11 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: 
 }
 
 /// Append this step's keys/values `[b, h, t, d]` to a self-attention cache and return the full ones.
-pub fn append_kv(cache: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+pub fn append_kv(
+    cache: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
     let full = match cache.take() {
         Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         None => (k, v),
@@ -67,7 +80,10 @@ pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 /// Validate a [`super::GenInput`]: `[rows, len]` ids and mask of the same shape, ids in the vocabulary.
 pub fn check_input(input: &super::GenInput, vocab: usize) -> Result<()> {
     let (r, l) = input.input_ids.dims2().map_err(|_| {
-        anyhow::anyhow!("input_ids must be [rows, len], got {:?}", input.input_ids.dims())
+        anyhow::anyhow!(
+            "input_ids must be [rows, len], got {:?}",
+            input.input_ids.dims()
+        )
     })?;
     if input.attention_mask.dims() != [r, l] {
         bail!(
@@ -79,4 +95,64 @@ pub fn check_input(input: &super::GenInput, vocab: usize) -> Result<()> {
         bail!("empty generator input [{r}, {l}]");
     }
     check_ids(&input.input_ids, vocab, "input_ids")
+}
+
+/// Checks `tokens: [rows]` and the cache depth of `state` before a decoding step; returns the encoder
+/// padding bias `[rows, 1, 1, src_len]`.
+pub fn step_inputs(
+    state: &DecodeState,
+    tokens: &Tensor,
+    layers: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let rows = state.rows()?;
+    if tokens.dims() != [rows] {
+        bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
+    }
+    if state.layers.len() != layers {
+        bail!(
+            "step: decode state has {} layer caches, the model has {layers} decoder layers",
+            state.layers.len()
+        );
+    }
+    encoder_bias(state, dtype)
+}
+
+/// Fresh decoder caches for a teacher-forced pass over the encoded rows of `state` (cross-attention
+/// keys/values shared, self-attention empty) and the encoder padding bias. Checks that
+/// `decoder_input_ids` is `[rows, tgt_len]`.
+pub fn full_pass_inputs(
+    state: &DecodeState,
+    decoder_input_ids: &Tensor,
+    layers: usize,
+    dtype: DType,
+) -> Result<(Vec<LayerCache>, Tensor)> {
+    let rows = state.rows()?;
+    match decoder_input_ids.dims() {
+        [r, t] if *r == rows && *t > 0 => {}
+        d => bail!("decoder_input_ids must be [{rows}, tgt_len > 0], got {d:?}"),
+    }
+    if state.layers.len() != layers {
+        bail!(
+            "decode state has {} layer caches, the model has {layers} decoder layers",
+            state.layers.len()
+        );
+    }
+    let caches = state
+        .layers
+        .iter()
+        .map(|l| LayerCache {
+            self_kv: None,
+            cross_kv: l.cross_kv.clone(),
+        })
+        .collect();
+    Ok((caches, encoder_bias(state, dtype)?))
+}
+
+fn encoder_bias(state: &DecodeState, dtype: DType) -> Result<Tensor> {
+    let mask = state
+        .encoder_mask
+        .as_ref()
+        .context("decode state has no encoder mask (call start first)")?;
+    padding_bias(mask, dtype)
 }

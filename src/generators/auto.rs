@@ -38,7 +38,10 @@ fn is_rag(config: &Value) -> bool {
         || config
             .get("architectures")
             .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with("Rag"))))
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|s| s.as_str().is_some_and(|s| s.starts_with("Rag")))
+            })
 }
 
 /// Decide the architecture from `model_type`, falling back to `architectures[0]`.
@@ -46,20 +49,25 @@ fn kind_of(config: &Value, config_path: &Path, field: &str) -> Result<Seq2SeqKin
     if let Some(mt) = config.get("model_type").and_then(Value::as_str) {
         return match mt {
             "bart" => Ok(Seq2SeqKind::Bart),
-            "t5" => Ok(Seq2SeqKind::T5),
+            // mT5 is the T5 v1.1 architecture (gated-gelu, untied head) with another vocabulary.
+            "t5" | "mt5" => Ok(Seq2SeqKind::T5),
             other => bail!(
-                "{}: unsupported generator architecture `{other}` in field `{field}model_type` (supported: bart, t5)",
+                "{}: unsupported generator architecture `{other}` in field `{field}model_type` (supported: bart, t5, mt5)",
                 config_path.display()
             ),
         };
     }
-    let arch = config.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
+    let arch = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str);
     match arch {
         Some("BartForConditionalGeneration") => Ok(Seq2SeqKind::Bart),
-        Some("T5ForConditionalGeneration") => Ok(Seq2SeqKind::T5),
+        Some("T5ForConditionalGeneration" | "MT5ForConditionalGeneration") => Ok(Seq2SeqKind::T5),
         Some(other) => bail!(
             "{}: unsupported generator architecture `{other}` in field `{field}architectures` \
-             (supported: BartForConditionalGeneration, T5ForConditionalGeneration)",
+             (supported: BartForConditionalGeneration, T5ForConditionalGeneration, MT5ForConditionalGeneration)",
             config_path.display()
         ),
         None => bail!(
@@ -78,13 +86,30 @@ pub fn generator_layout(dir_or_id: &str) -> Result<GeneratorLayout> {
         let g = root
             .get("generator")
             .filter(|g| g.is_object())
-            .with_context(|| format!("{}: RAG config has no `generator` sub-config", config_path.display()))?;
-        (g.clone(), "rag.generator", dir.join("generator_tokenizer"), "generator.")
+            .with_context(|| {
+                format!(
+                    "{}: RAG config has no `generator` sub-config",
+                    config_path.display()
+                )
+            })?;
+        (
+            g.clone(),
+            "rag.generator",
+            dir.join("generator_tokenizer"),
+            "generator.",
+        )
     } else {
         (root, "", dir.clone(), "")
     };
     let kind = kind_of(&config, &config_path, field)?;
-    Ok(GeneratorLayout { dir, config_path, config, prefix, tokenizer_dir, kind })
+    Ok(GeneratorLayout {
+        dir,
+        config_path,
+        config,
+        prefix,
+        tokenizer_dir,
+        kind,
+    })
 }
 
 /// Load a BART or T5 generator from an HF directory, a cached hub id, or an HF RAG checkpoint.
@@ -92,18 +117,37 @@ pub fn generator_layout(dir_or_id: &str) -> Result<GeneratorLayout> {
 /// Floats are converted to `dtype`; with `trainable` every parameter is a `Var`
 /// ([`Seq2Seq::vars`]). When the directory has the generator's `tokenizer.json`, its vocabulary is
 /// checked against the model's `vocab_size`.
-pub fn load_seq2seq(dir_or_id: &str, dtype: DType, device: &Device, trainable: bool) -> Result<Box<dyn Seq2Seq>> {
+pub fn load_seq2seq(
+    dir_or_id: &str,
+    dtype: DType,
+    device: &Device,
+    trainable: bool,
+) -> Result<Box<dyn Seq2Seq>> {
     let layout = generator_layout(dir_or_id)?;
-    let within = if layout.prefix.is_empty() { "" } else { " in field `generator`" };
-    let bad_config = || format!("{}: invalid {:?} config{within}", layout.config_path.display(), layout.kind);
+    let within = if layout.prefix.is_empty() {
+        ""
+    } else {
+        " in field `generator`"
+    };
+    let bad_config = || {
+        format!(
+            "{}: invalid {:?} config{within}",
+            layout.config_path.display(),
+            layout.kind
+        )
+    };
     // Parse the config before reading (possibly large) weights, so config errors come first.
     enum Parsed {
         Bart(BartConfig),
         T5(T5Config),
     }
     let parsed = match layout.kind {
-        Seq2SeqKind::Bart => Parsed::Bart(serde_json::from_value(layout.config.clone()).with_context(bad_config)?),
-        Seq2SeqKind::T5 => Parsed::T5(serde_json::from_value(layout.config.clone()).with_context(bad_config)?),
+        Seq2SeqKind::Bart => {
+            Parsed::Bart(serde_json::from_value(layout.config.clone()).with_context(bad_config)?)
+        }
+        Seq2SeqKind::T5 => {
+            Parsed::T5(serde_json::from_value(layout.config.clone()).with_context(bad_config)?)
+        }
     };
     let weights = Weights::from_dir(&layout.dir, dtype, device, trainable)?;
     let model: Box<dyn Seq2Seq> = match parsed {

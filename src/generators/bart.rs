@@ -3,7 +3,10 @@
 //! post-LayerNorm encoder/decoder layers, cross attention, `lm_head` tied to the shared embeddings plus
 //! `final_logits_bias`. Differentiable; decodes step by step with a key/value cache.
 
-use super::attention::{append_kv, attend, check_ids, check_input, merge_heads, padding_bias, split_heads};
+use super::attention::{
+    append_kv, attend, check_ids, check_input, full_pass_inputs, merge_heads, padding_bias,
+    split_heads, step_inputs,
+};
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
 use crate::nn::{causal_mask, linear, Activation, LayerNorm};
@@ -91,7 +94,7 @@ struct Attention {
 
 impl Attention {
     fn load(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             bail!("d_model {dim} is not divisible by the number of attention heads {heads}");
         }
         Ok(Self {
@@ -113,7 +116,13 @@ impl Attention {
     }
 
     /// `xs: [b, tq, dim]` attending over `k, v: [b, h, tk, head_dim]`.
-    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let q = split_heads(&self.q_proj.forward(xs)?, self.heads)?;
         let ctx = attend(&q, k, v, bias, self.scale)?;
         Ok(self.out_proj.forward(&merge_heads(&ctx)?)?)
@@ -129,11 +138,17 @@ struct FeedForward {
 
 impl FeedForward {
     fn load(dim: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: linear(dim, ffn, true, vb.pp("fc1"))?, fc2: linear(ffn, dim, true, vb.pp("fc2"))?, act })
+        Ok(Self {
+            fc1: linear(dim, ffn, true, vb.pp("fc1"))?,
+            fc2: linear(ffn, dim, true, vb.pp("fc2"))?,
+            act,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)?)
+        Ok(self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(xs)?)?)?)
     }
 }
 
@@ -202,7 +217,10 @@ impl DecoderLayer {
         let (k, v) = append_kv(&mut cache.self_kv, k, v)?;
         let h = (xs + self.self_attn.forward(xs, &k, &v, causal)?)?;
         let h = self.self_attn_layer_norm.forward(&h)?;
-        let (ck, cv) = cache.cross_kv.as_ref().context("decoder cache has no cross-attention keys/values")?;
+        let (ck, cv) = cache
+            .cross_kv
+            .as_ref()
+            .context("decoder cache has no cross-attention keys/values")?;
         let h = (&h + self.encoder_attn.forward(&h, ck, cv, Some(enc_bias))?)?;
         let h = self.encoder_attn_layer_norm.forward(&h)?;
         let h = (&h + self.ffn.forward(&h)?)?;
@@ -236,24 +254,48 @@ pub struct BartForConditionalGeneration {
 impl BartForConditionalGeneration {
     /// Build from weights whose names start with `prefix` (`""` for a plain HF directory,
     /// `"rag.generator"` inside a RAG checkpoint).
-    pub fn load(config: BartConfig, weights: Weights, prefix: &str, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: BartConfig,
+        weights: Weights,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let act = Activation::from_hf(&config.activation_function, "activation_function")?;
         let root = weights.var_builder(dtype, device);
-        let vb = if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
-        let full = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let vb = if prefix.is_empty() {
+            root.clone()
+        } else {
+            root.pp(prefix)
+        };
+        let full = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
         let d = config.d_model;
         let v = config.vocab_size;
         // The shared table is stored once; older checkpoints may only have the per-stack copies.
-        let shared_name = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
-            .into_iter()
-            .find(|n| weights.contains(&full(n)))
-            .unwrap_or("model.shared.weight");
+        let shared_name = [
+            "model.shared.weight",
+            "model.encoder.embed_tokens.weight",
+            "model.decoder.embed_tokens.weight",
+        ]
+        .into_iter()
+        .find(|n| weights.contains(&full(n)))
+        .unwrap_or("model.shared.weight");
         let shared = vb.get((v, d), shared_name)?;
         let positions = config.max_position_embeddings + POSITION_OFFSET;
         let model = vb.pp("model");
         let enc = model.pp("encoder");
         let dec = model.pp("decoder");
-        let lm_head = if config.tie_word_embeddings { shared.clone() } else { vb.get((v, d), "lm_head.weight")? };
+        let lm_head = if config.tie_word_embeddings {
+            shared.clone()
+        } else {
+            vb.get((v, d), "lm_head.weight")?
+        };
         // A buffer that HF zero-initialises when absent.
         let final_logits_bias = if weights.contains(&full("final_logits_bias")) {
             vb.get((1, v), "final_logits_bias")?
@@ -268,7 +310,11 @@ impl BartForConditionalGeneration {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             special: config.special_ids(),
-            embed_scale: if config.scale_embedding { (d as f64).sqrt() } else { 1.0 },
+            embed_scale: if config.scale_embedding {
+                (d as f64).sqrt()
+            } else {
+                1.0
+            },
             encoder_positions: enc.get((positions, d), "embed_positions.weight")?,
             decoder_positions: dec.get((positions, d), "embed_positions.weight")?,
             encoder_layernorm_embedding: LayerNorm::load(d, LN_EPS, enc.pp("layernorm_embedding"))?,
@@ -287,7 +333,13 @@ impl BartForConditionalGeneration {
     }
 
     /// Token embeddings (scaled) plus learned positions `past..past+len`, then `layernorm_embedding`.
-    fn embed(&self, ids: &Tensor, past: usize, positions: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+    fn embed(
+        &self,
+        ids: &Tensor,
+        past: usize,
+        positions: &Tensor,
+        ln: &LayerNorm,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let table = positions.dim(0)?;
         if past + t + POSITION_OFFSET > table {
@@ -297,24 +349,51 @@ impl BartForConditionalGeneration {
                 self.config.max_position_embeddings
             );
         }
-        let tok = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
-        let tok = if self.embed_scale != 1.0 { (tok * self.embed_scale)? } else { tok };
-        let pos = positions.narrow(0, past + POSITION_OFFSET, t)?.unsqueeze(0)?;
+        let tok = self
+            .shared
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let tok = if self.embed_scale != 1.0 {
+            (tok * self.embed_scale)?
+        } else {
+            tok
+        };
+        let pos = positions
+            .narrow(0, past + POSITION_OFFSET, t)?
+            .unsqueeze(0)?;
         Ok(ln.forward(&tok.broadcast_add(&pos)?)?)
     }
 
     /// Decoder over `ids: [rows, t]` starting at position `past`, using/extending `cache`;
     /// returns logits `[rows, t, vocab]`.
-    fn decode(&self, ids: &Tensor, past: usize, cache: &mut [LayerCache], enc_bias: &Tensor) -> Result<Tensor> {
+    fn decode(
+        &self,
+        ids: &Tensor,
+        past: usize,
+        cache: &mut [LayerCache],
+        enc_bias: &Tensor,
+    ) -> Result<Tensor> {
         check_ids(ids, self.config.vocab_size, "decoder_input_ids")?;
         let t = ids.dim(1)?;
-        let mut h = self.embed(ids, past, &self.decoder_positions, &self.decoder_layernorm_embedding)?;
-        let causal = if t > 1 { Some(causal_mask(t, past, self.dtype, &self.device)?) } else { None };
+        let mut h = self.embed(
+            ids,
+            past,
+            &self.decoder_positions,
+            &self.decoder_layernorm_embedding,
+        )?;
+        let causal = if t > 1 {
+            Some(causal_mask(t, past, self.dtype, &self.device)?)
+        } else {
+            None
+        };
         for (layer, c) in self.decoder_layers.iter().zip(cache.iter_mut()) {
             h = layer.forward(&h, c, causal.as_ref(), enc_bias)?;
         }
         let (b, t, d) = h.dims3()?;
-        let logits = h.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?.broadcast_add(&self.final_logits_bias)?;
+        let logits = h
+            .reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .broadcast_add(&self.final_logits_bias)?;
         Ok(logits.reshape((b, t, ()))?)
     }
 
@@ -322,7 +401,12 @@ impl BartForConditionalGeneration {
     fn cross_caches(&self, encoder_hidden: &Tensor) -> Result<Vec<LayerCache>> {
         self.decoder_layers
             .iter()
-            .map(|l| Ok(LayerCache { self_kv: None, cross_kv: Some(l.encoder_attn.key_values(encoder_hidden)?) }))
+            .map(|l| {
+                Ok(LayerCache {
+                    self_kv: None,
+                    cross_kv: Some(l.encoder_attn.key_values(encoder_hidden)?),
+                })
+            })
             .collect()
     }
 }
@@ -343,16 +427,13 @@ impl Decoder for BartForConditionalGeneration {
     }
 
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
-        let rows = state.rows()?;
-        if tokens.dims() != [rows] {
-            bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
-        }
-        let mask = state.encoder_mask.as_ref().context("step: decode state has no encoder mask (call start)")?;
-        let enc_bias = padding_bias(mask, self.dtype)?;
-        if state.layers.len() != self.decoder_layers.len() {
-            bail!("step: decode state has {} layer caches, model has {}", state.layers.len(), self.decoder_layers.len());
-        }
-        let logits = self.decode(&tokens.unsqueeze(1)?, state.steps, &mut state.layers, &enc_bias)?;
+        let enc_bias = step_inputs(state, tokens, self.decoder_layers.len(), self.dtype)?;
+        let logits = self.decode(
+            &tokens.unsqueeze(1)?,
+            state.steps,
+            &mut state.layers,
+            &enc_bias,
+        )?;
         state.steps += 1;
         Ok(logits.squeeze(1)?)
     }
@@ -366,28 +447,43 @@ impl Seq2Seq for BartForConditionalGeneration {
     fn encode(&self, input: &GenInput) -> Result<Tensor> {
         check_input(input, self.config.vocab_size)?;
         let bias = padding_bias(&input.attention_mask, self.dtype)?;
-        let mut h = self.embed(&input.input_ids, 0, &self.encoder_positions, &self.encoder_layernorm_embedding)?;
+        let mut h = self.embed(
+            &input.input_ids,
+            0,
+            &self.encoder_positions,
+            &self.encoder_layernorm_embedding,
+        )?;
         for layer in &self.encoder_layers {
             h = layer.forward(&h, &bias)?;
         }
         Ok(h)
     }
 
-    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let rows = input.input_ids.dim(0)?;
-        match decoder_input_ids.dims() {
-            [r, _] if *r == rows => {}
-            d => bail!("decoder_input_ids must be [{rows}, tgt_len], got {d:?}"),
-        }
-        let encoder_hidden = self.encode(input)?;
-        let mut cache = self.cross_caches(&encoder_hidden)?;
-        let bias = padding_bias(&input.attention_mask, self.dtype)?;
-        self.decode(decoder_input_ids, 0, &mut cache, &bias)
+    fn forward_from_state(
+        &self,
+        state: &DecodeState,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (mut cache, enc_bias) = full_pass_inputs(
+            state,
+            decoder_input_ids,
+            self.decoder_layers.len(),
+            self.dtype,
+        )?;
+        self.decode(decoder_input_ids, 0, &mut cache, &enc_bias)
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        let p = if self.prefix.is_empty() { String::new() } else { format!("{}.", self.prefix) };
-        self.weights.vars().into_iter().filter(|(n, _)| n.starts_with(&p)).collect()
+        let p = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}.", self.prefix)
+        };
+        self.weights
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&p))
+            .collect()
     }
 
     fn config_prefix(&self) -> Option<&str> {

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod auto;
 pub mod bart;
+pub mod gguf;
 pub mod llama;
 pub mod t5;
 
@@ -141,7 +142,15 @@ pub trait Seq2Seq: Decoder {
 
     /// Teacher-forced logits `[rows, tgt_len, vocab]`: `logits[:, t]` predicts the token after
     /// `decoder_input_ids[:, t]` (`decoder_input_ids: [rows, tgt_len]` u32). Differentiable.
-    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor>;
+    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_from_state(&self.start(input)?, decoder_input_ids)
+    }
+
+    /// Teacher-forced logits `[rows, tgt_len, vocab]` over rows that are already encoded: `state` from
+    /// [`Decoder::start`], possibly reordered/duplicated by [`DecodeState::select_rows`] (e.g. rescoring
+    /// many candidates against the same contexts without re-encoding). The state's self-attention cache is
+    /// ignored and left untouched. Differentiable.
+    fn forward_from_state(&self, state: &DecodeState, decoder_input_ids: &Tensor) -> Result<Tensor>;
 
     /// Trainable parameters by HF name (empty unless loaded trainable).
     fn vars(&self) -> Vec<(String, Var)>;

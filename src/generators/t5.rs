@@ -4,7 +4,10 @@
 //! gated-GELU feed-forward, tied embeddings with the decoder output scaled by d_model^-0.5. Differentiable;
 //! decodes step by step with a key/value cache.
 
-use super::attention::{append_kv, attend, check_ids, check_input, merge_heads, padding_bias, split_heads};
+use super::attention::{
+    append_kv, attend, check_ids, check_input, full_pass_inputs, merge_heads, padding_bias,
+    split_heads, step_inputs,
+};
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
 use crate::nn::{causal_mask, linear, Activation, RmsNorm};
@@ -91,16 +94,28 @@ impl T5Config {
         let (gated, act) = match parts.as_slice() {
             [act] => (false, *act),
             ["gated", act] => (true, *act),
-            _ => bail!("unsupported feed_forward_proj `{}` in config field `feed_forward_proj`", self.feed_forward_proj),
+            _ => bail!(
+                "unsupported feed_forward_proj `{}` in config field `feed_forward_proj`",
+                self.feed_forward_proj
+            ),
         };
         // HF maps "gated-gelu" to the tanh approximation (gelu_new) for backwards compatibility.
-        let act = if act == "gelu" && gated { "gelu_new" } else { act };
+        let act = if act == "gelu" && gated {
+            "gelu_new"
+        } else {
+            act
+        };
         Ok((gated, Activation::from_hf(act, "feed_forward_proj")?))
     }
 }
 
 /// T5 relative position bucket of `relative = key - query` (HF `_relative_position_bucket`).
-pub fn relative_position_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+pub fn relative_position_bucket(
+    relative: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
     let mut buckets = num_buckets;
     let mut bucket = 0usize;
     let rel = if bidirectional {
@@ -145,7 +160,10 @@ impl Attention {
             o: linear(inner, cfg.d_model, false, vb.pp("o"))?,
             heads: cfg.num_heads,
             relative_attention_bias: if has_bias {
-                Some(vb.get((cfg.relative_attention_num_buckets, cfg.num_heads), "relative_attention_bias.weight")?)
+                Some(vb.get(
+                    (cfg.relative_attention_num_buckets, cfg.num_heads),
+                    "relative_attention_bias.weight",
+                )?)
             } else {
                 None
             },
@@ -153,10 +171,19 @@ impl Attention {
     }
 
     fn key_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((split_heads(&self.k.forward(xs)?, self.heads)?, split_heads(&self.v.forward(xs)?, self.heads)?))
+        Ok((
+            split_heads(&self.k.forward(xs)?, self.heads)?,
+            split_heads(&self.v.forward(xs)?, self.heads)?,
+        ))
     }
 
-    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let q = split_heads(&self.q.forward(xs)?, self.heads)?;
         let ctx = attend(&q, k, v, bias, 1.0)?;
         Ok(self.o.forward(&merge_heads(&ctx)?)?)
@@ -179,7 +206,10 @@ impl FeedForward {
         let (gated, act) = cfg.feed_forward()?;
         let dense = vb.pp("DenseReluDense");
         let (wi, wi_1) = if gated {
-            (linear(cfg.d_model, cfg.d_ff, false, dense.pp("wi_0"))?, Some(linear(cfg.d_model, cfg.d_ff, false, dense.pp("wi_1"))?))
+            (
+                linear(cfg.d_model, cfg.d_ff, false, dense.pp("wi_0"))?,
+                Some(linear(cfg.d_model, cfg.d_ff, false, dense.pp("wi_1"))?),
+            )
         } else {
             (linear(cfg.d_model, cfg.d_ff, false, dense.pp("wi"))?, None)
         };
@@ -224,7 +254,11 @@ impl EncoderBlock {
         let l0 = vb.pp("layer.0");
         Ok(Self {
             self_attn: Attention::load(cfg, first, l0.pp("SelfAttention"))?,
-            self_attn_norm: RmsNorm::load(cfg.d_model, cfg.layer_norm_epsilon, l0.pp("layer_norm"))?,
+            self_attn_norm: RmsNorm::load(
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                l0.pp("layer_norm"),
+            )?,
             ffn: FeedForward::load(cfg, vb.pp("layer.1"))?,
         })
     }
@@ -242,20 +276,37 @@ impl DecoderBlock {
         let (l0, l1) = (vb.pp("layer.0"), vb.pp("layer.1"));
         Ok(Self {
             self_attn: Attention::load(cfg, first, l0.pp("SelfAttention"))?,
-            self_attn_norm: RmsNorm::load(cfg.d_model, cfg.layer_norm_epsilon, l0.pp("layer_norm"))?,
+            self_attn_norm: RmsNorm::load(
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                l0.pp("layer_norm"),
+            )?,
             cross_attn: Attention::load(cfg, false, l1.pp("EncDecAttention"))?,
-            cross_attn_norm: RmsNorm::load(cfg.d_model, cfg.layer_norm_epsilon, l1.pp("layer_norm"))?,
+            cross_attn_norm: RmsNorm::load(
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                l1.pp("layer_norm"),
+            )?,
             ffn: FeedForward::load(cfg, vb.pp("layer.2"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, cache: &mut LayerCache, self_bias: &Tensor, enc_bias: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cache: &mut LayerCache,
+        self_bias: &Tensor,
+        enc_bias: &Tensor,
+    ) -> Result<Tensor> {
         let h = self.self_attn_norm.forward(xs)?;
         let (k, v) = self.self_attn.key_values(&h)?;
         let (k, v) = append_kv(&mut cache.self_kv, k, v)?;
         let xs = (xs + self.self_attn.forward(&h, &k, &v, Some(self_bias))?)?;
         let h = self.cross_attn_norm.forward(&xs)?;
-        let (ck, cv) = cache.cross_kv.as_ref().context("decoder cache has no cross-attention keys/values")?;
+        let (ck, cv) = cache
+            .cross_kv
+            .as_ref()
+            .context("decoder cache has no cross-attention keys/values")?;
         let xs = (&xs + self.cross_attn.forward(&h, ck, cv, Some(enc_bias))?)?;
         self.ffn.forward(&xs)
     }
@@ -284,15 +335,35 @@ pub struct T5ForConditionalGeneration {
 impl T5ForConditionalGeneration {
     /// Build from weights whose names start with `prefix` (`""` for a plain HF directory,
     /// `"rag.generator"` inside a RAG checkpoint).
-    pub fn load(config: T5Config, weights: Weights, prefix: &str, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: T5Config,
+        weights: Weights,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let root = weights.var_builder(dtype, device);
-        let vb = if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
-        let full = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let vb = if prefix.is_empty() {
+            root.clone()
+        } else {
+            root.pp(prefix)
+        };
+        let full = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
         let (v, d) = (config.vocab_size, config.d_model);
-        let shared_name = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-            .into_iter()
-            .find(|n| weights.contains(&full(n)))
-            .unwrap_or("shared.weight");
+        let shared_name = [
+            "shared.weight",
+            "encoder.embed_tokens.weight",
+            "decoder.embed_tokens.weight",
+        ]
+        .into_iter()
+        .find(|n| weights.contains(&full(n)))
+        .unwrap_or("shared.weight");
         let shared = vb.get((v, d), shared_name)?;
         let n_dec = config.num_decoder_layers.unwrap_or(config.num_layers);
         let encoder_blocks = (0..config.num_layers)
@@ -304,12 +375,24 @@ impl T5ForConditionalGeneration {
         if encoder_blocks.is_empty() || decoder_blocks.is_empty() {
             bail!("T5 config needs at least one encoder and one decoder layer (num_layers / num_decoder_layers)");
         }
-        let lm_head = if config.tie_word_embeddings { shared.clone() } else { vb.get((v, d), "lm_head.weight")? };
+        let lm_head = if config.tie_word_embeddings {
+            shared.clone()
+        } else {
+            vb.get((v, d), "lm_head.weight")?
+        };
         let scale = config.tie_word_embeddings && config.scale_decoder_outputs.unwrap_or(true);
         Ok(Self {
             special: config.special_ids(),
-            encoder_final_norm: RmsNorm::load(d, config.layer_norm_epsilon, vb.pp("encoder.final_layer_norm"))?,
-            decoder_final_norm: RmsNorm::load(d, config.layer_norm_epsilon, vb.pp("decoder.final_layer_norm"))?,
+            encoder_final_norm: RmsNorm::load(
+                d,
+                config.layer_norm_epsilon,
+                vb.pp("encoder.final_layer_norm"),
+            )?,
+            decoder_final_norm: RmsNorm::load(
+                d,
+                config.layer_norm_epsilon,
+                vb.pp("decoder.final_layer_norm"),
+            )?,
             shared,
             encoder_blocks,
             decoder_blocks,
@@ -324,28 +407,54 @@ impl T5ForConditionalGeneration {
     }
 
     /// Position bias `[1, heads, q_len, past + q_len]` for queries at positions `past..past+q_len`.
-    fn position_bias(&self, table: &Tensor, q_len: usize, past: usize, bidirectional: bool) -> Result<Tensor> {
+    fn position_bias(
+        &self,
+        table: &Tensor,
+        q_len: usize,
+        past: usize,
+        bidirectional: bool,
+    ) -> Result<Tensor> {
         let k_len = past + q_len;
-        let (nb, md) = (self.config.relative_attention_num_buckets, self.config.relative_attention_max_distance);
+        let (nb, md) = (
+            self.config.relative_attention_num_buckets,
+            self.config.relative_attention_max_distance,
+        );
         let buckets: Vec<u32> = (0..q_len)
             .flat_map(|i| {
-                (0..k_len).map(move |j| relative_position_bucket(j as i64 - (past + i) as i64, bidirectional, nb, md) as u32)
+                (0..k_len).map(move |j| {
+                    relative_position_bucket(j as i64 - (past + i) as i64, bidirectional, nb, md)
+                        as u32
+                })
             })
             .collect();
         let idx = Tensor::from_vec(buckets, q_len * k_len, &self.device)?;
         let heads = table.dim(1)?;
         // [q*k, heads] -> [1, heads, q, k]
-        Ok(table.index_select(&idx, 0)?.reshape((q_len, k_len, heads))?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+        Ok(table
+            .index_select(&idx, 0)?
+            .reshape((q_len, k_len, heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .contiguous()?)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?)
+        Ok(self
+            .shared
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?)
     }
 
     /// Decoder over `ids: [rows, t]` at positions `past..past+t`, using/extending `cache`;
     /// returns logits `[rows, t, vocab]`.
-    fn decode(&self, ids: &Tensor, past: usize, cache: &mut [LayerCache], enc_bias: &Tensor) -> Result<Tensor> {
+    fn decode(
+        &self,
+        ids: &Tensor,
+        past: usize,
+        cache: &mut [LayerCache],
+        enc_bias: &Tensor,
+    ) -> Result<Tensor> {
         check_ids(ids, self.config.vocab_size, "decoder_input_ids")?;
         let t = ids.dim(1)?;
         let table = self.decoder_blocks[0]
@@ -355,22 +464,34 @@ impl T5ForConditionalGeneration {
             .context("decoder block 0 has no relative_attention_bias")?;
         let mut self_bias = self.position_bias(table, t, past, false)?;
         if t > 1 {
-            self_bias = self_bias.broadcast_add(&causal_mask(t, past, self.dtype, &self.device)?)?;
+            self_bias =
+                self_bias.broadcast_add(&causal_mask(t, past, self.dtype, &self.device)?)?;
         }
         let mut h = self.embed(ids)?;
         for (block, c) in self.decoder_blocks.iter().zip(cache.iter_mut()) {
             h = block.forward(&h, c, &self_bias, enc_bias)?;
         }
         let h = self.decoder_final_norm.forward(&h)?;
-        let h = if self.output_scale != 1.0 { (h * self.output_scale)? } else { h };
+        let h = if self.output_scale != 1.0 {
+            (h * self.output_scale)?
+        } else {
+            h
+        };
         let (b, t, d) = h.dims3()?;
-        Ok(h.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?.reshape((b, t, ()))?)
+        Ok(h.reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, ()))?)
     }
 
     fn cross_caches(&self, encoder_hidden: &Tensor) -> Result<Vec<LayerCache>> {
         self.decoder_blocks
             .iter()
-            .map(|b| Ok(LayerCache { self_kv: None, cross_kv: Some(b.cross_attn.key_values(encoder_hidden)?) }))
+            .map(|b| {
+                Ok(LayerCache {
+                    self_kv: None,
+                    cross_kv: Some(b.cross_attn.key_values(encoder_hidden)?),
+                })
+            })
             .collect()
     }
 }
@@ -391,16 +512,13 @@ impl Decoder for T5ForConditionalGeneration {
     }
 
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
-        let rows = state.rows()?;
-        if tokens.dims() != [rows] {
-            bail!("step: tokens must be [{rows}], got {:?}", tokens.dims());
-        }
-        let mask = state.encoder_mask.as_ref().context("step: decode state has no encoder mask (call start)")?;
-        if state.layers.len() != self.decoder_blocks.len() {
-            bail!("step: decode state has {} layer caches, model has {}", state.layers.len(), self.decoder_blocks.len());
-        }
-        let enc_bias = padding_bias(mask, self.dtype)?;
-        let logits = self.decode(&tokens.unsqueeze(1)?, state.steps, &mut state.layers, &enc_bias)?;
+        let enc_bias = step_inputs(state, tokens, self.decoder_blocks.len(), self.dtype)?;
+        let logits = self.decode(
+            &tokens.unsqueeze(1)?,
+            state.steps,
+            &mut state.layers,
+            &enc_bias,
+        )?;
         state.steps += 1;
         Ok(logits.squeeze(1)?)
     }
@@ -429,21 +547,31 @@ impl Seq2Seq for T5ForConditionalGeneration {
         Ok(self.encoder_final_norm.forward(&h)?)
     }
 
-    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let rows = input.input_ids.dim(0)?;
-        match decoder_input_ids.dims() {
-            [r, _] if *r == rows => {}
-            d => bail!("decoder_input_ids must be [{rows}, tgt_len], got {d:?}"),
-        }
-        let encoder_hidden = self.encode(input)?;
-        let mut cache = self.cross_caches(&encoder_hidden)?;
-        let bias = padding_bias(&input.attention_mask, self.dtype)?;
-        self.decode(decoder_input_ids, 0, &mut cache, &bias)
+    fn forward_from_state(
+        &self,
+        state: &DecodeState,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (mut cache, enc_bias) = full_pass_inputs(
+            state,
+            decoder_input_ids,
+            self.decoder_blocks.len(),
+            self.dtype,
+        )?;
+        self.decode(decoder_input_ids, 0, &mut cache, &enc_bias)
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        let p = if self.prefix.is_empty() { String::new() } else { format!("{}.", self.prefix) };
-        self.weights.vars().into_iter().filter(|(n, _)| n.starts_with(&p)).collect()
+        let p = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}.", self.prefix)
+        };
+        self.weights
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&p))
+            .collect()
     }
 
     fn config_prefix(&self) -> Option<&str> {
@@ -460,8 +588,52 @@ mod tests {
         // Worked by hand from T5Attention._relative_position_bucket (32 buckets, distance 128): exact
         // buckets below max_exact, the log-spaced ones start at max_exact, and the last bucket saturates.
         let bi = |r| relative_position_bucket(r, true, 32, 128);
-        assert_eq!([bi(0), bi(1), bi(-1), bi(7), bi(-8), bi(8)], [0, 17, 1, 23, 8, 24]);
+        assert_eq!(
+            [bi(0), bi(1), bi(-1), bi(7), bi(-8), bi(8)],
+            [0, 17, 1, 23, 8, 24]
+        );
         let causal = |r| relative_position_bucket(r, false, 32, 128);
-        assert_eq!([causal(0), causal(1), causal(-1), causal(-15), causal(-16), causal(-1000)], [0, 0, 1, 15, 16, 31]);
+        assert_eq!(
+            [
+                causal(0),
+                causal(1),
+                causal(-1),
+                causal(-15),
+                causal(-16),
+                causal(-1000)
+            ],
+            [0, 0, 1, 15, 16, 31]
+        );
+    }
+
+    #[test]
+    fn feed_forward_proj_parsing() {
+        use crate::nn::Activation;
+        let cfg = |ffp: &str| -> super::T5Config {
+            serde_json::from_value(serde_json::json!({
+                "vocab_size": 10, "d_model": 4, "d_kv": 2, "d_ff": 8, "num_layers": 1, "num_heads": 2,
+                "feed_forward_proj": ffp
+            }))
+            .expect("config")
+        };
+        assert_eq!(
+            cfg("relu").feed_forward().unwrap(),
+            (false, Activation::Relu)
+        );
+        assert_eq!(
+            cfg("gated-gelu").feed_forward().unwrap(),
+            (true, Activation::GeluTanh)
+        );
+        assert_eq!(
+            cfg("gated-silu").feed_forward().unwrap(),
+            (true, Activation::Silu)
+        );
+        assert!(
+            format!("{:#}", cfg("gated-foo").feed_forward().unwrap_err())
+                .contains("feed_forward_proj")
+        );
+        assert!(
+            format!("{:#}", cfg("a-b-c").feed_forward().unwrap_err()).contains("feed_forward_proj")
+        );
     }
 }

@@ -25,15 +25,27 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// Write `bytes` to `path` atomically: `path.tmp-<pid>`, fsync, rename, fsync the parent.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = parent.join(format!("{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp = parent.join(format!(
+        "{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     {
         let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
     fsync_dir(parent)
 }
 
@@ -46,11 +58,18 @@ pub fn current_generation(root: &Path) -> Result<Option<PathBuf>> {
     let name = fs::read_to_string(&cur).with_context(|| format!("read {}", cur.display()))?;
     let name = name.trim();
     if !name.starts_with(GEN_PREFIX) || name.contains('/') || name.contains('\\') {
-        bail!("{}: expected a generation name like `gen-00000001`, found {name:?}", cur.display());
+        bail!(
+            "{}: expected a generation name like `gen-00000001`, found {name:?}",
+            cur.display()
+        );
     }
     let dir = root.join(name);
     if !dir.is_dir() {
-        bail!("{} names {name}, but {} is missing", cur.display(), dir.display());
+        bail!(
+            "{} names {name}, but {} is missing",
+            cur.display(),
+            dir.display()
+        );
     }
     Ok(Some(dir))
 }
@@ -99,7 +118,12 @@ impl PendingGeneration {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        Ok(Self { root: root.to_path_buf(), tmp, name, committed: false })
+        Ok(Self {
+            root: root.to_path_buf(),
+            tmp,
+            name,
+            committed: false,
+        })
     }
 
     /// Directory to write this generation's files into.
@@ -112,14 +136,19 @@ impl PendingGeneration {
     pub fn commit(mut self) -> Result<PathBuf> {
         for e in fs::read_dir(&self.tmp)? {
             let p = e?.path();
-            File::open(&p).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", p.display()))?;
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("fsync {}", p.display()))?;
         }
         fsync_dir(&self.tmp)?;
         let live = self.root.join(&self.name);
         fs::rename(&self.tmp, &live)
             .with_context(|| format!("rename {} -> {}", self.tmp.display(), live.display()))?;
         fsync_dir(&self.root)?;
-        write_file_atomic(&self.root.join(CURRENT), format!("{}\n", self.name).as_bytes())?;
+        write_file_atomic(
+            &self.root.join(CURRENT),
+            format!("{}\n", self.name).as_bytes(),
+        )?;
         self.committed = true;
         cleanup(&self.root, &self.name);
         Ok(live)

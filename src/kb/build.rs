@@ -4,7 +4,10 @@
 use super::atomic::PendingGeneration;
 use super::embeddings::{self, EmbeddingWriter};
 use super::ingest::{read_corpus, BadRecord, IngestOptions};
-use super::manifest::{file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use super::manifest::{
+    file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION,
+    MANIFEST_FILE,
+};
 use super::split::split_document;
 use super::{store, KnowledgeBase, HNSW_FILE};
 use crate::encoders::{EncoderFingerprint, TextEncoder};
@@ -28,7 +31,13 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { words_per_passage: 100, dtype: EmbeddingDtype::F32, hnsw: None, batch_size: 32, ingest: IngestOptions::default() }
+        Self {
+            words_per_passage: 100,
+            dtype: EmbeddingDtype::F32,
+            hnsw: None,
+            batch_size: 32,
+            ingest: IngestOptions::default(),
+        }
     }
 }
 
@@ -65,23 +74,50 @@ pub fn embedding_text(p: &Passage) -> String {
 
 /// Ingest `sources`, split, embed with `encoder` and write a new generation of the KB at `out`
 /// (previous generation stays live until the new one is complete).
-pub fn build(out: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+pub fn build(
+    out: &Path,
+    sources: &[PathBuf],
+    encoder: &dyn TextEncoder,
+    opts: &BuildOptions,
+    progress: Progress,
+) -> Result<BuildReport> {
     let t0 = Instant::now();
     let ingested = read_corpus(sources, &opts.ingest)?;
     let passages = split_all(&ingested.documents, opts.words_per_passage, &HashMap::new())?;
     let documents = ingested.documents.len() as u64;
     let fp = encoder.fingerprint();
     let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
-    let mut report = write_generation(out, &passages, documents, src, &fp, opts, None, &mut |batch: &[Passage]| embed(encoder, batch), progress)?;
+    let mut report = write_generation(
+        out,
+        &passages,
+        documents,
+        src,
+        &fp,
+        opts,
+        None,
+        &mut |batch: &[Passage]| embed(encoder, batch),
+        progress,
+    )?;
     report.bad_records = ingested.bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
 
 /// Write a KB from passages and precomputed embeddings `[passages.len(), dim]` (row-major f32).
-pub fn write_kb(out: &Path, passages: &[Passage], embeddings: &[f32], encoder: &EncoderFingerprint, opts: &BuildOptions) -> Result<BuildReport> {
+pub fn write_kb(
+    out: &Path,
+    passages: &[Passage],
+    embeddings: &[f32],
+    encoder: &EncoderFingerprint,
+    opts: &BuildOptions,
+) -> Result<BuildReport> {
     let dim = encoder.dim;
-    ensure!(dim > 0 && embeddings.len() == passages.len() * dim, "embeddings hold {} floats, expected {} x {dim}", embeddings.len(), passages.len());
+    ensure!(
+        dim > 0 && embeddings.len() == passages.len() * dim,
+        "embeddings hold {} floats, expected {} x {dim}",
+        embeddings.len(),
+        passages.len()
+    );
     check_unique(passages)?;
     let mut next = 0usize;
     let mut from_matrix = |batch: &[Passage]| {
@@ -90,7 +126,17 @@ pub fn write_kb(out: &Path, passages: &[Passage], embeddings: &[f32], encoder: &
         Ok::<_, anyhow::Error>(s.to_vec())
     };
     let t0 = Instant::now();
-    let mut r = write_generation(out, passages, passages.len() as u64, vec![], encoder, opts, None, &mut from_matrix, &mut |_, _| {})?;
+    let mut r = write_generation(
+        out,
+        passages,
+        passages.len() as u64,
+        vec![],
+        encoder,
+        opts,
+        None,
+        &mut from_matrix,
+        &mut |_, _| {},
+    )?;
     r.total_seconds = t0.elapsed().as_secs_f64();
     Ok(r)
 }
@@ -98,7 +144,13 @@ pub fn write_kb(out: &Path, passages: &[Passage], embeddings: &[f32], encoder: &
 /// Add the documents of `sources` to the KB at `root`: the new generation holds the old passages with
 /// their stored embeddings plus the new ones embedded by `encoder` (which must be the KB's encoder).
 /// New ids that already exist are an error naming the source line.
-pub fn add_documents(root: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+pub fn add_documents(
+    root: &Path,
+    sources: &[PathBuf],
+    encoder: &dyn TextEncoder,
+    opts: &BuildOptions,
+    progress: Progress,
+) -> Result<BuildReport> {
     let t0 = Instant::now();
     let kb = KnowledgeBase::open(root)?;
     let m = kb.manifest().clone();
@@ -120,7 +172,12 @@ pub fn add_documents(root: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder
     passages.extend(new);
     let mut sources_all = m.sources.clone();
     sources_all.extend(sources.iter().map(|s| s.display().to_string()));
-    let opts = BuildOptions { words_per_passage: m.words_per_passage, dtype: m.dtype, hnsw: opts.hnsw.clone().or(m.hnsw.clone()), ..opts.clone() };
+    let opts = BuildOptions {
+        words_per_passage: m.words_per_passage,
+        dtype: m.dtype,
+        hnsw: opts.hnsw.clone().or(m.hnsw.clone()),
+        ..opts.clone()
+    };
     let mut report = write_generation(
         root,
         &passages,
@@ -140,14 +197,33 @@ pub fn add_documents(root: &Path, sources: &[PathBuf], encoder: &dyn TextEncoder
 
 /// Re-embed every passage of the KB at `root` with a new context encoder (e.g. after training) and
 /// make that the live generation; passages and ids are unchanged.
-pub fn reembed(root: &Path, encoder: &dyn TextEncoder, opts: &BuildOptions, progress: Progress) -> Result<BuildReport> {
+pub fn reembed(
+    root: &Path,
+    encoder: &dyn TextEncoder,
+    opts: &BuildOptions,
+    progress: Progress,
+) -> Result<BuildReport> {
     let t0 = Instant::now();
     let kb = KnowledgeBase::open(root)?;
     let m = kb.manifest().clone();
     let passages = kb.passages().all()?;
     drop(kb);
-    let opts = BuildOptions { words_per_passage: m.words_per_passage, hnsw: opts.hnsw.clone().or(m.hnsw.clone()), ..opts.clone() };
-    let mut r = write_generation(root, &passages, m.documents, m.sources, &encoder.fingerprint(), &opts, None, &mut |b: &[Passage]| embed(encoder, b), progress)?;
+    let opts = BuildOptions {
+        words_per_passage: m.words_per_passage,
+        hnsw: opts.hnsw.clone().or(m.hnsw.clone()),
+        ..opts.clone()
+    };
+    let mut r = write_generation(
+        root,
+        &passages,
+        m.documents,
+        m.sources,
+        &encoder.fingerprint(),
+        &opts,
+        None,
+        &mut |b: &[Passage]| embed(encoder, b),
+        progress,
+    )?;
     r.total_seconds = t0.elapsed().as_secs_f64();
     Ok(r)
 }
@@ -157,21 +233,40 @@ fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let t = encoder.encode_texts(&refs)?;
     let (rows, dim) = t.dims2().context("encoder output is not [batch, dim]")?;
-    ensure!(rows == batch.len() && dim == encoder.dim(), "encoder returned [{rows}, {dim}] for {} texts, dim {}", batch.len(), encoder.dim());
-    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    ensure!(
+        rows == batch.len() && dim == encoder.dim(),
+        "encoder returned [{rows}, {dim}] for {} texts, dim {}",
+        batch.len(),
+        encoder.dim()
+    );
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// Split documents; passage ids must be unique among themselves and not in `existing`.
-fn split_all(docs: &[super::ingest::Document], words: usize, existing: &HashMap<String, usize>) -> Result<Vec<Passage>> {
+fn split_all(
+    docs: &[super::ingest::Document],
+    words: usize,
+    existing: &HashMap<String, usize>,
+) -> Result<Vec<Passage>> {
     let mut seen: HashMap<String, &str> = HashMap::new();
     let mut out = Vec::new();
     for d in docs {
         for p in split_document(d, words) {
             if existing.contains_key(&p.id) {
-                bail!("{}: passage id {:?} already exists in the knowledge base", d.origin, p.id);
+                bail!(
+                    "{}: passage id {:?} already exists in the knowledge base",
+                    d.origin,
+                    p.id
+                );
             }
             if let Some(first) = seen.insert(p.id.clone(), &d.origin) {
-                bail!("{}: passage id {:?} collides with a passage from {first}", d.origin, p.id);
+                bail!(
+                    "{}: passage id {:?} collides with a passage from {first}",
+                    d.origin,
+                    p.id
+                );
             }
             out.push(p);
         }
@@ -212,7 +307,11 @@ fn write_generation(
     let mut writer = EmbeddingWriter::create(&dir, dim, opts.dtype)?;
     let mut start = 0usize;
     if let Some((kb, keep)) = previous {
-        ensure!(kb.dim() == dim, "knowledge base dim {} != encoder dim {dim}", kb.dim());
+        ensure!(
+            kb.dim() == dim,
+            "knowledge base dim {} != encoder dim {dim}",
+            kb.dim()
+        );
         let mut buf = Vec::new();
         for s in (0..keep).step_by(4096) {
             let e = (s + 4096).min(keep);
@@ -226,7 +325,12 @@ fn write_generation(
     progress(0, total);
     for batch in passages[start..].chunks(opts.batch_size) {
         let v = embed(batch)?;
-        ensure!(v.len() == batch.len() * dim, "embedding batch has {} floats, expected {} x {dim}", v.len(), batch.len());
+        ensure!(
+            v.len() == batch.len() * dim,
+            "embedding batch has {} floats, expected {} x {dim}",
+            v.len(),
+            batch.len()
+        );
         writer.append(&v)?;
         progress(writer.rows() - start as u64, total);
     }
@@ -241,7 +345,12 @@ fn write_generation(
         hnsw_seconds = t.elapsed().as_secs_f64();
     }
     let mut files = BTreeMap::new();
-    let mut names = vec![store::RECORDS_FILE, store::OFFSETS_FILE, store::IDS_FILE, embeddings::file_name(opts.dtype)];
+    let mut names = vec![
+        store::RECORDS_FILE,
+        store::OFFSETS_FILE,
+        store::IDS_FILE,
+        embeddings::file_name(opts.dtype),
+    ];
     if opts.hnsw.is_some() {
         names.push(HNSW_FILE);
     }

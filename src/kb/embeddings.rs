@@ -30,16 +30,32 @@ impl EmbeddingWriter {
     pub fn create(dir: &Path, dim: usize, dtype: EmbeddingDtype) -> Result<Self> {
         let path = dir.join(file_name(dtype));
         let f = File::create(&path).with_context(|| format!("create {}", path.display()))?;
-        Ok(Self { out: BufWriter::with_capacity(1 << 20, f), path, dim, dtype, rows: 0 })
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, f),
+            path,
+            dim,
+            dtype,
+            rows: 0,
+        })
     }
 
     /// Append rows: `data` is `[rows, dim]` row-major f32.
     pub fn append(&mut self, data: &[f32]) -> Result<()> {
-        ensure!(data.len() % self.dim == 0, "embedding batch of {} floats is not a multiple of dim {}", data.len(), self.dim);
+        ensure!(
+            data.len().is_multiple_of(self.dim),
+            "embedding batch of {} floats is not a multiple of dim {}",
+            data.len(),
+            self.dim
+        );
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            bail!("embedding row {} has a non-finite value", self.rows + (i / self.dim) as u64);
+            bail!(
+                "embedding row {} has a non-finite value",
+                self.rows + (i / self.dim) as u64
+            );
         }
-        let io = |e: std::io::Error| anyhow::Error::from(e).context(format!("write {}", self.path.display()));
+        let io = |e: std::io::Error| {
+            anyhow::Error::from(e).context(format!("write {}", self.path.display()))
+        };
         match self.dtype {
             EmbeddingDtype::F32 => {
                 for x in data {
@@ -48,10 +64,14 @@ impl EmbeddingWriter {
             }
             EmbeddingDtype::F16 => {
                 for x in data {
-                    self.out.write_all(&f16::from_f32(*x).to_le_bytes()).map_err(io)?;
+                    self.out
+                        .write_all(&f16::from_f32(*x).to_le_bytes())
+                        .map_err(io)?;
                 }
             }
         }
+        // Flush per batch so partial progress is visible on disk (the data only counts once committed).
+        self.out.flush().map_err(io)?;
         self.rows += (data.len() / self.dim) as u64;
         Ok(())
     }
@@ -63,7 +83,8 @@ impl EmbeddingWriter {
     /// Flush and fsync; returns the number of rows written.
     pub fn finish(self) -> Result<u64> {
         let f = self.out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all().with_context(|| format!("fsync {}", self.path.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", self.path.display()))?;
         Ok(self.rows)
     }
 }
@@ -91,9 +112,21 @@ impl EmbeddingMatrix {
             );
         }
         // mmap is page-aligned, so the f32/f16 views below are aligned.
-        ensure!(map.as_ptr() as usize % 4 == 0, "{}: unaligned mapping", path.display());
-        ensure!(cfg!(target_endian = "little"), "embedding files are little-endian; big-endian hosts unsupported");
-        Ok(Self { map, rows, dim, dtype })
+        ensure!(
+            (map.as_ptr() as usize).is_multiple_of(4),
+            "{}: unaligned mapping",
+            path.display()
+        );
+        ensure!(
+            cfg!(target_endian = "little"),
+            "embedding files are little-endian; big-endian hosts unsupported"
+        );
+        Ok(Self {
+            map,
+            rows,
+            dim,
+            dtype,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -112,9 +145,9 @@ impl EmbeddingMatrix {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match self.dtype {
             // SAFETY: aligned (checked at open), length checked, every bit pattern is a valid f32.
-            EmbeddingDtype::F32 => {
-                Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr() as *const f32, self.rows * self.dim) })
-            }
+            EmbeddingDtype::F32 => Some(unsafe {
+                std::slice::from_raw_parts(self.map.as_ptr() as *const f32, self.rows * self.dim)
+            }),
             EmbeddingDtype::F16 => None,
         }
     }
@@ -123,9 +156,9 @@ impl EmbeddingMatrix {
     pub fn as_f16(&self) -> Option<&[f16]> {
         match self.dtype {
             // SAFETY: as above; f16 is a transparent u16.
-            EmbeddingDtype::F16 => {
-                Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr() as *const f16, self.rows * self.dim) })
-            }
+            EmbeddingDtype::F16 => Some(unsafe {
+                std::slice::from_raw_parts(self.map.as_ptr() as *const f16, self.rows * self.dim)
+            }),
             EmbeddingDtype::F32 => None,
         }
     }
@@ -134,10 +167,13 @@ impl EmbeddingMatrix {
     pub fn rows_f32_into(&self, start: usize, end: usize, out: &mut Vec<f32>) {
         out.clear();
         match self.dtype {
-            EmbeddingDtype::F32 => out.extend_from_slice(&self.as_f32().expect("f32")[start * self.dim..end * self.dim]),
-            EmbeddingDtype::F16 => {
-                out.extend(self.as_f16().expect("f16")[start * self.dim..end * self.dim].iter().map(|x| x.to_f32()))
-            }
+            EmbeddingDtype::F32 => out
+                .extend_from_slice(&self.as_f32().expect("f32")[start * self.dim..end * self.dim]),
+            EmbeddingDtype::F16 => out.extend(
+                self.as_f16().expect("f16")[start * self.dim..end * self.dim]
+                    .iter()
+                    .map(|x| x.to_f32()),
+            ),
         }
     }
 

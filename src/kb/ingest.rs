@@ -46,7 +46,10 @@ pub struct IngestOptions {
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        Self { skip_bad: false, max_doc_bytes: 8 << 20 }
+        Self {
+            skip_bad: false,
+            max_doc_bytes: 8 << 20,
+        }
     }
 }
 
@@ -74,7 +77,11 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     fn bad(&mut self, file: &Path, line: u64, reason: String) -> Result<()> {
-        let rec = BadRecord { file: file.display().to_string(), line, reason };
+        let rec = BadRecord {
+            file: file.display().to_string(),
+            line,
+            reason,
+        };
         if self.opts.skip_bad {
             tracing::warn!("skipping {rec}");
             self.out.bad.push(rec);
@@ -84,12 +91,23 @@ impl Sink<'_> {
         }
     }
 
-    fn doc(&mut self, file: &Path, line: u64, id: String, title: String, text: String) -> Result<()> {
+    fn doc(
+        &mut self,
+        file: &Path,
+        line: u64,
+        id: String,
+        title: String,
+        text: String,
+    ) -> Result<()> {
         if id.trim().is_empty() {
             return self.bad(file, line, "empty document id".into());
         }
         if title.trim().is_empty() && text.trim().is_empty() {
-            return self.bad(file, line, format!("document {id:?} has no title and no text"));
+            return self.bad(
+                file,
+                line,
+                format!("document {id:?} has no title and no text"),
+            );
         }
         let origin = format!("{}:{line}", file.display());
         if let Some(first) = self.seen.get(&id) {
@@ -97,7 +115,12 @@ impl Sink<'_> {
             return self.bad(file, line, reason);
         }
         self.seen.insert(id.clone(), origin.clone());
-        self.out.documents.push(Document { id, title, text, origin });
+        self.out.documents.push(Document {
+            id,
+            title,
+            text,
+            origin,
+        });
         Ok(())
     }
 }
@@ -105,7 +128,11 @@ impl Sink<'_> {
 /// Read every source (file or directory) in order. Fails on an empty result.
 pub fn read_corpus(sources: &[PathBuf], opts: &IngestOptions) -> Result<Ingested> {
     let mut out = Ingested::default();
-    let mut sink = Sink { opts, out: &mut out, seen: HashMap::new() };
+    let mut sink = Sink {
+        opts,
+        out: &mut out,
+        seen: HashMap::new(),
+    };
     for src in sources {
         if src.is_dir() {
             read_dir(src, &mut sink)?;
@@ -115,16 +142,27 @@ pub fn read_corpus(sources: &[PathBuf], opts: &IngestOptions) -> Result<Ingested
     }
     if out.documents.is_empty() {
         let names: Vec<_> = sources.iter().map(|s| s.display().to_string()).collect();
-        bail!("empty corpus: no documents in {} ({} bad records skipped)", names.join(", "), out.bad.len());
+        bail!(
+            "empty corpus: no documents in {} ({} bad records skipped)",
+            names.join(", "),
+            out.bad.len()
+        );
     }
     Ok(out)
 }
 
 /// Pick the reader from the file name (and, for TSV/CSV, the header line).
 pub fn detect_format(path: &Path, first_line: &str) -> Result<Format> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let name = name.strip_suffix(".gz").unwrap_or(&name);
-    let header: Vec<String> = first_line.trim_end().split('\t').map(|h| h.trim().to_lowercase()).collect();
+    let header: Vec<String> = first_line
+        .trim_end()
+        .split('\t')
+        .map(|h| h.trim().to_lowercase())
+        .collect();
     if name.ends_with(".jsonl") || name.ends_with(".json") {
         Ok(Format::BeirJsonl)
     } else if name.ends_with(".tsv") || name.ends_with(".csv") {
@@ -146,7 +184,10 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>> {
     let f = File::open(path).with_context(|| format!("open corpus {}", path.display()))?;
     let is_gz = path.extension().is_some_and(|e| e == "gz");
     Ok(if is_gz {
-        Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(f)))
+        Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::read::MultiGzDecoder::new(f),
+        ))
     } else {
         Box::new(BufReader::with_capacity(1 << 20, f))
     })
@@ -203,22 +244,42 @@ fn read_file(path: &Path, sink: &mut Sink) -> Result<()> {
     let max = sink.opts.max_doc_bytes;
     let mut lineno = 0u64;
     let mut format = None;
-    let read_err = |e: std::io::Error| anyhow::Error::from(e).context(format!("read {}", path.display()));
+    let read_err =
+        |e: std::io::Error| anyhow::Error::from(e).context(format!("read {}", path.display()));
     if detect_format(path, "")? == Format::PlainText {
         let mut bytes = Vec::new();
-        r.take(max as u64 + 1).read_to_end(&mut bytes).map_err(read_err)?;
-        return plain_text(path, bytes, path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), sink);
+        r.take(max as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        return plain_text(
+            path,
+            bytes,
+            path.file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            sink,
+        );
     }
     while let Some(line) = next_line(&mut r, &mut buf, max).map_err(read_err)? {
         lineno += 1;
         let line = match line {
             Line::Text(s) => s,
             Line::TooLong(n) => {
-                sink.bad(path, lineno, format!("record of {n} bytes is over the limit of {max} bytes (--max-doc-bytes)"))?;
+                sink.bad(
+                    path,
+                    lineno,
+                    format!(
+                        "record of {n} bytes is over the limit of {max} bytes (--max-doc-bytes)"
+                    ),
+                )?;
                 continue;
             }
             Line::BadUtf8(at) => {
-                sink.bad(path, lineno, format!("invalid UTF-8 at byte {at} of the line"))?;
+                sink.bad(
+                    path,
+                    lineno,
+                    format!("invalid UTF-8 at byte {at} of the line"),
+                )?;
                 continue;
             }
         };
@@ -252,7 +313,11 @@ fn read_file(path: &Path, sink: &mut Sink) -> Result<()> {
         match fmt {
             Format::BeirJsonl => beir_line(path, lineno, &line, sink)?,
             Format::DprTsv | Format::TitleText { .. } => {
-                let delim = if let Format::TitleText { delimiter } = fmt { delimiter } else { b'\t' };
+                let delim = if let Format::TitleText { delimiter } = fmt {
+                    delimiter
+                } else {
+                    b'\t'
+                };
                 match split_fields(&line, delim as char) {
                     Err(e) => sink.bad(path, lineno, e)?,
                     Ok(fields) => {
@@ -261,16 +326,27 @@ fn read_file(path: &Path, sink: &mut Sink) -> Result<()> {
                                 sink.bad(path, lineno, format!("expected 3 tab-separated fields (id, text, title), found {}", fields.len()))?;
                                 continue;
                             }
-                            let [id, text, title]: [String; 3] = fields.try_into().expect("3 fields");
+                            let [id, text, title]: [String; 3] =
+                                fields.try_into().expect("3 fields");
                             sink.doc(path, lineno, id, title, text)?;
                         } else {
                             if fields.len() != 2 {
                                 let d = if delim == b'\t' { "tab" } else { "comma" };
-                                sink.bad(path, lineno, format!("expected 2 {d}-separated fields (title, text), found {}", fields.len()))?;
+                                sink.bad(
+                                    path,
+                                    lineno,
+                                    format!(
+                                        "expected 2 {d}-separated fields (title, text), found {}",
+                                        fields.len()
+                                    ),
+                                )?;
                                 continue;
                             }
                             let [title, text]: [String; 2] = fields.try_into().expect("2 fields");
-                            let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                            let stem = path
+                                .file_stem()
+                                .map(|s| s.to_string_lossy().to_string())
+                                .unwrap_or_default();
                             sink.doc(path, lineno, format!("{stem}:{lineno}"), title, text)?;
                         }
                     }
@@ -293,7 +369,13 @@ fn beir_line(path: &Path, lineno: u64, line: &str, sink: &mut Sink) -> Result<()
     let id = match obj.get("_id").or_else(|| obj.get("id")) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return sink.bad(path, lineno, "field `_id` must be a string or number".into()),
+        Some(_) => {
+            return sink.bad(
+                path,
+                lineno,
+                "field `_id` must be a string or number".into(),
+            )
+        }
         None => return sink.bad(path, lineno, "missing field `_id`".into()),
     };
     let text = match obj.get("text") {
@@ -325,7 +407,12 @@ fn split_fields(line: &str, delim: char) -> std::result::Result<Vec<String>, Str
                     }
                     Some('"') => break,
                     Some(c) => field.push(c),
-                    None => return Err("unterminated quoted field (multi-line fields are not supported)".into()),
+                    None => {
+                        return Err(
+                            "unterminated quoted field (multi-line fields are not supported)"
+                                .into(),
+                        )
+                    }
                 }
             }
             match chars.next() {
@@ -355,24 +442,41 @@ fn split_fields(line: &str, delim: char) -> std::result::Result<Vec<String>, Str
 fn plain_text(path: &Path, bytes: Vec<u8>, id: String, sink: &mut Sink) -> Result<()> {
     let max = sink.opts.max_doc_bytes;
     if bytes.len() > max {
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(bytes.len() as u64);
-        return sink.bad(path, 1, format!("document of {size} bytes is over the limit of {max} bytes (--max-doc-bytes)"));
+        let size = std::fs::metadata(path)
+            .map(|m| m.len())
+            .unwrap_or(bytes.len() as u64);
+        return sink.bad(
+            path,
+            1,
+            format!("document of {size} bytes is over the limit of {max} bytes (--max-doc-bytes)"),
+        );
     }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() as u64;
-            return sink.bad(path, line, format!("invalid UTF-8 at byte {at} of the file"));
+            return sink.bad(
+                path,
+                line,
+                format!("invalid UTF-8 at byte {at} of the file"),
+            );
         }
     };
-    let is_md = path.extension().is_some_and(|e| e == "md" || e == "markdown");
+    let is_md = path
+        .extension()
+        .is_some_and(|e| e == "md" || e == "markdown");
     let heading = if is_md {
-        text.lines().find_map(|l| l.trim().strip_prefix("# ").map(|h| h.trim().to_string()))
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("# ").map(|h| h.trim().to_string()))
     } else {
         None
     };
-    let title = heading.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+    let title = heading.unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
     sink.doc(path, 1, id, title, text)
 }
 
@@ -386,7 +490,10 @@ fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
             let p = e?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "md" | "markdown")) {
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("txt" | "md" | "markdown")
+            ) {
                 files.push(p);
             }
         }
@@ -394,10 +501,17 @@ fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
     files.sort();
     for f in files {
         let rel = f.strip_prefix(dir).unwrap_or(&f);
-        let id = rel.components().map(|c| c.as_os_str().to_string_lossy().to_string()).collect::<Vec<_>>().join("/");
+        let id = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().to_string())
+            .collect::<Vec<_>>()
+            .join("/");
         let mut bytes = Vec::new();
         File::open(&f)
-            .and_then(|h| h.take(sink.opts.max_doc_bytes as u64 + 1).read_to_end(&mut bytes))
+            .and_then(|h| {
+                h.take(sink.opts.max_doc_bytes as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
             .with_context(|| format!("read {}", f.display()))?;
         plain_text(&f, bytes, id, sink)?;
     }
@@ -410,7 +524,10 @@ mod tests {
 
     #[test]
     fn quoted_fields() {
-        assert_eq!(split_fields("1\t\"a \"\"b\"\"\"\tT", '\t').unwrap(), ["1", "a \"b\"", "T"]);
+        assert_eq!(
+            split_fields("1\t\"a \"\"b\"\"\"\tT", '\t').unwrap(),
+            ["1", "a \"b\"", "T"]
+        );
         assert_eq!(split_fields("a,b", ',').unwrap(), ["a", "b"]);
         assert!(split_fields("\"abc", '\t').is_err());
     }

@@ -75,14 +75,21 @@ pub struct Manifest {
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
         let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
         if format != FORMAT {
-            bail!("{}: not a rustrag knowledge base (format {format:?}, expected {FORMAT:?})", path.display());
+            bail!(
+                "{}: not a rustrag knowledge base (format {format:?}, expected {FORMAT:?})",
+                path.display()
+            );
         }
-        let version = v.get("format_version").and_then(|f| f.as_u64()).unwrap_or(0);
+        let version = v
+            .get("format_version")
+            .and_then(|f| f.as_u64())
+            .unwrap_or(0);
         if version != FORMAT_VERSION as u64 {
             bail!(
                 "{}: knowledge base format version {version}, this rustrag reads version {FORMAT_VERSION}; rebuild it with `rustrag index build`",
@@ -125,7 +132,11 @@ impl Manifest {
             );
         }
         if q.kind != kb.kind {
-            bail!("query encoder kind {} does not match the knowledge base encoder kind {}", q.kind, kb.kind);
+            bail!(
+                "query encoder kind {} does not match the knowledge base encoder kind {}",
+                q.kind,
+                kb.kind
+            );
         }
         Ok(())
     }
@@ -142,16 +153,24 @@ pub fn file_entry(path: &Path) -> Result<FileEntry> {
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
         bytes += n as u64;
     }
-    Ok(FileEntry { bytes, sha256: format!("{:x}", h.finalize()) })
+    Ok(FileEntry {
+        bytes,
+        sha256: format!("{:x}", h.finalize()),
+    })
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -47,14 +47,27 @@ impl KnowledgeBase {
         let manifest = Manifest::load(&dir)?;
         for (name, entry) in &manifest.files {
             let p = dir.join(name);
-            let len = std::fs::metadata(&p).with_context(|| format!("knowledge base file {} is missing", p.display()))?.len();
+            let len = std::fs::metadata(&p)
+                .with_context(|| format!("knowledge base file {} is missing", p.display()))?
+                .len();
             if len != entry.bytes {
-                bail!("{}: {len} bytes, the manifest records {} (corrupt or partially copied)", p.display(), entry.bytes);
+                bail!(
+                    "{}: {len} bytes, the manifest records {} (corrupt or partially copied)",
+                    p.display(),
+                    entry.bytes
+                );
             }
         }
         let store = PassageStore::open(&dir, manifest.passages)?;
-        let embeddings = EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
-        Ok(Self { root: root.to_path_buf(), dir, manifest, store, embeddings })
+        let embeddings =
+            EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            dir,
+            manifest,
+            store,
+            embeddings,
+        })
     }
 
     /// Recompute the sha256 of every data file and compare with the manifest.
@@ -62,7 +75,12 @@ impl KnowledgeBase {
         for (name, entry) in &self.manifest.files {
             let got = manifest::file_entry(&self.dir.join(name))?;
             if got.sha256 != entry.sha256 {
-                bail!("{}: checksum mismatch (manifest {}, file {})", self.dir.join(name).display(), entry.sha256, got.sha256);
+                bail!(
+                    "{}: checksum mismatch (manifest {}, file {})",
+                    self.dir.join(name).display(),
+                    entry.sha256,
+                    got.sha256
+                );
             }
         }
         Ok(())
@@ -112,17 +130,24 @@ impl KnowledgeBase {
 
     /// Path of the persisted HNSW graph, when the KB has one.
     pub fn hnsw_path(&self) -> Option<PathBuf> {
-        self.manifest.hnsw.as_ref().map(|_| self.dir.join(HNSW_FILE))
+        self.manifest
+            .hnsw
+            .as_ref()
+            .map(|_| self.dir.join(HNSW_FILE))
     }
 
     /// Refuse a query encoder that does not match the encoder recorded in the manifest.
     pub fn check_query_encoder(&self, q: &EncoderFingerprint) -> Result<()> {
-        self.manifest.check_query_encoder(q).with_context(|| format!("knowledge base {}", self.root.display()))
+        self.manifest
+            .check_query_encoder(q)
+            .with_context(|| format!("knowledge base {}", self.root.display()))
     }
 
     /// Bytes on disk of this generation's files.
     pub fn bytes_on_disk(&self) -> u64 {
         self.manifest.files.values().map(|f| f.bytes).sum::<u64>()
-            + std::fs::metadata(self.dir.join(manifest::MANIFEST_FILE)).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(self.dir.join(manifest::MANIFEST_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0)
     }
 }

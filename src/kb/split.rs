@@ -11,12 +11,20 @@ pub fn split_document(doc: &Document, words_per_passage: usize) -> Vec<Passage> 
     let words: Vec<&str> = doc.text.split_whitespace().collect();
     let title = doc.title.trim().to_string();
     if words_per_passage == 0 || words.len() <= words_per_passage {
-        return vec![Passage { id: doc.id.clone(), title, text: words.join(" ") }];
+        return vec![Passage {
+            id: doc.id.clone(),
+            title,
+            text: words.join(" "),
+        }];
     }
     words
         .chunks(words_per_passage)
         .enumerate()
-        .map(|(i, chunk)| Passage { id: format!("{}#{i}", doc.id), title: title.clone(), text: chunk.join(" ") })
+        .map(|(i, chunk)| Passage {
+            id: format!("{}#{i}", doc.id),
+            title: title.clone(),
+            text: chunk.join(" "),
+        })
         .collect()
 }
 
@@ -33,7 +41,12 @@ mod tests {
     use super::*;
 
     fn doc(text: &str) -> Document {
-        Document { id: "d".into(), title: "T".into(), text: text.into(), origin: "x:1".into() }
+        Document {
+            id: "d".into(),
+            title: "T".into(),
+            text: text.into(),
+            origin: "x:1".into(),
+        }
     }
 
     #[test]

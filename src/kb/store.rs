@@ -19,9 +19,15 @@ pub const IDS_FILE: &str = "ids.idx";
 /// Write the three store files for `passages` (rows in order) into `dir`.
 /// Ids must be unique (checked by the caller, which can name the source lines).
 pub fn write_store(dir: &Path, passages: &[Passage]) -> Result<()> {
-    ensure!(passages.len() < u32::MAX as usize, "too many passages for one knowledge base ({})", passages.len());
+    ensure!(
+        passages.len() < u32::MAX as usize,
+        "too many passages for one knowledge base ({})",
+        passages.len()
+    );
     let rec_path = dir.join(RECORDS_FILE);
-    let mut rec = BufWriter::new(File::create(&rec_path).with_context(|| format!("create {}", rec_path.display()))?);
+    let mut rec = BufWriter::new(
+        File::create(&rec_path).with_context(|| format!("create {}", rec_path.display()))?,
+    );
     let mut offsets = Vec::with_capacity((passages.len() + 1) * 8);
     let mut off = 0u64;
     for p in passages {
@@ -44,8 +50,10 @@ pub fn write_store(dir: &Path, passages: &[Passage]) -> Result<()> {
 
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("write {}", path.display()))?;
-    f.sync_all().with_context(|| format!("fsync {}", path.display()))
+    f.write_all(bytes)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))
 }
 
 pub(crate) fn map(path: &Path) -> Result<Mmap> {
@@ -77,9 +85,18 @@ impl PassageStore {
                 ids.len()
             );
         }
-        let store = Self { records, offsets, ids, len };
+        let store = Self {
+            records,
+            offsets,
+            ids,
+            len,
+        };
         if store.offset(len) as usize != store.records.len() {
-            bail!("{}: {} is truncated or corrupt", dir.display(), RECORDS_FILE);
+            bail!(
+                "{}: {} is truncated or corrupt",
+                dir.display(),
+                RECORDS_FILE
+            );
         }
         Ok(store)
     }
@@ -98,16 +115,24 @@ impl PassageStore {
     }
 
     fn fields(&self, row: usize) -> Result<[&str; 3]> {
-        ensure!(row < self.len, "passage row {row} out of range (knowledge base has {})", self.len);
+        ensure!(
+            row < self.len,
+            "passage row {row} out of range (knowledge base has {})",
+            self.len
+        );
         let (start, end) = (self.offset(row) as usize, self.offset(row + 1) as usize);
-        ensure!(start <= end && end <= self.records.len(), "passage store corrupt at row {row}");
+        ensure!(
+            start <= end && end <= self.records.len(),
+            "passage store corrupt at row {row}"
+        );
         let mut rec = &self.records[start..end];
         let mut out = [""; 3];
         for slot in &mut out {
             ensure!(rec.len() >= 4, "passage store corrupt at row {row}");
             let n = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize;
             ensure!(rec.len() >= 4 + n, "passage store corrupt at row {row}");
-            *slot = std::str::from_utf8(&rec[4..4 + n]).with_context(|| format!("passage row {row}: invalid UTF-8"))?;
+            *slot = std::str::from_utf8(&rec[4..4 + n])
+                .with_context(|| format!("passage row {row}: invalid UTF-8"))?;
             rec = &rec[4 + n..];
         }
         Ok(out)
@@ -120,7 +145,11 @@ impl PassageStore {
 
     pub fn get(&self, row: usize) -> Result<Passage> {
         let [id, title, text] = self.fields(row)?;
-        Ok(Passage { id: id.to_string(), title: title.to_string(), text: text.to_string() })
+        Ok(Passage {
+            id: id.to_string(),
+            title: title.to_string(),
+            text: text.to_string(),
+        })
     }
 
     /// Row of the passage with this id (binary search over `ids.idx`).
@@ -128,7 +157,9 @@ impl PassageStore {
         let (mut lo, mut hi) = (0usize, self.len);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            let row = u32::from_le_bytes(self.ids[mid * 4..mid * 4 + 4].try_into().expect("4 bytes")) as usize;
+            let row =
+                u32::from_le_bytes(self.ids[mid * 4..mid * 4 + 4].try_into().expect("4 bytes"))
+                    as usize;
             match self.id(row)?.cmp(id) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,

@@ -43,7 +43,10 @@ struct TopK {
 
 impl TopK {
     fn new(k: usize) -> Self {
-        Self { k, heap: BinaryHeap::with_capacity(k + 1) }
+        Self {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
     }
 
     #[inline]
@@ -67,7 +70,11 @@ impl TopK {
 
     /// Best first.
     fn into_sorted(self) -> Vec<(u32, f32)> {
-        self.heap.into_sorted_vec().into_iter().map(|e| (e.1, e.0)).collect()
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|e| (e.1, e.0))
+            .collect()
     }
 }
 
@@ -102,9 +109,17 @@ fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d:
 
 /// Exact maximum-inner-product search: top-`k` `(row, score)` per query, best first (ties: lower row
 /// first). `queries`: `[nq, dim]` row-major.
-pub fn exact_search(matrix: &EmbeddingMatrix, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+pub fn exact_search(
+    matrix: &EmbeddingMatrix,
+    queries: &[f32],
+    k: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
     let dim = matrix.dim();
-    ensure!(dim > 0 && queries.len() % dim == 0, "query batch of {} floats is not a multiple of dim {dim}", queries.len());
+    ensure!(
+        dim > 0 && queries.len().is_multiple_of(dim),
+        "query batch of {} floats is not a multiple of dim {dim}",
+        queries.len()
+    );
     let nq = queries.len() / dim;
     let n = matrix.rows();
     let k = k.min(n);
@@ -123,7 +138,9 @@ pub fn exact_search(matrix: &EmbeddingMatrix, queries: &[f32], k: usize) -> Resu
                     let (start, end) = (b * DOC_BLOCK, ((b + 1) * DOC_BLOCK).min(n));
                     let rows = end - start;
                     let docs: &[f32] = match matrix.dtype() {
-                        EmbeddingDtype::F32 => &matrix.as_f32().expect("f32")[start * dim..end * dim],
+                        EmbeddingDtype::F32 => {
+                            &matrix.as_f32().expect("f32")[start * dim..end * dim]
+                        }
                         EmbeddingDtype::F16 => {
                             matrix.rows_f32_into(start, end, &mut conv);
                             &conv
@@ -145,7 +162,10 @@ pub fn exact_search(matrix: &EmbeddingMatrix, queries: &[f32], k: usize) -> Resu
                 },
             )
             .map(|(tops, _, _)| tops)
-            .reduce(|| vec![TopK::new(k); m], |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect());
+            .reduce(
+                || vec![TopK::new(k); m],
+                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
+            );
         out.extend(tops.into_iter().map(TopK::into_sorted));
     }
     Ok(out)
@@ -171,7 +191,11 @@ pub struct DenseRetriever {
 impl DenseRetriever {
     /// `encoder` (the question encoder) is checked against the KB manifest; without it, callers must
     /// pass query embeddings. `ef_search: None` = exact search; `Some(ef)` needs a KB built with HNSW.
-    pub fn new(kb: Arc<KnowledgeBase>, encoder: Option<Arc<dyn TextEncoder>>, ef_search: Option<usize>) -> Result<Self> {
+    pub fn new(
+        kb: Arc<KnowledgeBase>,
+        encoder: Option<Arc<dyn TextEncoder>>,
+        ef_search: Option<usize>,
+    ) -> Result<Self> {
         if let Some(e) = &encoder {
             kb.check_query_encoder(&e.fingerprint())?;
         }
@@ -179,12 +203,24 @@ impl DenseRetriever {
             None => (None, SearchMode::Exact),
             Some(ef) => {
                 let path = kb.hnsw_path().with_context(|| {
-                    format!("{} has no HNSW index; rebuild with `--hnsw` or search with `--exact`", kb.root().display())
+                    format!(
+                        "{} has no HNSW index; rebuild with `--hnsw` or search with `--exact`",
+                        kb.root().display()
+                    )
                 })?;
-                (Some(HnswIndex::open(&path, ef)?), SearchMode::Hnsw { ef_search: ef })
+                (
+                    Some(HnswIndex::open(&path, ef)?),
+                    SearchMode::Hnsw { ef_search: ef },
+                )
             }
         };
-        Ok(Self { kb, encoder, hnsw, mode, return_embeddings: true })
+        Ok(Self {
+            kb,
+            encoder,
+            hnsw,
+            mode,
+            return_embeddings: true,
+        })
     }
 
     pub fn knowledge_base(&self) -> &KnowledgeBase {
@@ -206,27 +242,51 @@ impl DenseRetriever {
         }
     }
 
-    fn query_matrix(&self, queries: &[&str], query_embeddings: Option<&Tensor>) -> Result<Vec<f32>> {
+    fn query_matrix(
+        &self,
+        queries: &[&str],
+        query_embeddings: Option<&Tensor>,
+    ) -> Result<Vec<f32>> {
         let t = match (query_embeddings, &self.encoder) {
             (Some(t), _) => t.clone(),
             (None, Some(enc)) => enc.encode_texts(queries)?,
             (None, None) => bail!("dense retriever has no question encoder: pass query embeddings"),
         };
         let (b, d) = t.dims2().context("query embeddings must be [batch, dim]")?;
-        ensure!(d == self.kb.dim(), "query embeddings have dim {d}, the knowledge base has dim {}", self.kb.dim());
-        ensure!(queries.is_empty() || b == queries.len(), "{b} query embeddings for {} queries", queries.len());
-        Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        ensure!(
+            d == self.kb.dim(),
+            "query embeddings have dim {d}, the knowledge base has dim {}",
+            self.kb.dim()
+        );
+        ensure!(
+            queries.is_empty() || b == queries.len(),
+            "{b} query embeddings for {} queries",
+            queries.len()
+        );
+        Ok(t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 }
 
 impl Retriever for DenseRetriever {
-    fn retrieve(&self, queries: &[&str], query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>> {
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<Hits>> {
         let q = self.query_matrix(queries, query_embeddings)?;
         let found = self.search(&q, k)?;
         found
             .into_iter()
             .map(|hits| {
-                let mut h = Hits { doc_ids: vec![], scores: vec![], passages: vec![], embeddings: None };
+                let mut h = Hits {
+                    doc_ids: vec![],
+                    scores: vec![],
+                    passages: vec![],
+                    embeddings: None,
+                };
                 let mut embs = Vec::new();
                 for (row, score) in hits {
                     h.doc_ids.push(row as u64);

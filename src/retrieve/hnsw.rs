@@ -40,10 +40,14 @@ impl HnswIndex {
         let dim = matrix.dim();
         match (matrix.as_f32(), matrix.as_f16()) {
             (Some(m), _) => m.par_chunks(dim).enumerate().try_for_each(|(row, v)| {
-                index.add(row as u64, v).map_err(err(format!("add row {row}")))
+                index
+                    .add(row as u64, v)
+                    .map_err(err(format!("add row {row}")))
             })?,
             (_, Some(m)) => m.par_chunks(dim).enumerate().try_for_each(|(row, v)| {
-                index.add(row as u64, usearch::f16::from_i16s(bytes_as_i16(v))).map_err(err(format!("add row {row}")))
+                index
+                    .add(row as u64, usearch::f16::from_i16s(bytes_as_i16(v)))
+                    .map_err(err(format!("add row {row}")))
             })?,
             _ => unreachable!("matrix is f32 or f16"),
         }
@@ -51,13 +55,19 @@ impl HnswIndex {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let s = path.to_str().with_context(|| format!("{}: non UTF-8 path", path.display()))?;
-        self.index.save(s).map_err(err(format!("save HNSW to {}", path.display())))
+        let s = path
+            .to_str()
+            .with_context(|| format!("{}: non UTF-8 path", path.display()))?;
+        self.index
+            .save(s)
+            .map_err(err(format!("save HNSW to {}", path.display())))
     }
 
     /// Memory-map a saved graph; its vectors are served from the file.
     pub fn open(path: &Path, ef_search: usize) -> Result<Self> {
-        let s = path.to_str().with_context(|| format!("{}: non UTF-8 path", path.display()))?;
+        let s = path
+            .to_str()
+            .with_context(|| format!("{}: non UTF-8 path", path.display()))?;
         let index = Index::restore_view(s).map_err(err(format!("open HNSW {}", path.display())))?;
         index.change_expansion_search(ef_search);
         let dim = index.dimensions();
@@ -85,12 +95,21 @@ impl HnswIndex {
 
     /// Top-`k` `(row, inner product)` per query; `queries`: `[nq, dim]` row-major.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        ensure!(queries.len() % self.dim == 0, "query batch of {} floats is not a multiple of dim {}", queries.len(), self.dim);
+        ensure!(
+            queries.len().is_multiple_of(self.dim),
+            "query batch of {} floats is not a multiple of dim {}",
+            queries.len(),
+            self.dim
+        );
         queries
             .par_chunks(self.dim)
             .map(|q| {
                 let m = self.index.search(q, k).map_err(err("HNSW search".into()))?;
-                Ok(m.keys.iter().zip(&m.distances).map(|(&key, &d)| (key as u32, 1.0 - d)).collect())
+                Ok(m.keys
+                    .iter()
+                    .zip(&m.distances)
+                    .map(|(&key, &d)| (key as u32, 1.0 - d))
+                    .collect())
             })
             .collect()
     }

@@ -66,7 +66,7 @@ impl HybridRetriever {
             );
         }
         match fusion {
-            Fusion::Rrf { k } if !(k >= 0.0) => bail!("RRF k must be >= 0, got {k}"),
+            Fusion::Rrf { k } if k.is_nan() || k < 0.0 => bail!("RRF k must be >= 0, got {k}"),
             Fusion::Weighted { dense_weight, .. } if !(0.0..=1.0).contains(&dense_weight) => {
                 bail!("dense weight must be in [0, 1], got {dense_weight}")
             }

@@ -12,11 +12,16 @@ use rustrag::generators::{GenInput, Seq2Seq};
 use rustrag::tokenize::{ids_tensor, Padding};
 
 pub fn check(fx: &Fixture, c: &mut Checker) {
-    for (label, sub) in [("generator", fx.get("paths/generator")), ("rag", fx.get("paths/rag"))] {
+    for (label, sub) in [
+        ("generator", fx.get("paths/generator")),
+        ("rag", fx.get("paths/rag")),
+    ] {
         let dir = match sub.ok().and_then(|v| v.as_str()) {
             Some(s) => fx.dir.join(s),
             None => {
-                c.check(&format!("{label}: path"), || bail!("expected.json has no paths/{label}"));
+                c.check(&format!("{label}: path"), || {
+                    bail!("expected.json has no paths/{label}")
+                });
                 continue;
             }
         };
@@ -27,7 +32,8 @@ pub fn check(fx: &Fixture, c: &mut Checker) {
 
 /// `generator_tokenizer(context_strings, max_length, padding="max_length", truncation=True)`.
 fn check_tokenizer(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::Path) {
-    let run = || -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    type Rows = Vec<Vec<u32>>;
+    let run = || -> Result<(Rows, Rows)> {
         let tok = load_generator_tokenizer(&dir.to_string_lossy())?;
         let max = fx.usize("settings/max_combined_length")?;
         let strings = fx.strings("retrieval/context_strings")?;
@@ -37,11 +43,22 @@ fn check_tokenizer(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::
     };
     match run() {
         Ok((ids, mask)) => {
-            let flat2 = |v: Vec<Vec<u32>>| v.into_iter().flatten().collect::<Vec<_>>();
-            match (fx.ids2("retrieval/context_input_ids"), fx.ids2("retrieval/context_attention_mask")) {
+            let flat2 = |v: Rows| v.into_iter().flatten().collect::<Vec<_>>();
+            match (
+                fx.ids2("retrieval/context_input_ids"),
+                fx.ids2("retrieval/context_attention_mask"),
+            ) {
                 (Ok(ei), Ok(em)) => {
-                    c.ids(&format!("{label}: context_input_ids"), &flat2(ids), &flat2(ei));
-                    c.ids(&format!("{label}: context_attention_mask"), &flat2(mask), &flat2(em));
+                    c.ids(
+                        &format!("{label}: context_input_ids"),
+                        &flat2(ids),
+                        &flat2(ei),
+                    );
+                    c.ids(
+                        &format!("{label}: context_attention_mask"),
+                        &flat2(mask),
+                        &flat2(em),
+                    );
                 }
                 (Err(e), _) | (_, Err(e)) => c.check(&format!("{label}: context ids"), || Err(e)),
             }
@@ -56,18 +73,41 @@ fn inputs(fx: &Fixture, dev: &Device) -> Result<(GenInput, Tensor, usize)> {
     let mask = ids_tensor(&fx.ids2("retrieval/context_attention_mask")?, dev)?;
     let k = fx.usize("settings/n_docs")?;
     let labels = fx.ids2("targets/labels")?;
-    let rows: Vec<Vec<u32>> = labels.iter().flat_map(|r| std::iter::repeat_n(r.clone(), k)).collect();
+    let rows: Vec<Vec<u32>> = labels
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(r.clone(), k))
+        .collect();
     if rows.len() != ids.dim(0)? {
-        bail!("{} label rows x {k} docs != {} context rows", labels.len(), ids.dim(0)?);
+        bail!(
+            "{} label rows x {k} docs != {} context rows",
+            labels.len(),
+            ids.dim(0)?
+        );
     }
-    Ok((GenInput { input_ids: ids, attention_mask: mask }, ids_tensor(&rows, dev)?, k))
+    Ok((
+        GenInput {
+            input_ids: ids,
+            attention_mask: mask,
+        },
+        ids_tensor(&rows, dev)?,
+        k,
+    ))
 }
 
 /// Name inside tensors.safetensors from `forward/logits_tensor` ("tensors.safetensors['forward.seq_logits'] ...").
 fn logits_tensor_name(fx: &Fixture) -> Result<String> {
-    let s = fx.get("forward/logits_tensor")?.as_str().context("forward/logits_tensor is not a string")?;
-    let start = s.find("['").ok_or_else(|| anyhow!("cannot parse forward/logits_tensor `{s}`"))? + 2;
-    let end = s[start..].find("']").ok_or_else(|| anyhow!("cannot parse forward/logits_tensor `{s}`"))? + start;
+    let s = fx
+        .get("forward/logits_tensor")?
+        .as_str()
+        .context("forward/logits_tensor is not a string")?;
+    let start = s
+        .find("['")
+        .ok_or_else(|| anyhow!("cannot parse forward/logits_tensor `{s}`"))?
+        + 2;
+    let end = s[start..]
+        .find("']")
+        .ok_or_else(|| anyhow!("cannot parse forward/logits_tensor `{s}`"))?
+        + start;
     Ok(s[start..end].to_string())
 }
 
@@ -90,8 +130,14 @@ fn check_model(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::Path
         Err(e) => return c.check(&format!("{label}: logits shape"), || Err(e.into())),
     };
     c.check(&format!("{label}: logits shape"), || {
-        let want: Vec<usize> = fx.ids1("forward/logits_shape")?.into_iter().map(|x| x as usize).collect();
-        (want == [rows, t_len, vocab]).then_some(()).ok_or_else(|| anyhow!("got {:?}, expected {want:?}", logits.dims()))
+        let want: Vec<usize> = fx
+            .ids1("forward/logits_shape")?
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        (want == [rows, t_len, vocab])
+            .then_some(())
+            .ok_or_else(|| anyhow!("got {:?}, expected {want:?}", logits.dims()))
     });
     let expected = logits_tensor_name(fx).and_then(|n| fx.tensor(&n));
     match (&expected, flat(&logits)) {
@@ -99,7 +145,9 @@ fn check_model(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::Path
             Ok(e) => c.close(&format!("{label}: forward logits"), &g, &e),
             Err(err) => c.check(&format!("{label}: forward logits"), || Err(err)),
         },
-        (Err(e), _) => c.check(&format!("{label}: forward logits"), || Err(anyhow!("{e:#}"))),
+        (Err(e), _) => c.check(&format!("{label}: forward logits"), || {
+            Err(anyhow!("{e:#}"))
+        }),
         (_, Err(e)) => c.check(&format!("{label}: forward logits"), || Err(e)),
     }
     let logprobs = match rustrag::nn::log_softmax_last_dim(&logits) {
@@ -125,16 +173,16 @@ fn check_top5(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor) {
     c.check(&format!("{label}: logprobs_top5"), || {
         let want_ids = fx.get("forward/logprobs_top5/ids")?;
         let want_lp = fx.f32s("forward/logprobs_top5/logprobs")?;
-        let (rows, t_len, _) = logprobs.dims3()?;
         let lp = logprobs.to_vec3::<f32>()?;
         let (mut got_ids, mut exp_ids, mut got_lp) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..rows {
-            for t in 0..t_len {
-                let ids = crate::common::value_ids1(crate::common::lookup(want_ids, &format!("{r}/{t}"))?)?;
-                let mut order: Vec<usize> = (0..lp[r][t].len()).collect();
-                order.sort_by(|a, b| lp[r][t][*b].total_cmp(&lp[r][t][*a]));
+        for (r, row) in lp.iter().enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                let path = format!("{r}/{t}");
+                let ids = crate::common::value_ids1(crate::common::lookup(want_ids, &path)?)?;
+                let mut order: Vec<usize> = (0..v.len()).collect();
+                order.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
                 got_ids.extend(order.iter().take(ids.len()).map(|i| *i as u32));
-                got_lp.extend(order.iter().take(ids.len()).map(|i| lp[r][t][*i]));
+                got_lp.extend(order.iter().take(ids.len()).map(|i| v[*i]));
                 exp_ids.extend(ids);
             }
         }
@@ -147,11 +195,18 @@ fn check_top5(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor) {
 
 /// Full log-prob vectors at a few (row, t).
 fn check_selected(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor) {
-    let Ok(sel) = fx.get("forward/logprobs_selected").map(|v| v.as_array().cloned().unwrap_or_default()) else {
-        return c.check(&format!("{label}: logprobs_selected"), || bail!("missing forward/logprobs_selected"));
+    let Ok(sel) = fx
+        .get("forward/logprobs_selected")
+        .map(|v| v.as_array().cloned().unwrap_or_default())
+    else {
+        return c.check(&format!("{label}: logprobs_selected"), || {
+            bail!("missing forward/logprobs_selected")
+        });
     };
     if sel.is_empty() {
-        return c.check(&format!("{label}: logprobs_selected"), || bail!("forward/logprobs_selected is empty"));
+        return c.check(&format!("{label}: logprobs_selected"), || {
+            bail!("forward/logprobs_selected is empty")
+        });
     }
     for (i, s) in sel.iter().enumerate() {
         c.check(&format!("{label}: logprobs_selected[{i}]"), || {
@@ -165,16 +220,26 @@ fn check_selected(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor)
 }
 
 /// `start` + one `step` per label position reproduces the teacher-forced logits at every position.
-fn check_stepwise(c: &mut Checker, label: &str, model: &dyn Seq2Seq, input: &GenInput, decoder_ids: &Tensor, full: &Tensor) {
-    c.check(&format!("{label}: step-wise decoding with cache == teacher-forced logits"), || {
-        let mut state = model.start(input)?;
-        let t_len = decoder_ids.dim(1)?;
-        let mut steps = Vec::with_capacity(t_len);
-        for t in 0..t_len {
-            let tokens = decoder_ids.narrow(1, t, 1)?.squeeze(1)?.contiguous()?;
-            steps.push(model.step(&mut state, &tokens)?);
-        }
-        let stepped = Tensor::stack(&steps, 1)?;
-        rows_close(&flat(&stepped)?, &flat(full)?)
-    });
+fn check_stepwise(
+    c: &mut Checker,
+    label: &str,
+    model: &dyn Seq2Seq,
+    input: &GenInput,
+    decoder_ids: &Tensor,
+    full: &Tensor,
+) {
+    c.check(
+        &format!("{label}: step-wise decoding with cache == teacher-forced logits"),
+        || {
+            let mut state = model.start(input)?;
+            let t_len = decoder_ids.dim(1)?;
+            let mut steps = Vec::with_capacity(t_len);
+            for t in 0..t_len {
+                let tokens = decoder_ids.narrow(1, t, 1)?.squeeze(1)?.contiguous()?;
+                steps.push(model.step(&mut state, &tokens)?);
+            }
+            let stepped = Tensor::stack(&steps, 1)?;
+            rows_close(&flat(&stepped)?, &flat(full)?)
+        },
+    );
 }

@@ -1,7 +1,9 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
 //! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
 
+pub mod decode;
 pub mod encode;
+pub mod rag;
 pub mod retrieval;
 
 use anyhow::{bail, Context, Result};
@@ -28,12 +30,15 @@ pub enum Which {
     Encode(encode::Args),
     /// Exact and HNSW inner-product search vs faiss-cpu (IndexFlatIP, IndexHNSWFlat).
     Retrieval(retrieval::RetrievalArgs),
+    /// RAG-Token beam / RAG-Sequence thorough generate vs HF transformers (PyTorch CPU).
+    Rag(rag::Args),
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
     let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
     let report = match args.which {
         Which::Encode(a) => encode::run(a, peer.as_ref())?,
+        Which::Rag(a) => rag::run(a, peer.as_ref())?,
         Which::Retrieval(a) => {
             let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
             return retrieval::run(a, &peer, json);

@@ -133,14 +133,20 @@ fn read_questions(files: &[PathBuf], max: usize) -> Result<Vec<String>> {
     for f in files {
         let file = std::fs::File::open(f).with_context(|| format!("open {}", f.display()))?;
         let r: Box<dyn BufRead> = if f.extension().is_some_and(|e| e == "gz") {
-            Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)))
+            Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
+                file,
+            )))
         } else {
             Box::new(std::io::BufReader::new(file))
         };
         for (i, line) in r.lines().enumerate().take(per) {
             let line = line.with_context(|| format!("{}:{}", f.display(), i + 1))?;
-            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", f.display(), i + 1))?;
-            let text = v["text"].as_str().with_context(|| format!("{}:{}: no `text`", f.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not JSON", f.display(), i + 1))?;
+            let text = v["text"]
+                .as_str()
+                .or(v["question"].as_str())
+                .with_context(|| format!("{}:{}: no `text` or `question`", f.display(), i + 1))?;
             out.push(text.to_string());
         }
     }
@@ -149,20 +155,44 @@ fn read_questions(files: &[PathBuf], max: usize) -> Result<Vec<String>> {
 }
 
 fn hnsw_at_095(curve: &[(f64, f64)]) -> Option<f64> {
-    curve.iter().filter(|(r, _)| *r >= 0.95).map(|(_, q)| *q).fold(None, |a, q| Some(a.map_or(q, |a: f64| a.max(q))))
+    curve
+        .iter()
+        .filter(|(r, _)| *r >= 0.95)
+        .map(|(_, q)| *q)
+        .fold(None, |a, q| Some(a.map_or(q, |a: f64| a.max(q))))
 }
 
-fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: &[f32], dim: usize, work: &Path) -> Result<SetResult> {
+fn bench_set(
+    a: &RetrievalArgs,
+    peer: &Peer,
+    name: &str,
+    base: &[f32],
+    queries: &[f32],
+    dim: usize,
+    work: &Path,
+) -> Result<SetResult> {
     let n = base.len() / dim;
     let nq = queries.len() / dim;
     let dir = tempfile::tempdir_in(work)?;
     // Reuse the KB writer so the searched matrix is a real memory-mapped embeddings file.
-    crate::kb::store::write_synced(&dir.path().join(crate::kb::embeddings::file_name(crate::kb::EmbeddingDtype::F32)), &base.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+    crate::kb::store::write_synced(
+        &dir.path().join(crate::kb::embeddings::file_name(
+            crate::kb::EmbeddingDtype::F32,
+        )),
+        &base
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
     let matrix = EmbeddingMatrix::open(dir.path(), n as u64, dim, crate::kb::EmbeddingDtype::F32)?;
     exact_search(&matrix, &queries[..dim * nq.min(16)], a.k)?; // warm-up
     let (exact_s, gt) = best_of(a.repeats, || exact_search(&matrix, queries, a.k))?;
     tracing::info!("{name}: exact {n} x {dim}, {nq} queries: {exact_s:.3}s");
-    let params = HnswParams { m: a.m, ef_construction: a.ef_construction, ef_search: a.ef_search[0] };
+    let params = HnswParams {
+        m: a.m,
+        ef_construction: a.ef_construction,
+        ef_search: a.ef_search[0],
+    };
     let t = Instant::now();
     let hnsw = HnswIndex::build(&matrix, &params)?;
     let build_s = t.elapsed().as_secs_f64();
@@ -174,9 +204,18 @@ fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: 
         let hit: usize = res
             .iter()
             .zip(&gt)
-            .map(|(r, g)| r.iter().filter(|(row, _)| g.iter().any(|(gr, _)| gr == row)).count())
+            .map(|(r, g)| {
+                r.iter()
+                    .filter(|(row, _)| g.iter().any(|(gr, _)| gr == row))
+                    .count()
+            })
             .sum();
-        curve.push(Point { ef_search: ef, seconds: s, qps: nq as f64 / s, recall: hit as f64 / (nq * a.k) as f64 });
+        curve.push(Point {
+            ef_search: ef,
+            seconds: s,
+            qps: nq as f64 / s,
+            recall: hit as f64 / (nq * a.k) as f64,
+        });
     }
     // Files for the peer.
     let base_f = dir.path().join("base.f32");
@@ -184,14 +223,31 @@ fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: 
     let gt_f = dir.path().join("gt.u32");
     write_f32(&base_f, base)?;
     write_f32(&q_f, queries)?;
-    let gt_bytes: Vec<u8> = gt.iter().flat_map(|r| r.iter().flat_map(|(row, _)| row.to_le_bytes())).collect();
+    let gt_bytes: Vec<u8> = gt
+        .iter()
+        .flat_map(|r| r.iter().flat_map(|(row, _)| row.to_le_bytes()))
+        .collect();
     std::fs::write(&gt_f, gt_bytes)?;
     let efs: Vec<String> = a.ef_search.iter().map(|e| e.to_string()).collect();
     let args: Vec<String> = [
-        "--base", &base_f.display().to_string(), "--queries", &q_f.display().to_string(),
-        "--gt", &gt_f.display().to_string(), "--dim", &dim.to_string(), "--k", &a.k.to_string(),
-        "--m", &a.m.to_string(), "--ef-construction", &a.ef_construction.to_string(),
-        "--ef-search", &efs.join(","), "--repeats", &a.repeats.to_string(),
+        "--base",
+        &base_f.display().to_string(),
+        "--queries",
+        &q_f.display().to_string(),
+        "--gt",
+        &gt_f.display().to_string(),
+        "--dim",
+        &dim.to_string(),
+        "--k",
+        &a.k.to_string(),
+        "--m",
+        &a.m.to_string(),
+        "--ef-construction",
+        &a.ef_construction.to_string(),
+        "--ef-search",
+        &efs.join(","),
+        "--repeats",
+        &a.repeats.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -200,7 +256,16 @@ fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: 
     let f_exact_qps = faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN);
     let f_curve: Vec<(f64, f64)> = faiss["hnsw"]["curve"]
         .as_array()
-        .map(|c| c.iter().map(|p| (p["recall"].as_f64().unwrap_or(0.0), p["qps"].as_f64().unwrap_or(0.0))).collect())
+        .map(|c| {
+            c.iter()
+                .map(|p| {
+                    (
+                        p["recall"].as_f64().unwrap_or(0.0),
+                        p["qps"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let ours: Vec<(f64, f64)> = curve.iter().map(|p| (p.recall, p.qps)).collect();
     let (o95, f95) = (hnsw_at_095(&ours), hnsw_at_095(&f_curve));
@@ -218,14 +283,18 @@ fn bench_set(a: &RetrievalArgs, peer: &Peer, name: &str, base: &[f32], queries: 
         hnsw_qps_at_095: o95,
         faiss_hnsw_qps_at_095: f95,
         hnsw_speedup_vs_faiss_at_095: o95.zip(f95).map(|(o, f)| o / f),
-        hnsw_build_speedup_vs_faiss: faiss["hnsw"]["build_seconds"].as_f64().unwrap_or(f64::NAN) / build_s,
+        hnsw_build_speedup_vs_faiss: faiss["hnsw"]["build_seconds"].as_f64().unwrap_or(f64::NAN)
+            / build_s,
         faiss,
     })
 }
 
 /// Run the retrieval benchmark and print a table (or JSON).
 pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
-    ensure!(!a.ef_search.is_empty(), "--ef-search needs at least one value");
+    ensure!(
+        !a.ef_search.is_empty(),
+        "--ef-search needs at least one value"
+    );
     let mut base = Vec::new();
     let mut dim = 0;
     let mut encoder_src = String::new();
@@ -235,7 +304,12 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
             dim = kb.dim();
             encoder_src = kb.manifest().encoder.source.clone();
         }
-        ensure!(kb.dim() == dim, "{}: dim {} differs from {dim}", dir.display(), kb.dim());
+        ensure!(
+            kb.dim() == dim,
+            "{}: dim {} differs from {dim}",
+            dir.display(),
+            kb.dim()
+        );
         let mut buf = Vec::new();
         kb.embeddings().rows_f32_into(0, kb.len(), &mut buf);
         base.extend(buf);
@@ -244,36 +318,89 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
     let encoder = super::super::index::load_encoder(&encoder_src, 64, None)?;
     let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
     let t = Instant::now();
-    let q = encoder.encode_texts(&refs)?.flatten_all()?.to_vec1::<f32>()?;
-    tracing::info!("embedded {} questions in {:.1}s", questions.len(), t.elapsed().as_secs_f64());
+    let q = encoder
+        .encode_texts(&refs)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    tracing::info!(
+        "embedded {} questions in {:.1}s",
+        questions.len(),
+        t.elapsed().as_secs_f64()
+    );
     let work = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&work)?;
     let mut results = vec![bench_set(&a, peer, "real", &base, &q, dim, &work)?];
     if a.synthetic > base.len() / dim {
         let big = perturb(&base, dim, a.synthetic, a.noise);
-        results.push(bench_set(&a, peer, &format!("perturbed-{}", a.synthetic), &big, &q, dim, &work)?);
+        results.push(bench_set(
+            &a,
+            peer,
+            &format!("perturbed-{}", a.synthetic),
+            &big,
+            &q,
+            dim,
+            &work,
+        )?);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"benchmark": "retrieval", "k": a.k, "m": a.m,
-            "ef_construction": a.ef_construction, "threads": rayon::current_num_threads(), "sets": results}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"benchmark": "retrieval", "k": a.k, "m": a.m,
+            "ef_construction": a.ef_construction, "threads": rayon::current_num_threads(), "sets": results})
+            )?
+        );
         return Ok(());
     }
     let r2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
     for r in &results {
-        println!("== {} : {} vectors x {}, {} queries, k={} (threads: ours {}, faiss {})", r.name, r.n, r.dim, r.nq, a.k,
-            rayon::current_num_threads(), r.faiss["threads"]);
-        println!("exact    rustrag {:>9.0} QPS   faiss IndexFlatIP {:>9.0} QPS   ratio {:.2}x", r.exact_qps,
-            r.faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN), r.exact_speedup_vs_faiss);
-        println!("hnsw build (M={}, efC={}): rustrag/usearch {:.2}s   faiss {:.2}s", a.m, a.ef_construction,
-            r.hnsw_build_seconds, r.faiss["hnsw"]["build_seconds"].as_f64().unwrap_or(f64::NAN));
-        println!("  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}", k = a.k);
+        println!(
+            "== {} : {} vectors x {}, {} queries, k={} (threads: ours {}, faiss {})",
+            r.name,
+            r.n,
+            r.dim,
+            r.nq,
+            a.k,
+            rayon::current_num_threads(),
+            r.faiss["threads"]
+        );
+        println!(
+            "exact    rustrag {:>9.0} QPS   faiss IndexFlatIP {:>9.0} QPS   ratio {:.2}x",
+            r.exact_qps,
+            r.faiss["flat"]["qps"].as_f64().unwrap_or(f64::NAN),
+            r.exact_speedup_vs_faiss
+        );
+        println!(
+            "hnsw build (M={}, efC={}): rustrag/usearch {:.2}s   faiss {:.2}s",
+            a.m,
+            a.ef_construction,
+            r.hnsw_build_seconds,
+            r.faiss["hnsw"]["build_seconds"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
+        println!(
+            "  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}",
+            k = a.k
+        );
         for (i, p) in r.hnsw_curve.iter().enumerate() {
             let f = &r.faiss["hnsw"]["curve"][i];
-            println!("  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}", p.ef_search, p.qps, p.recall,
-                f["qps"].as_f64().unwrap_or(f64::NAN), f["recall"].as_f64().unwrap_or(f64::NAN));
+            println!(
+                "  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}",
+                p.ef_search,
+                p.qps,
+                p.recall,
+                f["qps"].as_f64().unwrap_or(f64::NAN),
+                f["recall"].as_f64().unwrap_or(f64::NAN)
+            );
         }
-        println!("  best QPS at recall >= 0.95: rustrag {}  faiss {}  ratio {}", r2(r.hnsw_qps_at_095), r2(r.faiss_hnsw_qps_at_095),
-            r.hnsw_speedup_vs_faiss_at_095.map_or("-".into(), |v| format!("{v:.2}x")));
+        println!(
+            "  best QPS at recall >= 0.95: rustrag {}  faiss {}  ratio {}",
+            r2(r.hnsw_qps_at_095),
+            r2(r.faiss_hnsw_qps_at_095),
+            r.hnsw_speedup_vs_faiss_at_095
+                .map_or("-".into(), |v| format!("{v:.2}x"))
+        );
     }
     Ok(())
 }
