@@ -42,7 +42,6 @@ trait FiniteMask {
 }
 
 impl FiniteMask for Tensor {
-    #[allow(clippy::eq_op)]
     fn is_finite_mask(&self) -> candle_core::Result<Tensor> {
         // x - x is 0 for finite x and NaN for ±inf; NaN != 0.
         #[allow(clippy::eq_op)]

@@ -171,6 +171,7 @@ fn load_encoder_detects_kinds() -> Result<()> {
         q.fingerprint().weights_sha256,
         c.fingerprint().weights_sha256
     );
+    assert_eq!(q.encode_texts(&[])?.dims(), &[0, q.dim()]);
     // Output order is the input order even though batches are sorted by length.
     let texts = [
         "a",

@@ -223,12 +223,11 @@ impl Layer {
         heads: usize,
         act: Activation,
     ) -> Result<Tensor> {
-        let (n, h) = x.dims2()?;
+        let h = x.dim(1)?;
         let dh = h / heads;
         let scale = 1.0 / (dh as f32).sqrt();
         let (q, k, v) = fused::split_qkv(&x.matmul(&qkv.0.t()?)?, &qkv.1, b, heads, scale)?;
-        let probs = fused::masked_softmax(&q.matmul(&k.t()?)?, keep)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, h))?;
+        let ctx = fused::attention(&q, &k, &v, keep)?;
         let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
             let bias = ln.bias.clone().context("LayerNorm without bias")?;
             Ok((ln.weight.clone(), bias, ln.eps))
@@ -678,42 +677,139 @@ mod fused {
         ))
     }
 
-    /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys (`keep[b][j] == 0`) set to
-    /// probability 0, as HF's additive dtype-min mask gives.
+    /// In-place softmax of one row of scores; keys with `keep == 0` get probability 0, as HF's
+    /// additive dtype-min mask gives (all keys masked: uniform, as HF).
+    fn masked_softmax_row(row: &mut [f32], keep: &[u32]) {
+        let mut max = f32::NEG_INFINITY;
+        for (x, k) in row.iter().zip(keep) {
+            if *k != 0 && *x > max {
+                max = *x;
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            let u = 1.0 / row.len() as f32;
+            row.fill(u);
+            return;
+        }
+        let mut sum = 0f32;
+        for (x, k) in row.iter_mut().zip(keep) {
+            *x = if *k != 0 { (*x - max).exp() } else { 0.0 };
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+
+    /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
+    #[cfg(test)]
     pub fn masked_softmax(scores: &Tensor, keep: &[u32]) -> Result<Tensor> {
         let (b, heads, lq, lk) = scores.dims4()?;
-        if keep.len() != b * lk {
-            bail!("mask has {} entries, expected {}", keep.len(), b * lk);
-        }
-        let mut out = vec![0f32; b * heads * lq * lk];
-        with_f32(scores, |s| {
-            out.par_chunks_mut(lk)
-                .zip(s.par_chunks(lk))
-                .enumerate()
-                .for_each(|(row, (o, s))| {
-                    let keep = &keep[(row / (heads * lq)) * lk..][..lk];
-                    let mut max = f32::NEG_INFINITY;
-                    for (x, k) in s.iter().zip(keep) {
-                        if *k != 0 && *x > max {
-                            max = *x;
-                        }
-                    }
-                    if max == f32::NEG_INFINITY {
-                        // every key masked: HF's uniform distribution
-                        o.fill(1.0 / lk as f32);
-                        return;
-                    }
-                    let mut sum = 0f32;
-                    for ((o, x), k) in o.iter_mut().zip(s).zip(keep) {
-                        let e = if *k != 0 { (x - max).exp() } else { 0.0 };
-                        *o = e;
-                        sum += e;
-                    }
-                    let inv = 1.0 / sum;
-                    o.iter_mut().for_each(|o| *o *= inv);
-                })
-        })?;
+        let mut out = scores.flatten_all()?.to_vec1::<f32>()?;
+        out.par_chunks_mut(lk).enumerate().for_each(|(row, o)| {
+            masked_softmax_row(o, &keep[(row / (heads * lq)) * lk..][..lk]);
+        });
         Ok(Tensor::from_vec(out, (b, heads, lq, lk), &Device::Cpu)?)
+    }
+
+    struct SendPtr(*mut f32);
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
+
+    /// Multi-head attention of one padded batch: `q` (already scaled), `k`, `v`:
+    /// `[b, heads, l, dh]` contiguous, `keep: [b * l]` -> context `[b * l, heads * dh]` with the
+    /// heads merged. One task per (row, head) with a single-threaded gemm each: the matrices are
+    /// small, so parallelising across heads beats parallelising inside each product.
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Tensor> {
+        let (b, heads, l, dh) = q.dims4()?;
+        if k.dims4()? != (b, heads, l, dh) || v.dims4()? != (b, heads, l, dh) || keep.len() != b * l
+        {
+            bail!(
+                "attention: shapes q {:?} k {:?} v {:?} mask {}",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                keep.len()
+            );
+        }
+        let h = heads * dh;
+        let mut out = vec![0f32; b * l * h];
+        let dst = SendPtr(out.as_mut_ptr());
+        let dst = &dst;
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    (0..b * heads).into_par_iter().for_each_init(
+                        || vec![0f32; l * l],
+                        |scores, bh| {
+                            let bi = bh / heads;
+                            let hd = bh % heads;
+                            let off = bh * l * dh;
+                            let (qm, km, vm) = (
+                                &q[off..off + l * dh],
+                                &k[off..off + l * dh],
+                                &v[off..off + l * dh],
+                            );
+                            // SAFETY: all pointers address in-bounds row-major matrices of the
+                            // stated sizes/strides; each task writes only its own head's columns
+                            // of its own batch row in `out`, so writes never overlap.
+                            unsafe {
+                                // scores [l, l] = q [l, dh] x k^T [dh, l]
+                                gemm::gemm(
+                                    l,
+                                    l,
+                                    dh,
+                                    scores.as_mut_ptr(),
+                                    1,
+                                    l as isize,
+                                    false,
+                                    qm.as_ptr(),
+                                    1,
+                                    dh as isize,
+                                    km.as_ptr(),
+                                    dh as isize,
+                                    1,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            let keep = &keep[bi * l..(bi + 1) * l];
+                            scores
+                                .chunks_mut(l)
+                                .for_each(|row| masked_softmax_row(row, keep));
+                            unsafe {
+                                // out[bi, :, hd, :] = probs [l, l] x v [l, dh]
+                                gemm::gemm(
+                                    l,
+                                    dh,
+                                    l,
+                                    dst.0.add(bi * l * h + hd * dh),
+                                    1,
+                                    h as isize,
+                                    false,
+                                    scores.as_ptr(),
+                                    1,
+                                    l as isize,
+                                    vm.as_ptr(),
+                                    1,
+                                    dh as isize,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        },
+                    )
+                })
+            })
+        })???;
+        Ok(Tensor::from_vec(out, (b * l, h), &Device::Cpu)?)
     }
 }
 
@@ -744,6 +840,20 @@ mod tests {
             &scores.broadcast_add(&nn::additive_padding_mask(&mask, DType::F32)?)?,
         )?;
         let got = fused::masked_softmax(&scores, &keep)?;
+        // and the whole fused attention against the composed one
+        let (q, k, v) = (
+            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
+            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
+            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
+        );
+        let probs = nn::softmax_last_dim(
+            &q.matmul(&k.t()?)?
+                .broadcast_add(&nn::additive_padding_mask(&mask, DType::F32)?)?,
+        )?;
+        let want_ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((10, 12))?;
+        let got_ctx = fused::attention(&q, &k, &v, &keep)?;
+        let d = (got_ctx - want_ctx)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "attention max diff {d}");
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "max diff {diff}");
         Ok(())

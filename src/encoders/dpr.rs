@@ -292,6 +292,9 @@ impl DprEncoder {
 
 impl TextEncoder for DprEncoder {
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Ok(Tensor::zeros((0, self.dim()), bert::DTYPE, &self.device)?);
+        }
         let enc = self.tokenize(texts)?;
         self.encode_encoded(&enc, false)
     }

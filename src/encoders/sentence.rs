@@ -277,6 +277,9 @@ fn read_pooling(path: &Path) -> Result<Vec<Pooling>> {
 
 impl TextEncoder for SentenceEncoder {
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Ok(Tensor::zeros((0, self.dim()), bert::DTYPE, &self.device)?);
+        }
         let enc = self.tokenize(texts)?;
         self.encode_encoded(&enc)
     }
