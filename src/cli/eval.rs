@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
-use crate::eval::beir::{read_corpus, read_qrels, read_queries, Query};
+use crate::eval::beir::{read_qrels, read_queries, Query};
 use crate::eval::metrics::{evaluate, MetricSpec, Report};
 use crate::eval::{progress, qa, run_queries, write_trec_run};
 use crate::kb::KnowledgeBase;
@@ -185,8 +185,22 @@ fn open_kb(a: &RetrievalArgs) -> Result<Arc<KnowledgeBase>> {
 fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
     match &a.kb {
         Some(dir) => KnowledgeBase::open(dir)?.passages().all(),
-        None => read_corpus(&a.corpus),
+        None => corpus_passages(&a.corpus),
     }
+}
+
+/// The documents of a corpus file as passages, unsplit (BEIR evaluates whole documents).
+pub fn corpus_passages(path: &Path) -> Result<Vec<Passage>> {
+    let docs =
+        crate::kb::ingest::read_corpus(&[path.to_path_buf()], &Default::default())?.documents;
+    Ok(docs
+        .into_iter()
+        .map(|d| Passage {
+            id: d.id,
+            title: d.title,
+            text: d.text,
+        })
+        .collect())
 }
 
 /// Open the BM25 index at `dir`, building it when missing, built with another analysis, or when

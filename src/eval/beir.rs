@@ -1,6 +1,6 @@
 //! Readers for BEIR-format evaluation data: `queries.jsonl(.gz)` (`_id`/`id`, `text`/`question`,
-//! optional `answers`), qrels (`query-id corpus-id score` TSV with a header, or TREC `qid 0 docid rel`),
-//! and `corpus.jsonl(.gz)` (`_id`, `title`, `text`). Every error names the file and line.
+//! optional `answers`) and qrels (`query-id corpus-id score` TSV with a header, or TREC `qid 0 docid
+//! rel`). Every error names the file and line. Corpora are read by [`crate::kb::ingest`].
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -12,7 +12,6 @@ use flate2::read::MultiGzDecoder;
 use serde_json::Value;
 
 use super::metrics::Qrels;
-use crate::retrieve::Passage;
 
 /// One evaluation question.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -169,33 +168,4 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
         bail!("{}: no judgements", path.display());
     }
     Ok(qrels)
-}
-
-/// Read a BEIR corpus (`_id`, optional `title`, `text`) into passages, in file order. Duplicate ids are
-/// an error.
-pub fn read_corpus(path: &Path) -> Result<Vec<Passage>> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    for_each_line(path, |_, line| {
-        let v: Value = serde_json::from_str(line).context("invalid JSON")?;
-        let id = as_id(v.get("_id").context("missing `_id`")?, "_id")?;
-        let text = v
-            .get("text")
-            .and_then(Value::as_str)
-            .context("missing string field `text`")?
-            .to_string();
-        let title = match v.get("title") {
-            None | Some(Value::Null) => String::new(),
-            Some(t) => t.as_str().context("`title` must be a string")?.to_string(),
-        };
-        if !seen.insert(id.clone()) {
-            bail!("duplicate `_id` {id:?}");
-        }
-        out.push(Passage { id, title, text });
-        Ok(())
-    })?;
-    if out.is_empty() {
-        bail!("{}: empty corpus", path.display());
-    }
-    Ok(out)
 }

@@ -8,12 +8,12 @@
 //! (Anserini "multifield": the score is the sum of the per-field BM25 scores).
 //!
 //! On disk an index is a root directory holding `CURRENT` (the live generation's name) and
-//! `gen-NNNNNNNN/` (a tantivy index plus `bm25.json`). A build writes a new generation into a temp
-//! directory and switches `CURRENT` atomically, so a crash mid-build leaves the previous index usable.
+//! `gen-NNNNNNNN/` (a tantivy index plus `bm25.json`), managed by [`crate::kb::atomic`] like a
+//! knowledge base: a build writes a new generation into a temp directory and switches `CURRENT`
+//! atomically, so a crash mid-build leaves the previous index usable.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +32,7 @@ use tantivy::{
 
 use super::analysis::{Analyzer, AnalyzerConfig};
 use super::{Hits, Passage, Retriever};
+use crate::kb::atomic::{current_generation, fsync_dir, write_file_atomic, PendingGeneration};
 
 /// Manifest file inside a generation directory.
 const MANIFEST: &str = "bm25.json";
@@ -39,9 +40,6 @@ const FORMAT: &str = "rustrag-bm25";
 const FORMAT_VERSION: u32 = 1;
 /// Name under which the analyzer is registered with tantivy.
 const TOKENIZER: &str = "rustrag_bm25";
-const CURRENT: &str = "CURRENT";
-const GEN_PREFIX: &str = "gen-";
-const TMP_PREFIX: &str = ".tmp-gen-";
 
 /// How title and text are indexed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -185,26 +183,11 @@ pub fn build_index(root: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     if passages.is_empty() {
         bail!("cannot build a BM25 index of an empty corpus");
     }
-    fs::create_dir_all(root)
-        .with_context(|| format!("create BM25 index dir {}", root.display()))?;
-    let next = next_generation(root)?;
-    let tmp = root.join(format!("{TMP_PREFIX}{next:08}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("remove stale {}", tmp.display()))?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    let result = write_generation(&tmp, passages, config);
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let name = format!("{GEN_PREFIX}{next:08}");
-    let gen = root.join(&name);
-    fs::rename(&tmp, &gen)
-        .with_context(|| format!("rename {} -> {}", tmp.display(), gen.display()))?;
-    fsync_dir(root)?;
-    write_file_atomic(&root.join(CURRENT), name.as_bytes())?;
-    remove_stale(root, &name);
+    let pending = PendingGeneration::begin(root)
+        .with_context(|| format!("start a BM25 index generation in {}", root.display()))?;
+    // On error `pending` is dropped, which removes its temp dir; the live generation is untouched.
+    write_generation(pending.dir(), passages, config)?;
+    let gen = pending.commit()?;
     tracing::info!(generation = %gen.display(), passages = passages.len(), "BM25 index built");
     Ok(BuildSummary {
         generation: gen,
@@ -269,67 +252,6 @@ fn write_generation(dir: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     fsync_dir(dir)
 }
 
-fn next_generation(root: &Path) -> Result<u64> {
-    let mut max = 0;
-    for e in fs::read_dir(root).with_context(|| format!("list {}", root.display()))? {
-        let name = e?.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix(GEN_PREFIX)
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            max = max.max(n);
-        }
-    }
-    Ok(max + 1)
-}
-
-/// Remove generations other than `live` and temp dirs left by killed builds (best effort).
-fn remove_stale(root: &Path, live: &str) {
-    let Ok(entries) = fs::read_dir(root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let stale_tmp = name.starts_with(TMP_PREFIX)
-            && name
-                .rsplit('-')
-                .next()
-                .and_then(|pid| pid.parse::<u32>().ok())
-                != Some(std::process::id());
-        if (name.starts_with(GEN_PREFIX) && name != live) || stale_tmp {
-            if let Err(err) = fs::remove_dir_all(e.path()) {
-                tracing::warn!(
-                    "could not remove old BM25 generation {}: {err}",
-                    e.path().display()
-                );
-            }
-        }
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("fsync {}", dir.display()))?;
-    Ok(())
-}
-
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
-    fsync_dir(parent)
-}
-
 /// Per-field collection statistics (over all segments) and the length-normalisation table.
 struct FieldStats {
     field: Field,
@@ -359,22 +281,12 @@ pub struct Bm25Retriever {
 impl Bm25Retriever {
     /// Open the live generation under `root` with the given query-time parameters.
     pub fn open(root: &Path, params: Bm25Params) -> Result<Self> {
-        let current = root.join(CURRENT);
-        let name = fs::read_to_string(&current).with_context(|| {
+        let generation = current_generation(root)?.with_context(|| {
             format!(
-                "no BM25 index in {} (missing {}); build one first",
-                root.display(),
-                current.display()
+                "no BM25 index in {} (no CURRENT generation); build one first",
+                root.display()
             )
         })?;
-        let name = name.trim();
-        if !name.starts_with(GEN_PREFIX) || name.contains(['/', '\\']) {
-            bail!(
-                "{}: expected a generation name like `gen-00000001`, found {name:?}",
-                current.display()
-            );
-        }
-        let generation = root.join(name);
         let mpath = generation.join(MANIFEST);
         let bytes = fs::read(&mpath).with_context(|| format!("read {}", mpath.display()))?;
         let manifest: Bm25Manifest = serde_json::from_slice(&bytes)
