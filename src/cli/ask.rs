@@ -20,7 +20,11 @@ pub struct Args {
     #[arg(long)]
     pub questions_file: Option<PathBuf>,
     /// HF RAG checkpoint directory (RagSequence/RagTokenForGeneration `save_pretrained` layout) or hub id.
-    #[arg(long, conflicts_with = "generator", required_unless_present = "generator")]
+    #[arg(
+        long,
+        conflicts_with = "generator",
+        required_unless_present = "generator"
+    )]
     pub model: Option<String>,
     /// Decoder-only generator (GGUF file, e.g. SmolLM2) used with a `rustrag index build` knowledge base.
     #[arg(long)]
@@ -201,11 +205,8 @@ pub fn ask_decoder_only(
     let kb = std::sync::Arc::new(crate::kb::KnowledgeBase::open(&args.kb)?);
     let spec = kb.manifest().encoder.source.clone();
     let encoder = super::index::load_encoder(&spec, 32, None)?;
-    let retriever = crate::retrieve::dense::DenseRetriever::new(
-        kb,
-        Some(std::sync::Arc::from(encoder)),
-        None,
-    )?;
+    let retriever =
+        crate::retrieve::dense::DenseRetriever::new(kb, Some(std::sync::Arc::from(encoder)), None)?;
     let g = crate::generators::gguf::GgufFile::open(generator)?;
     let llama = crate::generators::llama::Llama::from_gguf(&g, &crate::default_device())?;
     let tok = crate::generators::gguf::tokenizer_from_gguf(&g, llama.special_ids().vocab_size)?;
@@ -219,7 +220,11 @@ pub fn ask_decoder_only(
     let mut out = Vec::new();
     for q in questions {
         let hits = retriever.retrieve(&[q.as_str()], None, n_docs)?.remove(0);
-        let m = hits.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = hits
+            .scores
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
         let z: f32 = hits.scores.iter().map(|s| (s - m).exp()).sum();
         let priors: Vec<f32> = hits.scores.iter().map(|s| (s - m).exp() / z).collect();
         let doc_lp: Vec<f32> = priors.iter().map(|p| p.ln()).collect();
