@@ -132,7 +132,8 @@ fn ask_args(dir: &std::path::Path, beams: usize) -> AskArgs {
     AskArgs {
         questions: vec![],
         questions_file: None,
-        model: dir.join("rag").to_string_lossy().into_owned(),
+        model: Some(dir.join("rag").to_string_lossy().into_owned()),
+        generator: None,
         kb: dir.join("kb"),
         mode: None,
         n_docs: None,

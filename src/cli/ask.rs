@@ -1,8 +1,11 @@
 //! `rustrag ask`: question(s) → answer(s) with doc priors p(z|x), sources and provenance.
 //!
-//! Backends: an HF RAG checkpoint directory (`--model`) with a knowledge base given as
-//! `passages.jsonl` + `embeddings.safetensors` (`--kb DIR`). Every backend produces [`AskResult`]s, so
-//! another one (a real KB + sentence encoder + decoder-only LM) only has to fill the same struct.
+//! Backends (each fills the same [`AskResult`]s):
+//! - an HF RAG checkpoint directory (`--model`) with a knowledge base given as `passages.jsonl` +
+//!   `embeddings.safetensors` (`--kb DIR`);
+//! - a real knowledge base built by `rustrag index build` (`--kb DIR`, its question encoder from the KB
+//!   manifest, e.g. MiniLM) with a decoder-only GGUF generator (`--generator FILE.gguf`, e.g. SmolLM2):
+//!   one prompt and KV cache per document, greedy RAG-Token / RAG-Sequence decoding.
 
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
@@ -17,9 +20,17 @@ pub struct Args {
     #[arg(long)]
     pub questions_file: Option<PathBuf>,
     /// HF RAG checkpoint directory (RagSequence/RagTokenForGeneration `save_pretrained` layout) or hub id.
+    #[arg(
+        long,
+        conflicts_with = "generator",
+        required_unless_present = "generator"
+    )]
+    pub model: Option<String>,
+    /// Decoder-only generator (GGUF file, e.g. SmolLM2) used with a `rustrag index build` knowledge base.
     #[arg(long)]
-    pub model: String,
-    /// Knowledge-base directory with `passages.jsonl` and `embeddings.safetensors`.
+    pub generator: Option<PathBuf>,
+    /// Knowledge base: with --model, a directory with `passages.jsonl` and `embeddings.safetensors`;
+    /// with --generator, a KB built by `rustrag index build`.
     #[arg(long)]
     pub kb: PathBuf,
     /// RAG-Token or RAG-Sequence decoding (default: the checkpoint's head).
@@ -181,15 +192,118 @@ pub fn ask_hf_rag(
     Ok(out)
 }
 
+/// Answer questions with a `rustrag index build` KB (dense, exact search, the manifest's encoder) and a
+/// decoder-only GGUF generator. Greedy decoding: RAG-Token on the marginal, or RAG-Sequence (greedy
+/// per document, every candidate rescored under all documents).
+pub fn ask_decoder_only(
+    generator: &std::path::Path,
+    questions: &[String],
+    args: &Args,
+) -> Result<Vec<AskResult>> {
+    use crate::generators::Decoder;
+    use crate::retrieve::Retriever;
+    let kb = std::sync::Arc::new(crate::kb::KnowledgeBase::open(&args.kb)?);
+    let spec = kb.manifest().encoder.source.clone();
+    let encoder = super::index::load_encoder(&spec, 32, None)?;
+    let retriever =
+        crate::retrieve::dense::DenseRetriever::new(kb, Some(std::sync::Arc::from(encoder)), None)?;
+    let g = crate::generators::gguf::GgufFile::open(generator)?;
+    let llama = crate::generators::llama::Llama::from_gguf(&g, &crate::default_device())?;
+    let tok = crate::generators::gguf::tokenizer_from_gguf(&g, llama.special_ids().vocab_size)?;
+    let rag = crate::rag::decoder_only::DecoderOnlyRag::new(&llama, &tok);
+    let mode = match args.mode.as_deref() {
+        Some(m) => m.parse::<RagMode>()?,
+        None => RagMode::Token,
+    };
+    let n_docs = args.n_docs.unwrap_or(3);
+    let max_new = args.max_length.unwrap_or(32);
+    let mut out = Vec::new();
+    for q in questions {
+        let hits = retriever.retrieve(&[q.as_str()], None, n_docs)?.remove(0);
+        let m = hits
+            .scores
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = hits.scores.iter().map(|s| (s - m).exp()).sum();
+        let priors: Vec<f32> = hits.scores.iter().map(|s| (s - m).exp() / z).collect();
+        let doc_lp: Vec<f32> = priors.iter().map(|p| p.ln()).collect();
+        let passages: Vec<(&str, &str)> = hits
+            .passages
+            .iter()
+            .map(|p| (p.title.as_str(), p.text.as_str()))
+            .collect();
+        let prompts = rag.prompt_ids(&passages, q)?;
+        let sources = hits
+            .passages
+            .iter()
+            .enumerate()
+            .map(|(j, p)| Source {
+                rank: j + 1,
+                doc_id: hits.doc_ids[j],
+                passage_id: p.id.clone(),
+                title: p.title.clone(),
+                snippet: p.text.chars().take(args.snippet_chars).collect(),
+                score: hits.scores[j],
+                prior: priors[j],
+            })
+            .collect();
+        let answers = match mode {
+            RagMode::Token => {
+                let gen = rag.generate_token_greedy(&prompts, &doc_lp, max_new, true)?;
+                let tokens = gen
+                    .ids
+                    .iter()
+                    .map(|&t| tok.decode(&[t], false))
+                    .collect::<Result<Vec<_>>>()?;
+                vec![AskAnswer {
+                    text: tok.decode(&gen.ids, true)?.trim().to_string(),
+                    ids: gen.ids,
+                    doc_posteriors: gen.provenance,
+                    tokens,
+                }]
+            }
+            RagMode::Sequence => rag
+                .generate_sequence_greedy(&prompts, &doc_lp, max_new)?
+                .into_iter()
+                .take(args.num_return_sequences.unwrap_or(1))
+                .map(|c| {
+                    Ok(AskAnswer {
+                        text: tok.decode(&c.ids, true)?.trim().to_string(),
+                        ids: c.ids,
+                        doc_posteriors: vec![c.doc_posterior],
+                        tokens: Vec::new(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        out.push(AskResult {
+            question: q.clone(),
+            mode,
+            sources,
+            answers,
+        });
+    }
+    Ok(out)
+}
+
 pub fn run(args: Args, json: bool) -> Result<()> {
     let questions = read_questions(&args)?;
+    if let Some(g) = &args.generator {
+        let results = ask_decoder_only(g, &questions, &args)?;
+        return print_results(&results, json);
+    }
+    let model_dir = args
+        .model
+        .as_deref()
+        .context("pass --model (HF RAG checkpoint) or --generator (GGUF)")?;
     let mode = args
         .mode
         .as_deref()
         .map(str::parse::<RagMode>)
         .transpose()?;
     let mut model = load_rag(
-        &args.model,
+        model_dir,
         &LoadOptions {
             mode,
             ..Default::default()
@@ -203,10 +317,14 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         &args.kb.join("embeddings.safetensors"),
     )?;
     let results = ask_hf_rag(&model, &index, &questions, &args)?;
+    print_results(&results, json)
+}
+
+fn print_results(results: &[AskResult], json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        for r in &results {
+        for r in results {
             print_result(r);
         }
     }
