@@ -57,6 +57,14 @@ pub struct Args {
     /// Characters of passage text shown per source.
     #[arg(long, default_value_t = 160)]
     pub snippet_chars: usize,
+    /// With --generator: `dense` (the KB's encoder, exact search) or `hybrid` (dense + BM25 fused by
+    /// reciprocal rank; the BM25 index is built next to the KB on first use).
+    #[arg(long, default_value = "hybrid", value_parser = ["dense", "hybrid"])]
+    pub retriever: String,
+    /// With --generator: GGUF weights as stored (`quantized`, fastest) or dequantized to f32 (`f32`, the
+    /// most faithful answers; small models like SmolLM2-135M flip near-tied tokens under 8-bit activations).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "quantized"])]
+    pub gguf_weights: String,
 }
 
 /// One retrieved passage as shown to the user.
@@ -204,12 +212,32 @@ pub fn ask_decoder_only(
     use crate::retrieve::Retriever;
     let kb = std::sync::Arc::new(crate::kb::KnowledgeBase::open(&args.kb)?);
     let spec = kb.manifest().encoder.source.clone();
-    let encoder = super::index::load_encoder(&spec, 32, None)?;
-    let retriever =
-        crate::retrieve::dense::DenseRetriever::new(kb, Some(std::sync::Arc::from(encoder)), None)?;
+    let encoder: std::sync::Arc<dyn crate::encoders::TextEncoder> =
+        std::sync::Arc::from(super::index::load_encoder(&spec, 32, None)?);
+    let dense = crate::retrieve::dense::DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
+    let retriever: Box<dyn Retriever> = match args.retriever.as_str() {
+        "dense" => Box::new(dense),
+        _ => {
+            let bm25 = open_or_build_kb_bm25(&kb)?;
+            Box::new(crate::retrieve::hybrid::HybridRetriever::new(
+                Box::new(dense),
+                Box::new(bm25),
+                crate::retrieve::hybrid::Fusion::Rrf { k: 60.0 },
+                100,
+            )?)
+        }
+    };
     let g = crate::generators::gguf::GgufFile::open(generator)?;
-    let llama = crate::generators::llama::Llama::from_gguf(&g, &crate::default_device())?;
+    let weights = match args.gguf_weights.as_str() {
+        "quantized" => crate::generators::llama::GgufWeights::default(),
+        _ => crate::generators::llama::GgufWeights::F32,
+    };
+    let llama =
+        crate::generators::llama::Llama::from_gguf_with(&g, &crate::default_device(), weights)?;
     let tok = crate::generators::gguf::tokenizer_from_gguf(&g, llama.special_ids().vocab_size)?;
+    // Chat-tuned models answer inside their chat format; a model without a template gets the plain
+    // "{title} / {text} // {question}" prompt.
+    let chat = crate::generators::gguf::ChatTemplate::from_gguf(&g).ok();
     let rag = crate::rag::decoder_only::DecoderOnlyRag::new(&llama, &tok);
     let mode = match args.mode.as_deref() {
         Some(m) => m.parse::<RagMode>()?,
@@ -220,20 +248,31 @@ pub fn ask_decoder_only(
     let mut out = Vec::new();
     for q in questions {
         let hits = retriever.retrieve(&[q.as_str()], None, n_docs)?.remove(0);
-        let m = hits
-            .scores
+        // The doc prior p(z|x) is softmax(q · d) as in RAG, whichever retriever chose the documents
+        // (fused hybrid scores are ranks, not logits).
+        let q_emb = encoder.encode_texts(&[q.as_str()])?.flatten_all()?.to_vec1::<f32>()?;
+        let mut row = Vec::new();
+        let inner: Vec<f32> = hits
+            .doc_ids
             .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        let z: f32 = hits.scores.iter().map(|s| (s - m).exp()).sum();
-        let priors: Vec<f32> = hits.scores.iter().map(|s| (s - m).exp() / z).collect();
+            .map(|&r| {
+                kb.embeddings().rows_f32_into(r as usize, r as usize + 1, &mut row);
+                row.iter().zip(&q_emb).map(|(a, b)| a * b).sum()
+            })
+            .collect();
+        let m = inner.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = inner.iter().map(|s| (s - m).exp()).sum();
+        let priors: Vec<f32> = inner.iter().map(|s| (s - m).exp() / z).collect();
         let doc_lp: Vec<f32> = priors.iter().map(|p| p.ln()).collect();
         let passages: Vec<(&str, &str)> = hits
             .passages
             .iter()
             .map(|p| (p.title.as_str(), p.text.as_str()))
             .collect();
-        let prompts = rag.prompt_ids(&passages, q)?;
+        let prompts = match &chat {
+            Some(t) => rag.chat_prompt_ids(&passages, q, t)?,
+            None => rag.prompt_ids(&passages, q)?,
+        };
         let sources = hits
             .passages
             .iter()
@@ -285,6 +324,26 @@ pub fn ask_decoder_only(
         });
     }
     Ok(out)
+}
+
+/// The BM25 index kept in `<kb>/bm25` (Anserini defaults), rebuilt when the KB's passages changed.
+fn open_or_build_kb_bm25(
+    kb: &crate::kb::KnowledgeBase,
+) -> Result<crate::retrieve::bm25::Bm25Retriever> {
+    use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
+    let dir = kb.root().join("bm25");
+    let config = Bm25Config {
+        source: Some(kb.dir().display().to_string()),
+        ..Default::default()
+    };
+    if let Ok(r) = Bm25Retriever::open(&dir, Bm25Params::default()) {
+        if r.manifest().config == config && r.manifest().num_passages as usize == kb.len() {
+            return Ok(r);
+        }
+    }
+    tracing::info!("building the BM25 index in {}", dir.display());
+    build_index(&dir, &kb.passages().all()?, &config)?;
+    Bm25Retriever::open(&dir, Bm25Params::default())
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
