@@ -11,7 +11,7 @@ bin=target/release/rustrag
 kb=kb/squad-dev
 if ! $bin index info --kb "$kb" >/dev/null 2>&1; then
   $bin index build --corpus data/squad-dev/corpus.jsonl.gz --encoder "$RUSTRAG_MODELS/all-MiniLM-L6-v2" \
-    --out "$kb" --hnsw
+    --out "$kb" --words-per-passage 0 --hnsw
 fi
 if [ $# -eq 0 ]; then
   set -- "Which NFL team represented the AFC at Super Bowl 50?" "What is the name of the stadium where Super Bowl 50 was played?"

@@ -24,7 +24,12 @@ pub fn hub_cache_dirs() -> Vec<PathBuf> {
         dirs.push(PathBuf::from(p).join("huggingface").join("hub"));
     }
     if let Ok(home) = std::env::var("HOME") {
-        dirs.push(PathBuf::from(home).join(".cache").join("huggingface").join("hub"));
+        dirs.push(
+            PathBuf::from(home)
+                .join(".cache")
+                .join("huggingface")
+                .join("hub"),
+        );
     }
     dirs.dedup();
     dirs
@@ -139,9 +144,16 @@ impl Weights {
     }
 
     /// Wrap tensors that are already in memory (tests, conversions).
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, origin: &str, trainable: bool) -> Result<Self> {
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+        trainable: bool,
+    ) -> Result<Self> {
         let origin = PathBuf::from(origin);
-        let tensors = tensors.into_iter().map(|(k, v)| (k, (v, origin.clone()))).collect();
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (k, (v, origin.clone())))
+            .collect();
         Self::build(tensors, origin, trainable, HashMap::new())
     }
 
@@ -159,7 +171,14 @@ impl Weights {
                 vars.insert(name.clone(), var);
             }
         }
-        Ok(Self { inner: Arc::new(WeightsInner { tensors, vars, origin, non_float }) })
+        Ok(Self {
+            inner: Arc::new(WeightsInner {
+                tensors,
+                vars,
+                origin,
+                non_float,
+            }),
+        })
     }
 
     /// Error text for a tensor that is not a loaded float parameter: missing, or stored with an integer dtype.
@@ -196,7 +215,12 @@ impl Weights {
 
     /// Trainable variables by name (empty unless loaded with `trainable`).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<_> = self.inner.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<_> = self
+            .inner
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -243,7 +267,10 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
 
 /// The weight files of a HF model directory, in load order.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+    for index in [
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ] {
         let index_path = dir.join(index);
         if index_path.is_file() {
             let v: serde_json::Value = read_json(&index_path)?;
@@ -251,8 +278,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: no `weight_map` object", index_path.display()))?;
-            let mut files: Vec<String> =
-                map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -273,8 +302,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn read_weight_file(file: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let loaded = match ext {
-        "safetensors" => candle_core::safetensors::load(file, device)
-            .map(|m| m.into_iter().collect::<Vec<_>>()),
+        "safetensors" => {
+            candle_core::safetensors::load(file, device).map(|m| m.into_iter().collect::<Vec<_>>())
+        }
         "bin" | "pt" | "pth" => candle_core::pickle::read_all(file).and_then(|v| {
             v.into_iter()
                 .map(|(k, t)| t.to_device(device).map(|t| (k, t)))
@@ -282,5 +312,10 @@ fn read_weight_file(file: &Path, device: &Device) -> Result<Vec<(String, Tensor)
         }),
         _ => bail!("{}: unknown weight file type", file.display()),
     };
-    loaded.with_context(|| format!("{}: cannot read weights (corrupt or truncated file?)", file.display()))
+    loaded.with_context(|| {
+        format!(
+            "{}: cannot read weights (corrupt or truncated file?)",
+            file.display()
+        )
+    })
 }

@@ -66,7 +66,12 @@ pub fn additive_padding_mask(mask: &Tensor, dtype: DType) -> candle_core::Result
 }
 
 /// Additive causal mask `[1, 1, q_len, past + q_len]`: position i may see keys 0..=past+i.
-pub fn causal_mask(q_len: usize, past: usize, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+pub fn causal_mask(
+    q_len: usize,
+    past: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
     let k_len = past + q_len;
     let min = f32::MIN;
     let data: Vec<f32> = (0..q_len)
@@ -86,7 +91,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// `weight`/`bias` of shape `[size]` under `vb`.
     pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: Some(vb.get(size, "bias")?), eps })
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: Some(vb.get(size, "bias")?),
+            eps,
+        })
     }
 }
 
@@ -95,8 +104,17 @@ impl Module for LayerNorm {
         // Inference fast path: candle's fused kernel (records no backward op, so only when no
         // gradient is tracked).
         if let Some(b) = &self.bias {
-            if !xs.track_op() && !self.weight.track_op() && !b.track_op() && xs.dtype() == DType::F32 {
-                return candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, b, self.eps as f32);
+            if !xs.track_op()
+                && !self.weight.track_op()
+                && !b.track_op()
+                && xs.dtype() == DType::F32
+            {
+                return candle_nn::ops::layer_norm(
+                    &xs.contiguous()?,
+                    &self.weight,
+                    b,
+                    self.eps as f32,
+                );
             }
         }
         let mean = xs.mean_keepdim(D::Minus1)?;
@@ -120,7 +138,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
     }
 }
 
@@ -133,7 +154,9 @@ impl Module for RmsNorm {
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = x
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight)
     }
 }
@@ -174,15 +197,27 @@ impl Module for Activation {
 }
 
 /// Dense layer `y = x W^T + b` with `weight: [out, in]` (HF layout), differentiable.
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<candle_nn::Linear> {
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<candle_nn::Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
-    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
     Ok(candle_nn::Linear::new(w, b))
 }
 
 /// Token embedding table `weight: [vocab, dim]`.
 pub fn embedding(vocab: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::Embedding> {
-    Ok(candle_nn::Embedding::new(vb.get((vocab, dim), "weight")?, dim))
+    Ok(candle_nn::Embedding::new(
+        vb.get((vocab, dim), "weight")?,
+        dim,
+    ))
 }
 
 #[cfg(test)]
@@ -199,9 +234,13 @@ mod tests {
             bias: Some(Tensor::new(&[0f32, 1., 0.], &dev)?),
             eps: 1e-5,
         };
-        let loss = (softmax_last_dim(&ln.forward(x.as_tensor())?)? * Tensor::new(&[[1f32, 0., 2.], [3., 1., 0.]], &dev)?)?.sum_all()?;
+        let loss = (softmax_last_dim(&ln.forward(x.as_tensor())?)?
+            * Tensor::new(&[[1f32, 0., 2.], [3., 1., 0.]], &dev)?)?
+        .sum_all()?;
         let grads = loss.backward()?;
-        let g = grads.get(x.as_tensor()).expect("gradient reaches the input");
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input");
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 1e-4);
         Ok(())
     }
@@ -209,7 +248,13 @@ mod tests {
     #[test]
     fn logsumexp_matches_naive_and_handles_neg_inf() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::new(&[[0.5f32, -1.0, 2.0], [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]], &dev)?;
+        let x = Tensor::new(
+            &[
+                [0.5f32, -1.0, 2.0],
+                [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY],
+            ],
+            &dev,
+        )?;
         let v = logsumexp(&x, 1)?.to_vec1::<f32>()?;
         let naive = (0.5f32.exp() + (-1.0f32).exp() + 2.0f32.exp()).ln();
         assert!((v[0] - naive).abs() < 1e-6);

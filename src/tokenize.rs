@@ -4,7 +4,9 @@
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams, TruncationStrategy,
+};
 
 /// Ids of the special tokens a model declares (None where the tokenizer has no such token).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -39,7 +41,10 @@ pub struct Encoded {
 impl Encoded {
     /// `[batch, len]` u32 tensors (ids, mask); rows must have equal length (use padding).
     pub fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
-        Ok((ids_tensor(&self.input_ids, device)?, ids_tensor(&self.attention_mask, device)?))
+        Ok((
+            ids_tensor(&self.input_ids, device)?,
+            ids_tensor(&self.attention_mask, device)?,
+        ))
     }
 }
 
@@ -47,7 +52,10 @@ impl Encoded {
 pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     let len = rows.first().map_or(0, |r| r.len());
     if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != len) {
-        return Err(anyhow!("row {i} has length {}, row 0 has {len}: pad the batch", r.len()));
+        return Err(anyhow!(
+            "row {i} has length {}, row 0 has {len}: pad the batch",
+            r.len()
+        ));
     }
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (rows.len(), len), device)?)
@@ -81,7 +89,9 @@ impl TextTokenizer {
         };
         let token_id = |key: &str| -> Option<u32> {
             let v = config.get(key)?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             inner.token_to_id(s)
         };
         let special = SpecialTokens {
@@ -99,12 +109,26 @@ impl TextTokenizer {
             .filter(|v| *v < 1e9)
             .map(|v| v as usize)
             .unwrap_or(usize::MAX);
-        Ok(Self { inner, special, max_length, source: file })
+        Ok(Self {
+            inner,
+            special,
+            max_length,
+            source: file,
+        })
     }
 
     /// Wrap an already-built tokenizer (e.g. one read from GGUF metadata).
-    pub fn from_tokenizer(inner: tokenizers::Tokenizer, special: SpecialTokens, source: PathBuf) -> Self {
-        Self { inner, special, max_length: usize::MAX, source }
+    pub fn from_tokenizer(
+        inner: tokenizers::Tokenizer,
+        special: SpecialTokens,
+        source: PathBuf,
+    ) -> Self {
+        Self {
+            inner,
+            special,
+            max_length: usize::MAX,
+            source,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -124,7 +148,11 @@ impl TextTokenizer {
         Ok(())
     }
 
-    fn configured(&self, max_length: Option<usize>, padding: Padding) -> Result<tokenizers::Tokenizer> {
+    fn configured(
+        &self,
+        max_length: Option<usize>,
+        padding: Padding,
+    ) -> Result<tokenizers::Tokenizer> {
         let mut tok = self.inner.clone();
         if let Some(max) = max_length {
             tok.with_truncation(Some(TruncationParams {
@@ -205,5 +233,6 @@ fn collect(encs: Vec<tokenizers::Encoding>) -> Encoded {
 
 /// Read a tokenizer directory, naming it in the error.
 pub fn load_tokenizer(dir: &Path) -> Result<TextTokenizer> {
-    TextTokenizer::from_dir(dir).with_context(|| format!("loading tokenizer from {}", dir.display()))
+    TextTokenizer::from_dir(dir)
+        .with_context(|| format!("loading tokenizer from {}", dir.display()))
 }

@@ -11,7 +11,7 @@ a = p.parse_args()
 
 import llama_cpp
 
-llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=1024, n_threads=a.threads, n_batch=512, verbose=False)
+llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=1024, n_threads=a.threads, n_batch=512, logits_all=True, verbose=False)
 prompt_ids = llm.tokenize(a.prompt.encode("utf-8"), add_bos=False, special=True)
 best_decode, best_prefill, out_ids = None, None, []
 for _ in range(a.repeats):

@@ -214,7 +214,8 @@ pub fn ask_decoder_only(
     let spec = kb.manifest().encoder.source.clone();
     let encoder: std::sync::Arc<dyn crate::encoders::TextEncoder> =
         std::sync::Arc::from(super::index::load_encoder(&spec, 32, None)?);
-    let dense = crate::retrieve::dense::DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
+    let dense =
+        crate::retrieve::dense::DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
     let retriever: Box<dyn Retriever> = match args.retriever.as_str() {
         "dense" => Box::new(dense),
         _ => {
@@ -250,13 +251,17 @@ pub fn ask_decoder_only(
         let hits = retriever.retrieve(&[q.as_str()], None, n_docs)?.remove(0);
         // The doc prior p(z|x) is softmax(q · d) as in RAG, whichever retriever chose the documents
         // (fused hybrid scores are ranks, not logits).
-        let q_emb = encoder.encode_texts(&[q.as_str()])?.flatten_all()?.to_vec1::<f32>()?;
+        let q_emb = encoder
+            .encode_texts(&[q.as_str()])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut row = Vec::new();
         let inner: Vec<f32> = hits
             .doc_ids
             .iter()
             .map(|&r| {
-                kb.embeddings().rows_f32_into(r as usize, r as usize + 1, &mut row);
+                kb.embeddings()
+                    .rows_f32_into(r as usize, r as usize + 1, &mut row);
                 row.iter().zip(&q_emb).map(|(a, b)| a * b).sum()
             })
             .collect();

@@ -82,7 +82,12 @@ impl DecodeState {
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok(LayerCache { self_kv: pair(&l.self_kv)?, cross_kv: pair(&l.cross_kv)? }))
+            .map(|l| {
+                Ok(LayerCache {
+                    self_kv: pair(&l.self_kv)?,
+                    cross_kv: pair(&l.cross_kv)?,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             encoder_hidden: sel(&self.encoder_hidden)?,
@@ -127,8 +132,12 @@ pub trait Decoder: Send + Sync {
             return Ok(l);
         }
         let rows = state.rows()?;
-        let start = Tensor::full(self.special_ids().decoder_start, rows, &candle_core::Device::Cpu)?
-            .to_device(&self.device())?;
+        let start = Tensor::full(
+            self.special_ids().decoder_start,
+            rows,
+            &candle_core::Device::Cpu,
+        )?
+        .to_device(&self.device())?;
         self.step(state, &start)
     }
 
@@ -150,7 +159,8 @@ pub trait Seq2Seq: Decoder {
     /// [`Decoder::start`], possibly reordered/duplicated by [`DecodeState::select_rows`] (e.g. rescoring
     /// many candidates against the same contexts without re-encoding). The state's self-attention cache is
     /// ignored and left untouched. Differentiable.
-    fn forward_from_state(&self, state: &DecodeState, decoder_input_ids: &Tensor) -> Result<Tensor>;
+    fn forward_from_state(&self, state: &DecodeState, decoder_input_ids: &Tensor)
+        -> Result<Tensor>;
 
     /// Trainable parameters by HF name (empty unless loaded trainable).
     fn vars(&self) -> Vec<(String, Var)>;

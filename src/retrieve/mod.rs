@@ -39,7 +39,12 @@ pub trait Retriever: Send + Sync {
     /// Top-`k` hits per query. `queries`: `[batch]` texts; `query_embeddings`: `[batch, dim]` f32 when the
     /// caller has already encoded the questions (RAG does, to keep the gradient path); a dense retriever
     /// without them encodes `queries` itself or fails with a clear error.
-    fn retrieve(&self, queries: &[&str], query_embeddings: Option<&Tensor>, k: usize) -> Result<Vec<Hits>>;
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<Hits>>;
 
     /// Number of passages searchable.
     fn len(&self) -> usize;

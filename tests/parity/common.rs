@@ -20,11 +20,17 @@ pub struct Fixture {
 impl Fixture {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("expected.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let expected = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let expected =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            name: dir.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            name: dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
             expected,
             tensors: Default::default(),
         })
@@ -32,7 +38,8 @@ impl Fixture {
 
     /// Value at a `/`-separated path (object keys or array indices), e.g. `retrieval/doc_scores`.
     pub fn get(&self, path: &str) -> Result<&Value> {
-        lookup(&self.expected, path).with_context(|| format!("{}: expected.json has no `{path}`", self.name))
+        lookup(&self.expected, path)
+            .with_context(|| format!("{}: expected.json has no `{path}`", self.name))
     }
 
     pub fn has(&self, path: &str) -> bool {
@@ -42,7 +49,8 @@ impl Fixture {
     /// Flattened floats at `path` (nested arrays; "inf"/"-inf"/"nan" strings allowed).
     pub fn f32s(&self, path: &str) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        flatten_f32(self.get(path)?, &mut out).with_context(|| format!("{}: `{path}`", self.name))?;
+        flatten_f32(self.get(path)?, &mut out)
+            .with_context(|| format!("{}: `{path}`", self.name))?;
         Ok(out)
     }
 
@@ -61,20 +69,30 @@ impl Fixture {
             .as_array()
             .ok_or_else(|| anyhow!("{}: `{path}` is not an array", self.name))?
             .iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow!("`{path}`: non-string")))
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("`{path}`: non-string"))
+            })
             .collect()
     }
 
     pub fn usize(&self, path: &str) -> Result<usize> {
-        self.get(path)?.as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("{}: `{path}` is not an integer", self.name))
+        self.get(path)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow!("{}: `{path}` is not an integer", self.name))
     }
 
     /// A tensor from `tensors.safetensors` by name.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let map = self.tensors.get_or_init(|| {
-            candle_core::safetensors::load(self.dir.join("tensors.safetensors"), &Device::Cpu).unwrap_or_default()
+            candle_core::safetensors::load(self.dir.join("tensors.safetensors"), &Device::Cpu)
+                .unwrap_or_default()
         });
-        map.get(name).cloned().ok_or_else(|| anyhow!("{}: tensors.safetensors has no `{name}`", self.name))
+        map.get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: tensors.safetensors has no `{name}`", self.name))
     }
 }
 
@@ -84,7 +102,9 @@ pub fn lookup<'a>(v: &'a Value, path: &str) -> Result<&'a Value> {
         cur = match cur {
             Value::Object(m) => m.get(part).ok_or_else(|| anyhow!("no key `{part}`"))?,
             Value::Array(a) => {
-                let i: usize = part.parse().map_err(|_| anyhow!("`{part}` is not an index"))?;
+                let i: usize = part
+                    .parse()
+                    .map_err(|_| anyhow!("`{part}` is not an index"))?;
                 a.get(i).ok_or_else(|| anyhow!("index {i} out of range"))?
             }
             _ => bail!("`{part}`: not a container"),
@@ -117,12 +137,20 @@ pub fn value_ids1(v: &Value) -> Result<Vec<u32>> {
     v.as_array()
         .ok_or_else(|| anyhow!("not an array"))?
         .iter()
-        .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| anyhow!("non-integer id {x}")))
+        .map(|x| {
+            x.as_u64()
+                .map(|x| x as u32)
+                .ok_or_else(|| anyhow!("non-integer id {x}"))
+        })
         .collect()
 }
 
 pub fn value_ids2(v: &Value) -> Result<Vec<Vec<u32>>> {
-    v.as_array().ok_or_else(|| anyhow!("not an array"))?.iter().map(value_ids1).collect()
+    v.as_array()
+        .ok_or_else(|| anyhow!("not an array"))?
+        .iter()
+        .map(value_ids1)
+        .collect()
 }
 
 /// Counts checks and collects failures of one case.
@@ -134,7 +162,11 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(case: &str) -> Self {
-        Self { case: case.to_string(), passed: 0, failed: Vec::new() }
+        Self {
+            case: case.to_string(),
+            passed: 0,
+            failed: Vec::new(),
+        }
     }
 
     fn record(&mut self, name: &str, ok: Result<()>) {
@@ -168,7 +200,9 @@ impl Checker {
         let r = if got == expected {
             Ok(())
         } else {
-            Err(anyhow!("ids differ:\n  got      {got:?}\n  expected {expected:?}"))
+            Err(anyhow!(
+                "ids differ:\n  got      {got:?}\n  expected {expected:?}"
+            ))
         };
         self.record(name, r);
     }
@@ -178,7 +212,11 @@ pub fn compare(got: &[f32], expected: &[f32], rtol: f64) -> Result<()> {
     if got.len() != expected.len() {
         bail!("length {} != expected {}", got.len(), expected.len());
     }
-    let scale = expected.iter().filter(|x| x.is_finite()).fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-12);
+    let scale = expected
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0f64, |m, x| m.max(x.abs() as f64))
+        .max(1e-12);
     let mut worst = (0f64, 0usize);
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         if !e.is_finite() || !g.is_finite() {
@@ -194,12 +232,19 @@ pub fn compare(got: &[f32], expected: &[f32], rtol: f64) -> Result<()> {
     }
     if worst.0 > rtol {
         let i = worst.1;
-        bail!("max relative error {:.3e} > {rtol:.0e} at index {i}: got {}, expected {}", worst.0, got[i], expected[i]);
+        bail!(
+            "max relative error {:.3e} > {rtol:.0e} at index {i}: got {}, expected {}",
+            worst.0,
+            got[i],
+            expected[i]
+        );
     }
     Ok(())
 }
 
 /// Flatten any f32 tensor.
 pub fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }

@@ -35,16 +35,25 @@ fn main() -> ExitCode {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/parity"));
     let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("expected.json").is_file()).collect(),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("expected.json").is_file())
+            .collect(),
         Err(e) => {
-            eprintln!("parity: cannot read {}: {e} (set RUSTRAG_PARITY_DIR)", root.display());
+            eprintln!(
+                "parity: cannot read {}: {e} (set RUSTRAG_PARITY_DIR)",
+                root.display()
+            );
             println!("0 passed, 1 failed");
             return ExitCode::FAILURE;
         }
     };
     dirs.sort();
     if dirs.is_empty() {
-        eprintln!("parity: no case directory (with expected.json) under {}", root.display());
+        eprintln!(
+            "parity: no case directory (with expected.json) under {}",
+            root.display()
+        );
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     }
@@ -58,7 +67,10 @@ fn main() -> ExitCode {
                 continue;
             }
         };
-        if filter.as_ref().is_some_and(|f| !fx.name.contains(f.as_str())) {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !fx.name.contains(f.as_str()))
+        {
             continue;
         }
         let kind = case_kind(&fx);
@@ -85,7 +97,11 @@ fn main() -> ExitCode {
         passed += c.passed;
         failed.extend(c.failed);
     }
-    println!("\nparity: {cases} cases under {}, {} checks", root.display(), passed + failed.len());
+    println!(
+        "\nparity: {cases} cases under {}, {} checks",
+        root.display(),
+        passed + failed.len()
+    );
     for f in &failed {
         println!("FAILED {f}");
     }

@@ -152,10 +152,16 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
             ],
         )?;
         if let Some(tps) = p.get("decode_tokens_per_second").and_then(|v| v.as_f64()) {
-            report.ratios.push(("decode tokens/s (rustrag / llama.cpp)".into(), ours.decode_tokens_per_s / tps));
+            report.ratios.push((
+                "decode tokens/s (rustrag / llama.cpp)".into(),
+                ours.decode_tokens_per_s / tps,
+            ));
         }
         if let Some(s) = p.get("prefill_seconds").and_then(|v| v.as_f64()) {
-            report.ratios.push(("prefill speed (rustrag / llama.cpp)".into(), s / ours.prefill_s));
+            report.ratios.push((
+                "prefill speed (rustrag / llama.cpp)".into(),
+                s / ours.prefill_s,
+            ));
         }
         report.peer = Some(p);
     }

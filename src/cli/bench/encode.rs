@@ -31,10 +31,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
-    let docs = read_corpus(std::slice::from_ref(&args.corpus), &IngestOptions::default())?.documents;
+    let docs = read_corpus(
+        std::slice::from_ref(&args.corpus),
+        &IngestOptions::default(),
+    )?
+    .documents;
     let texts: Vec<String> = docs.into_iter().take(args.n).map(|d| d.text).collect();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
-    let opts = LoadOptions { batch_size: args.batch_size, max_length: Some(args.max_length), ..Default::default() };
+    let opts = LoadOptions {
+        batch_size: args.batch_size,
+        max_length: Some(args.max_length),
+        ..Default::default()
+    };
     let encoder = load_encoder(&args.model, &opts)?;
     encoder.encode_texts(&refs[..refs.len().min(args.batch_size)])?; // warm-up
     let mut best = f64::INFINITY;
@@ -63,15 +71,23 @@ pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
         let p = peer.run(
             "st_encode.py",
             &[
-                "--model".into(), args.model.clone(),
-                "--texts".into(), tmp.path().display().to_string(),
-                "--batch-size".into(), args.batch_size.to_string(),
-                "--max-length".into(), args.max_length.to_string(),
-                "--repeats".into(), args.repeats.to_string(),
+                "--model".into(),
+                args.model.clone(),
+                "--texts".into(),
+                tmp.path().display().to_string(),
+                "--batch-size".into(),
+                args.batch_size.to_string(),
+                "--max-length".into(),
+                args.max_length.to_string(),
+                "--repeats".into(),
+                args.repeats.to_string(),
             ],
         )?;
         if let Some(s) = p.get("seconds").and_then(|v| v.as_f64()) {
-            report.ratios.push(("throughput (rustrag / sentence-transformers)".into(), s / best));
+            report.ratios.push((
+                "throughput (rustrag / sentence-transformers)".into(),
+                s / best,
+            ));
         }
         report.peer = Some(p);
     }

@@ -14,7 +14,12 @@ pub struct Args {
     #[command(subcommand)]
     pub which: Which,
     /// Python interpreter that has the peer's packages (torch, sentence-transformers, llama-cpp-python, faiss-cpu).
-    #[arg(long, env = "RUSTRAG_BENCH_PYTHON", default_value = "python3", global = true)]
+    #[arg(
+        long,
+        env = "RUSTRAG_BENCH_PYTHON",
+        default_value = "python3",
+        global = true
+    )]
     pub python: String,
     /// Directory of the peer scripts.
     #[arg(long, default_value = "bench/peers", global = true)]
@@ -37,7 +42,10 @@ pub enum Which {
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
-    let peer = (!args.no_peer).then(|| Peer { python: args.python.clone(), dir: args.peers.clone() });
+    let peer = (!args.no_peer).then(|| Peer {
+        python: args.python.clone(),
+        dir: args.peers.clone(),
+    });
     let report = match args.which {
         Which::Encode(a) => encode::run(a, peer.as_ref())?,
         Which::Decode(a) => decode::run(a, peer.as_ref())?,
@@ -66,7 +74,10 @@ impl Peer {
     pub fn run(&self, script: &str, args: &[String]) -> Result<serde_json::Value> {
         let path = self.dir.join(script);
         if !path.is_file() {
-            bail!("peer script {} not found (run from the repository root or pass --peers)", path.display());
+            bail!(
+                "peer script {} not found (run from the repository root or pass --peers)",
+                path.display()
+            );
         }
         tracing::info!(peer = %path.display(), "running peer");
         let out = std::process::Command::new(&self.python)
@@ -79,12 +90,22 @@ impl Peer {
                 "peer {} failed ({}): {}",
                 path.display(),
                 out.status,
-                String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().join("\n")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-        serde_json::from_str(last).with_context(|| format!("peer {} printed no JSON result: {stdout}", path.display()))
+        let last = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or("");
+        serde_json::from_str(last)
+            .with_context(|| format!("peer {} printed no JSON result: {stdout}", path.display()))
     }
 }
 
