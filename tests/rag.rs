@@ -143,6 +143,8 @@ fn ask_args(dir: &std::path::Path, beams: usize) -> AskArgs {
         min_length: None,
         decoding: "thorough".into(),
         snippet_chars: 40,
+        retriever: "dense".into(),
+        gguf_weights: "f32".into(),
     }
 }
 
