@@ -7,7 +7,7 @@
 //!   manifest, e.g. MiniLM) with a decoder-only GGUF generator (`--generator FILE.gguf`, e.g. SmolLM2):
 //!   one prompt and KV cache per document, greedy RAG-Token / RAG-Sequence decoding.
 
-use crate::rag::checkpoint::{load_rag, LoadOptions};
+use crate::rag::checkpoint::load_rag_with_kb;
 use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -366,20 +366,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .as_deref()
         .map(str::parse::<RagMode>)
         .transpose()?;
-    let mut model = load_rag(
-        model_dir,
-        &LoadOptions {
-            mode,
-            ..Default::default()
-        },
-    )?;
-    if let Some(m) = mode {
-        model.mode = m;
-    }
-    let index = InMemoryIndex::load(
-        &args.kb.join("passages.jsonl"),
-        &args.kb.join("embeddings.safetensors"),
-    )?;
+    let (model, index) = load_rag_with_kb(model_dir, &args.kb, mode)?;
     let results = ask_hf_rag(&model, &index, &questions, &args)?;
     print_results(&results, json)
 }

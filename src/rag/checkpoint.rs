@@ -93,6 +93,27 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
     })
 }
 
+/// An HF RAG checkpoint together with its knowledge base directory as the parity fixtures and
+/// `use_own_knowledge_dataset.py` lay it out (`passages.jsonl` + `embeddings.safetensors`).
+pub fn load_rag_with_kb(
+    dir_or_id: &str,
+    kb_dir: &std::path::Path,
+    mode: Option<RagMode>,
+) -> Result<(RagModel, crate::rag::InMemoryIndex)> {
+    let model = load_rag(
+        dir_or_id,
+        &LoadOptions {
+            mode,
+            ..Default::default()
+        },
+    )?;
+    let index = crate::rag::InMemoryIndex::load(
+        &kb_dir.join("passages.jsonl"),
+        &kb_dir.join("embeddings.safetensors"),
+    )?;
+    Ok((model, index))
+}
+
 /// The DPR question encoder nested in a RAG checkpoint (`rag.question_encoder.question_encoder.bert_model.*`).
 fn load_question_encoder(
     dir: &Path,

@@ -3,7 +3,7 @@
 //! Both sides time question encoding + exact retrieval + context building + generation.
 
 use super::{Peer, Report};
-use crate::rag::checkpoint::{load_rag, LoadOptions};
+use crate::rag::checkpoint::load_rag_with_kb;
 use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -64,20 +64,7 @@ fn generate(
 /// Run rustrag, then (when given) the HF peer `rag_hf.py`, on the same inputs.
 pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
     let mode = a.mode.as_deref().map(str::parse::<RagMode>).transpose()?;
-    let mut model = load_rag(
-        &a.model.to_string_lossy(),
-        &LoadOptions {
-            mode,
-            ..Default::default()
-        },
-    )?;
-    if let Some(m) = mode {
-        model.mode = m;
-    }
-    let index = InMemoryIndex::load(
-        &a.kb.join("passages.jsonl"),
-        &a.kb.join("embeddings.safetensors"),
-    )?;
+    let (model, index) = load_rag_with_kb(&a.model.to_string_lossy(), &a.kb, mode)?;
     let questions: Vec<String> = match &a.questions {
         Some(p) => crate::hub::read_json(p)?,
         None => DEFAULT_QUESTIONS.iter().map(|s| s.to_string()).collect(),
