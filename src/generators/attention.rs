@@ -118,6 +118,49 @@ pub fn step_inputs(
     encoder_bias(state, dtype)
 }
 
+/// The state after encoding: encoder output `[rows, src_len, hidden]` and padding mask, and one cache
+/// per decoder layer holding that layer's cross-attention keys/values (computed once, reused by
+/// every step).
+pub fn encoded_state(
+    encoder_hidden: Tensor,
+    attention_mask: &Tensor,
+    cross_kv: Vec<(Tensor, Tensor)>,
+) -> DecodeState {
+    DecodeState {
+        layers: cross_kv
+            .into_iter()
+            .map(|kv| LayerCache {
+                self_kv: None,
+                cross_kv: Some(kv),
+            })
+            .collect(),
+        encoder_hidden: Some(encoder_hidden),
+        encoder_mask: Some(attention_mask.clone()),
+        ..Default::default()
+    }
+}
+
+/// One seq2seq decoding step: checks `tokens: [rows]`, runs the model's
+/// `decode(ids [rows, 1], past, caches, enc_bias) -> logits [rows, 1, vocab]` at position
+/// `state.steps`, advances the step counter; returns logits `[rows, vocab]`.
+pub fn seq2seq_step(
+    state: &mut DecodeState,
+    tokens: &Tensor,
+    layers: usize,
+    dtype: DType,
+    decode: impl FnOnce(&Tensor, usize, &mut [LayerCache], &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let enc_bias = step_inputs(state, tokens, layers, dtype)?;
+    let logits = decode(
+        &tokens.unsqueeze(1)?,
+        state.steps,
+        &mut state.layers,
+        &enc_bias,
+    )?;
+    state.steps += 1;
+    Ok(logits.squeeze(1)?)
+}
+
 /// Fresh decoder caches for a teacher-forced pass over the encoded rows of `state` (cross-attention
 /// keys/values shared, self-attention empty) and the encoder padding bias. Checks that
 /// `decoder_input_ids` is `[rows, tgt_len]`.

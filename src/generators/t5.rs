@@ -5,8 +5,8 @@
 //! decodes step by step with a key/value cache.
 
 use super::attention::{
-    append_kv, attend, check_ids, check_input, full_pass_inputs, merge_heads, padding_bias,
-    split_heads, step_inputs,
+    append_kv, attend, check_ids, check_input, encoded_state, full_pass_inputs, merge_heads,
+    padding_bias, seq2seq_step, split_heads,
 };
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
@@ -482,18 +482,6 @@ impl T5ForConditionalGeneration {
             .matmul(&self.lm_head.t()?)?
             .reshape((b, t, ()))?)
     }
-
-    fn cross_caches(&self, encoder_hidden: &Tensor) -> Result<Vec<LayerCache>> {
-        self.decoder_blocks
-            .iter()
-            .map(|b| {
-                Ok(LayerCache {
-                    self_kv: None,
-                    cross_kv: Some(b.cross_attn.key_values(encoder_hidden)?),
-                })
-            })
-            .collect()
-    }
 }
 
 impl Decoder for T5ForConditionalGeneration {
@@ -503,24 +491,26 @@ impl Decoder for T5ForConditionalGeneration {
 
     fn start(&self, input: &GenInput) -> Result<DecodeState> {
         let encoder_hidden = self.encode(input)?;
-        Ok(DecodeState {
-            layers: self.cross_caches(&encoder_hidden)?,
-            encoder_hidden: Some(encoder_hidden),
-            encoder_mask: Some(input.attention_mask.clone()),
-            ..Default::default()
-        })
+        let cross_kv = self
+            .decoder_blocks
+            .iter()
+            .map(|l| l.cross_attn.key_values(&encoder_hidden))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(encoded_state(
+            encoder_hidden,
+            &input.attention_mask,
+            cross_kv,
+        ))
     }
 
     fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
-        let enc_bias = step_inputs(state, tokens, self.decoder_blocks.len(), self.dtype)?;
-        let logits = self.decode(
-            &tokens.unsqueeze(1)?,
-            state.steps,
-            &mut state.layers,
-            &enc_bias,
-        )?;
-        state.steps += 1;
-        Ok(logits.squeeze(1)?)
+        seq2seq_step(
+            state,
+            tokens,
+            self.decoder_blocks.len(),
+            self.dtype,
+            |ids, past, cache, bias| self.decode(ids, past, cache, bias),
+        )
     }
 
     fn device(&self) -> Device {
