@@ -9,6 +9,7 @@
 //! - [`retrieve`]: dense (exact, HNSW), BM25 and hybrid retrievers.
 //! - [`rag`]: RagModel, RAG-Sequence and RAG-Token (losses, decoding, provenance).
 //! - [`eval`]: retrieval and QA metrics.
+//! - [`progress`]: progress bars for long work.
 //! - [`cli`]: the `rustrag` command line (a thin layer over the library).
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod generators;
 pub mod hub;
 pub mod kb;
 pub mod nn;
+pub mod progress;
 pub mod rag;
 pub mod retrieve;
 pub mod tokenize;

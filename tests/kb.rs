@@ -413,7 +413,7 @@ fn store_lookup_and_manifest_refusals() {
     let orig = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(
         &mpath,
-        orig.replace("\"format_version\": 1", "\"format_version\": 99"),
+        orig.replace("\"format_version\": 2", "\"format_version\": 99"),
     )
     .unwrap();
     let e = err_of(KnowledgeBase::open(&root));
@@ -421,6 +421,14 @@ fn store_lookup_and_manifest_refusals() {
         e.contains("format version 99") && e.contains("rebuild"),
         "{e}"
     );
+    // Version 1 differed only in its HNSW file: a v1 KB without a graph still opens.
+    assert!(orig.contains("\"hnsw\": null"));
+    std::fs::write(
+        &mpath,
+        orig.replace("\"format_version\": 2", "\"format_version\": 1"),
+    )
+    .unwrap();
+    KnowledgeBase::open(&root).unwrap();
     std::fs::write(&mpath, &orig).unwrap();
     // A truncated embeddings file is caught at open.
     let emb = gen.join("embeddings.f32");

@@ -72,19 +72,7 @@ pub fn run_queries(
     Ok(TimedRun { run, seconds })
 }
 
-/// A progress bar on stderr (hidden when `RUSTRAG_NO_PROGRESS` is set).
-pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len).with_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar
-}
+pub use crate::progress::bar as progress;
 
 /// Write a run in TREC format (`qid Q0 docid rank score tag`), ranked as trec_eval ranks it.
 pub fn write_trec_run(run: &Run, tag: &str, out: &mut impl std::io::Write) -> Result<()> {

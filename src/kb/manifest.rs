@@ -11,7 +11,9 @@ use std::path::Path;
 /// Format tag written into every manifest.
 pub const FORMAT: &str = "rustrag-kb";
 /// Bumped on any incompatible change of the on-disk layout.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Version 1 differed only in its HNSW file (a usearch graph): v1 KBs without a graph are read as v2.
+const COMPATIBLE_WITHOUT_HNSW: u64 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// Element type of the stored embeddings.
@@ -41,7 +43,7 @@ pub struct FileEntry {
 /// Parameters of a persisted HNSW graph.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HnswParams {
-    /// Max neighbours per node (`M`; usearch "connectivity").
+    /// Max neighbours per node on the upper layers (`M`; layer 0 keeps `2 M`).
     pub m: usize,
     pub ef_construction: usize,
     /// Default `ef_search` used when a query does not set one.
@@ -90,7 +92,9 @@ impl Manifest {
             .get("format_version")
             .and_then(|f| f.as_u64())
             .unwrap_or(0);
-        if version != FORMAT_VERSION as u64 {
+        let v1_without_graph =
+            version == COMPATIBLE_WITHOUT_HNSW && v.get("hnsw").is_none_or(|h| h.is_null());
+        if version != FORMAT_VERSION as u64 && !v1_without_graph {
             bail!(
                 "{}: knowledge base format version {version}, this rustrag reads version {FORMAT_VERSION}; rebuild it with `rustrag index build`",
                 path.display()

@@ -3,7 +3,7 @@
 //! directory (see [`atomic`]).
 //!
 //! Layout: `<root>/CURRENT` names `<root>/gen-NNNNNNNN/`, which holds `manifest.json`,
-//! `passages.bin`, `passages.idx`, `ids.idx`, `embeddings.f32|f16` and optionally `hnsw.usearch`.
+//! `passages.bin`, `passages.idx`, `ids.idx`, `embeddings.f32|f16` and optionally `hnsw.graph`.
 
 pub mod atomic;
 pub mod build;
@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// File name of the persisted HNSW graph inside a generation.
-pub const HNSW_FILE: &str = "hnsw.usearch";
+pub const HNSW_FILE: &str = "hnsw.graph";
 
 /// An opened (read-only) knowledge base generation.
 pub struct KnowledgeBase {

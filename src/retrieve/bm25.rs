@@ -207,15 +207,7 @@ fn write_generation(dir: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     let mut writer = index
         .writer_with_num_threads::<TantivyDocument>(1, 128_000_000)
         .context("open tantivy writer")?;
-    let bar = indicatif::ProgressBar::new(passages.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "BM25 index {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    if std::env::var_os("RUSTRAG_NO_PROGRESS").is_some() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = crate::progress::bar(passages.len() as u64, "BM25 index");
     for (row, p) in passages.iter().enumerate() {
         let mut doc = TantivyDocument::new();
         doc.add_u64(f.row, row as u64);

@@ -13,7 +13,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-/// Docs per block: a block of scores `[QUERY_TILE, DOC_BLOCK]` stays in L2.
+/// Most docs per block.
 const DOC_BLOCK: usize = 2048;
 /// Queries scored together against one doc block.
 const QUERY_TILE: usize = 256;
@@ -127,7 +127,11 @@ pub fn exact_search(
     if k == 0 {
         return Ok(vec![vec![]; nq]);
     }
-    let blocks = n.div_ceil(DOC_BLOCK);
+    // Equal blocks, a multiple of the thread count of them, so no thread idles at the end.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = n.div_ceil(DOC_BLOCK).next_multiple_of(threads).min(n);
+    let block = n.div_ceil(blocks);
+    let blocks = n.div_ceil(block);
     for qtile in queries.chunks(QUERY_TILE * dim) {
         let m = qtile.len() / dim;
         let tops = (0..blocks)
@@ -135,7 +139,7 @@ pub fn exact_search(
             .fold(
                 || (vec![TopK::new(k); m], Vec::<f32>::new(), Vec::<f32>::new()),
                 |(mut tops, mut scores, mut conv), b| {
-                    let (start, end) = (b * DOC_BLOCK, ((b + 1) * DOC_BLOCK).min(n));
+                    let (start, end) = (b * block, ((b + 1) * block).min(n));
                     let rows = end - start;
                     let docs: &[f32] = match matrix.dtype() {
                         EmbeddingDtype::F32 => {
@@ -209,7 +213,7 @@ impl DenseRetriever {
                     )
                 })?;
                 (
-                    Some(HnswIndex::open(&path, ef)?),
+                    Some(HnswIndex::open(&path, kb.embeddings(), ef)?),
                     SearchMode::Hnsw { ef_search: ef },
                 )
             }
@@ -236,7 +240,7 @@ impl DenseRetriever {
         match (&self.hnsw, self.mode) {
             (Some(h), SearchMode::Hnsw { ef_search }) => {
                 h.set_ef_search(ef_search.max(k));
-                h.search(queries, k)
+                h.search(self.kb.embeddings(), queries, k)
             }
             _ => exact_search(self.kb.embeddings(), queries, k),
         }

@@ -199,8 +199,8 @@ fn bench_set(
     let mut curve = Vec::new();
     for &ef in &a.ef_search {
         hnsw.set_ef_search(ef.max(a.k));
-        hnsw.search(&queries[..dim * nq.min(16)], a.k)?;
-        let (s, res) = best_of(a.repeats, || hnsw.search(queries, a.k))?;
+        hnsw.search(&matrix, &queries[..dim * nq.min(16)], a.k)?;
+        let (s, res) = best_of(a.repeats, || hnsw.search(&matrix, queries, a.k))?;
         let hit: usize = res
             .iter()
             .zip(&gt)
@@ -371,7 +371,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
             r.exact_speedup_vs_faiss
         );
         println!(
-            "hnsw build (M={}, efC={}): rustrag/usearch {:.2}s   faiss {:.2}s",
+            "hnsw build (M={}, efC={}): rustrag {:.2}s   faiss {:.2}s",
             a.m,
             a.ef_construction,
             r.hnsw_build_seconds,
