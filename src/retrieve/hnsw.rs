@@ -180,17 +180,16 @@ impl<L: Links> Walk<'_, L> {
                 break;
             }
             links.links_into(c.1, layer, &mut links_buf);
-            for &e in links_buf.iter() {
-                if s.visited[e as usize] != s.stamp {
+            // Unvisited neighbours only, their loads started before any is scored.
+            links_buf.retain(|&e| {
+                let fresh = s.visited[e as usize] != s.stamp;
+                if fresh {
+                    s.visited[e as usize] = s.stamp;
                     vecs.prefetch(e);
                 }
-            }
-            for &e in links_buf.iter() {
-                if s.visited[e as usize] == s.stamp {
-                    continue;
-                }
-                s.visited[e as usize] = s.stamp;
-                let cand = Scored(vecs.score(q, e), e);
+                fresh
+            });
+            let mut consider = |cand: Scored| {
                 let worst = s.results.peek().expect("non-empty").0;
                 if s.results.len() < ef || cand > worst {
                     s.candidates.push(cand);
@@ -199,6 +198,17 @@ impl<L: Links> Walk<'_, L> {
                         s.results.pop();
                     }
                 }
+            };
+            let mut quads = links_buf.chunks_exact(4);
+            for e in &mut quads {
+                let e = [e[0], e[1], e[2], e[3]];
+                let scores = vecs.scorer.score4(q, e.map(|e| e as usize));
+                for (score, e) in scores.into_iter().zip(e) {
+                    consider(Scored(score, e));
+                }
+            }
+            for &e in quads.remainder() {
+                consider(Scored(vecs.score(q, e), e));
             }
         }
         s.links = links_buf;

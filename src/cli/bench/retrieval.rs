@@ -34,7 +34,11 @@ pub struct RetrievalArgs {
     pub m: usize,
     #[arg(long, default_value_t = 128)]
     pub ef_construction: usize,
-    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,12,16,24,32,48,64,96,128,256"
+    )]
     pub ef_search: Vec<usize>,
     /// Timed repetitions (best is kept), both sides.
     #[arg(long, default_value_t = 3)]
