@@ -228,6 +228,9 @@ pub fn reembed(
     Ok(r)
 }
 
+/// Encoder batches per `embed` call (and per progress update).
+const EMBED_BATCHES_PER_CALL: usize = 16;
+
 fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
     let texts: Vec<String> = batch.iter().map(embedding_text).collect();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
@@ -323,7 +326,9 @@ fn write_generation(
     let t_embed = Instant::now();
     let total = (passages.len() - start) as u64;
     progress(0, total);
-    for batch in passages[start..].chunks(opts.batch_size) {
+    // Many batches per encoder call: the encoder sorts a chunk by length before batching, so
+    // batches hold passages of similar length (little padding) instead of a random mix.
+    for batch in passages[start..].chunks(opts.batch_size * EMBED_BATCHES_PER_CALL) {
         let v = embed(batch)?;
         ensure!(
             v.len() == batch.len() * dim,
