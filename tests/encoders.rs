@@ -405,3 +405,66 @@ fn fused_inference_path_equals_differentiable_path() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn dpr_context_knowledge_base_embeds_title_text_pairs() -> Result<()> {
+    let ctx_dir = parity_dir().join("encoders/ctx_encoder");
+    let boxed = load_encoder(&dir_str(&ctx_dir), &opts())?;
+    let ctx = DprEncoder::load(&dir_str(&ctx_dir), &opts())?;
+    let t = tempfile::tempdir()?;
+    let corpus = t.path().join("corpus.jsonl");
+    let docs = [
+        ("Aaron", "Aaron is a prophet and the brother of Moses."),
+        ("", "A passage without a title."),
+        (
+            "Paris",
+            "Paris is the capital and most populous city of France.",
+        ),
+    ];
+    let lines: Vec<String> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, (title, text))| {
+            serde_json::json!({"_id": format!("d{i}"), "title": title, "text": text}).to_string()
+        })
+        .collect();
+    std::fs::write(&corpus, lines.join("\n"))?;
+    let root = t.path().join("kb");
+    rustrag::kb::build(
+        &root,
+        &[corpus],
+        boxed.as_ref(),
+        &rustrag::kb::BuildOptions::default(),
+        &mut |_, _| {},
+    )?;
+    let kb = rustrag::kb::KnowledgeBase::open(&root)?;
+    let mut stored = Vec::new();
+    kb.embeddings().rows_f32_into(0, kb.len(), &mut stored);
+    let titles: Vec<&str> = docs.iter().map(|d| d.0).collect();
+    let texts: Vec<&str> = docs.iter().map(|d| d.1).collect();
+    // As HF's use_own_knowledge_dataset.py: ctx_tokenizer(titles, texts), i.e. the pair.
+    let pairs = ctx
+        .encode_pairs(&titles, &texts)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let max_diff = stored
+        .iter()
+        .zip(&pairs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff < 1e-5,
+        "KB rows differ from pair encoding by {max_diff}"
+    );
+    let joined = ctx
+        .encode_texts(&["Aaron Aaron is a prophet and the brother of Moses."])?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let d = joined
+        .iter()
+        .zip(&pairs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d > 1e-4, "pair and joined encodings should differ");
+    Ok(())
+}

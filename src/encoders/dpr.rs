@@ -299,6 +299,13 @@ impl TextEncoder for DprEncoder {
         self.encode_encoded(&enc, false)
     }
 
+    fn encode_passages(&self, titles: &[&str], texts: &[&str]) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Ok(Tensor::zeros((0, self.dim()), bert::DTYPE, &self.device)?);
+        }
+        self.encode_pairs(titles, texts)
+    }
+
     fn dim(&self) -> usize {
         self.output_dim()
     }

@@ -12,6 +12,30 @@ use candle_core::Tensor;
 pub trait TextEncoder: Send + Sync {
     /// Embeddings `[texts.len(), dim]` (f32).
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
+    /// Passage embeddings `[n, dim]` from `(title, text)` pairs, as knowledge bases are embedded.
+    /// Default: `title + " " + text` as one text (sentence-transformers, BEIR); DPR context
+    /// encoders tokenize the pair, as HF's `use_own_knowledge_dataset.py` does.
+    fn encode_passages(&self, titles: &[&str], texts: &[&str]) -> Result<Tensor> {
+        anyhow::ensure!(
+            titles.len() == texts.len(),
+            "{} titles but {} texts",
+            titles.len(),
+            texts.len()
+        );
+        let joined: Vec<String> = titles
+            .iter()
+            .zip(texts)
+            .map(|(title, text)| {
+                if title.is_empty() {
+                    text.to_string()
+                } else {
+                    format!("{title} {text}")
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = joined.iter().map(|s| s.as_str()).collect();
+        self.encode_texts(&refs)
+    }
     /// Embedding width.
     fn dim(&self) -> usize;
     /// A description that identifies the encoder (path/id, pooling, normalisation) for KB manifests.

@@ -62,16 +62,6 @@ pub struct BuildReport {
 /// Progress callback: `(passages embedded so far, total to embed)`.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
-/// The text a passage is embedded from: `title + " " + text` (BEIR / sentence-transformers
-/// convention), the text alone when there is no title.
-pub fn embedding_text(p: &Passage) -> String {
-    if p.title.is_empty() {
-        p.text.clone()
-    } else {
-        format!("{} {}", p.title, p.text)
-    }
-}
-
 /// Ingest `sources`, split, embed with `encoder` and write a new generation of the KB at `out`
 /// (previous generation stays live until the new one is complete).
 pub fn build(
@@ -232,9 +222,9 @@ pub fn reembed(
 const EMBED_BATCHES_PER_CALL: usize = 16;
 
 fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
-    let texts: Vec<String> = batch.iter().map(embedding_text).collect();
-    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
-    let t = encoder.encode_texts(&refs)?;
+    let titles: Vec<&str> = batch.iter().map(|p| p.title.as_str()).collect();
+    let texts: Vec<&str> = batch.iter().map(|p| p.text.as_str()).collect();
+    let t = encoder.encode_passages(&titles, &texts)?;
     let (rows, dim) = t.dims2().context("encoder output is not [batch, dim]")?;
     ensure!(
         rows == batch.len() && dim == encoder.dim(),
