@@ -61,6 +61,33 @@ impl TopK {
         }
     }
 
+    /// The score a hit must reach to enter (`-inf` until `k` hits are kept).
+    #[inline]
+    fn threshold(&self) -> f32 {
+        match self.heap.peek() {
+            Some(w) if self.heap.len() == self.k => w.0,
+            _ => f32::NEG_INFINITY,
+        }
+    }
+
+    /// Offer `scores[j]` for rows `first + j`. Chunks whose maximum is below the threshold are
+    /// skipped with one vectorisable max, so the heap is touched only for contenders.
+    fn push_row(&mut self, scores: &[f32], first: usize) {
+        const CHUNK: usize = 16;
+        let mut threshold = self.threshold();
+        for (c, chunk) in scores.chunks(CHUNK).enumerate() {
+            if chunk.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) < threshold {
+                continue;
+            }
+            for (j, &s) in chunk.iter().enumerate() {
+                if s >= threshold {
+                    self.push(s, (first + c * CHUNK + j) as u32);
+                    threshold = self.threshold();
+                }
+            }
+        }
+    }
+
     fn merge(mut self, other: TopK) -> Self {
         for e in other.heap {
             self.push(e.0, e.1);
@@ -154,13 +181,7 @@ pub fn exact_search(
                     scores_into(&mut scores, qtile, docs, m, rows, dim);
                     for (qi, top) in tops.iter_mut().enumerate() {
                         let row_scores = &scores[qi * rows..(qi + 1) * rows];
-                        for (j, &s) in row_scores.iter().enumerate() {
-                            // Cheap reject before touching the heap.
-                            if top.heap.len() == top.k && top.heap.peek().is_some_and(|w| s < w.0) {
-                                continue;
-                            }
-                            top.push(s, (start + j) as u32);
-                        }
+                        top.push_row(row_scores, start);
                     }
                     (tops, scores, conv)
                 },
