@@ -2,6 +2,7 @@
 //! `passages.jsonl` (`{"index", "id", "title", "text"}` per line) and their embeddings
 //! (`embeddings.safetensors`, tensor `embeddings` `[N, d]` f32).
 
+use crate::retrieve::dense::{exact_search, F32Rows};
 use crate::retrieve::{Hits, Passage, Retriever};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -142,20 +143,28 @@ impl Retriever for InMemoryIndex {
                 self.passages.len()
             );
         }
-        let q = q.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        Ok(q.iter()
-            .map(|qv| {
-                let scores = self.scores(qv);
-                let mut order: Vec<usize> = (0..scores.len()).collect();
-                // Best first; equal scores keep the lower row first.
-                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-                order.truncate(k);
-                Hits {
-                    doc_ids: order.iter().map(|&i| i as u64).collect(),
-                    scores: order.iter().map(|&i| scores[i]).collect(),
-                    passages: order.iter().map(|&i| self.passages[i].clone()).collect(),
-                    embeddings: Some(order.iter().map(|&i| self.embedding(i).to_vec()).collect()),
-                }
+        let q = q
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let rows = F32Rows {
+            data: &self.embeddings,
+            dim: self.dim,
+        };
+        Ok(exact_search(&rows, &q, k)?
+            .into_iter()
+            .map(|top| Hits {
+                doc_ids: top.iter().map(|&(i, _)| i as u64).collect(),
+                scores: top.iter().map(|&(_, s)| s).collect(),
+                passages: top
+                    .iter()
+                    .map(|&(i, _)| self.passages[i as usize].clone())
+                    .collect(),
+                embeddings: Some(
+                    top.iter()
+                        .map(|&(i, _)| self.embedding(i as usize).to_vec())
+                        .collect(),
+                ),
             })
             .collect())
     }

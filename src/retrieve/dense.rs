@@ -134,10 +134,55 @@ fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d:
     }
 }
 
+/// Rows an exact search scans: a knowledge base's embedding matrix, or f32 rows in memory.
+pub trait DenseRows: Sync {
+    fn rows(&self) -> usize;
+    fn dim(&self) -> usize;
+    /// Rows `start..end` as f32 `[(end - start) * dim]`, converted into `buf` if stored otherwise.
+    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl DenseRows for EmbeddingMatrix {
+    fn rows(&self) -> usize {
+        EmbeddingMatrix::rows(self)
+    }
+    fn dim(&self) -> usize {
+        EmbeddingMatrix::dim(self)
+    }
+    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let d = EmbeddingMatrix::dim(self);
+        match self.dtype() {
+            EmbeddingDtype::F32 => &self.as_f32().expect("f32")[start * d..end * d],
+            EmbeddingDtype::F16 => {
+                self.rows_f32_into(start, end, buf);
+                buf
+            }
+        }
+    }
+}
+
+/// Row-major f32 rows in memory, `data: [rows, dim]`.
+pub struct F32Rows<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl DenseRows for F32Rows<'_> {
+    fn rows(&self) -> usize {
+        self.data.len() / self.dim.max(1)
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn block<'a>(&'a self, start: usize, end: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
+        &self.data[start * self.dim..end * self.dim]
+    }
+}
+
 /// Exact maximum-inner-product search: top-`k` `(row, score)` per query, best first (ties: lower row
 /// first). `queries`: `[nq, dim]` row-major.
 pub fn exact_search(
-    matrix: &EmbeddingMatrix,
+    matrix: &(impl DenseRows + ?Sized),
     queries: &[f32],
     k: usize,
 ) -> Result<Vec<Vec<(u32, f32)>>> {
@@ -168,15 +213,7 @@ pub fn exact_search(
                 |(mut tops, mut scores, mut conv), b| {
                     let (start, end) = (b * block, ((b + 1) * block).min(n));
                     let rows = end - start;
-                    let docs: &[f32] = match matrix.dtype() {
-                        EmbeddingDtype::F32 => {
-                            &matrix.as_f32().expect("f32")[start * dim..end * dim]
-                        }
-                        EmbeddingDtype::F16 => {
-                            matrix.rows_f32_into(start, end, &mut conv);
-                            &conv
-                        }
-                    };
+                    let docs = matrix.block(start, end, &mut conv);
                     scores.resize(m * rows, 0.0);
                     scores_into(&mut scores, qtile, docs, m, rows, dim);
                     for (qi, top) in tops.iter_mut().enumerate() {
