@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 /// Most docs per block.
 const DOC_BLOCK: usize = 2048;
-/// Queries scored together against one doc block.
-const QUERY_TILE: usize = 256;
+/// Queries scored together against one doc block (large: each block is packed once per tile).
+const QUERY_TILE: usize = 1024;
 
 /// Heap entry ordered so that the heap top is the *worst* kept hit (lowest score, then highest row).
 #[derive(Clone, Copy, PartialEq)]
