@@ -571,6 +571,48 @@ mod fused {
         p / q
     }
 
+    /// e^x for f32 (Cephes `expf`: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n), within
+    /// 2 ulp; branch-free so it vectorises. Arguments below -87 give 0 (softmax of masked-out gaps).
+    #[inline(always)]
+    pub fn exp(x_in: f32) -> f32 {
+        let x = x_in.clamp(-87.0, 88.0);
+        // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
+        const SHIFTER: f32 = 12_582_912.0;
+        let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4_f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 0.166_666_66;
+        p = p * r + 0.5;
+        p = p * r * r + r + 1.0;
+        let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x_in < -87.0 {
+            0.0
+        } else {
+            e
+        }
+    }
+
+    /// Run `f` compiled for AVX2 + FMA when the CPU has them (the element-wise loops then
+    /// vectorise 8 wide), else as built.
+    #[inline(always)]
+    fn simd<R>(f: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { avx2(f) };
+            }
+        }
+        f()
+    }
+
     const ROWS_PER_TASK: usize = 16;
 
     /// `gelu_erf(x + bias)`, `x: [n, c]`, `bias: [c]`.
@@ -582,12 +624,14 @@ mod fused {
                 out.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
                     .for_each(|(o, x)| {
-                        for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
-                            for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
-                                let v = x + b;
-                                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                        simd(|| {
+                            for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
+                                for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
+                                    let v = x + b;
+                                    *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                                }
                             }
-                        }
+                        })
                     })
             })
         })??;
@@ -615,18 +659,7 @@ mod fused {
                                 .zip(x.par_chunks(c))
                                 .zip(r.par_chunks(c))
                                 .for_each(|((o, x), r)| {
-                                    for ((o, x), (r, b)) in o.iter_mut().zip(x).zip(r.iter().zip(b))
-                                    {
-                                        *o = x + b + r;
-                                    }
-                                    let mean = o.iter().sum::<f32>() / c as f32;
-                                    let var =
-                                        o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
-                                            / c as f32;
-                                    let inv = 1.0 / (var + eps).sqrt();
-                                    for ((o, g), be) in o.iter_mut().zip(g).zip(be) {
-                                        *o = (*o - mean) * inv * g + be;
-                                    }
+                                    simd(|| layer_norm_row(o, x, r, b, g, be, eps))
                                 })
                         })
                     })
@@ -634,6 +667,29 @@ mod fused {
             })
         })?????;
         Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
+    }
+
+    /// `o = LayerNorm(x + b + r)` for one row (two-pass mean/variance).
+    #[inline(always)]
+    fn layer_norm_row(
+        o: &mut [f32],
+        x: &[f32],
+        r: &[f32],
+        b: &[f32],
+        g: &[f32],
+        be: &[f32],
+        eps: f32,
+    ) {
+        let c = o.len();
+        for ((o, x), (r, b)) in o.iter_mut().zip(x).zip(r.iter().zip(b)) {
+            *o = x + b + r;
+        }
+        let mean = o.iter().sum::<f32>() / c as f32;
+        let var = o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((o, g), be) in o.iter_mut().zip(g).zip(be) {
+            *o = (*o - mean) * inv * g + be;
+        }
     }
 
     /// Split fused projections `qkv: [b * l, 3 * h]` (+ `bias: [3 * h]`) into `q * scale`, `k`, `v`,
@@ -658,12 +714,14 @@ mod fused {
                         let (bi, hd) = (bh / heads, bh % heads);
                         let col = which * h + hd * dh;
                         let bias = &bias[col..col + dh];
-                        for (t, o) in o.chunks_mut(dh).enumerate() {
-                            let row = &src[(bi * l + t) * h3 + col..][..dh];
-                            for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
-                                *o = (x + bv) * s;
+                        simd(|| {
+                            for (t, o) in o.chunks_mut(dh).enumerate() {
+                                let row = &src[(bi * l + t) * h3 + col..][..dh];
+                                for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
+                                    *o = (x + bv) * s;
+                                }
                             }
-                        }
+                        })
                     });
                 }
             })
@@ -679,25 +737,54 @@ mod fused {
 
     /// In-place softmax of one row of scores; keys with `keep == 0` get probability 0, as HF's
     /// additive dtype-min mask gives (all keys masked: uniform, as HF).
+    #[inline(always)]
     fn masked_softmax_row(row: &mut [f32], keep: &[u32]) {
-        let mut max = f32::NEG_INFINITY;
-        for (x, k) in row.iter().zip(keep) {
-            if *k != 0 && *x > max {
-                max = *x;
+        // Reductions over 8 independent lanes so that they vectorise under strict float rules.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        for (xs, ks) in row.chunks(8).zip(keep.chunks(8)) {
+            for ((m, x), k) in lanes.iter_mut().zip(xs).zip(ks) {
+                *m = if *k != 0 && *x > *m { *x } else { *m };
             }
         }
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if max == f32::NEG_INFINITY {
             let u = 1.0 / row.len() as f32;
             row.fill(u);
             return;
         }
-        let mut sum = 0f32;
         for (x, k) in row.iter_mut().zip(keep) {
-            *x = if *k != 0 { (*x - max).exp() } else { 0.0 };
-            sum += *x;
+            let e = exp(*x - max);
+            *x = if *k != 0 { e } else { 0.0 };
         }
-        let inv = 1.0 / sum;
+        let mut sums = [0f32; 8];
+        for xs in row.chunks(8) {
+            for (s, x) in sums.iter_mut().zip(xs) {
+                *s += x;
+            }
+        }
+        let inv = 1.0 / sums.iter().sum::<f32>();
         row.iter_mut().for_each(|x| *x *= inv);
+    }
+
+    /// [`masked_softmax_row`] over every `l`-wide row of `scores`, compiled for AVX2 + FMA when
+    /// the CPU has them.
+    fn masked_softmax_rows(scores: &mut [f32], l: usize, keep: &[u32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(scores: &mut [f32], l: usize, keep: &[u32]) {
+                for row in scores.chunks_mut(l) {
+                    masked_softmax_row(row, keep);
+                }
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { avx2(scores, l, keep) };
+            }
+        }
+        for row in scores.chunks_mut(l) {
+            masked_softmax_row(row, keep);
+        }
     }
 
     /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
@@ -777,9 +864,7 @@ mod fused {
                                 );
                             }
                             let keep = &keep[bi * l..(bi + 1) * l];
-                            scores
-                                .chunks_mut(l)
-                                .for_each(|row| masked_softmax_row(row, keep));
+                            masked_softmax_rows(scores, l, keep);
                             unsafe {
                                 // out[bi, :, hd, :] = probs [l, l] x v [l, dh]
                                 gemm::gemm(
@@ -828,6 +913,20 @@ mod tests {
             assert!((got - e).abs() < 2e-6, "erf({x}) = {got}, candle {e}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn fused_exp_matches_std_exp() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 1e-2;
+            let (got, want) = (fused::exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4.0 * f32::EPSILON * want,
+                "exp({x}) = {got}, std {want}"
+            );
+        }
+        assert_eq!(fused::exp(-87.5), 0.0);
+        assert_eq!(fused::exp(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
