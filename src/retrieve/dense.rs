@@ -3,13 +3,13 @@
 //! [`DenseRetriever`].
 
 use super::hnsw::HnswIndex;
+use super::scored::{Scored, Worst};
 use super::{Hits, Retriever};
 use crate::encoders::TextEncoder;
 use crate::kb::{EmbeddingDtype, EmbeddingMatrix, KnowledgeBase};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
-use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
@@ -18,27 +18,11 @@ const DOC_BLOCK: usize = 2048;
 /// Queries scored together against one doc block (large: each block is packed once per tile).
 const QUERY_TILE: usize = 1024;
 
-/// Heap entry ordered so that the heap top is the *worst* kept hit (lowest score, then highest row).
-#[derive(Clone, Copy, PartialEq)]
-struct Entry(f32, u32);
-
-impl Eq for Entry {}
-impl Ord for Entry {
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
-    }
-}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-
 /// The best `k` (score, row) pairs seen so far.
 #[derive(Clone)]
 struct TopK {
     k: usize,
-    heap: BinaryHeap<Entry>,
+    heap: BinaryHeap<Worst>,
 }
 
 impl TopK {
@@ -52,11 +36,11 @@ impl TopK {
     #[inline]
     fn push(&mut self, score: f32, row: u32) {
         if self.heap.len() < self.k {
-            self.heap.push(Entry(score, row));
+            self.heap.push(Worst(Scored(score, row)));
         } else if let Some(worst) = self.heap.peek() {
-            if Entry(score, row) < *worst {
+            if Worst(Scored(score, row)) < *worst {
                 self.heap.pop();
-                self.heap.push(Entry(score, row));
+                self.heap.push(Worst(Scored(score, row)));
             }
         }
     }
@@ -65,7 +49,7 @@ impl TopK {
     #[inline]
     fn threshold(&self) -> f32 {
         match self.heap.peek() {
-            Some(w) if self.heap.len() == self.k => w.0,
+            Some(w) if self.heap.len() == self.k => w.0 .0,
             _ => f32::NEG_INFINITY,
         }
     }
@@ -89,8 +73,8 @@ impl TopK {
     }
 
     fn merge(mut self, other: TopK) -> Self {
-        for e in other.heap {
-            self.push(e.0, e.1);
+        for Worst(Scored(score, row)) in other.heap {
+            self.push(score, row);
         }
         self
     }
@@ -100,7 +84,7 @@ impl TopK {
         self.heap
             .into_sorted_vec()
             .into_iter()
-            .map(|e| (e.1, e.0))
+            .map(|Worst(Scored(score, row))| (row, score))
             .collect()
     }
 }

@@ -11,11 +11,11 @@
 //!
 //! Scores are inner products (higher is better) throughout.
 
+use super::scored::{Scored, Worst};
 use super::simd::RowScorer;
 use crate::kb::{EmbeddingMatrix, HnswParams};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
-use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -28,37 +28,6 @@ const HEADER_WORDS: usize = 8;
 const INSERT_BATCH: usize = 64;
 /// Levels above this are never drawn in practice (p = M^-MAX_LEVEL); it bounds bad files too.
 const MAX_LEVEL: usize = 16;
-
-/// `(score, node)` ordered by score, then by lower node id (deterministic ties).
-#[derive(Clone, Copy, PartialEq)]
-struct Scored(f32, u32);
-
-impl Eq for Scored {}
-impl Ord for Scored {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
-    }
-}
-impl PartialOrd for Scored {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-
-/// Min-heap adapter: the worst kept result on top.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Worst(Scored);
-
-impl Ord for Worst {
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.0.cmp(&self.0)
-    }
-}
-impl PartialOrd for Worst {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
 
 /// The vectors being linked: the matrix (rows as f32 for the heuristic) and a SIMD scorer.
 struct Vectors<'a> {

@@ -7,6 +7,7 @@ pub mod dense;
 pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
+mod scored;
 pub(crate) mod simd;
 
 use anyhow::Result;
