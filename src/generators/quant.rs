@@ -1,0 +1,568 @@
+//! Native CPU matmul for GGUF-quantized weights (Q4_1 and Q8_0), as llama.cpp computes it: the
+//! activations are quantized per 32-block to 8 bits (`Q8_1`: scale `d`, and `s = d * sum(q)` so that
+//! Q4_1's offset `m` costs one multiply per block), and each weight block is dotted with integer SIMD
+//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`).
+//!
+//! Why not candle's `QMatMul`: candle 0.11's CPU `BlockQ4_1::vec_dot` is scalar, so Q4_1 weights had to
+//! be re-quantized to Q8_0 (41% more bytes to stream per token). Here Q4_1 stays Q4_1 and has an AVX2
+//! kernel; other CPUs run the scalar fallback, chosen at runtime. Output rows are split over the rayon
+//! pool; several activation rows (prefill) reuse each weight row while it is in L1.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantization block (all types here).
+pub const QK: usize = 32;
+
+/// GGUF Q4_1 block: `x = d * q + m`, `q` in 0..16; byte `j` holds element `j` (low nibble) and
+/// element `j + 16` (high nibble). Same layout as ggml's `block_q4_1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_1 {
+    d: u16,
+    m: u16,
+    qs: [u8; QK / 2],
+}
+
+/// GGUF Q8_0 block: `x = d * q`. Same layout as ggml's `block_q8_0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_0 {
+    d: u16,
+    qs: [i8; QK],
+}
+
+/// A quantized activation block: `x ≈ d * q`, `s = d * sum(q)` (kept in f32, unlike ggml's f16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_1 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl Default for BlockQ8_1 {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Blocks {
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// A quantized weight matrix `[rows, cols]` (row-major blocks, `cols % 32 == 0`), i.e. a linear layer
+/// `y = x W^T` with `x: [m, cols]`, `y: [m, rows]`.
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Blocks,
+}
+
+fn f16_bits(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+impl QMatrix {
+    /// Whether [`QMatrix::from_qtensor`] takes tensors of this type.
+    pub fn supports(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+    }
+
+    /// Copy a 2-D Q4_1 or Q8_0 `QTensor` `[rows, cols]` (`name` is only used in errors).
+    pub fn from_qtensor(t: &QTensor, name: &str) -> Result<Self> {
+        let (rows, cols) = t
+            .shape()
+            .dims2()
+            .with_context(|| format!("tensor `{name}`: expected a matrix"))?;
+        if cols % QK != 0 {
+            bail!("tensor `{name}`: {cols} columns is not a multiple of {QK}");
+        }
+        let data = t
+            .data()
+            .with_context(|| format!("tensor `{name}`: reading quantized data"))?;
+        let n_blocks = rows * cols / QK;
+        let blocks = match t.dtype() {
+            GgmlDType::Q4_1 => {
+                const SZ: usize = std::mem::size_of::<BlockQ4_1>();
+                if data.len() != n_blocks * SZ {
+                    bail!(
+                        "tensor `{name}`: {} bytes of Q4_1 data for shape [{rows}, {cols}]",
+                        data.len()
+                    );
+                }
+                Blocks::Q4_1(
+                    data.chunks_exact(SZ)
+                        .map(|b| BlockQ4_1 {
+                            d: f16_bits(b, 0),
+                            m: f16_bits(b, 2),
+                            qs: b[4..SZ].try_into().expect("16 bytes"),
+                        })
+                        .collect(),
+                )
+            }
+            GgmlDType::Q8_0 => {
+                const SZ: usize = std::mem::size_of::<BlockQ8_0>();
+                if data.len() != n_blocks * SZ {
+                    bail!(
+                        "tensor `{name}`: {} bytes of Q8_0 data for shape [{rows}, {cols}]",
+                        data.len()
+                    );
+                }
+                Blocks::Q8_0(
+                    data.chunks_exact(SZ)
+                        .map(|b| {
+                            let mut qs = [0i8; QK];
+                            for (q, &x) in qs.iter_mut().zip(&b[2..SZ]) {
+                                *q = x as i8;
+                            }
+                            BlockQ8_0 {
+                                d: f16_bits(b, 0),
+                                qs,
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            other => bail!("tensor `{name}`: no native kernel for {other:?} (Q4_1, Q8_0 only)"),
+        };
+        Ok(Self { rows, cols, blocks })
+    }
+
+    /// Stack matrices with the same type and column count: `[sum rows, cols]` (fuses projections that
+    /// read the same input, e.g. q/k/v).
+    pub fn concat_rows(parts: &[&QMatrix]) -> Result<Self> {
+        let first = parts.first().context("concat_rows: no matrices")?;
+        let cols = first.cols;
+        let mut rows = 0;
+        let mut blocks = match &first.blocks {
+            Blocks::Q4_1(_) => Blocks::Q4_1(vec![]),
+            Blocks::Q8_0(_) => Blocks::Q8_0(vec![]),
+        };
+        for p in parts {
+            if p.cols != cols {
+                bail!("concat_rows: {} columns vs {cols}", p.cols);
+            }
+            rows += p.rows;
+            match (&mut blocks, &p.blocks) {
+                (Blocks::Q4_1(a), Blocks::Q4_1(b)) => a.extend_from_slice(b),
+                (Blocks::Q8_0(a), Blocks::Q8_0(b)) => a.extend_from_slice(b),
+                _ => bail!("concat_rows: mixed quantization types"),
+            }
+        }
+        Ok(Self { rows, cols, blocks })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The GGML type of the blocks.
+    pub fn dtype(&self) -> GgmlDType {
+        match self.blocks {
+            Blocks::Q4_1(_) => GgmlDType::Q4_1,
+            Blocks::Q8_0(_) => GgmlDType::Q8_0,
+        }
+    }
+
+    /// Dequantize row `r` into `out: [cols]` (embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        match &self.blocks {
+            Blocks::Q4_1(b) => {
+                for (blk, o) in b[r * nb..(r + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    let (d, m) = (f16::from_bits(blk.d).to_f32(), f16::from_bits(blk.m).to_f32());
+                    for j in 0..QK / 2 {
+                        o[j] = d * (blk.qs[j] & 0x0F) as f32 + m;
+                        o[j + QK / 2] = d * (blk.qs[j] >> 4) as f32 + m;
+                    }
+                }
+            }
+            Blocks::Q8_0(b) => {
+                for (blk, o) in b[r * nb..(r + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    let d = f16::from_bits(blk.d).to_f32();
+                    for (o, &q) in o.iter_mut().zip(&blk.qs) {
+                        *o = d * q as f32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix in f32 `[rows, cols]` (tests, reference numerics).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, o);
+        }
+        out
+    }
+
+    /// Dot of weight row `r` with one quantized activation row `x: [cols / 32]`.
+    fn dot_row(&self, r: usize, x: &[BlockQ8_1], simd: bool) -> f32 {
+        let nb = self.cols / QK;
+        match &self.blocks {
+            Blocks::Q4_1(b) => {
+                let w = &b[r * nb..(r + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is only true when avx2, fma and f16c were detected at runtime.
+                    return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+                }
+                let _ = simd;
+                dot_q4_1_q8_1_scalar(w, x)
+            }
+            Blocks::Q8_0(b) => {
+                let w = &b[r * nb..(r + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: as above.
+                    return unsafe { avx2::dot_q8_0_q8_1(w, x) };
+                }
+                let _ = simd;
+                dot_q8_0_q8_1_scalar(w, x)
+            }
+        }
+    }
+
+    /// `out[i, r] = sum_c W[r, c] * x[i, c]` for pre-quantized activations `xq: [m, cols / 32]`;
+    /// `out: [m, rows]`. `simd` selects the AVX2 kernel (see [`simd_available`]).
+    pub fn matmul_q8(&self, xq: &[BlockQ8_1], m: usize, out: &mut [f32], simd: bool) {
+        let nb = self.cols / QK;
+        assert_eq!(xq.len(), m * nb, "matmul_q8: activation blocks");
+        assert_eq!(out.len(), m * self.rows, "matmul_q8: output size");
+        let rows = self.rows;
+        // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = rows.div_ceil(threads * 4).max(16);
+        let serial = rows * self.cols * m < 64 * 1024 || threads == 1;
+        if m == 1 {
+            let body = |(ci, o): (usize, &mut [f32])| {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = self.dot_row(ci * chunk + j, xq, simd);
+                }
+            };
+            if serial {
+                out.chunks_mut(chunk).enumerate().for_each(body);
+            } else {
+                out.par_chunks_mut(chunk).enumerate().for_each(body);
+            }
+            return;
+        }
+        // Several activation rows: compute `[rows, m]` so each task owns a contiguous slice, then
+        // transpose. Each weight row is read once and dotted with every activation row.
+        let mut t = vec![0f32; rows * m];
+        let body = |(ci, o): (usize, &mut [f32])| {
+            for (j, o) in o.chunks_exact_mut(m).enumerate() {
+                let r = ci * chunk + j;
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = self.dot_row(r, &xq[i * nb..(i + 1) * nb], simd);
+                }
+            }
+        };
+        if serial {
+            t.chunks_mut(chunk * m).enumerate().for_each(body);
+        } else {
+            t.par_chunks_mut(chunk * m).enumerate().for_each(body);
+        }
+        for r in 0..rows {
+            for i in 0..m {
+                out[i * rows + r] = t[r * m + i];
+            }
+        }
+    }
+
+    /// `x: [m, cols]` f32 row-major -> `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let simd = simd_available();
+        let xq = quantize_q8_1(x, self.cols);
+        let mut out = vec![0f32; m * self.rows];
+        self.matmul_q8(&xq, m, &mut out, simd);
+        out
+    }
+
+    /// Linear layer on a tensor `x: [.., cols]` (f32, CPU) -> `[.., rows]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let cols = *dims.last().unwrap_or(&0);
+        if cols != self.cols {
+            candle_core::bail!(
+                "quantized matmul: input has {cols} columns, weight [{}, {}]",
+                self.rows,
+                self.cols
+            );
+        }
+        let m = x.elem_count() / cols.max(1);
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.matmul(&data, m);
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.rows;
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+}
+
+/// Whether the AVX2 kernels can run on this CPU (avx2 + fma + f16c, detected once).
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Quantize rows of `cols` values (`cols % 32 == 0`) to Q8_1 blocks: `d = max|x| / 127`,
+/// `q = round(x / d)`, `s = d * sum(q)` (ggml's `quantize_row_q8_1`, with f32 `d` and `s`).
+pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
+    debug_assert_eq!(cols % QK, 0);
+    let mut out = vec![BlockQ8_1::default(); x.len() / QK];
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+    out
+}
+
+/// Scalar `ggml_vec_dot_q4_1_q8_1`.
+fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in w.iter().zip(x) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            sumi += (b.qs[j] & 0x0F) as i32 * a.qs[j] as i32
+                + (b.qs[j] >> 4) as i32 * a.qs[j + QK / 2] as i32;
+        }
+        sum += sumi as f32 * f16::from_bits(b.d).to_f32() * a.d
+            + f16::from_bits(b.m).to_f32() * a.s;
+    }
+    sum
+}
+
+/// Scalar `ggml_vec_dot_q8_0_q8_0` (the activation's `s` is unused).
+fn dot_q8_0_q8_1_scalar(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in w.iter().zip(x) {
+        let sumi: i32 = b
+            .qs
+            .iter()
+            .zip(&a.qs)
+            .map(|(&p, &q)| p as i32 * q as i32)
+            .sum();
+        sum += sumi as f32 * f16::from_bits(b.d).to_f32() * a.d;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ4_1, BlockQ8_0, BlockQ8_1};
+    use std::arch::x86_64::*;
+
+    /// f16 bits -> f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn h2f(h: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// One Q4_1 block: (`d_w * d_x` broadcast, the 8 partial integer sums as f32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_q4_1(b: &BlockQ4_1, a: &BlockQ8_1) -> (__m256, __m256) {
+        let tmp = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+        let qw = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        );
+        let qx = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), _mm256_set1_epi16(1));
+        (_mm256_set1_ps(h2f(b.d) * a.d), _mm256_cvtepi32_ps(p))
+    }
+
+    /// One Q8_0 block: `maddubs(|w|, sign(x, w))`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_q8_0(b: &BlockQ8_0, a: &BlockQ8_1) -> (__m256, __m256) {
+        let qw = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        let qx = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        let p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+            _mm256_set1_epi16(1),
+        );
+        (_mm256_set1_ps(h2f(b.d) * a.d), _mm256_cvtepi32_ps(p))
+    }
+
+    /// `ggml_vec_dot_q4_1_q8_1` (AVX2): unpack nibbles to 32 unsigned bytes, `maddubs` with the
+    /// signed activation bytes, accumulate `d_w * d_x * sum` in f32; `m_w * s_x` per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        let n = w.len().min(x.len());
+        let mut i = 0;
+        while i + 1 < n {
+            let (b0, a0) = (w.get_unchecked(i), x.get_unchecked(i));
+            let (b1, a1) = (w.get_unchecked(i + 1), x.get_unchecked(i + 1));
+            let (d0, p0) = block_q4_1(b0, a0);
+            let (d1, p1) = block_q4_1(b1, a1);
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+            summs += h2f(b0.m) * a0.s + h2f(b1.m) * a1.s;
+            i += 2;
+        }
+        if i < n {
+            let (b0, a0) = (w.get_unchecked(i), x.get_unchecked(i));
+            let (d0, p0) = block_q4_1(b0, a0);
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            summs += h2f(b0.m) * a0.s;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + summs
+    }
+
+    /// `ggml_vec_dot_q8_0_q8_0` (AVX2): `maddubs(|w|, sign(x, w))`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_1(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let n = w.len().min(x.len());
+        let mut i = 0;
+        while i + 1 < n {
+            let (d0, p0) = block_q8_0(w.get_unchecked(i), x.get_unchecked(i));
+            let (d1, p1) = block_q8_0(w.get_unchecked(i + 1), x.get_unchecked(i + 1));
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+            i += 2;
+        }
+        if i < n {
+            let (d0, p0) = block_q8_0(w.get_unchecked(i), x.get_unchecked(i));
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{self, GgmlType};
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn quantized(w: &[f32], rows: usize, cols: usize, dtype: GgmlDType) -> QTensor {
+        let t = Tensor::from_vec(w.to_vec(), (rows, cols), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
+    }
+
+    #[test]
+    fn simd_equals_scalar_on_odd_shapes() {
+        for (rows, cols, m) in [(1, 32, 1), (7, 96, 3), (33, 160, 1), (70, 64, 5)] {
+            let x = lcg(rows as u64, m * cols);
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let q = QMatrix::from_qtensor(
+                    &quantized(&lcg(7, rows * cols), rows, cols, dtype),
+                    "w",
+                )
+                .unwrap();
+                let xq = quantize_q8_1(&x, cols);
+                let mut a = vec![0f32; m * rows];
+                let mut b = vec![0f32; m * rows];
+                q.matmul_q8(&xq, m, &mut a, false);
+                q.matmul_q8(&xq, m, &mut b, simd_available());
+                for (a, b) in a.iter().zip(&b) {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{dtype:?} {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_equals_candle_vec_dot() {
+        let (rows, cols) = (9, 256);
+        let w = lcg(3, rows * cols);
+        let x = lcg(4, cols);
+        let qt = quantized(&w, rows, cols, GgmlDType::Q4_1);
+        let q = QMatrix::from_qtensor(&qt, "w").unwrap();
+        // candle's own activation quantization, carried over exactly (its f16 d and s, as f32).
+        let mut cx = vec![k_quants::BlockQ8_1::zeros(); cols / QK];
+        k_quants::BlockQ8_1::from_float(&x, &mut cx);
+        let bytes = unsafe {
+            std::slice::from_raw_parts(cx.as_ptr() as *const u8, cx.len() * 36).to_vec()
+        };
+        let xq: Vec<BlockQ8_1> = bytes
+            .chunks_exact(36)
+            .map(|b| BlockQ8_1 {
+                d: f16::from_bits(f16_bits(b, 0)).to_f32(),
+                s: f16::from_bits(f16_bits(b, 2)).to_f32(),
+                qs: std::array::from_fn(|j| b[4 + j] as i8),
+            })
+            .collect();
+        let data = qt.data().unwrap();
+        let cw: &[k_quants::BlockQ4_1] = unsafe {
+            std::slice::from_raw_parts(
+                data.as_ptr() as *const k_quants::BlockQ4_1,
+                rows * cols / QK,
+            )
+        };
+        let mut ours = vec![0f32; rows];
+        q.matmul_q8(&xq, 1, &mut ours, simd_available());
+        for r in 0..rows {
+            let nb = cols / QK;
+            let theirs = k_quants::BlockQ4_1::vec_dot(cols, &cw[r * nb..(r + 1) * nb], &cx);
+            assert!(
+                (ours[r] - theirs).abs() <= 1e-5 * theirs.abs().max(1.0),
+                "row {r}: {} vs candle {theirs}",
+                ours[r]
+            );
+        }
+    }
+}
