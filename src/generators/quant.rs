@@ -185,7 +185,10 @@ impl QMatrix {
         match &self.blocks {
             Blocks::Q4_1(b) => {
                 for (blk, o) in b[r * nb..(r + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    let (d, m) = (f16::from_bits(blk.d).to_f32(), f16::from_bits(blk.m).to_f32());
+                    let (d, m) = (
+                        f16::from_bits(blk.d).to_f32(),
+                        f16::from_bits(blk.m).to_f32(),
+                    );
                     for j in 0..QK / 2 {
                         o[j] = d * (blk.qs[j] & 0x0F) as f32 + m;
                         o[j + QK / 2] = d * (blk.qs[j] >> 4) as f32 + m;
@@ -364,8 +367,8 @@ fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
             sumi += (b.qs[j] & 0x0F) as i32 * a.qs[j] as i32
                 + (b.qs[j] >> 4) as i32 * a.qs[j + QK / 2] as i32;
         }
-        sum += sumi as f32 * f16::from_bits(b.d).to_f32() * a.d
-            + f16::from_bits(b.m).to_f32() * a.s;
+        sum +=
+            sumi as f32 * f16::from_bits(b.d).to_f32() * a.d + f16::from_bits(b.m).to_f32() * a.s;
     }
     sum
 }
@@ -374,12 +377,11 @@ fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 fn dot_q8_0_q8_1_scalar(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (b, a) in w.iter().zip(x) {
-        let sumi: i32 = b
-            .qs
-            .iter()
-            .zip(&a.qs)
-            .map(|(&p, &q)| p as i32 * q as i32)
-            .sum();
+        let sumi: i32 =
+            b.qs.iter()
+                .zip(&a.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sum += sumi as f32 * f16::from_bits(b.d).to_f32() * a.d;
     }
     sum
@@ -492,7 +494,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -508,18 +512,19 @@ mod tests {
         for (rows, cols, m) in [(1, 32, 1), (7, 96, 3), (33, 160, 1), (70, 64, 5)] {
             let x = lcg(rows as u64, m * cols);
             for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-                let q = QMatrix::from_qtensor(
-                    &quantized(&lcg(7, rows * cols), rows, cols, dtype),
-                    "w",
-                )
-                .unwrap();
+                let q =
+                    QMatrix::from_qtensor(&quantized(&lcg(7, rows * cols), rows, cols, dtype), "w")
+                        .unwrap();
                 let xq = quantize_q8_1(&x, cols);
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
                 q.matmul_q8(&xq, m, &mut a, false);
                 q.matmul_q8(&xq, m, &mut b, simd_available());
                 for (a, b) in a.iter().zip(&b) {
-                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{dtype:?} {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                        "{dtype:?} {a} vs {b}"
+                    );
                 }
             }
         }
@@ -535,9 +540,8 @@ mod tests {
         // candle's own activation quantization, carried over exactly (its f16 d and s, as f32).
         let mut cx = vec![k_quants::BlockQ8_1::zeros(); cols / QK];
         k_quants::BlockQ8_1::from_float(&x, &mut cx);
-        let bytes = unsafe {
-            std::slice::from_raw_parts(cx.as_ptr() as *const u8, cx.len() * 36).to_vec()
-        };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(cx.as_ptr() as *const u8, cx.len() * 36).to_vec() };
         let xq: Vec<BlockQ8_1> = bytes
             .chunks_exact(36)
             .map(|b| BlockQ8_1 {
