@@ -491,7 +491,7 @@ impl Llama {
                 (GgufWeights::F32, _) => {
                     Linear::Candle(QMatMul::Tensor(t.dequantize(device).with_context(ctx)?))
                 }
-                (GgufWeights::Native, T::Q4_1 | T::Q8_0) if native_ok => native(&t)?,
+                (GgufWeights::Native, T::Q4_1 | T::Q8_0 | T::F32) if native_ok => native(&t)?,
                 (GgufWeights::Native, T::Q5_0 | T::Q5_1) if native_ok => native(&requant(&t)?)?,
                 (GgufWeights::Fast | GgufWeights::Native, T::Q4_1 | T::Q5_0 | T::Q5_1) => {
                     Linear::Candle(QMatMul::from_qtensor(requant(&t)?)?)
@@ -648,28 +648,49 @@ impl Llama {
             forced_bos: None,
             forced_eos: None,
         };
-        let native_decode = device.is_cpu()
-            && embed.dtype() == DType::F32
-            && lm_head.native().is_some()
-            && blocks.iter().all(|b| {
-                matches!(b.attn.qkv, Projections::Stacked { ref sizes, .. } if sizes.len() == 3)
-                    && matches!(b.mlp.gate_up, Projections::Stacked { ref sizes, .. } if sizes.len() == 2)
-                    && b.attn.o.native().is_some()
-                    && b.mlp.down.native().is_some()
-            });
-        Ok(Self {
+        let mut m = Self {
             config,
             embed,
             blocks,
             norm,
             lm_head,
             inv_freq,
-            native_decode,
+            native_decode: false,
             rope_layout,
             special,
             device: device.clone(),
             source,
-        })
+        };
+        m.native_decode = m.native_decode_ok();
+        Ok(m)
+    }
+
+    /// Whether decode steps run on raw buffers ([`GgufWeights::Native`] on CPU).
+    pub fn raw_decode(&self) -> bool {
+        self.native_decode
+    }
+
+    /// Turn the raw-buffer decode step off (`false`: steps run through the tensor path, as for the
+    /// other weight modes) to compare the two. Turning it on only works where [`Llama::raw_decode`]
+    /// was true at load.
+    pub fn set_raw_decode(&mut self, on: bool) -> Result<()> {
+        if on && !self.native_decode_ok() {
+            bail!("llama: raw decode needs native weights on CPU (GgufWeights::Native)");
+        }
+        self.native_decode = on;
+        Ok(())
+    }
+
+    fn native_decode_ok(&self) -> bool {
+        self.device.is_cpu()
+            && self.embed.dtype() == DType::F32
+            && self.lm_head.native().is_some()
+            && self.blocks.iter().all(|b| {
+                matches!(b.attn.qkv, Projections::Stacked { ref sizes, .. } if sizes.len() == 3)
+                    && matches!(b.mlp.gate_up, Projections::Stacked { ref sizes, .. } if sizes.len() == 2)
+                    && b.attn.o.native().is_some()
+                    && b.mlp.down.native().is_some()
+            })
     }
 
     /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32.
@@ -783,7 +804,6 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (n_rep, qd, kvd, half) = (nh / nkv, nh * hd, nkv * hd, hd / 2);
         let qkv_w = qd + 2 * kvd;
-        let simd = quant::simd_available();
         let scale = 1.0 / (hd as f32).sqrt();
         let mut x = vec![0f32; b * h];
         with_f32(&self.embed, |e| -> Result<()> {
@@ -839,7 +859,7 @@ impl Llama {
                 bail!("llama step_native: o/down projections are not native");
             };
             rms_norm_rows(&x, &block.attn_norm, &mut xn)?;
-            qkv_m.matmul_q8(&quant::quantize_q8_1(&xn, h), b, &mut qkv, simd);
+            qkv_m.matmul_into(&xn, b, &mut qkv)?;
             for r in 0..b {
                 let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
@@ -886,7 +906,7 @@ impl Llama {
                     scores.clear();
                     scores.extend((0..t).map(|j| {
                         if visible(j) {
-                            dot(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
+                            quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
                         } else {
                             f32::NEG_INFINITY
                         }
@@ -915,17 +935,17 @@ impl Llama {
                 Tensor::from_vec(kc, (b, nkv, t, hd), &self.device)?,
                 Tensor::from_vec(vc, (b, nkv, t, hd), &self.device)?,
             ));
-            o_m.matmul_q8(&quant::quantize_q8_1(&att, qd), b, &mut proj, simd);
+            o_m.matmul_into(&att, b, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm_rows(&x, &block.mlp_norm, &mut xn)?;
-            gu_m.matmul_q8(&quant::quantize_q8_1(&xn, h), b, &mut gu, simd);
+            gu_m.matmul_into(&xn, b, &mut gu)?;
             for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
                 let (gate, up) = g.split_at(ffn);
                 for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            down_m.matmul_q8(&quant::quantize_q8_1(&act, ffn), b, &mut proj, simd);
+            down_m.matmul_into(&act, b, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         rms_norm_rows(&x, &self.norm, &mut xn)?;
@@ -934,7 +954,7 @@ impl Llama {
             .native()
             .context("llama step_native: lm_head is not native")?;
         let mut logits = vec![0f32; b * head.rows()];
-        head.matmul_q8(&quant::quantize_q8_1(&xn, h), b, &mut logits, simd);
+        head.matmul_into(&xn, b, &mut logits)?;
         Ok(Tensor::from_vec(logits, (b, head.rows()), &self.device)?)
     }
 
@@ -1051,24 +1071,6 @@ fn rms_norm_rows(x: &[f32], norm: &RmsNorm, out: &mut [f32]) -> Result<()> {
             }
         }
     })
-}
-
-/// f32 dot product with 8 independent accumulators (vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Re-lay right-padded rows (`mask` 1 = token) as left-padded rows; returns them and the real lengths.

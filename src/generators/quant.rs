@@ -58,6 +58,8 @@ impl Default for BlockQ8_1 {
 enum Blocks {
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
+    /// Unquantized weights (f32 GGUF tensors): plain f32 dots, activations not quantized.
+    F32(Vec<f32>),
 }
 
 /// A quantized weight matrix `[rows, cols]` (row-major blocks, `cols % 32 == 0`), i.e. a linear layer
@@ -76,16 +78,16 @@ fn f16_bits(b: &[u8], i: usize) -> u16 {
 impl QMatrix {
     /// Whether [`QMatrix::from_qtensor`] takes tensors of this type.
     pub fn supports(dtype: GgmlDType) -> bool {
-        matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+        matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::F32)
     }
 
-    /// Copy a 2-D Q4_1 or Q8_0 `QTensor` `[rows, cols]` (`name` is only used in errors).
+    /// Copy a 2-D Q4_1, Q8_0 or F32 `QTensor` `[rows, cols]` (`name` is only used in errors).
     pub fn from_qtensor(t: &QTensor, name: &str) -> Result<Self> {
         let (rows, cols) = t
             .shape()
             .dims2()
             .with_context(|| format!("tensor `{name}`: expected a matrix"))?;
-        if cols % QK != 0 {
+        if cols % QK != 0 && t.dtype() != GgmlDType::F32 {
             bail!("tensor `{name}`: {cols} columns is not a multiple of {QK}");
         }
         let data = t
@@ -134,7 +136,20 @@ impl QMatrix {
                         .collect(),
                 )
             }
-            other => bail!("tensor `{name}`: no native kernel for {other:?} (Q4_1, Q8_0 only)"),
+            GgmlDType::F32 => {
+                if data.len() != rows * cols * 4 {
+                    bail!(
+                        "tensor `{name}`: {} bytes of F32 data for shape [{rows}, {cols}]",
+                        data.len()
+                    );
+                }
+                Blocks::F32(
+                    data.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+            }
+            other => bail!("tensor `{name}`: no native kernel for {other:?} (Q4_1, Q8_0, F32)"),
         };
         Ok(Self { rows, cols, blocks })
     }
@@ -148,6 +163,7 @@ impl QMatrix {
         let mut blocks = match &first.blocks {
             Blocks::Q4_1(_) => Blocks::Q4_1(vec![]),
             Blocks::Q8_0(_) => Blocks::Q8_0(vec![]),
+            Blocks::F32(_) => Blocks::F32(vec![]),
         };
         for p in parts {
             if p.cols != cols {
@@ -157,6 +173,7 @@ impl QMatrix {
             match (&mut blocks, &p.blocks) {
                 (Blocks::Q4_1(a), Blocks::Q4_1(b)) => a.extend_from_slice(b),
                 (Blocks::Q8_0(a), Blocks::Q8_0(b)) => a.extend_from_slice(b),
+                (Blocks::F32(a), Blocks::F32(b)) => a.extend_from_slice(b),
                 _ => bail!("concat_rows: mixed quantization types"),
             }
         }
@@ -176,6 +193,7 @@ impl QMatrix {
         match self.blocks {
             Blocks::Q4_1(_) => GgmlDType::Q4_1,
             Blocks::Q8_0(_) => GgmlDType::Q8_0,
+            Blocks::F32(_) => GgmlDType::F32,
         }
     }
 
@@ -203,6 +221,7 @@ impl QMatrix {
                     }
                 }
             }
+            Blocks::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
         }
     }
 
@@ -215,7 +234,7 @@ impl QMatrix {
         out
     }
 
-    /// Dot of weight row `r` with one quantized activation row `x: [cols / 32]`.
+    /// Dot of quantized weight row `r` with one quantized activation row `x: [cols / 32]`.
     fn dot_row(&self, r: usize, x: &[BlockQ8_1], simd: bool) -> f32 {
         let nb = self.cols / QK;
         match &self.blocks {
@@ -239,15 +258,14 @@ impl QMatrix {
                 let _ = simd;
                 dot_q8_0_q8_1_scalar(w, x)
             }
+            Blocks::F32(_) => unreachable!("f32 weights take f32 activations"),
         }
     }
 
-    /// `out[i, r] = sum_c W[r, c] * x[i, c]` for pre-quantized activations `xq: [m, cols / 32]`;
-    /// `out: [m, rows]`. `simd` selects the AVX2 kernel (see [`simd_available`]).
-    pub fn matmul_q8(&self, xq: &[BlockQ8_1], m: usize, out: &mut [f32], simd: bool) {
-        let nb = self.cols / QK;
-        assert_eq!(xq.len(), m * nb, "matmul_q8: activation blocks");
-        assert_eq!(out.len(), m * self.rows, "matmul_q8: output size");
+    /// `out[i * rows + r] = f(r, i)` for every output row `r` and activation row `i`, output rows
+    /// split over the rayon pool (several activation rows: each weight row is dotted with all of
+    /// them while it is in L1).
+    fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
         let rows = self.rows;
         // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.
         let threads = rayon::current_num_threads().max(1);
@@ -256,7 +274,7 @@ impl QMatrix {
         if m == 1 {
             let body = |(ci, o): (usize, &mut [f32])| {
                 for (j, o) in o.iter_mut().enumerate() {
-                    *o = self.dot_row(ci * chunk + j, xq, simd);
+                    *o = f(ci * chunk + j, 0);
                 }
             };
             if serial {
@@ -266,14 +284,12 @@ impl QMatrix {
             }
             return;
         }
-        // Several activation rows: compute `[rows, m]` so each task owns a contiguous slice, then
-        // transpose. Each weight row is read once and dotted with every activation row.
+        // `[rows, m]` so each task owns a contiguous slice, then transposed.
         let mut t = vec![0f32; rows * m];
         let body = |(ci, o): (usize, &mut [f32])| {
             for (j, o) in o.chunks_exact_mut(m).enumerate() {
-                let r = ci * chunk + j;
                 for (i, o) in o.iter_mut().enumerate() {
-                    *o = self.dot_row(r, &xq[i * nb..(i + 1) * nb], simd);
+                    *o = f(ci * chunk + j, i);
                 }
             }
         };
@@ -289,13 +305,58 @@ impl QMatrix {
         }
     }
 
+    /// `out[i, r] = sum_c W[r, c] * x[i, c]` for pre-quantized activations `xq: [m, cols / 32]`;
+    /// `out: [m, rows]`. `simd` selects the AVX2 kernel (see [`simd_available`]). Quantized weights
+    /// only.
+    pub fn matmul_q8(&self, xq: &[BlockQ8_1], m: usize, out: &mut [f32], simd: bool) -> Result<()> {
+        let nb = self.cols / QK;
+        if matches!(self.blocks, Blocks::F32(_)) {
+            bail!("matmul_q8: f32 weights take f32 activations (use matmul_into)");
+        }
+        if xq.len() != m * nb || out.len() != m * self.rows {
+            bail!(
+                "matmul_q8: {} activation blocks and {} outputs for m = {m}, weight [{}, {}]",
+                xq.len(),
+                out.len(),
+                self.rows,
+                self.cols
+            );
+        }
+        self.par_rows(m, out, |r, i| {
+            self.dot_row(r, &xq[i * nb..(i + 1) * nb], simd)
+        });
+        Ok(())
+    }
+
+    /// `x: [m, cols]` f32 row-major -> `out: [m, rows]`; activations quantized to Q8_1 once for
+    /// quantized weights.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        if x.len() != m * self.cols || out.len() != m * self.rows {
+            bail!(
+                "matmul: input {} and output {} for m = {m}, weight [{}, {}]",
+                x.len(),
+                out.len(),
+                self.rows,
+                self.cols
+            );
+        }
+        match &self.blocks {
+            Blocks::F32(w) => {
+                let k = self.cols;
+                self.par_rows(m, out, |r, i| {
+                    dot_f32(&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k])
+                });
+                Ok(())
+            }
+            _ => self.matmul_q8(&quantize_q8_1(x, self.cols), m, out, simd_available()),
+        }
+    }
+
     /// `x: [m, cols]` f32 row-major -> `[m, rows]`.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let simd = simd_available();
-        let xq = quantize_q8_1(x, self.cols);
+    pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; m * self.rows];
-        self.matmul_q8(&xq, m, &mut out, simd);
-        out
+        self.matmul_into(x, m, &mut out)?;
+        Ok(out)
     }
 
     /// Linear layer on a tensor `x: [.., cols]` (f32, CPU) -> `[.., rows]`.
@@ -311,7 +372,9 @@ impl QMatrix {
         }
         let m = x.elem_count() / cols.max(1);
         let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = self.matmul(&data, m);
+        let out = self
+            .matmul(&data, m)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = self.rows;
@@ -356,6 +419,24 @@ pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
         b.s = d * sum as f32;
     }
     out
+}
+
+/// f32 dot product with 8 independent accumulators (so that it vectorizes).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Scalar `ggml_vec_dot_q4_1_q8_1`.
@@ -518,8 +599,8 @@ mod tests {
                 let xq = quantize_q8_1(&x, cols);
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
-                q.matmul_q8(&xq, m, &mut a, false);
-                q.matmul_q8(&xq, m, &mut b, simd_available());
+                q.matmul_q8(&xq, m, &mut a, false).unwrap();
+                q.matmul_q8(&xq, m, &mut b, simd_available()).unwrap();
                 for (a, b) in a.iter().zip(&b) {
                     assert!(
                         (a - b).abs() <= 1e-5 * a.abs().max(1.0),
@@ -558,7 +639,7 @@ mod tests {
             )
         };
         let mut ours = vec![0f32; rows];
-        q.matmul_q8(&xq, 1, &mut ours, simd_available());
+        q.matmul_q8(&xq, 1, &mut ours, simd_available()).unwrap();
         for r in 0..rows {
             let nb = cols / QK;
             let theirs = k_quants::BlockQ4_1::vec_dot(cols, &cw[r * nb..(r + 1) * nb], &cx);
