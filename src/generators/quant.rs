@@ -402,17 +402,26 @@ pub fn simd_available() -> bool {
 }
 
 /// Quantize rows of `cols` values (`cols % 32 == 0`) to Q8_1 blocks: `d = max|x| / 127`,
-/// `q = round(x / d)`, `s = d * sum(q)` (ggml's `quantize_row_q8_1`, with f32 `d` and `s`).
+/// `q = round(x / d)` (ties to even, as ggml's AVX2 path), `s = d * sum(q)` (ggml's
+/// `quantize_row_q8_1`, with f32 `d` and `s`).
 pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
     debug_assert_eq!(cols % QK, 0);
     let mut out = vec![BlockQ8_1::default(); x.len() / QK];
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // SAFETY: avx2/fma/f16c detected; `xs` has exactly 32 values.
+            unsafe { avx2::quantize_block(xs, b) };
+        }
+        return out;
+    }
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
         b.d = d;
@@ -487,6 +496,47 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
+    }
+
+    /// [`super::quantize_q8_1`] of one 32-value block (same results as the scalar path).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_block(xs: &[f32], b: &mut BlockQ8_1) {
+        let p = xs.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut amax = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *x));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let d = _mm_cvtss_f32(m4) / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut qi = [_mm256_setzero_si256(); 4];
+        for (q, x) in qi.iter_mut().zip(&v) {
+            let r = _mm256_round_ps(_mm256_mul_ps(*x, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            *q = _mm256_cvtps_epi32(r);
+        }
+        // Sum of q.
+        let s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let sum = _mm_cvtsi128_si32(s4);
+        // i32 -> i8, back in element order (packs interleave 128-bit lanes).
+        let p01 = _mm256_packs_epi32(qi[0], qi[1]);
+        let p23 = _mm256_packs_epi32(qi[2], qi[3]);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
+        b.d = d;
+        b.s = d * sum as f32;
     }
 
     /// One Q4_1 block: (`d_w * d_x` broadcast, the 8 partial integer sums as f32).
@@ -608,6 +658,26 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn simd_quantizer_equals_scalar() {
+        let x: Vec<f32> = lcg(11, 32 * 40)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i < 32 { 0.0 } else { v * (1 + i % 7) as f32 })
+            .collect();
+        let q = quantize_q8_1(&x, 32 * 40);
+        for (xs, b) in x.chunks_exact(QK).zip(&q) {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let qs: Vec<i8> = xs.iter().map(|v| (v * id).round_ties_even() as i8).collect();
+            assert_eq!(b.qs.to_vec(), qs);
+            assert_eq!(b.d, d);
+            let sum: i32 = qs.iter().map(|&v| v as i32).sum();
+            assert_eq!(b.s, d * sum as f32);
         }
     }
 
