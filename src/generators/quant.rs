@@ -17,22 +17,22 @@ use rayon::prelude::*;
 /// Values per quantization block (all types here).
 pub const QK: usize = 32;
 
-/// GGUF Q4_1 block: `x = d * q + m`, `q` in 0..16; byte `j` holds element `j` (low nibble) and
-/// element `j + 16` (high nibble). Same layout as ggml's `block_q4_1`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BlockQ4_1 {
-    d: u16,
-    m: u16,
-    qs: [u8; QK / 2],
+/// Q4_1 rows as stored in GGUF blocks (`x = d * q + m`, `q` in 0..16; byte `j` of a block holds
+/// element `j` in its low nibble and `j + 16` in its high nibble), split into arrays of the block
+/// fields (struct of arrays) so that the kernel converts 8 `d`/`m` at a time. Index = row * blocks
+/// per row + block.
+#[derive(Clone, Debug, Default)]
+struct Q4_1Blocks {
+    d: Vec<u16>,
+    m: Vec<u16>,
+    qs: Vec<[u8; QK / 2]>,
 }
 
-/// GGUF Q8_0 block: `x = d * q`. Same layout as ggml's `block_q8_0`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct BlockQ8_0 {
-    d: u16,
-    qs: [i8; QK],
+/// Q8_0 rows (`x = d * q`), struct of arrays as [`Q4_1Blocks`].
+#[derive(Clone, Debug, Default)]
+struct Q8_0Blocks {
+    d: Vec<u16>,
+    qs: Vec<[i8; QK]>,
 }
 
 /// A quantized activation block: `x ≈ d * q`, `s = d * sum(q)` (kept in f32, unlike ggml's f16).
@@ -54,10 +54,44 @@ impl Default for BlockQ8_1 {
     }
 }
 
+/// Quantized activations as arrays of the block fields (see [`Q4_1Blocks`]).
+struct Q8Rows {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<[i8; QK]>,
+}
+
+/// One activation row of [`Q8Rows`].
+#[derive(Clone, Copy)]
+struct Q8Row<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    qs: &'a [[i8; QK]],
+}
+
+impl Q8Rows {
+    fn new(blocks: &[BlockQ8_1]) -> Self {
+        Self {
+            d: blocks.iter().map(|b| b.d).collect(),
+            s: blocks.iter().map(|b| b.s).collect(),
+            qs: blocks.iter().map(|b| b.qs).collect(),
+        }
+    }
+
+    fn row(&self, i: usize, nb: usize) -> Q8Row<'_> {
+        let k = i * nb..(i + 1) * nb;
+        Q8Row {
+            d: &self.d[k.clone()],
+            s: &self.s[k.clone()],
+            qs: &self.qs[k],
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Blocks {
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
+    Q4_1(Q4_1Blocks),
+    Q8_0(Q8_0Blocks),
     /// Unquantized weights (f32 GGUF tensors): plain f32 dots, activations not quantized.
     F32(Vec<f32>),
 }
@@ -96,45 +130,35 @@ impl QMatrix {
         let n_blocks = rows * cols / QK;
         let blocks = match t.dtype() {
             GgmlDType::Q4_1 => {
-                const SZ: usize = std::mem::size_of::<BlockQ4_1>();
+                const SZ: usize = 4 + QK / 2;
                 if data.len() != n_blocks * SZ {
                     bail!(
                         "tensor `{name}`: {} bytes of Q4_1 data for shape [{rows}, {cols}]",
                         data.len()
                     );
                 }
-                Blocks::Q4_1(
-                    data.chunks_exact(SZ)
-                        .map(|b| BlockQ4_1 {
-                            d: f16_bits(b, 0),
-                            m: f16_bits(b, 2),
-                            qs: b[4..SZ].try_into().expect("16 bytes"),
-                        })
-                        .collect(),
-                )
+                let mut b = Q4_1Blocks::default();
+                for c in data.chunks_exact(SZ) {
+                    b.d.push(f16_bits(c, 0));
+                    b.m.push(f16_bits(c, 2));
+                    b.qs.push(c[4..SZ].try_into().expect("16 bytes"));
+                }
+                Blocks::Q4_1(b)
             }
             GgmlDType::Q8_0 => {
-                const SZ: usize = std::mem::size_of::<BlockQ8_0>();
+                const SZ: usize = 2 + QK;
                 if data.len() != n_blocks * SZ {
                     bail!(
                         "tensor `{name}`: {} bytes of Q8_0 data for shape [{rows}, {cols}]",
                         data.len()
                     );
                 }
-                Blocks::Q8_0(
-                    data.chunks_exact(SZ)
-                        .map(|b| {
-                            let mut qs = [0i8; QK];
-                            for (q, &x) in qs.iter_mut().zip(&b[2..SZ]) {
-                                *q = x as i8;
-                            }
-                            BlockQ8_0 {
-                                d: f16_bits(b, 0),
-                                qs,
-                            }
-                        })
-                        .collect(),
-                )
+                let mut b = Q8_0Blocks::default();
+                for c in data.chunks_exact(SZ) {
+                    b.d.push(f16_bits(c, 0));
+                    b.qs.push(std::array::from_fn(|j| c[2 + j] as i8));
+                }
+                Blocks::Q8_0(b)
             }
             GgmlDType::F32 => {
                 if data.len() != rows * cols * 4 {
@@ -161,8 +185,8 @@ impl QMatrix {
         let cols = first.cols;
         let mut rows = 0;
         let mut blocks = match &first.blocks {
-            Blocks::Q4_1(_) => Blocks::Q4_1(vec![]),
-            Blocks::Q8_0(_) => Blocks::Q8_0(vec![]),
+            Blocks::Q4_1(_) => Blocks::Q4_1(Q4_1Blocks::default()),
+            Blocks::Q8_0(_) => Blocks::Q8_0(Q8_0Blocks::default()),
             Blocks::F32(_) => Blocks::F32(vec![]),
         };
         for p in parts {
@@ -171,8 +195,15 @@ impl QMatrix {
             }
             rows += p.rows;
             match (&mut blocks, &p.blocks) {
-                (Blocks::Q4_1(a), Blocks::Q4_1(b)) => a.extend_from_slice(b),
-                (Blocks::Q8_0(a), Blocks::Q8_0(b)) => a.extend_from_slice(b),
+                (Blocks::Q4_1(a), Blocks::Q4_1(b)) => {
+                    a.d.extend_from_slice(&b.d);
+                    a.m.extend_from_slice(&b.m);
+                    a.qs.extend_from_slice(&b.qs);
+                }
+                (Blocks::Q8_0(a), Blocks::Q8_0(b)) => {
+                    a.d.extend_from_slice(&b.d);
+                    a.qs.extend_from_slice(&b.qs);
+                }
                 (Blocks::F32(a), Blocks::F32(b)) => a.extend_from_slice(b),
                 _ => bail!("concat_rows: mixed quantization types"),
             }
@@ -202,21 +233,21 @@ impl QMatrix {
         let nb = self.cols / QK;
         match &self.blocks {
             Blocks::Q4_1(b) => {
-                for (blk, o) in b[r * nb..(r + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                for (k, o) in (r * nb..(r + 1) * nb).zip(out.chunks_exact_mut(QK)) {
                     let (d, m) = (
-                        f16::from_bits(blk.d).to_f32(),
-                        f16::from_bits(blk.m).to_f32(),
+                        f16::from_bits(b.d[k]).to_f32(),
+                        f16::from_bits(b.m[k]).to_f32(),
                     );
                     for j in 0..QK / 2 {
-                        o[j] = d * (blk.qs[j] & 0x0F) as f32 + m;
-                        o[j + QK / 2] = d * (blk.qs[j] >> 4) as f32 + m;
+                        o[j] = d * (b.qs[k][j] & 0x0F) as f32 + m;
+                        o[j + QK / 2] = d * (b.qs[k][j] >> 4) as f32 + m;
                     }
                 }
             }
             Blocks::Q8_0(b) => {
-                for (blk, o) in b[r * nb..(r + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    let d = f16::from_bits(blk.d).to_f32();
-                    for (o, &q) in o.iter_mut().zip(&blk.qs) {
+                for (k, o) in (r * nb..(r + 1) * nb).zip(out.chunks_exact_mut(QK)) {
+                    let d = f16::from_bits(b.d[k]).to_f32();
+                    for (o, &q) in o.iter_mut().zip(&b.qs[k]) {
                         *o = d * q as f32;
                     }
                 }
@@ -234,29 +265,30 @@ impl QMatrix {
         out
     }
 
-    /// Dot of quantized weight row `r` with one quantized activation row `x: [cols / 32]`.
-    fn dot_row(&self, r: usize, x: &[BlockQ8_1], simd: bool) -> f32 {
+    /// Dot of quantized weight row `r` with one quantized activation row `x` (`cols / 32` blocks).
+    fn dot_row(&self, r: usize, x: Q8Row, simd: bool) -> f32 {
         let nb = self.cols / QK;
+        let k = r * nb..(r + 1) * nb;
         match &self.blocks {
             Blocks::Q4_1(b) => {
-                let w = &b[r * nb..(r + 1) * nb];
+                let (d, m, qs) = (&b.d[k.clone()], &b.m[k.clone()], &b.qs[k]);
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: `simd` is only true when avx2, fma and f16c were detected at runtime.
-                    return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+                    return unsafe { avx2::dot_q4_1_q8_1(d, m, qs, x) };
                 }
                 let _ = simd;
-                dot_q4_1_q8_1_scalar(w, x)
+                dot_q4_1_q8_1_scalar(d, m, qs, x)
             }
             Blocks::Q8_0(b) => {
-                let w = &b[r * nb..(r + 1) * nb];
+                let (d, qs) = (&b.d[k.clone()], &b.qs[k]);
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: as above.
-                    return unsafe { avx2::dot_q8_0_q8_1(w, x) };
+                    return unsafe { avx2::dot_q8_0_q8_1(d, qs, x) };
                 }
                 let _ = simd;
-                dot_q8_0_q8_1_scalar(w, x)
+                dot_q8_0_q8_1_scalar(d, qs, x)
             }
             Blocks::F32(_) => unreachable!("f32 weights take f32 activations"),
         }
@@ -322,9 +354,8 @@ impl QMatrix {
                 self.cols
             );
         }
-        self.par_rows(m, out, |r, i| {
-            self.dot_row(r, &xq[i * nb..(i + 1) * nb], simd)
-        });
+        let acts = Q8Rows::new(xq);
+        self.par_rows(m, out, |r, i| self.dot_row(r, acts.row(i, nb), simd));
         Ok(())
     }
 
@@ -449,37 +480,37 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Scalar `ggml_vec_dot_q4_1_q8_1`.
-fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+fn dot_q4_1_q8_1_scalar(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row) -> f32 {
     let mut sum = 0f32;
-    for (b, a) in w.iter().zip(x) {
+    for k in 0..qs.len() {
+        let (q, a) = (&qs[k], &x.qs[k]);
         let mut sumi = 0i32;
         for j in 0..QK / 2 {
-            sumi += (b.qs[j] & 0x0F) as i32 * a.qs[j] as i32
-                + (b.qs[j] >> 4) as i32 * a.qs[j + QK / 2] as i32;
+            sumi += (q[j] & 0x0F) as i32 * a[j] as i32 + (q[j] >> 4) as i32 * a[j + QK / 2] as i32;
         }
-        sum +=
-            sumi as f32 * f16::from_bits(b.d).to_f32() * a.d + f16::from_bits(b.m).to_f32() * a.s;
+        sum += sumi as f32 * f16::from_bits(d[k]).to_f32() * x.d[k]
+            + f16::from_bits(m[k]).to_f32() * x.s[k];
     }
     sum
 }
 
 /// Scalar `ggml_vec_dot_q8_0_q8_0` (the activation's `s` is unused).
-fn dot_q8_0_q8_1_scalar(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+fn dot_q8_0_q8_1_scalar(d: &[u16], qs: &[[i8; QK]], x: Q8Row) -> f32 {
     let mut sum = 0f32;
-    for (b, a) in w.iter().zip(x) {
-        let sumi: i32 =
-            b.qs.iter()
-                .zip(&a.qs)
-                .map(|(&p, &q)| p as i32 * q as i32)
-                .sum();
-        sum += sumi as f32 * f16::from_bits(b.d).to_f32() * a.d;
+    for k in 0..qs.len() {
+        let sumi: i32 = qs[k]
+            .iter()
+            .zip(&x.qs[k])
+            .map(|(&p, &q)| p as i32 * q as i32)
+            .sum();
+        sum += sumi as f32 * f16::from_bits(d[k]).to_f32() * x.d[k];
     }
     sum
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8_0, BlockQ8_1};
+    use super::{BlockQ8_1, Q8Row};
     use std::arch::x86_64::*;
 
     /// f16 bits -> f32 (F16C).
@@ -520,11 +551,17 @@ mod avx2 {
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let mut qi = [_mm256_setzero_si256(); 4];
         for (q, x) in qi.iter_mut().zip(&v) {
-            let r = _mm256_round_ps(_mm256_mul_ps(*x, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(*x, id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
             *q = _mm256_cvtps_epi32(r);
         }
         // Sum of q.
-        let s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        let s = _mm256_add_epi32(
+            _mm256_add_epi32(qi[0], qi[1]),
+            _mm256_add_epi32(qi[2], qi[3]),
+        );
         let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         let s4 = _mm_hadd_epi32(s4, s4);
         let s4 = _mm_hadd_epi32(s4, s4);
@@ -539,78 +576,101 @@ mod avx2 {
         b.s = d * sum as f32;
     }
 
-    /// One Q4_1 block: (`d_w * d_x` broadcast, the 8 partial integer sums as f32).
+    /// Integer dot of one Q4_1 block's nibbles with 32 activation bytes: 8 partial sums as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block_q4_1(b: &BlockQ4_1, a: &BlockQ8_1) -> (__m256, __m256) {
-        let tmp = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+    unsafe fn idot_q4(q: &[u8; 16], a: &[i8; 32]) -> __m256 {
+        let tmp = _mm_loadu_si128(q.as_ptr() as *const __m128i);
         let qw = _mm256_and_si256(
             _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
             _mm256_set1_epi8(0x0F),
         );
-        let qx = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), _mm256_set1_epi16(1));
-        (_mm256_set1_ps(h2f(b.d) * a.d), _mm256_cvtepi32_ps(p))
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(qw, qx),
+            _mm256_set1_epi16(1),
+        ))
     }
 
-    /// One Q8_0 block: `maddubs(|w|, sign(x, w))`.
+    /// Integer dot of one Q8_0 block with 32 activation bytes: `maddubs(|w|, sign(x, w))`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block_q8_0(b: &BlockQ8_0, a: &BlockQ8_1) -> (__m256, __m256) {
-        let qw = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        let qx = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        let p = _mm256_madd_epi16(
+    unsafe fn idot_q8(q: &[i8; 32], a: &[i8; 32]) -> __m256 {
+        let qw = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
             _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
             _mm256_set1_epi16(1),
-        );
-        (_mm256_set1_ps(h2f(b.d) * a.d), _mm256_cvtepi32_ps(p))
+        ))
     }
 
-    /// `ggml_vec_dot_q4_1_q8_1` (AVX2): unpack nibbles to 32 unsigned bytes, `maddubs` with the
-    /// signed activation bytes, accumulate `d_w * d_x * sum` in f32; `m_w * s_x` per block.
+    /// 8 f16 scales -> f32.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let n = w.len().min(x.len());
-        let mut i = 0;
-        while i + 1 < n {
-            let (b0, a0) = (w.get_unchecked(i), x.get_unchecked(i));
-            let (b1, a1) = (w.get_unchecked(i + 1), x.get_unchecked(i + 1));
-            let (d0, p0) = block_q4_1(b0, a0);
-            let (d1, p1) = block_q4_1(b1, a1);
-            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
-            summs += h2f(b0.m) * a0.s + h2f(b1.m) * a1.s;
-            i += 2;
-        }
-        if i < n {
-            let (b0, a0) = (w.get_unchecked(i), x.get_unchecked(i));
-            let (d0, p0) = block_q4_1(b0, a0);
-            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-            summs += h2f(b0.m) * a0.s;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + summs
+    unsafe fn h8(p: &[u16]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr() as *const __m128i))
     }
 
-    /// `ggml_vec_dot_q8_0_q8_0` (AVX2): `maddubs(|w|, sign(x, w))`.
+    /// `ggml_vec_dot_q4_1_q8_1` (AVX2): per block, the nibbles unpacked to 32 unsigned bytes are
+    /// `maddubs`-ed with the signed activation bytes and accumulated as `d_w * d_x * sum`; the
+    /// offsets contribute `m_w * s_x`. Scales are converted and multiplied 8 blocks at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_q8_1(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+    pub unsafe fn dot_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: Q8Row) -> f32 {
+        let n = qs.len();
+        debug_assert!(d.len() == n && m.len() == n && x.qs.len() >= n);
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
-        let n = w.len().min(x.len());
-        let mut i = 0;
-        while i + 1 < n {
-            let (d0, p0) = block_q8_0(w.get_unchecked(i), x.get_unchecked(i));
-            let (d1, p1) = block_q8_0(w.get_unchecked(i + 1), x.get_unchecked(i + 1));
-            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
-            i += 2;
+        let mut summ = _mm256_setzero_ps();
+        let mut dd = [0f32; 8];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(k));
+            let sx = _mm256_loadu_ps(x.s.as_ptr().add(k));
+            _mm256_storeu_ps(dd.as_mut_ptr(), _mm256_mul_ps(h8(&d[k..]), dx));
+            summ = _mm256_fmadd_ps(h8(&m[k..]), sx, summ);
+            for j in (0..8).step_by(2) {
+                let p0 = idot_q4(qs.get_unchecked(k + j), x.qs.get_unchecked(k + j));
+                let p1 = idot_q4(qs.get_unchecked(k + j + 1), x.qs.get_unchecked(k + j + 1));
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j]), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j + 1]), p1, acc1);
+            }
+            k += 8;
         }
-        if i < n {
-            let (d0, p0) = block_q8_0(w.get_unchecked(i), x.get_unchecked(i));
-            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+        let mut tail = 0f32;
+        while k < n {
+            let (dw, mw) = (h2f(d[k]), h2f(m[k]));
+            let p = idot_q4(qs.get_unchecked(k), x.qs.get_unchecked(k));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[k]), p, acc0);
+            tail += mw * x.s[k];
+            k += 1;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + hsum(summ) + tail
+    }
+
+    /// `ggml_vec_dot_q8_0_q8_0` (AVX2), scales 8 blocks at a time as above.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: Q8Row) -> f32 {
+        let n = qs.len();
+        debug_assert!(d.len() == n && x.qs.len() >= n);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut dd = [0f32; 8];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(k));
+            _mm256_storeu_ps(dd.as_mut_ptr(), _mm256_mul_ps(h8(&d[k..]), dx));
+            for j in (0..8).step_by(2) {
+                let p0 = idot_q8(qs.get_unchecked(k + j), x.qs.get_unchecked(k + j));
+                let p1 = idot_q8(qs.get_unchecked(k + j + 1), x.qs.get_unchecked(k + j + 1));
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j]), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j + 1]), p1, acc1);
+            }
+            k += 8;
+        }
+        while k < n {
+            let p = idot_q8(qs.get_unchecked(k), x.qs.get_unchecked(k));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[k]) * x.d[k]), p, acc0);
+            k += 1;
         }
         hsum(_mm256_add_ps(acc0, acc1))
     }
@@ -640,7 +700,14 @@ mod tests {
 
     #[test]
     fn simd_equals_scalar_on_odd_shapes() {
-        for (rows, cols, m) in [(1, 32, 1), (7, 96, 3), (33, 160, 1), (70, 64, 5)] {
+        for (rows, cols, m) in [
+            (1, 32, 1),
+            (7, 96, 3),
+            (33, 160, 1),
+            (70, 64, 5),
+            (5, 576, 2),
+            (19, 1536, 1),
+        ] {
             let x = lcg(rows as u64, m * cols);
             for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
                 let q =
@@ -673,7 +740,10 @@ mod tests {
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let qs: Vec<i8> = xs.iter().map(|v| (v * id).round_ties_even() as i8).collect();
+            let qs: Vec<i8> = xs
+                .iter()
+                .map(|v| (v * id).round_ties_even() as i8)
+                .collect();
             assert_eq!(b.qs.to_vec(), qs);
             assert_eq!(b.d, d);
             let sum: i32 = qs.iter().map(|&v| v as i32).sum();
