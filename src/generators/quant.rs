@@ -294,47 +294,62 @@ impl QMatrix {
         }
     }
 
-    /// `out[i * rows + r] = f(r, i)` for every output row `r` and activation row `i`, output rows
-    /// split over the rayon pool (several activation rows: each weight row is dotted with all of
-    /// them while it is in L1).
-    fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
+    /// `out[i * rows + r] = y[i]` where `f(r, y)` fills `y: [m]` for output row `r`; output rows are
+    /// split over the rayon pool (each weight row is dotted with every activation row while it is
+    /// in L1).
+    fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
         let rows = self.rows;
         // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.
         let threads = rayon::current_num_threads().max(1);
         let chunk = rows.div_ceil(threads * 4).max(16);
         let serial = rows * self.cols * m < 64 * 1024 || threads == 1;
-        if m == 1 {
+        let run = |t: &mut [f32]| {
             let body = |(ci, o): (usize, &mut [f32])| {
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = f(ci * chunk + j, 0);
+                for (j, y) in o.chunks_exact_mut(m).enumerate() {
+                    f(ci * chunk + j, y);
                 }
             };
             if serial {
-                out.chunks_mut(chunk).enumerate().for_each(body);
+                t.chunks_mut(chunk * m).enumerate().for_each(body);
             } else {
-                out.par_chunks_mut(chunk).enumerate().for_each(body);
+                t.par_chunks_mut(chunk * m).enumerate().for_each(body);
             }
+        };
+        if m == 1 {
+            run(out);
             return;
         }
         // `[rows, m]` so each task owns a contiguous slice, then transposed.
         let mut t = vec![0f32; rows * m];
-        let body = |(ci, o): (usize, &mut [f32])| {
-            for (j, o) in o.chunks_exact_mut(m).enumerate() {
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o = f(ci * chunk + j, i);
-                }
-            }
-        };
-        if serial {
-            t.chunks_mut(chunk * m).enumerate().for_each(body);
-        } else {
-            t.par_chunks_mut(chunk * m).enumerate().for_each(body);
-        }
+        run(&mut t);
         for r in 0..rows {
             for i in 0..m {
                 out[i * rows + r] = t[r * m + i];
             }
         }
+    }
+
+    /// Dots of weight row `r` with four activation rows at once (the weight block is unpacked once).
+    fn dot_row4(&self, r: usize, x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            let nb = self.cols / QK;
+            let k = r * nb..(r + 1) * nb;
+            match &self.blocks {
+                Blocks::Q4_1(b) => {
+                    // SAFETY: `simd` is only true when avx2, fma and f16c were detected at runtime.
+                    return unsafe {
+                        avx2::dot4_q4_1_q8_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x)
+                    };
+                }
+                Blocks::Q8_0(b) => {
+                    // SAFETY: as above.
+                    return unsafe { avx2::dot4_q8_0_q8_1(&b.d[k.clone()], &b.qs[k], x) };
+                }
+                Blocks::F32(_) => {}
+            }
+        }
+        x.map(|x| self.dot_row(r, x, simd))
     }
 
     /// `out[i, r] = sum_c W[r, c] * x[i, c]` for pre-quantized activations `xq: [m, cols / 32]`;
@@ -355,7 +370,17 @@ impl QMatrix {
             );
         }
         let acts = Q8Rows::new(xq);
-        self.par_rows(m, out, |r, i| self.dot_row(r, acts.row(i, nb), simd));
+        self.par_rows(m, out, |r, y| {
+            let mut i = 0;
+            while i + 4 <= m {
+                let x = [0, 1, 2, 3].map(|j| acts.row(i + j, nb));
+                y[i..i + 4].copy_from_slice(&self.dot_row4(r, x, simd));
+                i += 4;
+            }
+            for (i, y) in y.iter_mut().enumerate().skip(i) {
+                *y = self.dot_row(r, acts.row(i, nb), simd);
+            }
+        });
         Ok(())
     }
 
@@ -374,8 +399,10 @@ impl QMatrix {
         match &self.blocks {
             Blocks::F32(w) => {
                 let k = self.cols;
-                self.par_rows(m, out, |r, i| {
-                    dot_f32(&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k])
+                self.par_rows(m, out, |r, y| {
+                    for (i, y) in y.iter_mut().enumerate() {
+                        *y = dot_f32(&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
+                    }
                 });
                 Ok(())
             }
@@ -645,6 +672,108 @@ mod avx2 {
             k += 1;
         }
         hsum(_mm256_add_ps(acc0, acc1)) + hsum(summ) + tail
+    }
+
+    /// Unpacked nibbles of one Q4_1 block: 32 unsigned bytes in element order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_q4(q: &[u8; 16]) -> __m256i {
+        let tmp = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    /// [`dot_q4_1_q8_1`] of one weight row with four activation rows: each weight block is
+    /// unpacked once and its scales converted once (prefill).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: [Q8Row; 4]) -> [f32; 4] {
+        let n = qs.len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summ = [_mm256_setzero_ps(); 4];
+        let mut tail = [0f32; 4];
+        let mut dd = [[0f32; 8]; 4];
+        let mut k = 0;
+        while k + 8 <= n {
+            let (dw, mw) = (h8(&d[k..]), h8(&m[k..]));
+            for i in 0..4 {
+                let dx = _mm256_loadu_ps(x[i].d.as_ptr().add(k));
+                _mm256_storeu_ps(dd[i].as_mut_ptr(), _mm256_mul_ps(dw, dx));
+                let sx = _mm256_loadu_ps(x[i].s.as_ptr().add(k));
+                summ[i] = _mm256_fmadd_ps(mw, sx, summ[i]);
+            }
+            for j in 0..8 {
+                let qw = unpack_q4(qs.get_unchecked(k + j));
+                for i in 0..4 {
+                    let qx =
+                        _mm256_loadu_si256(x[i].qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                    let p =
+                        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[i][j]), p, acc[i]);
+                }
+            }
+            k += 8;
+        }
+        while k < n {
+            let (dw, mw) = (h2f(d[k]), h2f(m[k]));
+            let qw = unpack_q4(qs.get_unchecked(k));
+            for i in 0..4 {
+                let qx = _mm256_loadu_si256(x[i].qs.get_unchecked(k).as_ptr() as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[i].d[k]), p, acc[i]);
+                tail[i] += mw * x[i].s[k];
+            }
+            k += 1;
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]) + hsum(summ[i]) + tail[i])
+    }
+
+    /// [`dot_q8_0_q8_1`] of one weight row with four activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: [Q8Row; 4]) -> [f32; 4] {
+        let n = qs.len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut dd = [[0f32; 8]; 4];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dw = h8(&d[k..]);
+            for i in 0..4 {
+                let dx = _mm256_loadu_ps(x[i].d.as_ptr().add(k));
+                _mm256_storeu_ps(dd[i].as_mut_ptr(), _mm256_mul_ps(dw, dx));
+            }
+            for j in 0..8 {
+                let qw = _mm256_loadu_si256(qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                let aw = _mm256_sign_epi8(qw, qw);
+                for i in 0..4 {
+                    let qx =
+                        _mm256_loadu_si256(x[i].qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                        _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)),
+                        ones,
+                    ));
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[i][j]), p, acc[i]);
+                }
+            }
+            k += 8;
+        }
+        while k < n {
+            let dw = h2f(d[k]);
+            let qw = _mm256_loadu_si256(qs.get_unchecked(k).as_ptr() as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            for i in 0..4 {
+                let qx = _mm256_loadu_si256(x[i].qs.get_unchecked(k).as_ptr() as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)),
+                    ones,
+                ));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[i].d[k]), p, acc[i]);
+            }
+            k += 1;
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]))
     }
 
     /// `ggml_vec_dot_q8_0_q8_0` (AVX2), scales 8 blocks at a time as above.
