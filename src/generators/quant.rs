@@ -536,6 +536,8 @@ fn dot_q8_0_q8_1_scalar(d: &[u16], qs: &[[i8; QK]], x: Q8Row) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+// Index loops over blocks and activation rows mirror the ggml kernels.
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::{BlockQ8_1, Q8Row};
     use std::arch::x86_64::*;
