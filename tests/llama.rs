@@ -540,8 +540,13 @@ fn decode_bench_reports_counts() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
     let modes = match std::env::var("RUSTRAG_BENCH_ALL_MODES") {
-        Ok(_) => vec![GgufWeights::Fast, GgufWeights::AsStored, GgufWeights::F32],
-        Err(_) => vec![GgufWeights::Fast],
+        Ok(_) => vec![
+            GgufWeights::Native,
+            GgufWeights::Fast,
+            GgufWeights::AsStored,
+            GgufWeights::F32,
+        ],
+        Err(_) => vec![GgufWeights::Native],
     };
     for mode in modes {
         let b = bench_decode_with(
