@@ -754,7 +754,8 @@ fn native_kernels_match_candle_and_f32_on_smollm2_tensors() -> Result<()> {
     Ok(())
 }
 
-/// The raw-buffer decode step (default weights) against the tensor path on the same SmolLM2 weights:
+/// The raw-buffer prefill and decode steps (default weights) against the tensor path on the same
+/// SmolLM2 weights, left-padded batch:
 /// logits within activation-quantization noise (a float-rounding difference upstream flips 8-bit
 /// roundings inside the matmuls: measured 1.7e-2..3.8e-2 relative, the same size as either path's
 /// difference from f32 activations, 3e-2..5e-2). The exact check is
@@ -798,9 +799,9 @@ fn raw_decode_step_matches_tensor_path() -> Result<()> {
     Ok(())
 }
 
-/// The raw-buffer decode step, exactly: the parity fixture's tiny Llama converted to an F32 GGUF runs
-/// natively (f32 weights, no activation quantization), and its greedy steps over a left-padded batch
-/// equal both the tensor path and the HF safetensors model to 1e-4.
+/// The raw-buffer path, exactly: the parity fixture's tiny Llama converted to an F32 GGUF runs natively
+/// (f32 weights, no activation quantization), and its prefill and greedy steps over a left-padded
+/// batch equal both the tensor path and the HF safetensors model to 1e-4.
 #[test]
 fn raw_decode_of_fixture_matches_hf_and_tensor_path() -> Result<()> {
     let hf_dir = parity_dir().join("decoder-only").join("model");

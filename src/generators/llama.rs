@@ -36,7 +36,7 @@ pub enum RopeScaling {
 pub enum GgufWeights {
     /// Q4_1 and Q8_0 stay as stored and run through this crate's own kernels ([`super::quant`]: AVX2
     /// when available, as llama.cpp), Q5_0/Q5_1 are re-quantized to Q8_0, other types go through
-    /// candle. Decode steps then run on raw buffers (no per-op tensor overhead).
+    /// candle. Prefill and decode steps then run on raw buffers (no per-op tensor overhead).
     #[default]
     Native,
     /// candle's `QMatMul` with the file's quantized types, except Q4_1/Q5_0/Q5_1, which are
@@ -456,7 +456,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     inv_freq: Tensor,
-    /// Every matmul is native (stacked projections): decode steps take [`Llama::step_native`].
+    /// Every matmul is native (stacked projections): prefill and decode steps take
+    /// [`Llama::run_native`].
     native_decode: bool,
     rope_layout: RopeLayout,
     special: SpecialIds,
@@ -665,13 +666,13 @@ impl Llama {
         Ok(m)
     }
 
-    /// Whether decode steps run on raw buffers ([`GgufWeights::Native`] on CPU).
+    /// Whether prefill and decode steps run on raw buffers ([`GgufWeights::Native`] on CPU).
     pub fn raw_decode(&self) -> bool {
         self.native_decode
     }
 
-    /// Turn the raw-buffer decode step off (`false`: steps run through the tensor path, as for the
-    /// other weight modes) to compare the two. Turning it on only works where [`Llama::raw_decode`]
+    /// Turn the raw-buffer path off (`false`: prefill and steps run through the tensor path, as for
+    /// the other weight modes) to compare the two. Turning it on only works where [`Llama::raw_decode`]
     /// was true at load.
     pub fn set_raw_decode(&mut self, on: bool) -> Result<()> {
         if on && !self.native_decode_ok() {
@@ -787,39 +788,49 @@ impl Llama {
         Ok(self.norm.forward(&x)?)
     }
 
-    /// One decode step on raw buffers (requires [`Llama::native_decode`]): token `tokens[r]` at
-    /// position `positions[r]` for each row, attending to the keys where `key_mask[r][j] == 1`
-    /// (`None`: all; the mask includes the new token). Appends to `cache` (`[rows, kv_heads, t,
-    /// head_dim]` per layer, the same layout as [`Llama::run`]) and returns logits `[rows, vocab]`.
-    /// Same math as `run` for `len == 1`, without ~25 tensor ops per layer.
-    fn step_native(
+    /// The transformer on raw buffers (requires [`Llama::raw_decode`]) for `tokens: [rows, len]`
+    /// (row-major) at `positions: [rows, len]`: query `i` of a row (absolute column `past + i`) sees
+    /// key `j` when `j <= past + i` and `key_mask[r][j] == 1` (`None`: no padding; the mask covers
+    /// past and new tokens). Appends to `cache` (`[rows, kv_heads, t, head_dim]` per layer, the same
+    /// layout as [`Llama::run`]) and returns the next-token logits of each row's last position
+    /// `[rows, vocab]`. Same math as `run` + `last_logits`, without ~25 tensor ops per layer.
+    fn run_native(
         &self,
         tokens: &[u32],
+        len: usize,
         positions: &[u32],
         key_mask: Option<&[Vec<u32>]>,
         cache: &mut [LayerCache],
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let (b, h, ffn) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size);
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (n_rep, qd, kvd, half) = (nh / nkv, nh * hd, nkv * hd, hd / 2);
+        if len == 0 || tokens.len() % len != 0 || positions.len() != tokens.len() {
+            bail!(
+                "llama: {} tokens and {} positions for rows of {len}",
+                tokens.len(),
+                positions.len()
+            );
+        }
+        let (b, n) = (tokens.len() / len, tokens.len());
         let qkv_w = qd + 2 * kvd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut x = vec![0f32; b * h];
+        let mut x = vec![0f32; n * h];
         with_f32(&self.embed, |e| -> Result<()> {
             for (r, &t) in tokens.iter().enumerate() {
                 let t = t as usize;
                 if t >= cfg.vocab_size {
-                    bail!("llama step: token id {t} >= vocab size {}", cfg.vocab_size);
+                    bail!("llama: token id {t} >= vocab size {}", cfg.vocab_size);
                 }
                 x[r * h..(r + 1) * h].copy_from_slice(&e[t * h..(t + 1) * h]);
             }
             Ok(())
         })??;
-        // cos/sin [rows, head_dim / 2], computed as `rotary` does (f32 position * f32 frequency).
+        // cos/sin [rows * len, head_dim / 2], computed as `rotary` does (f32 position * frequency).
         let inv = self.config.inv_freq();
-        let mut cos = vec![0f32; b * half];
-        let mut sin = vec![0f32; b * half];
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
         for (r, &p) in positions.iter().enumerate() {
             for (i, f) in inv.iter().enumerate() {
                 let a = p as f32 * f;
@@ -842,31 +853,30 @@ impl Llama {
                 v[z] = x0 * s[i] + x1 * c[i];
             }
         };
-        let mut xn = vec![0f32; b * h];
-        let mut qkv = vec![0f32; b * qkv_w];
-        let mut att = vec![0f32; b * qd];
-        let mut proj = vec![0f32; b * h];
-        let mut gu = vec![0f32; b * 2 * ffn];
-        let mut act = vec![0f32; b * ffn];
+        let mut xn = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * qkv_w];
+        let mut att = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * h];
+        let mut gu = vec![0f32; n * 2 * ffn];
+        let mut act = vec![0f32; n * ffn];
         let mut scores = Vec::new();
         for (block, lc) in self.blocks.iter().zip(cache.iter_mut()) {
             let (Projections::Stacked { w: qkv_m, .. }, Projections::Stacked { w: gu_m, .. }) =
                 (&block.attn.qkv, &block.mlp.gate_up)
             else {
-                bail!("llama step_native: projections are not stacked");
+                bail!("llama run_native: projections are not stacked");
             };
             let (Some(o_m), Some(down_m)) = (block.attn.o.native(), block.mlp.down.native()) else {
-                bail!("llama step_native: o/down projections are not native");
+                bail!("llama run_native: o/down projections are not native");
             };
             rms_norm_rows(&x, &block.attn_norm, &mut xn)?;
-            qkv_m.matmul_into(&xn, b, &mut qkv)?;
-            for r in 0..b {
-                let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+            qkv_m.matmul_into(&xn, n, &mut qkv)?;
+            for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
                     rope(head, r);
                 }
             }
-            // Append this step's k/v to the cache: [rows, kv_heads, t, head_dim].
+            // Append the new k/v to the cache: [rows, kv_heads, t, head_dim].
             let past = match &lc.self_kv {
                 Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
                 None => None,
@@ -875,7 +885,12 @@ impl Llama {
                 Some((k, _)) => k.dim(2)?,
                 None => 0,
             };
-            let t = t_past + 1;
+            let t = t_past + len;
+            if let Some(m) = key_mask {
+                if m.len() != b || m.iter().any(|row| row.len() != t) {
+                    bail!("llama: key mask is not [{b}, {t}]");
+                }
+            }
             let mut kc = Vec::with_capacity(b * nkv * t * hd);
             let mut vc = Vec::with_capacity(b * nkv * t * hd);
             for (dst, off, old) in [
@@ -887,8 +902,10 @@ impl Llama {
                         for j in 0..nkv {
                             let o = (r * nkv + j) * t_past * hd;
                             dst.extend_from_slice(&old[o..o + t_past * hd]);
-                            let s = r * qkv_w + off + j * hd;
-                            dst.extend_from_slice(&qkv[s..s + hd]);
+                            for i in 0..len {
+                                let s = (r * len + i) * qkv_w + off + j * hd;
+                                dst.extend_from_slice(&qkv[s..s + hd]);
+                            }
                         }
                     }
                 };
@@ -899,33 +916,40 @@ impl Llama {
             }
             // Grouped-query attention: query head `head` reads kv head `head / n_rep`.
             for r in 0..b {
-                let visible = |j: usize| key_mask.is_none_or(|m| m[r][j] == 1);
-                for head in 0..nh {
-                    let q = &qkv[r * qkv_w + head * hd..r * qkv_w + (head + 1) * hd];
-                    let base = (r * nkv + head / n_rep) * t * hd;
-                    scores.clear();
-                    scores.extend((0..t).map(|j| {
-                        if visible(j) {
-                            quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
-                        } else {
-                            f32::NEG_INFINITY
+                for i in 0..len {
+                    let visible =
+                        |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
+                    let qrow = (r * len + i) * qkv_w;
+                    for head in 0..nh {
+                        let q = &qkv[qrow + head * hd..qrow + (head + 1) * hd];
+                        let base = (r * nkv + head / n_rep) * t * hd;
+                        scores.clear();
+                        scores.extend((0..t).map(|j| {
+                            if visible(j) {
+                                quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        }));
+                        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                        let out = &mut att[(r * len + i) * qd + head * hd..][..hd];
+                        out.fill(0.0);
+                        if max == f32::NEG_INFINITY {
+                            // A padding query that sees no key: its output is never used.
+                            continue;
                         }
-                    }));
-                    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let out = &mut att[r * qd + head * hd..r * qd + (head + 1) * hd];
-                    out.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        if p != 0.0 {
-                            let p = p / sum;
-                            for (o, &v) in
-                                out.iter_mut().zip(&vc[base + j * hd..base + (j + 1) * hd])
-                            {
-                                *o += p * v;
+                        let mut sum = 0f32;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        for (j, &p) in scores.iter().enumerate() {
+                            if p != 0.0 {
+                                let p = p / sum;
+                                let v = &vc[base + j * hd..base + (j + 1) * hd];
+                                for (o, &v) in out.iter_mut().zip(v) {
+                                    *o += p * v;
+                                }
                             }
                         }
                     }
@@ -935,26 +959,32 @@ impl Llama {
                 Tensor::from_vec(kc, (b, nkv, t, hd), &self.device)?,
                 Tensor::from_vec(vc, (b, nkv, t, hd), &self.device)?,
             ));
-            o_m.matmul_into(&att, b, &mut proj)?;
+            o_m.matmul_into(&att, n, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm_rows(&x, &block.mlp_norm, &mut xn)?;
-            gu_m.matmul_into(&xn, b, &mut gu)?;
+            gu_m.matmul_into(&xn, n, &mut gu)?;
             for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
                 let (gate, up) = g.split_at(ffn);
                 for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            down_m.matmul_into(&act, b, &mut proj)?;
+            down_m.matmul_into(&act, n, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
-        rms_norm_rows(&x, &self.norm, &mut xn)?;
+        // Final norm and logits of each row's last position only.
+        let last: Vec<f32> = x
+            .chunks_exact(len * h)
+            .flat_map(|row| row[(len - 1) * h..].iter().copied())
+            .collect();
+        let mut last_n = vec![0f32; b * h];
+        rms_norm_rows(&last, &self.norm, &mut last_n)?;
         let head = self
             .lm_head
             .native()
-            .context("llama step_native: lm_head is not native")?;
+            .context("llama run_native: lm_head is not native")?;
         let mut logits = vec![0f32; b * head.rows()];
-        head.matmul_into(&xn, b, &mut logits)?;
+        head.matmul_into(&last_n, b, &mut logits)?;
         Ok(Tensor::from_vec(logits, (b, head.rows()), &self.device)?)
     }
 
@@ -1120,16 +1150,24 @@ impl Decoder for Llama {
         let (left, lens) = left_pad(&input.input_ids, &input.attention_mask, self.special.pad)?;
         let l = left.first().map_or(0, |r| r.len());
         let key_mask = key_mask(&lens, l);
-        let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
-        let pos = crate::tokenize::ids_tensor(&positions(&lens, l), &self.device)?;
-        let mask = if l == 1 {
-            None
-        } else {
-            Some(Self::additive_mask(&key_mask, l, &self.device)?)
-        };
         let mut layers = vec![LayerCache::default(); self.blocks.len()];
-        let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
-        let logits = self.last_logits(&hidden)?;
+        let logits = if self.native_decode {
+            let toks: Vec<u32> = left.concat();
+            let pos: Vec<u32> = positions(&lens, l).concat();
+            let padded = lens.iter().any(|&n| n != l);
+            let mask = padded.then_some(key_mask.as_slice());
+            rayon::scope(|_| self.run_native(&toks, l, &pos, mask, &mut layers))?
+        } else {
+            let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
+            let pos = crate::tokenize::ids_tensor(&positions(&lens, l), &self.device)?;
+            let mask = if l == 1 {
+                None
+            } else {
+                Some(Self::additive_mask(&key_mask, l, &self.device)?)
+            };
+            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
+            self.last_logits(&hidden)?
+        };
         let next: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
         Ok(DecodeState {
             layers,
@@ -1172,7 +1210,7 @@ impl Decoder for Llama {
             // On a pool thread, so that the matmuls' parallel splits are stolen by the other workers
             // instead of waking this thread after each one.
             let layers = &mut state.layers;
-            rayon::scope(|_| self.step_native(&toks, &pos, mask, layers))?
+            rayon::scope(|_| self.run_native(&toks, 1, &pos, mask, layers))?
         } else {
             let ids = tokens.to_dtype(DType::U32)?.reshape((rows, 1))?;
             let pos = next.reshape((rows, 1))?;
