@@ -821,39 +821,55 @@ fn raw_decode_of_fixture_matches_hf_and_tensor_path() -> Result<()> {
     let mut tensor_path = Llama::from_gguf(&g, &Device::Cpu)?;
     tensor_path.set_raw_decode(false)?;
     assert!(!hf.raw_decode());
-    let prompts: Vec<Vec<u32>> = [
-        "Super Bowl 50 / The Broncos defeated the Panthers 24–10. // Who won?",
-        "How many NFL teams",
-    ]
-    .iter()
-    .map(|t| std::iter::once(1).chain(enc(&hf_tok, t)).collect())
-    .collect();
-    let input = gen_input(&prompts, 0)?;
-    let models = [&raw, &tensor_path, &hf];
-    let mut states = Vec::new();
-    let mut logits = Vec::new();
-    for m in models {
-        let mut st = m.start(&input)?;
-        logits.push(m.first_logits(&mut st)?);
-        states.push(st);
-    }
+    // Short prompts are prefilled on raw buffers, long ones (> 64 tokens) through the tensor path;
+    // decode steps are raw in both cases.
+    let long = "Super Bowl 50 was an American football game to determine the champion of the \
+        National Football League for the 2015 season. The American Football Conference champion \
+        Denver Broncos defeated the National Football Conference champion Carolina Panthers 24–10 \
+        to earn their third Super Bowl title. // Who won?";
     let mut checks = 0;
-    for step in 0..6 {
-        for other in 1..3 {
-            let d = max_rel_diff(&logits[0], &logits[other])?;
-            assert!(
-                d < 1e-4,
-                "step {step}: raw vs model {other} differ by {d:.2e}"
-            );
-            checks += 1;
+    for texts in [
+        [
+            "Super Bowl 50 / The Broncos defeated the Panthers 24–10. // Who won?",
+            "How many NFL teams",
+        ],
+        [long, "How many NFL teams"],
+    ] {
+        let prompts: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| std::iter::once(1).chain(enc(&hf_tok, t)).collect())
+            .collect();
+        let input = gen_input(&prompts, 0)?;
+        let models = [&raw, &tensor_path, &hf];
+        let mut states = Vec::new();
+        let mut logits = Vec::new();
+        for m in models {
+            let mut st = m.start(&input)?;
+            logits.push(m.first_logits(&mut st)?);
+            states.push(st);
         }
-        let toks: Vec<u32> = (0..prompts.len())
-            .map(|r| Ok(argmax(&logits[0].get(r)?.to_vec1::<f32>()?)))
-            .collect::<Result<_>>()?;
-        for (i, m) in models.iter().enumerate() {
-            logits[i] = m.step(&mut states[i], &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
+        for step in 0..6 {
+            for other in 1..3 {
+                let d = max_rel_diff(&logits[0], &logits[other])?;
+                assert!(
+                    d < 1e-4,
+                    "prompt len {} step {step}: raw vs model {other} differ by {d:.2e}",
+                    prompts[0].len()
+                );
+                checks += 1;
+            }
+            let toks: Vec<u32> = (0..prompts.len())
+                .map(|r| Ok(argmax(&logits[0].get(r)?.to_vec1::<f32>()?)))
+                .collect::<Result<_>>()?;
+            for (i, m) in models.iter().enumerate() {
+                logits[i] = m.step(&mut states[i], &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
+            }
         }
+        eprintln!(
+            "fixture raw path: prompt lengths {:?}",
+            prompts.iter().map(|p| p.len()).collect::<Vec<_>>()
+        );
     }
-    assert_eq!(checks, 12);
+    assert_eq!(checks, 24);
     Ok(())
 }

@@ -11,8 +11,12 @@ use super::{DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Longest prompt (tokens per row) prefilled on raw buffers by [`GgufWeights::Native`] models.
+const RAW_PREFILL_MAX_LEN: usize = 64;
 
 /// Rotary embedding frequency scaling (HF `rope_scaling` / `rope_parameters`).
 #[derive(Clone, Debug, PartialEq)]
@@ -859,7 +863,6 @@ impl Llama {
         let mut proj = vec![0f32; n * h];
         let mut gu = vec![0f32; n * 2 * ffn];
         let mut act = vec![0f32; n * ffn];
-        let mut scores = Vec::new();
         for (block, lc) in self.blocks.iter().zip(cache.iter_mut()) {
             let (Projections::Stacked { w: qkv_m, .. }, Projections::Stacked { w: gu_m, .. }) =
                 (&block.attn.qkv, &block.mlp.gate_up)
@@ -914,46 +917,48 @@ impl Llama {
                     None => append(dst, &[]),
                 }
             }
-            // Grouped-query attention: query head `head` reads kv head `head / n_rep`.
-            for r in 0..b {
-                for i in 0..len {
-                    let visible =
-                        |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
-                    let qrow = (r * len + i) * qkv_w;
-                    for head in 0..nh {
-                        let q = &qkv[qrow + head * hd..qrow + (head + 1) * hd];
-                        let base = (r * nkv + head / n_rep) * t * hd;
-                        scores.clear();
-                        scores.extend((0..t).map(|j| {
-                            if visible(j) {
-                                quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        }));
-                        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                        let out = &mut att[(r * len + i) * qd + head * hd..][..hd];
-                        out.fill(0.0);
-                        if max == f32::NEG_INFINITY {
-                            // A padding query that sees no key: its output is never used.
-                            continue;
+            // Grouped-query attention: query head `head` reads kv head `head / n_rep`. One task per
+            // (query, head), on the pool when there is enough work.
+            let attend = |(idx, out): (usize, &mut [f32])| {
+                let (qi, head) = (idx / nh, idx % nh);
+                let (r, i) = (qi / len, qi % len);
+                let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
+                let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
+                let base = (r * nkv + head / n_rep) * t * hd;
+                let mut scores: Vec<f32> = (0..t)
+                    .map(|j| {
+                        if visible(j) {
+                            quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
+                        } else {
+                            f32::NEG_INFINITY
                         }
-                        let mut sum = 0f32;
-                        for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        for (j, &p) in scores.iter().enumerate() {
-                            if p != 0.0 {
-                                let p = p / sum;
-                                let v = &vc[base + j * hd..base + (j + 1) * hd];
-                                for (o, &v) in out.iter_mut().zip(v) {
-                                    *o += p * v;
-                                }
-                            }
+                    })
+                    .collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                out.fill(0.0);
+                if max == f32::NEG_INFINITY {
+                    // A padding query that sees no key: its output is never used.
+                    return;
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (j, &p) in scores.iter().enumerate() {
+                    if p != 0.0 {
+                        let p = p / sum;
+                        let v = &vc[base + j * hd..base + (j + 1) * hd];
+                        for (o, &v) in out.iter_mut().zip(v) {
+                            *o += p * v;
                         }
                     }
                 }
+            };
+            if n * nh * t * hd < 1 << 18 {
+                att.chunks_mut(hd).enumerate().for_each(attend);
+            } else {
+                att.par_chunks_mut(hd).enumerate().for_each(attend);
             }
             lc.self_kv = Some((
                 Tensor::from_vec(kc, (b, nkv, t, hd), &self.device)?,
@@ -1151,7 +1156,9 @@ impl Decoder for Llama {
         let l = left.first().map_or(0, |r| r.len());
         let key_mask = key_mask(&lens, l);
         let mut layers = vec![LayerCache::default(); self.blocks.len()];
-        let logits = if self.native_decode {
+        // Raw buffers for short prompts; long ones go through the tensor path, whose attention is a
+        // batched gemm (the raw path's attention is O(len^2) dot products).
+        let logits = if self.native_decode && l <= RAW_PREFILL_MAX_LEN {
             let toks: Vec<u32> = left.concat();
             let pos: Vec<u32> = positions(&lens, l).concat();
             let padded = lens.iter().any(|&n| n != l);
