@@ -810,7 +810,7 @@ impl Llama {
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (n_rep, qd, kvd, half) = (nh / nkv, nh * hd, nkv * hd, hd / 2);
-        if len == 0 || tokens.len() % len != 0 || positions.len() != tokens.len() {
+        if len == 0 || !tokens.len().is_multiple_of(len) || positions.len() != tokens.len() {
             bail!(
                 "llama: {} tokens and {} positions for rows of {len}",
                 tokens.len(),
