@@ -6,12 +6,17 @@
 //! (`position = index among the row's real tokens`), so every row computes what it would alone.
 
 use super::gguf::GgufFile;
+use super::quant::{self, QMatrix};
 use super::{DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Longest prompt (tokens per row) prefilled on raw buffers by [`GgufWeights::Native`] models.
+const RAW_PREFILL_MAX_LEN: usize = 64;
 
 /// Rotary embedding frequency scaling (HF `rope_scaling` / `rope_parameters`).
 #[derive(Clone, Debug, PartialEq)]
@@ -33,10 +38,15 @@ pub enum RopeScaling {
 /// How GGUF weights are held in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GgufWeights {
-    /// The file's quantized types, except Q4_1/Q5_0/Q5_1, which are re-quantized to Q8_0 at load:
-    /// candle 0.11's CPU kernels for those types are scalar while Q8_0 has an AVX2 kernel. Q8_0 of a
-    /// Q4_1 value adds an error ~8x smaller than Q4_1's own quantization step (measured in tests).
+    /// Q4_1 and Q8_0 stay as stored and run through this crate's own kernels ([`super::quant`]: AVX2
+    /// when available, as llama.cpp), Q5_0/Q5_1 are re-quantized to Q8_0, other types go through
+    /// candle. Prefill and decode steps then run on raw buffers (no per-op tensor overhead).
     #[default]
+    Native,
+    /// candle's `QMatMul` with the file's quantized types, except Q4_1/Q5_0/Q5_1, which are
+    /// re-quantized to Q8_0 at load: candle 0.11's CPU kernels for those types are scalar while Q8_0
+    /// has an AVX2 kernel. Q8_0 of a Q4_1 value adds an error ~8x smaller than Q4_1's own
+    /// quantization step (measured in tests).
     Fast,
     /// Exactly the quantized types stored in the file.
     AsStored,
@@ -353,17 +363,78 @@ impl RmsNorm {
     }
 }
 
+/// A linear layer without bias: candle's matmul (f32 or quantized) or a native quantized one.
+enum Linear {
+    Candle(QMatMul),
+    Native(QMatrix),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Candle(m) => m.forward(x),
+            Linear::Native(m) => m.forward(x),
+        }
+    }
+
+    fn native(&self) -> Option<&QMatrix> {
+        match self {
+            Linear::Native(m) => Some(m),
+            Linear::Candle(_) => None,
+        }
+    }
+}
+
+/// Linear maps that read the same input (q/k/v; gate/up): separate, or stacked into one native
+/// matrix (one pass over the input, one parallel dispatch) whose output is split by `sizes`.
+enum Projections {
+    Separate(Vec<Linear>),
+    Stacked { w: QMatrix, sizes: Vec<usize> },
+}
+
+impl Projections {
+    /// Stack native matrices of one type; anything else stays separate.
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let natives: Option<Vec<&QMatrix>> = parts.iter().map(Linear::native).collect();
+        if let Some(n) = natives {
+            if n.iter().all(|m| m.dtype() == n[0].dtype()) {
+                return Ok(Projections::Stacked {
+                    sizes: n.iter().map(|m| m.rows()).collect(),
+                    w: QMatrix::concat_rows(&n)?,
+                });
+            }
+        }
+        Ok(Projections::Separate(parts))
+    }
+
+    /// One output per projection, `[.., out_i]`.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(ps) => ps.iter().map(|p| Ok(p.forward(x)?)).collect(),
+            Projections::Stacked { w, sizes } => {
+                let y = w.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(D::Minus1, start, n)?.contiguous()?);
+                    start += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 struct Attention {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    /// q, k, v.
+    qkv: Projections,
+    o: Linear,
 }
 
 struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// gate, up.
+    gate_up: Projections,
+    down: Linear,
 }
 
 struct Block {
@@ -387,8 +458,11 @@ pub struct Llama {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     inv_freq: Tensor,
+    /// Every matmul is native (stacked projections): prefill and decode steps take
+    /// [`Llama::run_native`].
+    native_decode: bool,
     rope_layout: RopeLayout,
     special: SpecialIds,
     device: Device,
@@ -397,24 +471,37 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Load from a GGUF file; matmul weights stay quantized ([`GgufWeights::Fast`]).
+    /// Load from a GGUF file; matmul weights stay quantized ([`GgufWeights::default`]).
     pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Self> {
-        Self::from_gguf_with(g, device, GgufWeights::Fast)
+        Self::from_gguf_with(g, device, GgufWeights::default())
     }
 
     /// Load from a GGUF file, holding the weights as `mode` says.
     pub fn from_gguf_with(g: &GgufFile, device: &Device, mode: GgufWeights) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
-        let to_qmm = |t: Arc<QTensor>, name: &str| -> Result<QMatMul> {
+        let native_ok = device.is_cpu();
+        let to_qmm = |t: Arc<QTensor>, name: &str| -> Result<Linear> {
             use candle_core::quantized::GgmlDType as T;
             let ctx = || format!("{}: converting tensor `{name}`", g.path.display());
+            let requant = |t: &QTensor| -> Result<QTensor> {
+                let w = t.dequantize(device).with_context(ctx)?;
+                QTensor::quantize(&w, T::Q8_0).with_context(ctx)
+            };
+            let native = |t: &QTensor| -> Result<Linear> {
+                Ok(Linear::Native(
+                    QMatrix::from_qtensor(t, name).with_context(ctx)?,
+                ))
+            };
             Ok(match (mode, t.dtype()) {
-                (GgufWeights::F32, _) => QMatMul::Tensor(t.dequantize(device).with_context(ctx)?),
-                (GgufWeights::Fast, T::Q4_1 | T::Q5_0 | T::Q5_1) => {
-                    let w = t.dequantize(device).with_context(ctx)?;
-                    QMatMul::from_qtensor(QTensor::quantize(&w, T::Q8_0).with_context(ctx)?)?
+                (GgufWeights::F32, _) => {
+                    Linear::Candle(QMatMul::Tensor(t.dequantize(device).with_context(ctx)?))
                 }
-                _ => QMatMul::from_arc(t)?,
+                (GgufWeights::Native, T::Q4_1 | T::Q8_0 | T::F32) if native_ok => native(&t)?,
+                (GgufWeights::Native, T::Q5_0 | T::Q5_1) if native_ok => native(&requant(&t)?)?,
+                (GgufWeights::Fast | GgufWeights::Native, T::Q4_1 | T::Q5_0 | T::Q5_1) => {
+                    Linear::Candle(QMatMul::from_qtensor(requant(&t)?)?)
+                }
+                _ => Linear::Candle(QMatMul::from_arc(t)?),
             })
         };
         let (h, kv, hd) = (
@@ -422,7 +509,7 @@ impl Llama {
             cfg.num_kv_heads * cfg.head_dim,
             cfg.head_dim * cfg.num_heads,
         );
-        let qmm = |name: &str, shape: &[usize]| -> Result<QMatMul> {
+        let qmm = |name: &str, shape: &[usize]| -> Result<Linear> {
             to_qmm(Arc::new(g.tensor(name, shape, device)?), name)
         };
         let norm = |name: &str| -> Result<RmsNorm> {
@@ -445,15 +532,19 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: norm(&p("attn_norm"))?,
                 attn: Attention {
-                    q: qmm(&p("attn_q"), &[hd, h])?,
-                    k: qmm(&p("attn_k"), &[kv, h])?,
-                    v: qmm(&p("attn_v"), &[kv, h])?,
+                    qkv: Projections::new(vec![
+                        qmm(&p("attn_q"), &[hd, h])?,
+                        qmm(&p("attn_k"), &[kv, h])?,
+                        qmm(&p("attn_v"), &[kv, h])?,
+                    ])?,
                     o: qmm(&p("attn_output"), &[h, hd])?,
                 },
                 mlp_norm: norm(&p("ffn_norm"))?,
                 mlp: Mlp {
-                    gate: qmm(&p("ffn_gate"), &[cfg.intermediate_size, h])?,
-                    up: qmm(&p("ffn_up"), &[cfg.intermediate_size, h])?,
+                    gate_up: Projections::new(vec![
+                        qmm(&p("ffn_gate"), &[cfg.intermediate_size, h])?,
+                        qmm(&p("ffn_up"), &[cfg.intermediate_size, h])?,
+                    ])?,
                     down: qmm(&p("ffn_down"), &[h, cfg.intermediate_size])?,
                 },
             });
@@ -488,8 +579,10 @@ impl Llama {
             })
         };
         let lin =
-            |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<QMatMul> {
-                Ok(QMatMul::Tensor(vb.pp(name).get((out, inp), "weight")?))
+            |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<Linear> {
+                Ok(Linear::Candle(QMatMul::Tensor(
+                    vb.pp(name).get((out, inp), "weight")?,
+                )))
             };
         let vbm = vb.pp("model");
         let embed = vbm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
@@ -501,22 +594,26 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: rms(l.pp("input_layernorm"))?,
                 attn: Attention {
-                    q: lin(&a, "q_proj", hd, h)?,
-                    k: lin(&a, "k_proj", kv, h)?,
-                    v: lin(&a, "v_proj", kv, h)?,
+                    qkv: Projections::Separate(vec![
+                        lin(&a, "q_proj", hd, h)?,
+                        lin(&a, "k_proj", kv, h)?,
+                        lin(&a, "v_proj", kv, h)?,
+                    ]),
                     o: lin(&a, "o_proj", h, hd)?,
                 },
                 mlp_norm: rms(l.pp("post_attention_layernorm"))?,
                 mlp: Mlp {
-                    gate: lin(&m, "gate_proj", cfg.intermediate_size, h)?,
-                    up: lin(&m, "up_proj", cfg.intermediate_size, h)?,
+                    gate_up: Projections::Separate(vec![
+                        lin(&m, "gate_proj", cfg.intermediate_size, h)?,
+                        lin(&m, "up_proj", cfg.intermediate_size, h)?,
+                    ]),
                     down: lin(&m, "down_proj", h, cfg.intermediate_size)?,
                 },
             });
         }
         let norm = rms(vbm.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            QMatMul::Tensor(embed.clone())
+            Linear::Candle(QMatMul::Tensor(embed.clone()))
         } else {
             lin(&vb, "lm_head", cfg.vocab_size, h)?
         };
@@ -538,7 +635,7 @@ impl Llama {
         embed: Tensor,
         blocks: Vec<Block>,
         norm: RmsNorm,
-        lm_head: QMatMul,
+        lm_head: Linear,
         rope_layout: RopeLayout,
         device: &Device,
         source: PathBuf,
@@ -556,18 +653,49 @@ impl Llama {
             forced_bos: None,
             forced_eos: None,
         };
-        Ok(Self {
+        let mut m = Self {
             config,
             embed,
             blocks,
             norm,
             lm_head,
             inv_freq,
+            native_decode: false,
             rope_layout,
             special,
             device: device.clone(),
             source,
-        })
+        };
+        m.native_decode = m.native_decode_ok();
+        Ok(m)
+    }
+
+    /// Whether prefill and decode steps run on raw buffers ([`GgufWeights::Native`] on CPU).
+    pub fn raw_decode(&self) -> bool {
+        self.native_decode
+    }
+
+    /// Turn the raw-buffer path off (`false`: prefill and steps run through the tensor path, as for
+    /// the other weight modes) to compare the two. Turning it on only works where [`Llama::raw_decode`]
+    /// was true at load.
+    pub fn set_raw_decode(&mut self, on: bool) -> Result<()> {
+        if on && !self.native_decode_ok() {
+            bail!("llama: raw decode needs native weights on CPU (GgufWeights::Native)");
+        }
+        self.native_decode = on;
+        Ok(())
+    }
+
+    fn native_decode_ok(&self) -> bool {
+        self.device.is_cpu()
+            && self.embed.dtype() == DType::F32
+            && self.lm_head.native().is_some()
+            && self.blocks.iter().all(|b| {
+                matches!(b.attn.qkv, Projections::Stacked { ref sizes, .. } if sizes.len() == 3)
+                    && matches!(b.mlp.gate_up, Projections::Stacked { ref sizes, .. } if sizes.len() == 2)
+                    && b.attn.o.native().is_some()
+                    && b.mlp.down.native().is_some()
+            })
     }
 
     /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32.
@@ -616,21 +744,14 @@ impl Llama {
             let residual = &x;
             let hs = block.attn_norm.forward(&x)?;
             let a = &block.attn;
-            let q =
-                a.q.forward(&hs)?
-                    .reshape((b, l, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-            let k =
-                a.k.forward(&hs)?
-                    .reshape((b, l, nkv, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-            let v =
-                a.v.forward(&hs)?
-                    .reshape((b, l, nkv, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
+            let [q, k, v]: [Tensor; 3] = a
+                .qkv
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("llama: q/k/v projections are not three"))?;
+            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = self.rope(&q, &cos, &sin)?;
             let k = self.rope(&k, &cos, &sin)?;
             let (k, v) = match &layer_cache.self_kv {
@@ -660,10 +781,216 @@ impl Llama {
             let residual = &x;
             let hs = block.mlp_norm.forward(&x)?;
             let m = &block.mlp;
-            let gated = (m.gate.forward(&hs)?.silu()? * m.up.forward(&hs)?)?;
+            let [gate, up]: [Tensor; 2] = m
+                .gate_up
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("llama: gate/up projections are not two"))?;
+            let gated = (gate.silu()? * up)?;
             x = (residual + m.down.forward(&gated)?)?;
         }
         Ok(self.norm.forward(&x)?)
+    }
+
+    /// The transformer on raw buffers (requires [`Llama::raw_decode`]) for `tokens: [rows, len]`
+    /// (row-major) at `positions: [rows, len]`: query `i` of a row (absolute column `past + i`) sees
+    /// key `j` when `j <= past + i` and `key_mask[r][j] == 1` (`None`: no padding; the mask covers
+    /// past and new tokens). Appends to `cache` (`[rows, kv_heads, t, head_dim]` per layer, the same
+    /// layout as [`Llama::run`]) and returns the next-token logits of each row's last position
+    /// `[rows, vocab]`. Same math as `run` + `last_logits`, without ~25 tensor ops per layer.
+    fn run_native(
+        &self,
+        tokens: &[u32],
+        len: usize,
+        positions: &[u32],
+        key_mask: Option<&[Vec<u32>]>,
+        cache: &mut [LayerCache],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (n_rep, qd, kvd, half) = (nh / nkv, nh * hd, nkv * hd, hd / 2);
+        if len == 0 || !tokens.len().is_multiple_of(len) || positions.len() != tokens.len() {
+            bail!(
+                "llama: {} tokens and {} positions for rows of {len}",
+                tokens.len(),
+                positions.len()
+            );
+        }
+        let (b, n) = (tokens.len() / len, tokens.len());
+        let qkv_w = qd + 2 * kvd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut x = vec![0f32; n * h];
+        with_f32(&self.embed, |e| -> Result<()> {
+            for (r, &t) in tokens.iter().enumerate() {
+                let t = t as usize;
+                if t >= cfg.vocab_size {
+                    bail!("llama: token id {t} >= vocab size {}", cfg.vocab_size);
+                }
+                x[r * h..(r + 1) * h].copy_from_slice(&e[t * h..(t + 1) * h]);
+            }
+            Ok(())
+        })??;
+        // cos/sin [rows * len, head_dim / 2], computed as `rotary` does (f32 position * frequency).
+        let inv = self.config.inv_freq();
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for (r, &p) in positions.iter().enumerate() {
+            for (i, f) in inv.iter().enumerate() {
+                let a = p as f32 * f;
+                cos[r * half + i] = a.cos();
+                sin[r * half + i] = a.sin();
+            }
+        }
+        let rope = |v: &mut [f32], r: usize| {
+            let (c, s) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
+            for i in 0..half {
+                let (a, z) = match self.rope_layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + half),
+                };
+                let (x0, x1) = (v[a], v[z]);
+                v[a] = x0 * c[i] - x1 * s[i];
+                v[z] = x0 * s[i] + x1 * c[i];
+            }
+        };
+        let mut xn = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * qkv_w];
+        let mut att = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * h];
+        let mut gu = vec![0f32; n * 2 * ffn];
+        let mut act = vec![0f32; n * ffn];
+        for (block, lc) in self.blocks.iter().zip(cache.iter_mut()) {
+            let (Projections::Stacked { w: qkv_m, .. }, Projections::Stacked { w: gu_m, .. }) =
+                (&block.attn.qkv, &block.mlp.gate_up)
+            else {
+                bail!("llama run_native: projections are not stacked");
+            };
+            let (Some(o_m), Some(down_m)) = (block.attn.o.native(), block.mlp.down.native()) else {
+                bail!("llama run_native: o/down projections are not native");
+            };
+            rms_norm_rows(&x, &block.attn_norm, &mut xn)?;
+            qkv_m.matmul_into(&xn, n, &mut qkv)?;
+            for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                    rope(head, r);
+                }
+            }
+            // Append the new k/v to the cache: [rows, kv_heads, t, head_dim].
+            let past = match &lc.self_kv {
+                Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
+                None => None,
+            };
+            let t_past = match &past {
+                Some((k, _)) => k.dim(2)?,
+                None => 0,
+            };
+            let t = t_past + len;
+            if let Some(m) = key_mask {
+                if m.len() != b || m.iter().any(|row| row.len() != t) {
+                    bail!("llama: key mask is not [{b}, {t}]");
+                }
+            }
+            let mut kc = Vec::with_capacity(b * nkv * t * hd);
+            let mut vc = Vec::with_capacity(b * nkv * t * hd);
+            for (dst, off, old) in [
+                (&mut kc, qd, past.as_ref().map(|p| &p.0)),
+                (&mut vc, qd + kvd, past.as_ref().map(|p| &p.1)),
+            ] {
+                let append = |dst: &mut Vec<f32>, old: &[f32]| {
+                    for r in 0..b {
+                        for j in 0..nkv {
+                            let o = (r * nkv + j) * t_past * hd;
+                            dst.extend_from_slice(&old[o..o + t_past * hd]);
+                            for i in 0..len {
+                                let s = (r * len + i) * qkv_w + off + j * hd;
+                                dst.extend_from_slice(&qkv[s..s + hd]);
+                            }
+                        }
+                    }
+                };
+                match old {
+                    Some(old) => with_f32(old, |o| append(dst, o))?,
+                    None => append(dst, &[]),
+                }
+            }
+            // Grouped-query attention: query head `head` reads kv head `head / n_rep`. One task per
+            // (query, head), on the pool when there is enough work.
+            let attend = |(idx, out): (usize, &mut [f32])| {
+                let (qi, head) = (idx / nh, idx % nh);
+                let (r, i) = (qi / len, qi % len);
+                let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
+                let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
+                let base = (r * nkv + head / n_rep) * t * hd;
+                let mut scores: Vec<f32> = (0..t)
+                    .map(|j| {
+                        if visible(j) {
+                            quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                out.fill(0.0);
+                if max == f32::NEG_INFINITY {
+                    // A padding query that sees no key: its output is never used.
+                    return;
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (j, &p) in scores.iter().enumerate() {
+                    if p != 0.0 {
+                        let p = p / sum;
+                        let v = &vc[base + j * hd..base + (j + 1) * hd];
+                        for (o, &v) in out.iter_mut().zip(v) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            };
+            if n * nh * t * hd < 1 << 18 {
+                att.chunks_mut(hd).enumerate().for_each(attend);
+            } else {
+                att.par_chunks_mut(hd).enumerate().for_each(attend);
+            }
+            lc.self_kv = Some((
+                Tensor::from_vec(kc, (b, nkv, t, hd), &self.device)?,
+                Tensor::from_vec(vc, (b, nkv, t, hd), &self.device)?,
+            ));
+            o_m.matmul_into(&att, n, &mut proj)?;
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            rms_norm_rows(&x, &block.mlp_norm, &mut xn)?;
+            gu_m.matmul_into(&xn, n, &mut gu)?;
+            for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
+                let (gate, up) = g.split_at(ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            down_m.matmul_into(&act, n, &mut proj)?;
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+        // Final norm and logits of each row's last position only.
+        let last: Vec<f32> = x
+            .chunks_exact(len * h)
+            .flat_map(|row| row[(len - 1) * h..].iter().copied())
+            .collect();
+        let mut last_n = vec![0f32; b * h];
+        rms_norm_rows(&last, &self.norm, &mut last_n)?;
+        let head = self
+            .lm_head
+            .native()
+            .context("llama run_native: lm_head is not native")?;
+        let mut logits = vec![0f32; b * head.rows()];
+        head.matmul_into(&last_n, b, &mut logits)?;
+        Ok(Tensor::from_vec(logits, (b, head.rows()), &self.device)?)
     }
 
     /// Additive mask `[rows, 1, q_len, past + q_len]`: query i (absolute column past + i) sees key j
@@ -755,6 +1082,32 @@ impl Llama {
     }
 }
 
+/// Run `f` on the f32 data of a contiguous CPU tensor (no copy).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .context("llama: expected a contiguous tensor")?;
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Ok(f(&v[start..end])),
+        _ => bail!("llama: expected an f32 CPU tensor"),
+    }
+}
+
+/// RMSNorm of each `[hidden]` row of `x` into `out` (as candle's `rms_norm`).
+fn rms_norm_rows(x: &[f32], norm: &RmsNorm, out: &mut [f32]) -> Result<()> {
+    with_f32(&norm.weight, |w| {
+        let h = w.len();
+        for (xs, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let sum2: f32 = xs.iter().map(|v| v * v).sum();
+            let m = (sum2 / h as f32 + norm.eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(xs).zip(w) {
+                *o = v / m * w;
+            }
+        }
+    })
+}
+
 /// Re-lay right-padded rows (`mask` 1 = token) as left-padded rows; returns them and the real lengths.
 fn left_pad(ids: &Tensor, mask: &Tensor, pad: u32) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
     let ids = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
@@ -802,16 +1155,26 @@ impl Decoder for Llama {
         let (left, lens) = left_pad(&input.input_ids, &input.attention_mask, self.special.pad)?;
         let l = left.first().map_or(0, |r| r.len());
         let key_mask = key_mask(&lens, l);
-        let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
-        let pos = crate::tokenize::ids_tensor(&positions(&lens, l), &self.device)?;
-        let mask = if l == 1 {
-            None
-        } else {
-            Some(Self::additive_mask(&key_mask, l, &self.device)?)
-        };
         let mut layers = vec![LayerCache::default(); self.blocks.len()];
-        let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
-        let logits = self.last_logits(&hidden)?;
+        // Raw buffers for short prompts; long ones go through the tensor path, whose attention is a
+        // batched gemm (the raw path's attention is O(len^2) dot products).
+        let logits = if self.native_decode && l <= RAW_PREFILL_MAX_LEN {
+            let toks: Vec<u32> = left.concat();
+            let pos: Vec<u32> = positions(&lens, l).concat();
+            let padded = lens.iter().any(|&n| n != l);
+            let mask = padded.then_some(key_mask.as_slice());
+            rayon::scope(|_| self.run_native(&toks, l, &pos, mask, &mut layers))?
+        } else {
+            let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
+            let pos = crate::tokenize::ids_tensor(&positions(&lens, l), &self.device)?;
+            let mask = if l == 1 {
+                None
+            } else {
+                Some(Self::additive_mask(&key_mask, l, &self.device)?)
+            };
+            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
+            self.last_logits(&hidden)?
+        };
         let next: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
         Ok(DecodeState {
             layers,
@@ -842,15 +1205,25 @@ impl Decoder for Llama {
         // Without padding every key is visible to the single query: no mask needed.
         let key_mask = new_mask.to_vec2::<u32>()?;
         let padded = key_mask.iter().flatten().any(|&m| m == 0);
-        let mask = if padded {
+        let mask = if padded && !self.native_decode {
             Some(Self::additive_mask(&key_mask, 1, &self.device)?)
         } else {
             None
         };
-        let ids = tokens.to_dtype(DType::U32)?.reshape((rows, 1))?;
-        let pos = next.reshape((rows, 1))?;
-        let hidden = self.run(&ids, &pos, mask.as_ref(), &mut state.layers)?;
-        let logits = self.last_logits(&hidden)?;
+        let logits = if self.native_decode {
+            let toks = tokens.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let pos = next.to_vec1::<u32>()?;
+            let mask = padded.then_some(key_mask.as_slice());
+            // On a pool thread, so that the matmuls' parallel splits are stolen by the other workers
+            // instead of waking this thread after each one.
+            let layers = &mut state.layers;
+            rayon::scope(|_| self.run_native(&toks, 1, &pos, mask, layers))?
+        } else {
+            let ids = tokens.to_dtype(DType::U32)?.reshape((rows, 1))?;
+            let pos = next.reshape((rows, 1))?;
+            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut state.layers)?;
+            self.last_logits(&hidden)?
+        };
         state.past_mask = Some(new_mask);
         state.next_position = Some((next + next.ones_like()?)?);
         state.steps += 1;

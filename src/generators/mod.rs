@@ -10,6 +10,7 @@ pub mod auto;
 pub mod bart;
 pub mod gguf;
 pub mod llama;
+pub mod quant;
 pub mod t5;
 
 use anyhow::Result;

@@ -13,7 +13,7 @@ use std::time::Instant;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DecodeBench {
     pub model: String,
-    /// How the weights were held (`Fast`, `AsStored`, `F32`).
+    /// How the weights were held (`Native`, `Fast`, `AsStored`, `F32`).
     pub weights: String,
     /// Worker threads available to the matmuls (rayon pool).
     pub threads: usize,
@@ -30,7 +30,7 @@ pub struct DecodeBench {
 }
 
 /// Load `gguf`, prefill `prompt` (encoded without special tokens) and greedily decode `n_tokens`,
-/// with the default weight handling ([`GgufWeights::Fast`]).
+/// with the default weight handling ([`GgufWeights::default`], i.e. `Native`).
 pub fn bench_decode(gguf: &Path, prompt: &str, n_tokens: usize) -> Result<DecodeBench> {
     bench_decode_with(gguf, prompt, n_tokens, GgufWeights::default())
 }
@@ -115,13 +115,31 @@ pub struct Args {
     /// Timed repetitions (best is reported, both sides).
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
+    /// How rustrag holds the GGUF weights: native (own Q4_1/Q8_0 kernels, the default), fast
+    /// (candle, Q4_1 re-quantized to Q8_0), as-stored (candle), f32.
+    #[arg(long, default_value = "native", value_parser = parse_weights)]
+    pub weights: GgufWeights,
+}
+
+fn parse_weights(s: &str) -> Result<GgufWeights, String> {
+    Ok(match s {
+        "native" => GgufWeights::Native,
+        "fast" => GgufWeights::Fast,
+        "as-stored" => GgufWeights::AsStored,
+        "f32" => GgufWeights::F32,
+        other => {
+            return Err(format!(
+                "unknown weights mode `{other}` (native, fast, as-stored, f32)"
+            ))
+        }
+    })
 }
 
 /// Run rustrag and llama.cpp (llama-cpp-python) on the same GGUF, prompt and token count.
 pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
     let mut best: Option<DecodeBench> = None;
     for _ in 0..args.repeats.max(1) {
-        let b = bench_decode(&args.gguf, &args.prompt, args.tokens)?;
+        let b = bench_decode_with(&args.gguf, &args.prompt, args.tokens, args.weights)?;
         if best.as_ref().is_none_or(|x| b.decode_s < x.decode_s) {
             best = Some(b);
         }
