@@ -595,22 +595,44 @@ mod fused {
         }
     }
 
-    /// Run `f` compiled for AVX2 + FMA when the CPU has them (the element-wise loops then
-    /// vectorise 8 wide), else as built.
-    #[inline(always)]
-    fn simd<R>(f: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-                f()
+    /// `fn $name(args)` that runs the `#[inline(always)]` kernel `$body(args)` compiled for
+    /// AVX2 + FMA when the CPU has them (its loops then vectorise 8 wide), else as built. The body
+    /// must be a named function: a closure is not reliably inlined into the AVX2 copy.
+    macro_rules! avx2_dispatch {
+        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+            $(#[$doc])*
+            fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        // SAFETY: the features were just detected.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                $body($($arg),*)
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { avx2(f) };
+        };
+    }
+
+    /// `o = gelu_erf(x + b)` for `c`-wide rows, `c = b.len()`.
+    #[inline(always)]
+    fn gelu_rows_body(o: &mut [f32], x: &[f32], b: &[f32]) {
+        let c = b.len();
+        for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
+            for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
+                let v = x + b;
+                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
             }
         }
-        f()
+    }
+
+    avx2_dispatch! {
+        /// [`gelu_rows_body`], vectorised where possible.
+        fn gelu_rows(o: &mut [f32], x: &[f32], b: &[f32]) => gelu_rows_body
     }
 
     const ROWS_PER_TASK: usize = 16;
@@ -623,16 +645,7 @@ mod fused {
             with_f32(x, |x| {
                 out.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
-                    .for_each(|(o, x)| {
-                        simd(|| {
-                            for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
-                                for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
-                                    let v = x + b;
-                                    *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                                }
-                            }
-                        })
-                    })
+                    .for_each(|(o, x)| gelu_rows(o, x, b))
             })
         })??;
         Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
@@ -658,9 +671,7 @@ mod fused {
                             out.par_chunks_mut(c)
                                 .zip(x.par_chunks(c))
                                 .zip(r.par_chunks(c))
-                                .for_each(|((o, x), r)| {
-                                    simd(|| layer_norm_row(o, x, r, b, g, be, eps))
-                                })
+                                .for_each(|((o, x), r)| layer_norm_row(o, x, r, b, g, be, eps))
                         })
                     })
                 })
@@ -669,9 +680,22 @@ mod fused {
         Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
     }
 
+    avx2_dispatch! {
+        /// [`layer_norm_row_body`], vectorised where possible.
+        fn layer_norm_row(
+            o: &mut [f32],
+            x: &[f32],
+            r: &[f32],
+            b: &[f32],
+            g: &[f32],
+            be: &[f32],
+            eps: f32,
+        ) => layer_norm_row_body
+    }
+
     /// `o = LayerNorm(x + b + r)` for one row (two-pass mean/variance).
     #[inline(always)]
-    fn layer_norm_row(
+    fn layer_norm_row_body(
         o: &mut [f32],
         x: &[f32],
         r: &[f32],
@@ -690,6 +714,25 @@ mod fused {
         for ((o, g), be) in o.iter_mut().zip(g).zip(be) {
             *o = (*o - mean) * inv * g + be;
         }
+    }
+
+    /// `o[t] = (src[t * stride..][..dh] + bias) * scale` for the `o.len() / dh` rows of `o`,
+    /// `dh = bias.len()`: one head's columns gathered from the fused projection rows.
+    #[inline(always)]
+    fn bias_scale_rows_body(o: &mut [f32], src: &[f32], stride: usize, bias: &[f32], scale: f32) {
+        let dh = bias.len();
+        for (t, o) in o.chunks_mut(dh).enumerate() {
+            let row = &src[t * stride..][..dh];
+            for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
+                *o = (x + bv) * scale;
+            }
+        }
+    }
+
+    avx2_dispatch! {
+        /// [`bias_scale_rows_body`], vectorised where possible.
+        fn bias_scale_rows(o: &mut [f32], src: &[f32], stride: usize, bias: &[f32], scale: f32)
+            => bias_scale_rows_body
     }
 
     /// Split fused projections `qkv: [b * l, 3 * h]` (+ `bias: [3 * h]`) into `q * scale`, `k`, `v`,
@@ -714,14 +757,7 @@ mod fused {
                         let (bi, hd) = (bh / heads, bh % heads);
                         let col = which * h + hd * dh;
                         let bias = &bias[col..col + dh];
-                        simd(|| {
-                            for (t, o) in o.chunks_mut(dh).enumerate() {
-                                let row = &src[(bi * l + t) * h3 + col..][..dh];
-                                for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
-                                    *o = (x + bv) * s;
-                                }
-                            }
-                        })
+                        bias_scale_rows(o, &src[bi * l * h3 + col..], h3, bias, s)
                     });
                 }
             })
@@ -766,25 +802,17 @@ mod fused {
         row.iter_mut().for_each(|x| *x *= inv);
     }
 
-    /// [`masked_softmax_row`] over every `l`-wide row of `scores`, compiled for AVX2 + FMA when
-    /// the CPU has them.
-    fn masked_softmax_rows(scores: &mut [f32], l: usize, keep: &[u32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(scores: &mut [f32], l: usize, keep: &[u32]) {
-                for row in scores.chunks_mut(l) {
-                    masked_softmax_row(row, keep);
-                }
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { avx2(scores, l, keep) };
-            }
-        }
+    /// [`masked_softmax_row`] over every `l`-wide row of `scores`.
+    #[inline(always)]
+    fn masked_softmax_rows_body(scores: &mut [f32], l: usize, keep: &[u32]) {
         for row in scores.chunks_mut(l) {
             masked_softmax_row(row, keep);
         }
+    }
+
+    avx2_dispatch! {
+        /// [`masked_softmax_rows_body`], vectorised where possible.
+        fn masked_softmax_rows(scores: &mut [f32], l: usize, keep: &[u32]) => masked_softmax_rows_body
     }
 
     /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
