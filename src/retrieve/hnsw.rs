@@ -94,11 +94,6 @@ trait Links: Sync {
     fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>);
 }
 
-/// Plain inner product (intra-batch scores during construction).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 /// What a search walks: links over vectors.
 struct Walk<'a, L> {
     links: &'a L,
@@ -340,9 +335,9 @@ impl HnswIndex {
                         for layer in (0..=level).rev() {
                             walk.beam(q, cur, p.ef_construction, layer, scratch, &mut found);
                             cur = found[0];
-                            for (j, &other) in batch[..i].iter().enumerate() {
+                            for &other in &batch[..i] {
                                 if levels[other as usize] as usize >= layer {
-                                    found.push(Scored(dot(q, &rows[j]), other));
+                                    found.push(Scored(vecs.score(q, other), other));
                                 }
                             }
                             found.sort_unstable_by(|a, b| b.cmp(a));
