@@ -151,22 +151,11 @@ impl Retriever for InMemoryIndex {
             data: &self.embeddings,
             dim: self.dim,
         };
-        Ok(exact_search(&rows, &q, k)?
-            .into_iter()
-            .map(|top| Hits {
-                doc_ids: top.iter().map(|&(i, _)| i as u64).collect(),
-                scores: top.iter().map(|&(_, s)| s).collect(),
-                passages: top
-                    .iter()
-                    .map(|&(i, _)| self.passages[i as usize].clone())
-                    .collect(),
-                embeddings: Some(
-                    top.iter()
-                        .map(|&(i, _)| self.embedding(i as usize).to_vec())
-                        .collect(),
-                ),
-            })
-            .collect())
+        let embedding = |row: usize| self.embedding(row).to_vec();
+        exact_search(&rows, &q, k)?
+            .iter()
+            .map(|top| Hits::from_rows(top, |row| Ok(self.passages[row].clone()), Some(&embedding)))
+            .collect()
     }
 
     fn len(&self) -> usize {

@@ -324,26 +324,16 @@ impl Retriever for DenseRetriever {
     ) -> Result<Vec<Hits>> {
         let q = self.query_matrix(queries, query_embeddings)?;
         let found = self.search(&q, k)?;
+        let embedding = |row: usize| self.kb.embeddings().row(row);
         found
-            .into_iter()
+            .iter()
             .map(|hits| {
-                let mut h = Hits {
-                    doc_ids: vec![],
-                    scores: vec![],
-                    passages: vec![],
-                    embeddings: None,
-                };
-                let mut embs = Vec::new();
-                for (row, score) in hits {
-                    h.doc_ids.push(row as u64);
-                    h.scores.push(score);
-                    h.passages.push(self.kb.passage(row as usize)?);
-                    if self.return_embeddings {
-                        embs.push(self.kb.embeddings().row(row as usize));
-                    }
-                }
-                h.embeddings = self.return_embeddings.then_some(embs);
-                Ok(h)
+                Hits::from_rows(
+                    hits,
+                    |row| self.kb.passage(row),
+                    self.return_embeddings
+                        .then_some(&embedding as &dyn Fn(usize) -> Vec<f32>),
+                )
             })
             .collect()
     }

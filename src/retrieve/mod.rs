@@ -36,6 +36,26 @@ pub struct Hits {
     pub embeddings: Option<Vec<Vec<f32>>>,
 }
 
+impl Hits {
+    /// Hits from `(row, score)` pairs (best first), with each row's passage and, when `embedding`
+    /// is given, its embedding.
+    pub fn from_rows(
+        found: &[(u32, f32)],
+        passage: impl Fn(usize) -> Result<Passage>,
+        embedding: Option<&dyn Fn(usize) -> Vec<f32>>,
+    ) -> Result<Self> {
+        Ok(Self {
+            doc_ids: found.iter().map(|&(row, _)| row as u64).collect(),
+            scores: found.iter().map(|&(_, score)| score).collect(),
+            passages: found
+                .iter()
+                .map(|&(row, _)| passage(row as usize))
+                .collect::<Result<_>>()?,
+            embeddings: embedding.map(|e| found.iter().map(|&(row, _)| e(row as usize)).collect()),
+        })
+    }
+}
+
 /// A batched retriever.
 pub trait Retriever: Send + Sync {
     /// Top-`k` hits per query. `queries`: `[batch]` texts; `query_embeddings`: `[batch, dim]` f32 when the
