@@ -474,10 +474,8 @@ fn write_fixture_gguf(
     Ok(())
 }
 
-/// The GGUF path (interleaved rotary, metadata config, tokenizer from metadata) computes what the HF
-/// safetensors path computes, on the parity fixture's tiny Llama converted as llama.cpp would.
-#[test]
-fn gguf_conversion_of_fixture_matches_hf_safetensors() -> Result<()> {
+/// The parity fixture's tiny HF Llama: its directory, the model (safetensors path) and tokenizer.
+fn fixture_llama() -> Result<(PathBuf, Llama, TextTokenizer)> {
     let hf_dir = parity_dir().join("decoder-only").join("model");
     assert!(
         hf_dir.is_dir(),
@@ -486,6 +484,14 @@ fn gguf_conversion_of_fixture_matches_hf_safetensors() -> Result<()> {
     );
     let hf = Llama::from_hf_dir(&hf_dir, &Device::Cpu)?;
     let hf_tok = rustrag::tokenize::load_tokenizer(&hf_dir)?;
+    Ok((hf_dir, hf, hf_tok))
+}
+
+/// The GGUF path (interleaved rotary, metadata config, tokenizer from metadata) computes what the HF
+/// safetensors path computes, on the parity fixture's tiny Llama converted as llama.cpp would.
+#[test]
+fn gguf_conversion_of_fixture_matches_hf_safetensors() -> Result<()> {
+    let (hf_dir, hf, hf_tok) = fixture_llama()?;
     let dir = tempfile::tempdir()?;
     let texts = [
         "Super Bowl 50 / The Broncos defeated the Panthers 24–10. // Who won Super Bowl 50?",
@@ -804,14 +810,7 @@ fn raw_decode_step_matches_tensor_path() -> Result<()> {
 /// batch equal both the tensor path and the HF safetensors model to 1e-4.
 #[test]
 fn raw_decode_of_fixture_matches_hf_and_tensor_path() -> Result<()> {
-    let hf_dir = parity_dir().join("decoder-only").join("model");
-    assert!(
-        hf_dir.is_dir(),
-        "parity fixture missing: {} (set RUSTRAG_PARITY_DIR)",
-        hf_dir.display()
-    );
-    let hf = Llama::from_hf_dir(&hf_dir, &Device::Cpu)?;
-    let hf_tok = rustrag::tokenize::load_tokenizer(&hf_dir)?;
+    let (hf_dir, hf, hf_tok) = fixture_llama()?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("tiny-F32.gguf");
     write_fixture_gguf(&hf_dir, &path, candle_core::quantized::GgmlDType::F32)?;
