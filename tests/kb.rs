@@ -9,6 +9,7 @@ use rustrag::encoders::{EncoderFingerprint, TextEncoder};
 use rustrag::kb::ingest::{read_corpus, IngestOptions};
 use rustrag::kb::{self, BuildOptions, EmbeddingDtype, HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::{exact_search, DenseRetriever};
+use rustrag::retrieve::quantized::QuantizedRows;
 use rustrag::retrieve::{Passage, Retriever};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -312,39 +313,51 @@ fn exact_search_matches_brute_force_f32_and_f16() {
         // The reference scores the stored (possibly f16-rounded) vectors.
         let mut stored = Vec::new();
         kb.embeddings().rows_f32_into(0, n, &mut stored);
-        let got = exact_search(kb.embeddings(), &queries, 10).unwrap();
-        assert_eq!(got.len(), nq);
-        for (qi, q) in queries.chunks(dim).enumerate() {
-            let want = naive_top(&stored, q, dim, 10);
-            let got_rows: Vec<u32> = got[qi].iter().map(|h| h.0).collect();
-            let want_rows: Vec<u32> = want.iter().map(|h| h.0).collect();
-            for (g, w) in got[qi].iter().zip(&want) {
-                assert!(
-                    (g.1 - w.1).abs() <= 1e-4 * w.1.abs().max(1.0),
-                    "{dtype:?} query {qi}: {g:?} vs {w:?}"
-                );
+        // Both exact searches: the f32 scan, and the quantised pass with f32 survivors.
+        let quantized = QuantizedRows::build(kb.embeddings());
+        let searches: [(
+            &str,
+            &dyn Fn(&[f32], usize) -> anyhow::Result<Vec<Vec<(u32, f32)>>>,
+        ); 2] = [
+            ("f32 scan", &|q, k| exact_search(kb.embeddings(), q, k)),
+            ("quantised", &|q, k| quantized.search(kb.embeddings(), q, k)),
+        ];
+        for (name, search) in searches {
+            let got = search(&queries, 10).unwrap();
+            assert_eq!(got.len(), nq);
+            for (qi, q) in queries.chunks(dim).enumerate() {
+                let want = naive_top(&stored, q, dim, 10);
+                let got_rows: Vec<u32> = got[qi].iter().map(|h| h.0).collect();
+                let want_rows: Vec<u32> = want.iter().map(|h| h.0).collect();
+                for (g, w) in got[qi].iter().zip(&want) {
+                    assert!(
+                        (g.1 - w.1).abs() <= 1e-4 * w.1.abs().max(1.0),
+                        "{name} {dtype:?} query {qi}: {g:?} vs {w:?}"
+                    );
+                }
+                // Ranks can swap only between (numerically) tied scores.
+                if got_rows != want_rows {
+                    let gs: Vec<f32> = got[qi].iter().map(|h| h.1).collect();
+                    let ws: Vec<f32> = want.iter().map(|h| h.1).collect();
+                    assert!(
+                        gs.iter().zip(&ws).all(|(a, b)| (a - b).abs() < 1e-4),
+                        "{name} {dtype:?} query {qi}: {got_rows:?} vs {want_rows:?}"
+                    );
+                }
             }
-            // Ranks can swap only between (numerically) tied scores.
-            if got_rows != want_rows {
-                let gs: Vec<f32> = got[qi].iter().map(|h| h.1).collect();
-                let ws: Vec<f32> = want.iter().map(|h| h.1).collect();
-                assert!(
-                    gs.iter().zip(&ws).all(|(a, b)| (a - b).abs() < 1e-4),
-                    "{dtype:?} query {qi}: {got_rows:?} vs {want_rows:?}"
-                );
-            }
+            // Duplicate rows 3 and 9 tie: the lower row ranks first.
+            let q3 = stored[3 * dim..4 * dim].to_vec();
+            let hits = search(&q3, 2).unwrap();
+            assert_eq!(
+                hits[0].iter().map(|h| h.0).collect::<Vec<_>>(),
+                [3, 9],
+                "{name}"
+            );
+            // k larger than the KB, k = 0.
+            assert_eq!(search(&q3, n + 5).unwrap()[0].len(), n, "{name}");
+            assert!(search(&q3, 0).unwrap()[0].is_empty(), "{name}");
+            assert!(search(&q3[..dim - 1], 1).is_err(), "{name}");
         }
-        // Duplicate rows 3 and 9 tie: the lower row ranks first.
-        let q3 = stored[3 * dim..4 * dim].to_vec();
-        let hits = exact_search(kb.embeddings(), &q3, 2).unwrap();
-        assert_eq!(hits[0].iter().map(|h| h.0).collect::<Vec<_>>(), [3, 9]);
-        // k larger than the KB, k = 0.
-        assert_eq!(
-            exact_search(kb.embeddings(), &q3, n + 5).unwrap()[0].len(),
-            n
-        );
-        assert!(exact_search(kb.embeddings(), &q3, 0).unwrap()[0].is_empty());
-        assert!(exact_search(kb.embeddings(), &q3[..dim - 1], 1).is_err());
     }
 }
 

@@ -1,8 +1,11 @@
-//! Dense retrieval: exact inner-product search over the memory-mapped embedding matrix (blocked
-//! GEMM on SIMD kernels, doc blocks spread over threads, per-query top-k heaps) or HNSW, behind
-//! [`DenseRetriever`].
+//! Dense retrieval behind [`DenseRetriever`]: exact inner-product search over the memory-mapped
+//! embedding matrix, or HNSW. Exact search runs on the KB's quantised copy
+//! ([`super::quantized::QuantizedRows`]: integer pass, f32 for the survivors); [`exact_search`] is
+//! the plain f32 scan (blocked GEMM, doc blocks spread over threads, per-query top-k heaps) that it
+//! must equal, and what small in-memory indexes use.
 
 use super::hnsw::HnswIndex;
+use super::quantized::QuantizedRows;
 use super::scored::{Scored, Worst};
 use super::{Hits, Retriever};
 use crate::encoders::TextEncoder;
@@ -11,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Most docs per block.
 const DOC_BLOCK: usize = 2048;
@@ -229,6 +232,8 @@ pub struct DenseRetriever {
     kb: Arc<KnowledgeBase>,
     encoder: Option<Arc<dyn TextEncoder>>,
     hnsw: Option<HnswIndex>,
+    /// The integer copy exact search scans, built on the first exact search.
+    quantized: OnceLock<QuantizedRows>,
     mode: SearchMode,
     /// Return the `[k][dim]` passage embeddings with the hits (RAG needs them).
     pub return_embeddings: bool,
@@ -264,6 +269,7 @@ impl DenseRetriever {
             kb,
             encoder,
             hnsw,
+            quantized: OnceLock::new(),
             mode,
             return_embeddings: true,
         })
@@ -284,7 +290,21 @@ impl DenseRetriever {
                 h.set_ef_search(ef_search.max(k));
                 h.search(self.kb.embeddings(), queries, k)
             }
-            _ => exact_search(self.kb.embeddings(), queries, k),
+            _ => {
+                let m = self.kb.embeddings();
+                let quantized = self.quantized.get_or_init(|| {
+                    let t = std::time::Instant::now();
+                    let q = QuantizedRows::build(m);
+                    tracing::info!(
+                        "quantised {} embeddings for exact search in {:.2}s ({} MB)",
+                        q.rows(),
+                        t.elapsed().as_secs_f64(),
+                        q.memory_usage() >> 20
+                    );
+                    q
+                });
+                quantized.search(m, queries, k)
+            }
         }
     }
 

@@ -7,6 +7,7 @@ pub mod dense;
 pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
+pub mod quantized;
 mod scored;
 pub(crate) mod simd;
 

@@ -97,6 +97,26 @@ impl<'a> RowScorer<'a> {
     }
 }
 
+/// `a · b` over `min(len)` elements.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_simd() {
+        // SAFETY: `has_simd` checked avx2 and fma.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// AVX2 (integer lanes) is available.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn has_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
