@@ -232,7 +232,7 @@ pub struct DenseRetriever {
     kb: Arc<KnowledgeBase>,
     encoder: Option<Arc<dyn TextEncoder>>,
     hnsw: Option<HnswIndex>,
-    /// The integer copy exact search scans, built on the first exact search.
+    /// The integer copy that exact search scans and HNSW walks, built on the first search.
     quantized: OnceLock<QuantizedRows>,
     mode: SearchMode,
     /// Return the `[k][dim]` passage embeddings with the hits (RAG needs them).
@@ -288,24 +288,25 @@ impl DenseRetriever {
         match (&self.hnsw, self.mode) {
             (Some(h), SearchMode::Hnsw { ef_search }) => {
                 h.set_ef_search(ef_search.max(k));
-                h.search(self.kb.embeddings(), queries, k)
+                h.search(self.kb.embeddings(), Some(self.quantized()), queries, k)
             }
-            _ => {
-                let m = self.kb.embeddings();
-                let quantized = self.quantized.get_or_init(|| {
-                    let t = std::time::Instant::now();
-                    let q = QuantizedRows::build(m);
-                    tracing::info!(
-                        "quantised {} embeddings for exact search in {:.2}s ({} MB)",
-                        q.rows(),
-                        t.elapsed().as_secs_f64(),
-                        q.memory_usage() >> 20
-                    );
-                    q
-                });
-                quantized.search(m, queries, k)
-            }
+            _ => self.quantized().search(self.kb.embeddings(), queries, k),
         }
+    }
+
+    /// The KB's integer copy (built on first use: a few ms per 10k rows).
+    fn quantized(&self) -> &QuantizedRows {
+        self.quantized.get_or_init(|| {
+            let t = std::time::Instant::now();
+            let q = QuantizedRows::build(self.kb.embeddings());
+            tracing::info!(
+                "quantised {} embeddings in {:.2}s ({} MB)",
+                q.rows(),
+                t.elapsed().as_secs_f64(),
+                q.memory_usage() >> 20
+            );
+            q
+        })
     }
 
     fn query_matrix(

@@ -11,6 +11,7 @@
 //!
 //! Scores are inner products (higher is better) throughout.
 
+use super::quantized::{QuantizedRows, Query as QuantizedQuery};
 use super::scored::{Scored, Worst};
 use super::simd::RowScorer;
 use crate::kb::{EmbeddingMatrix, HnswParams};
@@ -43,19 +44,49 @@ impl<'a> Vectors<'a> {
         }
     }
 
+    fn row_into(&self, row: u32, out: &mut Vec<f32>) {
+        let r = row as usize;
+        self.matrix.rows_f32_into(r, r + 1, out);
+    }
+}
+
+/// What a walk scores queries with: f32 rows, or the quantised copy's integer estimates.
+trait Scorer: Sync {
+    type Query: ?Sized;
+    fn score(&self, q: &Self::Query, row: u32) -> f32;
+    fn score4(&self, q: &Self::Query, rows: [u32; 4]) -> [f32; 4];
+    fn prefetch(&self, row: u32);
+}
+
+impl Scorer for Vectors<'_> {
+    type Query = [f32];
     #[inline]
     fn score(&self, q: &[f32], row: u32) -> f32 {
         self.scorer.score(q, row as usize)
     }
-
+    #[inline]
+    fn score4(&self, q: &[f32], rows: [u32; 4]) -> [f32; 4] {
+        self.scorer.score4(q, rows.map(|r| r as usize))
+    }
     #[inline]
     fn prefetch(&self, row: u32) {
         self.scorer.prefetch(row as usize);
     }
+}
 
-    fn row_into(&self, row: u32, out: &mut Vec<f32>) {
-        let r = row as usize;
-        self.matrix.rows_f32_into(r, r + 1, out);
+impl Scorer for QuantizedRows {
+    type Query = QuantizedQuery;
+    #[inline]
+    fn score(&self, q: &QuantizedQuery, row: u32) -> f32 {
+        self.estimate(q, row as usize)
+    }
+    #[inline]
+    fn score4(&self, q: &QuantizedQuery, rows: [u32; 4]) -> [f32; 4] {
+        self.estimate4(q, rows.map(|r| r as usize))
+    }
+    #[inline]
+    fn prefetch(&self, row: u32) {
+        QuantizedRows::prefetch(self, row as usize);
     }
 }
 
@@ -94,15 +125,15 @@ trait Links: Sync {
     fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>);
 }
 
-/// What a search walks: links over vectors.
-struct Walk<'a, L> {
+/// What a search walks: links over scored vectors.
+struct Walk<'a, L, S> {
     links: &'a L,
-    vecs: &'a Vectors<'a>,
+    vecs: &'a S,
 }
 
-impl<L: Links> Walk<'_, L> {
+impl<L: Links, S: Scorer> Walk<'_, L, S> {
     /// Greedy descent (beam of 1) from `entry` on `layer`.
-    fn greedy(&self, q: &[f32], mut entry: Scored, layer: usize, buf: &mut Vec<u32>) -> Scored {
+    fn greedy(&self, q: &S::Query, mut entry: Scored, layer: usize, buf: &mut Vec<u32>) -> Scored {
         let (links, vecs) = (self.links, self.vecs);
         loop {
             let mut improved = false;
@@ -123,7 +154,7 @@ impl<L: Links> Walk<'_, L> {
     /// Beam search with `ef` candidates on `layer` from `entry`; the results, best first, in `out`.
     fn beam(
         &self,
-        q: &[f32],
+        q: &S::Query,
         entry: Scored,
         ef: usize,
         layer: usize,
@@ -166,7 +197,7 @@ impl<L: Links> Walk<'_, L> {
             let mut quads = links_buf.chunks_exact(4);
             for e in &mut quads {
                 let e = [e[0], e[1], e[2], e[3]];
-                let scores = vecs.scorer.score4(q, e.map(|e| e as usize));
+                let scores = vecs.score4(q, e);
                 for (score, e) in scores.into_iter().zip(e) {
                     consider(Scored(score, e));
                 }
@@ -394,10 +425,14 @@ impl HnswIndex {
     }
 
     /// Top-`k` `(row, inner product)` per query, best first; `queries`: `[nq, dim]` row-major.
-    /// `matrix` must be the matrix the graph was built over.
+    /// `matrix` must be the matrix the graph was built over. With `quantized` (a copy of that
+    /// matrix), the walk scores the integer codes (half the bytes, twice the products per
+    /// instruction) and the `ef` rows it ends with are re-scored in f32, so the returned scores are
+    /// exact inner products.
     pub fn search(
         &self,
         matrix: &EmbeddingMatrix,
+        quantized: Option<&QuantizedRows>,
         queries: &[f32],
         k: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
@@ -411,6 +446,10 @@ impl HnswIndex {
             matrix.dim()
         );
         ensure!(
+            quantized.is_none_or(|q| q.rows() == g.n),
+            "the quantised copy does not match the HNSW graph"
+        );
+        ensure!(
             queries.len().is_multiple_of(g.dim),
             "query batch of {} floats is not a multiple of dim {}",
             queries.len(),
@@ -418,24 +457,45 @@ impl HnswIndex {
         );
         let ef = self.ef_search.load(AtomicOrdering::Relaxed).max(k);
         let vecs = Vectors::new(matrix);
-        let walk = Walk {
-            links: g,
-            vecs: &vecs,
-        };
         Ok(queries
             .par_chunks(g.dim)
             .map_init(
                 || (Scratch::new(g.n), Vec::new()),
                 |(scratch, found), q| {
-                    let mut cur = Scored(vecs.score(q, g.entry), g.entry);
-                    for layer in (1..=g.max_level).rev() {
-                        cur = walk.greedy(q, cur, layer, &mut scratch.links);
+                    match quantized {
+                        Some(codes) => {
+                            let qc = codes.quantize_query(q);
+                            self.walk(codes, &qc, ef, scratch, found);
+                            // Exact scores for the beam's rows, then the best k of those.
+                            for s in found.iter_mut() {
+                                s.0 = vecs.score(q, s.1);
+                            }
+                            found.sort_unstable_by(|a, b| b.cmp(a));
+                        }
+                        None => self.walk(&vecs, q, ef, scratch, found),
                     }
-                    walk.beam(q, cur, ef, 0, scratch, found);
                     found.iter().take(k).map(|s| (s.1, s.0)).collect()
                 },
             )
             .collect())
+    }
+
+    /// Descend the upper layers greedily, then beam-search layer 0; the best `ef` in `found`.
+    fn walk<S: Scorer>(
+        &self,
+        vecs: &S,
+        q: &S::Query,
+        ef: usize,
+        scratch: &mut Scratch,
+        found: &mut Vec<Scored>,
+    ) {
+        let g = &self.graph;
+        let walk = Walk { links: g, vecs };
+        let mut cur = Scored(vecs.score(q, g.entry), g.entry);
+        for layer in (1..=g.max_level).rev() {
+            cur = walk.greedy(q, cur, layer, &mut scratch.links);
+        }
+        walk.beam(q, cur, ef, 0, scratch, found);
     }
 
     /// Write the graph (atomically with the KB generation that holds it: the caller's temp dir).
@@ -735,24 +795,34 @@ mod tests {
             let m = matrix(dir.path(), &data, dim, dtype);
             let exact = crate::retrieve::dense::exact_search(&m, &queries, 10).unwrap();
             let index = HnswIndex::build(&m, &params(100)).unwrap();
-            let got = index.search(&m, &queries, 10).unwrap();
-            let hits: usize = got
-                .iter()
-                .zip(&exact)
-                .map(|(g, e)| g.iter().filter(|h| e.iter().any(|x| x.0 == h.0)).count())
-                .sum();
-            let recall = hits as f64 / (10 * 200) as f64;
-            assert!(recall >= 0.95, "{dtype:?}: recall@10 {recall}");
-            // Scores are the inner products, best first.
-            for (row, score) in &got[0] {
-                let want: f32 = queries[..dim]
+            let codes = QuantizedRows::build(&m);
+            // The walk on f32 rows and on the quantised codes.
+            for quantized in [None, Some(&codes)] {
+                let got = index.search(&m, quantized, &queries, 10).unwrap();
+                let hits: usize = got
                     .iter()
-                    .zip(&m.row(*row as usize))
-                    .map(|(a, b)| a * b)
+                    .zip(&exact)
+                    .map(|(g, e)| g.iter().filter(|h| e.iter().any(|x| x.0 == h.0)).count())
                     .sum();
-                assert!((score - want).abs() < 1e-4, "score {score} vs {want}");
+                let recall = hits as f64 / (10 * 200) as f64;
+                let codes = quantized.is_some();
+                assert!(
+                    recall >= 0.95,
+                    "{dtype:?} codes {codes}: recall@10 {recall}"
+                );
+                // Scores are the inner products, best first.
+                for (hits, q) in got.iter().zip(queries.chunks(dim)) {
+                    for (row, score) in hits {
+                        let want: f32 = q
+                            .iter()
+                            .zip(&m.row(*row as usize))
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        assert!((score - want).abs() < 1e-4, "score {score} vs {want}");
+                    }
+                    assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1));
+                }
             }
-            assert!(got[0].windows(2).all(|w| w[0].1 >= w[1].1));
         }
     }
 
@@ -782,11 +852,11 @@ mod tests {
         let back = HnswIndex::open(&p1, &m, 32).unwrap();
         let q = &data[..4 * dim];
         assert_eq!(
-            back.search(&m, q, 5).unwrap(),
-            one.search(&m, q, 5).unwrap()
+            back.search(&m, None, q, 5).unwrap(),
+            one.search(&m, None, q, 5).unwrap()
         );
         // Each query is a stored vector: it finds itself first.
-        for (i, hits) in back.search(&m, q, 5).unwrap().iter().enumerate() {
+        for (i, hits) in back.search(&m, None, q, 5).unwrap().iter().enumerate() {
             assert_eq!(hits[0].0 as usize, i);
         }
     }

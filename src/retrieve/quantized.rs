@@ -33,6 +33,7 @@ fn code_limit(dim: usize) -> i32 {
 /// The integer copy of a row matrix: `[rows, stride]` codes and per-row scales, plus the largest
 /// residual `‖d − d̃‖` and quantised norm `‖d̃‖` over all rows (for the bound).
 pub struct QuantizedRows {
+    simd: bool,
     dim: usize,
     stride: usize,
     limit: i32,
@@ -43,7 +44,7 @@ pub struct QuantizedRows {
 }
 
 /// One query's codes, scale and pruning margin `2ε`.
-struct Query {
+pub(crate) struct Query {
     codes: Codes,
     scale: f32,
     margin: f32,
@@ -75,6 +76,7 @@ impl QuantizedRows {
                 }
             });
         Self {
+            simd: simd::has_avx2(),
             dim,
             stride,
             limit,
@@ -162,7 +164,74 @@ impl QuantizedRows {
             .collect())
     }
 
-    fn quantize_query(&self, q: &[f32]) -> Query {
+    /// Integer estimates of `q · row` for graph search (off by at most half the query's margin).
+    #[inline]
+    pub(crate) fn estimate(&self, q: &Query, row: usize) -> f32 {
+        let d = &self.codes.as_ref()[row * self.stride..(row + 1) * self.stride];
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: AVX2 checked at build; the code row is `stride` long and 32-byte aligned.
+            let dot = unsafe { x86::dot(q.codes.as_ref().as_ptr(), d.as_ptr(), self.stride) };
+            return q.scale * self.scale[row] * dot as f32;
+        }
+        let dot: i32 = q
+            .codes
+            .as_ref()
+            .iter()
+            .zip(d)
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum();
+        q.scale * self.scale[row] * dot as f32
+    }
+
+    /// [`Self::estimate`] for four rows at once.
+    #[inline]
+    pub(crate) fn estimate4(&self, q: &Query, rows: [usize; 4]) -> [f32; 4] {
+        let d = rows.map(|r| &self.codes.as_ref()[r * self.stride..(r + 1) * self.stride]);
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: AVX2 checked at build; every code row is `stride` long and 32-byte aligned.
+            let dots = unsafe {
+                x86::dots_1x4(
+                    q.codes.as_ref().as_ptr(),
+                    d.map(|d| d.as_ptr()),
+                    self.stride,
+                )
+            };
+            return std::array::from_fn(|j| q.scale * self.scale[rows[j]] * dots[j] as f32);
+        }
+        std::array::from_fn(|j| {
+            let dot: i32 = q
+                .codes
+                .as_ref()
+                .iter()
+                .zip(d[j])
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum();
+            q.scale * self.scale[rows[j]] * dot as f32
+        })
+    }
+
+    /// Hint the CPU to start loading `row`'s codes.
+    #[inline]
+    pub(crate) fn prefetch(&self, row: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.codes.as_ref()[row * self.stride..].as_ptr() as *const i8;
+            for line in (0..(2 * self.stride).min(256)).step_by(64) {
+                // SAFETY: prefetch never faults; the address is inside the row.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        p.add(line),
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = row;
+    }
+
+    pub(crate) fn quantize_query(&self, q: &[f32]) -> Query {
         let mut codes = Codes::zeroed(self.stride);
         let stats = quantize(q, self.limit, codes.as_mut());
         let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -193,7 +262,7 @@ impl QuantizedRows {
                 };
                 let mut rest = rows.start;
                 #[cfg(target_arch = "x86_64")]
-                if simd::has_avx2() {
+                if self.simd {
                     // SAFETY: AVX2 and FMA checked; the rows are inside the matrix.
                     rest = unsafe { x86::scan_pair(self, pair, floors, rows.clone(), &mut offer) };
                 }
@@ -323,9 +392,11 @@ fn quantize(x: &[f32], limit: i32, codes: &mut [i16]) -> RowStats {
         return RowStats::default();
     }
     let scale = max / limit as f32;
+    let inv = limit as f32 / max;
     let (mut residual, mut norm) = (0f32, 0f32);
+    // The bound uses the residual of the codes actually chosen, so rounding `v · inv` is safe.
     for (c, &v) in codes.iter_mut().zip(x) {
-        let q = (v / scale).round().clamp(-limit as f32, limit as f32);
+        let q = (v * inv).round().clamp(-limit as f32, limit as f32);
         *c = q as i16;
         residual += (v - q * scale).powi(2);
         norm += (q * scale).powi(2);
@@ -382,6 +453,55 @@ mod x86 {
             first += 4;
         }
         first
+    }
+
+    /// `Σ q[l] · d[l]` over `stride` (a multiple of 16; both 32-byte aligned).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot(q: *const i16, d: *const i16, stride: usize) -> i32 {
+        let mut acc = [_mm256_setzero_si256(); 2];
+        let mut i = 0;
+        while i + 32 <= stride {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let qv = _mm256_load_si256(q.add(i + 16 * j) as *const __m256i);
+                let dv = _mm256_load_si256(d.add(i + 16 * j) as *const __m256i);
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(qv, dv));
+            }
+            i += 32;
+        }
+        if i < stride {
+            let qv = _mm256_load_si256(q.add(i) as *const __m256i);
+            let dv = _mm256_load_si256(d.add(i) as *const __m256i);
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(qv, dv));
+        }
+        let v = _mm256_add_epi32(acc[0], acc[1]);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// `Σ q[l] · d[j][l]` over `stride` (a multiple of 16; all rows 32-byte aligned).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dots_1x4(q: *const i16, d: [*const i16; 4], stride: usize) -> [i32; 4] {
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut i = 0;
+        while i < stride {
+            let qv = _mm256_load_si256(q.add(i) as *const __m256i);
+            for (acc, d) in acc.iter_mut().zip(d) {
+                let dv = _mm256_load_si256(d.add(i) as *const __m256i);
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(qv, dv));
+            }
+            i += 16;
+        }
+        let h = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(acc[0], acc[1]),
+            _mm256_hadd_epi32(acc[2], acc[3]),
+        );
+        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let mut out = [0i32; 4];
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
+        out
     }
 
     /// `Σ q[i][l] · d[j][l]` over `stride` (a multiple of 16; all rows 32-byte aligned) for two

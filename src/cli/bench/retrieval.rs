@@ -73,7 +73,10 @@ struct SetResult {
     scan_qps: f64,
     scan_speedup_vs_faiss: f64,
     hnsw_build_seconds: f64,
+    /// The walk on the quantised codes (as the retriever searches), f32 re-scored at the end.
     hnsw_curve: Vec<Point>,
+    /// The walk on f32 rows.
+    hnsw_f32_curve: Vec<Point>,
     faiss: serde_json::Value,
     exact_speedup_vs_faiss: f64,
     /// Best QPS at recall@k >= 0.95 (ours, faiss) and their ratio.
@@ -224,26 +227,31 @@ fn bench_set(
     let t = Instant::now();
     let hnsw = HnswIndex::build(&matrix, &params)?;
     let build_s = t.elapsed().as_secs_f64();
-    let mut curve = Vec::new();
+    let (mut curve, mut f32_curve) = (Vec::new(), Vec::new());
     for &ef in &a.ef_search {
         hnsw.set_ef_search(ef.max(a.k));
-        hnsw.search(&matrix, &queries[..dim * nq.min(16)], a.k)?;
-        let (s, res) = best_of(a.repeats, || hnsw.search(&matrix, queries, a.k))?;
-        let hit: usize = res
-            .iter()
-            .zip(&gt)
-            .map(|(r, g)| {
-                r.iter()
-                    .filter(|(row, _)| g.iter().any(|(gr, _)| gr == row))
-                    .count()
+        // As the retriever searches (walk on the quantised codes), and the walk on f32 rows.
+        let run = |codes: Option<&QuantizedRows>| -> Result<Point> {
+            hnsw.search(&matrix, codes, warm, a.k)?;
+            let (s, res) = best_of(a.repeats, || hnsw.search(&matrix, codes, queries, a.k))?;
+            let hit: usize = res
+                .iter()
+                .zip(&gt)
+                .map(|(r, g)| {
+                    r.iter()
+                        .filter(|(row, _)| g.iter().any(|(gr, _)| gr == row))
+                        .count()
+                })
+                .sum();
+            Ok(Point {
+                ef_search: ef,
+                seconds: s,
+                qps: nq as f64 / s,
+                recall: hit as f64 / (nq * a.k) as f64,
             })
-            .sum();
-        curve.push(Point {
-            ef_search: ef,
-            seconds: s,
-            qps: nq as f64 / s,
-            recall: hit as f64 / (nq * a.k) as f64,
-        });
+        };
+        curve.push(run(Some(&quantized))?);
+        f32_curve.push(run(None)?);
     }
     // Files for the peer.
     let base_f = dir.path().join("base.f32");
@@ -311,6 +319,7 @@ fn bench_set(
         scan_speedup_vs_faiss: nq as f64 / scan_s / f_exact_qps,
         hnsw_build_seconds: build_s,
         hnsw_curve: curve,
+        hnsw_f32_curve: f32_curve,
         exact_speedup_vs_faiss: exact_qps / f_exact_qps,
         hnsw_qps_at_095: o95,
         faiss_hnsw_qps_at_095: f95,
@@ -420,18 +429,20 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
                 .unwrap_or(f64::NAN)
         );
         println!(
-            "  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}",
+            "  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}   (rustrag f32 walk: QPS  recall@{k})",
             k = a.k
         );
-        for (i, p) in r.hnsw_curve.iter().enumerate() {
+        for (i, (p, p32)) in r.hnsw_curve.iter().zip(&r.hnsw_f32_curve).enumerate() {
             let f = &r.faiss["hnsw"]["curve"][i];
             println!(
-                "  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}",
+                "  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}   {:>22.0}  {:>9.4}",
                 p.ef_search,
                 p.qps,
                 p.recall,
                 f["qps"].as_f64().unwrap_or(f64::NAN),
-                f["recall"].as_f64().unwrap_or(f64::NAN)
+                f["recall"].as_f64().unwrap_or(f64::NAN),
+                p32.qps,
+                p32.recall
             );
         }
         println!(
