@@ -289,6 +289,9 @@ fn passages(n: usize) -> Vec<Passage> {
         .collect()
 }
 
+/// An exact search over one knowledge base: `(queries, k)` -> top-k `(row, score)` per query.
+type Search<'a> = dyn Fn(&[f32], usize) -> anyhow::Result<Vec<Vec<(u32, f32)>>> + 'a;
+
 #[test]
 fn exact_search_matches_brute_force_f32_and_f16() {
     let (n, dim, nq) = (5000, 48, 300); // several doc blocks, two query tiles
@@ -315,10 +318,7 @@ fn exact_search_matches_brute_force_f32_and_f16() {
         kb.embeddings().rows_f32_into(0, n, &mut stored);
         // Both exact searches: the f32 scan, and the quantised pass with f32 survivors.
         let quantized = QuantizedRows::build(kb.embeddings());
-        let searches: [(
-            &str,
-            &dyn Fn(&[f32], usize) -> anyhow::Result<Vec<Vec<(u32, f32)>>>,
-        ); 2] = [
+        let searches: [(&str, &Search); 2] = [
             ("f32 scan", &|q, k| exact_search(kb.embeddings(), q, k)),
             ("quantised", &|q, k| quantized.search(kb.embeddings(), q, k)),
         ];
