@@ -167,21 +167,24 @@ impl QuantizedRows {
     /// Integer estimates of `q · row` for graph search (off by at most half the query's margin).
     #[inline]
     pub(crate) fn estimate(&self, q: &Query, row: usize) -> f32 {
+        q.scale * self.scale[row] * self.code_dot(q, row) as f32
+    }
+
+    /// `Σ q̃ᵢ · d̃ᵢ` over the integer codes of `q` and `row`.
+    #[inline]
+    fn code_dot(&self, q: &Query, row: usize) -> i32 {
         let d = &self.codes.as_ref()[row * self.stride..(row + 1) * self.stride];
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: AVX2 checked at build; the code row is `stride` long and 32-byte aligned.
-            let dot = unsafe { x86::dot(q.codes.as_ref().as_ptr(), d.as_ptr(), self.stride) };
-            return q.scale * self.scale[row] * dot as f32;
+            return unsafe { x86::dot(q.codes.as_ref().as_ptr(), d.as_ptr(), self.stride) };
         }
-        let dot: i32 = q
-            .codes
+        q.codes
             .as_ref()
             .iter()
             .zip(d)
             .map(|(&a, &b)| a as i32 * b as i32)
-            .sum();
-        q.scale * self.scale[row] * dot as f32
+            .sum()
     }
 
     /// [`Self::estimate`] for four rows at once.
@@ -267,16 +270,8 @@ impl QuantizedRows {
                     rest = unsafe { x86::scan_pair(self, pair, floors, rows.clone(), &mut offer) };
                 }
                 for r in rest..rows.end {
-                    let d = &self.codes.as_ref()[r * self.stride..(r + 1) * self.stride];
                     for (i, q) in pair.iter().enumerate() {
-                        let dot: i32 = q
-                            .codes
-                            .as_ref()
-                            .iter()
-                            .zip(d)
-                            .map(|(&a, &b)| a as i32 * b as i32)
-                            .sum();
-                        offer(i, self.scale[r] * dot as f32, r as u32);
+                        offer(i, self.scale[r] * self.code_dot(q, r) as f32, r as u32);
                     }
                 }
             }
