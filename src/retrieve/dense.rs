@@ -18,8 +18,9 @@ use std::sync::{Arc, OnceLock};
 
 /// Most docs per block.
 const DOC_BLOCK: usize = 2048;
-/// Queries scored together against one doc block (large: each block is packed once per tile).
-const QUERY_TILE: usize = 1024;
+/// Queries scored together against one doc block (large: each block is packed once per tile;
+/// 256 keeps the score buffer at 2 MB).
+const QUERY_TILE: usize = 256;
 
 /// The best `k` (score, row) pairs seen so far.
 #[derive(Clone)]
@@ -57,13 +58,14 @@ impl TopK {
         }
     }
 
-    /// Offer `scores[j]` for rows `first + j`. Chunks whose maximum is below the threshold are
-    /// skipped with one vectorisable max, so the heap is touched only for contenders.
+    /// Offer `scores[j]` for rows `first + j`. Chunks with no score at the threshold are
+    /// skipped with one vectorised comparison, so the heap is touched only for contenders.
     fn push_row(&mut self, scores: &[f32], first: usize) {
         const CHUNK: usize = 16;
         let mut threshold = self.threshold();
         for (c, chunk) in scores.chunks(CHUNK).enumerate() {
-            if chunk.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) < threshold {
+            // No short circuit, so the comparison vectorises.
+            if !chunk.iter().fold(false, |any, &s| any | (s >= threshold)) {
                 continue;
             }
             for (j, &s) in chunk.iter().enumerate() {
@@ -186,37 +188,40 @@ pub fn exact_search(
     if k == 0 {
         return Ok(vec![vec![]; nq]);
     }
-    // Equal blocks, a multiple of the thread count of them, so no thread idles at the end.
-    let threads = rayon::current_num_threads().max(1);
-    let blocks = n.div_ceil(DOC_BLOCK).next_multiple_of(threads).min(n);
-    let block = n.div_ceil(blocks);
-    let blocks = n.div_ceil(block);
-    for qtile in queries.chunks(QUERY_TILE * dim) {
-        let m = qtile.len() / dim;
-        let tops = (0..blocks)
-            .into_par_iter()
-            .fold(
-                || (vec![TopK::new(k); m], Vec::<f32>::new(), Vec::<f32>::new()),
-                |(mut tops, mut scores, mut conv), b| {
-                    let (start, end) = (b * block, ((b + 1) * block).min(n));
-                    let rows = end - start;
-                    let docs = matrix.block(start, end, &mut conv);
-                    scores.resize(m * rows, 0.0);
-                    scores_into(&mut scores, qtile, docs, m, rows, dim);
-                    for (qi, top) in tops.iter_mut().enumerate() {
-                        let row_scores = &scores[qi * rows..(qi + 1) * rows];
+    // One contiguous share of the rows per thread, so each thread keeps one top-k per query
+    // (its threshold rises across blocks) and reuses one score buffer.
+    let threads = rayon::current_num_threads().clamp(1, n);
+    let share = n.div_ceil(threads);
+    let partial: Vec<Vec<TopK>> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let (lo, hi) = (t * share, ((t + 1) * share).min(n));
+            let mut tops = vec![TopK::new(k); nq];
+            let mut scores = vec![0f32; QUERY_TILE.min(nq) * DOC_BLOCK.min(hi.saturating_sub(lo))];
+            let mut conv = Vec::new();
+            for start in (lo..hi).step_by(DOC_BLOCK) {
+                let end = (start + DOC_BLOCK).min(hi);
+                let rows = end - start;
+                let docs = matrix.block(start, end, &mut conv);
+                for (qtile, tops) in queries
+                    .chunks(QUERY_TILE * dim)
+                    .zip(tops.chunks_mut(QUERY_TILE))
+                {
+                    scores_into(&mut scores, qtile, docs, qtile.len() / dim, rows, dim);
+                    for (top, row_scores) in tops.iter_mut().zip(scores.chunks(rows)) {
                         top.push_row(row_scores, start);
                     }
-                    (tops, scores, conv)
-                },
-            )
-            .map(|(tops, _, _)| tops)
-            .reduce(
-                || vec![TopK::new(k); m],
-                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
-            );
-        out.extend(tops.into_iter().map(TopK::into_sorted));
-    }
+                }
+            }
+            tops
+        })
+        .collect();
+    let mut partial = partial.into_iter();
+    let first = partial.next().unwrap_or_else(|| vec![TopK::new(k); nq]);
+    let merged = partial.fold(first, |a, b| {
+        a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect()
+    });
+    out.extend(merged.into_iter().map(TopK::into_sorted));
     Ok(out)
 }
 
