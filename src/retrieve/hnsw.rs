@@ -119,10 +119,10 @@ impl Scratch {
     }
 }
 
-/// Where a search reads a node's links: the frozen graph, or the locked lists during construction.
+/// Where a search reads a node's links: the frozen graph, or the lists under construction.
 trait Links: Sync {
-    /// Copy the links of `node` on `layer` into `out`.
-    fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>);
+    /// The links of `node` on `layer`.
+    fn links(&self, node: u32, layer: usize) -> &[u32];
 }
 
 /// What a search walks: links over scored vectors.
@@ -133,12 +133,11 @@ struct Walk<'a, L, S> {
 
 impl<L: Links, S: Scorer> Walk<'_, L, S> {
     /// Greedy descent (beam of 1) from `entry` on `layer`.
-    fn greedy(&self, q: &S::Query, mut entry: Scored, layer: usize, buf: &mut Vec<u32>) -> Scored {
+    fn greedy(&self, q: &S::Query, mut entry: Scored, layer: usize) -> Scored {
         let (links, vecs) = (self.links, self.vecs);
         loop {
             let mut improved = false;
-            links.links_into(entry.1, layer, buf);
-            for &e in buf.iter() {
+            for &e in links.links(entry.1, layer) {
                 let s = Scored(vecs.score(q, e), e);
                 if s > entry {
                     entry = s;
@@ -174,16 +173,15 @@ impl<L: Links, S: Scorer> Walk<'_, L, S> {
             if s.results.len() >= ef && c < worst {
                 break;
             }
-            links.links_into(c.1, layer, &mut links_buf);
             // Unvisited neighbours only, their loads started before any is scored.
-            links_buf.retain(|&e| {
-                let fresh = s.visited[e as usize] != s.stamp;
-                if fresh {
+            links_buf.clear();
+            for &e in links.links(c.1, layer) {
+                if s.visited[e as usize] != s.stamp {
                     s.visited[e as usize] = s.stamp;
                     vecs.prefetch(e);
+                    links_buf.push(e);
                 }
-                fresh
-            });
+            }
             let mut consider = |cand: Scored| {
                 let worst = s.results.peek().expect("non-empty").0;
                 if s.results.len() < ef || cand > worst {
@@ -268,9 +266,8 @@ impl HnswGraph {
 
 impl Links for HnswGraph {
     #[inline]
-    fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
-        out.clear();
-        out.extend_from_slice(self.slot(node, layer));
+    fn links(&self, node: u32, layer: usize) -> &[u32] {
+        self.slot(node, layer)
     }
 }
 
@@ -281,11 +278,8 @@ struct Building {
 
 impl Links for Building {
     #[inline]
-    fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
-        out.clear();
-        if let Some(l) = self.nodes[node as usize].get(layer) {
-            out.extend_from_slice(l);
-        }
+    fn links(&self, node: u32, layer: usize) -> &[u32] {
+        self.nodes[node as usize].get(layer).map_or(&[], |l| l)
     }
 }
 
@@ -359,7 +353,7 @@ impl HnswIndex {
                         let level = levels[node as usize] as usize;
                         let mut cur = Scored(vecs.score(q, entry), entry);
                         for layer in (level + 1..=max_level).rev() {
-                            cur = walk.greedy(q, cur, layer, &mut scratch.links);
+                            cur = walk.greedy(q, cur, layer);
                         }
                         let mut per_layer = vec![Vec::new(); level + 1];
                         let mut found = Vec::new();
@@ -493,7 +487,7 @@ impl HnswIndex {
         let walk = Walk { links: g, vecs };
         let mut cur = Scored(vecs.score(q, g.entry), g.entry);
         for layer in (1..=g.max_level).rev() {
-            cur = walk.greedy(q, cur, layer, &mut scratch.links);
+            cur = walk.greedy(q, cur, layer);
         }
         walk.beam(q, cur, ef, 0, scratch, found);
     }
