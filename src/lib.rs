@@ -22,6 +22,8 @@ pub mod nn;
 pub mod progress;
 pub mod rag;
 pub mod retrieve;
+#[cfg(test)]
+mod testutil;
 pub mod tokenize;
 
 /// The device models run on: CUDA device 0 when built with `cuda` and available, else CPU.

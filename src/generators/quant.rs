@@ -810,19 +810,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::lcg;
     use candle_core::quantized::k_quants::{self, GgmlType};
-
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn quantized(w: &[f32], rows: usize, cols: usize, dtype: GgmlDType) -> QTensor {
         let t = Tensor::from_vec(w.to_vec(), (rows, cols), &Device::Cpu).unwrap();

@@ -532,15 +532,11 @@ mod tests {
     use super::*;
     use crate::retrieve::dense::{exact_search, F32Rows};
 
+    /// Values in `[-0.5, 0.5)`.
     fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
+        crate::testutil::lcg(seed, n)
+            .iter()
+            .map(|x| x / 2.0)
             .collect()
     }
 
