@@ -131,6 +131,7 @@ pub fn encoded_state(
             .into_iter()
             .map(|kv| LayerCache {
                 self_kv: None,
+                raw_kv: None,
                 cross_kv: Some(kv),
             })
             .collect(),
@@ -186,6 +187,7 @@ pub fn full_pass_inputs(
         .iter()
         .map(|l| LayerCache {
             self_kv: None,
+            raw_kv: None,
             cross_kv: l.cross_kv.clone(),
         })
         .collect();

@@ -7,7 +7,7 @@
 
 use super::gguf::GgufFile;
 use super::quant::{self, QMatrix};
-use super::{DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
+use super::{DecodeState, Decoder, GenInput, LayerCache, RawKv, SpecialIds};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -882,44 +882,40 @@ impl Llama {
                     rope(head, r);
                 }
             }
-            // Append the new k/v to the cache: [rows, kv_heads, t, head_dim].
-            let past = match &lc.self_kv {
-                Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
-                None => None,
+            // Append the new k/v in place: [rows, kv_heads, capacity, head_dim].
+            let mut kv = match (lc.raw_kv.take(), &lc.self_kv) {
+                (Some(kv), _) => kv,
+                (None, Some((k, v))) => RawKv::from_tensors(k, v)?,
+                (None, None) => RawKv::new(b, nkv, hd),
             };
-            let t_past = match &past {
-                Some((k, _)) => k.dim(2)?,
-                None => 0,
-            };
+            lc.self_kv = None;
+            if (kv.rows, kv.heads, kv.head_dim) != (b, nkv, hd) {
+                bail!(
+                    "llama: cache of {} rows x {} heads x {} for {b} rows x {nkv} x {hd}",
+                    kv.rows,
+                    kv.heads,
+                    kv.head_dim
+                );
+            }
+            let t_past = kv.len;
             let t = t_past + len;
             if let Some(m) = key_mask {
                 if m.len() != b || m.iter().any(|row| row.len() != t) {
                     bail!("llama: key mask is not [{b}, {t}]");
                 }
             }
-            let mut kc = Vec::with_capacity(b * nkv * t * hd);
-            let mut vc = Vec::with_capacity(b * nkv * t * hd);
-            for (dst, off, old) in [
-                (&mut kc, qd, past.as_ref().map(|p| &p.0)),
-                (&mut vc, qd + kvd, past.as_ref().map(|p| &p.1)),
-            ] {
-                let append = |dst: &mut Vec<f32>, old: &[f32]| {
-                    for r in 0..b {
-                        for j in 0..nkv {
-                            let o = (r * nkv + j) * t_past * hd;
-                            dst.extend_from_slice(&old[o..o + t_past * hd]);
-                            for i in 0..len {
-                                let s = (r * len + i) * qkv_w + off + j * hd;
-                                dst.extend_from_slice(&qkv[s..s + hd]);
-                            }
-                        }
+            kv.reserve(len);
+            for r in 0..b {
+                for j in 0..nkv {
+                    for i in 0..len {
+                        let (s, o) = ((r * len + i) * qkv_w + j * hd, kv.offset(r, j, t_past + i));
+                        kv.k[o..o + hd].copy_from_slice(&qkv[s + qd..s + qd + hd]);
+                        kv.v[o..o + hd].copy_from_slice(&qkv[s + qd + kvd..s + qd + kvd + hd]);
                     }
-                };
-                match old {
-                    Some(old) => with_f32(old, |o| append(dst, o))?,
-                    None => append(dst, &[]),
                 }
             }
+            kv.len = t;
+            let (kc, vc) = (&kv.k, &kv.v);
             // Grouped-query attention: query head `head` reads kv head `head / n_rep`. One task per
             // (query, head), on the pool when there is enough work.
             let attend = |(idx, out): (usize, &mut [f32])| {
@@ -927,7 +923,7 @@ impl Llama {
                 let (r, i) = (qi / len, qi % len);
                 let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
                 let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
-                let base = (r * nkv + head / n_rep) * t * hd;
+                let base = kv.offset(r, head / n_rep, 0);
                 let mut scores: Vec<f32> = (0..t)
                     .map(|j| {
                         if visible(j) {
@@ -963,10 +959,7 @@ impl Llama {
             } else {
                 att.par_chunks_mut(hd).enumerate().for_each(attend);
             }
-            lc.self_kv = Some((
-                Tensor::from_vec(kc, (b, nkv, t, hd), &self.device)?,
-                Tensor::from_vec(vc, (b, nkv, t, hd), &self.device)?,
-            ));
+            lc.raw_kv = Some(kv);
             o_m.matmul_into(&att, n, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm_rows(&x, &block.mlp_norm, &mut xn)?;

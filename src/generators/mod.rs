@@ -42,6 +42,106 @@ pub struct LayerCache {
     pub self_kv: Option<(Tensor, Tensor)>,
     /// Cross-attention keys/values over the encoder output (seq2seq only), computed once.
     pub cross_kv: Option<(Tensor, Tensor)>,
+    /// Self-attention keys/values on growable raw buffers (decoder-only native decode), used
+    /// instead of `self_kv` so that a step appends in place rather than copying the whole cache.
+    pub raw_kv: Option<RawKv>,
+}
+
+/// Keys and values `[rows, heads, capacity, head_dim]` of which the first `len` positions of each
+/// (row, head) are filled; capacity doubles when full, so appending a step is amortised O(1).
+#[derive(Clone, Debug, Default)]
+pub struct RawKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub rows: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl RawKv {
+    pub fn new(rows: usize, heads: usize, head_dim: usize) -> Self {
+        Self {
+            rows,
+            heads,
+            head_dim,
+            ..Default::default()
+        }
+    }
+
+    /// From `[rows, heads, len, head_dim]` tensors (a cache the tensor path filled).
+    pub fn from_tensors(k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (rows, heads, len, head_dim) = k.dims4()?;
+        anyhow::ensure!(
+            v.dims4()? == (rows, heads, len, head_dim),
+            "k/v cache shapes differ"
+        );
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        Ok(Self {
+            k: flat(k)?,
+            v: flat(v)?,
+            rows,
+            heads,
+            head_dim,
+            len,
+            capacity: len,
+        })
+    }
+
+    /// Make room for `extra` more positions (re-laid out at double capacity when full).
+    pub fn reserve(&mut self, extra: usize) {
+        if self.len + extra <= self.capacity {
+            return;
+        }
+        let cap = (2 * self.capacity).max(self.len + extra).max(16);
+        let (d, n) = (self.head_dim, self.rows * self.heads);
+        for buf in [&mut self.k, &mut self.v] {
+            let mut grown = vec![0f32; n * cap * d];
+            for (i, dst) in grown.chunks_exact_mut(cap * d).enumerate() {
+                let src = i * self.capacity * d;
+                dst[..self.len * d].copy_from_slice(&buf[src..src + self.len * d]);
+            }
+            *buf = grown;
+        }
+        self.capacity = cap;
+    }
+
+    /// Offset of position `pos` of (`row`, `head`).
+    #[inline]
+    pub fn offset(&self, row: usize, head: usize, pos: usize) -> usize {
+        ((row * self.heads + head) * self.capacity + pos) * self.head_dim
+    }
+
+    /// Row `i` of the result is row `rows[i]` of `self`.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
+        let block = self.heads * self.capacity * self.head_dim;
+        let mut out = Self {
+            k: Vec::with_capacity(rows.len() * block),
+            v: Vec::with_capacity(rows.len() * block),
+            rows: rows.len(),
+            ..self.clone_empty()
+        };
+        for &r in rows {
+            let r = r as usize;
+            anyhow::ensure!(r < self.rows, "row {r} of a {}-row cache", self.rows);
+            out.k.extend_from_slice(&self.k[r * block..(r + 1) * block]);
+            out.v.extend_from_slice(&self.v[r * block..(r + 1) * block]);
+        }
+        Ok(out)
+    }
+
+    fn clone_empty(&self) -> Self {
+        Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            ..*self
+        }
+    }
 }
 
 /// Everything needed to continue decoding a batch of rows.
@@ -80,6 +180,10 @@ impl DecodeState {
                 None => None,
             })
         };
+        let raw_rows = match self.layers.iter().any(|l| l.raw_kv.is_some()) {
+            true => rows.to_vec1::<u32>()?,
+            false => Vec::new(),
+        };
         let layers = self
             .layers
             .iter()
@@ -87,6 +191,11 @@ impl DecodeState {
                 Ok(LayerCache {
                     self_kv: pair(&l.self_kv)?,
                     cross_kv: pair(&l.cross_kv)?,
+                    raw_kv: l
+                        .raw_kv
+                        .as_ref()
+                        .map(|r| r.select_rows(&raw_rows))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -109,6 +218,9 @@ impl DecodeState {
         for l in &self.layers {
             if let Some((k, _)) = &l.self_kv {
                 return Ok(k.dim(0)?);
+            }
+            if let Some(r) = &l.raw_kv {
+                return Ok(r.rows);
             }
         }
         anyhow::bail!("empty decode state")
@@ -170,5 +282,58 @@ pub trait Seq2Seq: Decoder {
     /// in front of every context string.
     fn config_prefix(&self) -> Option<&str> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_kv_grows_in_place_and_selects_rows() {
+        let (rows, heads, d) = (3, 2, 4);
+        let mut kv = RawKv::new(rows, heads, d);
+        // Append 40 positions one at a time; value = row * 1000 + head * 100 + pos (+ 0.5 in v).
+        for pos in 0..40 {
+            kv.reserve(1);
+            for r in 0..rows {
+                for h in 0..heads {
+                    let o = kv.offset(r, h, pos);
+                    let x = (r * 1000 + h * 100 + pos) as f32;
+                    kv.k[o..o + d].fill(x);
+                    kv.v[o..o + d].fill(x + 0.5);
+                }
+            }
+            kv.len += 1;
+        }
+        assert!(kv.capacity >= 40 && kv.capacity < 80);
+        let picked = kv.select_rows(&[2, 0, 2]).unwrap();
+        assert_eq!(picked.rows, 3);
+        for (i, r) in [2usize, 0, 2].into_iter().enumerate() {
+            for h in 0..heads {
+                for pos in 0..40 {
+                    let o = picked.offset(i, h, pos);
+                    let x = (r * 1000 + h * 100 + pos) as f32;
+                    assert!(picked.k[o..o + d].iter().all(|&y| y == x));
+                    assert!(picked.v[o..o + d].iter().all(|&y| y == x + 0.5));
+                }
+            }
+        }
+        assert!(kv.select_rows(&[3]).is_err());
+        // From tensors: capacity = len, same layout.
+        let t = Tensor::arange(
+            0f32,
+            (rows * heads * 5 * d) as f32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .reshape((rows, heads, 5, d))
+        .unwrap();
+        let from = RawKv::from_tensors(&t, &t).unwrap();
+        assert_eq!((from.len, from.capacity), (5, 5));
+        assert_eq!(
+            from.k[from.offset(1, 1, 3)],
+            ((1 * heads + 1) * 5 * d + 3 * d) as f32
+        );
     }
 }
