@@ -333,7 +333,7 @@ mod tests {
         assert_eq!((from.len, from.capacity), (5, 5));
         assert_eq!(
             from.k[from.offset(1, 1, 3)],
-            ((1 * heads + 1) * 5 * d + 3 * d) as f32
+            ((heads + 1) * 5 * d + 3 * d) as f32
         );
     }
 }
