@@ -6,14 +6,13 @@
 
 use super::hnsw::HnswIndex;
 use super::quantized::QuantizedRows;
-use super::scored::{Scored, Worst};
+use super::scored::TopK;
 use super::{Hits, Retriever};
 use crate::encoders::TextEncoder;
 use crate::kb::{EmbeddingDtype, EmbeddingMatrix, KnowledgeBase};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
-use std::collections::BinaryHeap;
 use std::sync::{Arc, OnceLock};
 
 /// Most docs per block.
@@ -21,78 +20,6 @@ const DOC_BLOCK: usize = 2048;
 /// Queries scored together against one doc block (large: each block is packed once per tile;
 /// 256 keeps the score buffer at 2 MB).
 const QUERY_TILE: usize = 256;
-
-/// The best `k` (score, row) pairs seen so far.
-#[derive(Clone)]
-struct TopK {
-    k: usize,
-    heap: BinaryHeap<Worst>,
-}
-
-impl TopK {
-    fn new(k: usize) -> Self {
-        Self {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
-    }
-
-    #[inline]
-    fn push(&mut self, score: f32, row: u32) {
-        if self.heap.len() < self.k {
-            self.heap.push(Worst(Scored(score, row)));
-        } else if let Some(worst) = self.heap.peek() {
-            if Worst(Scored(score, row)) < *worst {
-                self.heap.pop();
-                self.heap.push(Worst(Scored(score, row)));
-            }
-        }
-    }
-
-    /// The score a hit must reach to enter (`-inf` until `k` hits are kept).
-    #[inline]
-    fn threshold(&self) -> f32 {
-        match self.heap.peek() {
-            Some(w) if self.heap.len() == self.k => w.0 .0,
-            _ => f32::NEG_INFINITY,
-        }
-    }
-
-    /// Offer `scores[j]` for rows `first + j`. Chunks with no score at the threshold are
-    /// skipped with one vectorised comparison, so the heap is touched only for contenders.
-    fn push_row(&mut self, scores: &[f32], first: usize) {
-        const CHUNK: usize = 16;
-        let mut threshold = self.threshold();
-        for (c, chunk) in scores.chunks(CHUNK).enumerate() {
-            // No short circuit, so the comparison vectorises.
-            if !chunk.iter().fold(false, |any, &s| any | (s >= threshold)) {
-                continue;
-            }
-            for (j, &s) in chunk.iter().enumerate() {
-                if s >= threshold {
-                    self.push(s, (first + c * CHUNK + j) as u32);
-                    threshold = self.threshold();
-                }
-            }
-        }
-    }
-
-    fn merge(mut self, other: TopK) -> Self {
-        for Worst(Scored(score, row)) in other.heap {
-            self.push(score, row);
-        }
-        self
-    }
-
-    /// Best first.
-    fn into_sorted(self) -> Vec<(u32, f32)> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|Worst(Scored(score, row))| (row, score))
-            .collect()
-    }
-}
 
 /// `dst[m, n] = lhs[m, d] · rhs[n, d]ᵀ`, all row-major, single-threaded (callers parallelise).
 fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d: usize) {

@@ -10,11 +10,10 @@
 //! integer pass only decides what need not be read, on half the bytes of f32.
 
 use super::dense::DenseRows;
-use super::scored::{Scored, Worst};
+use super::scored::{Scored, TopK};
 use super::simd;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
-use std::collections::BinaryHeap;
 use std::ops::Range;
 
 /// Codes are padded to a multiple of this (one AVX2 register of i16).
@@ -139,14 +138,12 @@ impl QuantizedRows {
         Ok((0..nq)
             .into_par_iter()
             .map_init(Vec::new, |buf, qi| {
-                let mut best: Vec<f32> = partial
+                let best = partial
                     .iter()
-                    .flat_map(|p| p[qi].best.iter().map(|w| w.0 .0))
-                    .collect();
-                best.sort_unstable_by(|a, b| b.total_cmp(a));
-                let floor = best
-                    .get(k - 1)
-                    .map_or(f32::NEG_INFINITY, |kth| kth - qs[qi].margin);
+                    .map(|p| p[qi].best.clone())
+                    .reduce(TopK::merge)
+                    .expect("one share per thread");
+                let floor = best.threshold() - qs[qi].margin;
                 let q = &queries[qi * dim..(qi + 1) * dim];
                 let mut found: Vec<Scored> = partial
                     .iter()
@@ -285,7 +282,7 @@ struct Estimates {
     k: usize,
     scale: f32,
     margin: f32,
-    best: BinaryHeap<Worst>,
+    best: TopK,
     candidates: Vec<(f32, u32)>,
     prune_at: usize,
 }
@@ -296,7 +293,7 @@ impl Estimates {
             k,
             scale: q.scale,
             margin: q.margin,
-            best: BinaryHeap::with_capacity(k + 1),
+            best: TopK::new(k),
             candidates: Vec::new(),
             prune_at: 64 + 8 * k,
         }
@@ -305,10 +302,7 @@ impl Estimates {
     /// Estimates below this cannot reach the top k (`-inf` until k rows were seen).
     #[inline]
     fn floor(&self) -> f32 {
-        match self.best.peek() {
-            Some(w) if self.best.len() == self.k => w.0 .0 - self.margin,
-            _ => f32::NEG_INFINITY,
-        }
+        self.best.threshold() - self.margin
     }
 
     /// [`Self::floor`] in row values (`scale_d · dot`, the estimate over the query scale).
@@ -323,13 +317,7 @@ impl Estimates {
         let approx = self.scale * value;
         if approx >= self.floor() {
             self.candidates.push((approx, row));
-            let e = Worst(Scored(approx, row));
-            if self.best.len() < self.k {
-                self.best.push(e);
-            } else if e < *self.best.peek().expect("k > 0") {
-                self.best.pop();
-                self.best.push(e);
-            }
+            self.best.push(approx, row);
             // Early rows all enter; drop those the risen floor has excluded since (amortised:
             // the next prune waits until the list has doubled).
             if self.candidates.len() >= self.prune_at {
