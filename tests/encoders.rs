@@ -447,11 +447,7 @@ fn dpr_context_knowledge_base_embeds_title_text_pairs() -> Result<()> {
         .encode_pairs(&titles, &texts)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let max_diff = stored
-        .iter()
-        .zip(&pairs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&stored, &pairs);
     assert!(
         max_diff < 1e-5,
         "KB rows differ from pair encoding by {max_diff}"
@@ -460,11 +456,15 @@ fn dpr_context_knowledge_base_embeds_title_text_pairs() -> Result<()> {
         .encode_texts(&["Aaron Aaron is a prophet and the brother of Moses."])?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let d = joined
-        .iter()
-        .zip(&pairs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&joined, &pairs);
     assert!(d > 1e-4, "pair and joined encodings should differ");
     Ok(())
+}
+
+/// Largest element-wise `|a - b|`.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }

@@ -798,8 +798,8 @@ impl Llama {
     /// The transformer on raw buffers (requires [`Llama::raw_decode`]) for `tokens: [rows, len]`
     /// (row-major) at `positions: [rows, len]`: query `i` of a row (absolute column `past + i`) sees
     /// key `j` when `j <= past + i` and `key_mask[r][j] == 1` (`None`: no padding; the mask covers
-    /// past and new tokens). Appends to `cache` (`[rows, kv_heads, t, head_dim]` per layer, the same
-    /// layout as [`Llama::run`]) and returns the next-token logits of each row's last position
+    /// past and new tokens). Appends in place to each layer's [`RawKv`] (taking over a tensor cache
+    /// that [`Llama::run`] filled) and returns the next-token logits of each row's last position
     /// `[rows, vocab]`. Same math as `run` + `last_logits`, without ~25 tensor ops per layer.
     fn run_native(
         &self,

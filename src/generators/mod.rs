@@ -124,7 +124,10 @@ impl RawKv {
             k: Vec::with_capacity(rows.len() * block),
             v: Vec::with_capacity(rows.len() * block),
             rows: rows.len(),
-            ..self.clone_empty()
+            heads: self.heads,
+            head_dim: self.head_dim,
+            len: self.len,
+            capacity: self.capacity,
         };
         for &r in rows {
             let r = r as usize;
@@ -133,14 +136,6 @@ impl RawKv {
             out.v.extend_from_slice(&self.v[r * block..(r + 1) * block]);
         }
         Ok(out)
-    }
-
-    fn clone_empty(&self) -> Self {
-        Self {
-            k: Vec::new(),
-            v: Vec::new(),
-            ..*self
-        }
     }
 }
 
