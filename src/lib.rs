@@ -26,6 +26,19 @@ pub mod retrieve;
 mod testutil;
 pub mod tokenize;
 
+/// Keep large freed buffers in the process heap for reuse. glibc serves every allocation above
+/// its mmap threshold (at most 32 MiB) with a fresh mapping, so a model's per-batch activations
+/// would be page-faulted in and zeroed by the kernel on every batch. Call once at startup;
+/// a no-op off glibc.
+pub fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; both values are valid for them.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// The device models run on: CUDA device 0 when built with `cuda` and available, else CPU.
 pub fn default_device() -> candle_core::Device {
     #[cfg(feature = "cuda")]

@@ -48,7 +48,7 @@ fn minilm() -> Arc<dyn TextEncoder> {
     static ENC: OnceLock<Arc<dyn TextEncoder>> = OnceLock::new();
     ENC.get_or_init(|| {
         Arc::from(
-            rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None)
+            rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, false)
                 .expect("load MiniLM"),
         )
     })
@@ -276,6 +276,7 @@ fn fingerprint(dim: usize) -> EncoderFingerprint {
         pooling: "mean".into(),
         normalized: false,
         weights_sha256: "0".repeat(64),
+        int8: false,
     }
 }
 
@@ -404,6 +405,12 @@ fn store_lookup_and_manifest_refusals() {
     };
     assert!(err_of(kb.check_query_encoder(&pooled)).contains("pooling cls"));
     kb.check_query_encoder(&fingerprint(dim)).unwrap();
+    // The same model run in int8 is accepted: its vectors are comparable.
+    let int8 = EncoderFingerprint {
+        int8: true,
+        ..fingerprint(dim)
+    };
+    kb.check_query_encoder(&int8).unwrap();
     let r = DenseRetriever::new(Arc::new(kb), None, None).unwrap();
     let qe = candle_core::Tensor::zeros(
         (1, dim + 2),
@@ -542,6 +549,63 @@ fn squad_questions(ids: &[String], per_para: usize) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// `--int8` MiniLM stays within quantisation error of f32 on real passages: every vector keeps
+/// cosine > 0.99 with its f32 twin, and questions rank passages as they do in f32.
+#[test]
+fn int8_minilm_agrees_with_f32() {
+    let t = tempfile::tempdir().unwrap();
+    let corpus = squad_subset(t.path(), "squad100.jsonl", 0, 100);
+    let docs = rustrag::kb::ingest::read_corpus(&[corpus], &Default::default())
+        .unwrap()
+        .documents;
+    let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+    let int8 =
+        rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, true).unwrap();
+    assert!(int8.fingerprint().int8 && !minilm().fingerprint().int8);
+    let rows = |e: &dyn TextEncoder, texts: &[&str]| -> Vec<Vec<f32>> {
+        e.encode_texts(texts).unwrap().to_vec2::<f32>().unwrap()
+    };
+    let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let (p32, p8) = (rows(minilm().as_ref(), &texts), rows(int8.as_ref(), &texts));
+    for (i, (a, b)) in p32.iter().zip(&p8).enumerate() {
+        // MiniLM normalises, so the dot product is the cosine.
+        let cos = dot(a, b);
+        assert!(cos > 0.99, "passage {i}: cosine {cos} between int8 and f32");
+    }
+    let ids: Vec<String> = docs.iter().map(|d| d.id.clone()).collect();
+    let qs = squad_questions(&ids, 1);
+    let q_texts: Vec<&str> = qs.iter().map(|(q, _)| q.as_str()).collect();
+    let (q32, q8) = (
+        rows(minilm().as_ref(), &q_texts),
+        rows(int8.as_ref(), &q_texts),
+    );
+    let best = |q: &[f32], ps: &[Vec<f32>]| -> usize {
+        (0..ps.len())
+            .max_by(|&i, &j| dot(q, &ps[i]).total_cmp(&dot(q, &ps[j])))
+            .unwrap()
+    };
+    let same = q32
+        .iter()
+        .zip(&q8)
+        .filter(|(a, b)| best(a, &p32) == best(b, &p8))
+        .count();
+    assert!(
+        same as f64 >= 0.9 * qs.len() as f64,
+        "int8 and f32 agree on the top passage for only {same}/{} questions",
+        qs.len()
+    );
+    // Quantised weights cannot be trained.
+    let e = rustrag::encoders::load_encoder(
+        minilm_dir().to_str().unwrap(),
+        &rustrag::encoders::LoadOptions {
+            int8: true,
+            trainable: true,
+            ..Default::default()
+        },
+    );
+    assert!(err_of(e).contains("inference only"));
 }
 
 #[test]

@@ -213,7 +213,7 @@ pub fn ask_decoder_only(
     let kb = std::sync::Arc::new(crate::kb::KnowledgeBase::open(&args.kb)?);
     let spec = kb.manifest().encoder.source.clone();
     let encoder: std::sync::Arc<dyn crate::encoders::TextEncoder> =
-        std::sync::Arc::from(super::index::load_encoder(&spec, 32, None)?);
+        std::sync::Arc::from(super::index::load_encoder(&spec, 32, None, false)?);
     let dense =
         crate::retrieve::dense::DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
     let retriever: Box<dyn Retriever> = match args.retriever.as_str() {

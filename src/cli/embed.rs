@@ -22,6 +22,9 @@ pub struct Args {
     /// L2-normalise a plain BERT directory's vectors.
     #[arg(long)]
     pub normalize: bool,
+    /// Run the linear layers in dynamic int8 (see `index build --int8`).
+    #[arg(long)]
+    pub int8: bool,
     /// Read texts from this file, one per line (empty lines skipped).
     #[arg(long, conflicts_with = "texts")]
     pub file: Option<PathBuf>,
@@ -47,6 +50,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         max_length: args.max_length,
         pooling: args.pooling.as_deref().map(Pooling::parse).transpose()?,
         normalize: args.normalize.then_some(true),
+        int8: args.int8,
         ..Default::default()
     };
     let encoder = load_encoder(&args.model, &opts)?;

@@ -37,6 +37,10 @@ pub struct EmbedOpts {
     /// Skip (and report) malformed records instead of stopping at the first.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Run the encoder's linear layers in dynamic int8 (faster; vectors within quantisation
+    /// error of f32, recorded in the manifest).
+    #[arg(long)]
+    pub int8: bool,
     /// Records larger than this many bytes are malformed.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_doc_bytes: usize,
@@ -114,10 +118,12 @@ pub fn load_encoder(
     spec: &str,
     batch_size: usize,
     max_length: Option<usize>,
+    int8: bool,
 ) -> Result<Box<dyn TextEncoder>> {
     let opts = crate::encoders::LoadOptions {
         batch_size,
         max_length,
+        int8,
         ..Default::default()
     };
     crate::encoders::load_encoder(spec, &opts)
@@ -164,7 +170,12 @@ fn progress_bar(json: bool) -> ProgressBar {
 pub fn run(args: Args, json: bool) -> Result<()> {
     match args.command {
         IndexCommand::Build(a) => {
-            let encoder = load_encoder(&a.encoder, a.embed.batch_size, a.embed.max_length)?;
+            let encoder = load_encoder(
+                &a.encoder,
+                a.embed.batch_size,
+                a.embed.max_length,
+                a.embed.int8,
+            )?;
             let opts = build_options(&a.embed, a.words_per_passage, a.f16);
             let pb = progress_bar(json);
             let mut cb = |done: u64, total: u64| {
@@ -184,7 +195,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                     .source
                     .clone(),
             };
-            let encoder = load_encoder(&spec, a.embed.batch_size, a.embed.max_length)?;
+            let encoder =
+                load_encoder(&spec, a.embed.batch_size, a.embed.max_length, a.embed.int8)?;
             let mut opts = build_options(&a.embed, 0, false);
             if !a.embed.hnsw {
                 opts.hnsw = None; // keep the KB's own HNSW settings
@@ -199,7 +211,12 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             print_report("added to", &a.kb, &r, json)
         }
         IndexCommand::Reembed(a) => {
-            let encoder = load_encoder(&a.encoder, a.embed.batch_size, a.embed.max_length)?;
+            let encoder = load_encoder(
+                &a.encoder,
+                a.embed.batch_size,
+                a.embed.max_length,
+                a.embed.int8,
+            )?;
             let cur = KnowledgeBase::open(&a.kb)?;
             let mut opts = build_options(&a.embed, 0, cur.manifest().dtype == EmbeddingDtype::F16);
             if !a.embed.hnsw {

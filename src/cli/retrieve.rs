@@ -42,7 +42,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .encoder
         .clone()
         .unwrap_or_else(|| m.encoder.source.clone());
-    let encoder = super::index::load_encoder(&spec, 32, None)?;
+    let encoder = super::index::load_encoder(&spec, 32, None, false)?;
     let ef = match (args.exact, &m.hnsw) {
         (true, _) | (false, None) => None,
         (false, Some(h)) => Some(args.ef_search.unwrap_or(h.ef_search)),

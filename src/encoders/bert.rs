@@ -4,6 +4,7 @@
 //! Written with [`crate::nn`] so that every parameter receives gradients (RAG fine-tunes the
 //! question encoder). Dense layers run as one 2-D matmul over all `batch * len` tokens.
 
+use super::int8::Int8Linear;
 use crate::nn::{self, Activation, LayerNorm};
 use crate::tokenize::{Encoded, TextTokenizer};
 use anyhow::{bail, Context, Result};
@@ -181,6 +182,28 @@ struct Layer {
     intermediate: Dense,
     output: Dense,
     out_norm: LayerNorm,
+    /// Int8 copies of the four products, when [`BertModel::quantize_int8`] made them.
+    int8: Option<Int8Layer>,
+}
+
+/// A layer's products as [`Int8Linear`]s (inference only).
+struct Int8Layer {
+    qkv: Int8Linear,
+    attn_out: Int8Linear,
+    intermediate: Int8Linear,
+    output: Int8Linear,
+}
+
+/// `x: [m, in] -> x W^T: [m, out]`, by `int8` when given, else in f32 with `weight: [out, in]`.
+fn product(x: &Tensor, weight: &Tensor, int8: Option<&Int8Linear>) -> Result<Tensor> {
+    match int8 {
+        Some(lin) => {
+            let m = x.dim(0)?;
+            let y = fused::with_f32(x, |x| lin.forward(x, m))?;
+            Ok(Tensor::from_vec(y, (m, lin.out_dim()), x.device())?)
+        }
+        None => Ok(x.matmul(&weight.t()?)?),
+    }
 }
 
 impl Layer {
@@ -210,7 +233,26 @@ impl Layer {
             intermediate: Dense::load(h, i, vb.pp("intermediate").pp("dense"))?,
             output: Dense::load(i, h, vb.pp("output").pp("dense"))?,
             out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
+            int8: None,
         })
+    }
+
+    fn quantize_int8(&mut self) -> Result<()> {
+        let qkv = self
+            .qkv
+            .as_ref()
+            .context("int8 needs frozen f32 CPU weights (not trainable ones)")?;
+        let int8 = |w: &Tensor| -> Result<Int8Linear> {
+            let (n, k) = w.dims2()?;
+            fused::with_f32(w, |w| Int8Linear::new(w, n, k))
+        };
+        self.int8 = Some(Int8Layer {
+            qkv: int8(&qkv.0)?,
+            attn_out: int8(&self.attn_out.weight)?,
+            intermediate: int8(&self.intermediate.weight)?,
+            output: int8(&self.output.weight)?,
+        });
+        Ok(())
     }
 
     /// Inference path with fused CPU kernels; `keep: [b * l]` padding mask (1 = token).
@@ -226,22 +268,39 @@ impl Layer {
         let h = x.dim(1)?;
         let dh = h / heads;
         let scale = 1.0 / (dh as f32).sqrt();
-        let (q, k, v) = fused::split_qkv(&x.matmul(&qkv.0.t()?)?, &qkv.1, b, heads, scale)?;
+        let int8 = self.int8.as_ref();
+        let qkv_out = product(x, &qkv.0, int8.map(|q| &q.qkv))?;
+        let (q, k, v) = fused::split_qkv(&qkv_out, &qkv.1, b, heads, scale)?;
         let ctx = fused::attention(&q, &k, &v, keep)?;
         let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
             let bias = ln.bias.clone().context("LayerNorm without bias")?;
             Ok((ln.weight.clone(), bias, ln.eps))
         };
         let (g, be, eps) = norm(&self.attn_norm)?;
-        let attn = ctx.matmul(&self.attn_out.weight.t()?)?;
+        let attn = product(&ctx, &self.attn_out.weight, int8.map(|q| &q.attn_out))?;
         let x = fused::bias_residual_layer_norm(&attn, &self.attn_out.bias, x, &g, &be, eps)?;
-        let inter = x.matmul(&self.intermediate.weight.t()?)?;
-        let inter = match act {
-            Activation::Gelu => fused::bias_gelu(&inter, &self.intermediate.bias)?,
-            other => other.forward(&inter.broadcast_add(&self.intermediate.bias)?)?,
+        let inter = match (int8, act) {
+            // Bias and GELU in the int8 product's epilogue.
+            (Some(int8), Activation::Gelu) => {
+                let m = x.dim(0)?;
+                let lin = &int8.intermediate;
+                let y = fused::with_f32(&self.intermediate.bias, |bias| {
+                    fused::with_f32(&x, |x| {
+                        lin.forward_with(x, m, |c0, v| fused::gelu_in_place(v, &bias[c0..]))
+                    })
+                })??;
+                Tensor::from_vec(y, (m, lin.out_dim()), x.device())?
+            }
+            _ => {
+                let inter = product(&x, &self.intermediate.weight, int8.map(|q| &q.intermediate))?;
+                match act {
+                    Activation::Gelu => fused::bias_gelu(&inter, &self.intermediate.bias)?,
+                    other => other.forward(&inter.broadcast_add(&self.intermediate.bias)?)?,
+                }
+            }
         };
         let (g, be, eps) = norm(&self.out_norm)?;
-        let out = inter.matmul(&self.output.weight.t()?)?;
+        let out = product(&inter, &self.output.weight, int8.map(|q| &q.output))?;
         fused::bias_residual_layer_norm(&out, &self.output.bias, &x, &g, &be, eps)
     }
 
@@ -315,6 +374,18 @@ impl BertModel {
 
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
+    }
+
+    /// Run every layer's linear products in dynamic int8 from now on (inference only: the model
+    /// must have been loaded with frozen f32 CPU weights). Outputs then differ from f32 by the
+    /// quantisation error; see [`Int8Linear`].
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(Layer::quantize_int8)
+    }
+
+    /// Whether [`Self::quantize_int8`] was applied.
+    pub fn is_int8(&self) -> bool {
+        self.layers.iter().any(|l| l.int8.is_some())
     }
 
     pub fn has_pooler(&self) -> bool {
@@ -578,7 +649,8 @@ mod fused {
         let x = x_in.clamp(-87.0, 88.0);
         // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
         const SHIFTER: f32 = 12_582_912.0;
-        let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+        let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+        let n = shifted - SHIFTER;
         let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
         let mut p = 1.987_569_1e-4_f32;
         p = p * r + 1.398_199_9e-3;
@@ -587,7 +659,14 @@ mod fused {
         p = p * r + 0.166_666_66;
         p = p * r + 0.5;
         p = p * r * r + r + 1.0;
-        let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from the shifted sum's low bits, which hold n: integer lanes, no float-to-int
+        // conversion (whose saturating semantics do not vectorise).
+        let two_n = shifted
+            .to_bits()
+            .wrapping_sub(SHIFTER.to_bits())
+            .wrapping_add(127)
+            << 23;
+        let e = p * f32::from_bits(two_n);
         if x_in < -87.0 {
             0.0
         } else {
@@ -618,14 +697,27 @@ mod fused {
         };
     }
 
+    /// `gelu_erf(x)`.
+    #[inline(always)]
+    fn gelu(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+
+    /// `x = gelu_erf(x + b)` elementwise (`b` at least as long as `x`).
+    #[inline(always)]
+    pub fn gelu_in_place(x: &mut [f32], b: &[f32]) {
+        for (x, b) in x.iter_mut().zip(b) {
+            *x = gelu(*x + b);
+        }
+    }
+
     /// `o = gelu_erf(x + b)` for `c`-wide rows, `c = b.len()`.
     #[inline(always)]
     fn gelu_rows_body(o: &mut [f32], x: &[f32], b: &[f32]) {
         let c = b.len();
         for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
             for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
-                let v = x + b;
-                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *o = gelu(x + b);
             }
         }
     }
@@ -771,48 +863,66 @@ mod fused {
         ))
     }
 
-    /// In-place softmax of one row of scores; keys with `keep == 0` get probability 0, as HF's
-    /// additive dtype-min mask gives (all keys masked: uniform, as HF).
+    /// Unnormalised softmax of one row of scores in place, `row = exp(row + mask - max)`, where
+    /// `mask` is 0 for kept keys and -inf for padding (probability 0, as HF's dtype-min mask
+    /// gives); returns the normaliser `1 / Σ row`. Every key masked: uniform, as HF.
     #[inline(always)]
-    fn masked_softmax_row(row: &mut [f32], keep: &[u32]) {
-        // Reductions over 8 independent lanes so that they vectorise under strict float rules.
+    fn masked_exp_row(row: &mut [f32], mask: &[f32]) -> f32 {
+        // Eight independent lanes over exact chunks, so that the reductions stay in registers.
+        let body = row.len() / 8 * 8;
+        let (head, tail) = row.split_at_mut(body);
+        let (mask_head, mask_tail) = mask.split_at(body);
         let mut lanes = [f32::NEG_INFINITY; 8];
-        for (xs, ks) in row.chunks(8).zip(keep.chunks(8)) {
-            for ((m, x), k) in lanes.iter_mut().zip(xs).zip(ks) {
-                *m = if *k != 0 && *x > *m { *x } else { *m };
+        for (xs, ms) in head.chunks_exact(8).zip(mask_head.chunks_exact(8)) {
+            for i in 0..8 {
+                let v = xs[i] + ms[i];
+                lanes[i] = if v > lanes[i] { v } else { lanes[i] };
             }
         }
-        let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        if max == f32::NEG_INFINITY {
-            let u = 1.0 / row.len() as f32;
-            row.fill(u);
-            return;
+        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for (x, m) in tail.iter().zip(mask_tail) {
+            max = max.max(x + m);
         }
-        for (x, k) in row.iter_mut().zip(keep) {
-            let e = exp(*x - max);
-            *x = if *k != 0 { e } else { 0.0 };
+        if max == f32::NEG_INFINITY {
+            row.fill(1.0);
+            return 1.0 / row.len() as f32;
         }
         let mut sums = [0f32; 8];
-        for xs in row.chunks(8) {
-            for (s, x) in sums.iter_mut().zip(xs) {
-                *s += x;
+        for (xs, ms) in head.chunks_exact_mut(8).zip(mask_head.chunks_exact(8)) {
+            for i in 0..8 {
+                let e = exp(xs[i] + ms[i] - max);
+                xs[i] = e;
+                sums[i] += e;
             }
         }
-        let inv = 1.0 / sums.iter().sum::<f32>();
-        row.iter_mut().for_each(|x| *x *= inv);
+        let mut sum = sums.iter().sum::<f32>();
+        for (x, m) in tail.iter_mut().zip(mask_tail) {
+            *x = exp(*x + m - max);
+            sum += *x;
+        }
+        1.0 / sum
     }
 
-    /// [`masked_softmax_row`] over every `l`-wide row of `scores`.
+    /// [`masked_exp_row`] over every `l`-wide row of `scores`, normalisers into `inv_sums`.
     #[inline(always)]
-    fn masked_softmax_rows_body(scores: &mut [f32], l: usize, keep: &[u32]) {
-        for row in scores.chunks_mut(l) {
-            masked_softmax_row(row, keep);
+    fn masked_exp_rows_body(scores: &mut [f32], l: usize, mask: &[f32], inv_sums: &mut [f32]) {
+        for (row, inv) in scores.chunks_mut(l).zip(inv_sums) {
+            *inv = masked_exp_row(row, mask);
         }
     }
 
     avx2_dispatch! {
-        /// [`masked_softmax_rows_body`], vectorised where possible.
-        fn masked_softmax_rows(scores: &mut [f32], l: usize, keep: &[u32]) => masked_softmax_rows_body
+        /// [`masked_exp_rows_body`], vectorised where possible.
+        fn masked_exp_rows(scores: &mut [f32], l: usize, mask: &[f32], inv_sums: &mut [f32]) => masked_exp_rows_body
+    }
+
+    /// Additive key mask: 0 where `keep != 0`, -inf for padding.
+    fn key_mask(keep: &[u32], mask: &mut Vec<f32>) {
+        mask.clear();
+        mask.extend(
+            keep.iter()
+                .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY }),
+        );
     }
 
     /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
@@ -820,9 +930,12 @@ mod fused {
     pub fn masked_softmax(scores: &Tensor, keep: &[u32]) -> Result<Tensor> {
         let (b, heads, lq, lk) = scores.dims4()?;
         let mut out = scores.flatten_all()?.to_vec1::<f32>()?;
-        out.par_chunks_mut(lk).enumerate().for_each(|(row, o)| {
-            masked_softmax_row(o, &keep[(row / (heads * lq)) * lk..][..lk]);
-        });
+        let mut mask = Vec::new();
+        for (row, o) in out.chunks_mut(lk).enumerate() {
+            key_mask(&keep[(row / (heads * lq)) * lk..][..lk], &mut mask);
+            let inv = masked_exp_row(o, &mask);
+            o.iter_mut().for_each(|x| *x *= inv);
+        }
         Ok(Tensor::from_vec(out, (b, heads, lq, lk), &Device::Cpu)?)
     }
 
@@ -854,8 +967,8 @@ mod fused {
             with_f32(k, |k| {
                 with_f32(v, |v| {
                     (0..b * heads).into_par_iter().for_each_init(
-                        || vec![0f32; l * l],
-                        |scores, bh| {
+                        || (vec![0f32; l * l], Vec::with_capacity(l), vec![0f32; l]),
+                        |(scores, mask, inv_sums), bh| {
                             let bi = bh / heads;
                             let hd = bh % heads;
                             let off = bh * l * dh;
@@ -891,8 +1004,9 @@ mod fused {
                                     gemm::Parallelism::None,
                                 );
                             }
-                            let keep = &keep[bi * l..(bi + 1) * l];
-                            masked_softmax_rows(scores, l, keep);
+                            key_mask(&keep[bi * l..(bi + 1) * l], mask);
+                            // Normalised after the product: l x dh scalings instead of l x l.
+                            masked_exp_rows(scores, l, mask, inv_sums);
                             unsafe {
                                 // out[bi, :, hd, :] = probs [l, l] x v [l, dh]
                                 gemm::gemm(
@@ -916,6 +1030,12 @@ mod fused {
                                     false,
                                     gemm::Parallelism::None,
                                 );
+                                for (i, inv) in inv_sums.iter().enumerate() {
+                                    let row = dst.0.add(bi * l * h + i * h + hd * dh);
+                                    for j in 0..dh {
+                                        *row.add(j) *= inv;
+                                    }
+                                }
                             }
                         },
                     )

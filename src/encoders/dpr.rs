@@ -173,8 +173,9 @@ impl DprEncoder {
                 .collect();
             list.join(", ")
         };
-        let bert = BertModel::load(&cfg, vb.pp("bert_model"), false)
+        let mut bert = BertModel::load(&cfg, vb.pp("bert_model"), false)
             .with_context(|| format!("loading `{prefix}bert_model.*` from {}", files_list()))?;
+        super::configure_bert(&mut bert, opts)?;
         let projection = if projection_dim > 0 {
             let proj = Dense::load(cfg.hidden_size, projection_dim, vb.pp("encode_proj"))
                 .with_context(|| {
@@ -321,6 +322,7 @@ impl TextEncoder for DprEncoder {
                 .sha256
                 .get_or_init(|| super::sha256_files(&self.weight_files))
                 .clone(),
+            int8: self.bert.is_int8(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod dpr;
+pub mod int8;
 pub mod sentence;
 
 use anyhow::Result;
@@ -55,6 +56,10 @@ pub struct EncoderFingerprint {
     pub normalized: bool,
     /// sha256 of the weight files.
     pub weights_sha256: String,
+    /// The linear layers ran in dynamic int8 ([`LoadOptions::int8`]); recorded, not checked:
+    /// int8 and f32 vectors of one model are comparable.
+    #[serde(default)]
+    pub int8: bool,
 }
 
 pub use bert::Pooling;
@@ -75,6 +80,9 @@ pub struct LoadOptions {
     pub pooling: Option<Pooling>,
     /// L2-normalise a plain BERT directory's output (default false).
     pub normalize: Option<bool>,
+    /// Run the BERT body's linear layers in dynamic int8 ([`int8::Int8Linear`]): faster on CPUs,
+    /// embeddings within quantisation error of f32. Inference only (not with `trainable`).
+    pub int8: bool,
     pub device: candle_core::Device,
 }
 
@@ -86,9 +94,22 @@ impl Default for LoadOptions {
             max_length: None,
             pooling: None,
             normalize: None,
+            int8: false,
             device: crate::default_device(),
         }
     }
+}
+
+/// Apply the load-time options that change how a loaded BERT body runs (`int8`).
+fn configure_bert(bert: &mut bert::BertModel, opts: &LoadOptions) -> Result<()> {
+    if opts.int8 {
+        anyhow::ensure!(
+            !opts.trainable,
+            "int8 encoding is inference only: it cannot be combined with trainable weights"
+        );
+        bert.quantize_int8()?;
+    }
+    Ok(())
 }
 
 /// Hex sha256 over the concatenated contents of `files` (in order); a read error is reported in

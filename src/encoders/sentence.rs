@@ -175,10 +175,11 @@ impl SentenceEncoder {
         } else {
             vb.pp(prefix.trim_end_matches('.'))
         };
-        let bert = BertModel::load(&cfg, vb, kind == "bert").with_context(|| {
+        let mut bert = BertModel::load(&cfg, vb, kind == "bert").with_context(|| {
             let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             format!("loading BERT weights from {}", list.join(", "))
         })?;
+        super::configure_bert(&mut bert, opts)?;
         let max_length = opts
             .max_length
             .or(max_seq_length)
@@ -304,6 +305,7 @@ impl TextEncoder for SentenceEncoder {
                 .sha256
                 .get_or_init(|| super::sha256_files(&self.weight_files))
                 .clone(),
+            int8: self.bert.is_int8(),
         }
     }
 }
