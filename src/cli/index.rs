@@ -129,6 +129,13 @@ pub fn load_encoder(
     crate::encoders::load_encoder(spec, &opts)
 }
 
+impl EmbedOpts {
+    /// The passage encoder at `spec` with these options (int8 also when `int8` is set).
+    fn encoder(&self, spec: &str, int8: bool) -> Result<Box<dyn TextEncoder>> {
+        load_encoder(spec, self.batch_size, self.max_length, self.int8 || int8)
+    }
+}
+
 fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOptions {
     BuildOptions {
         words_per_passage,
@@ -170,12 +177,7 @@ fn progress_bar(json: bool) -> ProgressBar {
 pub fn run(args: Args, json: bool) -> Result<()> {
     match args.command {
         IndexCommand::Build(a) => {
-            let encoder = load_encoder(
-                &a.encoder,
-                a.embed.batch_size,
-                a.embed.max_length,
-                a.embed.int8,
-            )?;
+            let encoder = a.embed.encoder(&a.encoder, false)?;
             let opts = build_options(&a.embed, a.words_per_passage, a.f16);
             let pb = progress_bar(json);
             let mut cb = |done: u64, total: u64| {
@@ -187,16 +189,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             print_report("built", &a.out, &r, json)
         }
         IndexCommand::Add(a) => {
-            let spec = match a.encoder {
-                Some(e) => e,
-                None => KnowledgeBase::open(&a.kb)?
-                    .manifest()
-                    .encoder
-                    .source
-                    .clone(),
-            };
-            let encoder =
-                load_encoder(&spec, a.embed.batch_size, a.embed.max_length, a.embed.int8)?;
+            // New passages are embedded as the KB's were: same encoder, int8 if it was.
+            let kb_encoder = KnowledgeBase::open(&a.kb)?.manifest().encoder.clone();
+            let spec = a.encoder.clone().unwrap_or(kb_encoder.source);
+            let encoder = a.embed.encoder(&spec, kb_encoder.int8)?;
             let mut opts = build_options(&a.embed, 0, false);
             if !a.embed.hnsw {
                 opts.hnsw = None; // keep the KB's own HNSW settings
@@ -211,12 +207,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             print_report("added to", &a.kb, &r, json)
         }
         IndexCommand::Reembed(a) => {
-            let encoder = load_encoder(
-                &a.encoder,
-                a.embed.batch_size,
-                a.embed.max_length,
-                a.embed.int8,
-            )?;
+            let encoder = a.embed.encoder(&a.encoder, false)?;
             let cur = KnowledgeBase::open(&a.kb)?;
             let mut opts = build_options(&a.embed, 0, cur.manifest().dtype == EmbeddingDtype::F16);
             if !a.embed.hnsw {

@@ -211,17 +211,27 @@ fn quantize_row_body(q: &mut [u8], x: &[f32]) -> (f32, i32) {
     }
     let lo = lo.iter().fold(0f32, |a, &b| a.min(b));
     let hi = hi.iter().fold(0f32, |a, &b| a.max(b));
-    if hi <= lo {
+    let Some((scale, zero)) = scale_and_zero(lo, hi) else {
         q.fill(0);
         return (1.0, 0);
-    }
-    let scale = (hi - lo) / 255.0;
-    let zero = (-lo / scale).round().clamp(0.0, 255.0);
-    let inv = 1.0 / scale;
-    for (q, x) in q.iter_mut().zip(x) {
-        *q = ((x * inv).round_ties_even() + zero).clamp(0.0, 255.0) as u8;
-    }
+    };
+    quantize_scalar(q, x, 1.0 / scale, zero);
     (scale, zero as i32)
+}
+
+/// `(scale, zero)` mapping `[lo, hi]` (which holds 0) onto 0..=255; None for an all-zero row.
+fn scale_and_zero(lo: f32, hi: f32) -> Option<(f32, f32)> {
+    (hi > lo).then(|| {
+        let scale = (hi - lo) / 255.0;
+        (scale, (-lo / scale).round().clamp(0.0, 255.0))
+    })
+}
+
+#[inline(always)]
+fn quantize_scalar(q: &mut [u8], x: &[f32], inv_scale: f32, zero: f32) {
+    for (q, x) in q.iter_mut().zip(x) {
+        *q = ((x * inv_scale).round_ties_even() + zero).clamp(0.0, 255.0) as u8;
+    }
 }
 
 /// `acc[i][j] = Σ_k a[i, k] · w[j, k]` for `MR` rows of `a` (stride `kp`) and one packed panel.
@@ -241,7 +251,9 @@ fn kernel_scalar(a: &[u8], kp: usize, panel: &[Group], acc: &mut [[i32; NR]; MR]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{rows_task_body, Group, Int8Linear, QuantizedRows, MR, NR};
+    use super::{
+        quantize_scalar, rows_task_body, scale_and_zero, Group, Int8Linear, QuantizedRows, MR, NR,
+    };
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -281,12 +293,10 @@ mod x86 {
             lo = lo.min(v);
             hi = hi.max(v);
         }
-        if hi <= lo {
+        let Some((scale, zero)) = scale_and_zero(lo, hi) else {
             q.fill(0);
             return (1.0, 0);
-        }
-        let scale = (hi - lo) / 255.0;
-        let zero = (-lo / scale).round().clamp(0.0, 255.0);
+        };
         let inv = 1.0 / scale;
         let (vinv, vzero) = (_mm256_set1_ps(inv), _mm256_set1_ps(zero));
         // `packs`/`packus` interleave 128-bit lanes; this permutation restores the order.
@@ -306,9 +316,7 @@ mod x86 {
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
             _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, bytes);
         }
-        for (q, x) in q[body..n].iter_mut().zip(&x[body..n]) {
-            *q = ((x * inv).round_ties_even() + zero).clamp(0.0, 255.0) as u8;
-        }
+        quantize_scalar(&mut q[body..n], &x[body..n], inv, zero);
         (scale, zero as i32)
     }
 

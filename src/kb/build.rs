@@ -147,8 +147,8 @@ pub fn add_documents(
     let fp = encoder.fingerprint();
     if fp != m.encoder {
         bail!(
-            "encoder {} (sha256 {}) is not the one that embedded {} ({}, sha256 {}); use `rustrag index build` or re-embed",
-            fp.source, fp.weights_sha256, root.display(), m.encoder.source, m.encoder.weights_sha256
+            "encoder {} (sha256 {}, int8 {}) is not the one that embedded {} ({}, sha256 {}, int8 {}); use `rustrag index build` or re-embed",
+            fp.source, fp.weights_sha256, fp.int8, root.display(), m.encoder.source, m.encoder.weights_sha256, m.encoder.int8
         );
     }
     let ingested = read_corpus(sources, &opts.ingest)?;
