@@ -174,14 +174,27 @@ fn rows_task_body<F: Fn(usize, &mut [f32])>(
             for (i, acc) in acc.iter().enumerate().take(rows - r0) {
                 let r = row0 + r0 + i;
                 let (s, z) = (a.scale[r], a.zero[r]);
-                let values = &mut values[..cols];
-                for (((v, acc), sum), ws) in values.iter_mut().zip(acc).zip(code_sum).zip(w_scale) {
-                    *v = (acc - z * sum) as f32 * (s * ws);
-                }
-                epilogue(c0, values);
                 let o = &mut out[(r0 + i) * n + c0..][..cols];
-                for (o, v) in o.iter_mut().zip(values.iter()) {
-                    o.write(*v);
+                if cols == NR {
+                    // Full panel: fixed-length loops, straight vector code.
+                    for j in 0..NR {
+                        values[j] = (acc[j] - z * code_sum[j]) as f32 * (s * w_scale[j]);
+                    }
+                    epilogue(c0, &mut values);
+                    for (o, v) in o.iter_mut().zip(values) {
+                        o.write(v);
+                    }
+                } else {
+                    let values = &mut values[..cols];
+                    for (((v, acc), sum), ws) in
+                        values.iter_mut().zip(acc).zip(code_sum).zip(w_scale)
+                    {
+                        *v = (acc - z * sum) as f32 * (s * ws);
+                    }
+                    epilogue(c0, values);
+                    for (o, v) in o.iter_mut().zip(values.iter()) {
+                        o.write(*v);
+                    }
                 }
             }
         }
