@@ -5,6 +5,7 @@
 //! question encoder). Dense layers run as one 2-D matmul over all `batch * len` tokens.
 
 use super::int8::Int8Linear;
+use super::packed::PackedLinear;
 use crate::nn::{self, Activation, LayerNorm};
 use crate::tokenize::{Encoded, TextTokenizer};
 use anyhow::{bail, Context, Result};
@@ -171,9 +172,9 @@ impl Embeddings {
 }
 
 struct Layer {
-    /// `[3h, h]` weight and `[3h]` bias of query|key|value for the fused inference path (None
-    /// when the weights are trainable: a copy would not follow their updates).
-    qkv: Option<(Tensor, Tensor)>,
+    /// The fused inference path's weights (None when the weights are trainable: a copy would
+    /// not follow their updates).
+    fused: Option<FusedWeights>,
     query: Dense,
     key: Dense,
     value: Dense,
@@ -182,27 +183,53 @@ struct Layer {
     intermediate: Dense,
     output: Dense,
     out_norm: LayerNorm,
-    /// Int8 copies of the four products, when [`BertModel::quantize_int8`] made them.
-    int8: Option<Int8Layer>,
 }
 
-/// A layer's products as [`Int8Linear`]s (inference only).
-struct Int8Layer {
-    qkv: Int8Linear,
-    attn_out: Int8Linear,
-    intermediate: Int8Linear,
-    output: Int8Linear,
+/// A layer's four products as the fused path runs them, packed once at load (f32) or
+/// quantised by [`BertModel::quantize_int8`].
+struct FusedWeights {
+    /// query|key|value stacked: `[3h, h]`, and its bias `[3h]`.
+    qkv: Product,
+    qkv_bias: Tensor,
+    attn_out: Product,
+    intermediate: Product,
+    output: Product,
 }
 
-/// `x: [m, in] -> x W^T: [m, out]`, by `int8` when given, else in f32 with `weight: [out, in]`.
-fn product(x: &Tensor, weight: &Tensor, int8: Option<&Int8Linear>) -> Result<Tensor> {
-    match int8 {
-        Some(lin) => {
-            let m = x.dim(0)?;
-            let y = fused::with_f32(x, |x| lin.forward(x, m))?;
-            Ok(Tensor::from_vec(y, (m, lin.out_dim()), x.device())?)
-        }
-        None => Ok(x.matmul(&weight.t()?)?),
+enum Product {
+    F32(PackedLinear),
+    Int8(Int8Linear),
+}
+
+impl Product {
+    /// From `weight: [out, in]` (f32, CPU).
+    fn new(weight: &Tensor, int8: bool) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        fused::with_f32(&weight.contiguous()?, |w| {
+            if int8 {
+                Product::Int8(Int8Linear::new(w, n, k))
+            } else {
+                Product::F32(PackedLinear::new(w, n, k))
+            }
+        })
+    }
+
+    /// `x: [m, in] -> x W^T: [m, out]`, `epilogue(c0, values)` applied to each row's run of
+    /// outputs from column `c0` before they are stored.
+    fn forward_with<F>(&self, x: &Tensor, epilogue: F) -> Result<Tensor>
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
+    {
+        let m = x.dim(0)?;
+        let (y, n) = fused::with_f32(x, |x| match self {
+            Product::F32(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
+            Product::Int8(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
+        })?;
+        Ok(Tensor::from_vec(y, (m, n), x.device())?)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, |_, _| {})
     }
 }
 
@@ -210,48 +237,51 @@ impl Layer {
     fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let att = vb.pp("attention");
-        let query = Dense::load(h, h, att.pp("self").pp("query"))?;
-        let key = Dense::load(h, h, att.pp("self").pp("key"))?;
-        let value = Dense::load(h, h, att.pp("self").pp("value"))?;
-        let fusable = [&query, &key, &value].iter().all(|d| {
-            !d.weight.track_op() && d.weight.device().is_cpu() && d.weight.dtype() == DType::F32
-        });
-        let qkv = if fusable {
-            let w = Tensor::cat(&[&query.weight, &key.weight, &value.weight], 0)?.contiguous()?;
-            let b = Tensor::cat(&[&query.bias, &key.bias, &value.bias], 0)?.contiguous()?;
-            Some((w, b))
-        } else {
-            None
-        };
-        Ok(Self {
-            qkv,
-            query,
-            key,
-            value,
+        let mut layer = Self {
+            fused: None,
+            query: Dense::load(h, h, att.pp("self").pp("query"))?,
+            key: Dense::load(h, h, att.pp("self").pp("key"))?,
+            value: Dense::load(h, h, att.pp("self").pp("value"))?,
             attn_out: Dense::load(h, h, att.pp("output").pp("dense"))?,
             attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
             intermediate: Dense::load(h, i, vb.pp("intermediate").pp("dense"))?,
             output: Dense::load(i, h, vb.pp("output").pp("dense"))?,
             out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
-            int8: None,
+        };
+        let dense = [
+            &layer.query,
+            &layer.key,
+            &layer.value,
+            &layer.attn_out,
+            &layer.intermediate,
+            &layer.output,
+        ];
+        let fusable = dense.iter().all(|d| {
+            !d.weight.track_op() && d.weight.device().is_cpu() && d.weight.dtype() == DType::F32
+        });
+        if fusable {
+            layer.fused = Some(layer.fused_weights(false)?);
+        }
+        Ok(layer)
+    }
+
+    fn fused_weights(&self, int8: bool) -> Result<FusedWeights> {
+        let (q, k, v) = (&self.query, &self.key, &self.value);
+        Ok(FusedWeights {
+            qkv: Product::new(&Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?, int8)?,
+            qkv_bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?.contiguous()?,
+            attn_out: Product::new(&self.attn_out.weight, int8)?,
+            intermediate: Product::new(&self.intermediate.weight, int8)?,
+            output: Product::new(&self.output.weight, int8)?,
         })
     }
 
     fn quantize_int8(&mut self) -> Result<()> {
-        let qkv = self
-            .qkv
-            .as_ref()
-            .context("int8 needs frozen f32 CPU weights (not trainable ones)")?;
-        let int8 = |w: &Tensor| -> Result<Int8Linear> {
-            let (n, k) = w.dims2()?;
-            fused::with_f32(w, |w| Int8Linear::new(w, n, k))
-        };
-        self.int8 = Some(Int8Layer {
-            qkv: int8(&qkv.0)?,
-            attn_out: int8(&self.attn_out.weight)?,
-            intermediate: int8(&self.intermediate.weight)?,
-            output: int8(&self.output.weight)?,
-        });
+        anyhow::ensure!(
+            self.fused.is_some(),
+            "int8 needs frozen f32 CPU weights (not trainable ones)"
+        );
+        self.fused = Some(self.fused_weights(true)?);
         Ok(())
     }
 
@@ -259,7 +289,7 @@ impl Layer {
     fn forward_fused(
         &self,
         x: &Tensor,
-        qkv: &(Tensor, Tensor),
+        w: &FusedWeights,
         keep: &[u32],
         b: usize,
         heads: usize,
@@ -268,39 +298,26 @@ impl Layer {
         let h = x.dim(1)?;
         let dh = h / heads;
         let scale = 1.0 / (dh as f32).sqrt();
-        let int8 = self.int8.as_ref();
-        let qkv_out = product(x, &qkv.0, int8.map(|q| &q.qkv))?;
-        let (q, k, v) = fused::split_qkv(&qkv_out, &qkv.1, b, heads, scale)?;
+        let (q, k, v) = fused::split_qkv(&w.qkv.forward(x)?, &w.qkv_bias, b, heads, scale)?;
         let ctx = fused::attention(&q, &k, &v, keep)?;
         let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
             let bias = ln.bias.clone().context("LayerNorm without bias")?;
             Ok((ln.weight.clone(), bias, ln.eps))
         };
         let (g, be, eps) = norm(&self.attn_norm)?;
-        let attn = product(&ctx, &self.attn_out.weight, int8.map(|q| &q.attn_out))?;
+        let attn = w.attn_out.forward(&ctx)?;
         let x = fused::bias_residual_layer_norm(&attn, &self.attn_out.bias, x, &g, &be, eps)?;
-        let inter = match (int8, act) {
-            // Bias and GELU in the int8 product's epilogue.
-            (Some(int8), Activation::Gelu) => {
-                let m = x.dim(0)?;
-                let lin = &int8.intermediate;
-                let y = fused::with_f32(&self.intermediate.bias, |bias| {
-                    fused::with_f32(&x, |x| {
-                        lin.forward_with(x, m, |c0, v| fused::gelu_in_place(v, &bias[c0..]))
-                    })
-                })??;
-                Tensor::from_vec(y, (m, lin.out_dim()), x.device())?
-            }
-            _ => {
-                let inter = product(&x, &self.intermediate.weight, int8.map(|q| &q.intermediate))?;
-                match act {
-                    Activation::Gelu => fused::bias_gelu(&inter, &self.intermediate.bias)?,
-                    other => other.forward(&inter.broadcast_add(&self.intermediate.bias)?)?,
-                }
-            }
+        let bias = &self.intermediate.bias;
+        let inter = match act {
+            // Bias and GELU in the product's epilogue.
+            Activation::Gelu => fused::with_f32(bias, |bias| {
+                w.intermediate
+                    .forward_with(&x, |c0, v| fused::gelu_in_place(v, &bias[c0..]))
+            })??,
+            other => other.forward(&w.intermediate.forward(&x)?.broadcast_add(bias)?)?,
         };
         let (g, be, eps) = norm(&self.out_norm)?;
-        let out = product(&inter, &self.output.weight, int8.map(|q| &q.output))?;
+        let out = w.output.forward(&inter)?;
         fused::bias_residual_layer_norm(&out, &self.output.bias, &x, &g, &be, eps)
     }
 
@@ -385,7 +402,15 @@ impl BertModel {
 
     /// Whether [`Self::quantize_int8`] was applied.
     pub fn is_int8(&self) -> bool {
-        self.layers.iter().any(|l| l.int8.is_some())
+        (self.layers.iter()).any(|l| {
+            matches!(
+                l.fused,
+                Some(FusedWeights {
+                    qkv: Product::Int8(_),
+                    ..
+                })
+            )
+        })
     }
 
     pub fn has_pooler(&self) -> bool {
@@ -425,11 +450,11 @@ impl BertModel {
         let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
         let heads = self.config.num_attention_heads;
         // Fused kernels for inference; the composed path when gradients are tracked.
-        if !x.track_op() && self.layers.iter().all(|l| l.qkv.is_some()) {
+        if !x.track_op() && self.layers.iter().all(|l| l.fused.is_some()) {
             let keep = attention_mask.flatten_all()?.to_vec1::<u32>()?;
             for layer in &self.layers {
-                let qkv = layer.qkv.as_ref().context("fused weights")?;
-                x = layer.forward_fused(&x, qkv, &keep, b, heads, self.activation)?;
+                let w = layer.fused.as_ref().context("fused weights")?;
+                x = layer.forward_fused(&x, w, &keep, b, heads, self.activation)?;
             }
         } else {
             let mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
@@ -697,50 +722,14 @@ mod fused {
         };
     }
 
-    /// `gelu_erf(x)`.
-    #[inline(always)]
-    fn gelu(x: f32) -> f32 {
-        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-    }
-
-    /// `x = gelu_erf(x + b)` elementwise (`b` at least as long as `x`).
+    /// `x = gelu_erf(x + b)` elementwise (`b` at least as long as `x`); runs in the products'
+    /// epilogues, vectorised there.
     #[inline(always)]
     pub fn gelu_in_place(x: &mut [f32], b: &[f32]) {
         for (x, b) in x.iter_mut().zip(b) {
-            *x = gelu(*x + b);
+            let v = *x + b;
+            *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
         }
-    }
-
-    /// `o = gelu_erf(x + b)` for `c`-wide rows, `c = b.len()`.
-    #[inline(always)]
-    fn gelu_rows_body(o: &mut [f32], x: &[f32], b: &[f32]) {
-        let c = b.len();
-        for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
-            for ((o, x), b) in o.iter_mut().zip(x).zip(b) {
-                *o = gelu(x + b);
-            }
-        }
-    }
-
-    avx2_dispatch! {
-        /// [`gelu_rows_body`], vectorised where possible.
-        fn gelu_rows(o: &mut [f32], x: &[f32], b: &[f32]) => gelu_rows_body
-    }
-
-    const ROWS_PER_TASK: usize = 16;
-
-    /// `gelu_erf(x + bias)`, `x: [n, c]`, `bias: [c]`.
-    pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (n, c) = x.dims2()?;
-        let mut out = vec![0f32; n * c];
-        with_f32(bias, |b| {
-            with_f32(x, |x| {
-                out.par_chunks_mut(c * ROWS_PER_TASK)
-                    .zip(x.par_chunks(c * ROWS_PER_TASK))
-                    .for_each(|(o, x)| gelu_rows(o, x, b))
-            })
-        })??;
-        Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
     }
 
     /// `LayerNorm(x + bias + residual)` per row (two-pass mean/variance), all `[n, c]` / `[c]`.

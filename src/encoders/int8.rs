@@ -87,29 +87,18 @@ impl Int8Linear {
         self.n
     }
 
-    /// `x: [m, k]` row-major -> `x W^T: [m, n]` (no bias).
-    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.forward_with(x, m, |_, _| {})
-    }
-
-    /// [`Self::forward`] with `epilogue(c0, values)` applied to each row's run of up to 16
-    /// outputs from column `c0` before they are stored (bias, activation: one pass fewer over
-    /// `[m, n]`).
+    /// `x: [m, k]` row-major -> `x W^T: [m, n]`, with `epilogue(c0, values)` applied to each
+    /// row's run of up to 16 outputs from column `c0` before they are stored (bias, activation:
+    /// one pass fewer over `[m, n]`).
     pub fn forward_with<F>(&self, x: &[f32], m: usize, epilogue: F) -> Vec<f32>
     where
         F: Fn(usize, &mut [f32]) + Sync,
     {
         assert_eq!(x.len(), m * self.k, "Int8Linear: input is not [m, k]");
         let a = self.quantize_rows(x, m);
-        let len = m * self.n;
-        let mut out = Vec::with_capacity(len);
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(ROWS_PER_TASK * self.n)
-            .enumerate()
-            .for_each(|(task, out)| self.rows_task(&a, task * ROWS_PER_TASK, out, &epilogue));
-        // SAFETY: every task wrote every element of its chunk (all rows x all panels).
-        unsafe { out.set_len(len) };
-        out
+        super::packed::par_row_tasks(m, self.n, ROWS_PER_TASK, |row0, out| {
+            self.rows_task(&a, row0, out, &epilogue)
+        })
     }
 
     /// Output rows `row0..` (as many as `out` holds) over every panel.
@@ -390,7 +379,7 @@ mod tests {
             }
             let lin = Int8Linear::new(&w, n, k);
             let a = lin.quantize_rows(&x, m);
-            let y = lin.forward(&x, m);
+            let y = lin.forward_with(&x, m, |_, _| {});
             for r in 0..m {
                 let xr = &x[r * k..(r + 1) * k];
                 let (sa, za) = (a.scale[r], a.zero[r]);
@@ -453,7 +442,7 @@ mod tests {
         // SAFETY: rows_task_body wrote every element.
         let slow: Vec<f32> = slow.iter().map(|v| unsafe { v.assume_init() }).collect();
         assert_eq!(lin.forward_with(&x, m, add_col), slow);
-        let plain = lin.forward(&x, m);
+        let plain = lin.forward_with(&x, m, |_, _| {});
         for (i, (p, s)) in plain.iter().zip(&slow).enumerate() {
             assert_eq!(p + (i % n) as f32, *s);
         }

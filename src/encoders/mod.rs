@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod dpr;
 pub mod int8;
+pub mod packed;
 pub mod sentence;
 
 use anyhow::Result;
