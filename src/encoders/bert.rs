@@ -186,7 +186,8 @@ struct Layer {
 }
 
 /// A layer's four products as the fused path runs them, packed once at load (f32) or
-/// quantised by [`BertModel::quantize_int8`].
+/// quantised by [`BertModel::quantize_int8`]: a second copy of the weights (the candle tensors
+/// stay, for the composed path and for re-deriving these).
 struct FusedWeights {
     /// query|key|value stacked: `[3h, h]`, and its bias `[3h]`.
     qkv: Product,
