@@ -130,9 +130,10 @@ pub fn load_encoder(
 }
 
 impl EmbedOpts {
-    /// The passage encoder at `spec` with these options (int8 also when `int8` is set).
-    fn encoder(&self, spec: &str, int8: bool) -> Result<Box<dyn TextEncoder>> {
-        load_encoder(spec, self.batch_size, self.max_length, self.int8 || int8)
+    /// The passage encoder at `spec` with these options; `kb_int8`: the KB being extended was
+    /// embedded in int8, so new passages are too, with or without `--int8`.
+    fn encoder(&self, spec: &str, kb_int8: bool) -> Result<Box<dyn TextEncoder>> {
+        load_encoder(spec, self.batch_size, self.max_length, self.int8 || kb_int8)
     }
 }
 

@@ -907,12 +907,10 @@ mod fused {
     }
 
     /// Additive key mask: 0 where `keep != 0`, -inf for padding.
-    fn key_mask(keep: &[u32], mask: &mut Vec<f32>) {
-        mask.clear();
-        mask.extend(
-            keep.iter()
-                .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY }),
-        );
+    fn key_mask(keep: &[u32]) -> Vec<f32> {
+        (keep.iter())
+            .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
+            .collect()
     }
 
     /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
@@ -920,10 +918,9 @@ mod fused {
     pub fn masked_softmax(scores: &Tensor, keep: &[u32]) -> Result<Tensor> {
         let (b, heads, lq, lk) = scores.dims4()?;
         let mut out = scores.flatten_all()?.to_vec1::<f32>()?;
-        let mut mask = Vec::new();
+        let mask = key_mask(keep);
         for (row, o) in out.chunks_mut(lk).enumerate() {
-            key_mask(&keep[(row / (heads * lq)) * lk..][..lk], &mut mask);
-            let inv = masked_exp_row(o, &mask);
+            let inv = masked_exp_row(o, &mask[(row / (heads * lq)) * lk..][..lk]);
             o.iter_mut().for_each(|x| *x *= inv);
         }
         Ok(Tensor::from_vec(out, (b, heads, lq, lk), &Device::Cpu)?)
@@ -950,6 +947,7 @@ mod fused {
             );
         }
         let h = heads * dh;
+        let mask = key_mask(keep);
         let mut out = vec![0f32; b * l * h];
         let dst = SendPtr(out.as_mut_ptr());
         let dst = &dst;
@@ -957,8 +955,8 @@ mod fused {
             with_f32(k, |k| {
                 with_f32(v, |v| {
                     (0..b * heads).into_par_iter().for_each_init(
-                        || (vec![0f32; l * l], Vec::with_capacity(l), vec![0f32; l]),
-                        |(scores, mask, inv_sums), bh| {
+                        || (vec![0f32; l * l], vec![0f32; l]),
+                        |(scores, inv_sums), bh| {
                             let bi = bh / heads;
                             let hd = bh % heads;
                             let off = bh * l * dh;
@@ -994,7 +992,7 @@ mod fused {
                                     gemm::Parallelism::None,
                                 );
                             }
-                            key_mask(&keep[bi * l..(bi + 1) * l], mask);
+                            let mask = &mask[bi * l..(bi + 1) * l];
                             // Normalised after the product: l x dh scalings instead of l x l.
                             masked_exp_rows(scores, l, mask, inv_sums);
                             unsafe {

@@ -7,6 +7,7 @@
 //! not. On AVX2 the kernel retires 32 multiply-adds per `vpmaddubsw` + `vpmaddwd` + `vpaddd`,
 //! about twice the f32 FMA rate; elsewhere a scalar loop computes the same integers.
 
+use super::packed::{par_row_tasks, store_run};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -96,7 +97,7 @@ impl Int8Linear {
     {
         assert_eq!(x.len(), m * self.k, "Int8Linear: input is not [m, k]");
         let a = self.quantize_rows(x, m);
-        super::packed::par_row_tasks(m, self.n, ROWS_PER_TASK, |row0, out| {
+        par_row_tasks(m, self.n, ROWS_PER_TASK, |row0, out| {
             self.rows_task(&a, row0, out, &epilogue)
         })
     }
@@ -169,10 +170,7 @@ fn rows_task_body<F: Fn(usize, &mut [f32])>(
                     for j in 0..NR {
                         values[j] = (acc[j] - z * code_sum[j]) as f32 * (s * w_scale[j]);
                     }
-                    epilogue(c0, &mut values);
-                    for (o, v) in o.iter_mut().zip(values) {
-                        o.write(v);
-                    }
+                    store_run(o, &mut values, c0, epilogue);
                 } else {
                     let values = &mut values[..cols];
                     for (((v, acc), sum), ws) in
@@ -180,10 +178,7 @@ fn rows_task_body<F: Fn(usize, &mut [f32])>(
                     {
                         *v = (acc - z * sum) as f32 * (s * ws);
                     }
-                    epilogue(c0, values);
-                    for (o, v) in o.iter_mut().zip(values.iter()) {
-                        o.write(*v);
-                    }
+                    store_run(o, values, c0, epilogue);
                 }
             }
         }

@@ -88,6 +88,20 @@ pub(crate) fn par_row_tasks(
     out
 }
 
+/// Apply `epilogue(c0, values)` to one row's run of outputs from column `c0`, then store it.
+#[inline(always)]
+pub(crate) fn store_run<F: Fn(usize, &mut [f32])>(
+    out: &mut [MaybeUninit<f32>],
+    values: &mut [f32],
+    c0: usize,
+    epilogue: &F,
+) {
+    epilogue(c0, values);
+    for (o, v) in out.iter_mut().zip(values.iter()) {
+        o.write(*v);
+    }
+}
+
 /// Output rows for `x` (the task's rows first) over every panel; generic over the microkernel
 /// so that the AVX2 copy inlines it.
 #[inline(always)]
@@ -108,11 +122,8 @@ fn rows_task_body<F: Fn(usize, &mut [f32])>(
             let live = MR.min(rows - r0);
             kernel(&x[r0 * k..(r0 + live) * k], k, live, panel, &mut acc);
             for (i, acc) in acc.iter_mut().enumerate().take(live) {
-                epilogue(c0, &mut acc[..cols]);
                 let o = &mut out[(r0 + i) * n + c0..][..cols];
-                for (o, v) in o.iter_mut().zip(acc.iter()) {
-                    o.write(*v);
-                }
+                store_run(o, &mut acc[..cols], c0, epilogue);
             }
         }
     }
