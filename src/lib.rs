@@ -10,6 +10,7 @@
 //! - [`rag`]: RagModel, RAG-Sequence and RAG-Token (losses, decoding, provenance).
 //! - [`eval`]: retrieval and QA metrics.
 //! - [`progress`]: progress bars for long work.
+//! - [`train`]: optimiser (AdamW, schedule, clipping) and RAG fine-tuning.
 //! - [`cli`]: the `rustrag` command line (a thin layer over the library).
 
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod retrieve;
 #[cfg(test)]
 mod testutil;
 pub mod tokenize;
+pub mod train;
 
 /// Keep large freed buffers in the process heap for reuse. glibc serves every allocation above
 /// its mmap threshold (at most 32 MiB) with a fresh mapping, so a model's per-batch activations

@@ -1,0 +1,3 @@
+//! Training: the optimiser ([`optim`]: AdamW, schedule, clipping, accumulation).
+
+pub mod optim;
