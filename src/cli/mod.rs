@@ -6,6 +6,7 @@ pub mod embed;
 pub mod eval;
 pub mod index;
 pub mod retrieve;
+pub mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ pub enum Command {
     Embed(embed::Args),
     /// Benchmarks against the Python/C++ peers.
     Bench(bench::Args),
+    /// Fine-tune models (RAG).
+    Train(train::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a, cli.json),
         Command::Embed(a) => embed::run(a, cli.json),
         Command::Bench(a) => bench::run(a, cli.json),
+        Command::Train(a) => train::run(a, cli.json),
     }
 }
 

@@ -132,7 +132,10 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("exp_avg.{}", s.name), s.exp_avg.to_device(&Device::Cpu)?);
+            out.insert(
+                format!("exp_avg.{}", s.name),
+                s.exp_avg.to_device(&Device::Cpu)?,
+            );
             out.insert(
                 format!("exp_avg_sq.{}", s.name),
                 s.exp_avg_sq.to_device(&Device::Cpu)?,
@@ -155,9 +158,9 @@ impl AdamW {
         for s in &mut self.slots {
             let shape = s.var.as_tensor().dims().to_vec();
             let get = |key: String| -> Result<Tensor> {
-                let x = t.get(&key).with_context(|| {
-                    format!("{}: no optimiser state `{key}`", path.display())
-                })?;
+                let x = t
+                    .get(&key)
+                    .with_context(|| format!("{}: no optimiser state `{key}`", path.display()))?;
                 if x.dims() != shape.as_slice() {
                     bail!(
                         "{}: `{key}` has shape {:?}, the parameter {shape:?}",

@@ -1,0 +1,180 @@
+//! `rustrag train rag`: parse, call [`crate::train::rag::RagTrainer`], print.
+
+use crate::rag::{InMemoryIndex, RagMode};
+use crate::train::data::read_examples;
+use crate::train::optim::AdamWConfig;
+use crate::train::rag::{RagTrainConfig, RagTrainer, Trainable};
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum What {
+    /// Fine-tune an HF RAG checkpoint with the RAG-Sequence or RAG-Token loss.
+    Rag(RagArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TrainableArg {
+    Generator,
+    #[value(name = "generator+question-encoder")]
+    GeneratorQuestionEncoder,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    Token,
+    Sequence,
+}
+
+#[derive(Parser, Debug)]
+pub struct RagArgs {
+    /// RAG checkpoint directory (HF `save_pretrained` layout). Ignored with --resume.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Knowledge base: a directory with passages.jsonl and embeddings.safetensors.
+    #[arg(long)]
+    pub kb: PathBuf,
+    /// Training JSONL: {"question", "answers": [..], "gold_pid"?} per line.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Dev JSONL (same format) for loss, EM/F1 and retrieval recall.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Output directory (metrics.jsonl, metrics.png, checkpoints/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (its stored settings win).
+    #[arg(long)]
+    pub resume: bool,
+    /// Head when the checkpoint's `architectures` names none.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    #[arg(long, value_enum, default_value = "generator+question-encoder")]
+    pub trainable: TrainableArg,
+    #[arg(long)]
+    pub n_docs: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 3e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Global L2 gradient-norm clip; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Evaluate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+}
+
+impl RagArgs {
+    fn config(&self) -> RagTrainConfig {
+        RagTrainConfig {
+            trainable: match self.trainable {
+                TrainableArg::Generator => Trainable::Generator,
+                TrainableArg::GeneratorQuestionEncoder => Trainable::GeneratorQuestionEncoder,
+            },
+            n_docs: self.n_docs,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_steps: self.steps,
+            optim: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            warmup_steps: self.warmup,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            label_smoothing: self.label_smoothing,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            ..Default::default()
+        }
+    }
+}
+
+pub fn run(args: Args, json: bool) -> Result<()> {
+    match args.what {
+        What::Rag(a) => run_rag(a, json),
+    }
+}
+
+fn run_rag(a: RagArgs, json: bool) -> Result<()> {
+    let index = InMemoryIndex::load(
+        &a.kb.join("passages.jsonl"),
+        &a.kb.join("embeddings.safetensors"),
+    )?;
+    let train = read_examples(&a.train)?;
+    let dev = match &a.dev {
+        Some(p) => read_examples(p)?,
+        None => Vec::new(),
+    };
+    let mode = a.mode.map(|m| match m {
+        ModeArg::Token => RagMode::Token,
+        ModeArg::Sequence => RagMode::Sequence,
+    });
+    let mut trainer = if a.resume {
+        RagTrainer::resume(&a.out, mode, &index, train, dev)?
+    } else {
+        let model = a
+            .model
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--model is required unless --resume"))?;
+        RagTrainer::new(model, mode, &index, train, dev, &a.out, a.config())?
+    };
+    let bar = crate::train::progress_bar(trainer.config.max_steps, trainer.step);
+    let summary = trainer.run(None, |r| {
+        bar.set_position(r.step);
+        bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, r.tokens_per_s));
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "trained {} steps: loss {} -> {} ({:.2} s/step)",
+            summary.steps,
+            summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            summary.mean_step_secs
+        );
+        for e in &summary.evals {
+            println!(
+                "eval @ step {}: loss {:.4}, EM {:.1}, F1 {:.1}{}",
+                e.step,
+                e.eval_loss,
+                e.em,
+                e.f1,
+                e.recall
+                    .map_or(String::new(), |r| format!(", recall {r:.1}"))
+            );
+        }
+        if let Some(c) = &summary.last_checkpoint {
+            println!("checkpoint: {}", c.display());
+        }
+        println!("metrics: {}", summary.metrics.display());
+        println!("plot: {}", summary.plot.display());
+    }
+    Ok(())
+}

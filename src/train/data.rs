@@ -1,0 +1,117 @@
+//! Training data: JSONL question/answer files and the seeded data order.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// One training or evaluation example (a JSONL line `{"question", "answers", "gold_pid"?}`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub question: String,
+    /// Reference answers; the first is the training target, all count for EM/F1.
+    pub answers: Vec<String>,
+    /// Knowledge-base passage id of the gold passage (for retrieval recall), when known.
+    #[serde(default)]
+    pub gold_pid: Option<String>,
+}
+
+/// Read a JSONL file of [`Example`]s (blank lines skipped). Errors name `file:line` and the field.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let ex: Example = serde_json::from_str(line)
+            .with_context(|| format!("{}: not a {{\"question\", \"answers\"}} object", at()))?;
+        if ex.question.trim().is_empty() {
+            bail!("{}: `question` is empty", at());
+        }
+        if ex.answers.is_empty() || ex.answers[0].trim().is_empty() {
+            bail!("{}: `answers` needs at least one non-empty answer", at());
+        }
+        out.push(ex);
+    }
+    if out.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    Ok(out)
+}
+
+/// splitmix64: a small, fixed PRNG so that a seed gives the same data order on every platform and
+/// release.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The example order of epoch `epoch`: a Fisher–Yates shuffle of `0..n` seeded by `(seed, epoch)`.
+/// A pure function of its arguments, so a resumed run sees exactly the order of the original one.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed ^ epoch.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    for i in (1..n).rev() {
+        let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// The examples of global position `start..start + len` in the stream of epochs (each epoch a fresh
+/// permutation), as indices into the dataset of `n` examples.
+pub fn stream_slice(n: usize, seed: u64, start: u64, len: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(len);
+    let mut pos = start;
+    let mut cached: Option<(u64, Vec<usize>)> = None;
+    while out.len() < len {
+        let epoch = pos / n as u64;
+        if cached.as_ref().map(|c| c.0) != Some(epoch) {
+            cached = Some((epoch, epoch_order(n, seed, epoch)));
+        }
+        let order = &cached.as_ref().expect("set above").1;
+        out.push(order[(pos % n as u64) as usize]);
+        pos += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_a_seeded_permutation() {
+        let a = epoch_order(10, 42, 0);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..10).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(10, 42, 0));
+        assert_ne!(a, epoch_order(10, 42, 1));
+        assert_ne!(a, epoch_order(10, 43, 0));
+        // The stream crosses epochs.
+        let s = stream_slice(10, 42, 8, 4);
+        assert_eq!(&s[..2], &a[8..]);
+        assert_eq!(&s[2..], &epoch_order(10, 42, 1)[..2]);
+    }
+
+    #[test]
+    fn bad_lines_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train.jsonl");
+        std::fs::write(
+            &p,
+            "{\"question\": \"q\", \"answers\": [\"a\"]}\n\n{\"question\": \"q2\"}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read_examples(&p).unwrap_err());
+        assert!(e.contains("train.jsonl:3"), "{e}");
+        std::fs::write(&p, "{\"question\": \"q\", \"answers\": []}\n").unwrap();
+        let e = format!("{:#}", read_examples(&p).unwrap_err());
+        assert!(e.contains("train.jsonl:1") && e.contains("answers"), "{e}");
+    }
+}

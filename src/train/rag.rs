@@ -1,0 +1,716 @@
+//! RAG fine-tuning (Lewis et al. 2020 §2.4; HF `finetune_rag.py`): the RAG-Sequence or RAG-Token
+//! loss of [`RagModel`] on question/answer pairs retrieved against a fixed knowledge base, with the
+//! generator, or the generator and the question encoder, trainable (the latter through
+//! `doc_scores = q · d`, document embeddings fixed).
+//!
+//! A run lives in one output directory:
+//! `metrics.jsonl` (one record per step and per evaluation), `metrics.png`, and
+//! `checkpoints/step-NNNNNNN/` (HF `save_pretrained` layout + `optimizer.safetensors` +
+//! `trainer_state.json`), with `checkpoints/latest` naming the newest complete one.
+
+use crate::rag::checkpoint::{load_rag, LoadOptions};
+use crate::rag::config::{GenerationSettings, RagMode};
+use crate::rag::loss::NllOptions;
+use crate::rag::{RagContext, RagModel};
+use crate::retrieve::Retriever;
+use crate::tokenize::{ids_tensor, Padding};
+use crate::train::data::{stream_slice, Example};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which parameters train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trainable {
+    /// The generator only (doc scores are constants).
+    Generator,
+    /// Generator and question encoder (gradient through `doc_scores`; document embeddings fixed).
+    GeneratorQuestionEncoder,
+}
+
+/// Settings of a RAG fine-tuning run. Defaults in brackets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RagTrainConfig {
+    /// [`Trainable::GeneratorQuestionEncoder`], as in the paper.
+    pub trainable: Trainable,
+    /// Documents per question [the checkpoint's `n_docs`].
+    pub n_docs: Option<usize>,
+    /// Questions per micro-batch [8].
+    pub batch_size: usize,
+    /// Micro-batches summed into one optimiser step [1]; each micro-batch loss is divided by it.
+    pub grad_accum: usize,
+    /// Optimiser steps of the run [100].
+    pub max_steps: u64,
+    /// AdamW [torch defaults, except `lr` 3e-5 as HF's RAG examples].
+    pub optim: AdamWConfig,
+    /// Linear warm-up steps before the linear decay to 0 at `max_steps` [0].
+    pub warmup_steps: u64,
+    /// Clip the global L2 gradient norm to this [1.0]; `None` disables clipping.
+    pub max_grad_norm: Option<f64>,
+    /// Label smoothing ε of the RAG loss [0.0].
+    pub label_smoothing: f64,
+    /// Answer length cap in generator tokens, special tokens included [25, `finetune_rag.py`].
+    pub max_target_length: usize,
+    /// Seed of the data order [42].
+    pub seed: u64,
+    /// Evaluate on the dev set every this many steps (and at the end) [0 = only at the end].
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps (and at the end) [0 = only at the end].
+    pub save_every: u64,
+    /// Maximum answer length (decoder start included) when decoding for EM/F1 [20]; greedy.
+    pub eval_max_length: usize,
+}
+
+impl Default for RagTrainConfig {
+    fn default() -> Self {
+        Self {
+            trainable: Trainable::GeneratorQuestionEncoder,
+            n_docs: None,
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: 100,
+            optim: AdamWConfig {
+                lr: 3e-5,
+                ..Default::default()
+            },
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            label_smoothing: 0.0,
+            max_target_length: 25,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            eval_max_length: 20,
+        }
+    }
+}
+
+impl RagTrainConfig {
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_steps == 0 {
+            bail!("batch_size, grad_accum and max_steps must be at least 1");
+        }
+        if !(self.optim.lr.is_finite() && self.optim.lr > 0.0) {
+            bail!(
+                "learning rate must be a positive number, got {}",
+                self.optim.lr
+            );
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!(
+                "label_smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            );
+        }
+        if self.max_target_length < 2 {
+            bail!("max_target_length must be at least 2");
+        }
+        Ok(())
+    }
+
+    /// Questions per optimiser step.
+    pub fn questions_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    /// Mean RAG loss per question over the step's micro-batches (with label smoothing).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Generator tokens (context + answer, padding excluded) per second.
+    pub tokens_per_s: f64,
+    pub secs: f64,
+}
+
+/// Dev-set metrics at a step.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalRecord {
+    pub step: u64,
+    /// Mean RAG loss per question (no label smoothing).
+    pub eval_loss: f64,
+    /// Exact match and token F1 of greedy answers, in percent (SQuAD normalisation).
+    pub em: f64,
+    pub f1: f64,
+    /// Share of questions with a `gold_pid` whose gold passage was retrieved among the n_docs, in
+    /// percent (`None` when no example has a `gold_pid`). A chunk `<gold_pid>#<n>` counts as gold.
+    pub recall: Option<f64>,
+    pub questions: usize,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricLine {
+    Train(StepRecord),
+    Eval(EvalRecord),
+}
+
+impl MetricLine {
+    fn step(&self) -> u64 {
+        match self {
+            MetricLine::Train(r) => r.step,
+            MetricLine::Eval(r) => r.step,
+        }
+    }
+}
+
+/// Stored in every checkpoint: enough to resume exactly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    config: RagTrainConfig,
+    train_examples: usize,
+}
+
+/// Summary of a finished (or stopped) run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub evals: Vec<EvalRecord>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub metrics: PathBuf,
+    pub plot: PathBuf,
+    pub mean_step_secs: f64,
+}
+
+/// A RAG fine-tuning run: model, optimiser, data and output directory.
+pub struct RagTrainer<'a> {
+    pub model: RagModel,
+    pub config: RagTrainConfig,
+    retriever: &'a dyn Retriever,
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    out: PathBuf,
+    opt: AdamW,
+    /// Optimiser steps done.
+    pub step: u64,
+    n_docs: usize,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<'a> RagTrainer<'a> {
+    /// Start a run from the RAG checkpoint `model_dir` (loaded trainable). `out` must not hold a run.
+    pub fn new(
+        model_dir: &str,
+        mode: Option<RagMode>,
+        retriever: &'a dyn Retriever,
+        train: Vec<Example>,
+        dev: Vec<Example>,
+        out: &Path,
+        config: RagTrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        if out.join("checkpoints").join("latest").exists() {
+            bail!(
+                "{} already holds a run: resume it or choose another output directory",
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let model = load_trainable(model_dir, mode)?;
+        std::fs::write(out.join("metrics.jsonl"), b"")
+            .with_context(|| format!("creating {}", out.join("metrics.jsonl").display()))?;
+        Self::assemble(model, retriever, train, dev, out, config, 0)
+    }
+
+    /// Resume the run in `out` from its latest checkpoint: same config, same data order; metric
+    /// lines written after that checkpoint are dropped.
+    pub fn resume(
+        out: &Path,
+        mode: Option<RagMode>,
+        retriever: &'a dyn Retriever,
+        train: Vec<Example>,
+        dev: Vec<Example>,
+    ) -> Result<Self> {
+        let ckpt = latest_checkpoint(out)?
+            .with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
+        let state_path = ckpt.join("trainer_state.json");
+        let state: TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(&state_path)
+                .with_context(|| format!("reading {}", state_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", state_path.display()))?;
+        if state.train_examples != train.len() {
+            bail!(
+                "{}: the run trained on {} examples, the training file now has {} (the data order would change)",
+                state_path.display(),
+                state.train_examples,
+                train.len()
+            );
+        }
+        let model = load_trainable(&ckpt.to_string_lossy(), mode)?;
+        let mut t = Self::assemble(model, retriever, train, dev, out, state.config, state.step)?;
+        t.opt
+            .load(&ckpt.join("optimizer.safetensors"), state.step)?;
+        t.last_checkpoint = Some(ckpt);
+        let kept: Vec<MetricLine> = read_metrics(&t.metrics_path())?
+            .into_iter()
+            .filter(|m| m.step() <= state.step)
+            .collect();
+        let mut text = String::new();
+        for m in &kept {
+            text.push_str(&serde_json::to_string(m)?);
+            text.push('\n');
+        }
+        std::fs::write(t.metrics_path(), text)?;
+        Ok(t)
+    }
+
+    fn assemble(
+        model: RagModel,
+        retriever: &'a dyn Retriever,
+        train: Vec<Example>,
+        dev: Vec<Example>,
+        out: &Path,
+        config: RagTrainConfig,
+        step: u64,
+    ) -> Result<Self> {
+        if train.is_empty() {
+            bail!("no training examples");
+        }
+        let n_docs = config.n_docs.unwrap_or(model.n_docs());
+        let mut params = model.generator.vars();
+        if params.is_empty() {
+            bail!("the generator has no trainable parameters");
+        }
+        if config.trainable == Trainable::GeneratorQuestionEncoder {
+            let q = model
+                .question_encoder
+                .as_ref()
+                .context("training the question encoder needs a checkpoint with one")?
+                .vars();
+            if q.is_empty() {
+                bail!("the question encoder has no trainable parameters");
+            }
+            params.extend(q);
+        }
+        let opt = AdamW::new(params, config.optim.clone())?;
+        Ok(Self {
+            model,
+            config,
+            retriever,
+            train,
+            dev,
+            out: out.to_path_buf(),
+            opt,
+            step,
+            n_docs,
+            last_checkpoint: None,
+        })
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    pub fn plot_path(&self) -> PathBuf {
+        self.out.join("metrics.png")
+    }
+
+    /// The trained parameters by name, in optimiser order.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        self.opt
+            .params()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn schedule(&self) -> LinearSchedule {
+        LinearSchedule {
+            warmup_steps: self.config.warmup_steps,
+            total_steps: self.config.max_steps,
+        }
+    }
+
+    /// Decoder inputs = labels `[batch, T]` as `finetune_rag.py` builds them: the answer tokenized
+    /// with special tokens, truncated to `max_target_length`, padded to the longest with the
+    /// generator pad; T5 (whose tokenizer adds no BOS) gets `decoder_start_token_id` prepended.
+    pub fn labels(&self, answers: &[&str]) -> Result<Tensor> {
+        let m = &self.model;
+        let t5 = m
+            .config
+            .generator
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            == Some("t5");
+        let max = self.config.max_target_length - usize::from(t5);
+        let enc = m
+            .generator_tokenizer
+            .encode_batch(answers, true, Some(max), Padding::Longest)?;
+        let rows: Vec<Vec<u32>> = if t5 {
+            let start = m.generator.special_ids().decoder_start;
+            enc.input_ids
+                .iter()
+                .map(|r| std::iter::once(start).chain(r.iter().copied()).collect())
+                .collect()
+        } else {
+            enc.input_ids
+        };
+        ids_tensor(&rows, &m.device)
+    }
+
+    /// Retrieval and contexts for questions; `doc_scores` carry the question encoder's gradient only
+    /// when it trains.
+    fn contexts(&self, questions: &[&str], n_docs: usize) -> Result<crate::rag::Retrieved> {
+        let mut r = self.model.retrieve(self.retriever, questions, n_docs)?;
+        if self.config.trainable == Trainable::Generator {
+            let c = &r.context;
+            r.context = RagContext::new(
+                c.input_ids.clone(),
+                c.attention_mask.clone(),
+                c.doc_scores.detach(),
+            )?;
+        }
+        Ok(r)
+    }
+
+    /// Loss `[batch]` (or scalar when `reduce`) and the number of non-pad generator tokens.
+    fn batch_loss(
+        &self,
+        batch: &[&Example],
+        epsilon: f64,
+        reduce: bool,
+    ) -> Result<(Tensor, usize)> {
+        let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
+        let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
+        let r = self.contexts(&questions, self.n_docs)?;
+        let labels = self.labels(&answers)?;
+        let pad = self.model.generator_pad();
+        let tokens =
+            count_non_pad(&r.context.input_ids, pad)? + self.n_docs * count_non_pad(&labels, pad)?;
+        let opts = NllOptions {
+            reduce_loss: reduce,
+            epsilon,
+            exclude_bos_score: false,
+        };
+        Ok((self.model.loss(&r.context, &labels, &opts)?, tokens))
+    }
+
+    /// One optimiser step on the next `questions_per_step` examples of the seeded stream. Stops with
+    /// an error (and no update) when the loss or the gradient norm is not finite.
+    pub fn train_step(&mut self) -> Result<StepRecord> {
+        let started = Instant::now();
+        let c = &self.config;
+        let per_step = c.questions_per_step();
+        let idx = stream_slice(
+            self.train.len(),
+            c.seed,
+            self.step * per_step as u64,
+            per_step,
+        );
+        let mut acc = GradAccumulator::new(self.opt.params().map(|(_, v)| v.clone()).collect());
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for micro in idx.chunks(c.batch_size) {
+            let batch: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
+            // HF sums the per-question losses (reduce_loss); the mean over the optimiser step's
+            // questions keeps the rate independent of batch size and accumulation.
+            let (loss, n) = self.batch_loss(&batch, c.label_smoothing, true)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                bail!(self.non_finite("loss", value));
+            }
+            loss_sum += value;
+            tokens += n;
+            acc.add(&(loss / per_step as f64)?.backward()?)?;
+        }
+        let mut grads = acc.take();
+        let grad_norm = match c.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => clip_grad_norm(&mut grads, f64::INFINITY)?,
+        };
+        if !grad_norm.is_finite() {
+            bail!(self.non_finite("gradient norm", grad_norm));
+        }
+        let lr = c.optim.lr * self.schedule().lambda(self.step);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        let secs = started.elapsed().as_secs_f64();
+        Ok(StepRecord {
+            step: self.step,
+            loss: loss_sum / per_step as f64,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            secs,
+        })
+    }
+
+    fn non_finite(&self, what: &str, value: f64) -> String {
+        let kept = match &self.last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint was written yet".to_string(),
+        };
+        format!(
+            "training stopped at step {}: the {what} is {value} (diverged: lower the learning rate or enable clipping); {kept}",
+            self.step + 1
+        )
+    }
+
+    /// Dev loss (no smoothing), greedy EM/F1 and retrieval recall over `examples`.
+    pub fn evaluate(&self, examples: &[Example]) -> Result<EvalRecord> {
+        if examples.is_empty() {
+            bail!("no evaluation examples");
+        }
+        let mut p = self.model.generation_params(&GenerationSettings {
+            num_beams: Some(1),
+            num_return_sequences: Some(1),
+            max_length: Some(self.config.eval_max_length),
+            ..Default::default()
+        })?;
+        p.min_length = 0;
+        let (mut loss, mut em, mut f1) = (0f64, 0f64, 0f64);
+        let (mut with_gold, mut found) = (0usize, 0usize);
+        for batch in examples.chunks(self.config.batch_size) {
+            let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
+            let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
+            let r = self
+                .model
+                .retrieve(self.retriever, &questions, self.n_docs)?;
+            let ctx = RagContext::new(
+                r.context.input_ids.clone(),
+                r.context.attention_mask.clone(),
+                r.context.doc_scores.detach(),
+            )?;
+            let labels = self.labels(&answers)?;
+            let opts = NllOptions {
+                reduce_loss: true,
+                epsilon: 0.0,
+                exclude_bos_score: false,
+            };
+            loss += self.model.loss(&ctx, &labels, &opts)?.to_scalar::<f32>()? as f64;
+            let ids = match self.model.mode {
+                RagMode::Token => self.model.generate_token(&ctx, &p)?,
+                RagMode::Sequence => self.model.generate_sequence_fast(&ctx, &p)?.0,
+            };
+            for ((ex, out), passages) in batch.iter().zip(&ids).zip(&r.passages) {
+                let text = self.model.generator_tokenizer.decode(out, true)?;
+                em += crate::eval::qa::max_over_answers(
+                    crate::eval::qa::exact_match,
+                    &text,
+                    &ex.answers,
+                );
+                f1 += crate::eval::qa::max_over_answers(
+                    crate::eval::qa::f1_score,
+                    &text,
+                    &ex.answers,
+                );
+                if let Some(gold) = &ex.gold_pid {
+                    with_gold += 1;
+                    found += usize::from(passages.iter().any(|p| is_gold(&p.id, gold)));
+                }
+            }
+        }
+        let n = examples.len() as f64;
+        Ok(EvalRecord {
+            step: self.step,
+            eval_loss: loss / n,
+            em: 100.0 * em / n,
+            f1: 100.0 * f1 / n,
+            recall: (with_gold > 0).then(|| 100.0 * found as f64 / with_gold as f64),
+            questions: examples.len(),
+        })
+    }
+
+    /// Write `checkpoints/step-NNNNNNN/` (model in HF layout, optimiser moments, trainer state)
+    /// through a temporary directory renamed into place, then point `checkpoints/latest` at it.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let root = self.out.join("checkpoints");
+        std::fs::create_dir_all(&root)?;
+        let name = format!("step-{:07}", self.step);
+        let dir = root.join(&name);
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&root)
+            .with_context(|| format!("creating a temporary directory in {}", root.display()))?;
+        self.model.save_pretrained(tmp.path())?;
+        let steps = self.opt.save(&tmp.path().join("optimizer.safetensors"))?;
+        let state = TrainerState {
+            step: steps,
+            config: self.config.clone(),
+            train_examples: self.train.len(),
+        };
+        std::fs::write(
+            tmp.path().join("trainer_state.json"),
+            serde_json::to_string_pretty(&state)?,
+        )?;
+        for e in std::fs::read_dir(tmp.path())? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                std::fs::File::open(e.path())?.sync_all()?;
+            }
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("replacing {}", dir.display()))?;
+        }
+        let tmp_path = tmp.keep();
+        std::fs::rename(&tmp_path, &dir)
+            .with_context(|| format!("renaming into {}", dir.display()))?;
+        write_file_atomic(&root.join("latest"), name.as_bytes())?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    fn log(&self, line: &MetricLine) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(line)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Train until `max_steps` (or `stop_at`, if smaller: an interrupted run, for tests), evaluating
+    /// and checkpointing as configured; writes metrics and the plot. `on_step` sees every step.
+    pub fn run(
+        &mut self,
+        stop_at: Option<u64>,
+        mut on_step: impl FnMut(&StepRecord),
+    ) -> Result<RunSummary> {
+        let end = stop_at
+            .unwrap_or(self.config.max_steps)
+            .min(self.config.max_steps);
+        let mut evals = Vec::new();
+        let (mut first, mut last, mut secs, mut n) = (None, None, 0f64, 0u64);
+        let result = (|| -> Result<()> {
+            // The "before" point of the eval curve.
+            if self.step == 0 && !self.dev.is_empty() {
+                let e = self.evaluate(&self.dev)?;
+                self.log(&MetricLine::Eval(e.clone()))?;
+                evals.push(e);
+            }
+            while self.step < end {
+                let rec = self.train_step()?;
+                first.get_or_insert(rec.loss);
+                last = Some(rec.loss);
+                secs += rec.secs;
+                n += 1;
+                self.log(&MetricLine::Train(rec.clone()))?;
+                on_step(&rec);
+                let at_end = self.step == self.config.max_steps;
+                let every = |k: u64| k > 0 && self.step % k == 0;
+                if !self.dev.is_empty() && (every(self.config.eval_every) || at_end) {
+                    let e = self.evaluate(&self.dev)?;
+                    tracing::info!(
+                        step = e.step,
+                        loss = e.eval_loss,
+                        em = e.em,
+                        f1 = e.f1,
+                        "eval"
+                    );
+                    self.log(&MetricLine::Eval(e.clone()))?;
+                    evals.push(e);
+                }
+                if every(self.config.save_every) || at_end {
+                    self.save_checkpoint()?;
+                }
+            }
+            Ok(())
+        })();
+        // The plot shows whatever was logged, also when training stopped on an error.
+        let plotted = crate::train::plot::plot_metrics(
+            &read_metrics(&self.metrics_path())?,
+            &self.plot_path(),
+        );
+        result?;
+        plotted?;
+        Ok(RunSummary {
+            steps: self.step,
+            first_loss: first,
+            last_loss: last,
+            evals,
+            last_checkpoint: self.last_checkpoint.clone(),
+            metrics: self.metrics_path(),
+            plot: self.plot_path(),
+            mean_step_secs: secs / n.max(1) as f64,
+        })
+    }
+}
+
+fn load_trainable(dir: &str, mode: Option<RagMode>) -> Result<RagModel> {
+    load_rag(
+        dir,
+        &LoadOptions {
+            trainable: true,
+            mode,
+            ..Default::default()
+        },
+    )
+}
+
+/// Passage `id` is the gold passage or one of its chunks (`<gold>#<chunk>`, as HF's `split_text`
+/// KBs and the parity fixtures name them).
+fn is_gold(id: &str, gold: &str) -> bool {
+    id == gold || id.split_once('#').is_some_and(|(doc, _)| doc == gold)
+}
+
+fn count_non_pad(ids: &Tensor, pad: u32) -> Result<usize> {
+    Ok(ids
+        .ne(pad)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize)
+}
+
+/// The newest complete checkpoint of the run in `out` (`checkpoints/latest`), if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let latest = out.join("checkpoints").join("latest");
+    if !latest.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&latest)
+        .with_context(|| format!("reading {}", latest.display()))?;
+    let dir = out.join("checkpoints").join(name.trim());
+    if !dir.join("trainer_state.json").is_file() {
+        bail!(
+            "{} names {}, which is not a complete checkpoint",
+            latest.display(),
+            dir.display()
+        );
+    }
+    Ok(Some(dir))
+}
+
+/// Every record of a `metrics.jsonl` (errors name file:line).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricLine>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: bad metrics line", path.display(), i + 1))
+        })
+        .collect()
+}
+
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
