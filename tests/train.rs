@@ -69,7 +69,10 @@ fn adamw_clipping_and_schedule_match_torch() -> Result<()> {
         .enumerate()
     {
         let want = want.as_f64().context("lambda")?;
-        assert!((schedule.lambda(i as u64) - want).abs() < 1e-12, "lambda({i})");
+        assert!(
+            (schedule.lambda(i as u64) - want).abs() < 1e-12,
+            "lambda({i})"
+        );
     }
     let names: Vec<String> = fx["names"]
         .as_array()
@@ -98,7 +101,10 @@ fn adamw_clipping_and_schedule_match_torch() -> Result<()> {
     assert_eq!(steps.len(), 3, "the fixture records 3 steps");
     for (k, step) in steps.iter().enumerate() {
         let lr = config.lr * schedule.lambda(k as u64);
-        assert!((lr - step["lr"].as_f64().unwrap()).abs() < 1e-15, "step {k} lr");
+        assert!(
+            (lr - step["lr"].as_f64().unwrap()).abs() < 1e-15,
+            "step {k} lr"
+        );
         let mut grads: Vec<Option<Tensor>> = names
             .iter()
             .map(|n| {
@@ -165,5 +171,301 @@ fn adamw_clipping_and_schedule_match_torch() -> Result<()> {
     for ((_, a), (_, b)) in params.iter().zip(&copy) {
         assert_eq!(flat(a.as_tensor()), flat(b.as_tensor()));
     }
+    Ok(())
+}
+
+// ---- RAG fine-tuning on the parity fixtures ------------------------------------------------------
+
+use rustrag::rag::InMemoryIndex;
+use rustrag::train::data::Example;
+use rustrag::train::rag::{
+    latest_checkpoint, read_metrics, MetricLine, RagTrainConfig, RagTrainer, Trainable,
+};
+
+/// The parity suite's gradient tolerance (tests/parity/rag.rs `GRAD_RTOL`): max abs error ≤ 1e-2 ·
+/// max |reference| per tensor.
+const GRAD_RTOL: f64 = 1e-2;
+
+fn parity_dir() -> PathBuf {
+    std::env::var("RUSTRAG_PARITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/parity"))
+}
+
+struct Case {
+    dir: PathBuf,
+    fx: Value,
+    index: InMemoryIndex,
+}
+
+/// A RAG case of the parity set; missing data is a failure, never a skip.
+fn case(name: &str) -> Case {
+    let dir = parity_dir().join(name);
+    let text = std::fs::read_to_string(dir.join("expected.json")).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the parity fixtures are required; set RUSTRAG_PARITY_DIR)",
+            dir.display()
+        )
+    });
+    let fx: Value = serde_json::from_str(&text).expect("expected.json parses");
+    let index = InMemoryIndex::load(
+        &dir.join("kb/passages.jsonl"),
+        &dir.join("kb/embeddings.safetensors"),
+    )
+    .expect("fixture KB loads");
+    Case { dir, fx, index }
+}
+
+/// The fixture's questions with their answers, as training examples.
+fn fixture_examples(fx: &Value) -> Vec<Example> {
+    let q = fx["questions"]["texts"]
+        .as_array()
+        .expect("questions/texts");
+    let a = fx["targets"]["answers"]
+        .as_array()
+        .expect("targets/answers");
+    q.iter()
+        .zip(a)
+        .map(|(q, a)| Example {
+            question: q.as_str().unwrap().to_string(),
+            answers: vec![a.as_str().unwrap().to_string()],
+            gold_pid: None,
+        })
+        .collect()
+}
+
+/// One training step from the fixture checkpoint equals AdamW applied to the gradients HF recorded
+/// (`gradients/full_gradients`: a question-encoder and a generator LayerNorm weight), i.e. the
+/// training path computes the parity suite's gradients. `eps = 1` makes the first AdamW step
+/// `lr · g / (|g| + 1)` (with `eps = 1e-8` it would be `lr · sign(g)`, blind to the gradient's size).
+/// The loss is the fixture's `finetune_rag.py` loss (label smoothing 0.1, summed over the 2
+/// questions); the trainer averages over the step's questions, so its gradients are half of HF's.
+#[test]
+fn one_train_step_is_adamw_on_the_parity_gradients() -> Result<()> {
+    for name in ["bart-token", "bart-seq", "t5-token", "t5-seq"] {
+        let c = case(name);
+        let fx = &c.fx;
+        let examples = fixture_examples(fx);
+        let b = examples.len() as f64;
+        let (lr, wd) = (1e-3, 0.01);
+        let config = RagTrainConfig {
+            trainable: Trainable::GeneratorQuestionEncoder,
+            n_docs: Some(fx["settings"]["n_docs"].as_u64().context("n_docs")? as usize),
+            batch_size: examples.len(),
+            max_steps: 1,
+            optim: AdamWConfig {
+                lr,
+                eps: 1.0,
+                weight_decay: wd,
+                ..Default::default()
+            },
+            max_grad_norm: None,
+            label_smoothing: 0.1,
+            ..Default::default()
+        };
+        let out = tempfile::tempdir()?;
+        let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
+        let mut t = RagTrainer::new(
+            &model_dir,
+            None,
+            &c.index,
+            examples.clone(),
+            Vec::new(),
+            out.path(),
+            config,
+        )?;
+        let answers: Vec<&str> = examples.iter().map(|e| e.answers[0].as_str()).collect();
+        let labels: Vec<Vec<u32>> = t.labels(&answers)?.to_vec2()?;
+        let want_labels: Vec<Vec<u32>> = serde_json::from_value(fx["targets"]["labels"].clone())?;
+        assert_eq!(
+            labels, want_labels,
+            "{name}: labels as finetune_rag.py builds them"
+        );
+        let full = fx["gradients"]["full_gradients"]
+            .as_object()
+            .context("gradients/full_gradients")?;
+        let params: std::collections::HashMap<String, Var> = t.params().into_iter().collect();
+        let before: Vec<(String, Vec<f32>)> = full
+            .keys()
+            .map(|n| {
+                let v = params
+                    .get(n)
+                    .unwrap_or_else(|| panic!("{name}: `{n}` is not trained"));
+                (n.clone(), flat(v.as_tensor()))
+            })
+            .collect();
+        let rec = t.train_step()?;
+        let want_loss = fx["gradients"]["loss"].as_f64().context("gradients/loss")?;
+        assert!(
+            (rec.loss * b - want_loss).abs() <= 1e-4 * want_loss.abs(),
+            "{name}: loss {} vs HF {want_loss}",
+            rec.loss * b
+        );
+        let norms = fx["gradients"]["grad_l2_norms_all"]
+            .as_object()
+            .context("grad_l2_norms_all")?;
+        let want_norm = norms
+            .values()
+            .map(|v| v.as_f64().unwrap().powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / b;
+        assert!(
+            (rec.grad_norm - want_norm).abs() <= 1e-3 * want_norm,
+            "{name}: global grad norm {} vs HF {want_norm}",
+            rec.grad_norm
+        );
+        for (n, p0) in &before {
+            let g = floats(&full[n]["grad"])?;
+            let want: Vec<f32> = p0
+                .iter()
+                .zip(&g)
+                .map(|(&p, &g)| {
+                    let g = g as f64 / b;
+                    (-lr * wd * p as f64 - lr * g / (g.abs() + 1.0)) as f32
+                })
+                .collect();
+            let after = flat(params[n].as_tensor());
+            let got: Vec<f32> = after.iter().zip(p0).map(|(a, p)| a - p).collect();
+            assert_close(&format!("{name}: update of {n}"), &got, &want, GRAD_RTOL);
+        }
+    }
+    Ok(())
+}
+
+fn small_run_config(max_steps: u64) -> RagTrainConfig {
+    RagTrainConfig {
+        trainable: Trainable::GeneratorQuestionEncoder,
+        batch_size: 1,
+        max_steps,
+        optim: AdamWConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        warmup_steps: 1,
+        save_every: 2,
+        ..Default::default()
+    }
+}
+
+fn train_losses(out: &Path) -> Result<Vec<(u64, f64)>> {
+    Ok(read_metrics(&out.join("metrics.jsonl"))?
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricLine::Train(r) => Some((r.step, r.loss)),
+            MetricLine::Eval(_) => None,
+        })
+        .collect())
+}
+
+/// An interrupted run resumed from its checkpoint sees the same data order and gives the same loss
+/// curve as an uninterrupted one (same process, same thread count: equal to 1e-5 relative).
+#[test]
+fn resume_continues_the_same_loss_curve() -> Result<()> {
+    let c = case("bart-token");
+    let examples = fixture_examples(&c.fx);
+    let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
+    let whole = tempfile::tempdir()?;
+    let mut t = RagTrainer::new(
+        &model_dir,
+        None,
+        &c.index,
+        examples.clone(),
+        examples.clone(),
+        whole.path(),
+        small_run_config(6),
+    )?;
+    let s = t.run(None, |_| {})?;
+    assert_eq!(s.steps, 6);
+    // The dev evaluation ran before and after training.
+    assert_eq!(s.evals.first().map(|e| e.step), Some(0));
+    assert_eq!(s.evals.last().map(|e| e.step), Some(6));
+    assert!(s.plot.is_file());
+    drop(t);
+    let want = train_losses(whole.path())?;
+    assert_eq!(want.len(), 6);
+
+    let cut = tempfile::tempdir()?;
+    let mut t = RagTrainer::new(
+        &model_dir,
+        None,
+        &c.index,
+        examples.clone(),
+        examples.clone(),
+        cut.path(),
+        small_run_config(6),
+    )?;
+    // Killed after step 3: the last checkpoint is step 2, step 3's metrics line is dropped on resume.
+    t.run(Some(3), |_| {})?;
+    drop(t);
+    assert!(latest_checkpoint(cut.path())?
+        .unwrap()
+        .ends_with("step-0000002"));
+    assert!(RagTrainer::new(
+        &model_dir,
+        None,
+        &c.index,
+        examples.clone(),
+        Vec::new(),
+        cut.path(),
+        small_run_config(6)
+    )
+    .is_err());
+    let mut t = RagTrainer::resume(cut.path(), None, &c.index, examples.clone(), examples)?;
+    assert_eq!(t.step, 2);
+    t.run(None, |_| {})?;
+    let got = train_losses(cut.path())?;
+    assert_eq!(got.len(), 6, "{got:?}");
+    for ((s1, a), (s2, b)) in got.iter().zip(&want) {
+        assert_eq!(s1, s2);
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "step {s1}: resumed loss {a} vs uninterrupted {b}"
+        );
+    }
+    Ok(())
+}
+
+/// A diverging run stops with a clear message and keeps its last good checkpoint loadable.
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() -> Result<()> {
+    let c = case("bart-token");
+    let examples = fixture_examples(&c.fx);
+    let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
+    let out = tempfile::tempdir()?;
+    let config = RagTrainConfig {
+        optim: AdamWConfig {
+            lr: 1e30,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        max_grad_norm: None,
+        warmup_steps: 0,
+        save_every: 1,
+        ..small_run_config(10)
+    };
+    let mut t = RagTrainer::new(
+        &model_dir,
+        None,
+        &c.index,
+        examples.clone(),
+        Vec::new(),
+        out.path(),
+        config,
+    )?;
+    let err = format!("{:#}", t.run(None, |_| {}).unwrap_err());
+    assert!(err.contains("training stopped at step"), "{err}");
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let ckpt = latest_checkpoint(out.path())?.expect("a checkpoint was kept");
+    assert!(err.contains(&ckpt.display().to_string()), "{err}");
+    // The kept checkpoint holds finite weights and loads.
+    let m = rustrag::rag::checkpoint::load_rag(&ckpt.to_string_lossy(), &Default::default())?;
+    let w = rustrag::hub::Weights::from_dir(&ckpt, candle_core::DType::F32, &Device::Cpu, false)?;
+    for n in w.names() {
+        let t = w.get(n)?;
+        let s = t.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(s.is_finite(), "{n} is not finite in the kept checkpoint");
+    }
+    drop(m);
     Ok(())
 }

@@ -366,7 +366,19 @@ impl<'a> RagTrainer<'a> {
     /// Retrieval and contexts for questions; `doc_scores` carry the question encoder's gradient only
     /// when it trains.
     fn contexts(&self, questions: &[&str], n_docs: usize) -> Result<crate::rag::Retrieved> {
-        let mut r = self.model.retrieve(self.retriever, questions, n_docs)?;
+        let m = &self.model;
+        let (ids, mask) = m.tokenize_questions(questions)?;
+        let q = m
+            .question_encoder
+            .as_ref()
+            .context("this RAG model has no question encoder")?
+            .encode_ids(&ids, &mask)?;
+        // A diverged question encoder gives NaN scores, which retrieve nothing.
+        let size = q.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !size.is_finite() {
+            bail!(self.non_finite("question embedding", size as f64));
+        }
+        let mut r = m.retrieve_with_embeddings(self.retriever, &ids, &q, n_docs)?;
         if self.config.trainable == Trainable::Generator {
             let c = &r.context;
             r.context = RagContext::new(
@@ -477,9 +489,7 @@ impl<'a> RagTrainer<'a> {
         for batch in examples.chunks(self.config.batch_size) {
             let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
-            let r = self
-                .model
-                .retrieve(self.retriever, &questions, self.n_docs)?;
+            let r = self.contexts(&questions, self.n_docs)?;
             let ctx = RagContext::new(
                 r.context.input_ids.clone(),
                 r.context.attention_mask.clone(),
@@ -605,7 +615,7 @@ impl<'a> RagTrainer<'a> {
                 self.log(&MetricLine::Train(rec.clone()))?;
                 on_step(&rec);
                 let at_end = self.step == self.config.max_steps;
-                let every = |k: u64| k > 0 && self.step % k == 0;
+                let every = |k: u64| k > 0 && self.step.is_multiple_of(k);
                 if !self.dev.is_empty() && (every(self.config.eval_every) || at_end) {
                     let e = self.evaluate(&self.dev)?;
                     tracing::info!(
