@@ -264,16 +264,7 @@ fn one_train_step_is_adamw_on_the_parity_gradients() -> Result<()> {
             ..Default::default()
         };
         let out = tempfile::tempdir()?;
-        let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
-        let mut t = RagTrainer::new(
-            &model_dir,
-            None,
-            &c.index,
-            examples.clone(),
-            Vec::new(),
-            out.path(),
-            config,
-        )?;
+        let mut t = start(&c, examples.clone(), Vec::new(), out.path(), config)?;
         let answers: Vec<&str> = examples.iter().map(|e| e.answers[0].as_str()).collect();
         let labels: Vec<Vec<u32>> = t.labels(&answers)?.to_vec2()?;
         let want_labels: Vec<Vec<u32>> = serde_json::from_value(fx["targets"]["labels"].clone())?;
@@ -333,6 +324,18 @@ fn one_train_step_is_adamw_on_the_parity_gradients() -> Result<()> {
     Ok(())
 }
 
+/// A run from the case's RAG checkpoint.
+fn start<'a>(
+    c: &'a Case,
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    out: &Path,
+    config: RagTrainConfig,
+) -> Result<RagTrainer<'a>> {
+    let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
+    RagTrainer::new(&model_dir, None, &c.index, train, dev, out, config)
+}
+
 fn small_run_config(max_steps: u64) -> RagTrainConfig {
     RagTrainConfig {
         trainable: Trainable::GeneratorQuestionEncoder,
@@ -364,12 +367,9 @@ fn train_losses(out: &Path) -> Result<Vec<(u64, f64)>> {
 fn resume_continues_the_same_loss_curve() -> Result<()> {
     let c = case("bart-token");
     let examples = fixture_examples(&c.fx);
-    let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
     let whole = tempfile::tempdir()?;
-    let mut t = RagTrainer::new(
-        &model_dir,
-        None,
-        &c.index,
+    let mut t = start(
+        &c,
         examples.clone(),
         examples.clone(),
         whole.path(),
@@ -386,10 +386,8 @@ fn resume_continues_the_same_loss_curve() -> Result<()> {
     assert_eq!(want.len(), 6);
 
     let cut = tempfile::tempdir()?;
-    let mut t = RagTrainer::new(
-        &model_dir,
-        None,
-        &c.index,
+    let mut t = start(
+        &c,
         examples.clone(),
         examples.clone(),
         cut.path(),
@@ -401,10 +399,8 @@ fn resume_continues_the_same_loss_curve() -> Result<()> {
     assert!(latest_checkpoint(cut.path())?
         .unwrap()
         .ends_with("step-0000002"));
-    assert!(RagTrainer::new(
-        &model_dir,
-        None,
-        &c.index,
+    assert!(start(
+        &c,
         examples.clone(),
         Vec::new(),
         cut.path(),
@@ -431,7 +427,6 @@ fn resume_continues_the_same_loss_curve() -> Result<()> {
 fn non_finite_loss_stops_and_keeps_the_last_checkpoint() -> Result<()> {
     let c = case("bart-token");
     let examples = fixture_examples(&c.fx);
-    let model_dir = c.dir.join("rag").to_string_lossy().into_owned();
     let out = tempfile::tempdir()?;
     let config = RagTrainConfig {
         optim: AdamWConfig {
@@ -444,15 +439,7 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() -> Result<()> {
         save_every: 1,
         ..small_run_config(10)
     };
-    let mut t = RagTrainer::new(
-        &model_dir,
-        None,
-        &c.index,
-        examples.clone(),
-        Vec::new(),
-        out.path(),
-        config,
-    )?;
+    let mut t = start(&c, examples.clone(), Vec::new(), out.path(), config)?;
     let err = format!("{:#}", t.run(None, |_| {}).unwrap_err());
     assert!(err.contains("training stopped at step"), "{err}");
     assert!(err.contains("last good checkpoint"), "{err}");

@@ -1,5 +1,5 @@
 //! `metrics.png`: training loss (blue) and eval loss (red) over steps on top, eval EM (green) and F1
-//! (orange) in percent below. Drawn with plotters' bitmap backend only: no font dependency, so the
+//! (orange) and retrieval recall (purple) in percent below. Drawn with plotters' bitmap backend only: no font dependency, so the
 //! axes carry no text; the legend is this comment and the values are in `metrics.jsonl`.
 
 use crate::train::rag::MetricLine;
@@ -12,7 +12,8 @@ const SIZE: (u32, u32) = (900, 600);
 /// Draw `lines` into a PNG at `path` (written through a temporary file and renamed).
 pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
     let mut train = Vec::new();
-    let (mut eval_loss, mut em, mut f1) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut eval_loss, mut em, mut f1, mut recall) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for l in lines {
         match l {
             MetricLine::Train(r) => train.push((r.step as f64, r.loss)),
@@ -20,6 +21,9 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
                 eval_loss.push((r.step as f64, r.eval_loss));
                 em.push((r.step as f64, r.em));
                 f1.push((r.step as f64, r.f1));
+                if let Some(x) = r.recall {
+                    recall.push((r.step as f64, x));
+                }
             }
         }
     }
@@ -95,7 +99,11 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             .y_label_formatter(&|_| String::new())
             .draw()
             .map_err(|e| err(&e))?;
-        for (series, colour) in [(&em, GREEN), (&f1, RGBColor(255, 140, 0))] {
+        for (series, colour) in [
+            (&em, GREEN),
+            (&f1, RGBColor(255, 140, 0)),
+            (&recall, RGBColor(128, 0, 160)),
+        ] {
             chart
                 .draw_series(LineSeries::new(
                     series.iter().copied(),

@@ -570,7 +570,8 @@ impl<'a> RagTrainer<'a> {
         let tmp_path = tmp.keep();
         std::fs::rename(&tmp_path, &dir)
             .with_context(|| format!("renaming into {}", dir.display()))?;
-        write_file_atomic(&root.join("latest"), name.as_bytes())?;
+        crate::kb::atomic::fsync_dir(&root)?;
+        crate::kb::atomic::write_file_atomic(&root.join("latest"), name.as_bytes())?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
@@ -713,14 +714,4 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricLine>> {
                 .with_context(|| format!("{}:{}: bad metrics line", path.display(), i + 1))
         })
         .collect()
-}
-
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
