@@ -10,9 +10,7 @@
 //! - [`rag`]: RagModel, RAG-Sequence and RAG-Token (losses, decoding, provenance).
 //! - [`eval`]: retrieval and QA metrics.
 //! - [`progress`]: progress bars for long work.
-//! - [`cli`]: the `rustrag` command line (a thin layer over the library).
 
-pub mod cli;
 pub mod encoders;
 pub mod eval;
 pub mod generators;

@@ -48,8 +48,11 @@ fn minilm() -> Arc<dyn TextEncoder> {
     static ENC: OnceLock<Arc<dyn TextEncoder>> = OnceLock::new();
     ENC.get_or_init(|| {
         Arc::from(
-            rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, false)
-                .expect("load MiniLM"),
+            rustrag::encoders::load_encoder(
+                minilm_dir().to_str().unwrap(),
+                &rustrag::encoders::LoadOptions::default(),
+            )
+            .expect("load MiniLM"),
         )
     })
     .clone()
@@ -561,8 +564,14 @@ fn int8_minilm_agrees_with_f32() {
         .unwrap()
         .documents;
     let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
-    let int8 =
-        rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, true).unwrap();
+    let int8 = rustrag::encoders::load_encoder(
+        minilm_dir().to_str().unwrap(),
+        &rustrag::encoders::LoadOptions {
+            int8: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(int8.fingerprint().int8 && !minilm().fingerprint().int8);
     let rows = |e: &dyn TextEncoder, texts: &[&str]| -> Vec<Vec<f32>> {
         e.encode_texts(texts).unwrap().to_vec2::<f32>().unwrap()

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rustrag::cli::ask::{ask_hf_rag, Args as AskArgs};
 use rustrag::rag::checkpoint::{load_rag, LoadOptions};
+use rustrag::rag::pipeline::{AnswerOptions, Pipeline, PipelineConfig};
 use rustrag::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
 use std::path::PathBuf;
 
@@ -128,35 +128,26 @@ fn a_training_step_lowers_the_loss_and_is_saved() -> Result<()> {
     Ok(())
 }
 
-fn ask_args(dir: &std::path::Path, beams: usize) -> AskArgs {
-    AskArgs {
-        questions: vec![],
-        questions_file: None,
-        model: Some(dir.join("rag").to_string_lossy().into_owned()),
-        generator: None,
-        kb: dir.join("kb"),
-        mode: None,
-        n_docs: None,
-        beams: Some(beams),
-        num_return_sequences: None,
-        max_length: Some(12),
-        min_length: None,
-        decoding: "thorough".into(),
-        snippet_chars: 40,
-        retriever: "dense".into(),
-        gguf_weights: "f32".into(),
-    }
-}
-
 #[test]
 fn ask_returns_answers_sources_and_normalised_provenance() -> Result<()> {
     for (case, mode) in [
         ("bart-token", RagMode::Token),
         ("t5-seq", RagMode::Sequence),
     ] {
-        let (model, index, dir) = load(case, false)?;
+        let dir = case_dir(case)?;
+        let config = PipelineConfig {
+            answer: AnswerOptions {
+                beams: Some(2),
+                max_new_tokens: Some(11),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pipeline =
+            Pipeline::open_checkpoint(&dir.join("rag").to_string_lossy(), &dir.join("kb"), config)?;
+        let model = &pipeline.rag;
         let qs = questions(&dir)?;
-        let res = ask_hf_rag(&model, &index, &qs, &ask_args(&dir, 2))?;
+        let res = pipeline.answer(&qs)?;
         assert_eq!(res.len(), qs.len());
         for r in &res {
             assert_eq!(r.mode, mode);

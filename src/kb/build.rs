@@ -366,6 +366,7 @@ fn write_generation(
         files,
         hnsw: opts.hnsw.clone(),
         created_unix: now_unix(),
+        prior_temperature: Some(super::manifest::default_prior_temperature(fp)),
     };
     store::write_synced(&dir.join(MANIFEST_FILE), &manifest.to_json()?)?;
     let bytes_on_disk = manifest.files.values().map(|f| f.bytes).sum::<u64>();

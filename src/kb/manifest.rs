@@ -72,6 +72,24 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
     pub hnsw: Option<HnswParams>,
     pub created_unix: u64,
+    /// τ of the RAG doc prior p(z|x) = softmax(q·d / τ) over retrieved passages: the scale the
+    /// encoder's scores were trained at. Absent in KBs written before it existed: then
+    /// [`default_prior_temperature`] of the encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_temperature: Option<f64>,
+}
+
+/// τ for an encoder's scores when the KB does not record one. Unit-normalised (cosine) encoders:
+/// 0.05, sentence-transformers' `MultipleNegativesRankingLoss` default scale of 20 that
+/// all-MiniLM-L6-v2 and most sentence-transformers retrievers were trained with (cosine × 20 are
+/// the logits of their in-batch softmax). Raw inner products (DPR): 1, the logits DPR and RAG
+/// were trained on.
+pub fn default_prior_temperature(encoder: &EncoderFingerprint) -> f64 {
+    if encoder.normalized {
+        0.05
+    } else {
+        1.0
+    }
 }
 
 impl Manifest {
@@ -101,6 +119,12 @@ impl Manifest {
             );
         }
         serde_json::from_value(v).with_context(|| format!("{}: malformed manifest", path.display()))
+    }
+
+    /// The recorded τ, or the encoder's default ([`default_prior_temperature`]).
+    pub fn prior_temperature(&self) -> f64 {
+        self.prior_temperature
+            .unwrap_or_else(|| default_prior_temperature(&self.encoder))
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>> {

@@ -54,15 +54,36 @@ fn check_doc_scores(doc_scores: &Tensor, batch: usize, n_docs: usize) -> Result<
     Ok(())
 }
 
-/// RAG-Token marginal: `log Σ_z p(z|x) p(y_t|x,z,y<t)` for every position and vocabulary entry.
+/// The one marginalisation over documents: `log Σ_z p(z|x) p(·|x,z) = logsumexp_z(doc_lp + lp)`.
+/// `lp: [batch, n_docs, ...]` log-probabilities under each document, `doc_lp: [batch, n_docs]`
+/// log p(z|x) (or `[1, n_docs]`, broadcast) → `[batch, ...]`. Differentiable in both.
+pub fn marginalize_docs(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    Ok(logsumexp(&joint(lp, doc_lp)?, 1)?)
+}
+
+/// Posterior over documents `p(z | x, ·) = softmax_z(doc_lp + lp)`: shapes as
+/// [`marginalize_docs`], result `[batch, n_docs, ...]` (sums to 1 over dim 1).
+pub fn doc_posterior(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    let joint = joint(lp, doc_lp)?;
+    let marginal = logsumexp(&joint, 1)?.unsqueeze(1)?;
+    Ok(joint.broadcast_sub(&marginal)?.exp()?)
+}
+
+/// `lp + doc_lp` with `doc_lp: [batch, n_docs]` broadcast over `lp`'s trailing dims.
+fn joint(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    let mut d = doc_lp.to_dtype(lp.dtype())?;
+    while d.rank() < lp.rank() {
+        d = d.unsqueeze(d.rank())?;
+    }
+    Ok(lp.broadcast_add(&d)?)
+}
+
+/// RAG-Token marginal (HF `RagTokenForGeneration.marginalize`) for every position and vocabulary entry.
 /// `seq_logits: [batch*n_docs, T, V]`, `doc_scores: [batch, n_docs]` → `[batch, T, V]` log-probs.
 pub fn marginalize(seq_logits: &Tensor, doc_scores: &Tensor, n_docs: usize) -> Result<Tensor> {
     let lp = doc_logprobs(seq_logits, n_docs)?;
     check_doc_scores(doc_scores, lp.dim(0)?, n_docs)?;
-    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?
-        .unsqueeze(2)?
-        .unsqueeze(3)?;
-    Ok(logsumexp(&lp.broadcast_add(&doc_lp)?, 1)?)
+    marginalize_docs(&lp, &doc_log_prior(doc_scores, lp.dtype())?)
 }
 
 /// Gather `logprobs[..., target]` over the last dim: `logprobs: [.., T, V]`, `target` broadcastable
@@ -154,9 +175,24 @@ pub fn rag_sequence_nll(
     } else {
         ll.sum(2)?
     };
+    // The prior is already inside `ll` (added at position 1, as HF does), so the marginal over
+    // documents is a plain log-sum-exp here.
     let ll = logsumexp(&ll, 1)?;
     let smooth = logsumexp(&smooth.sum(2)?, 1)?;
     finish(ll.neg()?, smooth.neg()?, opts, v)
+}
+
+/// Log-probability of each target token under each document: `seq_logits: [batch*n_docs, T, V]`,
+/// `labels: [batch, T]` (shifted left inside, as the losses do) → `[batch, n_docs, T]`.
+pub fn target_logprobs(
+    seq_logits: &Tensor,
+    labels: &Tensor,
+    n_docs: usize,
+    pad: u32,
+) -> Result<Tensor> {
+    let lp = doc_logprobs(seq_logits, n_docs)?;
+    let target = shift_left(labels, pad)?;
+    gather_last(&lp, &target.unsqueeze(1)?)
 }
 
 /// RAG-Sequence posterior over documents given a whole answer, p(z | x, y) ∝ p(z|x) Π_t p(y_t|x,z,y<t):
@@ -168,14 +204,11 @@ pub fn sequence_doc_posterior(
     n_docs: usize,
     pad: u32,
 ) -> Result<Tensor> {
-    let lp = doc_logprobs(seq_logits, n_docs)?;
     let target = shift_left(labels, pad)?;
-    let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?;
-    let ll = gather_last(&lp, &target.unsqueeze(1)?)?
-        .broadcast_mul(&mask)?
-        .sum(2)?; // [B, K]
-    let joint = (ll + doc_log_prior(doc_scores, lp.dtype())?)?;
-    Ok(crate::nn::softmax_last_dim(&joint)?)
+    let tok_lp = target_logprobs(seq_logits, labels, n_docs, pad)?;
+    let mask = non_pad_mask(&target, pad, tok_lp.dtype())?.unsqueeze(1)?;
+    let ll = tok_lp.broadcast_mul(&mask)?.sum(2)?; // [B, K]
+    doc_posterior(&ll, &doc_log_prior(doc_scores, ll.dtype())?)
 }
 
 #[cfg(test)]
