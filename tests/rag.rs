@@ -306,3 +306,148 @@ fn fast_decoding_scores_bound_the_thorough_ones() -> Result<()> {
     }
     Ok(())
 }
+
+/// The tiny decoder-only Llama of the parity fixtures as a RAG head with a `context_window`.
+fn tiny_decoder_only(context_window: usize) -> Result<RagModel> {
+    let dir = case_dir("bart-token")?.join("../decoder-only/model");
+    let tok = rustrag::tokenize::load_tokenizer(&dir)?;
+    let llama = rustrag::generators::llama::Llama::from_hf_dir(&dir, &Device::Cpu)?;
+    rustrag::rag::pipeline::decoder_only_rag(Box::new(llama), tok, None, context_window, &dir)
+}
+
+fn passage(id: &str, words: usize) -> rustrag::retrieve::Passage {
+    rustrag::retrieve::Passage {
+        id: id.into(),
+        title: format!("Title {id}"),
+        text: (0..words)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Bad input: a generator whose vocabulary is smaller than its tokenizer's is refused at load,
+/// naming both sizes.
+#[test]
+fn decoder_only_head_refuses_a_larger_tokenizer_vocabulary() -> Result<()> {
+    let dir = case_dir("bart-token")?;
+    let bart_tok = rustrag::tokenize::load_tokenizer(&dir.join("rag/generator_tokenizer"))?;
+    let llama_dir = dir.join("../decoder-only/model");
+    let llama = rustrag::generators::llama::Llama::from_hf_dir(&llama_dir, &Device::Cpu)?;
+    let err = match rustrag::rag::pipeline::decoder_only_rag(
+        Box::new(llama),
+        bart_tok,
+        None,
+        512,
+        &llama_dir,
+    ) {
+        Ok(_) => bail!("a 50k-token tokenizer on a 450-token generator was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("450"), "{err}");
+    Ok(())
+}
+
+/// Bad input: prompts longer than the context window keep their question and have the passage cut
+/// at the end, reported per row; a question that alone overflows the window is an error.
+#[test]
+fn long_prompts_are_cut_to_the_context_window_and_reported() -> Result<()> {
+    let rag = tiny_decoder_only(96)?;
+    let q = "what is word3?".to_string();
+    let docs = vec![passage("short", 5), passage("long", 400)];
+    let scores = Tensor::new(&[[1f32, 0.5]], &Device::Cpu)?;
+    let (rows, ctx) = rag.context_from_passages(std::slice::from_ref(&q), &[docs], scores)?;
+    assert_eq!(rows.truncated.len(), 1, "{:?}", rows.truncated);
+    let t = &rows.truncated[0];
+    assert_eq!(t.row, 1);
+    assert!(
+        t.prompt_tokens_before > 96 && t.prompt_tokens_after <= 96,
+        "{t:?}"
+    );
+    assert!(t.passage_words_kept < t.passage_words);
+    assert!(
+        rows.strings[1].ends_with(&q),
+        "question kept: {}",
+        rows.strings[1]
+    );
+    assert!(rows.encoded.input_ids.iter().all(|r| r.len() <= 96));
+    // The cut contexts decode.
+    let p = rag.generation_params(&GenerationSettings {
+        max_length: Some(4),
+        ..Default::default()
+    })?;
+    assert_eq!(rag.generate_token(&ctx, &p)?.len(), 1);
+    let tiny = tiny_decoder_only(3)?;
+    let scores = Tensor::new(&[[1f32]], &Device::Cpu)?;
+    let err = tiny
+        .context_from_passages(&[q], &[vec![passage("p", 10)]], scores)
+        .err()
+        .context("a question longer than the window was accepted")?;
+    assert!(format!("{err:#}").contains("context window"), "{err:#}");
+    Ok(())
+}
+
+/// Bad input through the pipeline: n_docs 0 or larger than the knowledge base, beams 0, an empty
+/// question, a non-positive prior temperature: clear errors, no panic.
+#[test]
+fn pipeline_rejects_bad_answer_options() -> Result<()> {
+    let dir = case_dir("bart-token")?;
+    let pipeline = Pipeline::open_checkpoint(
+        &dir.join("rag").to_string_lossy(),
+        &dir.join("kb"),
+        PipelineConfig::default(),
+    )?;
+    let qs = questions(&dir)?;
+    let kb = pipeline.kb_len();
+    let cases: Vec<(AnswerOptions, String)> = vec![
+        (
+            AnswerOptions {
+                n_docs: Some(kb + 1),
+                ..Default::default()
+            },
+            format!("knowledge base has only {kb} passages"),
+        ),
+        (
+            AnswerOptions {
+                n_docs: Some(0),
+                ..Default::default()
+            },
+            "n_docs must be at least 1".into(),
+        ),
+        (
+            AnswerOptions {
+                beams: Some(0),
+                ..Default::default()
+            },
+            "num_beams` must be at least 1".into(),
+        ),
+        (
+            AnswerOptions {
+                prior_temperature: Some(0.0),
+                ..Default::default()
+            },
+            "prior temperature must be positive".into(),
+        ),
+    ];
+    for (opts, want) in cases {
+        let err = pipeline
+            .answer_with(&qs[..1], &opts)
+            .err()
+            .with_context(|| format!("{opts:?} was accepted"))?;
+        assert!(format!("{err:#}").contains(&want), "{err:#} (want {want})");
+    }
+    let err = pipeline
+        .answer(&["  ".to_string()])
+        .err()
+        .context("empty question")?;
+    assert!(format!("{err:#}").contains("empty"), "{err:#}");
+    // n_docs equal to the KB size is fine.
+    let opts = AnswerOptions {
+        n_docs: Some(kb),
+        max_new_tokens: Some(3),
+        ..Default::default()
+    };
+    let r = pipeline.answer_with(&qs[..1], &opts)?;
+    assert_eq!(r[0].sources.len(), kb);
+    Ok(())
+}

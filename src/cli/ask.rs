@@ -114,6 +114,7 @@ fn config(args: &Args) -> Result<PipelineConfig> {
             num_return_sequences: args.num_return_sequences,
             max_new_tokens: length(args.max_length, "max-length")?,
             min_new_tokens: length(args.min_length, "min-length")?,
+            prior_temperature: None,
         },
         ..Default::default()
     })

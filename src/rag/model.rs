@@ -233,15 +233,7 @@ impl RagModel {
             .question_tokenizer
             .as_ref()
             .context("this RAG model has no question encoder tokenizer")?;
-        if n_docs == 0 {
-            bail!("n_docs must be at least 1");
-        }
-        if n_docs > retriever.len() {
-            bail!(
-                "n_docs = {n_docs} but the knowledge base has only {} passages",
-                retriever.len()
-            );
-        }
+        check_n_docs(n_docs, retriever.len())?;
         let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
         let decoded = ids
             .iter()
@@ -764,6 +756,18 @@ pub struct SequenceDetails {
     pub candidate_nll: Vec<f32>,
     /// Returned candidates, best first.
     pub top_candidate_indices: Vec<usize>,
+}
+
+/// Refuse `n_docs` of 0 or more than the knowledge base holds (no silent clamp: the prior and the
+/// losses are over exactly n_docs documents).
+pub fn check_n_docs(n_docs: usize, kb_len: usize) -> Result<()> {
+    if n_docs == 0 {
+        bail!("n_docs must be at least 1");
+    }
+    if n_docs > kb_len {
+        bail!("n_docs = {n_docs} but the knowledge base has only {kb_len} passages");
+    }
+    Ok(())
 }
 
 /// `[rows, ..]` → `[rows * n, ..]` with each row repeated `n` times in place (torch `repeat_interleave`).

@@ -91,6 +91,8 @@ pub struct AnswerOptions {
     pub max_new_tokens: Option<usize>,
     /// Minimum generated tokens before EOS. Default 0.
     pub min_new_tokens: Option<usize>,
+    /// τ of the doc prior for this call. Default: the pipeline's.
+    pub prior_temperature: Option<f64>,
 }
 
 impl Default for AnswerOptions {
@@ -103,6 +105,7 @@ impl Default for AnswerOptions {
             num_return_sequences: None,
             max_new_tokens: None,
             min_new_tokens: None,
+            prior_temperature: None,
         }
     }
 }
@@ -395,16 +398,15 @@ impl Pipeline {
             Retrieval::Checkpoint(_) => self.rag.config.n_docs,
             Retrieval::Kb { .. } => 3,
         });
-        if n_docs == 0 {
-            bail!("n_docs must be at least 1");
-        }
-        if n_docs > self.kb_len() {
-            bail!(
-                "n_docs = {n_docs} but the knowledge base has only {} passages",
-                self.kb_len()
-            );
-        }
+        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
         let mode = opts.mode.or(d.mode).unwrap_or(self.rag.mode);
+        let tau = opts
+            .prior_temperature
+            .or(d.prior_temperature)
+            .unwrap_or(self.prior_temperature);
+        if !(tau.is_finite() && tau > 0.0) {
+            bail!("prior temperature must be positive and finite, got {tau}");
+        }
         let decoder_only = self.rag.generator.is_decoder_only();
         let max_new = opts.max_new_tokens.or(d.max_new_tokens);
         let max_new = match (max_new, decoder_only) {
@@ -436,6 +438,7 @@ impl Pipeline {
         let mut out = Vec::with_capacity(questions.len());
         for chunk in questions.chunks(self.config.batch_size) {
             let (retrieved, ctx) = self.retrieve(chunk, n_docs, rag_format.as_ref())?;
+            let ctx = ctx.with_temperature(tau)?;
             let ids = match (mode, opts.sequence_decoding) {
                 (RagMode::Token, _) => self.rag.generate_token(&ctx, &params)?,
                 (RagMode::Sequence, SequenceDecoding::Fast) => {
@@ -476,7 +479,7 @@ impl Pipeline {
                 out.push(QaResult {
                     question: q.clone(),
                     mode,
-                    prior_temperature: self.prior_temperature,
+                    prior_temperature: tau,
                     sources,
                     answers,
                     truncated: r.truncated.clone(),
