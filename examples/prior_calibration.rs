@@ -82,7 +82,35 @@ fn main() -> Result<()> {
         pipeline.prior_temperature()
     );
     let mut w = std::fs::File::create(&out).with_context(|| out.display().to_string())?;
-    for (n, q) in (0..sample).map(|i| &all[i * stride]).enumerate() {
+    let picked: Vec<&Query> = (0..sample).map(|i| &all[i * stride]).collect();
+    // Priors first (retrieval only, every question), then generation question by question.
+    let texts: Vec<String> = picked.iter().map(|q| q.question.clone()).collect();
+    for &tau in &taus {
+        let opts = AnswerOptions {
+            prior_temperature: Some(tau),
+            ..Default::default()
+        };
+        for (n, (q, sources)) in picked
+            .iter()
+            .zip(pipeline.sources(&texts, &opts)?)
+            .enumerate()
+        {
+            let gold_prior = sources
+                .iter()
+                .find(|s| Some(s.passage_id.as_str()) == q.gold_pid.as_deref())
+                .map(|s| s.prior);
+            let line = serde_json::json!({
+                "n": n, "id": q.id, "kind": "prior", "tau": tau,
+                "gold_retrieved": gold_prior.is_some(), "gold_prior": gold_prior,
+                "priors": sources.iter().map(|s| s.prior).collect::<Vec<_>>(),
+                "scores": sources.iter().map(|s| s.score).collect::<Vec<_>>(),
+                "passages": sources.iter().map(|s| s.passage_id.clone()).collect::<Vec<_>>(),
+            });
+            writeln!(w, "{line}")?;
+        }
+        w.flush()?;
+    }
+    for (n, q) in picked.iter().enumerate() {
         for &mode in &modes {
             for &tau in &taus {
                 let t0 = std::time::Instant::now();
@@ -92,6 +120,7 @@ fn main() -> Result<()> {
                     max_new_tokens: Some(max_new),
                     sequence_decoding: SequenceDecoding::Thorough,
                     prior_temperature: Some(tau),
+                    provenance: false,
                     ..Default::default()
                 };
                 let r = pipeline
@@ -105,7 +134,7 @@ fn main() -> Result<()> {
                     .find(|s| Some(s.passage_id.as_str()) == gold)
                     .map(|s| s.prior);
                 let line = serde_json::json!({
-                    "n": n, "id": q.id, "mode": mode, "tau": tau, "answer": text,
+                    "n": n, "id": q.id, "kind": "answer", "mode": mode, "tau": tau, "answer": text,
                     "em": max_over_answers(exact_match, text, &q.answers),
                     "f1": max_over_answers(f1_score, text, &q.answers),
                     "gold_retrieved": gold_prior.is_some(), "gold_prior": gold_prior,

@@ -115,6 +115,7 @@ fn config(args: &Args) -> Result<PipelineConfig> {
             max_new_tokens: length(args.max_length, "max-length")?,
             min_new_tokens: length(args.min_length, "min-length")?,
             prior_temperature: None,
+            provenance: true,
         },
         ..Default::default()
     })

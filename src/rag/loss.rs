@@ -237,4 +237,44 @@ mod tests {
         assert!((seq[0] - want).abs() < 1e-5);
         Ok(())
     }
+
+    /// The one marginalisation gives both RAG marginals and the posteriors by their definitions
+    /// (two documents, a two-token answer).
+    #[test]
+    fn marginalize_docs_matches_definitions() -> Result<()> {
+        let dev = Device::Cpu;
+        // lp[z][t] = log p(y_t | x, z, y<t); prior (0.25, 0.75).
+        let lp = Tensor::new(&[[[-1.0f64, -2.0], [-0.5, -3.0]]], &dev)?; // [1, 2, 2]
+        let doc_lp = Tensor::new(&[[0.25f64.ln(), 0.75f64.ln()]], &dev)?;
+        let token = marginalize_docs(&lp, &doc_lp)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let want = (0.25 * (-1.0f64).exp() + 0.75 * (-0.5f64).exp()).ln()
+            + (0.25 * (-2.0f64).exp() + 0.75 * (-3.0f64).exp()).ln();
+        assert!((token - want).abs() < 1e-12);
+        let seq = marginalize_docs(&lp.sum(2)?, &doc_lp)?.to_vec1::<f64>()?[0];
+        let want = (0.25 * (-3.0f64).exp() + 0.75 * (-3.5f64).exp()).ln();
+        assert!((seq - want).abs() < 1e-12);
+        let post = doc_posterior(&lp.sum(2)?, &doc_lp)?.to_vec2::<f64>()?;
+        let p0 = 0.25 * (-3.0f64).exp() / (0.25 * (-3.0f64).exp() + 0.75 * (-3.5f64).exp());
+        assert!((post[0][0] - p0).abs() < 1e-12 && (post[0][0] + post[0][1] - 1.0).abs() < 1e-12);
+        Ok(())
+    }
+
+    /// p(z|x) = softmax(s/τ): τ = 0.05 sharpens MiniLM-like cosine scores that τ = 1 leaves near
+    /// uniform.
+    #[test]
+    fn prior_temperature_scales_the_scores() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[0.70f32, 0.66, 0.52]], &dev)?;
+        let flat = doc_log_prior(&s, DType::F32)?.exp()?.to_vec2::<f32>()?;
+        let sharp = doc_log_prior(&(&s / 0.05)?, DType::F32)?
+            .exp()?
+            .to_vec2::<f32>()?;
+        assert!(flat[0][0] < 0.36 && sharp[0][0] > 0.6, "{flat:?} {sharp:?}");
+        let raw = s.to_vec2::<f32>()?;
+        let z: f32 = raw[0].iter().map(|x| ((x - 0.70) / 0.05).exp()).sum();
+        assert!((sharp[0][0] - 1.0 / z).abs() < 1e-6);
+        Ok(())
+    }
 }

@@ -93,6 +93,9 @@ pub struct AnswerOptions {
     pub min_new_tokens: Option<usize>,
     /// τ of the doc prior for this call. Default: the pipeline's.
     pub prior_temperature: Option<f64>,
+    /// Compute per-token / per-answer document posteriors (one more teacher-forced pass over
+    /// each answer). Default true.
+    pub provenance: bool,
 }
 
 impl Default for AnswerOptions {
@@ -106,6 +109,7 @@ impl Default for AnswerOptions {
             max_new_tokens: None,
             min_new_tokens: None,
             prior_temperature: None,
+            provenance: true,
         }
     }
 }
@@ -390,23 +394,9 @@ impl Pipeline {
 
     /// Answer `questions` with per-call settings (unset fields: the pipeline's, then defaults).
     pub fn answer_with(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<QaResult>> {
-        if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
-            bail!("question {} is empty", i + 1);
-        }
+        let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
         let d = &self.config.answer;
-        let n_docs = opts.n_docs.or(d.n_docs).unwrap_or(match self.retrieval {
-            Retrieval::Checkpoint(_) => self.rag.config.n_docs,
-            Retrieval::Kb { .. } => 3,
-        });
-        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
         let mode = opts.mode.or(d.mode).unwrap_or(self.rag.mode);
-        let tau = opts
-            .prior_temperature
-            .or(d.prior_temperature)
-            .unwrap_or(self.prior_temperature);
-        if !(tau.is_finite() && tau > 0.0) {
-            bail!("prior temperature must be positive and finite, got {tau}");
-        }
         let decoder_only = self.rag.generator.is_decoder_only();
         let max_new = opts.max_new_tokens.or(d.max_new_tokens);
         let max_new = match (max_new, decoder_only) {
@@ -450,31 +440,13 @@ impl Pipeline {
                         .0
                 }
             };
-            let priors = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?
-                .exp()?
-                .to_vec2::<f32>()?;
-            let scores = ctx.doc_scores.detach().to_vec2::<f32>()?;
+            let sources = sources(&retrieved, &ctx)?;
             let per_q = ids.len() / chunk.len();
-            for (i, q) in chunk.iter().enumerate() {
+            for (i, (q, sources)) in chunk.iter().zip(sources).enumerate() {
                 let r = &retrieved[i];
-                let sources = r
-                    .passages
-                    .iter()
-                    .enumerate()
-                    .map(|(j, p)| Source {
-                        rank: j + 1,
-                        doc_id: r.doc_ids[j],
-                        passage_id: p.id.clone(),
-                        title: p.title.clone(),
-                        text: p.text.clone(),
-                        retrieval_score: r.retrieval_scores[j],
-                        score: scores[i][j],
-                        prior: priors[i][j],
-                    })
-                    .collect();
                 let answers = ids[i * per_q..(i + 1) * per_q]
                     .iter()
-                    .map(|a| self.generated_answer(&ctx, i, a, mode))
+                    .map(|a| self.generated_answer(&ctx, i, a, mode, opts.provenance))
                     .collect::<Result<Vec<_>>>()?;
                 out.push(QaResult {
                     question: q.clone(),
@@ -489,15 +461,55 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// Retrieval only: each question's sources with their priors (no generation).
+    pub fn sources(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<Vec<Source>>> {
+        let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
+        let mut out = Vec::with_capacity(questions.len());
+        for chunk in questions.chunks(self.config.batch_size) {
+            let (retrieved, ctx) = self.retrieve(chunk, n_docs, None)?;
+            out.extend(sources(&retrieved, &ctx.with_temperature(tau)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Checked n_docs and τ of a call.
+    fn retrieval_settings(
+        &self,
+        questions: &[String],
+        opts: &AnswerOptions,
+    ) -> Result<(usize, f64)> {
+        if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
+            bail!("question {} is empty", i + 1);
+        }
+        let d = &self.config.answer;
+        let n_docs = opts.n_docs.or(d.n_docs).unwrap_or(match self.retrieval {
+            Retrieval::Checkpoint(_) => self.rag.config.n_docs,
+            Retrieval::Kb { .. } => 3,
+        });
+        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
+        let tau = opts
+            .prior_temperature
+            .or(d.prior_temperature)
+            .unwrap_or(self.prior_temperature);
+        if !(tau.is_finite() && tau > 0.0) {
+            bail!("prior temperature must be positive and finite, got {tau}");
+        }
+        Ok((n_docs, tau))
+    }
+
     fn generated_answer(
         &self,
         ctx: &RagContext,
         question: usize,
         ids: &[u32],
         mode: RagMode,
+        provenance: bool,
     ) -> Result<GeneratedAnswer> {
         let tok = &self.rag.generator_tokenizer;
-        let doc_posteriors = self.rag.doc_posteriors_for(mode, ctx, question, ids)?;
+        let doc_posteriors = match provenance {
+            true => self.rag.doc_posteriors_for(mode, ctx, question, ids)?,
+            false => Vec::new(),
+        };
         let tokens = match mode {
             RagMode::Token => ids[1..=doc_posteriors.len().min(ids.len() - 1)]
                 .iter()
@@ -590,6 +602,34 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// The sources of each question of `ctx`: passages, scores and p(z|x).
+fn sources(retrieved: &[QuestionDocs], ctx: &RagContext) -> Result<Vec<Vec<Source>>> {
+    let priors = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?
+        .exp()?
+        .to_vec2::<f32>()?;
+    let scores = ctx.doc_scores.detach().to_vec2::<f32>()?;
+    Ok(retrieved
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.passages
+                .iter()
+                .enumerate()
+                .map(|(j, p)| Source {
+                    rank: j + 1,
+                    doc_id: r.doc_ids[j],
+                    passage_id: p.id.clone(),
+                    title: p.title.clone(),
+                    text: p.text.clone(),
+                    retrieval_score: r.retrieval_scores[j],
+                    score: scores[i][j],
+                    prior: priors[i][j],
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// What retrieval chose for one question.
