@@ -6,12 +6,15 @@
 //! ```text
 //! cargo run --release --example prior_calibration -- KB GGUF QUERIES.jsonl[.gz] OUT.jsonl \
 //!     [--sample 200] [--taus 1,0.05] [--modes token,sequence] [--beams 1] [--max-new-tokens 32]
+//!     [--weights f32|quantized]
 //! ```
 //! The sample is questions `i * (N / sample)` for `i < sample` (N = questions in the file).
 
 use anyhow::{bail, Context, Result};
 use rustrag::eval::qa::{exact_match, f1_score, max_over_answers};
-use rustrag::rag::pipeline::{AnswerOptions, Pipeline, PipelineConfig, SequenceDecoding};
+use rustrag::rag::pipeline::{
+    AnswerOptions, Pipeline, PipelineConfig, SequenceDecoding, WeightsChoice,
+};
 use rustrag::rag::RagMode;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -75,7 +78,14 @@ fn main() -> Result<()> {
         bail!("--sample must be in 1..={}", all.len());
     }
     let stride = all.len() / sample;
-    let pipeline = Pipeline::open(&kb, &gguf, PipelineConfig::default())?;
+    let config = PipelineConfig {
+        gguf_weights: match opt("--weights", "f32").as_str() {
+            "quantized" => WeightsChoice::Quantized,
+            _ => WeightsChoice::F32,
+        },
+        ..Default::default()
+    };
+    let pipeline = Pipeline::open(&kb, &gguf, config)?;
     eprintln!(
         "{} questions, every {stride}th ({sample}); KB τ = {}",
         all.len(),

@@ -155,7 +155,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         let doc_scores = Tensor::new(doc_scores.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let (rows, ctx) = rag.context_from_passages(
             std::slice::from_ref(&question),
-            &[docs.clone()],
+            std::slice::from_ref(&docs),
             doc_scores,
         )?;
         // doc_logprobs = log_softmax(doc_scores) over the retrieved top-K: the head's doc prior.
@@ -195,7 +195,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &fx.ids1(&q("answer_ids"))?,
         );
         let t = answer_ids.len();
-        let labels = ids_tensor(&[labels_row.clone()], &Device::Cpu)?;
+        let labels = ids_tensor(std::slice::from_ref(&labels_row), &Device::Cpu)?;
         let logits = rag.forward(&ctx, &labels)?; // [k, t + 1, V]
         let tok_lp = loss::target_logprobs(&logits, &labels, k, pad)?.narrow(2, 0, t)?; // [1, k, t]
         c.close(
