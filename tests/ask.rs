@@ -92,9 +92,16 @@ fn super_bowl_question_ranks_the_gold_passage_first_with_a_calibrated_prior() ->
         .map(|s| s["prior"].as_f64().unwrap_or(0.0))
         .sum();
     assert!((priors - 1.0).abs() < 1e-4, "doc priors sum to 1: {priors}");
-    assert_eq!(r["prior_temperature"].as_f64(), Some(0.05), "τ from the KB manifest");
+    assert_eq!(
+        r["prior_temperature"].as_f64(),
+        Some(0.05),
+        "τ from the KB manifest"
+    );
     let gold_prior = r["sources"][0]["prior"].as_f64().context("prior")?;
-    assert!(gold_prior > 0.5, "calibrated prior on the gold passage: {gold_prior}");
+    assert!(
+        gold_prior > 0.5,
+        "calibrated prior on the gold passage: {gold_prior}"
+    );
     let answer = r["answers"][0]["text"].as_str().context("answer text")?;
     assert!(
         answer.contains("Broncos") || answer.contains("Panthers"),

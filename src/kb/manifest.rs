@@ -202,3 +202,56 @@ pub fn now_unix() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(normalized: bool, tau: Option<f64>) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            writer: "test".into(),
+            encoder: EncoderFingerprint {
+                source: "enc".into(),
+                kind: if normalized {
+                    "sentence-transformers"
+                } else {
+                    "dpr"
+                }
+                .into(),
+                dim: 4,
+                pooling: "mean".into(),
+                normalized,
+                weights_sha256: "00".into(),
+                int8: false,
+            },
+            dim: 4,
+            dtype: EmbeddingDtype::F32,
+            passages: 1,
+            documents: 1,
+            words_per_passage: 0,
+            sources: vec![],
+            files: BTreeMap::new(),
+            hnsw: None,
+            created_unix: 0,
+            prior_temperature: tau,
+        }
+    }
+
+    /// A manifest written before the prior temperature existed still reads, with the encoder's
+    /// default τ; a recorded τ wins.
+    #[test]
+    fn prior_temperature_defaults_for_old_manifests() -> Result<()> {
+        for (normalized, want) in [(true, 0.05), (false, 1.0)] {
+            let mut v = serde_json::to_value(manifest(normalized, Some(0.3)))?;
+            v.as_object_mut().unwrap().remove("prior_temperature");
+            let old: Manifest = serde_json::from_value(v)?;
+            assert_eq!(old.prior_temperature, None);
+            assert_eq!(old.prior_temperature(), want);
+        }
+        let m: Manifest = serde_json::from_slice(&manifest(true, Some(0.3)).to_json()?)?;
+        assert_eq!(m.prior_temperature(), 0.3);
+        Ok(())
+    }
+}
