@@ -366,7 +366,10 @@ fn write_generation(
         files,
         hnsw: opts.hnsw.clone(),
         created_unix: now_unix(),
-        prior_temperature: Some(super::manifest::default_prior_temperature(fp)),
+        // A new generation of an existing KB keeps its τ (it may have been set by hand).
+        prior_temperature: previous
+            .and_then(|(kb, _)| kb.manifest().prior_temperature)
+            .or(Some(super::manifest::default_prior_temperature(fp))),
     };
     store::write_synced(&dir.join(MANIFEST_FILE), &manifest.to_json()?)?;
     let bytes_on_disk = manifest.files.values().map(|f| f.bytes).sum::<u64>();
