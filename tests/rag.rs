@@ -451,3 +451,64 @@ fn pipeline_rejects_bad_answer_options() -> Result<()> {
     assert_eq!(r[0].sources.len(), kb);
     Ok(())
 }
+
+/// Every decoding entry of the head runs on a decoder-only generator too: RAG-Token greedy and beam
+/// search with num_return_sequences, RAG-Sequence thorough and fast with beams, the logits
+/// processors (min length, no-repeat n-gram), both losses.
+#[test]
+fn every_decoding_entry_runs_on_a_decoder_only_generator() -> Result<()> {
+    let mut rag = tiny_decoder_only(512)?;
+    let qs = vec!["what is word3?".to_string(), "where is word7?".to_string()];
+    let docs = vec![
+        vec![passage("a", 12), passage("b", 20), passage("c", 6)],
+        vec![passage("d", 9), passage("e", 15), passage("f", 30)],
+    ];
+    let scores = Tensor::new(&[[1f32, 0.5, 0.2], [0.3, 0.9, 0.1]], &Device::Cpu)?;
+    let (_, ctx) = rag.context_from_passages(&qs, &docs, scores)?;
+    let settings = GenerationSettings {
+        num_beams: Some(3),
+        num_return_sequences: Some(2),
+        max_length: Some(8),
+        min_length: Some(4),
+        no_repeat_ngram_size: Some(2),
+        ..Default::default()
+    };
+    let p = rag.generation_params(&settings)?;
+    let eos = rag.generator.special_ids().eos;
+    let token = rag.generate_token(&ctx, &p)?;
+    assert_eq!(token.len(), 4, "2 questions x 2 returned sequences");
+    for row in &token {
+        // min_length: no EOS before position 4; no-repeat-ngram: no bigram twice.
+        assert!(!row[1..4.min(row.len())].contains(&eos), "{row:?}");
+        let bigrams: Vec<_> = row
+            .windows(2)
+            .filter(|w| w[1] != rag.generator_pad())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        assert!(
+            bigrams.iter().all(|b| seen.insert(*b)),
+            "repeated bigram in {row:?}"
+        );
+    }
+    let (fast, scores) = rag.generate_sequence_fast(&ctx, &p)?;
+    assert_eq!((fast.len(), scores.len()), (4, 4));
+    assert!(scores.iter().all(|s| s.is_finite()));
+    rag.mode = RagMode::Sequence;
+    let (thorough, details) = rag.generate_sequence(&ctx, &p, true)?;
+    assert_eq!(thorough.len(), 4);
+    assert_eq!(details[0].generator_outputs.len(), 3 * 3);
+    // Both losses over the returned sequences are finite and positive.
+    let labels =
+        rustrag::tokenize::ids_tensor(&[thorough[0].clone(), thorough[2].clone()], &Device::Cpu)?;
+    for mode in [RagMode::Sequence, RagMode::Token] {
+        rag.mode = mode;
+        let loss = rag
+            .loss(&ctx, &labels, &rag.default_nll_options())?
+            .to_vec1::<f32>()?;
+        assert!(
+            loss.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{mode:?}: {loss:?}"
+        );
+    }
+    Ok(())
+}
