@@ -12,8 +12,8 @@
 //! Scores are inner products (higher is better) throughout.
 
 use super::quantized::{QuantizedRows, Query as QuantizedQuery};
+use super::row_scorer::RowScorer;
 use super::scored::{Scored, Worst};
-use super::simd::RowScorer;
 use crate::kb::{EmbeddingMatrix, HnswParams};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;

@@ -8,8 +8,8 @@ pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
 pub mod quantized;
+pub(crate) mod row_scorer;
 mod scored;
-pub(crate) mod simd;
 
 use anyhow::Result;
 use candle_core::Tensor;

@@ -1,8 +1,8 @@
 //! The forward pass on raw f32 buffers (native weights on CPU): no per-op tensor overhead.
 
 use super::{Llama, Projections, RmsNorm, RopeLayout};
-use crate::generators::quant;
 use crate::generators::{LayerCache, RawKv};
+use crate::kernels::dot::dot_unrolled;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -140,7 +140,7 @@ impl Llama {
                 let mut scores: Vec<f32> = (0..t)
                     .map(|j| {
                         if visible(j) {
-                            quant::dot_f32(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
+                            dot_unrolled(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
                         } else {
                             f32::NEG_INFINITY
                         }
