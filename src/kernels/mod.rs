@@ -1,6 +1,11 @@
-//! Hand-written CPU kernels, apart from the models that call them: f32 dot products, packed f32
-//! and int8 GEMM, GGUF Q4_1/Q8_0 dot products, i16 code dots for exact search, and the fused
-//! element-wise work of the encoder (exp, erf, GELU, LayerNorm, masked softmax, attention).
+//! Hand-written CPU kernels, apart from the models that call them:
+//! - [`dot`]: f32 (and f16-row) dot products, prefetch;
+//! - [`packed`]: f32 GEMM on weights packed into 16-column panels (6 × 16 AVX2/FMA microkernel);
+//! - [`int8`]: dynamic int8 GEMM (u8 activations × 7-bit weights, exact i32 sums);
+//! - [`q8`]: GGUF Q4_1 / Q8_0 weight blocks × Q8_1 activations, and the Q8_1 quantiser;
+//! - [`int16`]: i16 code dots of the exact-search first pass;
+//! - [`math`]: exp, erf, GELU; [`fused`]: the BERT layer's fused LayerNorm, q/k/v split, masked
+//!   softmax and attention; [`attention`]: single-query softmax attention over a raw KV cache.
 //!
 //! Every kernel has a portable scalar path and, on x86_64, an AVX2 path chosen by the one cached
 //! feature check [`cpu`]. `RUSTRAG_FORCE_SCALAR=1` (read once, at the first kernel call) makes
@@ -31,6 +36,7 @@ macro_rules! avx2_dispatch {
     };
 }
 
+pub mod attention;
 pub mod dot;
 pub mod fused;
 pub mod int16;

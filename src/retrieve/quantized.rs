@@ -9,7 +9,7 @@
 //! survivors are scored in f32. The result is the top k of the f32 scan, not an approximation: the
 //! integer pass only decides what need not be read, on half the bytes of f32.
 
-use super::dense::DenseRows;
+use super::rows::DenseRows;
 use super::scored::{Scored, TopK};
 use crate::kernels::{dot, int16};
 use anyhow::{ensure, Result};
@@ -31,7 +31,7 @@ fn code_limit(dim: usize) -> i32 {
 
 /// The integer copy of a row matrix: `[rows, stride]` codes and per-row scales, plus the largest
 /// residual `‖d − d̃‖` and quantised norm `‖d̃‖` over all rows (for the bound).
-pub struct QuantizedRows {
+pub struct QuantizedEmbeddings {
     dim: usize,
     stride: usize,
     limit: i32,
@@ -48,7 +48,7 @@ pub(crate) struct Query {
     margin: f32,
 }
 
-impl QuantizedRows {
+impl QuantizedEmbeddings {
     /// Quantise every row of `rows` (parallel over blocks).
     pub fn build(rows: &(impl DenseRows + ?Sized)) -> Self {
         let (n, dim) = (rows.rows(), rows.dim());
@@ -368,7 +368,7 @@ mod tests {
     fn assert_same(data: &[f32], dim: usize, queries: &[f32], k: usize) {
         let rows = F32Rows { data, dim };
         let want = exact_search(&rows, queries, k).unwrap();
-        let got = QuantizedRows::build(&rows)
+        let got = QuantizedEmbeddings::build(&rows)
             .search(&rows, queries, k)
             .unwrap();
         assert_eq!(got.len(), want.len());
@@ -427,7 +427,9 @@ mod tests {
             .for_each(|x| *x = -x.abs()); // mostly negative
         assert_same(&data, dim, &queries, 10);
         let rows = F32Rows { data: &data, dim };
-        let hits = QuantizedRows::build(&rows).search(&rows, &dup, 2).unwrap();
+        let hits = QuantizedEmbeddings::build(&rows)
+            .search(&rows, &dup, 2)
+            .unwrap();
         assert_eq!(hits[0].iter().map(|h| h.0).collect::<Vec<_>>(), [6, 18]);
     }
 
@@ -438,7 +440,7 @@ mod tests {
             data: &data,
             dim: 8,
         };
-        let q = QuantizedRows::build(&rows);
+        let q = QuantizedEmbeddings::build(&rows);
         assert!(q.search(&rows, &data[..7], 1).is_err());
         let other = F32Rows {
             data: &data[..72],

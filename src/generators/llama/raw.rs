@@ -2,7 +2,7 @@
 
 use super::{Llama, Projections, RmsNorm, RopeLayout};
 use crate::generators::{LayerCache, RawKv};
-use crate::kernels::dot::dot_unrolled;
+use crate::kernels::attention;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -137,35 +137,9 @@ impl Llama {
                 let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
                 let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
                 let base = kv.offset(r, head / n_rep, 0);
-                let mut scores: Vec<f32> = (0..t)
-                    .map(|j| {
-                        if visible(j) {
-                            dot_unrolled(q, &kc[base + j * hd..base + (j + 1) * hd]) * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                out.fill(0.0);
-                if max == f32::NEG_INFINITY {
-                    // A padding query that sees no key: its output is never used.
-                    return;
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for (j, &p) in scores.iter().enumerate() {
-                    if p != 0.0 {
-                        let p = p / sum;
-                        let v = &vc[base + j * hd..base + (j + 1) * hd];
-                        for (o, &v) in out.iter_mut().zip(v) {
-                            *o += p * v;
-                        }
-                    }
-                }
+                let (k, v) = (&kc[base..base + t * hd], &vc[base..base + t * hd]);
+                // A padding query that sees no key gets zeros; its output is never used.
+                attention::attend_query(q, k, v, scale, visible, out);
             };
             if n * nh * t * hd < 1 << 18 {
                 att.chunks_mut(hd).enumerate().for_each(attend);
