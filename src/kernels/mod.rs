@@ -63,8 +63,12 @@ pub struct Cpu {
 
 impl Cpu {
     fn detect() -> Self {
-        let forced = std::env::var(FORCE_SCALAR_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-        if forced {
+        Self::detect_with(std::env::var(FORCE_SCALAR_ENV).ok().as_deref())
+    }
+
+    /// Detection given the value of [`FORCE_SCALAR_ENV`] (None: unset).
+    fn detect_with(force_scalar: Option<&str>) -> Self {
+        if force_scalar.is_some_and(|v| !v.is_empty() && v != "0") {
             return Self {
                 forced_scalar: true,
                 ..Self::default()
@@ -119,5 +123,30 @@ impl Cpu {
 #[inline]
 pub fn cpu() -> &'static Cpu {
     static CPU: OnceLock<Cpu> = OnceLock::new();
-    CPU.get_or_init(Cpu::detect)
+    CPU.get_or_init(|| {
+        let cpu = Cpu::detect();
+        tracing::debug!("kernels: {}", cpu.describe());
+        cpu
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn force_scalar_switch_turns_every_feature_off() {
+        for v in ["1", "yes"] {
+            let c = Cpu::detect_with(Some(v));
+            assert!(c.forced_scalar && !c.avx2() && !c.avx2_fma() && !c.avx2_fma_f16c());
+        }
+        for v in [None, Some(""), Some("0")] {
+            let c = Cpu::detect_with(v);
+            assert!(!c.forced_scalar);
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(c.avx2, is_x86_feature_detected!("avx2"));
+        }
+        // The process-wide check agrees with the environment this test runs in.
+        assert_eq!(cpu(), &Cpu::detect());
+    }
 }
