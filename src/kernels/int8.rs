@@ -236,11 +236,15 @@ fn kernel_scalar(a: &[u8], kp: usize, panel: &[Group], acc: &mut [[i32; NR]; MR]
     for (i, acc) in acc.iter_mut().enumerate() {
         let row = &a[i * kp..(i + 1) * kp];
         acc.fill(0);
-        for (g, group) in panel.iter().enumerate() {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                for t in 0..4 {
-                    *acc += row[g * 4 + t] as i32 * group.0[j * 4 + t] as i32;
-                }
+        // Iterators without index arithmetic, so that the loop has no bounds checks and
+        // vectorises (the sums are exact integers: any order gives the same result).
+        for (x, group) in row.chunks_exact(4).zip(panel) {
+            let x = [x[0], x[1], x[2], x[3]].map(i32::from);
+            for (acc, w) in acc.iter_mut().zip(group.0.chunks_exact(4)) {
+                *acc += x[0] * w[0] as i32
+                    + x[1] * w[1] as i32
+                    + x[2] * w[2] as i32
+                    + x[3] * w[3] as i32;
             }
         }
     }
