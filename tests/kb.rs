@@ -9,7 +9,7 @@ use rustrag::encoders::{EncoderFingerprint, TextEncoder};
 use rustrag::kb::ingest::{read_corpus, IngestOptions};
 use rustrag::kb::{self, BuildOptions, EmbeddingDtype, HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::{exact_search, DenseRetriever};
-use rustrag::retrieve::quantized::QuantizedRows;
+use rustrag::retrieve::quantized::QuantizedEmbeddings;
 use rustrag::retrieve::{Passage, Retriever};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -321,7 +321,7 @@ fn exact_search_matches_brute_force_f32_and_f16() {
         let mut stored = Vec::new();
         kb.embeddings().rows_f32_into(0, n, &mut stored);
         // Both exact searches: the f32 scan, and the quantised pass with f32 survivors.
-        let quantized = QuantizedRows::build(kb.embeddings());
+        let quantized = QuantizedEmbeddings::build(kb.embeddings());
         let searches: [(&str, &Search); 2] = [
             ("f32 scan", &|q, k| exact_search(kb.embeddings(), q, k)),
             ("quantised", &|q, k| quantized.search(kb.embeddings(), q, k)),

@@ -9,9 +9,9 @@ use super::manifest::{
     MANIFEST_FILE,
 };
 use super::split::split_document;
+use super::Passage;
 use super::{store, KnowledgeBase, HNSW_FILE};
 use crate::encoders::{EncoderFingerprint, TextEncoder};
-use crate::retrieve::Passage;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

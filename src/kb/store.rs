@@ -5,7 +5,7 @@
 //!
 //! Lookups touch only the pages they need; nothing is loaded up front.
 
-use crate::retrieve::Passage;
+use super::Passage;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use std::fs::File;

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use rustrag::kb::{EmbeddingMatrix, HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::exact_search;
 use rustrag::retrieve::hnsw::HnswIndex;
-use rustrag::retrieve::quantized::QuantizedRows;
+use rustrag::retrieve::quantized::QuantizedEmbeddings;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -256,7 +256,7 @@ fn bench_set(
     // Exact search as the retriever runs it (quantised pass, f32 survivors), and the plain f32
     // scan, which is also the ground truth for recall.
     let t = Instant::now();
-    let quantized = QuantizedRows::build(&matrix);
+    let quantized = QuantizedEmbeddings::build(&matrix);
     let quantize_s = t.elapsed().as_secs_f64();
     let warm = &queries[..dim * nq.min(16)];
     let gt = exact_search(&matrix, queries, a.k)?;
@@ -283,7 +283,7 @@ fn bench_set(
         for &ef in &a.ef_search {
             hnsw.set_ef_search(ef.max(a.k));
             // As the retriever searches (walk on the quantised codes), and the walk on f32 rows.
-            let run = |codes: Option<&QuantizedRows>| -> Result<Point> {
+            let run = |codes: Option<&QuantizedEmbeddings>| -> Result<Point> {
                 hnsw.search(&matrix, codes, warm, a.k)?;
                 let (s, res) = best_of(a.repeats, || hnsw.search(&matrix, codes, queries, a.k))?;
                 let hit: usize = res
