@@ -1,11 +1,11 @@
-//! `rustrag train rag`: parse, call [`crate::train::rag::RagTrainer`], print.
+//! `rustrag train rag`: parse, call [`rustrag::train::rag::RagTrainer`], print.
 
-use crate::rag::{InMemoryIndex, RagMode};
-use crate::train::data::read_examples;
-use crate::train::optim::AdamWConfig;
-use crate::train::rag::{RagTrainConfig, RagTrainer, Trainable};
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use rustrag::rag::{InMemoryIndex, RagMode};
+use rustrag::train::data::read_examples;
+use rustrag::train::optim::AdamWConfig;
+use rustrag::train::rag::{RagTrainConfig, RagTrainer, Trainable};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -143,7 +143,7 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--model is required unless --resume"))?;
         RagTrainer::new(model, mode, &index, train, dev, &a.out, a.config())?
     };
-    let bar = crate::train::progress_bar(trainer.config.max_steps, trainer.step);
+    let bar = rustrag::train::progress_bar(trainer.config.max_steps, trainer.step);
     let summary = trainer.run(None, |r| {
         bar.set_position(r.step);
         bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, r.tokens_per_s));

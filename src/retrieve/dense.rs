@@ -1,15 +1,16 @@
 //! Dense retrieval behind [`DenseRetriever`]: exact inner-product search over the memory-mapped
 //! embedding matrix, or HNSW. Exact search runs on the KB's quantised copy
-//! ([`super::quantized::QuantizedRows`]: integer pass, f32 for the survivors); [`exact_search`] is
+//! ([`super::quantized::QuantizedEmbeddings`]: integer pass, f32 for the survivors); [`exact_search`] is
 //! the plain f32 scan (blocked GEMM, doc blocks spread over threads, per-query top-k heaps) that it
 //! must equal, and what small in-memory indexes use.
 
 use super::hnsw::HnswIndex;
-use super::quantized::QuantizedRows;
+use super::quantized::QuantizedEmbeddings;
+pub use super::rows::{DenseRows, F32Rows};
 use super::scored::TopK;
 use super::{Hits, Retriever};
 use crate::encoders::TextEncoder;
-use crate::kb::{EmbeddingDtype, EmbeddingMatrix, KnowledgeBase};
+use crate::kb::KnowledgeBase;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -47,51 +48,6 @@ fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d:
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-/// Rows an exact search scans: a knowledge base's embedding matrix, or f32 rows in memory.
-pub trait DenseRows: Sync {
-    fn rows(&self) -> usize;
-    fn dim(&self) -> usize;
-    /// Rows `start..end` as f32 `[(end - start) * dim]`, converted into `buf` if stored otherwise.
-    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
-}
-
-impl DenseRows for EmbeddingMatrix {
-    fn rows(&self) -> usize {
-        EmbeddingMatrix::rows(self)
-    }
-    fn dim(&self) -> usize {
-        EmbeddingMatrix::dim(self)
-    }
-    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        let d = EmbeddingMatrix::dim(self);
-        match self.dtype() {
-            EmbeddingDtype::F32 => &self.as_f32().expect("f32")[start * d..end * d],
-            EmbeddingDtype::F16 => {
-                self.rows_f32_into(start, end, buf);
-                buf
-            }
-        }
-    }
-}
-
-/// Row-major f32 rows in memory, `data: [rows, dim]`.
-pub struct F32Rows<'a> {
-    pub data: &'a [f32],
-    pub dim: usize,
-}
-
-impl DenseRows for F32Rows<'_> {
-    fn rows(&self) -> usize {
-        self.data.len() / self.dim.max(1)
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn block<'a>(&'a self, start: usize, end: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
-        &self.data[start * self.dim..end * self.dim]
     }
 }
 
@@ -165,7 +121,7 @@ pub struct DenseRetriever {
     encoder: Option<Arc<dyn TextEncoder>>,
     hnsw: Option<HnswIndex>,
     /// The integer copy that exact search scans and HNSW walks, built on the first search.
-    quantized: OnceLock<QuantizedRows>,
+    quantized: OnceLock<QuantizedEmbeddings>,
     mode: SearchMode,
     /// Return the `[k][dim]` passage embeddings with the hits (RAG needs them).
     pub return_embeddings: bool,
@@ -227,10 +183,10 @@ impl DenseRetriever {
     }
 
     /// The KB's integer copy (built on first use: a few ms per 10k rows).
-    fn quantized(&self) -> &QuantizedRows {
+    fn quantized(&self) -> &QuantizedEmbeddings {
         self.quantized.get_or_init(|| {
             let t = std::time::Instant::now();
-            let q = QuantizedRows::build(self.kb.embeddings());
+            let q = QuantizedEmbeddings::build(self.kb.embeddings());
             tracing::info!(
                 "quantised {} embeddings in {:.2}s ({} MB)",
                 q.rows(),

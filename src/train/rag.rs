@@ -11,7 +11,7 @@
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::config::{GenerationSettings, RagMode};
 use crate::rag::loss::NllOptions;
-use crate::rag::{RagContext, RagModel};
+use crate::rag::RagModel;
 use crate::retrieve::Retriever;
 use crate::tokenize::{ids_tensor, Padding};
 use crate::train::data::{stream_slice, Example};
@@ -213,15 +213,26 @@ impl<'a> RagTrainer<'a> {
         out: &Path,
         config: RagTrainConfig,
     ) -> Result<Self> {
+        // Settings and the output directory are checked before the (slow) model load.
         config.validate()?;
-        if out.join("checkpoints").join("latest").exists() {
-            bail!(
-                "{} already holds a run: resume it or choose another output directory",
-                out.display()
-            );
-        }
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        check_new_run_dir(out)?;
         let model = load_trainable(model_dir, mode)?;
+        Self::from_model(model, retriever, train, dev, out, config)
+    }
+
+    /// Start a run from a model already loaded with trainable parameters, of either generator
+    /// family ([`RagModel::trainable_vars`]). `out` must not hold a run.
+    pub fn from_model(
+        model: RagModel,
+        retriever: &'a dyn Retriever,
+        train: Vec<Example>,
+        dev: Vec<Example>,
+        out: &Path,
+        config: RagTrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        check_new_run_dir(out)?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         std::fs::write(out.join("metrics.jsonl"), b"")
             .with_context(|| format!("creating {}", out.join("metrics.jsonl").display()))?;
         Self::assemble(model, retriever, train, dev, out, config, 0)
@@ -283,20 +294,22 @@ impl<'a> RagTrainer<'a> {
             bail!("no training examples");
         }
         let n_docs = config.n_docs.unwrap_or(model.n_docs());
-        let mut params = model.generator.vars();
-        if params.is_empty() {
-            bail!("the generator has no trainable parameters");
+        // The parameters come from the model, whichever the generator family.
+        let generator_params = model.trainable_vars(false).len();
+        if generator_params == 0 {
+            let family = match model.generator.is_decoder_only() {
+                true => "decoder-only",
+                false => "seq2seq",
+            };
+            bail!("the {family} generator has no trainable parameters");
         }
-        if config.trainable == Trainable::GeneratorQuestionEncoder {
-            let q = model
-                .question_encoder
-                .as_ref()
-                .context("training the question encoder needs a checkpoint with one")?
-                .vars();
-            if q.is_empty() {
-                bail!("the question encoder has no trainable parameters");
-            }
-            params.extend(q);
+        let with_question_encoder = config.trainable == Trainable::GeneratorQuestionEncoder;
+        if with_question_encoder && model.question_encoder.is_none() {
+            bail!("training the question encoder needs a checkpoint with one");
+        }
+        let params = model.trainable_vars(with_question_encoder);
+        if params.len() == generator_params && with_question_encoder {
+            bail!("the question encoder has no trainable parameters");
         }
         let opt = AdamW::new(params, config.optim.clone())?;
         Ok(Self {
@@ -336,11 +349,33 @@ impl<'a> RagTrainer<'a> {
         }
     }
 
-    /// Decoder inputs = labels `[batch, T]` as `finetune_rag.py` builds them: the answer tokenized
-    /// with special tokens, truncated to `max_target_length`, padded to the longest with the
-    /// generator pad; T5 (whose tokenizer adds no BOS) gets `decoder_start_token_id` prepended.
+    /// Decoder inputs = labels `[batch, T]`. Seq2seq: as `finetune_rag.py` builds them, the answer
+    /// tokenized with special tokens, truncated to `max_target_length`, padded to the longest with
+    /// the generator pad; T5 (whose tokenizer adds no BOS) gets `decoder_start_token_id` prepended.
+    /// Decoder-only: [`RagModel::answer_labels`] (`[start] + answer + [eos]`, continuing the
+    /// prompt), cut to `max_target_length` with the EOS kept, padded with [`RagModel::generator_pad`].
     pub fn labels(&self, answers: &[&str]) -> Result<Tensor> {
         let m = &self.model;
+        if m.generator.is_decoder_only() {
+            let max = self.config.max_target_length;
+            let mut rows = answers
+                .iter()
+                .map(|a| {
+                    let mut ids = m.answer_labels(a)?;
+                    if ids.len() > max {
+                        let eos = ids[ids.len() - 1];
+                        ids.truncate(max - 1);
+                        ids.push(eos);
+                    }
+                    Ok(ids)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+            for r in &mut rows {
+                r.resize(len, m.generator_pad());
+            }
+            return ids_tensor(&rows, &m.device);
+        }
         let t5 = m
             .config
             .generator
@@ -380,12 +415,7 @@ impl<'a> RagTrainer<'a> {
         }
         let mut r = m.retrieve_with_embeddings(self.retriever, &ids, &q, n_docs)?;
         if self.config.trainable == Trainable::Generator {
-            let c = &r.context;
-            r.context = RagContext::new(
-                c.input_ids.clone(),
-                c.attention_mask.clone(),
-                c.doc_scores.detach(),
-            )?;
+            r.context = r.context.detached();
         }
         Ok(r)
     }
@@ -490,11 +520,7 @@ impl<'a> RagTrainer<'a> {
             let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
             let r = self.contexts(&questions, self.n_docs)?;
-            let ctx = RagContext::new(
-                r.context.input_ids.clone(),
-                r.context.attention_mask.clone(),
-                r.context.doc_scores.detach(),
-            )?;
+            let ctx = r.context.detached();
             let labels = self.labels(&answers)?;
             let opts = NllOptions {
                 reduce_loss: true,
@@ -653,6 +679,16 @@ impl<'a> RagTrainer<'a> {
             mean_step_secs: secs / n.max(1) as f64,
         })
     }
+}
+
+fn check_new_run_dir(out: &Path) -> Result<()> {
+    if out.join("checkpoints").join("latest").exists() {
+        bail!(
+            "{} already holds a run: resume it or choose another output directory",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn load_trainable(dir: &str, mode: Option<RagMode>) -> Result<RagModel> {
