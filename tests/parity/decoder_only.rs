@@ -1,7 +1,7 @@
 //! decoder-only case: a tiny `LlamaForCausalLM` as a RAG generator with prompt = doc + question,
 //! both marginals, per-token marginals and greedy RAG-Token decoding (see `definition` in expected.json).
 
-use crate::common::{Checker, Fixture};
+use crate::common::{Checker, Fixture, LOGPROB, SCORE};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use rustrag::encoders::dpr::DprEncoder;
@@ -13,6 +13,7 @@ use rustrag::tokenize::load_tokenizer;
 
 #[derive(serde::Deserialize)]
 struct Passage {
+    id: String,
     title: String,
     text: String,
 }
@@ -49,6 +50,13 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
                 .context("path is not a string")?,
         ))
     };
+    c.check("model_class", || {
+        anyhow::ensure!(
+            fx.str("model_class")? == "LlamaForCausalLM",
+            "unknown class"
+        );
+        Ok(())
+    });
     let model_dir = path("model")?;
     let model = Llama::from_hf_dir(&model_dir, &Device::Cpu)?;
     let tok = load_tokenizer(&model_dir)?;
@@ -65,7 +73,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             Some(fx.usize("eos_token_id")? as u32),
         ],
     );
-    let n_questions = fx.get("questions")?.as_array().context("questions")?.len();
+    let n_questions = fx.len("questions")?;
     // Retrieval: DPR question encoder over all questions (padding = longest), exact inner product
     // against the KB embeddings, top-K.
     let qenc = DprEncoder::load(
@@ -117,16 +125,36 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             .map(|&i| i as u32)
             .collect();
         c.ids(&format!("q{qi} retrieved doc_ids"), &top, &doc_ids);
+        let pids: Vec<String> = doc_ids
+            .iter()
+            .map(|&i| {
+                passages
+                    .get(i as usize)
+                    .map(|p| p.id.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        c.ids(
+            &format!("q{qi} doc_passage_ids"),
+            &pids,
+            &fx.strings(&q("doc_passage_ids"))?,
+        );
         let doc_scores: Vec<f32> = top.iter().map(|&i| kb_scores[i as usize]).collect();
         c.close(
             &format!("q{qi} doc_scores"),
             &doc_scores,
             &fx.f32s(&q("doc_scores"))?,
+            SCORE,
         );
         // doc_logprobs = log_softmax(doc_scores) over the retrieved top-K.
         let doc_lp = log_softmax(&doc_scores);
         let doc_lp_expected = fx.f32s(&q("doc_logprobs"))?;
-        c.close(&format!("q{qi} doc_logprobs"), &doc_lp, &doc_lp_expected);
+        c.close(
+            &format!("q{qi} doc_logprobs"),
+            &doc_lp,
+            &doc_lp_expected,
+            LOGPROB,
+        );
         let docs: Vec<&Passage> = doc_ids
             .iter()
             .map(|&i| {
@@ -150,9 +178,9 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             .collect();
         let prompt_rows = rag.prompt_ids(&pairs, &question)?;
         let expected_prompt_ids = fx.ids2(&q("prompt_ids"))?;
-        for (z, (got, exp)) in prompt_rows.iter().zip(&expected_prompt_ids).enumerate() {
-            c.ids(&format!("q{qi} prompt_ids[{z}]"), &got[1..], exp);
-        }
+        // Our rows start with bos; HF's prompt_ids do not.
+        let ours: Vec<Vec<u32>> = prompt_rows.iter().map(|r| r[1..].to_vec()).collect();
+        c.ids(&format!("q{qi} prompt_ids"), &ours, &expected_prompt_ids);
         let answer_ids = rag.answer_ids(&answer)?;
         c.ids(
             &format!("q{qi} answer_ids"),
@@ -167,26 +195,31 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} answer_token_logprobs"),
             &flat,
             &fx.f32s(&q("answer_token_logprobs"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} answer_loglik_per_doc"),
             &scores.loglik_per_doc,
             &fx.f32s(&q("answer_loglik_per_doc"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} rag_sequence_loglik"),
             &[scores.rag_sequence_loglik],
             &fx.f32s(&q("rag_sequence_loglik"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} rag_token_loglik"),
             &[scores.rag_token_loglik],
             &fx.f32s(&q("rag_token_loglik"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} rag_token_marginal_per_token"),
             &scores.token_marginals,
             &fx.f32s(&q("rag_token_marginal_per_token"))?,
+            LOGPROB,
         );
         // The same log-probs through the full teacher-forced forward (one unpadded sequence per doc).
         let mut full = Vec::new();
@@ -197,6 +230,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} answer_token_logprobs (full forward)"),
             &full,
             &fx.f32s(&q("answer_token_logprobs"))?,
+            LOGPROB,
         );
 
         let g = rag.generate_token_greedy(&prompt_rows, &doc_lp, steps, false)?;
@@ -210,28 +244,26 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} greedy chosen_marginal_logprob"),
             &g.chosen_logprobs,
             &fx.f32s(&gp("chosen_marginal_logprob"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} greedy top1_top2_margin"),
             &g.top1_top2_margin,
             &fx.f32s(&gp("top1_top2_margin"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} greedy step0_marginal_logprobs"),
             &g.first_marginal,
             &fx.f32s(&gp("step0_marginal_logprobs"))?,
+            LOGPROB,
         );
-        if fx.has(&gp("decoded")) {
-            let decoded = tok.decode(&g.ids, false)?;
-            c.ids(
-                &format!("q{qi} greedy decoded"),
-                &[decoded],
-                &[fx.get(&gp("decoded"))?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()],
-            );
-        }
+        let decoded = tok.decode(&g.ids, false)?;
+        c.ids(
+            &format!("q{qi} greedy decoded"),
+            &[decoded],
+            &[fx.str(&gp("decoded"))?],
+        );
     }
     Ok(())
 }
