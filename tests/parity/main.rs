@@ -32,7 +32,7 @@ const NON_RAG_CASES: &[(&str, &str)] = &[
 ];
 
 /// `(case name, kind)` in manifest order, after checking the directory listing against it.
-fn case_list(root: &Path, manifest: &Value) -> Result<Vec<(String, &'static str)>> {
+pub fn case_list(root: &Path, manifest: &Value) -> Result<Vec<(String, &'static str)>> {
     let rag = manifest
         .get("generate_errors")
         .and_then(|v| v.as_object())
@@ -58,6 +58,14 @@ fn case_list(root: &Path, manifest: &Value) -> Result<Vec<(String, &'static str)
     }
     if !unlisted.is_empty() {
         bail!("case directories not listed in manifest.json / the README layout: {unlisted:?}");
+    }
+    let missing: Vec<&String> = cases
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !root.join(n).join("expected.json").is_file())
+        .collect();
+    if !missing.is_empty() {
+        bail!("listed cases without a directory holding expected.json: {missing:?}");
     }
     Ok(cases)
 }

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 /// the end-to-end loss the context encoder's last output LayerNorm bias (it shifts every doc
 /// embedding by the same vector; the doc prior is a softmax over docs). Checked to be below
 /// [`ZERO_GRADIENT_NOISE`] × the largest norm of the map on both sides.
-fn zero_gradient(path: &str, name: &str, last_layer: Option<usize>) -> bool {
+pub fn zero_gradient(path: &str, name: &str, last_layer: Option<usize>) -> bool {
     name.ends_with("self_attn.k_proj.bias")
         || name.ends_with("encoder_attn.k_proj.bias")
         || name.ends_with("attention.self.key.bias")
@@ -925,6 +925,22 @@ fn gradients(fx: &Fixture, c: &mut Checker, m: &RagModel, index: &InMemoryIndex)
     if let Some(q) = &m.question_encoder {
         vars.extend(q.vars());
     }
+    c.check(
+        "gradients/full_gradients: a question-encoder and a generator tensor",
+        || {
+            let names = fx.keys("gradients/full_gradients")?;
+            let q = names
+                .iter()
+                .filter(|n| n.starts_with("rag.question_encoder."))
+                .count();
+            let g = names
+                .iter()
+                .filter(|n| n.starts_with("rag.generator."))
+                .count();
+            ensure!(q >= 1 && g >= 1 && q + g == names.len(), "{names:?}");
+            Ok(())
+        },
+    );
     named_norms(
         c,
         fx,
@@ -1434,6 +1450,34 @@ fn generation(fx: &Fixture, manifest: &Value, c: &mut Checker, m: &RagModel, ctx
             Some(d) => sequence_details(fx, c, &tag, &dpath, &d, ctx, i),
         }
     }
+    // README: RagToken: greedy (+ min_length), beams with nrs = beams (each) and = 1 (first beam;
+    // last beam + min_length), 3 external calls; RagSequence: beams {1} + beams x dedup x nrs {1, 2},
+    // one min_length variant, 2 external calls. A shorter list fails.
+    c.check("generation: every documented call", || {
+        let beams = manifest
+            .pointer("/profile/beams")
+            .and_then(|b| b.as_array())
+            .context("manifest.json has no profile.beams")?
+            .len();
+        let want = match m.mode {
+            RagMode::Token => 2 + beams + 2 + 3,
+            RagMode::Sequence => (1 + beams) * 4 + 1 + 2,
+        };
+        ensure!(
+            n == want,
+            "{n} generate calls recorded, the README's list has {want}"
+        );
+        let mut kw = BTreeSet::new();
+        for i in 0..n {
+            let call = crate::common::lookup(&fx.expected, &format!("generation/{i}"))?;
+            let key = (
+                call.get("kwargs").map(|k| k.to_string()),
+                call.get("hf_call").map(|k| k.to_string()),
+            );
+            ensure!(kw.insert(key), "generation/{i} repeats another call");
+        }
+        Ok(())
+    });
     c.check("generation errors = manifest generate_errors", || {
         let want: Vec<String> = manifest
             .pointer(&format!("/generate_errors/{}", fx.name))

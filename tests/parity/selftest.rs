@@ -84,6 +84,61 @@ const MUTATIONS: &[Mutation] = &[
             Ok("logprobs_top5".into())
         },
     ),
+    (
+        "the smallest non-zero gradient norm set to zero (`gradients/grad_l2_norms_all`)",
+        |v| {
+            let norms = at(v, "gradients/grad_l2_norms_all")?
+                .as_object_mut()
+                .context("grad_l2_norms_all")?;
+            let (name, x) = norms
+                .iter_mut()
+                .filter(|(n, _)| !crate::rag::zero_gradient("gradients/", n, None))
+                .min_by(|a, b| {
+                    let f = |x: &Value| x.as_f64().unwrap_or(f64::INFINITY);
+                    f(a.1).total_cmp(&f(b.1))
+                })
+                .context("no norms")?;
+            *x = Value::from(0.0);
+            Ok(format!("{name}: norm"))
+        },
+    ),
+    (
+        "an unknown generate kwarg (`temperature` in generation/0)",
+        |v| {
+            at(v, "generation/0/kwargs")?
+                .as_object_mut()
+                .context("kwargs")?
+                .insert("temperature".into(), Value::from(0.7));
+            Ok("unknown generate kwarg `temperature`".into())
+        },
+    ),
+    ("a shorter list (the last generate call dropped)", |v| {
+        at(v, "generation")?
+            .as_array_mut()
+            .context("generation")?
+            .pop();
+        Ok("generation: every documented call".into())
+    }),
+    (
+        "an expected HF error that we raise for another cause (generation/0 with num_beams 0)",
+        |v| {
+            let e = at(v, "generation/0")?
+                .as_object_mut()
+                .context("generation/0")?;
+            e.insert(
+                "error".into(),
+                Value::from("RuntimeError: selected index k out of range [injected]"),
+            );
+            for k in ["output_ids", "decoded", "min_decision_margin"] {
+                e.remove(k);
+            }
+            e.get_mut("kwargs")
+                .and_then(|k| k.as_object_mut())
+                .context("kwargs")?
+                .insert("num_beams".into(), Value::from(0));
+            Ok("another cause".into())
+        },
+    ),
 ];
 
 pub fn run(root: &Path, cases: &[(String, &'static str)], manifest: &Value, total: &mut Checker) {
@@ -103,6 +158,44 @@ pub fn run(root: &Path, cases: &[(String, &'static str)], manifest: &Value, tota
     };
     let tmp: PathBuf =
         std::env::temp_dir().join(format!("rustrag-parity-selftest-{}", std::process::id()));
+    // The case list: an unlisted directory, and a listed case without expected.json.
+    for (what, extra, drop) in [
+        (
+            "a case directory not in manifest.json",
+            Some("bogus-case"),
+            None,
+        ),
+        (
+            "a listed case without expected.json",
+            None,
+            Some(case.as_str()),
+        ),
+    ] {
+        total.check(&format!("self-test: {what} must fail"), || {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)?;
+            std::fs::copy(root.join("manifest.json"), tmp.join("manifest.json"))?;
+            for (n, _) in cases {
+                std::fs::create_dir_all(tmp.join(n))?;
+                if Some(n.as_str()) != drop {
+                    std::fs::write(tmp.join(n).join("expected.json"), "{}")?;
+                }
+            }
+            if let Some(e) = extra {
+                std::fs::create_dir_all(tmp.join(e))?;
+            }
+            let r = crate::case_list(&tmp, manifest);
+            let _ = std::fs::remove_dir_all(&tmp);
+            match r {
+                Ok(_) => bail!("the case list was accepted"),
+                Err(e) if format!("{e:#}").contains(extra.or(drop).unwrap_or_default()) => {
+                    println!("  self-test {what}: {e:#}");
+                    Ok(())
+                }
+                Err(e) => bail!("failed for another reason: {e:#}"),
+            }
+        });
+    }
     for (what, mutate) in MUTATIONS {
         total.check(&format!("self-test [{case}]: {what} must fail"), || {
             let dir = tmp.join(&case);
