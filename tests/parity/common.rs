@@ -39,10 +39,19 @@ pub const SCORE: Tol = Tol::Elem {
     atol: 1e-5,
     rtol: 1e-5,
 };
+/// Gaps between consecutive retrieval scores: differences of two O(30) scores, each within SCORE
+/// (~3.5e-4 at 34), and an O(1e-2) gap has no useful relative precision.
+pub const SCORE_GAP: Tol = Tol::Elem {
+    atol: 1e-3,
+    rtol: 0.0,
+};
 /// d loss / d doc_scores and what flows back from it (question embedding, question/context encoder
 /// parameters): posterior minus prior of nearly equal O(1) terms, so float32 cancellation leaves
-/// ~1e-4 relative noise in HF's own values. `rag.rs` shows it: the float64 recomputation from HF's
-/// logits differs from HF's float32 values by that much (printed with RUSTRAG_PARITY_VERBOSE=1).
+/// relative noise in HF's own values. `rag.rs` measures it per case against a float64 recomputation
+/// from HF's logits (RUSTRAG_PARITY_VERBOSE=1 prints it): up to 1.2e-4 on the seed-4242 set, where
+/// our float32 value is within 1e-8 relative of float64 and ours-vs-HF errors follow HF's, amplified
+/// up to ~3× in the question embedding and encoder norms (worst 4.6e-4). Cases where HF's error is
+/// larger get [`HF_NOISE_FACTOR`] × it instead (public bart-token: 1.4e-3 -> 4.1e-3).
 pub const GRAD_DOC: Tol = Tol::Rel { rtol: 1e-3 };
 /// Where HF's own float32 d loss / d doc_scores is further from the float64 recomputation than
 /// GRAD_DOC allows (heavy cancellation: a case whose docs have near-equal posteriors and priors),

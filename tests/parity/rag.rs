@@ -7,7 +7,7 @@
 
 use crate::common::{
     flat, Checker, Fixture, Tol, GRAD_DOC, GRAD_PARAM, HF_NOISE_FACTOR, HIDDEN, LOGPROB, LOSS,
-    SCORE, ZERO_GRADIENT_NOISE,
+    SCORE, SCORE_GAP, ZERO_GRADIENT_NOISE,
 };
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
@@ -554,12 +554,6 @@ fn retrieval(
     });
     Some(r.context)
 }
-
-/// Differences of two scores, each within [`SCORE`]: the absolute error of the top scores doubles.
-const SCORE_GAP: Tol = Tol::Elem {
-    atol: 2e-3,
-    rtol: 0.0,
-};
 
 fn labels(fx: &Fixture, name: &str) -> Result<Tensor> {
     ids_tensor(&fx.ids2(&format!("targets/{name}"))?, &Device::Cpu)
