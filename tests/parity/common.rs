@@ -111,6 +111,7 @@ pub struct Fixture {
     pub name: String,
     pub expected: Value,
     used: Mutex<BTreeSet<String>>,
+    used_tensors: Mutex<BTreeSet<String>>,
     tensors: std::sync::OnceLock<Result<HashMap<String, Tensor>, String>>,
 }
 
@@ -130,6 +131,7 @@ impl Fixture {
                 .into_owned(),
             expected,
             used: Default::default(),
+            used_tensors: Default::default(),
             tensors: Default::default(),
         })
     }
@@ -242,20 +244,22 @@ impl Fixture {
         }
     }
 
-    /// A tensor from `tensors.safetensors` by name.
+    /// A tensor from `tensors.safetensors` by name (marks it as read).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.used_tensors.lock().unwrap().insert(name.to_string());
+        self.tensor_map()?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: tensors.safetensors has no `{name}`", self.name))
+    }
+
+    fn tensor_map(&self) -> Result<&HashMap<String, Tensor>> {
         let map = self.tensors.get_or_init(|| {
             let path = self.dir.join("tensors.safetensors");
             candle_core::safetensors::load(&path, &Device::Cpu)
                 .map_err(|e| format!("{}: {e}", path.display()))
         });
-        match map {
-            Ok(m) => m
-                .get(name)
-                .cloned()
-                .ok_or_else(|| anyhow!("{}: tensors.safetensors has no `{name}`", self.name)),
-            Err(e) => bail!("{e}"),
-        }
+        map.as_ref().map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -356,6 +360,19 @@ pub fn coverage(fx: &Fixture, kind: &str, c: &mut Checker) {
             Ok(())
         },
     );
+    if fx.dir.join("tensors.safetensors").is_file() {
+        let used = fx.used_tensors.lock().unwrap().clone();
+        match fx.tensor_map() {
+            Ok(m) => {
+                for name in m.keys().filter(|k| !used.contains(*k)) {
+                    c.check(&format!("coverage: tensors.safetensors `{name}`"), || {
+                        bail!("tensor never compared")
+                    });
+                }
+            }
+            Err(e) => c.check("coverage: tensors.safetensors", || Err(e)),
+        }
+    }
     for u in unread {
         c.check(&format!("coverage: `{u}`"), || {
             bail!("field documented nowhere in the suite: not compared and not in NOT_APPLICABLE")
