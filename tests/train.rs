@@ -182,8 +182,11 @@ use rustrag::train::rag::{
     latest_checkpoint, read_metrics, MetricLine, RagTrainConfig, RagTrainer, Trainable,
 };
 
-/// The parity suite's gradient tolerance (tests/parity/rag.rs `GRAD_RTOL`): max abs error ≤ 1e-2 ·
-/// max |reference| per tensor.
+/// Tolerance of a one-step parameter update: max abs error ≤ 1e-2 · max |reference| per tensor.
+/// Looser than the parity harness's per-gradient `GRAD_PARAM`/`GRAD_DOC` (1e-3,
+/// tests/parity/common.rs) because the question encoder's gradient arrives through
+/// d loss / d doc_scores, which that harness widens to HF's own measured noise on cancelling cases,
+/// and this test must hold on any fixture set `make_parity.py` makes.
 const GRAD_RTOL: f64 = 1e-2;
 
 fn parity_dir() -> PathBuf {

@@ -468,10 +468,11 @@ impl Seq2Seq for BartForConditionalGeneration {
         } else {
             format!("{}.", self.prefix)
         };
+        // `final_logits_bias` is a registered buffer in HF, not a parameter: it is never trained.
         self.weights
             .vars()
             .into_iter()
-            .filter(|(n, _)| n.starts_with(&p))
+            .filter(|(n, _)| n.starts_with(&p) && !n.ends_with("final_logits_bias"))
             .collect()
     }
 

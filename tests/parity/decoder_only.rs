@@ -2,7 +2,7 @@
 //! through the one RAG head (`RagModel` over `Generator::DecoderOnly`): doc prior, prompts, both
 //! losses, per-token marginals, greedy RAG-Token decoding (see `definition` in expected.json).
 
-use crate::common::{Checker, Fixture};
+use crate::common::{Checker, Fixture, LOGPROB, SCORE};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rustrag::encoders::dpr::DprEncoder;
@@ -17,6 +17,7 @@ use rustrag::tokenize::{ids_tensor, load_tokenizer};
 fn read_passages(path: &std::path::Path) -> Result<Vec<Passage>> {
     #[derive(serde::Deserialize)]
     struct Row {
+        id: String,
         title: String,
         text: String,
     }
@@ -29,7 +30,7 @@ fn read_passages(path: &std::path::Path) -> Result<Vec<Passage>> {
             let r: Row =
                 serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))?;
             Ok(Passage {
-                id: i.to_string(),
+                id: r.id,
                 title: r.title,
                 text: r.text,
             })
@@ -64,6 +65,13 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
                 .context("path is not a string")?,
         ))
     };
+    c.check("model_class", || {
+        anyhow::ensure!(
+            fx.str("model_class")? == "LlamaForCausalLM",
+            "unknown class"
+        );
+        Ok(())
+    });
     let model_dir = path("model")?;
     let tok = load_tokenizer(&model_dir)?;
     let rag = decoder_only_rag(
@@ -88,7 +96,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         ],
     );
     let pad = rag.generator_pad();
-    let n_questions = fx.get("questions")?.as_array().context("questions")?.len();
+    let n_questions = fx.len("questions")?;
     // Retrieval: DPR question encoder over all questions (padding = longest), exact inner product
     // against the KB embeddings, top-K.
     let qenc = DprEncoder::load(
@@ -136,11 +144,26 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             .map(|&i| i as u32)
             .collect();
         c.ids(&format!("q{qi} retrieved doc_ids"), &top, &doc_ids);
+        let pids: Vec<String> = doc_ids
+            .iter()
+            .map(|&i| {
+                passages
+                    .get(i as usize)
+                    .map(|p| p.id.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        c.ids(
+            &format!("q{qi} doc_passage_ids"),
+            &pids,
+            &fx.strings(&q("doc_passage_ids"))?,
+        );
         let doc_scores: Vec<f32> = top.iter().map(|&i| kb_scores[i as usize]).collect();
         c.close(
             &format!("q{qi} doc_scores"),
             &doc_scores,
             &fx.f32s(&q("doc_scores"))?,
+            SCORE,
         );
         let docs: Vec<Passage> = doc_ids
             .iter()
@@ -164,6 +187,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} doc_logprobs"),
             &doc_lp.flatten_all()?.to_vec1::<f32>()?,
             &fx.f32s(&q("doc_logprobs"))?,
+            LOGPROB,
         );
         let prompts: Vec<String> = docs
             .iter()
@@ -202,11 +226,13 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} answer_token_logprobs"),
             &tok_lp.flatten_all()?.to_vec1::<f32>()?,
             &fx.f32s(&q("answer_token_logprobs"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} answer_loglik_per_doc"),
             &tok_lp.sum(2)?.flatten_all()?.to_vec1::<f32>()?,
             &fx.f32s(&q("answer_loglik_per_doc"))?,
+            LOGPROB,
         );
         // Both losses of the head (no smoothing, per question) are the negated marginals.
         let opts = NllOptions {
@@ -220,12 +246,14 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} rag_sequence_loglik"),
             &[-seq.to_vec1::<f32>()?[0]],
             &fx.f32s(&q("rag_sequence_loglik"))?,
+            LOGPROB,
         );
         let tok_nll = loss::rag_token_nll(&logits, &prior, &labels, k, pad, &opts)?;
         c.close(
             &format!("q{qi} rag_token_loglik"),
             &[-tok_nll.to_vec1::<f32>()?[0]],
             &fx.f32s(&q("rag_token_loglik"))?,
+            LOGPROB,
         );
         let marginal = loss::marginalize(&logits, &prior, k)?
             .squeeze(0)?
@@ -237,6 +265,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} rag_token_marginal_per_token"),
             &per_token,
             &fx.f32s(&q("rag_token_marginal_per_token"))?,
+            LOGPROB,
         );
         // The same log-probs through the full teacher-forced forward (one unpadded sequence per doc).
         let mut full = Vec::new();
@@ -248,6 +277,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} answer_token_logprobs (full forward)"),
             &full,
             &fx.f32s(&q("answer_token_logprobs"))?,
+            LOGPROB,
         );
 
         // Greedy RAG-Token decoding through the head's search (stops at EOS, as HF generate does).
@@ -293,6 +323,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} greedy chosen_marginal_logprob"),
             &chosen,
             &fx.f32s(&gp("chosen_marginal_logprob"))?,
+            LOGPROB,
         );
         let margins: Vec<f32> = marginal[..steps]
             .iter()
@@ -305,23 +336,20 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &format!("q{qi} greedy top1_top2_margin"),
             &margins,
             &fx.f32s(&gp("top1_top2_margin"))?,
+            LOGPROB,
         );
         c.close(
             &format!("q{qi} greedy step0_marginal_logprobs"),
             &marginal[0],
             &fx.f32s(&gp("step0_marginal_logprobs"))?,
+            LOGPROB,
         );
-        if fx.has(&gp("decoded")) {
-            let decoded = rag.generator_tokenizer.decode(&argmax, false)?;
-            c.ids(
-                &format!("q{qi} greedy decoded"),
-                &[decoded],
-                &[fx.get(&gp("decoded"))?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()],
-            );
-        }
+        let decoded = rag.generator_tokenizer.decode(&argmax, false)?;
+        c.ids(
+            &format!("q{qi} greedy decoded"),
+            &[decoded],
+            &[fx.str(&gp("decoded"))?],
+        );
     }
     Ok(())
 }

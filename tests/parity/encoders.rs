@@ -1,7 +1,7 @@
 //! `encoders` case: standalone DPRQuestionEncoder / DPRContextEncoder and a plain BertModel with
 //! mean pooling (see the parity README, "encoders/expected.json").
 
-use crate::common::{flat, Checker, Fixture};
+use crate::common::{flat, Checker, Fixture, HIDDEN};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rustrag::encoders::bert::l2_normalize;
@@ -104,6 +104,7 @@ fn question_encoder(fx: &Fixture, c: &mut Checker) {
             "question_encoder: pooled_output (fixture ids, batched)",
             &got,
             &expected,
+            HIDDEN,
         ),
         Err(e) => c.check(
             "question_encoder: pooled_output (fixture ids, batched)",
@@ -115,6 +116,7 @@ fn question_encoder(fx: &Fixture, c: &mut Checker) {
             "question_encoder: pooled_output (encode_texts)",
             &got,
             &expected,
+            HIDDEN,
         ),
         Err(e) => c.check("question_encoder: pooled_output (encode_texts)", || Err(e)),
     }
@@ -129,7 +131,12 @@ fn question_encoder(fx: &Fixture, c: &mut Checker) {
             let want = fx
                 .f32s("question_encoder/pooled_output_unbatched")
                 .unwrap_or_default();
-            c.close("question_encoder: pooled_output_unbatched", &got, &want)
+            c.close(
+                "question_encoder: pooled_output_unbatched",
+                &got,
+                &want,
+                HIDDEN,
+            )
         }
         Err(e) => c.check("question_encoder: pooled_output_unbatched", || Err(e)),
     }
@@ -197,7 +204,7 @@ fn ctx_encoder(fx: &Fixture, c: &mut Checker) {
         let name = format!("ctx_encoder: {field}");
         match tensors().and_then(|(i, m, t)| flat(&run(&i, &m, &t)?)) {
             Ok(got) => match fx.f32s(&format!("ctx_encoder/{field}")) {
-                Ok(want) => c.close(&name, &got, &want),
+                Ok(want) => c.close(&name, &got, &want, HIDDEN),
                 Err(e) => c.check(&name, || Err(e)),
             },
             Err(e) => c.check(&name, || Err(e)),
@@ -213,6 +220,7 @@ fn ctx_encoder(fx: &Fixture, c: &mut Checker) {
                 "ctx_encoder: encode_pairs = pooled_output_input_ids_only",
                 &got,
                 &want,
+                HIDDEN,
             )
         }
         Err(e) => c.check("ctx_encoder: encode_pairs", || Err(e)),
@@ -301,7 +309,7 @@ fn bert_mean(fx: &Fixture, c: &mut Checker) {
             got.and_then(|t| flat(&t)),
             fx.f32s(&format!("bert_mean/{field}")),
         ) {
-            (Ok(got), Ok(want)) => c.close(&name, &got, &want),
+            (Ok(got), Ok(want)) => c.close(&name, &got, &want, HIDDEN),
             (Err(e), _) | (_, Err(e)) => c.check(&name, || Err(e)),
         }
     }
@@ -312,7 +320,7 @@ fn bert_mean(fx: &Fixture, c: &mut Checker) {
             enc.encode_texts(&sentences).and_then(|t| flat(&t)),
             fx.f32s(&format!("bert_mean/{field}")),
         ) {
-            (Ok(got), Ok(want)) => c.close(&name, &got, &want),
+            (Ok(got), Ok(want)) => c.close(&name, &got, &want, HIDDEN),
             (Err(e), _) | (_, Err(e)) => c.check(&name, || Err(e)),
         }
     }

@@ -4,7 +4,7 @@
 //! with HF's; step-wise decoding with the KV cache must reproduce the teacher-forced logits; the generator
 //! tokenizer must reproduce the context ids.
 
-use crate::common::{flat, Checker, Fixture};
+use crate::common::{flat, Checker, Fixture, HIDDEN, LOGPROB};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rustrag::generators::auto::{load_generator_tokenizer, load_seq2seq};
@@ -142,7 +142,7 @@ fn check_model(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::Path
     let expected = logits_tensor_name(fx).and_then(|n| fx.tensor(&n));
     match (&expected, flat(&logits)) {
         (Ok(e), Ok(g)) => match flat(e) {
-            Ok(e) => c.close(&format!("{label}: forward logits"), &g, &e),
+            Ok(e) => c.close(&format!("{label}: forward logits"), &g, &e, LOGPROB),
             Err(err) => c.check(&format!("{label}: forward logits"), || Err(err)),
         },
         (Err(e), _) => c.check(&format!("{label}: forward logits"), || {
@@ -159,13 +159,13 @@ fn check_model(fx: &Fixture, c: &mut Checker, label: &str, dir: &std::path::Path
     c.check(&format!("{label}: encoder_last_hidden_state[0, 0]"), || {
         let h = model.encode(&input)?.get(0)?.get(0)?;
         let e = fx.f32s("forward/generator_encoder_last_hidden_state_row0_pos0")?;
-        rows_close(&flat(&h)?, &e)
+        crate::common::compare(&flat(&h)?, &e, HIDDEN)
     });
     check_stepwise(c, label, model.as_ref(), &input, &decoder_ids, &logits);
 }
 
 fn rows_close(got: &[f32], expected: &[f32]) -> Result<()> {
-    crate::common::compare(got, expected, crate::common::RTOL)
+    crate::common::compare(got, expected, LOGPROB)
 }
 
 /// Top-5 ids (exact) and log-probs of every (row, t).
@@ -195,28 +195,14 @@ fn check_top5(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor) {
 
 /// Full log-prob vectors at a few (row, t).
 fn check_selected(fx: &Fixture, c: &mut Checker, label: &str, logprobs: &Tensor) {
-    let Ok(sel) = fx
-        .get("forward/logprobs_selected")
-        .map(|v| v.as_array().cloned().unwrap_or_default())
-    else {
-        return c.check(&format!("{label}: logprobs_selected"), || {
-            bail!("missing forward/logprobs_selected")
-        });
-    };
-    if sel.is_empty() {
-        return c.check(&format!("{label}: logprobs_selected"), || {
-            bail!("forward/logprobs_selected is empty")
-        });
-    }
-    for (i, s) in sel.iter().enumerate() {
-        c.check(&format!("{label}: logprobs_selected[{i}]"), || {
-            let row = s.get("row").and_then(|v| v.as_u64()).context("no row")? as usize;
-            let t = s.get("t").and_then(|v| v.as_u64()).context("no t")? as usize;
-            let mut want = Vec::new();
-            crate::common::flatten_f32(s.get("logprobs").context("no logprobs")?, &mut want)?;
-            rows_close(&flat(&logprobs.get(row)?.get(t)?)?, &want)
-        });
-    }
+    crate::rag::selected(
+        c,
+        fx,
+        &format!("{label}: "),
+        "forward/logprobs_selected",
+        logprobs,
+        "row",
+    );
 }
 
 /// `start` + one `step` per label position reproduces the teacher-forced logits at every position.
