@@ -280,6 +280,23 @@ pub trait Seq2Seq: Decoder {
     }
 }
 
+/// Decoder-only generators (Llama family): adds the one-pass teacher-forced forward the losses use,
+/// the trainable parameters and saving in HF's layout.
+pub trait CausalLm: Decoder {
+    /// Teacher-forced logits `[rows, tgt_len, vocab]` of `decoder_input_ids: [rows, tgt_len]` u32
+    /// after each row's prompt (`input`, right-padded): `decoder_input_ids[:, 0]` stands for the
+    /// prompt (the start token is not fed), so `logits[:, 0]` predicts the first token after the
+    /// prompt and `logits[:, t]` the one after `decoder_input_ids[:, t]`. Differentiable with respect
+    /// to [`CausalLm::vars`].
+    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor>;
+
+    /// Trainable parameters by HF name (empty unless made trainable).
+    fn vars(&self) -> Vec<(String, Var)>;
+
+    /// Write the model in HF's layout (`config.json` + `model.safetensors`) to `dir`.
+    fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
+}
+
 /// A generator of either family, as the RAG head drives it. Decoding goes through [`Decoder`] for
 /// both; the only difference the RAG head sees is how teacher-forced logits are computed and which
 /// padding mask RAG-Sequence decoding uses.
@@ -287,7 +304,7 @@ pub enum Generator {
     /// Encoder-decoder (BART, T5): context rows are encoder inputs.
     Seq2Seq(Box<dyn Seq2Seq>),
     /// Decoder-only (Llama family): context rows are prompts, prefilled by [`Decoder::start`].
-    DecoderOnly(Box<dyn Decoder>),
+    DecoderOnly(Box<dyn CausalLm>),
 }
 
 impl Generator {
@@ -321,13 +338,11 @@ impl Generator {
     /// Teacher-forced logits `[rows, tgt_len, vocab]` for `decoder_input_ids: [rows, tgt_len]` u32:
     /// `logits[:, t]` predicts the token after `decoder_input_ids[:, t]`. Seq2seq: the model's
     /// differentiable forward. Decoder-only: the prompt stands in for `decoder_input_ids[:, 0]` (the
-    /// start token), so `logits[:, 0]` are the prefill's and later positions are decoded step by step.
+    /// start token), so `logits[:, 0]` are the prefill's ([`CausalLm::forward`], one pass).
     pub fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Seq2Seq(g) => g.forward(input, decoder_input_ids),
-            Self::DecoderOnly(g) => {
-                teacher_forced_steps(g.as_ref(), &g.start(input)?, decoder_input_ids)
-            }
+            Self::DecoderOnly(g) => g.forward(input, decoder_input_ids),
         }
     }
 
@@ -341,11 +356,11 @@ impl Generator {
         teacher_forced_steps(self.decoder(), state, decoder_input_ids)
     }
 
-    /// Trainable parameters by HF name (seq2seq loaded trainable; empty otherwise).
+    /// Trainable parameters by HF name (empty unless loaded or made trainable).
     pub fn vars(&self) -> Vec<(String, Var)> {
         match self {
             Self::Seq2Seq(g) => g.vars(),
-            Self::DecoderOnly(_) => Vec::new(),
+            Self::DecoderOnly(g) => g.vars(),
         }
     }
 }

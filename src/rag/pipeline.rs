@@ -252,7 +252,7 @@ pub fn open_or_build_kb_bm25(kb: &KnowledgeBase) -> Result<Bm25Retriever> {
 /// `[bos] + "{title} / {text} // {question}"`), `context_window` tokens of prompt + answer.
 /// Fails when the tokenizer's vocabulary is larger than the generator's.
 pub fn decoder_only_rag(
-    generator: Box<dyn Decoder>,
+    generator: Box<dyn crate::generators::CausalLm>,
     tokenizer: crate::tokenize::TextTokenizer,
     chat_template: Option<ChatTemplate>,
     context_window: usize,

@@ -2,7 +2,7 @@
 //! mode other than native.
 
 use super::{key_mask, left_pad, positions, Llama, RopeLayout};
-use crate::generators::LayerCache;
+use crate::generators::{GenInput, LayerCache};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -16,10 +16,35 @@ impl Llama {
         Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
     }
 
-    pub(super) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(match self.rope_layout {
-            RopeLayout::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
-            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+    /// Rotary embedding of `x: [rows, heads, len, head_dim]` with cos/sin `[rows, len, head_dim / 2]`.
+    /// candle's fused kernels have no backward pass; `differentiable` spells HF's `rotate_half` out.
+    pub(super) fn rope(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        Ok(match (self.rope_layout, differentiable) {
+            (RopeLayout::Halves, false) => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            (RopeLayout::Interleaved, false) => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            (RopeLayout::Halves, true) => {
+                let full = |t: &Tensor| Tensor::cat(&[t, t], D::Minus1)?.unsqueeze(1);
+                let half = x.dim(D::Minus1)? / 2;
+                let rotated = Tensor::cat(
+                    &[
+                        &x.narrow(D::Minus1, half, half)?.neg()?,
+                        &x.narrow(D::Minus1, 0, half)?,
+                    ],
+                    D::Minus1,
+                )?;
+                (x.broadcast_mul(&full(cos)?)? + rotated.broadcast_mul(&full(sin)?)?)?
+            }
+            (RopeLayout::Interleaved, true) => {
+                bail!(
+                    "llama: training needs HF's rotary layout (Llama::make_trainable converts it)"
+                )
+            }
         })
     }
 
@@ -61,8 +86,8 @@ impl Llama {
             let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
+            let q = self.rope(&q, &cos, &sin, block.differentiable)?;
+            let k = self.rope(&k, &cos, &sin, block.differentiable)?;
             let (k, v) = match &layer_cache.self_kv {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
@@ -79,7 +104,10 @@ impl Llama {
                     .reshape((b, nkv, n_rep * l, k_len))?,
                 None => att,
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let att = match block.differentiable {
+                true => candle_nn::ops::softmax(&att, D::Minus1)?,
+                false => candle_nn::ops::softmax_last_dim(&att)?,
+            };
             let y = att
                 .matmul(&v)?
                 .reshape((b, nh, l, hd))?
@@ -167,6 +195,44 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&per_row, 0)?)
+    }
+
+    /// [`CausalLm::forward`](crate::generators::CausalLm::forward): prompts (right-padded `input`)
+    /// followed by `decoder_input_ids[:, 1..]`, in one pass; logits `[rows, T, vocab]` from the
+    /// last prompt position on (the vocabulary projection only where a target is predicted).
+    pub(super) fn continuation_logits(
+        &self,
+        input: &GenInput,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (left, lens) = left_pad(&input.input_ids, &input.attention_mask, self.special.pad)?;
+        let continuation = decoder_input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        if continuation.len() != left.len() {
+            bail!(
+                "llama forward: {} continuations for {} prompts",
+                continuation.len(),
+                left.len()
+            );
+        }
+        let t = continuation.first().map_or(0, |r| r.len());
+        if t == 0 {
+            bail!("llama forward: empty decoder_input_ids");
+        }
+        let l = left.first().map_or(0, |r| r.len());
+        let rows: Vec<Vec<u32>> = left
+            .iter()
+            .zip(&continuation)
+            .map(|(p, c)| p.iter().chain(&c[1..]).copied().collect())
+            .collect();
+        let total = l + t - 1;
+        let lens: Vec<usize> = lens.iter().map(|n| n + t - 1).collect();
+        let ids = crate::tokenize::ids_tensor(&rows, &self.device)?;
+        let pos = crate::tokenize::ids_tensor(&positions(&lens, total), &self.device)?;
+        let mask = Self::additive_mask(&key_mask(&lens, total), total, &self.device)?;
+        let mut cache = vec![LayerCache::default(); self.blocks.len()];
+        let hidden = self.run(&ids, &pos, Some(&mask), &mut cache)?;
+        let targets = hidden.narrow(1, l - 1, t)?.contiguous()?;
+        Ok(self.lm_head.forward(&targets)?.to_dtype(DType::F32)?)
     }
 
     /// Log-probabilities of `continuation` given `prompt` (teacher forcing, one unpadded sequence):

@@ -57,10 +57,7 @@ impl Llama {
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             let w = g.tensor(name, &[h], device)?.dequantize(device)?;
-            Ok(RmsNorm {
-                weight: w,
-                eps: cfg.rms_norm_eps as f32,
-            })
+            Ok(RmsNorm::new(w, cfg.rms_norm_eps))
         };
         let embed_q = Arc::new(g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?);
         let embed = embed_q.dequantize(device)?;
@@ -90,6 +87,7 @@ impl Llama {
                     ])?,
                     down: qmm(&p("ffn_down"), &[h, cfg.intermediate_size])?,
                 },
+                differentiable: false,
             });
         }
         let norm = norm("output_norm.weight")?;
@@ -116,10 +114,7 @@ impl Llama {
             cfg.head_dim * cfg.num_heads,
         );
         let rms = |vb: candle_nn::VarBuilder| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: vb.get(h, "weight")?,
-                eps: cfg.rms_norm_eps as f32,
-            })
+            Ok(RmsNorm::new(vb.get(h, "weight")?, cfg.rms_norm_eps))
         };
         let lin =
             |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<Linear> {
@@ -152,6 +147,7 @@ impl Llama {
                     ]),
                     down: lin(&m, "down_proj", h, cfg.intermediate_size)?,
                 },
+                differentiable: false,
             });
         }
         let norm = rms(vbm.pp("norm"))?;
@@ -208,6 +204,7 @@ impl Llama {
             special,
             device: device.clone(),
             source,
+            vars: Vec::new(),
         };
         m.native_decode = m.native_decode_ok();
         Ok(m)

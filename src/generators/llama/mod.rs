@@ -9,11 +9,12 @@ mod config;
 mod forward;
 mod load;
 mod raw;
+mod train;
 
 pub use config::{LlamaConfig, RopeScaling};
 
 use super::quant::QMatrix;
-use super::{DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
+use super::{CausalLm, DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -44,15 +45,28 @@ pub enum GgufWeights {
     F32,
 }
 
-/// RMSNorm for inference: candle's fused kernel (this model is not trained here), f32 math as in HF.
+/// RMSNorm, f32 math as in HF: candle's fused kernel, which has no backward pass, unless a gradient
+/// must flow through it (trainable layers and everything above them).
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    differentiable: bool,
 }
 
 impl RmsNorm {
+    fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+            differentiable: false,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+        match self.differentiable {
+            true => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps),
+            false => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+        }
     }
 }
 
@@ -135,6 +149,8 @@ struct Block {
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Use ops with a backward pass (softmax, rotary) because a gradient flows through this block.
+    differentiable: bool,
 }
 
 /// Rotary layout of the q/k projections: HF stores halves (`rotate_half`), llama.cpp's GGUF converter
@@ -161,6 +177,8 @@ pub struct Llama {
     device: Device,
     /// File or directory the weights came from.
     pub source: PathBuf,
+    /// Trainable parameters by HF name ([`Llama::make_trainable`]).
+    vars: Vec<(String, candle_core::Var)>,
 }
 
 impl Llama {
@@ -317,5 +335,19 @@ impl Decoder for Llama {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
+        self.continuation_logits(input, decoder_input_ids)
+    }
+
+    fn vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.vars.clone()
+    }
+
+    fn save_pretrained(&self, dir: &std::path::Path) -> Result<()> {
+        self.save_hf(dir)
     }
 }

@@ -1,0 +1,196 @@
+//! Training a decoder-only generator: the one-pass teacher-forced forward and its gradients against
+//! HF transformers (tests/fixtures/make_llama_train_reference.py), and the real SmolLM2 GGUF made
+//! trainable (rotary layout converted) and saved in HF's layout, giving the same logits.
+//!
+//! Tolerances: logits 1e-5 + 1e-5·|x| elementwise (O(1) values, f32 on both sides); gradients
+//! relative per tensor, ‖got − expected‖ ≤ 1e-4·‖expected‖, with no absolute floor.
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use rustrag::generators::gguf::GgufFile;
+use rustrag::generators::llama::{GgufWeights, Llama};
+use rustrag::generators::{CausalLm, GenInput};
+use rustrag::tokenize::ids_tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    model: String,
+    trainable_layers: usize,
+    prompts: Vec<Vec<u32>>,
+    continuations: Vec<Vec<u32>>,
+    logits: Vec<f32>,
+    logits_shape: Vec<usize>,
+    loss: f32,
+    grads: HashMap<String, Vec<f32>>,
+    frozen: Vec<String>,
+}
+
+/// Right-padded generator input (`pad` 0) from rows of ids.
+fn gen_input(rows: &[Vec<u32>]) -> Result<GenInput> {
+    let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let pad = |r: &Vec<u32>, fill: u32, one: bool| -> Vec<u32> {
+        let mut v: Vec<u32> = r.iter().map(|&x| if one { 1 } else { x }).collect();
+        v.resize(l, fill);
+        v
+    };
+    let ids: Vec<Vec<u32>> = rows.iter().map(|r| pad(r, 0, false)).collect();
+    let mask: Vec<Vec<u32>> = rows.iter().map(|r| pad(r, 0, true)).collect();
+    Ok(GenInput {
+        input_ids: ids_tensor(&ids, &Device::Cpu)?,
+        attention_mask: ids_tensor(&mask, &Device::Cpu)?,
+    })
+}
+
+/// Minus the summed log-probs of `targets: [rows, T]` under `logits: [rows, T, V]`.
+fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    Ok(lp.gather(&targets.unsqueeze(2)?, 2)?.sum_all()?.neg()?)
+}
+
+fn close(what: &str, got: &[f32], want: &[f32]) -> Result<()> {
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} values vs {}",
+        got.len(),
+        want.len()
+    );
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        ensure!(
+            (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+    Ok(())
+}
+
+fn rel_close(what: &str, got: &[f32], want: &[f32]) -> Result<()> {
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} values vs {}",
+        got.len(),
+        want.len()
+    );
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let diff = norm(&mut got.iter().zip(want).map(|(g, w)| (g - w) as f64));
+    let reference = norm(&mut want.iter().map(|&w| w as f64));
+    ensure!(
+        diff <= 1e-4 * reference,
+        "{what}: ‖got − expected‖ {diff:.3e} > 1e-4 · ‖expected‖ {reference:.3e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn gradients_of_the_top_layer_match_transformers() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/fixtures/llama_train_reference.json"))?;
+    let r: Reference = serde_json::from_str(&text)?;
+    let mut model = Llama::from_hf_dir(&root.join(&r.model), &Device::Cpu)?;
+    model.make_trainable(r.trainable_layers)?;
+    let input = gen_input(&r.prompts)?;
+    let logits = CausalLm::forward(&model, &input, &ids_tensor(&r.continuations, &Device::Cpu)?)?;
+    ensure!(
+        logits.dims() == r.logits_shape,
+        "logits {:?}",
+        logits.dims()
+    );
+    close("logits", &logits.flatten_all()?.to_vec1()?, &r.logits)?;
+    let eos = model.config.eos_token_id.context("eos")?;
+    let targets: Vec<Vec<u32>> = r
+        .continuations
+        .iter()
+        .map(|c| c[1..].iter().copied().chain([eos]).collect())
+        .collect();
+    let loss = nll(&logits, &ids_tensor(&targets, &Device::Cpu)?)?;
+    close("loss", &[loss.to_scalar::<f32>()?], &[r.loss])?;
+    let grads = loss.backward()?;
+    let vars = model.vars();
+    let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
+    let mut want: Vec<&String> = r.grads.keys().collect();
+    names.sort();
+    want.sort();
+    ensure!(names == want, "trainable {names:?} vs HF's {want:?}");
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .with_context(|| format!("{name}: no gradient"))?;
+        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.grads[name])?;
+    }
+    // Frozen parameters: exactly HF's list, and no gradient reaches them.
+    let state = model.state_dict()?;
+    let mut frozen: Vec<&String> = state.keys().filter(|k| !r.grads.contains_key(*k)).collect();
+    frozen.sort();
+    let mut want_frozen: Vec<&String> = r.frozen.iter().collect();
+    want_frozen.sort();
+    ensure!(
+        frozen == want_frozen,
+        "frozen {frozen:?} vs {want_frozen:?}"
+    );
+    for name in frozen {
+        ensure!(grads.get(&state[name]).is_none(), "{name} got a gradient");
+    }
+    Ok(())
+}
+
+fn gguf_path() -> PathBuf {
+    let models = std::env::var("RUSTRAG_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let p = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "SmolLM2 GGUF missing: {} (scripts/fetch-models.sh or set RUSTRAG_MODELS)",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2's GGUF interleaves the rotary halves of q/k; training converts them to HF's layout and
+/// switches the top blocks to differentiable ops: the logits must not change, and the saved HF
+/// directory must load back to the same logits.
+#[test]
+fn smollm2_made_trainable_and_saved_keeps_its_logits() -> Result<()> {
+    let g = GgufFile::open(&gguf_path())?;
+    let mut model = Llama::from_gguf_with(&g, &Device::Cpu, GgufWeights::F32)?;
+    let prompts = vec![vec![1, 504, 3458, 282, 4649, 314], vec![1, 6121, 314]];
+    let input = gen_input(&prompts)?;
+    let cont = ids_tensor(&[vec![1, 422, 1345], vec![1, 30, 2017]], &Device::Cpu)?;
+    let before = CausalLm::forward(&model, &input, &cont)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    model.make_trainable(2)?;
+    ensure!(
+        model.vars().len() == 2 * 9 + 1,
+        "{} vars",
+        model.vars().len()
+    );
+    let after = CausalLm::forward(&model, &input, &cont)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    // Same weights, other op order (fused vs spelled-out rotary/softmax/norm): f32 noise only.
+    ensure!(
+        max_diff(&before, &after) < 1e-3,
+        "trainable: max |Δlogit| {}",
+        max_diff(&before, &after)
+    );
+    let dir = tempfile::tempdir()?;
+    model.save_hf(dir.path())?;
+    let reloaded = Llama::from_hf_dir(dir.path(), &Device::Cpu)?;
+    let again = CausalLm::forward(&reloaded, &input, &cont)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    ensure!(
+        max_diff(&before, &again) < 1e-3,
+        "reloaded: max |Δlogit| {}",
+        max_diff(&before, &again)
+    );
+    Ok(())
+}
