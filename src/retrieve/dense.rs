@@ -124,7 +124,7 @@ pub fn exact_search(
     // |GEMM − exact_score| ≤ 2·γ_dim·‖q‖·‖d‖ (any summation order, γ_n = n·u/(1 − n·u));
     // excluding a row needs its bound plus the k-th best's: a margin of twice that, with the
     // largest row norm seen. EPSILON = 2u over-covers γ and the rounding of the norms.
-    let q_norms: Vec<f32> = queries.chunks(dim).map(|q| norm(q)).collect();
+    let q_norms: Vec<f32> = queries.chunks(dim).map(norm).collect();
     let margin =
         |q_norm: f32, max_norm: f32| 2.0 * (dim + 2) as f32 * f32::EPSILON * q_norm * max_norm;
     // One contiguous share of the rows per thread, so each thread keeps one top-k per query

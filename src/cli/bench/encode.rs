@@ -71,7 +71,7 @@ fn read_f32_rows(path: &std::path::Path, n: usize) -> Result<Tensor> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     anyhow::ensure!(
-        n > 0 && v.len() % n == 0,
+        n > 0 && v.len().is_multiple_of(n),
         "{}: {} floats for {n} texts",
         path.display(),
         v.len()
