@@ -6,18 +6,18 @@
 //! - [`encoders`]: DPR and sentence-transformers text encoders (BERT).
 //! - [`generators`]: BART, T5 and Llama generators behind one step-wise decoding interface.
 //! - [`kb`]: the on-disk knowledge base (passages, embeddings, manifest).
+//! - [`kernels`]: SIMD kernels with scalar fallbacks, one CPU-feature check (`RUSTRAG_FORCE_SCALAR`).
 //! - [`retrieve`]: dense (exact, HNSW), BM25 and hybrid retrievers.
 //! - [`rag`]: RagModel, RAG-Sequence and RAG-Token (losses, decoding, provenance).
 //! - [`eval`]: retrieval and QA metrics.
 //! - [`progress`]: progress bars for long work.
-//! - [`cli`]: the `rustrag` command line (a thin layer over the library).
 
-pub mod cli;
 pub mod encoders;
 pub mod eval;
 pub mod generators;
 pub mod hub;
 pub mod kb;
+pub mod kernels;
 pub mod nn;
 pub mod progress;
 pub mod rag;

@@ -9,7 +9,7 @@ use rustrag::encoders::{EncoderFingerprint, TextEncoder};
 use rustrag::kb::ingest::{read_corpus, IngestOptions};
 use rustrag::kb::{self, BuildOptions, EmbeddingDtype, HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::{exact_search, DenseRetriever};
-use rustrag::retrieve::quantized::QuantizedRows;
+use rustrag::retrieve::quantized::QuantizedEmbeddings;
 use rustrag::retrieve::{Passage, Retriever};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -48,8 +48,11 @@ fn minilm() -> Arc<dyn TextEncoder> {
     static ENC: OnceLock<Arc<dyn TextEncoder>> = OnceLock::new();
     ENC.get_or_init(|| {
         Arc::from(
-            rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, false)
-                .expect("load MiniLM"),
+            rustrag::encoders::load_encoder(
+                minilm_dir().to_str().unwrap(),
+                &rustrag::encoders::LoadOptions::default(),
+            )
+            .expect("load MiniLM"),
         )
     })
     .clone()
@@ -318,7 +321,7 @@ fn exact_search_matches_brute_force_f32_and_f16() {
         let mut stored = Vec::new();
         kb.embeddings().rows_f32_into(0, n, &mut stored);
         // Both exact searches: the f32 scan, and the quantised pass with f32 survivors.
-        let quantized = QuantizedRows::build(kb.embeddings());
+        let quantized = QuantizedEmbeddings::build(kb.embeddings());
         let searches: [(&str, &Search); 2] = [
             ("f32 scan", &|q, k| exact_search(kb.embeddings(), q, k)),
             ("quantised", &|q, k| quantized.search(kb.embeddings(), q, k)),
@@ -561,8 +564,14 @@ fn int8_minilm_agrees_with_f32() {
         .unwrap()
         .documents;
     let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
-    let int8 =
-        rustrag::cli::index::load_encoder(minilm_dir().to_str().unwrap(), 32, None, true).unwrap();
+    let int8 = rustrag::encoders::load_encoder(
+        minilm_dir().to_str().unwrap(),
+        &rustrag::encoders::LoadOptions {
+            int8: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(int8.fingerprint().int8 && !minilm().fingerprint().int8);
     let rows = |e: &dyn TextEncoder, texts: &[&str]| -> Vec<Vec<f32>> {
         e.encode_texts(texts).unwrap().to_vec2::<f32>().unwrap()

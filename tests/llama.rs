@@ -536,47 +536,54 @@ fn gguf_conversion_of_fixture_matches_hf_safetensors() -> Result<()> {
     Ok(())
 }
 
-/// Runs the decode benchmark function (timings printed, not asserted; `RUSTRAG_BENCH_TOKENS` sets the
-/// length, default 8).
+/// Runs the decode benchmark through the binary (timings printed, not asserted;
+/// `RUSTRAG_BENCH_TOKENS` sets the length, default 8).
 #[test]
 fn decode_bench_reports_counts() -> Result<()> {
-    use rustrag::cli::bench::decode::bench_decode_with;
     let n: usize = std::env::var("RUSTRAG_BENCH_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
     let modes = match std::env::var("RUSTRAG_BENCH_ALL_MODES") {
-        Ok(_) => vec![
-            GgufWeights::Native,
-            GgufWeights::Fast,
-            GgufWeights::AsStored,
-            GgufWeights::F32,
-        ],
-        Err(_) => vec![GgufWeights::Native],
+        Ok(_) => vec!["native", "fast", "as-stored", "f32"],
+        Err(_) => vec!["native"],
     };
+    let prompt = "The history of the city of Paris begins";
     for mode in modes {
-        let b = bench_decode_with(
-            &gguf_path(),
-            "The history of the city of Paris begins",
-            n,
-            mode,
-        )?;
-        eprintln!("{}", serde_json::to_string(&b)?);
-        assert_eq!(b.decode_tokens, n);
-        assert_eq!(
-            b.prompt_tokens,
-            enc(&smol().tok, "The history of the city of Paris begins").len()
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustrag"))
+            .args(["--json", "bench", "--no-peer", "decode", "--gguf"])
+            .arg(gguf_path())
+            .args(["--prompt", prompt, "--tokens", &n.to_string()])
+            .args(["--repeats", "1", "--weights", mode])
+            .env("RUSTRAG_NO_PROGRESS", "1")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench decode failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!b.text.is_empty());
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let b = &report["rustrag"];
+        eprintln!("{b}");
+        assert_eq!(b["decode_tokens"].as_u64(), Some(n as u64));
+        assert_eq!(
+            b["prompt_tokens"].as_u64(),
+            Some(enc(&smol().tok, prompt).len() as u64)
+        );
+        assert!(!b["text"].as_str().unwrap_or("").is_empty());
     }
     Ok(())
 }
 
-/// Decoder-only RAG with the real SmolLM2 over real SQuAD-dev passages (doc priors given, as the
-/// retriever would pass them), prompts through the chat template: RAG-Token greedy, RAG-Sequence greedy + rescoring, provenance.
+/// The RAG head over the real SmolLM2 (decoder-only) on real SQuAD-dev passages (doc priors given,
+/// as the retriever would pass them), prompts through the chat template: RAG-Token greedy and beam
+/// search, RAG-Sequence thorough decoding with beams, provenance, and the RAG-Sequence loss agreeing
+/// with the rescoring.
 #[test]
 fn smollm2_decoder_only_rag_on_squad_passages() -> Result<()> {
-    use rustrag::rag::decoder_only::DecoderOnlyRag;
+    use rustrag::rag::pipeline::decoder_only_rag;
+    use rustrag::rag::{GenerationSettings, RagMode};
+    use rustrag::retrieve::Passage;
     let s = smol();
     let data = parity_dir().join("../data/squad-dev/corpus.jsonl.gz");
     assert!(
@@ -594,57 +601,87 @@ fn smollm2_decoder_only_rag_on_squad_passages() -> Result<()> {
         .take(40)
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    let pick = |id: &str| -> Result<(String, String)> {
+    let pick = |id: &str| -> Result<Passage> {
         let d = docs
             .iter()
             .find(|d| d["_id"] == id)
             .with_context(|| format!("passage {id}"))?;
-        Ok((
-            d["title"].as_str().unwrap_or("").to_string(),
-            d["text"].as_str().unwrap_or("").to_string(),
-        ))
+        Ok(Passage {
+            id: id.to_string(),
+            title: d["title"].as_str().unwrap_or("").to_string(),
+            text: d["text"].as_str().unwrap_or("").to_string(),
+        })
     };
     // The answer passage first, then two distractors from the same article.
-    let passages = [pick("0-0")?, pick("0-5")?, pick("0-9")?];
-    let pairs: Vec<(&str, &str)> = passages
-        .iter()
-        .map(|(t, x)| (t.as_str(), x.as_str()))
-        .collect();
-    let rag = DecoderOnlyRag::new(smol_f32(), &s.tok);
-    let question = "Which NFL team represented the AFC at Super Bowl 50?";
-    let prompts = rag.chat_prompt_ids(&pairs, question, &s.chat)?;
-    let doc_lp = [(0.5f32).ln(), (0.25f32).ln(), (0.25f32).ln()];
-    let g = rag.generate_token_greedy(&prompts, &doc_lp, 32, true)?;
-    let answer = s.tok.decode(&g.ids, true)?;
-    eprintln!(
-        "RAG-Token answer: {answer:?}, provenance {:?}",
-        g.provenance
-    );
+    let passages = vec![pick("0-0")?, pick("0-5")?, pick("0-9")?];
+    let g = GgufFile::open(&gguf_path())?;
+    let llama = Llama::from_gguf_with(&g, &Device::Cpu, GgufWeights::F32)?;
+    let tok = tokenizer_from_gguf(&g, llama.config.vocab_size)?;
+    let eos = llama.special_ids().eos;
+    let mut rag = decoder_only_rag(
+        Box::new(llama),
+        tok,
+        Some(s.chat.clone()),
+        8192,
+        &gguf_path(),
+    )?;
+    let question = "Which NFL team represented the AFC at Super Bowl 50?".to_string();
+    // Doc scores whose softmax is (0.5, 0.25, 0.25).
+    let doc_scores = Tensor::new(&[[0.5f32.ln(), 0.25f32.ln(), 0.25f32.ln()]], &Device::Cpu)?;
+    let (_, ctx) = rag.context_from_passages(&[question], &[passages], doc_scores)?;
+    let settings = |beams: usize| GenerationSettings {
+        num_beams: Some(beams),
+        max_length: Some(33),
+        ..Default::default()
+    };
     // SmolLM2-135M is weak: with these distractors it may name the wrong team, so the check is that
-    // the answer is grounded in the passages (a team only they mention) and ended with EOS.
+    // the answer is grounded in the passages (a team only they mention).
     let grounded = |a: &str| a.contains("Broncos") || a.contains("Panthers");
+    let greedy = rag.generate_token(&ctx, &rag.generation_params(&settings(1))?)?;
+    let answer = rag.generator_tokenizer.decode(&greedy[0][1..], true)?;
+    let provenance = rag.doc_posteriors_for(RagMode::Token, &ctx, 0, &greedy[0])?;
+    eprintln!("RAG-Token answer: {answer:?}, provenance {provenance:?}");
     assert!(grounded(&answer), "RAG-Token answer {answer:?}");
-    assert_eq!(g.ids.last(), Some(&smol_f32().special_ids().eos));
-    for p in &g.provenance {
+    assert_eq!(greedy[0].last(), Some(&eos));
+    assert_eq!(provenance.len(), greedy[0].len() - 1);
+    for p in &provenance {
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     }
-    let cands = rag.generate_sequence_greedy(&prompts, &doc_lp, 32)?;
-    let best = s.tok.decode(&cands[0].ids, true)?;
+    let beam = rag.generate_token(&ctx, &rag.generation_params(&settings(2))?)?;
+    let beam_answer = rag.generator_tokenizer.decode(&beam[0][1..], true)?;
+    eprintln!("RAG-Token beam 2 answer: {beam_answer:?}");
+    assert!(
+        grounded(&beam_answer),
+        "RAG-Token beam answer {beam_answer:?}"
+    );
+
+    rag.mode = RagMode::Sequence;
+    let (best, details) =
+        rag.generate_sequence(&ctx, &rag.generation_params(&settings(2))?, true)?;
+    let best_text = rag.generator_tokenizer.decode(&best[0][1..], true)?;
+    let d = &details[0];
     eprintln!(
-        "RAG-Sequence answer: {best:?} (loglik {}, p(z|x,y) {:?})",
-        cands[0].loglik, cands[0].doc_posterior
+        "RAG-Sequence answer: {best_text:?} (candidates {}, nll {:?})",
+        d.candidates.len(),
+        d.candidate_nll
     );
-    assert!(grounded(&best), "RAG-Sequence answer {best:?}");
-    assert!(cands.windows(2).all(|w| w[0].loglik >= w[1].loglik));
-    assert_eq!(
-        cands.iter().map(|c| c.from_docs.len()).sum::<usize>(),
-        prompts.len()
+    assert!(grounded(&best_text), "RAG-Sequence answer {best_text:?}");
+    assert_eq!(d.generator_outputs.len(), 3 * 2);
+    let top = d.top_candidate_indices[0];
+    assert!(d.candidate_nll.iter().all(|&n| n >= d.candidate_nll[top]));
+    // The RAG-Sequence loss of the chosen candidate is its rescoring NLL.
+    let labels = Tensor::new(d.candidates[top].as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut opts = rag.default_nll_options();
+    opts.reduce_loss = false;
+    opts.exclude_bos_score = true;
+    let loss = rag.loss(&ctx, &labels, &opts)?.to_vec1::<f32>()?[0];
+    assert!(
+        (loss - d.candidate_nll[top]).abs() < 1e-3 * loss.abs().max(1.0),
+        "loss {loss} vs rescoring {}",
+        d.candidate_nll[top]
     );
-    // Rescoring is consistent with scoring the candidate directly.
-    let mut ids = cands[0].ids.clone();
-    ids.push(smol_f32().special_ids().eos);
-    let sc = rag.score(&prompts, &doc_lp, &ids)?;
-    assert!((sc.rag_sequence_loglik - cands[0].loglik).abs() < 1e-3 || cands[0].ids.len() == 32);
+    let posterior = rag.doc_posteriors(&ctx, 0, &best[0])?;
+    assert!((posterior[0].iter().sum::<f32>() - 1.0).abs() < 1e-4);
     Ok(())
 }
 

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rustrag::cli::ask::{ask_hf_rag, Args as AskArgs};
 use rustrag::rag::checkpoint::{load_rag, LoadOptions};
+use rustrag::rag::pipeline::{AnswerOptions, Pipeline, PipelineConfig};
 use rustrag::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
 use std::path::PathBuf;
 
@@ -128,35 +128,26 @@ fn a_training_step_lowers_the_loss_and_is_saved() -> Result<()> {
     Ok(())
 }
 
-fn ask_args(dir: &std::path::Path, beams: usize) -> AskArgs {
-    AskArgs {
-        questions: vec![],
-        questions_file: None,
-        model: Some(dir.join("rag").to_string_lossy().into_owned()),
-        generator: None,
-        kb: dir.join("kb"),
-        mode: None,
-        n_docs: None,
-        beams: Some(beams),
-        num_return_sequences: None,
-        max_length: Some(12),
-        min_length: None,
-        decoding: "thorough".into(),
-        snippet_chars: 40,
-        retriever: "dense".into(),
-        gguf_weights: "f32".into(),
-    }
-}
-
 #[test]
 fn ask_returns_answers_sources_and_normalised_provenance() -> Result<()> {
     for (case, mode) in [
         ("bart-token", RagMode::Token),
         ("t5-seq", RagMode::Sequence),
     ] {
-        let (model, index, dir) = load(case, false)?;
+        let dir = case_dir(case)?;
+        let config = PipelineConfig {
+            answer: AnswerOptions {
+                beams: Some(2),
+                max_new_tokens: Some(11),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pipeline =
+            Pipeline::open_checkpoint(&dir.join("rag").to_string_lossy(), &dir.join("kb"), config)?;
+        let model = &pipeline.rag;
         let qs = questions(&dir)?;
-        let res = ask_hf_rag(&model, &index, &qs, &ask_args(&dir, 2))?;
+        let res = pipeline.answer(&qs)?;
         assert_eq!(res.len(), qs.len());
         for r in &res {
             assert_eq!(r.mode, mode);
@@ -312,6 +303,212 @@ fn fast_decoding_scores_bound_the_thorough_ones() -> Result<()> {
                 scores[i]
             );
         }
+    }
+    Ok(())
+}
+
+/// The tiny decoder-only Llama of the parity fixtures as a RAG head with a `context_window`.
+fn tiny_decoder_only(context_window: usize) -> Result<RagModel> {
+    let dir = case_dir("bart-token")?.join("../decoder-only/model");
+    let tok = rustrag::tokenize::load_tokenizer(&dir)?;
+    let llama = rustrag::generators::llama::Llama::from_hf_dir(&dir, &Device::Cpu)?;
+    rustrag::rag::pipeline::decoder_only_rag(Box::new(llama), tok, None, context_window, &dir)
+}
+
+fn passage(id: &str, words: usize) -> rustrag::retrieve::Passage {
+    rustrag::retrieve::Passage {
+        id: id.into(),
+        title: format!("Title {id}"),
+        text: (0..words)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Bad input: a generator whose vocabulary is smaller than its tokenizer's is refused at load,
+/// naming both sizes.
+#[test]
+fn decoder_only_head_refuses_a_larger_tokenizer_vocabulary() -> Result<()> {
+    let dir = case_dir("bart-token")?;
+    let bart_tok = rustrag::tokenize::load_tokenizer(&dir.join("rag/generator_tokenizer"))?;
+    let llama_dir = dir.join("../decoder-only/model");
+    let llama = rustrag::generators::llama::Llama::from_hf_dir(&llama_dir, &Device::Cpu)?;
+    let err = match rustrag::rag::pipeline::decoder_only_rag(
+        Box::new(llama),
+        bart_tok,
+        None,
+        512,
+        &llama_dir,
+    ) {
+        Ok(_) => bail!("a 50k-token tokenizer on a 450-token generator was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("450"), "{err}");
+    Ok(())
+}
+
+/// Bad input: prompts longer than the context window keep their question and have the passage cut
+/// at the end, reported per row; a question that alone overflows the window is an error.
+#[test]
+fn long_prompts_are_cut_to_the_context_window_and_reported() -> Result<()> {
+    let rag = tiny_decoder_only(96)?;
+    let q = "what is word3?".to_string();
+    let docs = vec![passage("short", 5), passage("long", 400)];
+    let scores = Tensor::new(&[[1f32, 0.5]], &Device::Cpu)?;
+    let (rows, ctx) = rag.context_from_passages(std::slice::from_ref(&q), &[docs], scores)?;
+    assert_eq!(rows.truncated.len(), 1, "{:?}", rows.truncated);
+    let t = &rows.truncated[0];
+    assert_eq!(t.row, 1);
+    assert!(
+        t.prompt_tokens_before > 96 && t.prompt_tokens_after <= 96,
+        "{t:?}"
+    );
+    assert!(t.passage_words_kept < t.passage_words);
+    assert!(
+        rows.strings[1].ends_with(&q),
+        "question kept: {}",
+        rows.strings[1]
+    );
+    assert!(rows.encoded.input_ids.iter().all(|r| r.len() <= 96));
+    // The cut contexts decode.
+    let p = rag.generation_params(&GenerationSettings {
+        max_length: Some(4),
+        ..Default::default()
+    })?;
+    assert_eq!(rag.generate_token(&ctx, &p)?.len(), 1);
+    let tiny = tiny_decoder_only(3)?;
+    let scores = Tensor::new(&[[1f32]], &Device::Cpu)?;
+    let err = tiny
+        .context_from_passages(&[q], &[vec![passage("p", 10)]], scores)
+        .err()
+        .context("a question longer than the window was accepted")?;
+    assert!(format!("{err:#}").contains("context window"), "{err:#}");
+    Ok(())
+}
+
+/// Bad input through the pipeline: n_docs 0 or larger than the knowledge base, beams 0, an empty
+/// question, a non-positive prior temperature: clear errors, no panic.
+#[test]
+fn pipeline_rejects_bad_answer_options() -> Result<()> {
+    let dir = case_dir("bart-token")?;
+    let pipeline = Pipeline::open_checkpoint(
+        &dir.join("rag").to_string_lossy(),
+        &dir.join("kb"),
+        PipelineConfig::default(),
+    )?;
+    let qs = questions(&dir)?;
+    let kb = pipeline.kb_len();
+    let cases: Vec<(AnswerOptions, String)> = vec![
+        (
+            AnswerOptions {
+                n_docs: Some(kb + 1),
+                ..Default::default()
+            },
+            format!("knowledge base has only {kb} passages"),
+        ),
+        (
+            AnswerOptions {
+                n_docs: Some(0),
+                ..Default::default()
+            },
+            "n_docs must be at least 1".into(),
+        ),
+        (
+            AnswerOptions {
+                beams: Some(0),
+                ..Default::default()
+            },
+            "num_beams` must be at least 1".into(),
+        ),
+        (
+            AnswerOptions {
+                prior_temperature: Some(0.0),
+                ..Default::default()
+            },
+            "prior temperature must be positive".into(),
+        ),
+    ];
+    for (opts, want) in cases {
+        let err = pipeline
+            .answer_with(&qs[..1], &opts)
+            .err()
+            .with_context(|| format!("{opts:?} was accepted"))?;
+        assert!(format!("{err:#}").contains(&want), "{err:#} (want {want})");
+    }
+    let err = pipeline
+        .answer(&["  ".to_string()])
+        .err()
+        .context("empty question")?;
+    assert!(format!("{err:#}").contains("empty"), "{err:#}");
+    // n_docs equal to the KB size is fine.
+    let opts = AnswerOptions {
+        n_docs: Some(kb),
+        max_new_tokens: Some(3),
+        ..Default::default()
+    };
+    let r = pipeline.answer_with(&qs[..1], &opts)?;
+    assert_eq!(r[0].sources.len(), kb);
+    Ok(())
+}
+
+/// Every decoding entry of the head runs on a decoder-only generator too: RAG-Token greedy and beam
+/// search with num_return_sequences, RAG-Sequence thorough and fast with beams, the logits
+/// processors (min length, no-repeat n-gram), both losses.
+#[test]
+fn every_decoding_entry_runs_on_a_decoder_only_generator() -> Result<()> {
+    let mut rag = tiny_decoder_only(512)?;
+    let qs = vec!["what is word3?".to_string(), "where is word7?".to_string()];
+    let docs = vec![
+        vec![passage("a", 12), passage("b", 20), passage("c", 6)],
+        vec![passage("d", 9), passage("e", 15), passage("f", 30)],
+    ];
+    let scores = Tensor::new(&[[1f32, 0.5, 0.2], [0.3, 0.9, 0.1]], &Device::Cpu)?;
+    let (_, ctx) = rag.context_from_passages(&qs, &docs, scores)?;
+    let settings = GenerationSettings {
+        num_beams: Some(3),
+        num_return_sequences: Some(2),
+        max_length: Some(8),
+        min_length: Some(4),
+        no_repeat_ngram_size: Some(2),
+        ..Default::default()
+    };
+    let p = rag.generation_params(&settings)?;
+    let eos = rag.generator.special_ids().eos;
+    let token = rag.generate_token(&ctx, &p)?;
+    assert_eq!(token.len(), 4, "2 questions x 2 returned sequences");
+    for row in &token {
+        // min_length: no EOS before position 4; no-repeat-ngram: no bigram twice.
+        assert!(!row[1..4.min(row.len())].contains(&eos), "{row:?}");
+        let bigrams: Vec<_> = row
+            .windows(2)
+            .filter(|w| w[1] != rag.generator_pad())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        assert!(
+            bigrams.iter().all(|b| seen.insert(*b)),
+            "repeated bigram in {row:?}"
+        );
+    }
+    let (fast, scores) = rag.generate_sequence_fast(&ctx, &p)?;
+    assert_eq!((fast.len(), scores.len()), (4, 4));
+    assert!(scores.iter().all(|s| s.is_finite()));
+    rag.mode = RagMode::Sequence;
+    let (thorough, details) = rag.generate_sequence(&ctx, &p, true)?;
+    assert_eq!(thorough.len(), 4);
+    assert_eq!(details[0].generator_outputs.len(), 3 * 3);
+    // Both losses over the returned sequences are finite and positive.
+    let labels =
+        rustrag::tokenize::ids_tensor(&[thorough[0].clone(), thorough[2].clone()], &Device::Cpu)?;
+    for mode in [RagMode::Sequence, RagMode::Token] {
+        rag.mode = mode;
+        let loss = rag
+            .loss(&ctx, &labels, &rag.default_nll_options())?
+            .to_vec1::<f32>()?;
+        assert!(
+            loss.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{mode:?}: {loss:?}"
+        );
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use rustrag::cli::eval::corpus_passages as read_corpus;
+use rustrag::eval::beir::corpus_passages as read_corpus;
 use rustrag::eval::beir::{read_qrels, read_queries};
 use rustrag::eval::metrics::{evaluate, MetricSpec, Qrels, Run};
 use rustrag::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};

@@ -1,8 +1,8 @@
 //! `rustrag embed`: embed texts with any supported encoder (DPR, RAG question encoder,
 //! sentence-transformers, plain BERT) and print one vector per text.
 
-use crate::encoders::{load_encoder, LoadOptions, Pooling};
 use anyhow::{bail, Context, Result};
+use rustrag::encoders::{load_encoder, LoadOptions, Pooling};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]

@@ -8,16 +8,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
-use crate::eval::beir::{read_qrels, read_queries, Query};
-use crate::eval::metrics::{evaluate, MetricSpec, Report};
-use crate::eval::{progress, qa, run_queries, write_trec_run};
-use crate::kb::KnowledgeBase;
-use crate::retrieve::analysis::{AnalyzerConfig, StemmerKind};
-use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
-use crate::retrieve::dense::DenseRetriever;
-use crate::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
-use crate::retrieve::{Passage, Retriever};
+use rustrag::encoders::{load_encoder, LoadOptions, TextEncoder};
+use rustrag::eval::beir::{read_qrels, read_queries, Query};
+use rustrag::eval::metrics::{evaluate, MetricSpec, Report};
+use rustrag::eval::{progress, qa, run_queries, write_trec_run};
+use rustrag::kb::KnowledgeBase;
+use rustrag::retrieve::analysis::{AnalyzerConfig, StemmerKind};
+use rustrag::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
+use rustrag::retrieve::dense::DenseRetriever;
+use rustrag::retrieve::hybrid::{Fusion, HybridRetriever, ScoreNorm};
+use rustrag::retrieve::{Passage, Retriever};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
@@ -189,19 +189,7 @@ fn bm25_passages(a: &RetrievalArgs) -> Result<Vec<Passage>> {
     }
 }
 
-/// The documents of a corpus file as passages, unsplit (BEIR evaluates whole documents).
-pub fn corpus_passages(path: &Path) -> Result<Vec<Passage>> {
-    let docs =
-        crate::kb::ingest::read_corpus(&[path.to_path_buf()], &Default::default())?.documents;
-    Ok(docs
-        .into_iter()
-        .map(|d| Passage {
-            id: d.id,
-            title: d.title,
-            text: d.text,
-        })
-        .collect())
-}
+pub use rustrag::eval::beir::corpus_passages;
 
 /// Open the BM25 index at `dir`, building it when missing, built with another analysis, or when
 /// `rebuild`.

@@ -1,10 +1,10 @@
 //! `rustrag index build|add|info|reembed`: build and maintain on-disk knowledge bases.
 
-use crate::encoders::TextEncoder;
-use crate::kb::ingest::IngestOptions;
-use crate::kb::{self, BuildOptions, BuildReport, EmbeddingDtype, HnswParams, KnowledgeBase};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use rustrag::encoders::TextEncoder;
+use rustrag::kb::ingest::IngestOptions;
+use rustrag::kb::{self, BuildOptions, BuildReport, EmbeddingDtype, HnswParams, KnowledgeBase};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -120,13 +120,13 @@ pub fn load_encoder(
     max_length: Option<usize>,
     int8: bool,
 ) -> Result<Box<dyn TextEncoder>> {
-    let opts = crate::encoders::LoadOptions {
+    let opts = rustrag::encoders::LoadOptions {
         batch_size,
         max_length,
         int8,
         ..Default::default()
     };
-    crate::encoders::load_encoder(spec, &opts)
+    rustrag::encoders::load_encoder(spec, &opts)
 }
 
 impl EmbedOpts {

@@ -1,9 +1,9 @@
 //! `rustrag retrieve`: top-k passages for questions from a knowledge base.
 
-use crate::kb::KnowledgeBase;
-use crate::retrieve::dense::DenseRetriever;
-use crate::retrieve::Retriever;
 use anyhow::{bail, Result};
+use rustrag::kb::KnowledgeBase;
+use rustrag::retrieve::dense::DenseRetriever;
+use rustrag::retrieve::Retriever;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -2,10 +2,12 @@
 //! sentence-transformers encoders.
 //!
 //! Written with [`crate::nn`] so that every parameter receives gradients (RAG fine-tunes the
-//! question encoder). Dense layers run as one 2-D matmul over all `batch * len` tokens.
+//! question encoder). Linear layers run as one 2-D matmul over all `batch * len` tokens.
 
-use super::int8::Int8Linear;
-use super::packed::PackedLinear;
+use crate::kernels::fused;
+use crate::kernels::int8::Int8Linear;
+use crate::kernels::math::gelu_in_place;
+use crate::kernels::packed::PackedLinear;
 use crate::nn::{self, Activation, LayerNorm};
 use crate::tokenize::{Encoded, TextTokenizer};
 use anyhow::{bail, Context, Result};
@@ -83,14 +85,14 @@ impl BertConfig {
     }
 }
 
-/// Dense layer `y = x W^T + b` on `[n, in]` rows (HF weight layout `[out, in]`).
+/// Linear layer `y = x W^T + b` on `[n, in]` rows (HF weight layout `[out, in]`).
 #[derive(Clone, Debug)]
-pub(crate) struct Dense {
+pub(crate) struct Linear {
     weight: Tensor,
     bias: Tensor,
 }
 
-impl Dense {
+impl Linear {
     pub(crate) fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let l = nn::linear(in_dim, out_dim, true, vb)?;
         let bias = l.bias().cloned().context("dense layer without bias")?;
@@ -175,13 +177,13 @@ struct Layer {
     /// The fused inference path's weights (None when the weights are trainable: a copy would
     /// not follow their updates).
     fused: Option<FusedWeights>,
-    query: Dense,
-    key: Dense,
-    value: Dense,
-    attn_out: Dense,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
     attn_norm: LayerNorm,
-    intermediate: Dense,
-    output: Dense,
+    intermediate: Linear,
+    output: Linear,
     out_norm: LayerNorm,
 }
 
@@ -190,27 +192,29 @@ struct Layer {
 /// stay, for the composed path and for re-deriving these).
 struct FusedWeights {
     /// query|key|value stacked: `[3h, h]`, and its bias `[3h]`.
-    qkv: Product,
+    qkv: FusedLinear,
     qkv_bias: Tensor,
-    attn_out: Product,
-    intermediate: Product,
-    output: Product,
+    attn_out: FusedLinear,
+    intermediate: FusedLinear,
+    output: FusedLinear,
 }
 
-enum Product {
+/// One linear map `y = x W^T` of the fused path (bias and activation go in its epilogue), its
+/// weights packed as f32 panels or quantised to int8.
+enum FusedLinear {
     F32(PackedLinear),
     Int8(Int8Linear),
 }
 
-impl Product {
+impl FusedLinear {
     /// From `weight: [out, in]` (f32, CPU).
     fn new(weight: &Tensor, int8: bool) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         fused::with_f32(&weight.contiguous()?, |w| {
             if int8 {
-                Product::Int8(Int8Linear::new(w, n, k))
+                FusedLinear::Int8(Int8Linear::new(w, n, k))
             } else {
-                Product::F32(PackedLinear::new(w, n, k))
+                FusedLinear::F32(PackedLinear::new(w, n, k))
             }
         })
     }
@@ -223,8 +227,8 @@ impl Product {
     {
         let m = x.dim(0)?;
         let (y, n) = fused::with_f32(x, |x| match self {
-            Product::F32(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
-            Product::Int8(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
+            FusedLinear::F32(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
+            FusedLinear::Int8(p) => (p.forward_with(x, m, epilogue), p.out_dim()),
         })?;
         Ok(Tensor::from_vec(y, (m, n), x.device())?)
     }
@@ -240,13 +244,13 @@ impl Layer {
         let att = vb.pp("attention");
         let mut layer = Self {
             fused: None,
-            query: Dense::load(h, h, att.pp("self").pp("query"))?,
-            key: Dense::load(h, h, att.pp("self").pp("key"))?,
-            value: Dense::load(h, h, att.pp("self").pp("value"))?,
-            attn_out: Dense::load(h, h, att.pp("output").pp("dense"))?,
+            query: Linear::load(h, h, att.pp("self").pp("query"))?,
+            key: Linear::load(h, h, att.pp("self").pp("key"))?,
+            value: Linear::load(h, h, att.pp("self").pp("value"))?,
+            attn_out: Linear::load(h, h, att.pp("output").pp("dense"))?,
             attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
-            intermediate: Dense::load(h, i, vb.pp("intermediate").pp("dense"))?,
-            output: Dense::load(i, h, vb.pp("output").pp("dense"))?,
+            intermediate: Linear::load(h, i, vb.pp("intermediate").pp("dense"))?,
+            output: Linear::load(i, h, vb.pp("output").pp("dense"))?,
             out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
         };
         let dense = [
@@ -269,11 +273,11 @@ impl Layer {
     fn fused_weights(&self, int8: bool) -> Result<FusedWeights> {
         let (q, k, v) = (&self.query, &self.key, &self.value);
         Ok(FusedWeights {
-            qkv: Product::new(&Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?, int8)?,
+            qkv: FusedLinear::new(&Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?, int8)?,
             qkv_bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?.contiguous()?,
-            attn_out: Product::new(&self.attn_out.weight, int8)?,
-            intermediate: Product::new(&self.intermediate.weight, int8)?,
-            output: Product::new(&self.output.weight, int8)?,
+            attn_out: FusedLinear::new(&self.attn_out.weight, int8)?,
+            intermediate: FusedLinear::new(&self.intermediate.weight, int8)?,
+            output: FusedLinear::new(&self.output.weight, int8)?,
         })
     }
 
@@ -313,7 +317,7 @@ impl Layer {
             // Bias and GELU in the product's epilogue.
             Activation::Gelu => fused::with_f32(bias, |bias| {
                 w.intermediate
-                    .forward_with(&x, |c0, v| fused::gelu_in_place(v, &bias[c0..]))
+                    .forward_with(&x, |c0, v| gelu_in_place(v, &bias[c0..]))
             })??,
             other => other.forward(&w.intermediate.forward(&x)?.broadcast_add(bias)?)?,
         };
@@ -359,7 +363,7 @@ impl Layer {
 pub struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    pooler: Option<Dense>,
+    pooler: Option<Linear>,
     activation: Activation,
     pub config: BertConfig,
 }
@@ -373,7 +377,7 @@ impl BertModel {
             .map(|i| Layer::load(cfg, vb.pp("encoder").pp("layer").pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
         let pooler = if with_pooler && vb.contains_tensor("pooler.dense.weight") {
-            Some(Dense::load(
+            Some(Linear::load(
                 cfg.hidden_size,
                 cfg.hidden_size,
                 vb.pp("pooler").pp("dense"),
@@ -407,7 +411,7 @@ impl BertModel {
             matches!(
                 l.fused,
                 Some(FusedWeights {
-                    qkv: Product::Int8(_),
+                    qkv: FusedLinear::Int8(_),
                     ..
                 })
             )
@@ -627,470 +631,3 @@ pub fn pad_id(tokenizer: &TextTokenizer, config: &BertConfig) -> u32 {
 
 /// Tensor dtype used by the encoders.
 pub const DTYPE: DType = DType::F32;
-
-/// Fused CPU kernels for inference (no gradient tracked, f32, contiguous): the element-wise work
-/// around the matmuls done in one parallel pass each instead of several candle ops.
-/// Training and other devices use the composed, differentiable path in [`Layer::forward`].
-mod fused {
-    use anyhow::{bail, Result};
-    use candle_core::{Device, Storage, Tensor};
-    use rayon::prelude::*;
-
-    /// Run `f` on the f32 data of a contiguous CPU tensor.
-    pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        let (storage, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("fused kernel: tensor is not contiguous");
-        };
-        match &*storage {
-            Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
-            _ => bail!("fused kernel: tensor is not on the CPU"),
-        }
-    }
-
-    /// erf for f32 as a rational approximation (Eigen / XLA `generic_fast_erf_float`), a few ulp
-    /// from the exact value; branch-free so it vectorises.
-    #[inline(always)]
-    pub fn erf(x: f32) -> f32 {
-        let x = x.clamp(-4.0, 4.0);
-        let x2 = x * x;
-        let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
-        p = x2 * p + -2.101_024e-6;
-        p = x2 * p + -5.692_506_4e-5;
-        p = x2 * p + -7.349_906_3e-4;
-        p = x2 * p + -2.954_6e-3;
-        p = x2 * p + -1.609_603_3e-2;
-        p *= x;
-        let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
-        q = x2 * q + -1.682_827e-3;
-        q = x2 * q + -7.373_329e-3;
-        q = x2 * q + -1.426_474e-2;
-        p / q
-    }
-
-    /// e^x for f32 (Cephes `expf`: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n), within
-    /// 2 ulp; branch-free so it vectorises. Arguments below -87 give 0 (softmax of masked-out gaps).
-    #[inline(always)]
-    pub fn exp(x_in: f32) -> f32 {
-        let x = x_in.clamp(-87.0, 88.0);
-        // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
-        const SHIFTER: f32 = 12_582_912.0;
-        let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
-        let n = shifted - SHIFTER;
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let mut p = 1.987_569_1e-4_f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 0.166_666_66;
-        p = p * r + 0.5;
-        p = p * r * r + r + 1.0;
-        // 2^n from the shifted sum's low bits, which hold n: integer lanes, no float-to-int
-        // conversion (whose saturating semantics do not vectorise).
-        let two_n = shifted
-            .to_bits()
-            .wrapping_sub(SHIFTER.to_bits())
-            .wrapping_add(127)
-            << 23;
-        let e = p * f32::from_bits(two_n);
-        if x_in < -87.0 {
-            0.0
-        } else {
-            e
-        }
-    }
-
-    /// `fn $name(args)` that runs the `#[inline(always)]` kernel `$body(args)` compiled for
-    /// AVX2 + FMA when the CPU has them (its loops then vectorise 8 wide), else as built. The body
-    /// must be a named function: a closure is not reliably inlined into the AVX2 copy.
-    macro_rules! avx2_dispatch {
-        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
-            $(#[$doc])*
-            fn $name($($arg: $ty),*) {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2($($arg: $ty),*) {
-                        $body($($arg),*)
-                    }
-                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                        // SAFETY: the features were just detected.
-                        return unsafe { avx2($($arg),*) };
-                    }
-                }
-                $body($($arg),*)
-            }
-        };
-    }
-
-    /// `x = gelu_erf(x + b)` elementwise (`b` at least as long as `x`); runs in the products'
-    /// epilogues, vectorised there.
-    #[inline(always)]
-    pub fn gelu_in_place(x: &mut [f32], b: &[f32]) {
-        for (x, b) in x.iter_mut().zip(b) {
-            let v = *x + b;
-            *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    }
-
-    /// `LayerNorm(x + bias + residual)` per row (two-pass mean/variance), all `[n, c]` / `[c]`.
-    pub fn bias_residual_layer_norm(
-        x: &Tensor,
-        bias: &Tensor,
-        residual: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f64,
-    ) -> Result<Tensor> {
-        let (n, c) = x.dims2()?;
-        let mut out = vec![0f32; n * c];
-        let eps = eps as f32;
-        with_f32(x, |x| {
-            with_f32(residual, |r| {
-                with_f32(bias, |b| {
-                    with_f32(gamma, |g| {
-                        with_f32(beta, |be| {
-                            out.par_chunks_mut(c)
-                                .zip(x.par_chunks(c))
-                                .zip(r.par_chunks(c))
-                                .for_each(|((o, x), r)| layer_norm_row(o, x, r, b, g, be, eps))
-                        })
-                    })
-                })
-            })
-        })?????;
-        Ok(Tensor::from_vec(out, (n, c), &Device::Cpu)?)
-    }
-
-    avx2_dispatch! {
-        /// [`layer_norm_row_body`], vectorised where possible.
-        fn layer_norm_row(
-            o: &mut [f32],
-            x: &[f32],
-            r: &[f32],
-            b: &[f32],
-            g: &[f32],
-            be: &[f32],
-            eps: f32,
-        ) => layer_norm_row_body
-    }
-
-    /// `o = LayerNorm(x + b + r)` for one row (two-pass mean/variance).
-    #[inline(always)]
-    fn layer_norm_row_body(
-        o: &mut [f32],
-        x: &[f32],
-        r: &[f32],
-        b: &[f32],
-        g: &[f32],
-        be: &[f32],
-        eps: f32,
-    ) {
-        let c = o.len();
-        for ((o, x), (r, b)) in o.iter_mut().zip(x).zip(r.iter().zip(b)) {
-            *o = x + b + r;
-        }
-        let mean = o.iter().sum::<f32>() / c as f32;
-        let var = o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((o, g), be) in o.iter_mut().zip(g).zip(be) {
-            *o = (*o - mean) * inv * g + be;
-        }
-    }
-
-    /// `o[t] = (src[t * stride..][..dh] + bias) * scale` for the `o.len() / dh` rows of `o`,
-    /// `dh = bias.len()`: one head's columns gathered from the fused projection rows.
-    #[inline(always)]
-    fn bias_scale_rows_body(o: &mut [f32], src: &[f32], stride: usize, bias: &[f32], scale: f32) {
-        let dh = bias.len();
-        for (t, o) in o.chunks_mut(dh).enumerate() {
-            let row = &src[t * stride..][..dh];
-            for ((o, x), bv) in o.iter_mut().zip(row).zip(bias) {
-                *o = (x + bv) * scale;
-            }
-        }
-    }
-
-    avx2_dispatch! {
-        /// [`bias_scale_rows_body`], vectorised where possible.
-        fn bias_scale_rows(o: &mut [f32], src: &[f32], stride: usize, bias: &[f32], scale: f32)
-            => bias_scale_rows_body
-    }
-
-    /// Split fused projections `qkv: [b * l, 3 * h]` (+ `bias: [3 * h]`) into `q * scale`, `k`, `v`,
-    /// each `[b, heads, l, h / heads]` contiguous.
-    pub fn split_qkv(
-        qkv: &Tensor,
-        bias: &Tensor,
-        b: usize,
-        heads: usize,
-        scale: f32,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (n, h3) = qkv.dims2()?;
-        let (l, h) = (n / b, h3 / 3);
-        let dh = h / heads;
-        let mut outs = [vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n * h]];
-        with_f32(qkv, |src| {
-            with_f32(bias, |bias| {
-                for (which, out) in outs.iter_mut().enumerate() {
-                    let s = if which == 0 { scale } else { 1.0 };
-                    // one task per (batch row, head): l * dh contiguous outputs
-                    out.par_chunks_mut(l * dh).enumerate().for_each(|(bh, o)| {
-                        let (bi, hd) = (bh / heads, bh % heads);
-                        let col = which * h + hd * dh;
-                        let bias = &bias[col..col + dh];
-                        bias_scale_rows(o, &src[bi * l * h3 + col..], h3, bias, s)
-                    });
-                }
-            })
-        })??;
-        let [q, k, v] = outs;
-        let shape = (b, heads, l, dh);
-        Ok((
-            Tensor::from_vec(q, shape, &Device::Cpu)?,
-            Tensor::from_vec(k, shape, &Device::Cpu)?,
-            Tensor::from_vec(v, shape, &Device::Cpu)?,
-        ))
-    }
-
-    /// Unnormalised softmax of one row of scores in place, `row = exp(row + mask - max)`, where
-    /// `mask` is 0 for kept keys and -inf for padding (probability 0, as HF's dtype-min mask
-    /// gives); returns the normaliser `1 / Σ row`. Every key masked: uniform, as HF.
-    #[inline(always)]
-    fn masked_exp_row(row: &mut [f32], mask: &[f32]) -> f32 {
-        // Eight independent lanes over exact chunks, so that the reductions stay in registers.
-        let body = row.len() / 8 * 8;
-        let (head, tail) = row.split_at_mut(body);
-        let (mask_head, mask_tail) = mask.split_at(body);
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        for (xs, ms) in head.chunks_exact(8).zip(mask_head.chunks_exact(8)) {
-            for i in 0..8 {
-                let v = xs[i] + ms[i];
-                lanes[i] = if v > lanes[i] { v } else { lanes[i] };
-            }
-        }
-        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        for (x, m) in tail.iter().zip(mask_tail) {
-            max = max.max(x + m);
-        }
-        if max == f32::NEG_INFINITY {
-            row.fill(1.0);
-            return 1.0 / row.len() as f32;
-        }
-        let mut sums = [0f32; 8];
-        for (xs, ms) in head.chunks_exact_mut(8).zip(mask_head.chunks_exact(8)) {
-            for i in 0..8 {
-                let e = exp(xs[i] + ms[i] - max);
-                xs[i] = e;
-                sums[i] += e;
-            }
-        }
-        let mut sum = sums.iter().sum::<f32>();
-        for (x, m) in tail.iter_mut().zip(mask_tail) {
-            *x = exp(*x + m - max);
-            sum += *x;
-        }
-        1.0 / sum
-    }
-
-    /// [`masked_exp_row`] over every `l`-wide row of `scores`, normalisers into `inv_sums`.
-    #[inline(always)]
-    fn masked_exp_rows_body(scores: &mut [f32], l: usize, mask: &[f32], inv_sums: &mut [f32]) {
-        for (row, inv) in scores.chunks_mut(l).zip(inv_sums) {
-            *inv = masked_exp_row(row, mask);
-        }
-    }
-
-    avx2_dispatch! {
-        /// [`masked_exp_rows_body`], vectorised where possible.
-        fn masked_exp_rows(scores: &mut [f32], l: usize, mask: &[f32], inv_sums: &mut [f32]) => masked_exp_rows_body
-    }
-
-    /// Additive key mask: 0 where `keep != 0`, -inf for padding.
-    fn key_mask(keep: &[u32]) -> Vec<f32> {
-        (keep.iter())
-            .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
-            .collect()
-    }
-
-    /// Softmax over keys of `scores: [b, heads, l, l]` with padding keys masked.
-    #[cfg(test)]
-    pub fn masked_softmax(scores: &Tensor, keep: &[u32]) -> Result<Tensor> {
-        let (b, heads, lq, lk) = scores.dims4()?;
-        let mut out = scores.flatten_all()?.to_vec1::<f32>()?;
-        let mask = key_mask(keep);
-        for (row, o) in out.chunks_mut(lk).enumerate() {
-            let inv = masked_exp_row(o, &mask[(row / (heads * lq)) * lk..][..lk]);
-            o.iter_mut().for_each(|x| *x *= inv);
-        }
-        Ok(Tensor::from_vec(out, (b, heads, lq, lk), &Device::Cpu)?)
-    }
-
-    struct SendPtr(*mut f32);
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
-
-    /// Multi-head attention of one padded batch: `q` (already scaled), `k`, `v`:
-    /// `[b, heads, l, dh]` contiguous, `keep: [b * l]` -> context `[b * l, heads * dh]` with the
-    /// heads merged. One task per (row, head) with a single-threaded gemm each: the matrices are
-    /// small, so parallelising across heads beats parallelising inside each product.
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Tensor> {
-        let (b, heads, l, dh) = q.dims4()?;
-        if k.dims4()? != (b, heads, l, dh) || v.dims4()? != (b, heads, l, dh) || keep.len() != b * l
-        {
-            bail!(
-                "attention: shapes q {:?} k {:?} v {:?} mask {}",
-                q.dims(),
-                k.dims(),
-                v.dims(),
-                keep.len()
-            );
-        }
-        let h = heads * dh;
-        let mask = key_mask(keep);
-        let mut out = vec![0f32; b * l * h];
-        let dst = SendPtr(out.as_mut_ptr());
-        let dst = &dst;
-        with_f32(q, |q| {
-            with_f32(k, |k| {
-                with_f32(v, |v| {
-                    (0..b * heads).into_par_iter().for_each_init(
-                        || (vec![0f32; l * l], vec![0f32; l]),
-                        |(scores, inv_sums), bh| {
-                            let bi = bh / heads;
-                            let hd = bh % heads;
-                            let off = bh * l * dh;
-                            let (qm, km, vm) = (
-                                &q[off..off + l * dh],
-                                &k[off..off + l * dh],
-                                &v[off..off + l * dh],
-                            );
-                            // SAFETY: all pointers address in-bounds row-major matrices of the
-                            // stated sizes/strides; each task writes only its own head's columns
-                            // of its own batch row in `out`, so writes never overlap.
-                            unsafe {
-                                // scores [l, l] = q [l, dh] x k^T [dh, l]
-                                gemm::gemm(
-                                    l,
-                                    l,
-                                    dh,
-                                    scores.as_mut_ptr(),
-                                    1,
-                                    l as isize,
-                                    false,
-                                    qm.as_ptr(),
-                                    1,
-                                    dh as isize,
-                                    km.as_ptr(),
-                                    dh as isize,
-                                    1,
-                                    0.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                            }
-                            let mask = &mask[bi * l..(bi + 1) * l];
-                            // Normalised after the product: l x dh scalings instead of l x l.
-                            masked_exp_rows(scores, l, mask, inv_sums);
-                            unsafe {
-                                // out[bi, :, hd, :] = probs [l, l] x v [l, dh]
-                                gemm::gemm(
-                                    l,
-                                    dh,
-                                    l,
-                                    dst.0.add(bi * l * h + hd * dh),
-                                    1,
-                                    h as isize,
-                                    false,
-                                    scores.as_ptr(),
-                                    1,
-                                    l as isize,
-                                    vm.as_ptr(),
-                                    1,
-                                    dh as isize,
-                                    0.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                                for (i, inv) in inv_sums.iter().enumerate() {
-                                    let row = dst.0.add(bi * l * h + i * h + hd * dh);
-                                    for j in 0..dh {
-                                        *row.add(j) *= inv;
-                                    }
-                                }
-                            }
-                        },
-                    )
-                })
-            })
-        })???;
-        Ok(Tensor::from_vec(out, (b * l, h), &Device::Cpu)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fused_erf_matches_candle_erf() -> Result<()> {
-        let xs: Vec<f32> = (-8000..=8000).map(|i| i as f32 * 1e-3).collect();
-        let exact = Tensor::new(xs.as_slice(), &Device::Cpu)?
-            .erf()?
-            .to_vec1::<f32>()?;
-        for (x, e) in xs.iter().zip(&exact) {
-            let got = fused::erf(*x);
-            assert!((got - e).abs() < 2e-6, "erf({x}) = {got}, candle {e}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn fused_exp_matches_std_exp() {
-        for i in -8700..=8800 {
-            let x = i as f32 * 1e-2;
-            let (got, want) = (fused::exp(x), x.exp());
-            assert!(
-                (got - want).abs() <= 4.0 * f32::EPSILON * want,
-                "exp({x}) = {got}, std {want}"
-            );
-        }
-        assert_eq!(fused::exp(-87.5), 0.0);
-        assert_eq!(fused::exp(f32::NEG_INFINITY), 0.0);
-    }
-
-    #[test]
-    fn masked_softmax_matches_additive_mask_softmax() -> Result<()> {
-        let dev = Device::Cpu;
-        let scores = Tensor::randn(0f32, 3., (2, 3, 4, 5), &dev)?;
-        let keep = [1u32, 1, 1, 0, 0, 1, 1, 1, 1, 1];
-        let mask = Tensor::from_vec(keep.to_vec(), (2, 5), &dev)?;
-        let want = nn::softmax_last_dim(
-            &scores.broadcast_add(&nn::additive_padding_mask(&mask, DType::F32)?)?,
-        )?;
-        let got = fused::masked_softmax(&scores, &keep)?;
-        // and the whole fused attention against the composed one
-        let (q, k, v) = (
-            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
-            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
-            Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?,
-        );
-        let probs = nn::softmax_last_dim(
-            &q.matmul(&k.t()?)?
-                .broadcast_add(&nn::additive_padding_mask(&mask, DType::F32)?)?,
-        )?;
-        let want_ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((10, 12))?;
-        let got_ctx = fused::attention(&q, &k, &v, &keep)?;
-        let d = (got_ctx - want_ctx)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(d < 1e-5, "attention max diff {d}");
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "max diff {diff}");
-        Ok(())
-    }
-}

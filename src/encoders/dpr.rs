@@ -7,7 +7,7 @@
 //! `rag.question_encoder.question_encoder.bert_model.*`, config = `question_encoder` of the
 //! RAG config.json, tokenizer in `question_encoder_tokenizer/`).
 
-use super::bert::{self, BertConfig, BertModel, Dense, Pooling};
+use super::bert::{self, BertConfig, BertModel, Linear, Pooling};
 use super::{EncoderFingerprint, LoadOptions, TextEncoder};
 use crate::hub::{self, Weights};
 use crate::tokenize::{load_tokenizer, Encoded, Padding, TextTokenizer};
@@ -36,7 +36,7 @@ impl DprKind {
 /// A DPR question or context encoder.
 pub struct DprEncoder {
     pub bert: BertModel,
-    projection: Option<Dense>,
+    projection: Option<Linear>,
     pub tokenizer: TextTokenizer,
     pub kind: DprKind,
     /// Truncation limit for texts (tokenizer `model_max_length`, capped by the position table).
@@ -177,7 +177,7 @@ impl DprEncoder {
             .with_context(|| format!("loading `{prefix}bert_model.*` from {}", files_list()))?;
         super::configure_bert(&mut bert, opts)?;
         let projection = if projection_dim > 0 {
-            let proj = Dense::load(cfg.hidden_size, projection_dim, vb.pp("encode_proj"))
+            let proj = Linear::load(cfg.hidden_size, projection_dim, vb.pp("encode_proj"))
                 .with_context(|| {
                     format!("loading `{prefix}encode_proj.*` from {}", files_list())
                 })?;

@@ -3,8 +3,6 @@
 
 pub mod bert;
 pub mod dpr;
-pub mod int8;
-pub mod packed;
 pub mod sentence;
 
 use anyhow::Result;
@@ -81,7 +79,7 @@ pub struct LoadOptions {
     pub pooling: Option<Pooling>,
     /// L2-normalise a plain BERT directory's output (default false).
     pub normalize: Option<bool>,
-    /// Run the BERT body's linear layers in dynamic int8 ([`int8::Int8Linear`]): faster on CPUs,
+    /// Run the BERT body's linear layers in dynamic int8 ([`crate::kernels::int8::Int8Linear`]): faster on CPUs,
     /// embeddings within quantisation error of f32. Inference only (not with `trainable`).
     pub int8: bool,
     pub device: candle_core::Device,

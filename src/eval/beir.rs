@@ -169,3 +169,17 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
     }
     Ok(qrels)
 }
+
+/// The documents of a corpus file as passages, unsplit (BEIR evaluates whole documents).
+pub fn corpus_passages(path: &std::path::Path) -> anyhow::Result<Vec<crate::retrieve::Passage>> {
+    let docs =
+        crate::kb::ingest::read_corpus(&[path.to_path_buf()], &Default::default())?.documents;
+    Ok(docs
+        .into_iter()
+        .map(|d| crate::retrieve::Passage {
+            id: d.id,
+            title: d.title,
+            text: d.text,
+        })
+        .collect())
+}

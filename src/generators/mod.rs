@@ -280,6 +280,92 @@ pub trait Seq2Seq: Decoder {
     }
 }
 
+/// A generator of either family, as the RAG head drives it. Decoding goes through [`Decoder`] for
+/// both; the only difference the RAG head sees is how teacher-forced logits are computed and which
+/// padding mask RAG-Sequence decoding uses.
+pub enum Generator {
+    /// Encoder-decoder (BART, T5): context rows are encoder inputs.
+    Seq2Seq(Box<dyn Seq2Seq>),
+    /// Decoder-only (Llama family): context rows are prompts, prefilled by [`Decoder::start`].
+    DecoderOnly(Box<dyn Decoder>),
+}
+
+impl Generator {
+    pub fn decoder(&self) -> &dyn Decoder {
+        match self {
+            Self::Seq2Seq(g) => g.as_ref(),
+            Self::DecoderOnly(g) => g.as_ref(),
+        }
+    }
+
+    pub fn special_ids(&self) -> &SpecialIds {
+        self.decoder().special_ids()
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        self.decoder().device()
+    }
+
+    pub fn is_decoder_only(&self) -> bool {
+        matches!(self, Self::DecoderOnly(_))
+    }
+
+    /// The encoder-decoder, when it is one.
+    pub fn seq2seq(&self) -> Option<&dyn Seq2Seq> {
+        match self {
+            Self::Seq2Seq(g) => Some(g.as_ref()),
+            Self::DecoderOnly(_) => None,
+        }
+    }
+
+    /// Teacher-forced logits `[rows, tgt_len, vocab]` for `decoder_input_ids: [rows, tgt_len]` u32:
+    /// `logits[:, t]` predicts the token after `decoder_input_ids[:, t]`. Seq2seq: the model's
+    /// differentiable forward. Decoder-only: the prompt stands in for `decoder_input_ids[:, 0]` (the
+    /// start token), so `logits[:, 0]` are the prefill's and later positions are decoded step by step.
+    pub fn forward(&self, input: &GenInput, decoder_input_ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Seq2Seq(g) => g.forward(input, decoder_input_ids),
+            Self::DecoderOnly(g) => {
+                teacher_forced_steps(g.as_ref(), &g.start(input)?, decoder_input_ids)
+            }
+        }
+    }
+
+    /// [`Self::forward`] over rows already started (state from [`Decoder::start`], possibly
+    /// reordered or duplicated), decoded step by step with the KV cache; `state` is left untouched.
+    pub fn forward_from_state(
+        &self,
+        state: &DecodeState,
+        decoder_input_ids: &Tensor,
+    ) -> Result<Tensor> {
+        teacher_forced_steps(self.decoder(), state, decoder_input_ids)
+    }
+
+    /// Trainable parameters by HF name (seq2seq loaded trainable; empty otherwise).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        match self {
+            Self::Seq2Seq(g) => g.vars(),
+            Self::DecoderOnly(_) => Vec::new(),
+        }
+    }
+}
+
+/// Teacher forcing through [`Decoder::step`]: position 0 is the pending prefill logits when the state
+/// has them (decoder-only), else a step on `ids[:, 0]`; then one step per later token.
+fn teacher_forced_steps(dec: &dyn Decoder, state: &DecodeState, ids: &Tensor) -> Result<Tensor> {
+    let (_, t) = ids.dims2()?;
+    let mut st = state.clone();
+    let mut steps = Vec::with_capacity(t);
+    for i in 0..t {
+        let logits = match (i, st.pending_logits.take()) {
+            (0, Some(l)) => l,
+            _ => dec.step(&mut st, &ids.narrow(1, i, 1)?.squeeze(1)?.contiguous()?)?,
+        };
+        steps.push(logits);
+    }
+    Ok(Tensor::stack(&steps, 1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@ use super::manifest::{
     MANIFEST_FILE,
 };
 use super::split::split_document;
+use super::Passage;
 use super::{store, KnowledgeBase, HNSW_FILE};
 use crate::encoders::{EncoderFingerprint, TextEncoder};
-use crate::retrieve::Passage;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -366,6 +366,10 @@ fn write_generation(
         files,
         hnsw: opts.hnsw.clone(),
         created_unix: now_unix(),
+        // A new generation of an existing KB keeps its τ (it may have been set by hand).
+        prior_temperature: previous
+            .and_then(|(kb, _)| kb.manifest().prior_temperature)
+            .or(Some(super::manifest::default_prior_temperature(fp))),
     };
     store::write_synced(&dir.join(MANIFEST_FILE), &manifest.to_json()?)?;
     let bytes_on_disk = manifest.files.values().map(|f| f.bytes).sum::<u64>();

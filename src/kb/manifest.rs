@@ -72,6 +72,24 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
     pub hnsw: Option<HnswParams>,
     pub created_unix: u64,
+    /// τ of the RAG doc prior p(z|x) = softmax(q·d / τ) over retrieved passages: the scale the
+    /// encoder's scores were trained at. Absent in KBs written before it existed: then
+    /// [`default_prior_temperature`] of the encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_temperature: Option<f64>,
+}
+
+/// τ for an encoder's scores when the KB does not record one. Unit-normalised (cosine) encoders:
+/// 0.05, sentence-transformers' `MultipleNegativesRankingLoss` default scale of 20 that
+/// all-MiniLM-L6-v2 and most sentence-transformers retrievers were trained with (cosine × 20 are
+/// the logits of their in-batch softmax). Raw inner products (DPR): 1, the logits DPR and RAG
+/// were trained on.
+pub fn default_prior_temperature(encoder: &EncoderFingerprint) -> f64 {
+    if encoder.normalized {
+        0.05
+    } else {
+        1.0
+    }
 }
 
 impl Manifest {
@@ -101,6 +119,12 @@ impl Manifest {
             );
         }
         serde_json::from_value(v).with_context(|| format!("{}: malformed manifest", path.display()))
+    }
+
+    /// The recorded τ, or the encoder's default ([`default_prior_temperature`]).
+    pub fn prior_temperature(&self) -> f64 {
+        self.prior_temperature
+            .unwrap_or_else(|| default_prior_temperature(&self.encoder))
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>> {
@@ -177,4 +201,57 @@ pub fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(normalized: bool, tau: Option<f64>) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            writer: "test".into(),
+            encoder: EncoderFingerprint {
+                source: "enc".into(),
+                kind: if normalized {
+                    "sentence-transformers"
+                } else {
+                    "dpr"
+                }
+                .into(),
+                dim: 4,
+                pooling: "mean".into(),
+                normalized,
+                weights_sha256: "00".into(),
+                int8: false,
+            },
+            dim: 4,
+            dtype: EmbeddingDtype::F32,
+            passages: 1,
+            documents: 1,
+            words_per_passage: 0,
+            sources: vec![],
+            files: BTreeMap::new(),
+            hnsw: None,
+            created_unix: 0,
+            prior_temperature: tau,
+        }
+    }
+
+    /// A manifest written before the prior temperature existed still reads, with the encoder's
+    /// default τ; a recorded τ wins.
+    #[test]
+    fn prior_temperature_defaults_for_old_manifests() -> Result<()> {
+        for (normalized, want) in [(true, 0.05), (false, 1.0)] {
+            let mut v = serde_json::to_value(manifest(normalized, Some(0.3)))?;
+            v.as_object_mut().unwrap().remove("prior_temperature");
+            let old: Manifest = serde_json::from_value(v)?;
+            assert_eq!(old.prior_temperature, None);
+            assert_eq!(old.prior_temperature(), want);
+        }
+        let m: Manifest = serde_json::from_slice(&manifest(true, Some(0.3)).to_json()?)?;
+        assert_eq!(m.prior_temperature(), 0.3);
+        Ok(())
+    }
 }

@@ -19,9 +19,17 @@ pub use manifest::{EmbeddingDtype, HnswParams, Manifest};
 pub use store::PassageStore;
 
 use crate::encoders::EncoderFingerprint;
-use crate::retrieve::Passage;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+
+/// One passage of a knowledge base.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Passage {
+    /// Stable passage id (e.g. `<doc id>#<chunk>` or the corpus id).
+    pub id: String,
+    pub title: String,
+    pub text: String,
+}
 
 /// File name of the persisted HNSW graph inside a generation.
 pub const HNSW_FILE: &str = "hnsw.graph";

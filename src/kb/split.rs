@@ -2,7 +2,7 @@
 //! (`split_text`: chunks of `n` space-separated words, title kept on every chunk).
 
 use super::ingest::Document;
-use crate::retrieve::Passage;
+use super::Passage;
 
 /// Split `doc` into passages of at most `words_per_passage` words (0 = keep whole). Whitespace runs
 /// (including newlines) count as one separator. Ids are stable: the document id when the document is

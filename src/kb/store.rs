@@ -5,7 +5,7 @@
 //!
 //! Lookups touch only the pages they need; nothing is loaded up front.
 
-use crate::retrieve::Passage;
+use super::Passage;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use std::fs::File;
@@ -48,7 +48,8 @@ pub fn write_store(dir: &Path, passages: &[Passage]) -> Result<()> {
     write_synced(&dir.join(IDS_FILE), &ids)
 }
 
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Write `bytes` to `path` and fsync it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("write {}", path.display()))?;

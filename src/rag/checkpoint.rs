@@ -3,8 +3,9 @@
 //! `rag.generator.*`), `question_encoder_tokenizer/`, `generator_tokenizer/`.
 
 use crate::generators::auto::load_seq2seq;
+use crate::generators::Generator;
 use crate::rag::config::{GenerationSettings, RagConfig, RagMode};
-use crate::rag::context::ContextFormat;
+use crate::rag::context::{ContextFormat, InputFormat};
 use crate::rag::model::{QuestionEncoder, RagModel};
 use crate::tokenize::load_tokenizer;
 use anyhow::{bail, Context, Result};
@@ -84,10 +85,11 @@ pub fn load_rag(dir_or_id: &str, opts: &LoadOptions) -> Result<RagModel> {
         mode,
         question_encoder,
         question_tokenizer,
-        generator,
+        generator: Generator::Seq2Seq(generator),
         generator_tokenizer,
         generation,
-        format,
+        format: InputFormat::Seq2Seq(format),
+        prior_temperature: 1.0,
         device: opts.device.clone(),
         source: Some(dir),
     })

@@ -62,7 +62,7 @@ fn yes() -> bool {
 }
 
 /// Which RAG head a checkpoint was saved with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RagMode {
     /// RAG-Sequence: one document per answer, p(y|x) = Σ_z p(z|x) Π_i p(y_i|x,z,y<i).

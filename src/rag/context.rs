@@ -1,8 +1,11 @@
-//! Context strings as HF's `RagRetriever.postprocess_docs` builds them, and their generator tokenization.
+//! How a (document, question) pair becomes generator input — the only per-family difference of the
+//! RAG head: HF's `RagRetriever.postprocess_docs` strings for seq2seq generators ([`ContextFormat`]),
+//! a prompt for decoder-only ones ([`PromptFormat`], the model's chat template when it has one).
 
+use crate::generators::gguf::{ChatMessage, ChatTemplate};
 use crate::retrieve::Passage;
 use crate::tokenize::{Encoded, Padding, TextTokenizer};
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// Separators and prefix of the context strings (RagConfig `title_sep`, `doc_sep`, generator `prefix`).
 #[derive(Clone, Debug)]
@@ -51,6 +54,187 @@ impl ContextFormat {
             Some(self.max_combined_length),
             Padding::Fixed(self.max_combined_length),
         )
+    }
+}
+
+/// The prompt text of one document for a decoder-only generator: `"{title} / {text} // {question}"`
+/// (raw strings, no clean-up).
+pub fn prompt_text(title: &str, text: &str, question: &str) -> String {
+    format!("{title} / {text} // {question}")
+}
+
+/// Decoder-only prompts: `[bos] + enc(prompt_text)` or, for a chat model, one user turn with
+/// `prompt_text` formatted by its chat template and ending with the opened assistant turn (the
+/// template supplies its own special tokens).
+#[derive(Clone, Debug)]
+pub struct PromptFormat {
+    pub chat_template: Option<ChatTemplate>,
+    /// Prepended to plain (non-chat) prompts.
+    pub bos: Option<u32>,
+    /// Fills the right of shorter rows (masked out).
+    pub pad: u32,
+    /// Longest prompt in tokens: the context window minus the room kept for the answer. A longer
+    /// prompt keeps its question and template and has the passage text cut at the end (reported
+    /// as a [`Truncation`]).
+    pub max_prompt_tokens: usize,
+}
+
+/// A prompt whose passage was cut to fit the context window.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Truncation {
+    /// Row in the `[question][doc]` order: question `row / n_docs`, document `row % n_docs`.
+    pub row: usize,
+    pub prompt_tokens_before: usize,
+    pub prompt_tokens_after: usize,
+    /// Passage words kept of the passage's total.
+    pub passage_words_kept: usize,
+    pub passage_words: usize,
+}
+
+/// Generator input rows of a batch: `[batch * n_docs]` strings and their ids.
+#[derive(Clone, Debug)]
+pub struct ContextRows {
+    pub strings: Vec<String>,
+    pub encoded: Encoded,
+    pub truncated: Vec<Truncation>,
+}
+
+/// Either family's input format.
+#[derive(Clone, Debug)]
+pub enum InputFormat {
+    Seq2Seq(ContextFormat),
+    Prompt(PromptFormat),
+}
+
+impl InputFormat {
+    /// The seq2seq context format, when it is one.
+    pub fn context_format(&self) -> Option<&ContextFormat> {
+        match self {
+            Self::Seq2Seq(f) => Some(f),
+            Self::Prompt(_) => None,
+        }
+    }
+
+    /// Rows `[question][doc]`: `docs[i]` are the passages retrieved for `questions[i]`.
+    pub fn rows(
+        &self,
+        tokenizer: &TextTokenizer,
+        questions: &[String],
+        docs: &[Vec<Passage>],
+    ) -> Result<ContextRows> {
+        match self {
+            Self::Seq2Seq(f) => {
+                let strings = f.context_strings(questions, docs);
+                let encoded = f.tokenize(tokenizer, &strings)?;
+                Ok(ContextRows {
+                    strings,
+                    encoded,
+                    truncated: Vec::new(),
+                })
+            }
+            Self::Prompt(f) => f.rows(tokenizer, questions, docs),
+        }
+    }
+}
+
+impl PromptFormat {
+    fn text(&self, passage: &Passage, question: &str) -> Result<String> {
+        let user = prompt_text(&passage.title, &passage.text, question);
+        match &self.chat_template {
+            Some(t) => t.format(&[ChatMessage::new("user", &user)], true),
+            None => Ok(user),
+        }
+    }
+
+    /// Token ids of one prompt (BOS first when there is no chat template).
+    pub fn ids(&self, tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
+        let mut e = tokenizer.encode_batch(&[text], false, None, Padding::None)?;
+        let mut ids = Vec::with_capacity(e.input_ids[0].len() + 1);
+        if self.chat_template.is_none() {
+            ids.extend(self.bos);
+        }
+        ids.append(&mut e.input_ids[0]);
+        Ok(ids)
+    }
+
+    /// Prompt rows, right-padded with `pad` (mask 0); passages cut to fit `max_prompt_tokens`.
+    pub fn rows(
+        &self,
+        tokenizer: &TextTokenizer,
+        questions: &[String],
+        docs: &[Vec<Passage>],
+    ) -> Result<ContextRows> {
+        let mut strings = Vec::new();
+        let mut rows = Vec::new();
+        let mut truncated = Vec::new();
+        for (q, ps) in questions.iter().zip(docs) {
+            if q.trim().is_empty() {
+                bail!("empty question");
+            }
+            for p in ps {
+                let row = rows.len();
+                let mut text = self.text(p, q)?;
+                let mut ids = self.ids(tokenizer, &text)?;
+                let before = ids.len();
+                if before > self.max_prompt_tokens {
+                    let words: Vec<&str> = p.text.split_whitespace().collect();
+                    // Cut words in proportion to the overshoot, then one by one until it fits.
+                    let over = before - self.max_prompt_tokens;
+                    let mut keep = words.len().saturating_sub(over);
+                    loop {
+                        let cut = Passage {
+                            text: words[..keep].join(" "),
+                            ..p.clone()
+                        };
+                        text = self.text(&cut, q)?;
+                        ids = self.ids(tokenizer, &text)?;
+                        if ids.len() <= self.max_prompt_tokens {
+                            break;
+                        }
+                        if keep == 0 {
+                            bail!(
+                                "question {:?} alone makes a {}-token prompt; the context window leaves {} tokens for prompts",
+                                q, ids.len(), self.max_prompt_tokens
+                            );
+                        }
+                        keep = keep.saturating_sub((ids.len() - self.max_prompt_tokens).max(1));
+                    }
+                    tracing::warn!(
+                        "passage {} cut from {} to {keep} words: its prompt had {before} tokens, the context window leaves {}",
+                        p.id, words.len(), self.max_prompt_tokens
+                    );
+                    truncated.push(Truncation {
+                        row,
+                        prompt_tokens_before: before,
+                        prompt_tokens_after: ids.len(),
+                        passage_words_kept: keep,
+                        passage_words: words.len(),
+                    });
+                }
+                strings.push(text);
+                rows.push(ids);
+            }
+        }
+        let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = |r: &Vec<u32>, fill: u32, v: Option<u32>| -> Vec<u32> {
+            let mut out: Vec<u32> = match v {
+                Some(v) => vec![v; r.len()],
+                None => r.clone(),
+            };
+            out.resize(len, fill);
+            out
+        };
+        let pad_id = self.pad;
+        let encoded = Encoded {
+            input_ids: rows.iter().map(|r| pad(r, pad_id, None)).collect(),
+            attention_mask: rows.iter().map(|r| pad(r, 0, Some(1))).collect(),
+            type_ids: Vec::new(),
+        };
+        Ok(ContextRows {
+            strings,
+            encoded,
+            truncated,
+        })
     }
 }
 

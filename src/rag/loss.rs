@@ -54,15 +54,36 @@ fn check_doc_scores(doc_scores: &Tensor, batch: usize, n_docs: usize) -> Result<
     Ok(())
 }
 
-/// RAG-Token marginal: `log Σ_z p(z|x) p(y_t|x,z,y<t)` for every position and vocabulary entry.
+/// The one marginalisation over documents: `log Σ_z p(z|x) p(·|x,z) = logsumexp_z(doc_lp + lp)`.
+/// `lp: [batch, n_docs, ...]` log-probabilities under each document, `doc_lp: [batch, n_docs]`
+/// log p(z|x) (or `[1, n_docs]`, broadcast) → `[batch, ...]`. Differentiable in both.
+pub fn marginalize_docs(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    Ok(logsumexp(&joint(lp, doc_lp)?, 1)?)
+}
+
+/// Posterior over documents `p(z | x, ·) = softmax_z(doc_lp + lp)`: shapes as
+/// [`marginalize_docs`], result `[batch, n_docs, ...]` (sums to 1 over dim 1).
+pub fn doc_posterior(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    let joint = joint(lp, doc_lp)?;
+    let marginal = logsumexp(&joint, 1)?.unsqueeze(1)?;
+    Ok(joint.broadcast_sub(&marginal)?.exp()?)
+}
+
+/// `lp + doc_lp` with `doc_lp: [batch, n_docs]` broadcast over `lp`'s trailing dims.
+fn joint(lp: &Tensor, doc_lp: &Tensor) -> Result<Tensor> {
+    let mut d = doc_lp.to_dtype(lp.dtype())?;
+    while d.rank() < lp.rank() {
+        d = d.unsqueeze(d.rank())?;
+    }
+    Ok(lp.broadcast_add(&d)?)
+}
+
+/// RAG-Token marginal (HF `RagTokenForGeneration.marginalize`) for every position and vocabulary entry.
 /// `seq_logits: [batch*n_docs, T, V]`, `doc_scores: [batch, n_docs]` → `[batch, T, V]` log-probs.
 pub fn marginalize(seq_logits: &Tensor, doc_scores: &Tensor, n_docs: usize) -> Result<Tensor> {
     let lp = doc_logprobs(seq_logits, n_docs)?;
     check_doc_scores(doc_scores, lp.dim(0)?, n_docs)?;
-    let doc_lp = doc_log_prior(doc_scores, lp.dtype())?
-        .unsqueeze(2)?
-        .unsqueeze(3)?;
-    Ok(logsumexp(&lp.broadcast_add(&doc_lp)?, 1)?)
+    marginalize_docs(&lp, &doc_log_prior(doc_scores, lp.dtype())?)
 }
 
 /// Gather `logprobs[..., target]` over the last dim: `logprobs: [.., T, V]`, `target` broadcastable
@@ -154,9 +175,24 @@ pub fn rag_sequence_nll(
     } else {
         ll.sum(2)?
     };
+    // The prior is already inside `ll` (added at position 1, as HF does), so the marginal over
+    // documents is a plain log-sum-exp here.
     let ll = logsumexp(&ll, 1)?;
     let smooth = logsumexp(&smooth.sum(2)?, 1)?;
     finish(ll.neg()?, smooth.neg()?, opts, v)
+}
+
+/// Log-probability of each target token under each document: `seq_logits: [batch*n_docs, T, V]`,
+/// `labels: [batch, T]` (shifted left inside, as the losses do) → `[batch, n_docs, T]`.
+pub fn target_logprobs(
+    seq_logits: &Tensor,
+    labels: &Tensor,
+    n_docs: usize,
+    pad: u32,
+) -> Result<Tensor> {
+    let lp = doc_logprobs(seq_logits, n_docs)?;
+    let target = shift_left(labels, pad)?;
+    gather_last(&lp, &target.unsqueeze(1)?)
 }
 
 /// RAG-Sequence posterior over documents given a whole answer, p(z | x, y) ∝ p(z|x) Π_t p(y_t|x,z,y<t):
@@ -168,14 +204,11 @@ pub fn sequence_doc_posterior(
     n_docs: usize,
     pad: u32,
 ) -> Result<Tensor> {
-    let lp = doc_logprobs(seq_logits, n_docs)?;
     let target = shift_left(labels, pad)?;
-    let mask = non_pad_mask(&target, pad, lp.dtype())?.unsqueeze(1)?;
-    let ll = gather_last(&lp, &target.unsqueeze(1)?)?
-        .broadcast_mul(&mask)?
-        .sum(2)?; // [B, K]
-    let joint = (ll + doc_log_prior(doc_scores, lp.dtype())?)?;
-    Ok(crate::nn::softmax_last_dim(&joint)?)
+    let tok_lp = target_logprobs(seq_logits, labels, n_docs, pad)?;
+    let mask = non_pad_mask(&target, pad, tok_lp.dtype())?.unsqueeze(1)?;
+    let ll = tok_lp.broadcast_mul(&mask)?.sum(2)?; // [B, K]
+    doc_posterior(&ll, &doc_log_prior(doc_scores, ll.dtype())?)
 }
 
 #[cfg(test)]
@@ -202,6 +235,46 @@ mod tests {
         let seq =
             rag_sequence_nll(&logits, &scores, &labels, 1, 0, None, &opts)?.to_vec1::<f32>()?;
         assert!((seq[0] - want).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// The one marginalisation gives both RAG marginals and the posteriors by their definitions
+    /// (two documents, a two-token answer).
+    #[test]
+    fn marginalize_docs_matches_definitions() -> Result<()> {
+        let dev = Device::Cpu;
+        // lp[z][t] = log p(y_t | x, z, y<t); prior (0.25, 0.75).
+        let lp = Tensor::new(&[[[-1.0f64, -2.0], [-0.5, -3.0]]], &dev)?; // [1, 2, 2]
+        let doc_lp = Tensor::new(&[[0.25f64.ln(), 0.75f64.ln()]], &dev)?;
+        let token = marginalize_docs(&lp, &doc_lp)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let want = (0.25 * (-1.0f64).exp() + 0.75 * (-0.5f64).exp()).ln()
+            + (0.25 * (-2.0f64).exp() + 0.75 * (-3.0f64).exp()).ln();
+        assert!((token - want).abs() < 1e-12);
+        let seq = marginalize_docs(&lp.sum(2)?, &doc_lp)?.to_vec1::<f64>()?[0];
+        let want = (0.25 * (-3.0f64).exp() + 0.75 * (-3.5f64).exp()).ln();
+        assert!((seq - want).abs() < 1e-12);
+        let post = doc_posterior(&lp.sum(2)?, &doc_lp)?.to_vec2::<f64>()?;
+        let p0 = 0.25 * (-3.0f64).exp() / (0.25 * (-3.0f64).exp() + 0.75 * (-3.5f64).exp());
+        assert!((post[0][0] - p0).abs() < 1e-12 && (post[0][0] + post[0][1] - 1.0).abs() < 1e-12);
+        Ok(())
+    }
+
+    /// p(z|x) = softmax(s/τ): τ = 0.05 sharpens MiniLM-like cosine scores that τ = 1 leaves near
+    /// uniform.
+    #[test]
+    fn prior_temperature_scales_the_scores() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[0.70f32, 0.66, 0.52]], &dev)?;
+        let flat = doc_log_prior(&s, DType::F32)?.exp()?.to_vec2::<f32>()?;
+        let sharp = doc_log_prior(&(&s / 0.05)?, DType::F32)?
+            .exp()?
+            .to_vec2::<f32>()?;
+        assert!(flat[0][0] < 0.36 && sharp[0][0] > 0.6, "{flat:?} {sharp:?}");
+        let raw = s.to_vec2::<f32>()?;
+        let z: f32 = raw[0].iter().map(|x| ((x - 0.70) / 0.05).exp()).sum();
+        assert!((sharp[0][0] - 1.0 / z).abs() < 1e-6);
         Ok(())
     }
 }

@@ -6,16 +6,17 @@
 //! - [`index`]: an exact in-memory inner-product index (the fixture / small KBs).
 //! - [`loss`]: marginalisation and the two NLLs.
 //! - [`search`]: logits processors, greedy and beam search.
-//! - [`model`]: `RagModel` (retrieval, forward, decoding, provenance).
+//! - [`model`]: `RagModel`, the one RAG head for every generator (retrieval, forward, decoding, provenance).
+//! - [`pipeline`]: `Pipeline`, question → retrieve → doc prior → generate, which every front end calls.
 //! - [`checkpoint`]: loading and saving HF RAG checkpoints.
 
 pub mod checkpoint;
 pub mod config;
 pub mod context;
-pub mod decoder_only;
 pub mod index;
 pub mod loss;
 pub mod model;
+pub mod pipeline;
 pub mod search;
 
 pub use config::{GenerationParams, GenerationSettings, RagConfig, RagMode};

@@ -1,18 +1,20 @@
-//! `RagModel`: question encoder → retriever → `doc_scores = q · d` → context strings → generator over
-//! `batch × n_docs` rows, with the RAG-Sequence and RAG-Token heads (losses, decoding, provenance).
+//! `RagModel`: question encoder → retriever → `doc_scores = q · d` → generator input rows → generator
+//! over `batch × n_docs` rows, with the RAG-Sequence and RAG-Token heads (losses, decoding,
+//! provenance). One head for every generator family: seq2seq (BART, T5) and decoder-only (Llama)
+//! differ only in how a (document, question) pair becomes input ([`InputFormat`]).
 //!
 //! Rows of every context tensor are ordered `[question][doc]` (row `i * n_docs + j` = doc `j` of
 //! question `i`), as in HF.
 
-use crate::generators::{DecodeState, GenInput, Seq2Seq};
+use crate::generators::{DecodeState, GenInput, Generator};
 use crate::rag::config::{GenerationParams, GenerationSettings, RagConfig, RagMode};
-use crate::rag::context::ContextFormat;
+use crate::rag::context::{InputFormat, Truncation};
 use crate::rag::loss::{self, NllOptions};
 use crate::rag::search::{self, StepScorer};
 use crate::retrieve::{Passage, Retriever};
 use crate::tokenize::{ids_tensor, Padding, TextTokenizer};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// Maps tokenized questions to one vector each (DPR: the pooled [CLS] state). Differentiable.
 pub trait QuestionEncoder: Send + Sync {
@@ -45,6 +47,8 @@ pub struct RagContext {
     /// `[batch, n_docs]` f32 (differentiable w.r.t. the question embeddings when retrieved here).
     pub doc_scores: Tensor,
     pub n_docs: usize,
+    /// τ of the doc prior p(z|x) = softmax(doc_scores / τ); 1 for HF RAG checkpoints.
+    pub prior_temperature: f64,
 }
 
 impl RagContext {
@@ -70,7 +74,26 @@ impl RagContext {
             attention_mask,
             doc_scores,
             n_docs,
+            prior_temperature: 1.0,
         })
+    }
+
+    /// The same contexts with prior temperature `tau` (must be positive and finite).
+    pub fn with_temperature(mut self, tau: f64) -> Result<Self> {
+        if !(tau.is_finite() && tau > 0.0) {
+            bail!("prior temperature must be positive and finite, got {tau}");
+        }
+        self.prior_temperature = tau;
+        Ok(self)
+    }
+
+    /// The logits of the doc prior, `doc_scores / τ`: `[batch, n_docs]`. Every head takes
+    /// p(z|x) from these through [`loss::doc_log_prior`].
+    pub fn prior_scores(&self) -> Result<Tensor> {
+        if self.prior_temperature == 1.0 {
+            return Ok(self.doc_scores.clone());
+        }
+        Ok((&self.doc_scores / self.prior_temperature)?)
     }
 
     pub fn batch(&self) -> usize {
@@ -97,6 +120,7 @@ impl RagContext {
             )?,
             doc_scores: self.doc_scores.narrow(0, start, len)?,
             n_docs: self.n_docs,
+            prior_temperature: self.prior_temperature,
         })
     }
 }
@@ -115,21 +139,25 @@ pub struct Retrieved {
     pub decoded_questions: Vec<String>,
     /// `[batch * n_docs]`.
     pub context_strings: Vec<String>,
+    /// Prompts whose passage was cut to fit the generator's context window (decoder-only).
+    pub truncated: Vec<Truncation>,
     pub context: RagContext,
 }
 
 /// A RAG model: question encoder (optional: without it the caller supplies contexts and doc scores),
-/// generator, and their tokenizers.
+/// generator of either family, and their tokenizers.
 pub struct RagModel {
     pub config: RagConfig,
     pub mode: RagMode,
     pub question_encoder: Option<Box<dyn QuestionEncoder>>,
     pub question_tokenizer: Option<TextTokenizer>,
-    pub generator: Box<dyn Seq2Seq>,
+    pub generator: Generator,
     pub generator_tokenizer: TextTokenizer,
     /// Generation settings stored with the model (generation_config.json over the generator config).
     pub generation: GenerationSettings,
-    pub format: ContextFormat,
+    pub format: InputFormat,
+    /// τ of the doc prior for contexts this model builds (1 for HF checkpoints).
+    pub prior_temperature: f64,
     pub device: Device,
     /// The checkpoint directory this model was loaded from.
     pub source: Option<std::path::PathBuf>,
@@ -151,8 +179,15 @@ impl RagModel {
         self.config.n_docs
     }
 
+    /// The id that pads label and output rows. A decoder-only model without its own pad token
+    /// (pad = eos, e.g. SmolLM2) would have EOS masked out of the losses as padding, so its rows are
+    /// padded with BOS instead, which never follows a prompt.
     pub fn generator_pad(&self) -> u32 {
-        self.generator.special_ids().pad
+        let s = self.generator.special_ids();
+        match s.bos {
+            Some(bos) if self.generator.is_decoder_only() && s.pad == s.eos => bos,
+            _ => s.pad,
+        }
     }
 
     /// Tokenize questions for the question encoder (`padding="longest", truncation=True`).
@@ -198,15 +233,7 @@ impl RagModel {
             .question_tokenizer
             .as_ref()
             .context("this RAG model has no question encoder tokenizer")?;
-        if n_docs == 0 {
-            bail!("n_docs must be at least 1");
-        }
-        if n_docs > retriever.len() {
-            bail!(
-                "n_docs = {n_docs} but the knowledge base has only {} passages",
-                retriever.len()
-            );
-        }
+        check_n_docs(n_docs, retriever.len())?;
         let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
         let decoded = ids
             .iter()
@@ -241,19 +268,16 @@ impl RagModel {
             .matmul(&doc_embeddings.transpose(1, 2)?)?
             .squeeze(1)?;
         let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
-        let context_strings = self.format.context_strings(&decoded, &passages);
-        let enc = self
-            .format
-            .tokenize(&self.generator_tokenizer, &context_strings)?;
-        let (ci, cm) = enc.tensors(&self.device)?;
+        let (rows, context) = self.context_from_passages(&decoded, &passages, doc_scores)?;
         Ok(Retrieved {
             question_embeddings: q.clone(),
             doc_ids: hits.iter().map(|h| h.doc_ids.clone()).collect(),
             passages,
             doc_embeddings,
             decoded_questions: decoded,
-            context_strings,
-            context: RagContext::new(ci, cm, doc_scores)?,
+            context_strings: rows.strings,
+            truncated: rows.truncated,
+            context,
         })
     }
 
@@ -288,7 +312,8 @@ impl RagModel {
         let c = &retrieved.context;
         Ok((
             enc,
-            RagContext::new(c.input_ids.clone(), c.attention_mask.clone(), doc_scores)?,
+            RagContext::new(c.input_ids.clone(), c.attention_mask.clone(), doc_scores)?
+                .with_temperature(c.prior_temperature)?,
         ))
     }
 
@@ -310,9 +335,47 @@ impl RagModel {
         strings: &[String],
         doc_scores: Tensor,
     ) -> Result<RagContext> {
-        let enc = self.format.tokenize(&self.generator_tokenizer, strings)?;
+        let InputFormat::Seq2Seq(format) = &self.format else {
+            bail!("context strings are seq2seq generator input; pass passages for a decoder-only generator (context_from_passages)");
+        };
+        let enc = format.tokenize(&self.generator_tokenizer, strings)?;
         let (ci, cm) = enc.tensors(&self.device)?;
-        RagContext::new(ci, cm, doc_scores)
+        RagContext::new(ci, cm, doc_scores)?.with_temperature(self.prior_temperature)
+    }
+
+    /// Contexts from retrieved passages (any retriever): `passages[i]` are question `i`'s n_docs
+    /// documents, `doc_scores: [batch, n_docs]` their scores. The generator input rows are built by
+    /// this model's [`InputFormat`].
+    pub fn context_from_passages(
+        &self,
+        questions: &[String],
+        passages: &[Vec<Passage>],
+        doc_scores: Tensor,
+    ) -> Result<(crate::rag::context::ContextRows, RagContext)> {
+        let rows = self
+            .format
+            .rows(&self.generator_tokenizer, questions, passages)?;
+        let (ci, cm) = rows.encoded.tensors(&self.device)?;
+        let ctx = RagContext::new(ci, cm, doc_scores)?.with_temperature(self.prior_temperature)?;
+        Ok((rows, ctx))
+    }
+
+    /// Labels `[decoder_start] + answer tokens + [eos]` for an answer string (the losses' and
+    /// rescoring's `labels` row). Decoder-only: the answer is tokenized after a space (it continues
+    /// the prompt); seq2seq: as is, without the tokenizer's special tokens.
+    pub fn answer_labels(&self, answer: &str) -> Result<Vec<u32>> {
+        let s = self.generator.special_ids();
+        let text = match self.generator.is_decoder_only() {
+            true => format!(" {answer}"),
+            false => answer.to_string(),
+        };
+        let mut e =
+            self.generator_tokenizer
+                .encode_batch(&[text.as_str()], false, None, Padding::None)?;
+        let mut ids = vec![s.decoder_start];
+        ids.append(&mut e.input_ids[0]);
+        ids.push(s.eos);
+        Ok(ids)
     }
 
     /// Raw generator logits `[batch * n_docs, T, V]` for `decoder_input_ids: [batch, T]` (each row
@@ -332,8 +395,10 @@ impl RagModel {
         if max >= vocab {
             bail!("decoder input id {max} is outside the generator vocabulary ({vocab})");
         }
+        if t == 0 {
+            bail!("decoder_input_ids is empty");
+        }
         let dec = repeat_interleave_rows(decoder_input_ids, ctx.n_docs)?;
-        let _ = t;
         self.generator.forward(&ctx.gen_input(), &dec)
     }
 
@@ -341,10 +406,11 @@ impl RagModel {
     /// `exclude_bos_score` as given) for `labels: [batch, T]` used as decoder inputs too.
     pub fn loss(&self, ctx: &RagContext, labels: &Tensor, opts: &NllOptions) -> Result<Tensor> {
         let logits = self.forward(ctx, labels)?;
-        self.nll(&logits, &ctx.doc_scores, labels, ctx.n_docs, opts)
+        self.nll(&logits, &ctx.prior_scores()?, labels, ctx.n_docs, opts)
     }
 
-    /// `get_nll` of this model's head over precomputed logits.
+    /// `get_nll` of this model's head over precomputed logits; `doc_scores` are the prior logits
+    /// ([`RagContext::prior_scores`]).
     pub fn nll(
         &self,
         logits: &Tensor,
@@ -392,13 +458,13 @@ impl RagModel {
         if nb == 1 && p.num_return_sequences > 1 {
             bail!("greedy RAG-Token decoding returns one sequence per question: num_return_sequences must be 1 (got {})", p.num_return_sequences);
         }
-        let state = self.generator.start(&ctx.gen_input())?;
+        let state = self.generator.decoder().start(&ctx.gen_input())?;
         // rows [batch][beam][doc]
         let rows: Vec<u32> = (0..batch)
             .flat_map(|b| (0..nb).flat_map(move |_| (0..k).map(move |j| (b * k + j) as u32)))
             .collect();
         let state = state.select_rows(&Tensor::new(rows.as_slice(), &self.device)?)?;
-        let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?;
+        let doc_lp = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?;
         let doc_lp = repeat_interleave_rows(&doc_lp, nb)?; // [batch*nb, k]
         let mut scorer = MarginalScorer {
             model: self,
@@ -463,33 +529,37 @@ impl RagModel {
         let k = ctx.n_docs;
         let nb = p.num_beams;
         let pad = self.generator_pad();
-        let doc_lp = loss::doc_log_prior(&ctx.doc_scores.detach(), DType::F32)?.to_vec2::<f32>()?;
+        let doc_lp = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?;
         let (mut hypos, mut scores) = (Vec::new(), Vec::new());
-        for (i, prior) in doc_lp.iter().enumerate() {
+        for i in 0..ctx.batch() {
             let qctx = ctx.questions(i, 1)?;
-            let mask = qctx.input_ids.ne(pad)?.to_dtype(DType::U32)?;
-            let state = self.generator.start(&GenInput {
-                input_ids: qctx.input_ids.clone(),
-                attention_mask: mask,
-            })?;
+            let state = self
+                .generator
+                .decoder()
+                .start(&self.sequence_input(&qctx)?)?;
             let h = self.generate_per_doc_scored(&state, k, p)?;
-            // candidate -> log-sum-exp accumulator over the docs whose beams produced it
-            let mut cands: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
-            for (r, (ids, lp)) in h.ids.iter().zip(&h.logprobs).enumerate() {
-                let z = r / nb;
-                let term = prior[z] + lp;
-                match cands.iter_mut().find(|(c, _)| c == ids) {
-                    Some((_, terms)) => terms.push(term),
-                    None => cands.push((ids.clone(), vec![term])),
-                }
+            // lp[c][z] = log p(y_c | x, z) where document z's beams produced candidate c, else -inf.
+            let mut cands: Vec<Vec<u32>> = Vec::new();
+            let mut lp: Vec<Vec<f32>> = Vec::new();
+            for (r, (ids, l)) in h.ids.iter().zip(&h.logprobs).enumerate() {
+                let c = match cands.iter().position(|c| c == ids) {
+                    Some(c) => c,
+                    None => {
+                        cands.push(ids.clone());
+                        lp.push(vec![f32::NEG_INFINITY; k]);
+                        cands.len() - 1
+                    }
+                };
+                // Several beams of one document cannot give the same hypothesis.
+                lp[c][r / nb] = *l;
             }
-            let mut scored: Vec<(f32, usize)> = cands
-                .iter()
+            let lp = Tensor::new(lp, &self.device)?;
+            let marginal =
+                loss::marginalize_docs(&lp, &doc_lp.narrow(0, i, 1)?)?.to_vec1::<f32>()?;
+            let mut scored: Vec<(f32, usize)> = marginal
+                .into_iter()
                 .enumerate()
-                .map(|(c, (_, t))| {
-                    let m = t.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    (m + t.iter().map(|x| (x - m).exp()).sum::<f32>().ln(), c)
-                })
+                .map(|(c, s)| (s, c))
                 .collect();
             scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             let nrs = p.num_return_sequences;
@@ -500,7 +570,7 @@ impl RagModel {
                 );
             }
             for &(s, c) in &scored[..nrs] {
-                hypos.push(cands[c].0.clone());
+                hypos.push(cands[c].clone());
                 scores.push(s);
             }
         }
@@ -528,13 +598,10 @@ impl RagModel {
         let mut details = Vec::new();
         for i in 0..ctx.batch() {
             let qctx = ctx.questions(i, 1)?;
-            // HF passes attention_mask=None: generate() infers it as ids != pad.
-            let mask = qctx.input_ids.ne(pad)?.to_dtype(DType::U32)?;
-            let input = GenInput {
-                input_ids: qctx.input_ids.clone(),
-                attention_mask: mask,
-            };
-            let state = self.generator.start(&input)?;
+            let state = self
+                .generator
+                .decoder()
+                .start(&self.sequence_input(&qctx)?)?;
             let outputs = self.generate_per_doc(&state, k, p)?;
             let mut candidates: Vec<Vec<u32>> = Vec::new();
             for o in &outputs {
@@ -581,7 +648,7 @@ impl RagModel {
         let t = candidates[0].len();
         let labels = ids_tensor(candidates, &self.device)?;
         let logits = self.teacher_forced(state, k, &labels)?; // [n*k, t, V]
-        let doc_scores = qctx.doc_scores.broadcast_as((n, k))?.contiguous()?;
+        let doc_scores = qctx.prior_scores()?.broadcast_as((n, k))?.contiguous()?;
         let opts = NllOptions {
             reduce_loss: false,
             epsilon: self.config.label_smoothing,
@@ -604,22 +671,44 @@ impl RagModel {
     /// Logits `[n * k, T, V]` of `labels: [n, T]` under each of the `k` contexts of `state`
     /// (row `c * k + j` = candidate `c` with context `j`), decoded incrementally with the KV cache.
     fn teacher_forced(&self, state: &DecodeState, k: usize, labels: &Tensor) -> Result<Tensor> {
-        let (n, t) = labels.dims2()?;
+        let n = labels.dim(0)?;
         let sel: Vec<u32> = (0..n).flat_map(|_| 0..k as u32).collect();
-        let mut st = state.select_rows(&Tensor::new(sel.as_slice(), &self.device)?)?;
+        let st = state.select_rows(&Tensor::new(sel.as_slice(), &self.device)?)?;
         let dec = repeat_interleave_rows(labels, k)?; // [n*k, t]
-        let mut steps = Vec::with_capacity(t);
-        for i in 0..t {
-            let tok = dec.narrow(1, i, 1)?.squeeze(1)?.contiguous()?;
-            steps.push(self.generator.step(&mut st, &tok)?);
-        }
-        Ok(Tensor::stack(&steps, 1)?)
+        self.generator.forward_from_state(&st, &dec)
+    }
+
+    /// Generator input of one question's rows for RAG-Sequence decoding. Seq2seq: HF passes
+    /// `attention_mask=None` and generate() infers it as `ids != pad`; decoder-only: the rows' mask.
+    fn sequence_input(&self, qctx: &RagContext) -> Result<GenInput> {
+        let attention_mask = match self.generator.is_decoder_only() {
+            true => qctx.attention_mask.clone(),
+            false => qctx
+                .input_ids
+                .ne(self.generator_pad())?
+                .to_dtype(DType::U32)?,
+        };
+        Ok(GenInput {
+            input_ids: qctx.input_ids.clone(),
+            attention_mask,
+        })
     }
 
     /// Provenance: RAG-Token per-token posteriors p(z | x, y_i) ∝ p(z|x) p(y_i | x, z, y<i) or the
     /// RAG-Sequence answer posterior p(z | x, y), for `ids` generated for question `question`.
     pub fn doc_posteriors(
         &self,
+        ctx: &RagContext,
+        question: usize,
+        ids: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.doc_posteriors_for(self.mode, ctx, question, ids)
+    }
+
+    /// [`Self::doc_posteriors`] of the given head.
+    pub fn doc_posteriors_for(
+        &self,
+        mode: RagMode,
         ctx: &RagContext,
         question: usize,
         ids: &[u32],
@@ -638,29 +727,19 @@ impl RagModel {
         let ids = &ids[..end.max(2).min(ids.len())];
         let labels = ids_tensor(&[ids.to_vec()], &self.device)?;
         let logits = self.forward(&qctx, &labels)?; // [k, T, V]
-        match self.mode {
+        let prior = qctx.prior_scores()?;
+        match mode {
             RagMode::Sequence => {
-                let post =
-                    loss::sequence_doc_posterior(&logits, &qctx.doc_scores, &labels, k, pad)?;
+                let post = loss::sequence_doc_posterior(&logits, &prior, &labels, k, pad)?;
                 Ok(post.to_vec2::<f32>()?)
             }
             RagMode::Token => {
                 let t = ids.len();
-                let lp = crate::nn::log_softmax_last_dim(&logits)?; // [k, T, V]
-                let target = loss::shift_left(&labels, pad)?.squeeze(0)?; // [T]
-                let idx = target
-                    .unsqueeze(0)?
-                    .unsqueeze(2)?
-                    .broadcast_as((k, t, 1))?
-                    .contiguous()?;
-                let tok_lp = lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?; // [k, T]
-                let doc_lp = loss::doc_log_prior(&qctx.doc_scores, tok_lp.dtype())?
-                    .squeeze(0)?
-                    .unsqueeze(1)?; // [k, 1]
-                let joint = tok_lp.broadcast_add(&doc_lp)?.t()?; // [T, k]
-                let post = crate::nn::softmax_last_dim(&joint.contiguous()?)?;
-                // Position t predicts ids[t + 1]; keep the generated tokens only.
-                Ok(post.narrow(0, 0, t - 1)?.to_vec2::<f32>()?)
+                let tok_lp = loss::target_logprobs(&logits, &labels, k, pad)?; // [1, k, T]
+                let doc_lp = loss::doc_log_prior(&prior, tok_lp.dtype())?;
+                let post = loss::doc_posterior(&tok_lp, &doc_lp)?.squeeze(0)?.t()?; // [T, k]
+                                                                                    // Position t predicts ids[t + 1]; keep the generated tokens only.
+                Ok(post.narrow(0, 0, t - 1)?.contiguous()?.to_vec2::<f32>()?)
             }
         }
     }
@@ -677,6 +756,18 @@ pub struct SequenceDetails {
     pub candidate_nll: Vec<f32>,
     /// Returned candidates, best first.
     pub top_candidate_indices: Vec<usize>,
+}
+
+/// Refuse `n_docs` of 0 or more than the knowledge base holds (no silent clamp: the prior and the
+/// losses are over exactly n_docs documents).
+pub fn check_n_docs(n_docs: usize, kb_len: usize) -> Result<()> {
+    if n_docs == 0 {
+        bail!("n_docs must be at least 1");
+    }
+    if n_docs > kb_len {
+        bail!("n_docs = {n_docs} but the knowledge base has only {kb_len} passages");
+    }
+    Ok(())
 }
 
 /// `[rows, ..]` → `[rows * n, ..]` with each row repeated `n` times in place (torch `repeat_interleave`).
@@ -707,14 +798,14 @@ impl StepScorer for MarginalScorer<'_> {
                     .iter()
                     .flat_map(|&t| std::iter::repeat_n(t, self.n_docs))
                     .collect();
-                g.step(
+                g.decoder().step(
                     &mut self.state,
                     &Tensor::new(toks.as_slice(), &self.model.device)?,
                 )?
             }
             _ => {
                 self.started = true;
-                g.first_logits(&mut self.state)?
+                g.decoder().first_logits(&mut self.state)?
             }
         };
         let (rows, v) = logits.dims2()?;
@@ -723,7 +814,7 @@ impl StepScorer for MarginalScorer<'_> {
             self.n_docs,
             v,
         ))?;
-        let marg = crate::nn::logsumexp(&lp.broadcast_add(&self.doc_lp.unsqueeze(2)?)?, 1)?;
+        let marg = loss::marginalize_docs(&lp, &self.doc_lp)?;
         Ok(marg.flatten_all()?.to_vec1::<f32>()?)
     }
 
@@ -759,10 +850,12 @@ impl StepScorer for GeneratorScorer<'_> {
     fn next_scores(&mut self, last: Option<&[u32]>) -> Result<Vec<f32>> {
         let g = &self.model.generator;
         let logits = match (last, self.started) {
-            (Some(l), true) => g.step(&mut self.state, &Tensor::new(l, &self.model.device)?)?,
+            (Some(l), true) => g
+                .decoder()
+                .step(&mut self.state, &Tensor::new(l, &self.model.device)?)?,
             _ => {
                 self.started = true;
-                g.first_logits(&mut self.state)?
+                g.decoder().first_logits(&mut self.state)?
             }
         };
         Ok(logits

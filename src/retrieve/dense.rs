@@ -1,6 +1,6 @@
 //! Dense retrieval behind [`DenseRetriever`]: exact inner-product search over the memory-mapped
 //! embedding matrix, or HNSW. Exact search runs on the KB's quantised copy
-//! ([`super::quantized::QuantizedRows`]: integer pass, f32 for the survivors); [`exact_search`] is
+//! ([`super::quantized::QuantizedEmbeddings`]: integer pass, f32 for the survivors); [`exact_search`] is
 //! the plain f32 scan (blocked GEMM, doc blocks spread over threads, per-query top-k heaps) that it
 //! must equal, and what small in-memory indexes use.
 //!
@@ -11,12 +11,13 @@
 //! [`exact_score`]; rows that tie only after rounding then rank the same on every CPU.
 
 use super::hnsw::HnswIndex;
-use super::quantized::QuantizedRows;
+use super::quantized::QuantizedEmbeddings;
+pub use super::rows::{DenseRows, F32Rows};
 use super::scored::{top_k_of, Contenders};
-use super::simd;
 use super::{Hits, Retriever};
 use crate::encoders::TextEncoder;
-use crate::kb::{EmbeddingDtype, EmbeddingMatrix, KnowledgeBase};
+use crate::kb::KnowledgeBase;
+use crate::kernels::dot;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -54,51 +55,6 @@ fn scores_into(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, d:
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-/// Rows an exact search scans: a knowledge base's embedding matrix, or f32 rows in memory.
-pub trait DenseRows: Sync {
-    fn rows(&self) -> usize;
-    fn dim(&self) -> usize;
-    /// Rows `start..end` as f32 `[(end - start) * dim]`, converted into `buf` if stored otherwise.
-    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
-}
-
-impl DenseRows for EmbeddingMatrix {
-    fn rows(&self) -> usize {
-        EmbeddingMatrix::rows(self)
-    }
-    fn dim(&self) -> usize {
-        EmbeddingMatrix::dim(self)
-    }
-    fn block<'a>(&'a self, start: usize, end: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        let d = EmbeddingMatrix::dim(self);
-        match self.dtype() {
-            EmbeddingDtype::F32 => &self.as_f32().expect("f32")[start * d..end * d],
-            EmbeddingDtype::F16 => {
-                self.rows_f32_into(start, end, buf);
-                buf
-            }
-        }
-    }
-}
-
-/// Row-major f32 rows in memory, `data: [rows, dim]`.
-pub struct F32Rows<'a> {
-    pub data: &'a [f32],
-    pub dim: usize,
-}
-
-impl DenseRows for F32Rows<'_> {
-    fn rows(&self) -> usize {
-        self.data.len() / self.dim.max(1)
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn block<'a>(&'a self, start: usize, end: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
-        &self.data[start * self.dim..end * self.dim]
     }
 }
 
@@ -188,7 +144,7 @@ pub(crate) fn exact_score(
     buf: &mut Vec<f32>,
 ) -> f32 {
     let r = row as usize;
-    simd::dot(q, matrix.block(r, r + 1, buf))
+    dot::dot(q, matrix.block(r, r + 1, buf))
 }
 
 /// How a [`DenseRetriever`] searches.
@@ -204,7 +160,7 @@ pub struct DenseRetriever {
     encoder: Option<Arc<dyn TextEncoder>>,
     hnsw: Option<HnswIndex>,
     /// The integer copy that exact search scans and HNSW walks, built on the first search.
-    quantized: OnceLock<QuantizedRows>,
+    quantized: OnceLock<QuantizedEmbeddings>,
     mode: SearchMode,
     /// Return the `[k][dim]` passage embeddings with the hits (RAG needs them).
     pub return_embeddings: bool,
@@ -266,10 +222,10 @@ impl DenseRetriever {
     }
 
     /// The KB's integer copy (built on first use: a few ms per 10k rows).
-    fn quantized(&self) -> &QuantizedRows {
+    fn quantized(&self) -> &QuantizedEmbeddings {
         self.quantized.get_or_init(|| {
             let t = std::time::Instant::now();
-            let q = QuantizedRows::build(self.kb.embeddings());
+            let q = QuantizedEmbeddings::build(self.kb.embeddings());
             tracing::info!(
                 "quantised {} embeddings in {:.2}s ({} MB)",
                 q.rows(),
@@ -338,7 +294,7 @@ impl Retriever for DenseRetriever {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieve::quantized::QuantizedRows;
+    use crate::retrieve::quantized::QuantizedEmbeddings;
 
     /// Every row scored with [`exact_score`], ranked by score descending, then row ascending.
     fn brute_force(rows: &F32Rows, queries: &[f32], k: usize) -> Vec<Vec<(u32, f32)>> {
@@ -384,7 +340,7 @@ mod tests {
                 want,
                 "f32 scan, k {k}"
             );
-            let quantized = QuantizedRows::build(&rows);
+            let quantized = QuantizedEmbeddings::build(&rows);
             assert_eq!(
                 quantized.search(&rows, &queries, k).unwrap(),
                 want,

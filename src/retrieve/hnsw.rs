@@ -11,9 +11,9 @@
 //!
 //! Scores are inner products (higher is better) throughout.
 
-use super::quantized::{QuantizedRows, Query as QuantizedQuery};
+use super::quantized::{QuantizedEmbeddings, Query as QuantizedQuery};
+use super::row_scorer::RowScorer;
 use super::scored::{Scored, Worst};
-use super::simd::RowScorer;
 use crate::kb::{EmbeddingMatrix, HnswParams};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
@@ -74,7 +74,7 @@ impl Scorer for Vectors<'_> {
     }
 }
 
-impl Scorer for QuantizedRows {
+impl Scorer for QuantizedEmbeddings {
     type Query = QuantizedQuery;
     #[inline]
     fn score(&self, q: &QuantizedQuery, row: u32) -> f32 {
@@ -86,7 +86,7 @@ impl Scorer for QuantizedRows {
     }
     #[inline]
     fn prefetch(&self, row: u32) {
-        QuantizedRows::prefetch(self, row as usize);
+        QuantizedEmbeddings::prefetch(self, row as usize);
     }
 }
 
@@ -426,7 +426,7 @@ impl HnswIndex {
     pub fn search(
         &self,
         matrix: &EmbeddingMatrix,
-        quantized: Option<&QuantizedRows>,
+        quantized: Option<&QuantizedEmbeddings>,
         queries: &[f32],
         k: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
@@ -789,7 +789,7 @@ mod tests {
             let m = matrix(dir.path(), &data, dim, dtype);
             let exact = crate::retrieve::dense::exact_search(&m, &queries, 10).unwrap();
             let index = HnswIndex::build(&m, &params(100)).unwrap();
-            let codes = QuantizedRows::build(&m);
+            let codes = QuantizedEmbeddings::build(&m);
             // The walk on f32 rows and on the quantised codes.
             for quantized in [None, Some(&codes)] {
                 let got = index.search(&m, quantized, &queries, 10).unwrap();

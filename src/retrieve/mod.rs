@@ -8,20 +8,14 @@ pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
 pub mod quantized;
+pub(crate) mod row_scorer;
+pub mod rows;
 mod scored;
-pub(crate) mod simd;
 
+/// The knowledge base's passage type, which every retriever returns.
+pub use crate::kb::Passage;
 use anyhow::Result;
 use candle_core::Tensor;
-
-/// One passage of a knowledge base.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Passage {
-    /// Stable passage id (e.g. `<doc id>#<chunk>` or the corpus id).
-    pub id: String,
-    pub title: String,
-    pub text: String,
-}
 
 /// Top-k result for one query, best first.
 #[derive(Clone, Debug, serde::Serialize)]

@@ -9,9 +9,10 @@
 //! survivors are scored in f32. The result is the top k of the f32 scan, not an approximation: the
 //! integer pass only decides what need not be read, on half the bytes of f32.
 
-use super::dense::{exact_score, DenseRows};
+use super::dense::exact_score;
+use super::rows::DenseRows;
 use super::scored::{top_k_of, Contenders};
-use super::simd;
+use crate::kernels::{dot, int16};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -31,8 +32,7 @@ fn code_limit(dim: usize) -> i32 {
 
 /// The integer copy of a row matrix: `[rows, stride]` codes and per-row scales, plus the largest
 /// residual `‖d − d̃‖` and quantised norm `‖d̃‖` over all rows (for the bound).
-pub struct QuantizedRows {
-    simd: bool,
+pub struct QuantizedEmbeddings {
     dim: usize,
     stride: usize,
     limit: i32,
@@ -49,7 +49,7 @@ pub(crate) struct Query {
     margin: f32,
 }
 
-impl QuantizedRows {
+impl QuantizedEmbeddings {
     /// Quantise every row of `rows` (parallel over blocks).
     pub fn build(rows: &(impl DenseRows + ?Sized)) -> Self {
         let (n, dim) = (rows.rows(), rows.dim());
@@ -75,7 +75,6 @@ impl QuantizedRows {
                 }
             });
         Self {
-            simd: simd::has_avx2(),
             dim,
             stride,
             limit,
@@ -159,64 +158,22 @@ impl QuantizedRows {
     #[inline]
     fn code_dot(&self, q: &Query, row: usize) -> i32 {
         let d = &self.codes.as_ref()[row * self.stride..(row + 1) * self.stride];
-        #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: AVX2 checked at build; the code row is `stride` long and 32-byte aligned.
-            return unsafe { x86::dot(q.codes.as_ref().as_ptr(), d.as_ptr(), self.stride) };
-        }
-        q.codes
-            .as_ref()
-            .iter()
-            .zip(d)
-            .map(|(&a, &b)| a as i32 * b as i32)
-            .sum()
+        int16::dot(q.codes.as_ref(), d)
     }
 
     /// [`Self::estimate`] for four rows at once.
     #[inline]
     pub(crate) fn estimate4(&self, q: &Query, rows: [usize; 4]) -> [f32; 4] {
         let d = rows.map(|r| &self.codes.as_ref()[r * self.stride..(r + 1) * self.stride]);
-        #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: AVX2 checked at build; every code row is `stride` long and 32-byte aligned.
-            let dots = unsafe {
-                x86::dots_1x4(
-                    q.codes.as_ref().as_ptr(),
-                    d.map(|d| d.as_ptr()),
-                    self.stride,
-                )
-            };
-            return std::array::from_fn(|j| q.scale * self.scale[rows[j]] * dots[j] as f32);
-        }
-        std::array::from_fn(|j| {
-            let dot: i32 = q
-                .codes
-                .as_ref()
-                .iter()
-                .zip(d[j])
-                .map(|(&a, &b)| a as i32 * b as i32)
-                .sum();
-            q.scale * self.scale[rows[j]] * dot as f32
-        })
+        let dots = int16::dots_1x4(q.codes.as_ref(), d);
+        std::array::from_fn(|j| q.scale * self.scale[rows[j]] * dots[j] as f32)
     }
 
     /// Hint the CPU to start loading `row`'s codes.
     #[inline]
     pub(crate) fn prefetch(&self, row: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = self.codes.as_ref()[row * self.stride..].as_ptr() as *const i8;
-            for line in (0..(2 * self.stride).min(256)).step_by(64) {
-                // SAFETY: prefetch never faults; the address is inside the row.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        p.add(line),
-                    )
-                };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = row;
+        let p = self.codes.as_ref()[row * self.stride..].as_ptr() as *const u8;
+        dot::prefetch(p, 2 * self.stride);
     }
 
     pub(crate) fn quantize_query(&self, q: &[f32]) -> Query {
@@ -251,12 +208,16 @@ impl QuantizedRows {
                     Some(e) => e.offer(value, row),
                     None => f32::INFINITY,
                 };
-                let mut rest = rows.start;
-                #[cfg(target_arch = "x86_64")]
-                if self.simd {
-                    // SAFETY: AVX2 and FMA checked; the rows are inside the matrix.
-                    rest = unsafe { x86::scan_pair(self, pair, floors, rows.clone(), &mut offer) };
-                }
+                let codes = pair.map(|q| q.codes.as_ref());
+                let rest = int16::scan_pair(
+                    self.codes.as_ref(),
+                    self.stride,
+                    &self.scale,
+                    codes,
+                    floors,
+                    rows.clone(),
+                    &mut offer,
+                );
                 for r in rest..rows.end {
                     for (i, q) in pair.iter().enumerate() {
                         offer(i, self.scale[r] * self.code_dot(q, r) as f32, r as u32);
@@ -359,130 +320,6 @@ fn quantize(x: &[f32], limit: i32, codes: &mut [i16]) -> RowStats {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{QuantizedRows, Query};
-    use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    /// Integer products of two queries with the full quads of `rows`; a row whose value reaches
-    /// the query's floor goes to `offer(query in pair, value, row)`, which returns the new floor.
-    /// Returns the first row not scanned (at most 3 are left).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scan_pair(
-        m: &QuantizedRows,
-        q: [&Query; 2],
-        floors: [f32; 2],
-        rows: Range<usize>,
-        offer: &mut impl FnMut(usize, f32, u32) -> f32,
-    ) -> usize {
-        let stride = m.stride;
-        let codes = m.codes.as_ref().as_ptr();
-        let qc = q.map(|q| q.codes.as_ref().as_ptr());
-        // Lanes 0..4: the first query with four rows; lanes 4..8: the second with the same rows.
-        let mut floor = _mm256_setr_m128(_mm_set1_ps(floors[0]), _mm_set1_ps(floors[1]));
-        let mut first = rows.start;
-        while first + 4 <= rows.end {
-            let d = std::array::from_fn(|j| codes.add((first + j) * stride));
-            let dots = dots_2x4(qc, d, stride);
-            let scale = _mm256_broadcast_ps(&*(m.scale.as_ptr().add(first) as *const __m128));
-            let value = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(dots));
-            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(value, floor));
-            if hit != 0 {
-                let mut v = [0f32; 8];
-                _mm256_storeu_ps(v.as_mut_ptr(), value);
-                let mut f = [0f32; 8];
-                _mm256_storeu_ps(f.as_mut_ptr(), floor);
-                let mut f = [f[0], f[4]];
-                for l in 0..8 {
-                    if hit & (1 << l) != 0 {
-                        f[l / 4] = offer(l / 4, v[l], (first + l % 4) as u32);
-                    }
-                }
-                floor = _mm256_setr_m128(_mm_set1_ps(f[0]), _mm_set1_ps(f[1]));
-            }
-            first += 4;
-        }
-        first
-    }
-
-    /// `Σ q[l] · d[l]` over `stride` (a multiple of 16; both 32-byte aligned).
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dot(q: *const i16, d: *const i16, stride: usize) -> i32 {
-        let mut acc = [_mm256_setzero_si256(); 2];
-        let mut i = 0;
-        while i + 32 <= stride {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let qv = _mm256_load_si256(q.add(i + 16 * j) as *const __m256i);
-                let dv = _mm256_load_si256(d.add(i + 16 * j) as *const __m256i);
-                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(qv, dv));
-            }
-            i += 32;
-        }
-        if i < stride {
-            let qv = _mm256_load_si256(q.add(i) as *const __m256i);
-            let dv = _mm256_load_si256(d.add(i) as *const __m256i);
-            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(qv, dv));
-        }
-        let v = _mm256_add_epi32(acc[0], acc[1]);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        _mm_cvtsi128_si32(s)
-    }
-
-    /// `Σ q[l] · d[j][l]` over `stride` (a multiple of 16; all rows 32-byte aligned).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dots_1x4(q: *const i16, d: [*const i16; 4], stride: usize) -> [i32; 4] {
-        let mut acc = [_mm256_setzero_si256(); 4];
-        let mut i = 0;
-        while i < stride {
-            let qv = _mm256_load_si256(q.add(i) as *const __m256i);
-            for (acc, d) in acc.iter_mut().zip(d) {
-                let dv = _mm256_load_si256(d.add(i) as *const __m256i);
-                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(qv, dv));
-            }
-            i += 16;
-        }
-        let h = _mm256_hadd_epi32(
-            _mm256_hadd_epi32(acc[0], acc[1]),
-            _mm256_hadd_epi32(acc[2], acc[3]),
-        );
-        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-        let mut out = [0i32; 4];
-        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
-        out
-    }
-
-    /// `Σ q[i][l] · d[j][l]` over `stride` (a multiple of 16; all rows 32-byte aligned) for two
-    /// query code rows and four row codes: `[q0·d0..q0·d3, q1·d0..q1·d3]`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn dots_2x4(q: [*const i16; 2], d: [*const i16; 4], stride: usize) -> __m256i {
-        let mut acc = [[_mm256_setzero_si256(); 4]; 2];
-        let mut i = 0;
-        while i < stride {
-            let qv = q.map(|q| _mm256_load_si256(q.add(i) as *const __m256i));
-            for (j, d) in d.iter().enumerate() {
-                let dv = _mm256_load_si256(d.add(i) as *const __m256i);
-                for (acc, qv) in acc.iter_mut().zip(qv) {
-                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(qv, dv));
-                }
-            }
-            i += 16;
-        }
-        // Per query: [rows 0..4 summed over the low 128-bit halves | over the high halves].
-        let h = acc.map(|a| {
-            _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]))
-        });
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(h[0], h[1]),
-            _mm256_permute2x128_si256::<0x31>(h[0], h[1]),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,7 +337,7 @@ mod tests {
     fn assert_same(data: &[f32], dim: usize, queries: &[f32], k: usize) {
         let rows = F32Rows { data, dim };
         let want = exact_search(&rows, queries, k).unwrap();
-        let got = QuantizedRows::build(&rows)
+        let got = QuantizedEmbeddings::build(&rows)
             .search(&rows, queries, k)
             .unwrap();
         assert_eq!(got, want, "dim {dim}");
@@ -545,7 +382,9 @@ mod tests {
             .for_each(|x| *x = -x.abs()); // mostly negative
         assert_same(&data, dim, &queries, 10);
         let rows = F32Rows { data: &data, dim };
-        let hits = QuantizedRows::build(&rows).search(&rows, &dup, 2).unwrap();
+        let hits = QuantizedEmbeddings::build(&rows)
+            .search(&rows, &dup, 2)
+            .unwrap();
         assert_eq!(hits[0].iter().map(|h| h.0).collect::<Vec<_>>(), [6, 18]);
     }
 
@@ -556,7 +395,7 @@ mod tests {
             data: &data,
             dim: 8,
         };
-        let q = QuantizedRows::build(&rows);
+        let q = QuantizedEmbeddings::build(&rows);
         assert!(q.search(&rows, &data[..7], 1).is_err());
         let other = F32Rows {
             data: &data[..72],

@@ -1,38 +1,53 @@
 //! decoder-only case: a tiny `LlamaForCausalLM` as a RAG generator with prompt = doc + question,
-//! both marginals, per-token marginals and greedy RAG-Token decoding (see `definition` in expected.json).
+//! through the one RAG head (`RagModel` over `Generator::DecoderOnly`): doc prior, prompts, both
+//! losses, per-token marginals, greedy RAG-Token decoding (see `definition` in expected.json).
 
 use crate::common::{Checker, Fixture};
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rustrag::encoders::dpr::DprEncoder;
 use rustrag::encoders::{LoadOptions, TextEncoder};
 use rustrag::generators::llama::Llama;
-use rustrag::generators::Decoder;
-use rustrag::rag::decoder_only::{prompt_text, DecoderOnlyRag};
-use rustrag::tokenize::load_tokenizer;
-
-#[derive(serde::Deserialize)]
-struct Passage {
-    title: String,
-    text: String,
-}
+use rustrag::rag::context::prompt_text;
+use rustrag::rag::loss::{self, NllOptions};
+use rustrag::rag::pipeline::decoder_only_rag;
+use rustrag::retrieve::Passage;
+use rustrag::tokenize::{ids_tensor, load_tokenizer};
 
 fn read_passages(path: &std::path::Path) -> Result<Vec<Passage>> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        title: String,
+        text: String,
+    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
+            let r: Row =
+                serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+            Ok(Passage {
+                id: i.to_string(),
+                title: r.title,
+                text: r.text,
+            })
         })
         .collect()
 }
 
-fn log_softmax(xs: &[f32]) -> Vec<f32> {
-    let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let z = m + xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-    xs.iter().map(|&x| (x as f64 - z) as f32).collect()
+/// Largest and second-largest value of a row.
+fn top2(xs: &[f32]) -> (f32, f32) {
+    let mut t = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in xs {
+        if x > t.0 {
+            t = (x, t.0);
+        } else if x > t.1 {
+            t.1 = x;
+        }
+    }
+    t
 }
 
 pub fn check(fx: &Fixture, c: &mut Checker) {
@@ -50,21 +65,29 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
         ))
     };
     let model_dir = path("model")?;
-    let model = Llama::from_hf_dir(&model_dir, &Device::Cpu)?;
     let tok = load_tokenizer(&model_dir)?;
-    tok.check_vocab(model.config.vocab_size, &model_dir)?;
+    let rag = decoder_only_rag(
+        Box::new(Llama::from_hf_dir(&model_dir, &Device::Cpu)?),
+        tok,
+        None,
+        4096,
+        &model_dir,
+    )?;
+    // A second copy for the one-sequence full forward (outside the RAG head).
+    let model = Llama::from_hf_dir(&model_dir, &Device::Cpu)?;
     let passages = read_passages(&path("kb_passages")?)?;
-    let rag = DecoderOnlyRag::new(&model, &tok);
     let steps = fx.usize("steps")?;
     let n_docs = fx.usize("n_docs")?;
+    let sp = rag.generator.special_ids().clone();
     c.ids(
         "special ids",
-        &[model.special_ids().bos, Some(model.special_ids().eos)],
+        &[sp.bos, Some(sp.eos)],
         &[
             Some(fx.usize("bos_token_id")? as u32),
             Some(fx.usize("eos_token_id")? as u32),
         ],
     );
+    let pad = rag.generator_pad();
     let n_questions = fx.get("questions")?.as_array().context("questions")?.len();
     // Retrieval: DPR question encoder over all questions (padding = longest), exact inner product
     // against the KB embeddings, top-K.
@@ -91,11 +114,7 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
     let all_scores = q_emb.matmul(&kb.t()?)?.to_vec2::<f32>()?;
     for (qi, kb_scores) in all_scores.iter().enumerate() {
         let q = |k: &str| format!("questions/{qi}/{k}");
-        let question = fx
-            .get(&q("question"))?
-            .as_str()
-            .context("question")?
-            .to_string();
+        let question = questions[qi].clone();
         let answer = fx
             .get(&q("answer"))?
             .as_str()
@@ -123,18 +142,29 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &doc_scores,
             &fx.f32s(&q("doc_scores"))?,
         );
-        // doc_logprobs = log_softmax(doc_scores) over the retrieved top-K.
-        let doc_lp = log_softmax(&doc_scores);
-        let doc_lp_expected = fx.f32s(&q("doc_logprobs"))?;
-        c.close(&format!("q{qi} doc_logprobs"), &doc_lp, &doc_lp_expected);
-        let docs: Vec<&Passage> = doc_ids
+        let docs: Vec<Passage> = doc_ids
             .iter()
             .map(|&i| {
                 passages
                     .get(i as usize)
+                    .cloned()
                     .with_context(|| format!("doc id {i} outside the KB"))
             })
             .collect::<Result<_>>()?;
+        let k = docs.len();
+        let doc_scores = Tensor::new(doc_scores.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let (rows, ctx) = rag.context_from_passages(
+            std::slice::from_ref(&question),
+            std::slice::from_ref(&docs),
+            doc_scores,
+        )?;
+        // doc_logprobs = log_softmax(doc_scores) over the retrieved top-K: the head's doc prior.
+        let doc_lp = loss::doc_log_prior(&ctx.prior_scores()?, candle_core::DType::F32)?;
+        c.close(
+            &format!("q{qi} doc_logprobs"),
+            &doc_lp.flatten_all()?.to_vec1::<f32>()?,
+            &fx.f32s(&q("doc_logprobs"))?,
+        );
         let prompts: Vec<String> = docs
             .iter()
             .map(|d| prompt_text(&d.title, &d.text, &question))
@@ -144,54 +174,75 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &prompts,
             &fx.strings(&q("prompts"))?,
         );
-        let pairs: Vec<(&str, &str)> = docs
-            .iter()
-            .map(|d| (d.title.as_str(), d.text.as_str()))
-            .collect();
-        let prompt_rows = rag.prompt_ids(&pairs, &question)?;
+        c.ids(&format!("q{qi} context strings"), &rows.strings, &prompts);
         let expected_prompt_ids = fx.ids2(&q("prompt_ids"))?;
-        for (z, (got, exp)) in prompt_rows.iter().zip(&expected_prompt_ids).enumerate() {
-            c.ids(&format!("q{qi} prompt_ids[{z}]"), &got[1..], exp);
+        for (z, exp) in expected_prompt_ids.iter().enumerate() {
+            let got = &rows.encoded.input_ids[z];
+            let len = rows.encoded.attention_mask[z].iter().sum::<u32>() as usize;
+            c.ids(
+                &format!("q{qi} prompt_ids[{z}] bos"),
+                &got[..1],
+                &[sp.bos.unwrap_or(0)],
+            );
+            c.ids(&format!("q{qi} prompt_ids[{z}]"), &got[1..len], exp);
         }
-        let answer_ids = rag.answer_ids(&answer)?;
+        // Labels = [start] + answer_ids; the answer's log-probs through the head's forward.
+        let labels_row = rag.answer_labels(&answer)?;
+        let answer_ids = labels_row[1..].to_vec();
         c.ids(
             &format!("q{qi} answer_ids"),
             &answer_ids,
             &fx.ids1(&q("answer_ids"))?,
         );
-
-        // End to end: our retrieval's priors feed the marginals.
-        let scores = rag.score(&prompt_rows, &doc_lp, &answer_ids)?;
-        let flat: Vec<f32> = scores.token_logprobs.iter().flatten().copied().collect();
+        let t = answer_ids.len();
+        let labels = ids_tensor(std::slice::from_ref(&labels_row), &Device::Cpu)?;
+        let logits = rag.forward(&ctx, &labels)?; // [k, t + 1, V]
+        let tok_lp = loss::target_logprobs(&logits, &labels, k, pad)?.narrow(2, 0, t)?; // [1, k, t]
         c.close(
             &format!("q{qi} answer_token_logprobs"),
-            &flat,
+            &tok_lp.flatten_all()?.to_vec1::<f32>()?,
             &fx.f32s(&q("answer_token_logprobs"))?,
         );
         c.close(
             &format!("q{qi} answer_loglik_per_doc"),
-            &scores.loglik_per_doc,
+            &tok_lp.sum(2)?.flatten_all()?.to_vec1::<f32>()?,
             &fx.f32s(&q("answer_loglik_per_doc"))?,
         );
+        // Both losses of the head (no smoothing, per question) are the negated marginals.
+        let opts = NllOptions {
+            reduce_loss: false,
+            epsilon: 0.0,
+            exclude_bos_score: false,
+        };
+        let prior = ctx.prior_scores()?;
+        let seq = loss::rag_sequence_nll(&logits, &prior, &labels, k, pad, None, &opts)?;
         c.close(
             &format!("q{qi} rag_sequence_loglik"),
-            &[scores.rag_sequence_loglik],
+            &[-seq.to_vec1::<f32>()?[0]],
             &fx.f32s(&q("rag_sequence_loglik"))?,
         );
+        let tok_nll = loss::rag_token_nll(&logits, &prior, &labels, k, pad, &opts)?;
         c.close(
             &format!("q{qi} rag_token_loglik"),
-            &[scores.rag_token_loglik],
+            &[-tok_nll.to_vec1::<f32>()?[0]],
             &fx.f32s(&q("rag_token_loglik"))?,
         );
+        let marginal = loss::marginalize(&logits, &prior, k)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
+        let per_token: Vec<f32> = (0..t)
+            .map(|i| marginal[i][answer_ids[i] as usize])
+            .collect();
         c.close(
             &format!("q{qi} rag_token_marginal_per_token"),
-            &scores.token_marginals,
+            &per_token,
             &fx.f32s(&q("rag_token_marginal_per_token"))?,
         );
         // The same log-probs through the full teacher-forced forward (one unpadded sequence per doc).
         let mut full = Vec::new();
-        for p in &prompt_rows {
-            full.extend(model.score_continuation(p, &answer_ids)?);
+        for z in 0..k {
+            let len = rows.encoded.attention_mask[z].iter().sum::<u32>() as usize;
+            full.extend(model.score_continuation(&rows.encoded.input_ids[z][..len], &answer_ids)?);
         }
         c.close(
             &format!("q{qi} answer_token_logprobs (full forward)"),
@@ -199,30 +250,69 @@ fn run(fx: &Fixture, c: &mut Checker) -> Result<()> {
             &fx.f32s(&q("answer_token_logprobs"))?,
         );
 
-        let g = rag.generate_token_greedy(&prompt_rows, &doc_lp, steps, false)?;
+        // Greedy RAG-Token decoding through the head's search (stops at EOS, as HF generate does).
         let gp = |k: &str| q(&format!("greedy_rag_token/{k}"));
+        let expected = fx.ids1(&gp("generated_ids"))?;
+        let params = rag.generation_params(&rustrag::rag::GenerationSettings {
+            num_beams: Some(1),
+            max_length: Some(steps + 1),
+            ..Default::default()
+        })?;
+        let generated = rag.generate_token(&ctx, &params)?;
+        let until_eos = expected
+            .iter()
+            .position(|&x| x == sp.eos)
+            .map_or(expected.len(), |i| i + 1);
         c.ids(
-            &format!("q{qi} greedy generated_ids"),
-            &g.ids,
-            &fx.ids1(&gp("generated_ids"))?,
+            &format!("q{qi} greedy generated_ids (to EOS)"),
+            &generated[0][1..],
+            &expected[..until_eos],
         );
+        // The fixture's `steps` tokens (past EOS) teacher-forced through the marginal: the argmax,
+        // chosen log-prob and top-1/top-2 margin at every step.
+        let mut tf = vec![sp.decoder_start];
+        tf.extend(&expected);
+        let tf = ids_tensor(&[tf], &Device::Cpu)?;
+        let marginal = loss::marginalize(&rag.forward(&ctx, &tf)?, &prior, k)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
+        let argmax: Vec<u32> = marginal[..steps]
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i as u32)
+            })
+            .collect();
+        c.ids(&format!("q{qi} greedy generated_ids"), &argmax, &expected);
+        let chosen: Vec<f32> = (0..steps)
+            .map(|i| marginal[i][expected[i] as usize])
+            .collect();
         c.close(
             &format!("q{qi} greedy chosen_marginal_logprob"),
-            &g.chosen_logprobs,
+            &chosen,
             &fx.f32s(&gp("chosen_marginal_logprob"))?,
         );
+        let margins: Vec<f32> = marginal[..steps]
+            .iter()
+            .map(|r| {
+                let (a, b) = top2(r);
+                a - b
+            })
+            .collect();
         c.close(
             &format!("q{qi} greedy top1_top2_margin"),
-            &g.top1_top2_margin,
+            &margins,
             &fx.f32s(&gp("top1_top2_margin"))?,
         );
         c.close(
             &format!("q{qi} greedy step0_marginal_logprobs"),
-            &g.first_marginal,
+            &marginal[0],
             &fx.f32s(&gp("step0_marginal_logprobs"))?,
         );
         if fx.has(&gp("decoded")) {
-            let decoded = tok.decode(&g.ids, false)?;
+            let decoded = rag.generator_tokenizer.decode(&argmax, false)?;
             c.ids(
                 &format!("q{qi} greedy decoded"),
                 &[decoded],

@@ -69,10 +69,11 @@ fn settings(fx: &Fixture, c: &mut Checker, m: &RagModel) {
         {
             bail!("separators differ");
         }
-        if m.format.prefix != s("settings/generator_prefix")? {
+        let prefix = m.format.context_format().and_then(|f| f.prefix.clone());
+        if prefix != s("settings/generator_prefix")? {
             bail!(
                 "generator prefix {:?} vs {:?}",
-                m.format.prefix,
+                prefix,
                 s("settings/generator_prefix")?
             );
         }
@@ -318,7 +319,8 @@ fn forward(fx: &Fixture, c: &mut Checker, m: &RagModel, ctx: &RagContext) {
     c.check(
         "forward/generator_encoder_last_hidden_state_row0_pos0",
         || {
-            let h = m.generator.encode(&ctx.gen_input())?;
+            let g = m.generator.seq2seq().context("not a seq2seq generator")?;
+            let h = g.encode(&ctx.gen_input())?;
             crate::common::compare(
                 &flat(&h.get(0)?.get(0)?)?,
                 &fx.f32s("forward/generator_encoder_last_hidden_state_row0_pos0")?,

@@ -1,11 +1,11 @@
 //! Decode speed of a GGUF Llama-family model: prefill and greedy decode tokens/s (the peer is
 //! llama.cpp via llama-cpp-python on the same file, run by the bench driver).
 
-use crate::generators::gguf::{tokenizer_from_gguf, GgufFile};
-use crate::generators::llama::{GgufWeights, Llama};
-use crate::generators::{Decoder, GenInput};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use rustrag::generators::gguf::{tokenizer_from_gguf, GgufFile};
+use rustrag::generators::llama::{GgufWeights, Llama};
+use rustrag::generators::{Decoder, GenInput};
 use std::path::Path;
 use std::time::Instant;
 
@@ -34,12 +34,7 @@ pub struct DecodeBench {
 }
 
 /// Load `gguf`, prefill `prompt` (encoded without special tokens) and greedily decode `n_tokens`,
-/// with the default weight handling ([`GgufWeights::default`], i.e. `Native`).
-pub fn bench_decode(gguf: &Path, prompt: &str, n_tokens: usize) -> Result<DecodeBench> {
-    bench_decode_with(gguf, prompt, n_tokens, GgufWeights::default())
-}
-
-/// [`bench_decode`] with the weights held as `weights` says.
+/// with the weights held as `weights` says.
 pub fn bench_decode_with(
     gguf: &Path,
     prompt: &str,
@@ -56,7 +51,7 @@ pub fn bench_decode_with(
     let tok = tokenizer_from_gguf(&g, model.config.vocab_size)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut ids = tok
-        .encode_batch(&[prompt], false, None, crate::tokenize::Padding::None)?
+        .encode_batch(&[prompt], false, None, rustrag::tokenize::Padding::None)?
         .input_ids
         .remove(0);
     if let (true, Some(bos)) = (ids.is_empty(), tok.special.bos) {

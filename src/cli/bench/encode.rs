@@ -2,10 +2,10 @@
 //! (PyTorch CPU), same texts, batch size and max length.
 
 use super::{Peer, Report};
-use crate::encoders::{load_encoder, LoadOptions, TextEncoder};
-use crate::kb::ingest::{read_corpus, IngestOptions};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
+use rustrag::encoders::{load_encoder, LoadOptions, TextEncoder};
+use rustrag::kb::ingest::{read_corpus, IngestOptions};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;

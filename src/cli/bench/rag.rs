@@ -7,10 +7,10 @@
 //! Real-size models: `bench/make_rag_bench_models.py`.
 
 use super::{Peer, Report};
-use crate::rag::checkpoint::load_rag_with_kb;
-use crate::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
-use crate::retrieve::Retriever;
 use anyhow::{bail, Context, Result};
+use rustrag::rag::checkpoint::load_rag_with_kb;
+use rustrag::rag::{GenerationSettings, InMemoryIndex, RagMode, RagModel};
+use rustrag::retrieve::Retriever;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -121,7 +121,7 @@ pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
     let mode = a.mode.as_deref().map(str::parse::<RagMode>).transpose()?;
     let (model, index) = load_rag_with_kb(&a.model.to_string_lossy(), &a.kb, mode)?;
     let questions: Vec<String> = match &a.questions {
-        Some(p) => crate::hub::read_json(p)?,
+        Some(p) => rustrag::hub::read_json(p)?,
         None => DEFAULT_QUESTIONS.iter().map(|s| s.to_string()).collect(),
     };
     let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();

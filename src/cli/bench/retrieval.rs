@@ -3,11 +3,11 @@
 //! a larger set made by perturbing them. Queries are real questions embedded by the KB's encoder.
 
 use super::Peer;
-use crate::kb::{EmbeddingMatrix, HnswParams, KnowledgeBase};
-use crate::retrieve::dense::exact_search;
-use crate::retrieve::hnsw::HnswIndex;
-use crate::retrieve::quantized::QuantizedRows;
 use anyhow::{ensure, Context, Result};
+use rustrag::kb::{EmbeddingMatrix, HnswParams, KnowledgeBase};
+use rustrag::retrieve::dense::exact_search;
+use rustrag::retrieve::hnsw::HnswIndex;
+use rustrag::retrieve::quantized::QuantizedEmbeddings;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -245,20 +245,21 @@ fn bench_set(
     let nq = queries.len() / dim;
     let dir = tempfile::tempdir_in(work)?;
     // Reuse the KB writer so the searched matrix is a real memory-mapped embeddings file.
-    crate::kb::store::write_synced(
-        &dir.path().join(crate::kb::embeddings::file_name(
-            crate::kb::EmbeddingDtype::F32,
+    rustrag::kb::store::write_synced(
+        &dir.path().join(rustrag::kb::embeddings::file_name(
+            rustrag::kb::EmbeddingDtype::F32,
         )),
         &base
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect::<Vec<u8>>(),
     )?;
-    let matrix = EmbeddingMatrix::open(dir.path(), n as u64, dim, crate::kb::EmbeddingDtype::F32)?;
+    let matrix =
+        EmbeddingMatrix::open(dir.path(), n as u64, dim, rustrag::kb::EmbeddingDtype::F32)?;
     // Exact search as the retriever runs it (quantised pass, f32 survivors), and the plain f32
     // scan, which is also the ground truth for recall.
     let t = Instant::now();
-    let quantized = QuantizedRows::build(&matrix);
+    let quantized = QuantizedEmbeddings::build(&matrix);
     let quantize_s = t.elapsed().as_secs_f64();
     let warm = &queries[..dim * nq.min(16)];
     let gt = exact_search(&matrix, queries, a.k)?;
@@ -281,7 +282,7 @@ fn bench_set(
         for &ef in &a.ef_search {
             hnsw.set_ef_search(ef.max(a.k));
             // As the retriever searches (walk on the quantised codes), and the walk on f32 rows.
-            let run = |codes: Option<&QuantizedRows>| -> Result<Point> {
+            let run = |codes: Option<&QuantizedEmbeddings>| -> Result<Point> {
                 hnsw.search(&matrix, codes, warm, a.k)?;
                 let (s, res) = best_of(a.repeats, || hnsw.search(&matrix, codes, queries, a.k))?;
                 let hit: usize = res

@@ -41,7 +41,7 @@ pub struct Int8Linear {
 }
 
 /// Activations of `m` rows as u8 codes `[ceil(m / MR) * MR, kp]` with per-row scale and zero.
-struct QuantizedRows {
+struct QuantizedActivations {
     codes: Vec<u8>,
     scale: Vec<f32>,
     zero: Vec<i32>,
@@ -105,14 +105,14 @@ impl Int8Linear {
     /// Output rows `row0..` (as many as `out` holds) over every panel.
     fn rows_task<F: Fn(usize, &mut [f32])>(
         &self,
-        a: &QuantizedRows,
+        a: &QuantizedActivations,
         row0: usize,
         out: &mut [MaybeUninit<f32>],
         epilogue: &F,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was just detected.
+        if super::cpu().avx2() {
+            // SAFETY: AVX2 was detected.
             return unsafe { x86::rows_task(self, a, row0, out, epilogue) };
         }
         rows_task_body(self, a, row0, out, kernel_scalar, epilogue)
@@ -120,7 +120,7 @@ impl Int8Linear {
 
     /// Per-row codes (see [`quantize_row`]), rows padded to a multiple of `MR` and columns to
     /// `kp` with the row's zero point, which the kernel multiplies by zero weights.
-    fn quantize_rows(&self, x: &[f32], m: usize) -> QuantizedRows {
+    fn quantize_rows(&self, x: &[f32], m: usize) -> QuantizedActivations {
         let (k, kp) = (self.k, self.kp);
         let mp = m.div_ceil(MR) * MR;
         let mut codes = vec![0u8; mp * kp];
@@ -136,7 +136,7 @@ impl Int8Linear {
                 (*s, *z) = quantize_row(&mut q[..k], &x[r * k..(r + 1) * k]);
                 q[k..].fill(*z as u8);
             });
-        QuantizedRows { codes, scale, zero }
+        QuantizedActivations { codes, scale, zero }
     }
 }
 
@@ -145,7 +145,7 @@ impl Int8Linear {
 #[inline(always)]
 fn rows_task_body<F: Fn(usize, &mut [f32])>(
     lin: &Int8Linear,
-    a: &QuantizedRows,
+    a: &QuantizedActivations,
     row0: usize,
     out: &mut [MaybeUninit<f32>],
     kernel: impl Fn(&[u8], usize, &[Group], &mut [[i32; NR]; MR]),
@@ -189,8 +189,8 @@ fn rows_task_body<F: Fn(usize, &mut [f32])>(
 /// `q = clamp(round(x / scale) + zero, 0, 255)`; returns `(scale, zero)`.
 fn quantize_row(q: &mut [u8], x: &[f32]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
+    if super::cpu().avx2() {
+        // SAFETY: AVX2 was detected.
         return unsafe { x86::quantize_row(q, x) };
     }
     quantize_row_body(q, x)
@@ -236,11 +236,15 @@ fn kernel_scalar(a: &[u8], kp: usize, panel: &[Group], acc: &mut [[i32; NR]; MR]
     for (i, acc) in acc.iter_mut().enumerate() {
         let row = &a[i * kp..(i + 1) * kp];
         acc.fill(0);
-        for (g, group) in panel.iter().enumerate() {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                for t in 0..4 {
-                    *acc += row[g * 4 + t] as i32 * group.0[j * 4 + t] as i32;
-                }
+        // Iterators without index arithmetic, so that the loop has no bounds checks and
+        // vectorises (the sums are exact integers: any order gives the same result).
+        for (x, group) in row.chunks_exact(4).zip(panel) {
+            let x = [x[0], x[1], x[2], x[3]].map(i32::from);
+            for (acc, w) in acc.iter_mut().zip(group.0.chunks_exact(4)) {
+                *acc += x[0] * w[0] as i32
+                    + x[1] * w[1] as i32
+                    + x[2] * w[2] as i32
+                    + x[3] * w[3] as i32;
             }
         }
     }
@@ -249,7 +253,8 @@ fn kernel_scalar(a: &[u8], kp: usize, panel: &[Group], acc: &mut [[i32; NR]; MR]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        quantize_scalar, rows_task_body, scale_and_zero, Group, Int8Linear, QuantizedRows, MR, NR,
+        quantize_scalar, rows_task_body, scale_and_zero, Group, Int8Linear, QuantizedActivations,
+        MR, NR,
     };
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
@@ -257,7 +262,7 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn rows_task<F: Fn(usize, &mut [f32])>(
         lin: &Int8Linear,
-        a: &QuantizedRows,
+        a: &QuantizedActivations,
         row0: usize,
         out: &mut [MaybeUninit<f32>],
         epilogue: &F,

@@ -61,8 +61,8 @@ impl PackedLinear {
         epilogue: &F,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
+        if super::cpu().avx2_fma() {
+            // SAFETY: the features were detected.
             return unsafe { x86::rows_task(self, x, out, epilogue) };
         }
         rows_task_body(self, x, out, kernel_scalar, epilogue)

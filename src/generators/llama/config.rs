@@ -1,0 +1,319 @@
+//! Llama hyper-parameters from a HF `config.json` or GGUF metadata.
+
+use crate::generators::gguf::GgufFile;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Rotary embedding frequency scaling (HF `rope_scaling` / `rope_parameters`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.x wavelength-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Model hyper-parameters.
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x: `{rope_theta, rope_type, ...}`.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+    #[serde(default)]
+    bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pad_token_id: Option<serde_json::Value>,
+}
+
+/// First id of a config token-id field that may be an int or a list.
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v.as_ref()? {
+        serde_json::Value::Number(n) => n.as_u64().map(|x| x as u32),
+        serde_json::Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
+        _ => None,
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value, file: &Path) -> Result<RopeScaling> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64> {
+        v.get(k).and_then(|x| x.as_f64()).with_context(|| {
+            format!(
+                "{}: rope scaling `{kind}` needs numeric `{k}`",
+                file.display()
+            )
+        })
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        other => bail!(
+            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3)",
+            file.display()
+        ),
+    })
+}
+
+impl LlamaConfig {
+    /// Read a HF `config.json` of a `LlamaForCausalLM`.
+    pub fn from_hf(path: &Path) -> Result<Self> {
+        let c: HfConfig = crate::hub::read_json(path)?;
+        if let Some(t) = c.model_type.as_deref() {
+            if !matches!(t, "llama" | "mistral") {
+                bail!(
+                    "{}: model_type `{t}` is not a Llama-family model",
+                    path.display()
+                );
+            }
+        }
+        if let Some(act) = c.hidden_act.as_deref() {
+            if !matches!(act, "silu" | "swish") {
+                bail!(
+                    "{}: hidden_act `{act}` unsupported (Llama uses silu)",
+                    path.display()
+                );
+            }
+        }
+        if c.attention_bias == Some(true) || c.mlp_bias == Some(true) {
+            bail!(
+                "{}: attention_bias / mlp_bias are not supported",
+                path.display()
+            );
+        }
+        let params = c.rope_parameters.as_ref();
+        let rope_theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(c.rope_theta)
+            .unwrap_or(10000.0);
+        let rope_scaling = match (params, &c.rope_scaling) {
+            (_, Some(s)) if !s.is_null() => parse_rope_scaling(s, path)?,
+            (Some(p), _) => parse_rope_scaling(p, path)?,
+            _ => RopeScaling::None,
+        };
+        if c.num_attention_heads == 0 {
+            bail!("{}: num_attention_heads is 0", path.display());
+        }
+        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        if num_kv_heads == 0 || !c.num_attention_heads.is_multiple_of(num_kv_heads) {
+            bail!(
+                "{}: num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                path.display(),
+                c.num_attention_heads
+            );
+        }
+        Ok(Self {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads,
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: first_id(&c.bos_token_id),
+            eos_token_id: first_id(&c.eos_token_id),
+            pad_token_id: first_id(&c.pad_token_id),
+        })
+    }
+
+    /// Read the `llama.*` metadata of a GGUF file; errors name the file and key.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.str("general.architecture")?;
+        if !matches!(arch, "llama" | "mistral") {
+            bail!(
+                "{}: `general.architecture` = `{arch}` is not supported (llama)",
+                g.path.display()
+            );
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden_size = g.usize(&k("embedding_length"))?;
+        let num_heads = g.usize(&k("attention.head_count"))?;
+        if num_heads == 0 {
+            bail!("{}: `{}` is 0", g.path.display(), k("attention.head_count"));
+        }
+        let num_kv_heads = if g.has(&k("attention.head_count_kv")) {
+            g.usize(&k("attention.head_count_kv"))?
+        } else {
+            num_heads
+        };
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            bail!(
+                "{}: head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}",
+                g.path.display()
+            );
+        }
+        let head_dim = if g.has(&k("attention.key_length")) {
+            g.usize(&k("attention.key_length"))?
+        } else {
+            hidden_size / num_heads
+        };
+        if g.has(&k("rope.dimension_count")) && g.usize(&k("rope.dimension_count"))? != head_dim {
+            bail!(
+                "{}: partial rotary (`{}` != head dim {head_dim}) is not supported",
+                g.path.display(),
+                k("rope.dimension_count")
+            );
+        }
+        let rope_scaling = if g.has(&k("rope.scaling.type")) {
+            match g.str(&k("rope.scaling.type"))? {
+                "none" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: g.f64(&k("rope.scaling.factor"))?,
+                },
+                other => bail!(
+                    "{}: `{}` = `{other}` is not supported",
+                    g.path.display(),
+                    k("rope.scaling.type")
+                ),
+            }
+        } else {
+            RopeScaling::None
+        };
+        let vocab_size = g
+            .tensor_shape("token_embd.weight")?
+            .dims()
+            .first()
+            .copied()
+            .unwrap_or(0);
+        if g.has(&k("vocab_size")) && g.usize(&k("vocab_size"))? != vocab_size {
+            bail!(
+                "{}: `{}` = {} but tensor `token_embd.weight` has {vocab_size} rows",
+                g.path.display(),
+                k("vocab_size"),
+                g.usize(&k("vocab_size"))?
+            );
+        }
+        let id = |key: &str| -> Result<Option<u32>> {
+            if g.has(key) {
+                g.u32(key).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: g.usize(&k("feed_forward_length"))?,
+            num_layers: g.usize(&k("block_count"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: g.f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: if g.has(&k("rope.freq_base")) {
+                g.f64(&k("rope.freq_base"))?
+            } else {
+                10000.0
+            },
+            rope_scaling,
+            tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?,
+            pad_token_id: id("tokenizer.ggml.padding_token_id")?,
+        })
+    }
+
+    /// Rotary inverse frequencies `[head_dim / 2]`, computed in f32 as HF does.
+    pub(super) fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            (f as f64 / factor) as f32
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            ((1.0 - smooth) * f as f64 / factor + smooth * f as f64) as f32
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}

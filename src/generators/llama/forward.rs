@@ -1,0 +1,195 @@
+//! The tensor forward pass (candle ops): prefill of long prompts, teacher forcing, and every weight
+//! mode other than native.
+
+use super::{key_mask, left_pad, positions, Llama, RopeLayout};
+use crate::generators::LayerCache;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+impl Llama {
+    /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32.
+    pub(super) fn rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = positions.dims2()?;
+        let half = self.inv_freq.dim(0)?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, l, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
+    }
+
+    pub(super) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.rope_layout {
+            RopeLayout::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+        })
+    }
+
+    /// Run the transformer over `ids: [rows, len]` at `positions: [rows, len]`, appending to `cache`
+    /// (one entry per layer; empty = no past). `mask`: additive `[rows, 1, len, past + len]` or None
+    /// (no padding, and causal masking unnecessary because `len == 1`). Returns hidden states
+    /// `[rows, len, hidden]` after the final norm.
+    pub(super) fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut [LayerCache],
+    ) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let (cos, sin) = self.rotary(positions)?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, l, cfg.hidden_size))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Mask broadcast over the n_rep query heads that share a key/value head.
+        let mask = match mask {
+            Some(m) => Some(m.unsqueeze(2)?), // [b, 1, 1, l, k]
+            None => None,
+        };
+        for (block, layer_cache) in self.blocks.iter().zip(cache.iter_mut()) {
+            let residual = &x;
+            let hs = block.attn_norm.forward(&x)?;
+            let a = &block.attn;
+            let [q, k, v]: [Tensor; 3] = a
+                .qkv
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("llama: q/k/v projections are not three"))?;
+            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = self.rope(&q, &cos, &sin)?;
+            let k = self.rope(&k, &cos, &sin)?;
+            let (k, v) = match &layer_cache.self_kv {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            layer_cache.self_kv = Some((k.clone(), v.clone()));
+            let k_len = k.dim(2)?;
+            // Grouped-query attention without copying K/V: query heads h = j * n_rep + r use kv head j.
+            let q = q.reshape((b, nkv, n_rep * l, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att
+                    .reshape((b, nkv, n_rep, l, k_len))?
+                    .broadcast_add(m)?
+                    .reshape((b, nkv, n_rep * l, k_len))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att
+                .matmul(&v)?
+                .reshape((b, nh, l, hd))?
+                .transpose(1, 2)?
+                .reshape((b, l, nh * hd))?;
+            let y = a.o.forward(&y)?;
+            x = (residual + y)?;
+            let residual = &x;
+            let hs = block.mlp_norm.forward(&x)?;
+            let m = &block.mlp;
+            let [gate, up]: [Tensor; 2] = m
+                .gate_up
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("llama: gate/up projections are not two"))?;
+            let gated = (gate.silu()? * up)?;
+            x = (residual + m.down.forward(&gated)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Additive mask `[rows, 1, q_len, past + q_len]`: query i (absolute column past + i) sees key j
+    /// when `j <= past + i` and `key_mask[row, j] == 1`. Fully masked (padding) queries stay finite.
+    pub(super) fn additive_mask(
+        key_mask: &[Vec<u32>],
+        q_len: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let rows = key_mask.len();
+        let k_len = key_mask.first().map_or(0, |r| r.len());
+        let past = k_len - q_len;
+        let mut data = Vec::with_capacity(rows * q_len * k_len);
+        for row in key_mask {
+            for i in 0..q_len {
+                data.extend(row.iter().enumerate().map(|(j, &m)| {
+                    if j <= past + i && m == 1 {
+                        0f32
+                    } else {
+                        f32::MIN
+                    }
+                }));
+            }
+        }
+        Ok(Tensor::from_vec(data, (rows, 1, q_len, k_len), device)?)
+    }
+
+    /// Logits `[rows, vocab]` of the last position of `hidden: [rows, len, hidden]`.
+    pub(super) fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let l = hidden.dim(1)?;
+        let last = hidden.narrow(1, l - 1, 1)?.contiguous()?;
+        Ok(self
+            .lm_head
+            .forward(&last)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Teacher-forced logits `[rows, len, vocab]` for `input_ids: [rows, len]` u32 and a right-padded
+    /// `attention_mask: [rows, len]` (rows are left-padded internally; padded positions give zeros).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (left, lens) = left_pad(input_ids, attention_mask, self.special.pad)?;
+        let rows = left.len();
+        let l = left.first().map_or(0, |r| r.len());
+        let key_mask = key_mask(&lens, l);
+        let positions = positions(&lens, l);
+        let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
+        let pos = crate::tokenize::ids_tensor(&positions, &self.device)?;
+        let mask = Self::additive_mask(&key_mask, l, &self.device)?;
+        let mut cache = vec![LayerCache::default(); self.blocks.len()];
+        let hidden = self.run(&ids, &pos, Some(&mask), &mut cache)?;
+        let logits = self.lm_head.forward(&hidden)?;
+        // Back to the caller's right-padded layout.
+        let per_row = (0..rows)
+            .map(|r| {
+                let row = logits.get(r)?;
+                let real = row.narrow(0, l - lens[r], lens[r])?;
+                if lens[r] == l {
+                    Ok(real)
+                } else {
+                    Ok(Tensor::cat(
+                        &[&real, &row.narrow(0, 0, l - lens[r])?.zeros_like()?],
+                        0,
+                    )?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&per_row, 0)?)
+    }
+
+    /// Log-probabilities of `continuation` given `prompt` (teacher forcing, one unpadded sequence):
+    /// entry t is `log p(continuation[t] | prompt, continuation[..t])`. `prompt` must be non-empty.
+    pub fn score_continuation(&self, prompt: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+        if prompt.is_empty() {
+            bail!("score_continuation: empty prompt (start it with BOS)");
+        }
+        let mut all = prompt.to_vec();
+        all.extend_from_slice(continuation);
+        let n = all.len();
+        let ids = Tensor::from_vec(all.clone(), (1, n), &self.device)?;
+        let mask = Tensor::ones((1, n), DType::U32, &self.device)?;
+        let logits = self.forward(&ids, &mask)?.squeeze(0)?;
+        let logp = candle_nn::ops::log_softmax(
+            &logits.narrow(0, prompt.len() - 1, continuation.len())?,
+            D::Minus1,
+        )?;
+        let logp = logp.to_vec2::<f32>()?;
+        Ok(continuation
+            .iter()
+            .enumerate()
+            .map(|(t, &id)| logp[t][id as usize])
+            .collect())
+    }
+}

@@ -1,0 +1,215 @@
+//! Loading a [`Llama`] from a GGUF file or a HF directory.
+
+use super::{
+    Attention, Block, GgufWeights, Linear, Llama, LlamaConfig, Mlp, Projections, RmsNorm,
+    RopeLayout,
+};
+use crate::generators::gguf::GgufFile;
+use crate::generators::quant::QMatrix;
+use crate::generators::SpecialIds;
+use anyhow::{Context, Result};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+impl Llama {
+    /// Load from a GGUF file; matmul weights stay quantized ([`GgufWeights::default`]).
+    pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Self> {
+        Self::from_gguf_with(g, device, GgufWeights::default())
+    }
+
+    /// Load from a GGUF file, holding the weights as `mode` says.
+    pub fn from_gguf_with(g: &GgufFile, device: &Device, mode: GgufWeights) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let native_ok = device.is_cpu();
+        let to_qmm = |t: Arc<QTensor>, name: &str| -> Result<Linear> {
+            use candle_core::quantized::GgmlDType as T;
+            let ctx = || format!("{}: converting tensor `{name}`", g.path.display());
+            let requant = |t: &QTensor| -> Result<QTensor> {
+                let w = t.dequantize(device).with_context(ctx)?;
+                QTensor::quantize(&w, T::Q8_0).with_context(ctx)
+            };
+            let native = |t: &QTensor| -> Result<Linear> {
+                Ok(Linear::Native(
+                    QMatrix::from_qtensor(t, name).with_context(ctx)?,
+                ))
+            };
+            Ok(match (mode, t.dtype()) {
+                (GgufWeights::F32, _) => {
+                    Linear::Candle(QMatMul::Tensor(t.dequantize(device).with_context(ctx)?))
+                }
+                (GgufWeights::Native, T::Q4_1 | T::Q8_0 | T::F32) if native_ok => native(&t)?,
+                (GgufWeights::Native, T::Q5_0 | T::Q5_1) if native_ok => native(&requant(&t)?)?,
+                (GgufWeights::Fast | GgufWeights::Native, T::Q4_1 | T::Q5_0 | T::Q5_1) => {
+                    Linear::Candle(QMatMul::from_qtensor(requant(&t)?)?)
+                }
+                _ => Linear::Candle(QMatMul::from_arc(t)?),
+            })
+        };
+        let (h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.head_dim * cfg.num_heads,
+        );
+        let qmm = |name: &str, shape: &[usize]| -> Result<Linear> {
+            to_qmm(Arc::new(g.tensor(name, shape, device)?), name)
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            let w = g.tensor(name, &[h], device)?.dequantize(device)?;
+            Ok(RmsNorm {
+                weight: w,
+                eps: cfg.rms_norm_eps as f32,
+            })
+        };
+        let embed_q = Arc::new(g.tensor("token_embd.weight", &[cfg.vocab_size, h], device)?);
+        let embed = embed_q.dequantize(device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            to_qmm(embed_q, "token_embd.weight")?
+        } else {
+            qmm("output.weight", &[cfg.vocab_size, h])?
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: norm(&p("attn_norm"))?,
+                attn: Attention {
+                    qkv: Projections::new(vec![
+                        qmm(&p("attn_q"), &[hd, h])?,
+                        qmm(&p("attn_k"), &[kv, h])?,
+                        qmm(&p("attn_v"), &[kv, h])?,
+                    ])?,
+                    o: qmm(&p("attn_output"), &[h, hd])?,
+                },
+                mlp_norm: norm(&p("ffn_norm"))?,
+                mlp: Mlp {
+                    gate_up: Projections::new(vec![
+                        qmm(&p("ffn_gate"), &[cfg.intermediate_size, h])?,
+                        qmm(&p("ffn_up"), &[cfg.intermediate_size, h])?,
+                    ])?,
+                    down: qmm(&p("ffn_down"), &[h, cfg.intermediate_size])?,
+                },
+            });
+        }
+        let norm = norm("output_norm.weight")?;
+        Self::assemble(
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            RopeLayout::Interleaved,
+            device,
+            g.path.clone(),
+        )
+    }
+
+    /// Load from a HF directory (`config.json` + safetensors / pytorch weights), f32.
+    pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg = LlamaConfig::from_hf(&dir.join("config.json"))?;
+        let weights = crate::hub::Weights::from_dir(dir, DType::F32, device, false)?;
+        let vb = weights.var_builder(DType::F32, device);
+        let (h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.head_dim * cfg.num_heads,
+        );
+        let rms = |vb: candle_nn::VarBuilder| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: vb.get(h, "weight")?,
+                eps: cfg.rms_norm_eps as f32,
+            })
+        };
+        let lin =
+            |vb: &candle_nn::VarBuilder, name: &str, out: usize, inp: usize| -> Result<Linear> {
+                Ok(Linear::Candle(QMatMul::Tensor(
+                    vb.pp(name).get((out, inp), "weight")?,
+                )))
+            };
+        let vbm = vb.pp("model");
+        let embed = vbm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = vbm.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            blocks.push(Block {
+                attn_norm: rms(l.pp("input_layernorm"))?,
+                attn: Attention {
+                    qkv: Projections::Separate(vec![
+                        lin(&a, "q_proj", hd, h)?,
+                        lin(&a, "k_proj", kv, h)?,
+                        lin(&a, "v_proj", kv, h)?,
+                    ]),
+                    o: lin(&a, "o_proj", h, hd)?,
+                },
+                mlp_norm: rms(l.pp("post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_up: Projections::Separate(vec![
+                        lin(&m, "gate_proj", cfg.intermediate_size, h)?,
+                        lin(&m, "up_proj", cfg.intermediate_size, h)?,
+                    ]),
+                    down: lin(&m, "down_proj", h, cfg.intermediate_size)?,
+                },
+            });
+        }
+        let norm = rms(vbm.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            Linear::Candle(QMatMul::Tensor(embed.clone()))
+        } else {
+            lin(&vb, "lm_head", cfg.vocab_size, h)?
+        };
+        Self::assemble(
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            RopeLayout::Halves,
+            device,
+            dir.to_path_buf(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Linear,
+        rope_layout: RopeLayout,
+        device: &Device,
+        source: PathBuf,
+    ) -> Result<Self> {
+        let inv_freq = Tensor::new(config.inv_freq(), device)?;
+        let eos = config
+            .eos_token_id
+            .with_context(|| format!("{}: no eos token id", source.display()))?;
+        let special = SpecialIds {
+            vocab_size: config.vocab_size,
+            decoder_start: config.bos_token_id.unwrap_or(eos),
+            bos: config.bos_token_id,
+            eos,
+            pad: config.pad_token_id.unwrap_or(eos),
+            forced_bos: None,
+            forced_eos: None,
+        };
+        let mut m = Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+            native_decode: false,
+            rope_layout,
+            special,
+            device: device.clone(),
+            source,
+        };
+        m.native_decode = m.native_decode_ok();
+        Ok(m)
+    }
+}

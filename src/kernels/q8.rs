@@ -1,0 +1,473 @@
+//! GGUF quantised dot products, as llama.cpp computes them: activations quantised per 32-block to
+//! 8 bits (`Q8_1`: scale `d`, and `s = d * sum(q)` so that Q4_1's offset `m` costs one multiply per
+//! block), each weight block (Q4_1 or Q8_0, scales as f16 bits) dotted with integer SIMD
+//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`); a scalar loop computes the same sums
+//! elsewhere. The weight matrices that call these live in [`crate::generators::quant`].
+
+use super::cpu;
+use half::f16;
+
+/// Values per quantization block (all types here).
+pub const QK: usize = 32;
+
+/// A quantized activation block: `x ≈ d * q`, `s = d * sum(q)` (kept in f32, unlike ggml's f16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_1 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl Default for BlockQ8_1 {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK],
+        }
+    }
+}
+
+/// Quantized activations as arrays of the block fields (struct of arrays, so that the kernels
+/// convert 8 scales at a time).
+pub struct Q8Rows {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<[i8; QK]>,
+}
+
+/// One activation row of [`Q8Rows`].
+#[derive(Clone, Copy)]
+pub struct Q8Row<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    qs: &'a [[i8; QK]],
+}
+
+impl Q8Rows {
+    pub fn new(blocks: &[BlockQ8_1]) -> Self {
+        Self {
+            d: blocks.iter().map(|b| b.d).collect(),
+            s: blocks.iter().map(|b| b.s).collect(),
+            qs: blocks.iter().map(|b| b.qs).collect(),
+        }
+    }
+
+    /// Row `i` of rows of `nb` blocks.
+    pub fn row(&self, i: usize, nb: usize) -> Q8Row<'_> {
+        let k = i * nb..(i + 1) * nb;
+        Q8Row {
+            d: &self.d[k.clone()],
+            s: &self.s[k.clone()],
+            qs: &self.qs[k],
+        }
+    }
+}
+
+/// Quantize rows of `cols` values (`cols % 32 == 0`) to Q8_1 blocks: `d = max|x| / 127`,
+/// `q = round(x / d)` (ties to even, as ggml's AVX2 path), `s = d * sum(q)` (ggml's
+/// `quantize_row_q8_1`, with f32 `d` and `s`).
+pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
+    debug_assert_eq!(cols % QK, 0);
+    let mut out = vec![BlockQ8_1::default(); x.len() / QK];
+    #[cfg(target_arch = "x86_64")]
+    if cpu().avx2_fma_f16c() {
+        for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // SAFETY: avx2/fma/f16c detected; `xs` has exactly 32 values.
+            unsafe { avx2::quantize_block(xs, b) };
+        }
+        return out;
+    }
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+    out
+}
+
+/// `ggml_vec_dot_q4_1_q8_1` of one Q4_1 weight row (`d`, `m`: f16 bits per block; `qs`: nibbles)
+/// with one activation row. `simd`: take the AVX2 kernel where the CPU has it.
+#[inline]
+pub fn dot_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot_q4_1_q8_1(d, m, qs, x) };
+    }
+    let _ = simd;
+    dot_q4_1_q8_1_scalar(d, m, qs, x)
+}
+
+/// [`dot_q4_1`] of one weight row with four activation rows (the weight block is unpacked once).
+#[inline]
+pub fn dot4_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x) };
+    }
+    x.map(|x| dot_q4_1(d, m, qs, x, simd))
+}
+
+/// `ggml_vec_dot_q8_0_q8_0` of one Q8_0 weight row (`d`: f16 bits per block) with one activation
+/// row (its `s` is unused). `simd`: take the AVX2 kernel where the CPU has it.
+#[inline]
+pub fn dot_q8_0(d: &[u16], qs: &[[i8; QK]], x: Q8Row, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot_q8_0_q8_1(d, qs, x) };
+    }
+    let _ = simd;
+    dot_q8_0_q8_1_scalar(d, qs, x)
+}
+
+/// [`dot_q8_0`] of one weight row with four activation rows.
+#[inline]
+pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot4_q8_0_q8_1(d, qs, x) };
+    }
+    x.map(|x| dot_q8_0(d, qs, x, simd))
+}
+
+/// Scalar `ggml_vec_dot_q4_1_q8_1`.
+fn dot_q4_1_q8_1_scalar(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for k in 0..qs.len() {
+        let (q, a) = (&qs[k], &x.qs[k]);
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            sumi += (q[j] & 0x0F) as i32 * a[j] as i32 + (q[j] >> 4) as i32 * a[j + QK / 2] as i32;
+        }
+        sum += sumi as f32 * f16::from_bits(d[k]).to_f32() * x.d[k]
+            + f16::from_bits(m[k]).to_f32() * x.s[k];
+    }
+    sum
+}
+
+/// Scalar `ggml_vec_dot_q8_0_q8_0` (the activation's `s` is unused).
+fn dot_q8_0_q8_1_scalar(d: &[u16], qs: &[[i8; QK]], x: Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for k in 0..qs.len() {
+        let sumi: i32 = qs[k]
+            .iter()
+            .zip(&x.qs[k])
+            .map(|(&p, &q)| p as i32 * q as i32)
+            .sum();
+        sum += sumi as f32 * f16::from_bits(d[k]).to_f32() * x.d[k];
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+// Index loops over blocks and activation rows mirror the ggml kernels.
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::{BlockQ8_1, Q8Row};
+    use std::arch::x86_64::*;
+
+    /// f16 bits -> f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn h2f(h: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// [`super::quantize_q8_1`] of one 32-value block (same results as the scalar path).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_block(xs: &[f32], b: &mut BlockQ8_1) {
+        let p = xs.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut amax = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *x));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let d = _mm_cvtss_f32(m4) / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut qi = [_mm256_setzero_si256(); 4];
+        for (q, x) in qi.iter_mut().zip(&v) {
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(*x, id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            *q = _mm256_cvtps_epi32(r);
+        }
+        // Sum of q.
+        let s = _mm256_add_epi32(
+            _mm256_add_epi32(qi[0], qi[1]),
+            _mm256_add_epi32(qi[2], qi[3]),
+        );
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let sum = _mm_cvtsi128_si32(s4);
+        // i32 -> i8, back in element order (packs interleave 128-bit lanes).
+        let p01 = _mm256_packs_epi32(qi[0], qi[1]);
+        let p23 = _mm256_packs_epi32(qi[2], qi[3]);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+
+    /// Integer dot of one Q4_1 block's nibbles with 32 activation bytes: 8 partial sums as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn idot_q4(q: &[u8; 16], a: &[i8; 32]) -> __m256 {
+        let tmp = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+        let qw = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        );
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(qw, qx),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
+    /// Integer dot of one Q8_0 block with 32 activation bytes: `maddubs(|w|, sign(x, w))`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn idot_q8(q: &[i8; 32], a: &[i8; 32]) -> __m256 {
+        let qw = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
+    /// 8 f16 scales -> f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn h8(p: &[u16]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr() as *const __m128i))
+    }
+
+    /// `ggml_vec_dot_q4_1_q8_1` (AVX2): per block, the nibbles unpacked to 32 unsigned bytes are
+    /// `maddubs`-ed with the signed activation bytes and accumulated as `d_w * d_x * sum`; the
+    /// offsets contribute `m_w * s_x`. Scales are converted and multiplied 8 blocks at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: Q8Row) -> f32 {
+        let n = qs.len();
+        debug_assert!(d.len() == n && m.len() == n && x.qs.len() >= n);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut summ = _mm256_setzero_ps();
+        let mut dd = [0f32; 8];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(k));
+            let sx = _mm256_loadu_ps(x.s.as_ptr().add(k));
+            _mm256_storeu_ps(dd.as_mut_ptr(), _mm256_mul_ps(h8(&d[k..]), dx));
+            summ = _mm256_fmadd_ps(h8(&m[k..]), sx, summ);
+            for j in (0..8).step_by(2) {
+                let p0 = idot_q4(qs.get_unchecked(k + j), x.qs.get_unchecked(k + j));
+                let p1 = idot_q4(qs.get_unchecked(k + j + 1), x.qs.get_unchecked(k + j + 1));
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j]), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j + 1]), p1, acc1);
+            }
+            k += 8;
+        }
+        let mut tail = 0f32;
+        while k < n {
+            let (dw, mw) = (h2f(d[k]), h2f(m[k]));
+            let p = idot_q4(qs.get_unchecked(k), x.qs.get_unchecked(k));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[k]), p, acc0);
+            tail += mw * x.s[k];
+            k += 1;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + hsum(summ) + tail
+    }
+
+    /// Unpacked nibbles of one Q4_1 block: 32 unsigned bytes in element order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_q4(q: &[u8; 16]) -> __m256i {
+        let tmp = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    /// [`dot_q4_1_q8_1`] of one weight row with four activation rows: each weight block is
+    /// unpacked once and its scales converted once (prefill).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: [Q8Row; 4]) -> [f32; 4] {
+        let n = qs.len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summ = [_mm256_setzero_ps(); 4];
+        let mut tail = [0f32; 4];
+        let mut dd = [[0f32; 8]; 4];
+        let mut k = 0;
+        while k + 8 <= n {
+            let (dw, mw) = (h8(&d[k..]), h8(&m[k..]));
+            for i in 0..4 {
+                let dx = _mm256_loadu_ps(x[i].d.as_ptr().add(k));
+                _mm256_storeu_ps(dd[i].as_mut_ptr(), _mm256_mul_ps(dw, dx));
+                let sx = _mm256_loadu_ps(x[i].s.as_ptr().add(k));
+                summ[i] = _mm256_fmadd_ps(mw, sx, summ[i]);
+            }
+            for j in 0..8 {
+                let qw = unpack_q4(qs.get_unchecked(k + j));
+                for i in 0..4 {
+                    let qx =
+                        _mm256_loadu_si256(x[i].qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                    let p =
+                        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[i][j]), p, acc[i]);
+                }
+            }
+            k += 8;
+        }
+        while k < n {
+            let (dw, mw) = (h2f(d[k]), h2f(m[k]));
+            let qw = unpack_q4(qs.get_unchecked(k));
+            for i in 0..4 {
+                let qx = _mm256_loadu_si256(x[i].qs.get_unchecked(k).as_ptr() as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[i].d[k]), p, acc[i]);
+                tail[i] += mw * x[i].s[k];
+            }
+            k += 1;
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]) + hsum(summ[i]) + tail[i])
+    }
+
+    /// [`dot_q8_0_q8_1`] of one weight row with four activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: [Q8Row; 4]) -> [f32; 4] {
+        let n = qs.len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut dd = [[0f32; 8]; 4];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dw = h8(&d[k..]);
+            for i in 0..4 {
+                let dx = _mm256_loadu_ps(x[i].d.as_ptr().add(k));
+                _mm256_storeu_ps(dd[i].as_mut_ptr(), _mm256_mul_ps(dw, dx));
+            }
+            for j in 0..8 {
+                let qw = _mm256_loadu_si256(qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                let aw = _mm256_sign_epi8(qw, qw);
+                for i in 0..4 {
+                    let qx =
+                        _mm256_loadu_si256(x[i].qs.get_unchecked(k + j).as_ptr() as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                        _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)),
+                        ones,
+                    ));
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[i][j]), p, acc[i]);
+                }
+            }
+            k += 8;
+        }
+        while k < n {
+            let dw = h2f(d[k]);
+            let qw = _mm256_loadu_si256(qs.get_unchecked(k).as_ptr() as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            for i in 0..4 {
+                let qx = _mm256_loadu_si256(x[i].qs.get_unchecked(k).as_ptr() as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw)),
+                    ones,
+                ));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[i].d[k]), p, acc[i]);
+            }
+            k += 1;
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]))
+    }
+
+    /// `ggml_vec_dot_q8_0_q8_0` (AVX2), scales 8 blocks at a time as above.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: Q8Row) -> f32 {
+        let n = qs.len();
+        debug_assert!(d.len() == n && x.qs.len() >= n);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut dd = [0f32; 8];
+        let mut k = 0;
+        while k + 8 <= n {
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(k));
+            _mm256_storeu_ps(dd.as_mut_ptr(), _mm256_mul_ps(h8(&d[k..]), dx));
+            for j in (0..8).step_by(2) {
+                let p0 = idot_q8(qs.get_unchecked(k + j), x.qs.get_unchecked(k + j));
+                let p1 = idot_q8(qs.get_unchecked(k + j + 1), x.qs.get_unchecked(k + j + 1));
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j]), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[j + 1]), p1, acc1);
+            }
+            k += 8;
+        }
+        while k < n {
+            let p = idot_q8(qs.get_unchecked(k), x.qs.get_unchecked(k));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[k]) * x.d[k]), p, acc0);
+            k += 1;
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::lcg;
+
+    #[test]
+    fn quantizer_equals_reference() {
+        let x: Vec<f32> = lcg(11, 32 * 40)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i < 32 { 0.0 } else { v * (1 + i % 7) as f32 })
+            .collect();
+        let q = quantize_q8_1(&x, 32 * 40);
+        for (xs, b) in x.chunks_exact(QK).zip(&q) {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let qs: Vec<i8> = xs
+                .iter()
+                .map(|v| (v * id).round_ties_even() as i8)
+                .collect();
+            assert_eq!(b.qs.to_vec(), qs);
+            assert_eq!(b.d, d);
+            let sum: i32 = qs.iter().map(|&v| v as i32).sum();
+            assert_eq!(b.s, d * sum as f32);
+        }
+    }
+}

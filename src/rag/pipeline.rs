@@ -1,0 +1,641 @@
+//! The question-answering pipeline every front end calls (`ask`, and the server, `eval qa` and
+//! `train` to come): questions → retrieve → doc prior p(z|x) = softmax(s(q,d)/τ) → generate with
+//! the one RAG head → answers with sources, priors and per-token provenance.
+//!
+//! Two ways to open one:
+//! - [`Pipeline::open`]: a knowledge base built by `rustrag index build` (its query encoder from the
+//!   manifest; dense, BM25 or hybrid retrieval) with a decoder-only GGUF generator (SmolLM2, Llama);
+//! - [`Pipeline::open_checkpoint`]: an HF RAG checkpoint (DPR question encoder + BART/T5) with its
+//!   in-memory knowledge base (`passages.jsonl` + `embeddings.safetensors`).
+
+use crate::encoders::{LoadOptions, TextEncoder};
+use crate::generators::gguf::{tokenizer_from_gguf, ChatTemplate, GgufFile};
+use crate::generators::llama::{GgufWeights, Llama};
+use crate::generators::{Decoder, Generator};
+use crate::kb::KnowledgeBase;
+use crate::rag::config::{GenerationSettings, RagConfig, RagMode};
+use crate::rag::context::{InputFormat, PromptFormat, Truncation};
+use crate::rag::model::{RagContext, RagModel};
+use crate::rag::{loss, InMemoryIndex};
+use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
+use crate::retrieve::dense::DenseRetriever;
+use crate::retrieve::hybrid::{Fusion, HybridRetriever};
+use crate::retrieve::{Passage, Retriever};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which retriever chooses the documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrieverKind {
+    /// The KB's encoder, exact inner-product search (HNSW when the KB has a graph).
+    Dense,
+    /// BM25 over the passages (index kept in `<kb>/bm25`, built on first use).
+    Bm25,
+    /// Dense + BM25 fused by reciprocal rank.
+    Hybrid,
+}
+
+impl std::str::FromStr for RetrieverKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dense" => Ok(Self::Dense),
+            "bm25" => Ok(Self::Bm25),
+            "hybrid" => Ok(Self::Hybrid),
+            other => bail!("unknown retriever `{other}` (expected dense, bm25 or hybrid)"),
+        }
+    }
+}
+
+/// RAG-Sequence decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SequenceDecoding {
+    /// HF's: beam search per document, every candidate rescored under every document.
+    Thorough,
+    /// The paper's approximation (§2.4): no extra forward passes.
+    Fast,
+}
+
+/// GGUF weights as stored or dequantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsChoice {
+    /// Dequantized to f32: the most faithful answers (small models like SmolLM2-135M flip
+    /// near-tied tokens under 8-bit activations).
+    F32,
+    /// As stored (quantized kernels): fastest.
+    Quantized,
+}
+
+/// Per-request answer settings (what a server request may change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnswerOptions {
+    /// Documents per question. Default: the checkpoint's `n_docs`, else 3.
+    pub n_docs: Option<usize>,
+    /// RAG-Token or RAG-Sequence. Default: the checkpoint's head, else RAG-Token.
+    pub mode: Option<RagMode>,
+    /// RAG-Sequence decoding. Default thorough.
+    pub sequence_decoding: SequenceDecoding,
+    /// Beam size (1 = greedy). Default: the checkpoint's, else 1. 0 is an error.
+    pub beams: Option<usize>,
+    /// Answers per question (≤ beams). Default 1.
+    pub num_return_sequences: Option<usize>,
+    /// Generated tokens at most (not counting the start token). Default: the checkpoint's
+    /// `max_length - 1`, else 32.
+    pub max_new_tokens: Option<usize>,
+    /// Minimum generated tokens before EOS. Default 0.
+    pub min_new_tokens: Option<usize>,
+    /// τ of the doc prior for this call. Default: the pipeline's.
+    pub prior_temperature: Option<f64>,
+    /// Compute per-token / per-answer document posteriors (one more teacher-forced pass over
+    /// each answer). Default true.
+    pub provenance: bool,
+}
+
+impl Default for AnswerOptions {
+    fn default() -> Self {
+        Self {
+            n_docs: None,
+            mode: None,
+            sequence_decoding: SequenceDecoding::Thorough,
+            beams: None,
+            num_return_sequences: None,
+            max_new_tokens: None,
+            min_new_tokens: None,
+            prior_temperature: None,
+            provenance: true,
+        }
+    }
+}
+
+/// Pipeline settings, with documented defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Which retriever chooses the documents (KB pipelines). Default hybrid.
+    pub retriever: RetrieverKind,
+    /// k of reciprocal-rank fusion, score = Σ 1/(k + rank) (Cormack et al. 2009). Default 60.
+    pub rrf_k: f32,
+    /// Candidates each retriever returns before fusion. Default 100.
+    pub candidates: usize,
+    /// τ of the doc prior p(z|x) = softmax(s(q,d)/τ). Default: the KB manifest's (0.05 for
+    /// cosine sentence-transformers encoders, 1 for DPR); 1 for HF checkpoints.
+    pub prior_temperature: Option<f64>,
+    /// GGUF weights. Default f32.
+    pub gguf_weights: WeightsChoice,
+    /// Query encoder batch size. Default 32.
+    pub encoder_batch_size: usize,
+    /// Questions decoded together (rows = questions × n_docs × beams). Default 4.
+    pub batch_size: usize,
+    /// Default answer settings of every question.
+    pub answer: AnswerOptions,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            retriever: RetrieverKind::Hybrid,
+            rrf_k: 60.0,
+            candidates: 100,
+            prior_temperature: None,
+            gguf_weights: WeightsChoice::F32,
+            encoder_batch_size: 32,
+            batch_size: 4,
+            answer: AnswerOptions::default(),
+        }
+    }
+}
+
+/// One retrieved passage of an answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct Source {
+    pub rank: usize,
+    /// Knowledge-base row.
+    pub doc_id: u64,
+    pub passage_id: String,
+    pub title: String,
+    pub text: String,
+    /// The ranking score of the retriever that chose it (hybrid: the fused RRF score).
+    pub retrieval_score: f32,
+    /// s(q, d): the dense inner product the prior is computed from.
+    pub score: f32,
+    /// p(z | x) = softmax over the retrieved documents of score / τ.
+    pub prior: f32,
+}
+
+/// One generated answer with its provenance.
+#[derive(Clone, Debug, Serialize)]
+pub struct GeneratedAnswer {
+    pub text: String,
+    /// Generated ids, starting with the decoder start token.
+    pub ids: Vec<u32>,
+    /// RAG-Token: one row per generated token, p(z | x, y_i, y<i); RAG-Sequence: one row,
+    /// p(z | x, y). `[rows][n_docs]`.
+    pub doc_posteriors: Vec<Vec<f32>>,
+    /// The generated tokens as text, one per row of `doc_posteriors` (RAG-Token).
+    pub tokens: Vec<String>,
+}
+
+/// The answers to one question.
+#[derive(Clone, Debug, Serialize)]
+pub struct QaResult {
+    pub question: String,
+    pub mode: RagMode,
+    pub prior_temperature: f64,
+    pub sources: Vec<Source>,
+    pub answers: Vec<GeneratedAnswer>,
+    /// Prompts whose passage was cut to fit the context window (`row` = document index here).
+    pub truncated: Vec<Truncation>,
+}
+
+/// Where the documents come from.
+enum Retrieval {
+    /// An HF checkpoint's DPR question encoder over an in-memory index.
+    Checkpoint(InMemoryIndex),
+    /// A `rustrag index build` KB.
+    Kb {
+        kb: Arc<KnowledgeBase>,
+        encoder: Arc<dyn TextEncoder>,
+        retriever: Box<dyn Retriever>,
+    },
+}
+
+/// Retrieve → doc prior → generate. Models are loaded once; [`Pipeline::answer`] may be called
+/// any number of times.
+pub struct Pipeline {
+    pub rag: RagModel,
+    pub config: PipelineConfig,
+    retrieval: Retrieval,
+    /// τ in use.
+    prior_temperature: f64,
+    /// Decoder-only: the generator's context window in tokens.
+    context_window: Option<usize>,
+}
+
+/// The query encoder a KB was embedded with (the manifest's `encoder.source`).
+pub fn load_kb_encoder(kb: &KnowledgeBase, batch_size: usize) -> Result<Arc<dyn TextEncoder>> {
+    let spec = &kb.manifest().encoder.source;
+    let opts = LoadOptions {
+        batch_size,
+        ..Default::default()
+    };
+    let encoder = crate::encoders::load_encoder(spec, &opts)
+        .with_context(|| format!("loading the query encoder {spec} of {}", kb.dir().display()))?;
+    Ok(Arc::from(encoder))
+}
+
+/// The BM25 index kept in `<kb>/bm25` (Anserini defaults), built when missing or when the KB's
+/// passages changed since it was built.
+pub fn open_or_build_kb_bm25(kb: &KnowledgeBase) -> Result<Bm25Retriever> {
+    let dir = kb.root().join("bm25");
+    let config = Bm25Config {
+        source: Some(kb.dir().display().to_string()),
+        ..Default::default()
+    };
+    if let Ok(r) = Bm25Retriever::open(&dir, Bm25Params::default()) {
+        if r.manifest().config == config && r.manifest().num_passages as usize == kb.len() {
+            return Ok(r);
+        }
+    }
+    tracing::info!("building the BM25 index in {}", dir.display());
+    build_index(&dir, &kb.passages().all()?, &config)?;
+    Bm25Retriever::open(&dir, Bm25Params::default())
+}
+
+/// A RAG head over a decoder-only generator: prompts through `chat_template` when given (else
+/// `[bos] + "{title} / {text} // {question}"`), `context_window` tokens of prompt + answer.
+/// Fails when the tokenizer's vocabulary is larger than the generator's.
+pub fn decoder_only_rag(
+    generator: Box<dyn Decoder>,
+    tokenizer: crate::tokenize::TextTokenizer,
+    chat_template: Option<ChatTemplate>,
+    context_window: usize,
+    source: &Path,
+) -> Result<RagModel> {
+    let s = generator.special_ids().clone();
+    tokenizer.check_vocab(s.vocab_size, source)?;
+    // No HF RAG config for these: defaults, with the generator named for the record.
+    let config = RagConfig::from_value(serde_json::json!({
+        "question_encoder": {"model_type": "external"},
+        "generator": {"model_type": "llama"},
+        "n_docs": 3,
+    }))?;
+    let generation = GenerationSettings {
+        decoder_start_token_id: Some(s.decoder_start),
+        bos_token_id: s.bos,
+        eos_token_id: Some(s.eos),
+        ..Default::default()
+    };
+    let format = InputFormat::Prompt(PromptFormat {
+        chat_template,
+        bos: s.bos,
+        pad: s.pad,
+        max_prompt_tokens: context_window,
+    });
+    let mut rag = RagModel {
+        config,
+        mode: RagMode::Token,
+        question_encoder: None,
+        question_tokenizer: None,
+        device: generator.device(),
+        generator: Generator::DecoderOnly(generator),
+        generator_tokenizer: tokenizer,
+        generation,
+        format,
+        prior_temperature: 1.0,
+        source: Some(source.to_path_buf()),
+    };
+    rag.generation.pad_token_id = Some(rag.generator_pad());
+    Ok(rag)
+}
+
+impl Pipeline {
+    /// A `rustrag index build` knowledge base with a decoder-only GGUF generator.
+    pub fn open(kb_dir: &Path, gguf: &Path, config: PipelineConfig) -> Result<Self> {
+        let kb = Arc::new(KnowledgeBase::open(kb_dir)?);
+        let encoder = load_kb_encoder(&kb, config.encoder_batch_size)?;
+        let dense = DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
+        let retriever: Box<dyn Retriever> = match config.retriever {
+            RetrieverKind::Dense => Box::new(dense),
+            RetrieverKind::Bm25 => Box::new(open_or_build_kb_bm25(&kb)?),
+            RetrieverKind::Hybrid => Box::new(HybridRetriever::new(
+                Box::new(dense),
+                Box::new(open_or_build_kb_bm25(&kb)?),
+                Fusion::Rrf { k: config.rrf_k },
+                config.candidates,
+            )?),
+        };
+        let g = GgufFile::open(gguf)?;
+        let weights = match config.gguf_weights {
+            WeightsChoice::Quantized => GgufWeights::default(),
+            WeightsChoice::F32 => GgufWeights::F32,
+        };
+        let llama = Llama::from_gguf_with(&g, &crate::default_device(), weights)?;
+        let vocab = llama.special_ids().vocab_size;
+        let tokenizer = tokenizer_from_gguf(&g, vocab)?;
+        // Chat-tuned models answer inside their chat format.
+        let chat = ChatTemplate::from_gguf(&g).ok();
+        let arch = g.str("general.architecture").unwrap_or("llama").to_string();
+        let context_window = g
+            .usize(&format!("{arch}.context_length"))
+            .with_context(|| format!("{}: no {arch}.context_length", gguf.display()))?;
+        let rag = decoder_only_rag(Box::new(llama), tokenizer, chat, context_window, gguf)?;
+        let tau = config
+            .prior_temperature
+            .unwrap_or_else(|| kb.manifest().prior_temperature());
+        Self::new(
+            rag,
+            Retrieval::Kb {
+                kb,
+                encoder,
+                retriever,
+            },
+            config,
+            tau,
+            Some(context_window),
+        )
+    }
+
+    /// An HF RAG checkpoint (`--model`) with its in-memory knowledge base directory
+    /// (`passages.jsonl` + `embeddings.safetensors`).
+    pub fn open_checkpoint(model: &str, kb_dir: &Path, config: PipelineConfig) -> Result<Self> {
+        let (rag, index) =
+            crate::rag::checkpoint::load_rag_with_kb(model, kb_dir, config.answer.mode)?;
+        let tau = config.prior_temperature.unwrap_or(1.0);
+        Self::new(rag, Retrieval::Checkpoint(index), config, tau, None)
+    }
+
+    fn new(
+        mut rag: RagModel,
+        retrieval: Retrieval,
+        config: PipelineConfig,
+        tau: f64,
+        context_window: Option<usize>,
+    ) -> Result<Self> {
+        if !(tau.is_finite() && tau > 0.0) {
+            bail!("prior temperature must be positive and finite, got {tau}");
+        }
+        if config.batch_size == 0 {
+            bail!("batch_size must be at least 1");
+        }
+        rag.prior_temperature = tau;
+        Ok(Self {
+            rag,
+            config,
+            retrieval,
+            prior_temperature: tau,
+            context_window,
+        })
+    }
+
+    /// τ of the doc prior in use.
+    pub fn prior_temperature(&self) -> f64 {
+        self.prior_temperature
+    }
+
+    /// Passages in the knowledge base.
+    pub fn kb_len(&self) -> usize {
+        match &self.retrieval {
+            Retrieval::Checkpoint(index) => index.len(),
+            Retrieval::Kb { kb, .. } => kb.len(),
+        }
+    }
+
+    /// Answer `questions` with the configured settings.
+    pub fn answer(&self, questions: &[String]) -> Result<Vec<QaResult>> {
+        self.answer_with(questions, &self.config.answer)
+    }
+
+    /// Answer `questions` with per-call settings (unset fields: the pipeline's, then defaults).
+    pub fn answer_with(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<QaResult>> {
+        let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
+        let d = &self.config.answer;
+        let mode = opts.mode.or(d.mode).unwrap_or(self.rag.mode);
+        let decoder_only = self.rag.generator.is_decoder_only();
+        let max_new = opts.max_new_tokens.or(d.max_new_tokens);
+        let max_new = match (max_new, decoder_only) {
+            (Some(m), _) => Some(m),
+            (None, true) => Some(32),
+            (None, false) => None,
+        };
+        if max_new == Some(0) {
+            bail!("max_new_tokens must be at least 1");
+        }
+        let overrides = GenerationSettings {
+            num_beams: opts.beams.or(d.beams).or(decoder_only.then_some(1)),
+            num_return_sequences: opts.num_return_sequences.or(d.num_return_sequences),
+            max_length: max_new.map(|m| m + 1),
+            min_length: opts.min_new_tokens.or(d.min_new_tokens).map(|m| m + 1),
+            ..Default::default()
+        };
+        let params = self.rag.generation_params(&overrides)?;
+        let mut rag_format = None;
+        if let (Some(window), InputFormat::Prompt(f)) = (self.context_window, &self.rag.format) {
+            let answer_room = params.max_length - 1;
+            if answer_room >= window {
+                bail!("max_new_tokens = {answer_room} leaves no room for a prompt in the {window}-token context window");
+            }
+            let mut f = f.clone();
+            f.max_prompt_tokens = window - answer_room;
+            rag_format = Some(InputFormat::Prompt(f));
+        }
+        let mut out = Vec::with_capacity(questions.len());
+        for chunk in questions.chunks(self.config.batch_size) {
+            let (retrieved, ctx) = self.retrieve(chunk, n_docs, rag_format.as_ref())?;
+            let ctx = ctx.with_temperature(tau)?;
+            let ids = match (mode, opts.sequence_decoding) {
+                (RagMode::Token, _) => self.rag.generate_token(&ctx, &params)?,
+                (RagMode::Sequence, SequenceDecoding::Fast) => {
+                    self.rag.generate_sequence_fast(&ctx, &params)?.0
+                }
+                (RagMode::Sequence, SequenceDecoding::Thorough) => {
+                    self.rag
+                        .generate_sequence(&ctx, &params, self.rag.config.do_deduplication)?
+                        .0
+                }
+            };
+            let sources = sources(&retrieved, &ctx)?;
+            let per_q = ids.len() / chunk.len();
+            for (i, (q, sources)) in chunk.iter().zip(sources).enumerate() {
+                let r = &retrieved[i];
+                let answers = ids[i * per_q..(i + 1) * per_q]
+                    .iter()
+                    .map(|a| self.generated_answer(&ctx, i, a, mode, opts.provenance))
+                    .collect::<Result<Vec<_>>>()?;
+                out.push(QaResult {
+                    question: q.clone(),
+                    mode,
+                    prior_temperature: tau,
+                    sources,
+                    answers,
+                    truncated: r.truncated.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Retrieval only: each question's sources with their priors (no generation).
+    pub fn sources(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<Vec<Source>>> {
+        let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
+        let mut out = Vec::with_capacity(questions.len());
+        for chunk in questions.chunks(self.config.batch_size) {
+            let (retrieved, ctx) = self.retrieve(chunk, n_docs, None)?;
+            out.extend(sources(&retrieved, &ctx.with_temperature(tau)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Checked n_docs and τ of a call.
+    fn retrieval_settings(
+        &self,
+        questions: &[String],
+        opts: &AnswerOptions,
+    ) -> Result<(usize, f64)> {
+        if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
+            bail!("question {} is empty", i + 1);
+        }
+        let d = &self.config.answer;
+        let n_docs = opts.n_docs.or(d.n_docs).unwrap_or(match self.retrieval {
+            Retrieval::Checkpoint(_) => self.rag.config.n_docs,
+            Retrieval::Kb { .. } => 3,
+        });
+        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
+        let tau = opts
+            .prior_temperature
+            .or(d.prior_temperature)
+            .unwrap_or(self.prior_temperature);
+        if !(tau.is_finite() && tau > 0.0) {
+            bail!("prior temperature must be positive and finite, got {tau}");
+        }
+        Ok((n_docs, tau))
+    }
+
+    fn generated_answer(
+        &self,
+        ctx: &RagContext,
+        question: usize,
+        ids: &[u32],
+        mode: RagMode,
+        provenance: bool,
+    ) -> Result<GeneratedAnswer> {
+        let tok = &self.rag.generator_tokenizer;
+        let doc_posteriors = match provenance {
+            true => self.rag.doc_posteriors_for(mode, ctx, question, ids)?,
+            false => Vec::new(),
+        };
+        let tokens = match mode {
+            RagMode::Token => ids[1..=doc_posteriors.len().min(ids.len() - 1)]
+                .iter()
+                .map(|&t| tok.decode(&[t], false))
+                .collect::<Result<Vec<_>>>()?,
+            RagMode::Sequence => Vec::new(),
+        };
+        Ok(GeneratedAnswer {
+            text: tok.decode(&ids[1..], true)?.trim().to_string(),
+            ids: ids.to_vec(),
+            doc_posteriors,
+            tokens,
+        })
+    }
+
+    /// Retrieve `n_docs` passages per question and build the generator contexts (doc scores =
+    /// dense inner products of the chosen passages, whichever retriever chose them).
+    fn retrieve(
+        &self,
+        questions: &[String],
+        n_docs: usize,
+        format: Option<&InputFormat>,
+    ) -> Result<(Vec<QuestionDocs>, RagContext)> {
+        match &self.retrieval {
+            Retrieval::Checkpoint(index) => {
+                let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
+                let r = self.rag.retrieve(index, &refs, n_docs)?;
+                let scores = r.context.doc_scores.detach().to_vec2::<f32>()?;
+                let docs = (0..questions.len())
+                    .map(|i| QuestionDocs {
+                        doc_ids: r.doc_ids[i].clone(),
+                        passages: r.passages[i].clone(),
+                        retrieval_scores: scores[i].clone(),
+                        truncated: Vec::new(),
+                    })
+                    .collect();
+                Ok((docs, r.context))
+            }
+            Retrieval::Kb {
+                kb,
+                encoder,
+                retriever,
+            } => {
+                let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
+                let q = encoder.encode_texts(&refs)?.to_dtype(DType::F32)?;
+                let hits = retriever.retrieve(&refs, Some(&q), n_docs)?;
+                let q = q.to_vec2::<f32>()?;
+                let mut row = Vec::new();
+                let mut doc_scores = Vec::with_capacity(questions.len() * n_docs);
+                for (h, qv) in hits.iter().zip(&q) {
+                    if h.doc_ids.len() != n_docs {
+                        bail!(
+                            "the retriever returned {} passages, asked for {n_docs}",
+                            h.doc_ids.len()
+                        );
+                    }
+                    for &r in &h.doc_ids {
+                        kb.embeddings()
+                            .rows_f32_into(r as usize, r as usize + 1, &mut row);
+                        doc_scores.push(row.iter().zip(qv).map(|(a, b)| a * b).sum::<f32>());
+                    }
+                }
+                let doc_scores =
+                    Tensor::from_vec(doc_scores, (questions.len(), n_docs), &self.rag.device)?;
+                let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
+                let format = format.unwrap_or(&self.rag.format);
+                let rows = format.rows(&self.rag.generator_tokenizer, questions, &passages)?;
+                let (ci, cm) = rows.encoded.tensors(&self.rag.device)?;
+                let ctx = RagContext::new(ci, cm, doc_scores)?
+                    .with_temperature(self.prior_temperature)?;
+                let docs = hits
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, h)| QuestionDocs {
+                        doc_ids: h.doc_ids,
+                        passages: h.passages,
+                        retrieval_scores: h.scores,
+                        truncated: rows
+                            .truncated
+                            .iter()
+                            .filter(|t| t.row / n_docs == i)
+                            .map(|t| Truncation {
+                                row: t.row % n_docs,
+                                ..t.clone()
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Ok((docs, ctx))
+            }
+        }
+    }
+}
+
+/// The sources of each question of `ctx`: passages, scores and p(z|x).
+fn sources(retrieved: &[QuestionDocs], ctx: &RagContext) -> Result<Vec<Vec<Source>>> {
+    let priors = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?
+        .exp()?
+        .to_vec2::<f32>()?;
+    let scores = ctx.doc_scores.detach().to_vec2::<f32>()?;
+    Ok(retrieved
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.passages
+                .iter()
+                .enumerate()
+                .map(|(j, p)| Source {
+                    rank: j + 1,
+                    doc_id: r.doc_ids[j],
+                    passage_id: p.id.clone(),
+                    title: p.title.clone(),
+                    text: p.text.clone(),
+                    retrieval_score: r.retrieval_scores[j],
+                    score: scores[i][j],
+                    prior: priors[i][j],
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// What retrieval chose for one question.
+struct QuestionDocs {
+    doc_ids: Vec<u64>,
+    passages: Vec<Passage>,
+    retrieval_scores: Vec<f32>,
+    truncated: Vec<Truncation>,
+}
