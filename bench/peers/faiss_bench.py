@@ -1,5 +1,6 @@
 """Peer for `rustrag bench retrieval`: faiss-cpu IndexFlatIP and IndexHNSWFlat (inner product) on the
-same vectors, queries, k, M, efConstruction and efSearch values as the Rust side.
+same vectors, queries, k, M, efConstruction and efSearch values as the Rust side, on the same number
+of threads (faiss.omp_set_num_threads); faiss's compile options (its SIMD level) are recorded.
 
 Inputs are raw little-endian f32 files ([n, dim] row-major); the ground truth ([nq, k] u32 row ids of
 the exact top-k computed by rustrag) is used for recall@k. Prints one JSON object."""
@@ -14,7 +15,7 @@ p.add_argument("--k", type=int, default=10)
 p.add_argument("--m", type=int, default=32)
 p.add_argument("--ef-construction", type=int, default=128)
 p.add_argument("--ef-search", default="16,32,64,128,256")
-p.add_argument("--threads", type=int, default=0)
+p.add_argument("--threads", type=int, required=True)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--hnsw-cache", help="read the HNSW index from this file if it exists, else write it there "
                "(later rounds of the benchmark search the graph the first round built)")
@@ -23,8 +24,7 @@ a = p.parse_args()
 import numpy as np
 import faiss
 
-if a.threads:
-    faiss.omp_set_num_threads(a.threads)
+faiss.omp_set_num_threads(a.threads)
 xb = np.fromfile(a.base, dtype="<f4").reshape(-1, a.dim)
 xq = np.fromfile(a.queries, dtype="<f4").reshape(-1, a.dim)
 gt = np.fromfile(a.gt, dtype="<u4").reshape(xq.shape[0], -1)[:, : a.k]
@@ -73,7 +73,10 @@ for ef in [int(x) for x in a.ef_search.split(",")]:
 
 print(json.dumps({
     "peer": "faiss-cpu", "faiss": faiss.__version__, "threads": faiss.omp_get_max_threads(),
+    "compile_options": faiss.get_compile_options(),
     "n": int(xb.shape[0]), "nq": int(xq.shape[0]), "dim": a.dim, "k": a.k,
-    "flat": {"build_seconds": flat_build, "seconds": flat_s, "qps": len(xq) / flat_s, "recall": recall(flat_ids)},
+    "flat": {"build_seconds": flat_build, "seconds": flat_s, "qps": len(xq) / flat_s, "recall": recall(flat_ids),
+             # Queries whose k hits are rustrag's exact hits (as a set: faiss ranks ties its own way).
+             "same_hits": int(sum(set(flat_ids[i]) == set(gt[i]) for i in range(len(gt))))},
     "hnsw": {"m": a.m, "ef_construction": a.ef_construction, "build_seconds": hnsw_build, "curve": curve},
 }))

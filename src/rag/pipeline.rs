@@ -274,6 +274,7 @@ pub fn decoder_only_rag(
     };
     let format = InputFormat::Prompt(PromptFormat {
         chat_template,
+        chat_template_source: None,
         bos: s.bos,
         pad: s.pad,
         max_prompt_tokens: context_window,
@@ -295,9 +296,114 @@ pub fn decoder_only_rag(
     Ok(rag)
 }
 
+/// The RAG head over a decoder-only generator read from `path`: a GGUF file (tokenizer, chat
+/// template and context window from its metadata; weights as `weights` says) or a HF
+/// `LlamaForCausalLM` directory with `tokenizer.json` and `tokenizer_config.json` (special tokens,
+/// `chat_template`, `model_max_length` as the context window), as [`save_decoder_only`] writes it.
+/// `trainable_layers > 0` loads f32 weights and makes that many top layers trainable.
+pub fn open_decoder_only(
+    path: &Path,
+    weights: WeightsChoice,
+    trainable_layers: usize,
+) -> Result<RagModel> {
+    let device = crate::default_device();
+    let (mut llama, tokenizer, chat, window) = if path.is_dir() {
+        let llama = Llama::from_hf_dir(path, &device)?;
+        let tokenizer = crate::tokenize::TextTokenizer::from_dir(path)?;
+        let config_path = path.join("tokenizer_config.json");
+        let config: serde_json::Value = crate::hub::read_json(&config_path)?;
+        let token = |key: &str| -> String {
+            config
+                .get(key)
+                .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let chat = match config.get("chat_template").and_then(|t| t.as_str()) {
+            Some(t) => Some((
+                t.to_string(),
+                ChatTemplate::detect(t, &token("bos_token"), &token("eos_token"))
+                    .with_context(|| format!("{}: `chat_template`", config_path.display()))?,
+            )),
+            None => None,
+        };
+        let window = config
+            .get("model_max_length")
+            .and_then(|v| v.as_u64())
+            .with_context(|| format!("{}: no `model_max_length`", config_path.display()))?;
+        (llama, tokenizer, chat, window as usize)
+    } else {
+        let g = GgufFile::open(path)?;
+        let weights = match (weights, trainable_layers) {
+            (WeightsChoice::Quantized, 0) => GgufWeights::default(),
+            _ => GgufWeights::F32,
+        };
+        let llama = Llama::from_gguf_with(&g, &device, weights)?;
+        let tokenizer = tokenizer_from_gguf(&g, llama.special_ids().vocab_size)?;
+        // Chat-tuned models answer inside their chat format.
+        let chat = match ChatTemplate::from_gguf(&g) {
+            Ok(c) => Some((g.str("tokenizer.chat_template")?.to_string(), c)),
+            Err(_) => None,
+        };
+        let arch = g.str("general.architecture").unwrap_or("llama").to_string();
+        let window = g
+            .usize(&format!("{arch}.context_length"))
+            .with_context(|| format!("{}: no {arch}.context_length", path.display()))?;
+        (llama, tokenizer, chat, window)
+    };
+    if trainable_layers > 0 {
+        llama.make_trainable(trainable_layers)?;
+    }
+    let (source, chat) = chat.unzip();
+    let mut rag = decoder_only_rag(Box::new(llama), tokenizer, chat, window, path)?;
+    if let InputFormat::Prompt(f) = &mut rag.format {
+        f.chat_template_source = source;
+    }
+    Ok(rag)
+}
+
+/// Save the decoder-only generator of `rag` as a HF directory that [`open_decoder_only`] and
+/// transformers' `AutoModelForCausalLM` / `AutoTokenizer` load: weights and `config.json`,
+/// `tokenizer.json`, and `tokenizer_config.json` with the chat template and context window.
+pub fn save_decoder_only(rag: &RagModel, dir: &Path) -> Result<()> {
+    let (Generator::DecoderOnly(g), InputFormat::Prompt(f)) = (&rag.generator, &rag.format) else {
+        bail!("save_decoder_only: not a decoder-only RAG model");
+    };
+    g.save_pretrained(dir)?;
+    let tok = &rag.generator_tokenizer;
+    let json = tok
+        .inner
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    crate::kb::atomic::write_file_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
+    let s = g.special_ids();
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(s.bos),
+        "eos_token": name(Some(s.eos)),
+        "pad_token": name(Some(s.pad)),
+        "chat_template": f.chat_template_source,
+        "model_max_length": f.max_prompt_tokens,
+        "clean_up_tokenization_spaces": false,
+    });
+    crate::kb::atomic::write_file_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}
+
 impl Pipeline {
-    /// A `rustrag index build` knowledge base with a decoder-only GGUF generator.
-    pub fn open(kb_dir: &Path, gguf: &Path, config: PipelineConfig) -> Result<Self> {
+    /// A `rustrag index build` knowledge base with a decoder-only generator (a GGUF file or a
+    /// directory from `rustrag train`; see [`open_decoder_only`]).
+    pub fn open(kb_dir: &Path, generator: &Path, config: PipelineConfig) -> Result<Self> {
+        let rag = open_decoder_only(generator, config.gguf_weights, 0)?;
+        Self::open_kb(kb_dir, rag, config)
+    }
+
+    /// A `rustrag index build` knowledge base with a RAG head built by the caller (e.g. a
+    /// trainable one from [`open_decoder_only`]).
+    pub fn open_kb(kb_dir: &Path, rag: RagModel, config: PipelineConfig) -> Result<Self> {
         let kb = Arc::new(KnowledgeBase::open(kb_dir)?);
         let encoder = load_kb_encoder(&kb, config.encoder_batch_size)?;
         let dense = DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
@@ -311,21 +417,10 @@ impl Pipeline {
                 config.candidates,
             )?),
         };
-        let g = GgufFile::open(gguf)?;
-        let weights = match config.gguf_weights {
-            WeightsChoice::Quantized => GgufWeights::default(),
-            WeightsChoice::F32 => GgufWeights::F32,
+        let context_window = match &rag.format {
+            InputFormat::Prompt(f) => Some(f.max_prompt_tokens),
+            InputFormat::Seq2Seq(_) => None,
         };
-        let llama = Llama::from_gguf_with(&g, &crate::default_device(), weights)?;
-        let vocab = llama.special_ids().vocab_size;
-        let tokenizer = tokenizer_from_gguf(&g, vocab)?;
-        // Chat-tuned models answer inside their chat format.
-        let chat = ChatTemplate::from_gguf(&g).ok();
-        let arch = g.str("general.architecture").unwrap_or("llama").to_string();
-        let context_window = g
-            .usize(&format!("{arch}.context_length"))
-            .with_context(|| format!("{}: no {arch}.context_length", gguf.display()))?;
-        let rag = decoder_only_rag(Box::new(llama), tokenizer, chat, context_window, gguf)?;
         let tau = config
             .prior_temperature
             .unwrap_or_else(|| kb.manifest().prior_temperature());
@@ -338,7 +433,7 @@ impl Pipeline {
             },
             config,
             tau,
-            Some(context_window),
+            context_window,
         )
     }
 
@@ -415,16 +510,7 @@ impl Pipeline {
             ..Default::default()
         };
         let params = self.rag.generation_params(&overrides)?;
-        let mut rag_format = None;
-        if let (Some(window), InputFormat::Prompt(f)) = (self.context_window, &self.rag.format) {
-            let answer_room = params.max_length - 1;
-            if answer_room >= window {
-                bail!("max_new_tokens = {answer_room} leaves no room for a prompt in the {window}-token context window");
-            }
-            let mut f = f.clone();
-            f.max_prompt_tokens = window - answer_room;
-            rag_format = Some(InputFormat::Prompt(f));
-        }
+        let rag_format = self.format_leaving(params.max_length - 1)?;
         let mut out = Vec::with_capacity(questions.len());
         for chunk in questions.chunks(self.config.batch_size) {
             let (retrieved, ctx) = self.retrieve(chunk, n_docs, rag_format.as_ref())?;
@@ -459,6 +545,34 @@ impl Pipeline {
             }
         }
         Ok(out)
+    }
+
+    /// Decoder-only: the prompt format whose prompts leave `answer_tokens` of the context window.
+    fn format_leaving(&self, answer_tokens: usize) -> Result<Option<InputFormat>> {
+        let (Some(window), InputFormat::Prompt(f)) = (self.context_window, &self.rag.format) else {
+            return Ok(None);
+        };
+        if answer_tokens >= window {
+            bail!("{answer_tokens} answer tokens leave no room for a prompt in the {window}-token context window");
+        }
+        let mut f = f.clone();
+        f.max_prompt_tokens = window - answer_tokens;
+        Ok(Some(InputFormat::Prompt(f)))
+    }
+
+    /// Retrieval for training and evaluation loops: `n_docs` passages per question and the
+    /// generator contexts (prior τ of the pipeline), prompts leaving `answer_tokens` of the context
+    /// window. `doc_scores: [questions, n_docs]` are constants (the KB's encoder is not trained).
+    pub fn contexts(
+        &self,
+        questions: &[String],
+        n_docs: usize,
+        answer_tokens: usize,
+    ) -> Result<(RagContext, Vec<Vec<Passage>>)> {
+        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
+        let format = self.format_leaving(answer_tokens)?;
+        let (docs, ctx) = self.retrieve(questions, n_docs, format.as_ref())?;
+        Ok((ctx, docs.into_iter().map(|d| d.passages).collect()))
     }
 
     /// Retrieval only: each question's sources with their priors (no generation).

@@ -9,8 +9,9 @@
 //! survivors are scored in f32. The result is the top k of the f32 scan, not an approximation: the
 //! integer pass only decides what need not be read, on half the bytes of f32.
 
+use super::dense::exact_score;
 use super::rows::DenseRows;
-use super::scored::{Scored, TopK};
+use super::scored::{top_k_of, Contenders};
 use crate::kernels::{dot, int16};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -20,7 +21,7 @@ use std::ops::Range;
 const LANES: usize = 16;
 /// Rows scanned per block (their codes stay in L2 while every query pair passes over them).
 const ROW_BLOCK: usize = 256;
-/// Relative slack added to the bound for f32 rounding in the scores and the bound itself.
+/// Relative slack added to the bound for f32 rounding in the estimates and the bound itself.
 const ROUNDING_SLACK: f32 = 1e-4;
 
 /// The largest code magnitude for `dim`: 2047 (12 bits) while `dim · limit²` fits i32.
@@ -132,29 +133,17 @@ impl QuantizedEmbeddings {
             .into_par_iter()
             .map(|t| self.scan(&qs, t * share..((t + 1) * share).min(n), k))
             .collect();
-        // Merge: the global k-th estimate, then f32 scores for the rows within the margin of it.
+        // Merge: the global k-th estimate, then exact scores for the rows within the margin of it.
         Ok((0..nq)
             .into_par_iter()
             .map_init(Vec::new, |buf, qi| {
-                let best = partial
-                    .iter()
-                    .map(|p| p[qi].best.clone())
-                    .reduce(TopK::merge)
-                    .expect("one share per thread");
-                let floor = best.threshold() - qs[qi].margin;
                 let q = &queries[qi * dim..(qi + 1) * dim];
-                let mut found: Vec<Scored> = partial
-                    .iter()
-                    .flat_map(|p| p[qi].candidates.iter())
-                    .filter(|c| c.0 >= floor)
-                    .map(|&(_, row)| {
-                        let r = row as usize;
-                        Scored(dot::dot(q, rows.block(r, r + 1, buf)), row)
-                    })
-                    .collect();
-                found.sort_unstable_by(|a, b| b.cmp(a));
-                found.truncate(k);
-                found.into_iter().map(|s| (s.1, s.0)).collect()
+                top_k_of(
+                    partial.iter().map(|p| &p[qi].contenders),
+                    k,
+                    qs[qi].margin,
+                    |row| exact_score(rows, q, row, buf),
+                )
             })
             .collect())
     }
@@ -191,9 +180,12 @@ impl QuantizedEmbeddings {
         let mut codes = Codes::zeroed(self.stride);
         let stats = quantize(q, self.limit, codes.as_mut());
         let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+        // The f32 score the survivors get (`exact_score`) is itself within `dim · ε_f32 · ‖q‖‖d‖`
+        // of `q · d`, so that rounding is in the slack too.
+        let slack = ROUNDING_SLACK + (self.dim as f32 + 2.0) * f32::EPSILON;
         let eps = norm * self.max_residual
             + stats.residual * self.max_norm
-            + ROUNDING_SLACK * norm * (self.max_norm + self.max_residual);
+            + slack * norm * (self.max_norm + self.max_residual);
         Query {
             codes,
             // A zero query has scale 0; any positive scale keeps the floors finite.
@@ -239,53 +231,30 @@ impl QuantizedEmbeddings {
 
 /// Per query: the k best estimates so far and the rows within the margin of the k-th.
 struct Estimates {
-    k: usize,
     scale: f32,
     margin: f32,
-    best: TopK,
-    candidates: Vec<(f32, u32)>,
-    prune_at: usize,
+    contenders: Contenders,
 }
 
 impl Estimates {
     fn new(k: usize, q: &Query) -> Self {
         Self {
-            k,
             scale: q.scale,
             margin: q.margin,
-            best: TopK::new(k),
-            candidates: Vec::new(),
-            prune_at: 64 + 8 * k,
+            contenders: Contenders::new(k),
         }
     }
 
-    /// Estimates below this cannot reach the top k (`-inf` until k rows were seen).
-    #[inline]
-    fn floor(&self) -> f32 {
-        self.best.threshold() - self.margin
-    }
-
-    /// [`Self::floor`] in row values (`scale_d · dot`, the estimate over the query scale).
+    /// [`Contenders::floor`] in row values (`scale_d · dot`, the estimate over the query scale).
     #[inline]
     fn row_floor(&self) -> f32 {
-        self.floor() / self.scale
+        self.contenders.floor(self.margin) / self.scale
     }
 
     /// Offer a row's value `scale_d · dot`; returns the new [`Self::row_floor`].
     #[inline]
     fn offer(&mut self, value: f32, row: u32) -> f32 {
-        let approx = self.scale * value;
-        if approx >= self.floor() {
-            self.candidates.push((approx, row));
-            self.best.push(approx, row);
-            // Early rows all enter; drop those the risen floor has excluded since (amortised:
-            // the next prune waits until the list has doubled).
-            if self.candidates.len() >= self.prune_at {
-                let floor = self.floor();
-                self.candidates.retain(|c| c.0 >= floor);
-                self.prune_at = (2 * self.candidates.len()).max(64 + 8 * self.k);
-            }
-        }
+        self.contenders.offer(self.scale * value, row, self.margin);
         self.row_floor()
     }
 }
@@ -364,28 +333,14 @@ mod tests {
             .collect()
     }
 
-    /// Same rows as the f32 scan (ties only between equal scores), scores to f32 rounding.
+    /// The same hits as the f32 scan, to the bit.
     fn assert_same(data: &[f32], dim: usize, queries: &[f32], k: usize) {
         let rows = F32Rows { data, dim };
         let want = exact_search(&rows, queries, k).unwrap();
         let got = QuantizedEmbeddings::build(&rows)
             .search(&rows, queries, k)
             .unwrap();
-        assert_eq!(got.len(), want.len());
-        for (qi, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.len(), w.len(), "dim {dim} query {qi}");
-            for (a, b) in g.iter().zip(w) {
-                let tol = 1e-5 * b.1.abs().max(1.0);
-                assert!(
-                    (a.1 - b.1).abs() <= tol,
-                    "dim {dim} query {qi}: {g:?} vs {w:?}"
-                );
-                assert!(
-                    a.0 == b.0 || (a.1 - b.1).abs() <= tol,
-                    "dim {dim} query {qi}"
-                );
-            }
-        }
+        assert_eq!(got, want, "dim {dim}");
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct DecodeBench {
     pub decode_tokens: usize,
     pub decode_s: f64,
     pub decode_tokens_per_s: f64,
+    /// The prompt's token ids (compared with the peer's tokenisation).
+    pub prompt_ids: Vec<u32>,
+    /// The greedy tokens (compared with the peer's).
+    pub generated_ids: Vec<u32>,
     /// The generated text (sanity check that the model runs correctly).
     pub text: String,
 }
@@ -58,7 +62,7 @@ pub fn bench_decode_with(
     }
     let n = ids.len();
     let input = GenInput {
-        input_ids: Tensor::from_vec(ids.clone(), (1, n), &device)?,
+        input_ids: Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?,
         attention_mask: Tensor::ones((1, n), candle_core::DType::U32, &device)?,
     };
     let t1 = Instant::now();
@@ -89,6 +93,8 @@ pub fn bench_decode_with(
         decode_s,
         decode_tokens_per_s: steps as f64 / decode_s,
         text: tok.decode(&out, true)?,
+        prompt_ids: ids,
+        generated_ids: out,
     })
 }
 
@@ -130,26 +136,30 @@ fn parse_weights(s: &str) -> Result<GgufWeights, String> {
     })
 }
 
-/// Run rustrag and llama.cpp (llama-cpp-python) on the same GGUF, prompt and token count.
+/// Run rustrag and llama.cpp (llama-cpp-python) on the same GGUF, prompt, token count and threads.
+/// Each side reports the prefill and decode of one run (its fastest end to end); the ratios are
+/// reported only when both tokenised the prompt alike and generated the same tokens.
 pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
     let mut best: Option<DecodeBench> = None;
     for _ in 0..args.repeats.max(1) {
         let b = bench_decode_with(&args.gguf, &args.prompt, args.tokens, args.weights)?;
-        if best.as_ref().is_none_or(|x| b.decode_s < x.decode_s) {
+        let total = |x: &DecodeBench| x.prefill_s + x.decode_s;
+        if best.as_ref().is_none_or(|x| total(&b) < total(x)) {
             best = Some(b);
         }
     }
     let ours = best.ok_or_else(|| anyhow::anyhow!("bench decode: no repetition ran"))?;
-    let threads = ours.threads;
     let mut report = super::Report {
         benchmark: "decode".into(),
-        setup: serde_json::json!({"gguf": args.gguf, "prompt_tokens": ours.prompt_tokens, "decode_tokens": args.tokens}),
+        setup: serde_json::json!({"gguf": args.gguf, "prompt_tokens": ours.prompt_tokens,
+            "decode_tokens": args.tokens, "threads": ours.threads,
+            "timing": "per side, prefill and decode of its fastest run (prefill + decode) of --repeats"}),
         rustrag: serde_json::to_value(&ours)?,
         peer: None,
         ratios: vec![],
     };
     if let Some(peer) = peer {
-        let p = peer.run(
+        let mut p = peer.run(
             "llamacpp_decode.py",
             &[
                 "--gguf".into(),
@@ -158,23 +168,48 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
                 args.prompt.clone(),
                 "--tokens".into(),
                 args.tokens.to_string(),
-                "--threads".into(),
-                threads.to_string(),
                 "--repeats".into(),
                 args.repeats.to_string(),
             ],
         )?;
-        if let Some(tps) = p.get("decode_tokens_per_second").and_then(|v| v.as_f64()) {
-            report.ratios.push((
-                "decode tokens/s (rustrag / llama.cpp)".into(),
-                ours.decode_tokens_per_s / tps,
-            ));
+        let ids = |key: &str| -> Option<Vec<u32>> {
+            p.get(key)
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+        };
+        let same_prompt = ids("prompt_ids").as_ref() == Some(&ours.prompt_ids);
+        let theirs = ids("generated_ids").unwrap_or_default();
+        // Greedy decoding: after the first differing token the two continue from different text.
+        let matched = ours
+            .generated_ids
+            .iter()
+            .zip(&theirs)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let same = same_prompt && matched == ours.generated_ids.len() && theirs.len() == matched;
+        if let Some(o) = p.as_object_mut() {
+            o.insert("same_prompt_ids".into(), serde_json::json!(same_prompt));
+            o.insert(
+                "matching_tokens".into(),
+                serde_json::json!(format!("{matched}/{}", ours.generated_ids.len())),
+            );
         }
-        if let Some(s) = p.get("prefill_seconds").and_then(|v| v.as_f64()) {
-            report.ratios.push((
-                "prefill speed (rustrag / llama.cpp)".into(),
-                s / ours.prefill_s,
-            ));
+        let peer_s = |key: &str| p.get(key).and_then(|v| v.as_f64());
+        match (same, peer_s("decode_tokens_per_second"), peer_s("prefill_seconds")) {
+            (true, Some(tps), Some(prefill)) => {
+                report.ratios.push((
+                    "decode tokens/s (rustrag / llama.cpp)".into(),
+                    ours.decode_tokens_per_s / tps,
+                ));
+                report.ratios.push((
+                    "prefill speed (rustrag / llama.cpp)".into(),
+                    prefill / ours.prefill_s,
+                ));
+            }
+            (false, ..) => tracing::warn!(
+                "outputs differ (prompt ids equal: {same_prompt}, {matched}/{} tokens equal): no ratio",
+                ours.generated_ids.len()
+            ),
+            _ => anyhow::bail!("llama.cpp peer reported no timings: {p}"),
         }
         report.peer = Some(p);
     }

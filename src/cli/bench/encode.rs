@@ -60,11 +60,36 @@ fn time_encoder(
     Ok((best, emb.context("no pass ran")?))
 }
 
-/// Cosine similarity of each row of `a` with the same row of `b`: (min, mean).
-fn row_cosines(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+/// Cosine at or above which two f32 encoders' vectors count as the same output.
+const SAME_COSINE: f64 = 0.9999;
+
+/// The peer's vectors: raw little-endian f32, `n` rows.
+fn read_f32_rows(path: &std::path::Path, n: usize) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    anyhow::ensure!(
+        n > 0 && v.len().is_multiple_of(n),
+        "{}: {} floats for {n} texts",
+        path.display(),
+        v.len()
+    );
+    let dim = v.len() / n;
+    Ok(Tensor::from_vec(v, (n, dim), &candle_core::Device::Cpu)?)
+}
+
+/// Cosine similarity of each row of `a` with the same row of `b` (`[n, dim]` each).
+fn row_cosines_each(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
+    anyhow::ensure!(
+        a.dims() == b.dims(),
+        "vectors {:?} vs the peer's {:?}",
+        a.dims(),
+        b.dims()
+    );
     let (a, b) = (a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
-    let cos: Vec<f64> = a
-        .iter()
+    Ok(a.iter()
         .zip(&b)
         .map(|(x, y)| {
             let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
@@ -72,7 +97,12 @@ fn row_cosines(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
             let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
             dot / (nx.sqrt() * ny.sqrt()).max(1e-30)
         })
-        .collect();
+        .collect())
+}
+
+/// Cosine similarity of each row of `a` with the same row of `b`: (min, mean).
+fn row_cosines(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let cos = row_cosines_each(a, b)?;
     let min = cos.iter().copied().fold(f64::INFINITY, f64::min);
     Ok((min, cos.iter().sum::<f64>() / cos.len().max(1) as f64))
 }
@@ -95,14 +125,14 @@ pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
         load_encoder(&args.model, &opts)
     };
     let mut ours = json!({"n": texts.len(), "threads": rayon::current_num_threads()});
-    let mut timed = Vec::new(); // (label, seconds)
+    let mut timed = Vec::new(); // (label, seconds, embeddings)
     let mut f32_emb = None;
     if args.precision != Precision::Int8 {
         let (s, emb) = time_encoder(load(false)?.as_ref(), &refs, args.repeats)?;
         ours["seconds"] = json!(s);
         ours["per_second"] = json!(texts.len() as f64 / s);
         ours["first_embedding_head"] = json!(emb.get(0)?.narrow(0, 0, 4)?.to_vec1::<f32>()?);
-        timed.push(("f32", s));
+        timed.push(("f32", s, emb.clone()));
         f32_emb = Some(emb);
     }
     if args.precision != Precision::F32 {
@@ -113,7 +143,7 @@ pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
             int8["cosine_to_f32"] = json!({"min": min, "mean": mean});
         }
         ours["int8"] = int8;
-        timed.push(("int8", s));
+        timed.push(("int8", s, emb));
     }
     let mut report = Report {
         benchmark: "encode".into(),
@@ -126,6 +156,8 @@ pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
     if let Some(peer) = peer {
         let tmp = tempfile::NamedTempFile::new().context("temp file for the peer's texts")?;
         super::write_texts(tmp.path(), &texts)?;
+        let emb_file =
+            tempfile::NamedTempFile::new().context("temp file for the peer's vectors")?;
         let mut peer_args: Vec<String> = vec![
             "--model".into(),
             args.model.clone(),
@@ -137,14 +169,43 @@ pub fn run(args: Args, peer: Option<&Peer>) -> Result<Report> {
             args.max_length.to_string(),
             "--repeats".into(),
             args.repeats.to_string(),
+            "--out".into(),
+            emb_file.path().display().to_string(),
         ];
         if args.precision != Precision::F32 {
             peer_args.push("--int8".into());
         }
-        let p = peer.run("st_encode.py", &peer_args)?;
+        let mut p = peer.run("st_encode.py", &peer_args)?;
+        let theirs = read_f32_rows(emb_file.path(), texts.len())?;
         let peer_f32 = p.get("seconds").and_then(|v| v.as_f64());
         let peer_int8 = p.pointer("/int8/seconds").and_then(|v| v.as_f64());
-        for (label, s) in &timed {
+        let peer_int8_min_cos = p
+            .pointer("/int8/cosine_to_f32/min")
+            .and_then(|v| v.as_f64());
+        for (label, s, emb) in &timed {
+            let cos = row_cosines_each(emb, &theirs)?;
+            let same = cos.iter().filter(|&&c| c >= SAME_COSINE).count();
+            let min = cos.iter().copied().fold(f64::INFINITY, f64::min);
+            // f32: every vector the same as sentence-transformers' (cosine >= SAME_COSINE).
+            // int8: an approximation on both sides; comparable when ours is at least as close to
+            // sentence-transformers' f32 vectors as torch's dynamic int8 is.
+            let comparable = match *label {
+                "f32" => same == cos.len(),
+                _ => peer_int8_min_cos.is_some_and(|m| min >= m),
+            };
+            if let Some(o) = p.as_object_mut() {
+                o.insert(
+                    format!("rustrag_{label}_vs_these"),
+                    json!({"rows_with_cosine_ge_0.9999": format!("{same}/{}", cos.len()),
+                           "min_cosine": min, "ratio_reported": comparable}),
+                );
+            }
+            if !comparable {
+                tracing::warn!(
+                    "{label}: outputs differ from the peer's (min cosine {min:.6}): no ratio"
+                );
+                continue;
+            }
             if let Some(peer_s) = peer_f32 {
                 report.ratios.push((
                     format!("throughput, {label} (rustrag / sentence-transformers f32)"),

@@ -1,5 +1,7 @@
 //! `rustrag bench`: each benchmark runs rustrag and the named peer (a Python script under
-//! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Nothing here asserts timings.
+//! `bench/peers/`) in the same run on the same inputs, and reports the ratio. Both sides run on the
+//! same number of threads (`--threads`: rustrag's rayon pool, the peer's torch / faiss / llama.cpp
+//! threads); a ratio is reported only where the outputs match. Nothing here asserts timings.
 
 pub mod decode;
 pub mod encode;
@@ -27,6 +29,10 @@ pub struct Args {
     /// Skip the peer (report rustrag alone).
     #[arg(long, global = true)]
     pub no_peer: bool,
+    /// Threads on both sides: rustrag's rayon pool and the peer's (torch.set_num_threads,
+    /// faiss.omp_set_num_threads, llama.cpp n_threads / n_threads_batch). Default: every core.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -42,9 +48,11 @@ pub enum Which {
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
+    let threads = pin_threads(args.threads)?;
     let peer = (!args.no_peer).then(|| Peer {
         python: args.python.clone(),
         dir: args.peers.clone(),
+        threads,
     });
     let report = match args.which {
         Which::Encode(a) => encode::run(a, peer.as_ref())?,
@@ -63,10 +71,36 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Size rayon's global pool (every parallel loop of rustrag, GEMMs included) to `threads`, or
+/// to every core; returns the count, which the peers get too.
+fn pin_threads(threads: Option<usize>) -> Result<usize> {
+    let n = match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // Candle's CPU ops size their own loops from this variable.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .is_err()
+        && rayon::current_num_threads() != n
+    {
+        bail!(
+            "rayon's pool already runs {} threads, not {n}",
+            rayon::current_num_threads()
+        );
+    }
+    Ok(n)
+}
+
 /// How to run a peer script.
 pub struct Peer {
     pub python: String,
     pub dir: PathBuf,
+    /// Passed to every peer as `--threads`.
+    pub threads: usize,
 }
 
 impl Peer {
@@ -83,6 +117,7 @@ impl Peer {
         let out = std::process::Command::new(&self.python)
             .arg(&path)
             .args(args)
+            .args(["--threads", &self.threads.to_string()])
             .output()
             .with_context(|| format!("starting `{} {}`", self.python, path.display()))?;
         if !out.status.success() {
