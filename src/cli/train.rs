@@ -1,11 +1,12 @@
 //! `rustrag train rag`: parse, call [`rustrag::train::rag::RagTrainer`], print.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, WeightsChoice};
 use rustrag::rag::{InMemoryIndex, RagMode};
 use rustrag::train::data::read_examples;
 use rustrag::train::optim::AdamWConfig;
-use rustrag::train::rag::{RagTrainConfig, RagTrainer, Trainable};
+use rustrag::train::rag::{RagSource, RagTrainConfig, RagTrainer, Trainable};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -36,11 +37,22 @@ pub enum ModeArg {
 #[derive(Parser, Debug)]
 pub struct RagArgs {
     /// RAG checkpoint directory (HF `save_pretrained` layout). Ignored with --resume.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "generator")]
     pub model: Option<String>,
-    /// Knowledge base: a directory with passages.jsonl and embeddings.safetensors.
+    /// Decoder-only generator (GGUF file or HF directory) to train against a `rustrag index build`
+    /// knowledge base (--kb), its encoder fixed. Ignored with --resume.
+    #[arg(long)]
+    pub generator: Option<PathBuf>,
+    /// Knowledge base: with --model, a directory with passages.jsonl and embeddings.safetensors;
+    /// with --generator, a `rustrag index build` directory.
     #[arg(long)]
     pub kb: PathBuf,
+    /// Retriever over a `rustrag index build` knowledge base (dense, bm25, hybrid).
+    #[arg(long, default_value = "hybrid")]
+    pub retriever: String,
+    /// Decoder-only generators: top layers trained (the rest and the embeddings frozen).
+    #[arg(long, default_value_t = 6)]
+    pub trainable_layers: usize,
     /// Training JSONL: {"question", "answers": [..], "gold_pid"?} per line.
     #[arg(long)]
     pub train: PathBuf,
@@ -109,6 +121,7 @@ impl RagArgs {
             seed: self.seed,
             eval_every: self.eval_every,
             save_every: self.save_every,
+            trainable_layers: self.trainable_layers,
             ..Default::default()
         }
     }
@@ -121,10 +134,6 @@ pub fn run(args: Args, json: bool) -> Result<()> {
 }
 
 fn run_rag(a: RagArgs, json: bool) -> Result<()> {
-    let index = InMemoryIndex::load(
-        &a.kb.join("passages.jsonl"),
-        &a.kb.join("embeddings.safetensors"),
-    )?;
     let train = read_examples(&a.train)?;
     let dev = match &a.dev {
         Some(p) => read_examples(p)?,
@@ -134,14 +143,45 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
         ModeArg::Token => RagMode::Token,
         ModeArg::Sequence => RagMode::Sequence,
     });
-    let mut trainer = if a.resume {
-        RagTrainer::resume(&a.out, mode, &index, train, dev)?
+    // A run over a `rustrag index build` KB stores a decoder-only generator in its checkpoints.
+    let kb_run = a.generator.is_some() || (a.resume && a.kb.join("manifest.json").is_file());
+    let index;
+    let mut trainer = if kb_run {
+        let pipeline_config = PipelineConfig {
+            retriever: a.retriever.parse()?,
+            gguf_weights: WeightsChoice::F32,
+            ..Default::default()
+        };
+        let open =
+            |generator: &std::path::Path, c: &RagTrainConfig| -> Result<RagSource<'static>> {
+                let mut rag = open_decoder_only(generator, WeightsChoice::F32, c.trainable_layers)?;
+                if let Some(m) = mode {
+                    rag.mode = m;
+                }
+                let p = Pipeline::open_kb(&a.kb, rag, pipeline_config.clone())?;
+                Ok(RagSource::Kb(Box::new(p)))
+            };
+        if a.resume {
+            RagTrainer::resume_with(&a.out, open, train, dev)?
+        } else {
+            let config = a.config();
+            let generator = a.generator.as_deref().context("--generator is required")?;
+            RagTrainer::from_source(open(generator, &config)?, train, dev, &a.out, config)?
+        }
     } else {
-        let model = a
-            .model
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("--model is required unless --resume"))?;
-        RagTrainer::new(model, mode, &index, train, dev, &a.out, a.config())?
+        index = InMemoryIndex::load(
+            &a.kb.join("passages.jsonl"),
+            &a.kb.join("embeddings.safetensors"),
+        )?;
+        if a.resume {
+            RagTrainer::resume(&a.out, mode, &index, train, dev)?
+        } else {
+            let model = a
+                .model
+                .as_deref()
+                .context("--model or --generator is required unless --resume")?;
+            RagTrainer::new(model, mode, &index, train, dev, &a.out, a.config())?
+        }
     };
     let bar = rustrag::train::progress_bar(trainer.config.max_steps, trainer.step);
     let summary = trainer.run(None, |r| {

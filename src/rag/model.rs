@@ -379,11 +379,14 @@ impl RagModel {
     }
 
     /// Labels `[decoder_start] + answer tokens + [eos]` for an answer string (the losses' and
-    /// rescoring's `labels` row). Decoder-only: the answer is tokenized after a space (it continues
-    /// the prompt); seq2seq: as is, without the tokenizer's special tokens.
+    /// rescoring's `labels` row), without the tokenizer's special tokens. A plain decoder-only
+    /// prompt is continued after a space; a chat prompt ends with the assistant header's newline
+    /// and seq2seq answers start a fresh sequence, so those take the answer as is.
     pub fn answer_labels(&self, answer: &str) -> Result<Vec<u32>> {
         let s = self.generator.special_ids();
-        let text = match self.generator.is_decoder_only() {
+        let plain_prompt =
+            matches!(&self.format, InputFormat::Prompt(f) if f.chat_template.is_none());
+        let text = match plain_prompt {
             true => format!(" {answer}"),
             false => answer.to_string(),
         };

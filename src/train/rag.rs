@@ -11,8 +11,9 @@
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::config::{GenerationSettings, RagMode};
 use crate::rag::loss::NllOptions;
-use crate::rag::RagModel;
-use crate::retrieve::Retriever;
+use crate::rag::pipeline::{save_decoder_only, Pipeline};
+use crate::rag::{RagContext, RagModel};
+use crate::retrieve::{Passage, Retriever};
 use crate::tokenize::{ids_tensor, Padding};
 use crate::train::data::{stream_slice, Example};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
@@ -62,6 +63,9 @@ pub struct RagTrainConfig {
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (and at the end) [0 = only at the end].
     pub save_every: u64,
+    /// Decoder-only generators: the top layers trained, the rest (and the embeddings) frozen [6].
+    /// Read where the run's generator is opened (the CLI, and resuming).
+    pub trainable_layers: usize,
     /// Maximum answer length (decoder start included) when decoding for EM/F1 [20]; greedy.
     pub eval_max_length: usize,
 }
@@ -86,6 +90,7 @@ impl Default for RagTrainConfig {
             eval_every: 0,
             save_every: 0,
             eval_max_length: 20,
+            trainable_layers: 6,
         }
     }
 }
@@ -187,11 +192,32 @@ pub struct RunSummary {
     pub mean_step_secs: f64,
 }
 
+/// Where a run's model and documents come from.
+pub enum RagSource<'a> {
+    /// An HF RAG checkpoint: its question encoder (which may train) over `retriever`.
+    Checkpoint {
+        model: RagModel,
+        retriever: &'a dyn Retriever,
+    },
+    /// A knowledge base with its own, fixed encoder (dense, BM25 or hybrid retrieval, as the
+    /// pipeline is configured) and the pipeline's RAG head, e.g. a decoder-only generator from
+    /// [`crate::rag::pipeline::open_decoder_only`] with trainable top layers.
+    Kb(Box<Pipeline>),
+}
+
+impl RagSource<'_> {
+    pub fn model(&self) -> &RagModel {
+        match self {
+            Self::Checkpoint { model, .. } => model,
+            Self::Kb(p) => &p.rag,
+        }
+    }
+}
+
 /// A RAG fine-tuning run: model, optimiser, data and output directory.
 pub struct RagTrainer<'a> {
-    pub model: RagModel,
+    source: RagSource<'a>,
     pub config: RagTrainConfig,
-    retriever: &'a dyn Retriever,
     train: Vec<Example>,
     dev: Vec<Example>,
     out: PathBuf,
@@ -217,14 +243,19 @@ impl<'a> RagTrainer<'a> {
         config.validate()?;
         check_new_run_dir(out)?;
         let model = load_trainable(model_dir, mode)?;
-        Self::from_model(model, retriever, train, dev, out, config)
+        Self::from_source(
+            RagSource::Checkpoint { model, retriever },
+            train,
+            dev,
+            out,
+            config,
+        )
     }
 
     /// Start a run from a model already loaded with trainable parameters, of either generator
-    /// family ([`RagModel::trainable_vars`]). `out` must not hold a run.
-    pub fn from_model(
-        model: RagModel,
-        retriever: &'a dyn Retriever,
+    /// family ([`RagModel::trainable_vars`]), and its documents. `out` must not hold a run.
+    pub fn from_source(
+        source: RagSource<'a>,
         train: Vec<Example>,
         dev: Vec<Example>,
         out: &Path,
@@ -235,15 +266,32 @@ impl<'a> RagTrainer<'a> {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         std::fs::write(out.join("metrics.jsonl"), b"")
             .with_context(|| format!("creating {}", out.join("metrics.jsonl").display()))?;
-        Self::assemble(model, retriever, train, dev, out, config, 0)
+        Self::assemble(source, train, dev, out, config, 0)
     }
 
-    /// Resume the run in `out` from its latest checkpoint: same config, same data order; metric
-    /// lines written after that checkpoint are dropped.
+    /// Resume the run in `out` (an HF RAG checkpoint's) from its latest checkpoint: same config,
+    /// same data order; metric lines written after that checkpoint are dropped.
     pub fn resume(
         out: &Path,
         mode: Option<RagMode>,
         retriever: &'a dyn Retriever,
+        train: Vec<Example>,
+        dev: Vec<Example>,
+    ) -> Result<Self> {
+        let load = |ckpt: &Path, _: &RagTrainConfig| {
+            Ok(RagSource::Checkpoint {
+                model: load_trainable(&ckpt.to_string_lossy(), mode)?,
+                retriever,
+            })
+        };
+        Self::resume_with(out, load, train, dev)
+    }
+
+    /// [`Self::resume`] for any source: `load` opens the model saved in a checkpoint directory
+    /// (with the run's stored settings) and its documents.
+    pub fn resume_with(
+        out: &Path,
+        load: impl FnOnce(&Path, &RagTrainConfig) -> Result<RagSource<'a>>,
         train: Vec<Example>,
         dev: Vec<Example>,
     ) -> Result<Self> {
@@ -263,8 +311,8 @@ impl<'a> RagTrainer<'a> {
                 train.len()
             );
         }
-        let model = load_trainable(&ckpt.to_string_lossy(), mode)?;
-        let mut t = Self::assemble(model, retriever, train, dev, out, state.config, state.step)?;
+        let source = load(&ckpt, &state.config)?;
+        let mut t = Self::assemble(source, train, dev, out, state.config, state.step)?;
         t.opt
             .load(&ckpt.join("optimizer.safetensors"), state.step)?;
         t.last_checkpoint = Some(ckpt);
@@ -282,8 +330,7 @@ impl<'a> RagTrainer<'a> {
     }
 
     fn assemble(
-        model: RagModel,
-        retriever: &'a dyn Retriever,
+        source: RagSource<'a>,
         train: Vec<Example>,
         dev: Vec<Example>,
         out: &Path,
@@ -293,7 +340,11 @@ impl<'a> RagTrainer<'a> {
         if train.is_empty() {
             bail!("no training examples");
         }
-        let n_docs = config.n_docs.unwrap_or(model.n_docs());
+        let model = source.model();
+        let n_docs = config.n_docs.unwrap_or(match &source {
+            RagSource::Checkpoint { model, .. } => model.n_docs(),
+            RagSource::Kb(p) => p.config.answer.n_docs.unwrap_or(3),
+        });
         // The parameters come from the model, whichever the generator family.
         let generator_params = model.trainable_vars(false).len();
         if generator_params == 0 {
@@ -313,9 +364,8 @@ impl<'a> RagTrainer<'a> {
         }
         let opt = AdamW::new(params, config.optim.clone())?;
         Ok(Self {
-            model,
+            source,
             config,
-            retriever,
             train,
             dev,
             out: out.to_path_buf(),
@@ -355,7 +405,7 @@ impl<'a> RagTrainer<'a> {
     /// Decoder-only: [`RagModel::answer_labels`] (`[start] + answer + [eos]`, continuing the
     /// prompt), cut to `max_target_length` with the EOS kept, padded with [`RagModel::generator_pad`].
     pub fn labels(&self, answers: &[&str]) -> Result<Tensor> {
-        let m = &self.model;
+        let m = self.model();
         if m.generator.is_decoder_only() {
             let max = self.config.max_target_length;
             let mut rows = answers
@@ -398,10 +448,25 @@ impl<'a> RagTrainer<'a> {
         ids_tensor(&rows, &m.device)
     }
 
-    /// Retrieval and contexts for questions; `doc_scores` carry the question encoder's gradient only
-    /// when it trains.
-    fn contexts(&self, questions: &[&str], n_docs: usize) -> Result<crate::rag::Retrieved> {
-        let m = &self.model;
+    /// The model being trained.
+    pub fn model(&self) -> &RagModel {
+        self.source.model()
+    }
+
+    /// Retrieval and contexts for questions, with each question's passages; `doc_scores` carry
+    /// the question encoder's gradient only when it trains.
+    fn contexts(
+        &self,
+        questions: &[&str],
+        n_docs: usize,
+    ) -> Result<(RagContext, Vec<Vec<Passage>>)> {
+        let (m, retriever) = match &self.source {
+            RagSource::Checkpoint { model, retriever } => (model, *retriever),
+            RagSource::Kb(p) => {
+                let questions: Vec<String> = questions.iter().map(|q| q.to_string()).collect();
+                return p.contexts(&questions, n_docs, self.config.max_target_length);
+            }
+        };
         let (ids, mask) = m.tokenize_questions(questions)?;
         let q = m
             .question_encoder
@@ -413,11 +478,12 @@ impl<'a> RagTrainer<'a> {
         if !size.is_finite() {
             bail!(self.non_finite("question embedding", size as f64));
         }
-        let mut r = m.retrieve_with_embeddings(self.retriever, &ids, &q, n_docs)?;
-        if self.config.trainable == Trainable::Generator {
-            r.context = r.context.detached();
-        }
-        Ok(r)
+        let r = m.retrieve_with_embeddings(retriever, &ids, &q, n_docs)?;
+        let ctx = match self.config.trainable {
+            Trainable::Generator => r.context.detached(),
+            Trainable::GeneratorQuestionEncoder => r.context,
+        };
+        Ok((ctx, r.passages))
     }
 
     /// Loss `[batch]` (or scalar when `reduce`) and the number of non-pad generator tokens.
@@ -429,17 +495,17 @@ impl<'a> RagTrainer<'a> {
     ) -> Result<(Tensor, usize)> {
         let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
         let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
-        let r = self.contexts(&questions, self.n_docs)?;
+        let (ctx, _) = self.contexts(&questions, self.n_docs)?;
         let labels = self.labels(&answers)?;
-        let pad = self.model.generator_pad();
+        let pad = self.model().generator_pad();
         let tokens =
-            count_non_pad(&r.context.input_ids, pad)? + self.n_docs * count_non_pad(&labels, pad)?;
+            count_non_pad(&ctx.input_ids, pad)? + self.n_docs * count_non_pad(&labels, pad)?;
         let opts = NllOptions {
             reduce_loss: reduce,
             epsilon,
             exclude_bos_score: false,
         };
-        Ok((self.model.loss(&r.context, &labels, &opts)?, tokens))
+        Ok((self.model().loss(&ctx, &labels, &opts)?, tokens))
     }
 
     /// One optimiser step on the next `questions_per_step` examples of the seeded stream. Stops with
@@ -507,7 +573,7 @@ impl<'a> RagTrainer<'a> {
         if examples.is_empty() {
             bail!("no evaluation examples");
         }
-        let mut p = self.model.generation_params(&GenerationSettings {
+        let mut p = self.model().generation_params(&GenerationSettings {
             num_beams: Some(1),
             num_return_sequences: Some(1),
             max_length: Some(self.config.eval_max_length),
@@ -519,21 +585,24 @@ impl<'a> RagTrainer<'a> {
         for batch in examples.chunks(self.config.batch_size) {
             let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
-            let r = self.contexts(&questions, self.n_docs)?;
-            let ctx = r.context.detached();
+            let (ctx, passages) = self.contexts(&questions, self.n_docs)?;
+            let ctx = ctx.detached();
             let labels = self.labels(&answers)?;
             let opts = NllOptions {
                 reduce_loss: true,
                 epsilon: 0.0,
                 exclude_bos_score: false,
             };
-            loss += self.model.loss(&ctx, &labels, &opts)?.to_scalar::<f32>()? as f64;
-            let ids = match self.model.mode {
-                RagMode::Token => self.model.generate_token(&ctx, &p)?,
-                RagMode::Sequence => self.model.generate_sequence_fast(&ctx, &p)?.0,
+            loss += self
+                .model()
+                .loss(&ctx, &labels, &opts)?
+                .to_scalar::<f32>()? as f64;
+            let ids = match self.model().mode {
+                RagMode::Token => self.model().generate_token(&ctx, &p)?,
+                RagMode::Sequence => self.model().generate_sequence_fast(&ctx, &p)?.0,
             };
-            for ((ex, out), passages) in batch.iter().zip(&ids).zip(&r.passages) {
-                let text = self.model.generator_tokenizer.decode(out, true)?;
+            for ((ex, out), passages) in batch.iter().zip(&ids).zip(&passages) {
+                let text = self.model().generator_tokenizer.decode(out, true)?;
                 em += crate::eval::qa::max_over_answers(
                     crate::eval::qa::exact_match,
                     &text,
@@ -572,7 +641,10 @@ impl<'a> RagTrainer<'a> {
             .prefix(".tmp-")
             .tempdir_in(&root)
             .with_context(|| format!("creating a temporary directory in {}", root.display()))?;
-        self.model.save_pretrained(tmp.path())?;
+        match self.model().generator.is_decoder_only() {
+            true => save_decoder_only(self.model(), tmp.path())?,
+            false => self.model().save_pretrained(tmp.path())?,
+        }
         let steps = self.opt.save(&tmp.path().join("optimizer.safetensors"))?;
         let state = TrainerState {
             step: steps,
