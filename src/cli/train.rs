@@ -91,6 +91,9 @@ pub struct RagArgs {
     pub label_smoothing: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Questions per evaluation batch.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batch_size: usize,
     /// Evaluate every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
@@ -122,6 +125,7 @@ impl RagArgs {
             eval_every: self.eval_every,
             save_every: self.save_every,
             trainable_layers: self.trainable_layers,
+            eval_batch_size: self.eval_batch_size,
             ..Default::default()
         }
     }

@@ -36,6 +36,8 @@ pub enum Trainable {
 
 /// Settings of a RAG fine-tuning run. Defaults in brackets.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// Settings added later read their defaults from older runs' trainer_state.json.
+#[serde(default)]
 pub struct RagTrainConfig {
     /// [`Trainable::GeneratorQuestionEncoder`], as in the paper.
     pub trainable: Trainable,
@@ -63,6 +65,9 @@ pub struct RagTrainConfig {
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (and at the end) [0 = only at the end].
     pub save_every: u64,
+    /// Questions per evaluation batch [8]: decoding several questions' rows together keeps the
+    /// matmuls wide (evaluation has no gradient, so memory is not the limit).
+    pub eval_batch_size: usize,
     /// Decoder-only generators: the top layers trained, the rest (and the embeddings) frozen [6].
     /// Read where the run's generator is opened (the CLI, and resuming).
     pub trainable_layers: usize,
@@ -91,14 +96,19 @@ impl Default for RagTrainConfig {
             save_every: 0,
             eval_max_length: 20,
             trainable_layers: 6,
+            eval_batch_size: 8,
         }
     }
 }
 
 impl RagTrainConfig {
     fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 || self.max_steps == 0 {
-            bail!("batch_size, grad_accum and max_steps must be at least 1");
+        if self.batch_size == 0
+            || self.eval_batch_size == 0
+            || self.grad_accum == 0
+            || self.max_steps == 0
+        {
+            bail!("batch_size, eval_batch_size, grad_accum and max_steps must be at least 1");
         }
         if !(self.optim.lr.is_finite() && self.optim.lr > 0.0) {
             bail!(
@@ -582,7 +592,7 @@ impl<'a> RagTrainer<'a> {
         p.min_length = 0;
         let (mut loss, mut em, mut f1) = (0f64, 0f64, 0f64);
         let (mut with_gold, mut found) = (0usize, 0usize);
-        for batch in examples.chunks(self.config.batch_size) {
+        for batch in examples.chunks(self.config.eval_batch_size) {
             let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
             let (ctx, passages) = self.contexts(&questions, self.n_docs)?;

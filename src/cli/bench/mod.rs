@@ -7,6 +7,7 @@ pub mod decode;
 pub mod encode;
 pub mod rag;
 pub mod retrieval;
+pub mod train;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,8 @@ pub enum Which {
     Retrieval(retrieval::RetrievalArgs),
     /// RAG-Token beam / RAG-Sequence thorough generate vs HF transformers (PyTorch CPU).
     Rag(rag::Args),
+    /// One RAG training step of a decoder-only generator vs PyTorch + transformers.
+    Train(train::Args),
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
@@ -58,6 +61,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         Which::Encode(a) => encode::run(a, peer.as_ref())?,
         Which::Decode(a) => decode::run(a, peer.as_ref())?,
         Which::Rag(a) => rag::run(a, peer.as_ref())?,
+        Which::Train(a) => train::run(a, peer.as_ref())?,
         Which::Retrieval(a) => {
             let peer = peer.context("the retrieval benchmark needs its faiss peer")?;
             return retrieval::run(a, &peer, json);
