@@ -206,7 +206,7 @@ pub struct RunSummary {
 pub enum RagSource<'a> {
     /// An HF RAG checkpoint: its question encoder (which may train) over `retriever`.
     Checkpoint {
-        model: RagModel,
+        model: Box<RagModel>,
         retriever: &'a dyn Retriever,
     },
     /// A knowledge base with its own, fixed encoder (dense, BM25 or hybrid retrieval, as the
@@ -254,7 +254,10 @@ impl<'a> RagTrainer<'a> {
         check_new_run_dir(out)?;
         let model = load_trainable(model_dir, mode)?;
         Self::from_source(
-            RagSource::Checkpoint { model, retriever },
+            RagSource::Checkpoint {
+                model: Box::new(model),
+                retriever,
+            },
             train,
             dev,
             out,
@@ -290,7 +293,7 @@ impl<'a> RagTrainer<'a> {
     ) -> Result<Self> {
         let load = |ckpt: &Path, _: &RagTrainConfig| {
             Ok(RagSource::Checkpoint {
-                model: load_trainable(&ckpt.to_string_lossy(), mode)?,
+                model: Box::new(load_trainable(&ckpt.to_string_lossy(), mode)?),
                 retriever,
             })
         };
@@ -471,7 +474,7 @@ impl<'a> RagTrainer<'a> {
         n_docs: usize,
     ) -> Result<(RagContext, Vec<Vec<Passage>>)> {
         let (m, retriever) = match &self.source {
-            RagSource::Checkpoint { model, retriever } => (model, *retriever),
+            RagSource::Checkpoint { model, retriever } => (model.as_ref(), *retriever),
             RagSource::Kb(p) => {
                 let questions: Vec<String> = questions.iter().map(|q| q.to_string()).collect();
                 return p.contexts(&questions, n_docs, self.config.max_target_length);

@@ -103,7 +103,7 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
                 &ctx.prior_scores()?,
                 &label_tensor,
                 args.docs,
-                &NllOptions { ..opts.clone() },
+                &opts,
             )?;
             let mut acc = GradAccumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
             acc.add(&loss.backward()?)?;
