@@ -226,6 +226,14 @@ pub fn run(a: Args, peer: Option<&Peer>) -> Result<Report> {
                 "outputs differ (generated ids {same_out}/{n}, doc ids {same_docs}/{}): no ratio",
                 ours.doc_ids.len()
             );
+            // Both sides' ids, to see where they part.
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "differing_outputs".into(),
+                    serde_json::json!({"rustrag": ours.output_ids, "hf": their_ids,
+                        "rustrag_doc_ids": ours.doc_ids, "hf_doc_ids": their_docs}),
+                );
+            }
         }
         report.peer = Some(v);
     }
