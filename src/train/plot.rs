@@ -1,13 +1,31 @@
-//! `metrics.png`: training loss (blue) and eval loss (red) over steps on top, eval EM (green) and F1
-//! (orange) and retrieval recall (purple) in percent below. Drawn with plotters' bitmap backend only: no font dependency, so the
-//! axes carry no text; the legend is this comment and the values are in `metrics.jsonl`.
+//! `metrics.png`: training loss (blue) and eval loss (red) over steps on top, eval EM (green), F1
+//! (orange) and retrieval recall (purple) in percent below, with axis labels and legends. Text is
+//! drawn with DejaVu Sans Mono, embedded (`assets/`, Bitstream Vera licence), so plotting needs no
+//! system fonts.
 
 use crate::train::rag::MetricLine;
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
 const SIZE: (u32, u32) = (900, 600);
+const FONT: &str = "rustrag-mono";
+
+/// Register the embedded font once per process.
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+        plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok()
+    });
+    match ok {
+        true => Ok(()),
+        false => Err(anyhow!(
+            "the embedded plot font is not a valid TrueType font"
+        )),
+    }
+}
 
 /// Draw `lines` into a PNG at `path` (written through a temporary file and renamed).
 pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
@@ -27,6 +45,7 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             }
         }
     }
+    register_font()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
@@ -59,6 +78,9 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
         };
         let mut chart = ChartBuilder::on(&top)
             .margin(12)
+            .caption("RAG loss per question", (FONT, 18))
+            .x_label_area_size(28)
+            .y_label_area_size(56)
             .build_cartesian_2d(0f64..max_step, lo..hi)
             .map_err(|e| err(&e))?;
         chart
@@ -66,8 +88,11 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             .disable_x_mesh()
             .x_labels(10)
             .y_labels(8)
-            .x_label_formatter(&|_| String::new())
-            .y_label_formatter(&|_| String::new())
+            .x_desc("step")
+            .y_desc("loss")
+            .label_style((FONT, 13))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.1}"))
             .draw()
             .map_err(|e| err(&e))?;
         let finite = |v: &[(f64, f64)]| -> Vec<(f64, f64)> {
@@ -75,10 +100,14 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
         };
         chart
             .draw_series(LineSeries::new(finite(&train), BLUE.stroke_width(2)))
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(&e))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
         chart
             .draw_series(LineSeries::new(finite(&eval_loss), RED.stroke_width(3)))
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(&e))?
+            .label("eval")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(3)));
         chart
             .draw_series(
                 finite(&eval_loss)
@@ -86,8 +115,12 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
                     .map(|p| Circle::new(p, 4, RED.filled())),
             )
             .map_err(|e| err(&e))?;
+        legend(&mut chart).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&bottom)
             .margin(12)
+            .caption("evaluation (%)", (FONT, 18))
+            .x_label_area_size(28)
+            .y_label_area_size(56)
             .build_cartesian_2d(0f64..max_step, 0f64..100f64)
             .map_err(|e| err(&e))?;
         chart
@@ -95,28 +128,55 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             .disable_x_mesh()
             .x_labels(10)
             .y_labels(11)
-            .x_label_formatter(&|_| String::new())
-            .y_label_formatter(&|_| String::new())
+            .x_desc("step")
+            .y_desc("%")
+            .label_style((FONT, 13))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
-        for (series, colour) in [
-            (&em, GREEN),
-            (&f1, RGBColor(255, 140, 0)),
-            (&recall, RGBColor(128, 0, 160)),
+        for (name, series, colour) in [
+            ("EM", &em, GREEN),
+            ("F1", &f1, RGBColor(255, 140, 0)),
+            ("recall", &recall, RGBColor(128, 0, 160)),
         ] {
             chart
                 .draw_series(LineSeries::new(
                     series.iter().copied(),
                     colour.stroke_width(2),
                 ))
-                .map_err(|e| err(&e))?;
+                .map_err(|e| err(&e))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
             chart
                 .draw_series(series.iter().map(|&p| Circle::new(p, 4, colour.filled())))
                 .map_err(|e| err(&e))?;
         }
+        legend(&mut chart).map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
+    }
+    // tempfile creates 0600; a plot is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
     }
     tmp.persist(path)
         .map_err(|e| anyhow!("renaming into {}: {e}", path.display()))?;
     Ok(())
+}
+
+/// The series legend in the upper right corner.
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
 }
