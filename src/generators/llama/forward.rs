@@ -165,19 +165,24 @@ impl Llama {
             .to_dtype(DType::F32)?)
     }
 
+    /// Hidden states `[rows, len, hidden]` of left-padded `rows` (real lengths `lens`), each row at
+    /// its own positions, causal and padding mask applied, no past.
+    fn run_left_padded(&self, rows: &[Vec<u32>], lens: &[usize]) -> Result<Tensor> {
+        let l = rows.first().map_or(0, |r| r.len());
+        let ids = crate::tokenize::ids_tensor(rows, &self.device)?;
+        let pos = crate::tokenize::ids_tensor(&positions(lens, l), &self.device)?;
+        let mask = Self::additive_mask(&key_mask(lens, l), l, &self.device)?;
+        let mut cache = vec![LayerCache::default(); self.blocks.len()];
+        self.run(&ids, &pos, Some(&mask), &mut cache)
+    }
+
     /// Teacher-forced logits `[rows, len, vocab]` for `input_ids: [rows, len]` u32 and a right-padded
     /// `attention_mask: [rows, len]` (rows are left-padded internally; padded positions give zeros).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (left, lens) = left_pad(input_ids, attention_mask, self.special.pad)?;
         let rows = left.len();
         let l = left.first().map_or(0, |r| r.len());
-        let key_mask = key_mask(&lens, l);
-        let positions = positions(&lens, l);
-        let ids = crate::tokenize::ids_tensor(&left, &self.device)?;
-        let pos = crate::tokenize::ids_tensor(&positions, &self.device)?;
-        let mask = Self::additive_mask(&key_mask, l, &self.device)?;
-        let mut cache = vec![LayerCache::default(); self.blocks.len()];
-        let hidden = self.run(&ids, &pos, Some(&mask), &mut cache)?;
+        let hidden = self.run_left_padded(&left, &lens)?;
         let logits = self.lm_head.forward(&hidden)?;
         // Back to the caller's right-padded layout.
         let per_row = (0..rows)
@@ -224,13 +229,8 @@ impl Llama {
             .zip(&continuation)
             .map(|(p, c)| p.iter().chain(&c[1..]).copied().collect())
             .collect();
-        let total = l + t - 1;
         let lens: Vec<usize> = lens.iter().map(|n| n + t - 1).collect();
-        let ids = crate::tokenize::ids_tensor(&rows, &self.device)?;
-        let pos = crate::tokenize::ids_tensor(&positions(&lens, total), &self.device)?;
-        let mask = Self::additive_mask(&key_mask(&lens, total), total, &self.device)?;
-        let mut cache = vec![LayerCache::default(); self.blocks.len()];
-        let hidden = self.run(&ids, &pos, Some(&mask), &mut cache)?;
+        let hidden = self.run_left_padded(&rows, &lens)?;
         let targets = hidden.narrow(1, l - 1, t)?.contiguous()?;
         Ok(self.lm_head.forward(&targets)?.to_dtype(DType::F32)?)
     }
