@@ -8,7 +8,7 @@
 //! ids are comma-separated.
 
 use anyhow::{bail, Result};
-use rustrag::rag::pipeline::{open_decoder_only, WeightsChoice};
+use rustrag::rag::pipeline::{open_decoder_only, DecoderTraining, WeightsChoice};
 use rustrag::tokenize::ids_tensor;
 
 fn ids(s: &str) -> Result<Vec<u32>> {
@@ -20,7 +20,11 @@ fn main() -> Result<()> {
     let [generator, prompt, continuation] = args.as_slice() else {
         bail!("usage: score_continuation GENERATOR PROMPT_IDS CONTINUATION_IDS");
     };
-    let rag = open_decoder_only(generator.as_ref(), WeightsChoice::F32, 0)?;
+    let rag = open_decoder_only(
+        generator.as_ref(),
+        WeightsChoice::F32,
+        &DecoderTraining::Frozen,
+    )?;
     let (prompt, continuation) = (ids(prompt)?, ids(continuation)?);
     let device = &rag.device;
     let input = rustrag::generators::GenInput {

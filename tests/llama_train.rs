@@ -1,16 +1,19 @@
 //! Training a decoder-only generator: the one-pass teacher-forced forward and its gradients against
 //! HF transformers (tests/fixtures/make_llama_train_reference.py), and the real SmolLM2 GGUF made
-//! trainable (rotary layout converted) and saved in HF's layout, giving the same logits.
+//! trainable (rotary layout converted) and saved in HF's layout, giving the same logits; LoRA
+//! adapters against PEFT (tests/fixtures/make_lora_reference.py).
 //!
 //! Tolerances: logits 1e-5 + 1e-5·|x| elementwise (O(1) values, f32 on both sides); gradients
 //! relative per tensor, ‖got − expected‖ ≤ 1e-4·‖expected‖, with no absolute floor.
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rustrag::generators::gguf::GgufFile;
-use rustrag::generators::llama::{GgufWeights, Llama};
+use rustrag::generators::llama::{GgufWeights, Llama, LoraAdapter};
 use rustrag::generators::{CausalLm, GenInput};
+use rustrag::hub::Weights;
 use rustrag::tokenize::ids_tensor;
+use rustrag::train::optim::{AdamW, AdamWConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -192,5 +195,147 @@ fn smollm2_made_trainable_and_saved_keeps_its_logits() -> Result<()> {
         "reloaded: max |Δlogit| {}",
         max_diff(&before, &again)
     );
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct LoraReference {
+    model: String,
+    adapter: String,
+    prompts: Vec<Vec<u32>>,
+    continuations: Vec<Vec<u32>>,
+    logits: Vec<f32>,
+    logits_shape: Vec<usize>,
+    loss: f32,
+    grads: HashMap<String, Vec<f32>>,
+    lr: f64,
+    weight_decay: f64,
+    loss_after_step: f32,
+}
+
+/// LoRA against PEFT (tests/fixtures/make_lora_reference.py): PEFT's adapter directory loads, the
+/// logits, loss and every adapter's gradient equal PEFT's (tolerances as above), one AdamW step
+/// gives PEFT + torch.optim.AdamW's next loss (1e-4 relative: two f32 forwards and an update
+/// apart), merging keeps the logits, and the adapters saved by rustrag load back unchanged.
+#[test]
+fn lora_adapters_match_peft() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/fixtures/lora_reference.json"))?;
+    let r: LoraReference = serde_json::from_str(&text)?;
+    let adapter = LoraAdapter::read(&root.join(&r.adapter))?;
+    ensure!(
+        adapter.base.canonicalize()? == root.join(&r.model).canonicalize()?,
+        "adapter base {}",
+        adapter.base.display()
+    );
+    let load = || -> Result<Llama> {
+        let mut model = Llama::from_hf_dir(&adapter.base, &Device::Cpu)?;
+        let w = Weights::from_file(&adapter.weights, DType::F32, &Device::Cpu, false)?;
+        model.add_lora(&adapter.config, Some(&w))?;
+        Ok(model)
+    };
+    let model = load()?;
+    let input = gen_input(&r.prompts)?;
+    let cont = ids_tensor(&r.continuations, &Device::Cpu)?;
+    let logits = CausalLm::forward(&model, &input, &cont)?;
+    ensure!(
+        logits.dims() == r.logits_shape,
+        "logits {:?}",
+        logits.dims()
+    );
+    close("logits", &logits.flatten_all()?.to_vec1()?, &r.logits)?;
+    let eos = model.config.eos_token_id.context("eos")?;
+    let targets: Vec<Vec<u32>> = r
+        .continuations
+        .iter()
+        .map(|c| c[1..].iter().copied().chain([eos]).collect())
+        .collect();
+    let targets = ids_tensor(&targets, &Device::Cpu)?;
+    let loss = nll(&logits, &targets)?;
+    close("loss", &[loss.to_scalar::<f32>()?], &[r.loss])?;
+    let vars = model.vars();
+    let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
+    let mut want: Vec<&String> = r.grads.keys().collect();
+    names.sort();
+    want.sort();
+    ensure!(names == want, "adapters {names:?} vs PEFT's {want:?}");
+    let grads = loss.backward()?;
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .with_context(|| format!("{name}: no gradient"))?;
+        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.grads[name])?;
+    }
+    // Saved before the update: rustrag's own adapter directory reloads to the same logits.
+    let dir = tempfile::tempdir()?;
+    model.save_lora(dir.path(), &adapter.base)?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: r.lr,
+            weight_decay: r.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let g: Vec<Option<Tensor>> = vars.iter().map(|(_, v)| grads.get(v).cloned()).collect();
+    opt.step(&g, r.lr)?;
+    let after = nll(&CausalLm::forward(&model, &input, &cont)?, &targets)?.to_scalar::<f32>()?;
+    ensure!(
+        (after - r.loss_after_step).abs() <= 1e-4 * r.loss_after_step.abs(),
+        "loss after one AdamW step {after} vs PEFT + torch {}",
+        r.loss_after_step
+    );
+
+    let saved = LoraAdapter::read(dir.path())?;
+    ensure!(saved.config.rank == adapter.config.rank && saved.config.layers == Some(1));
+    let mut reloaded = Llama::from_hf_dir(&saved.base, &Device::Cpu)?;
+    let w = Weights::from_file(&saved.weights, DType::F32, &Device::Cpu, false)?;
+    reloaded.add_lora(&saved.config, Some(&w))?;
+    let again = CausalLm::forward(&reloaded, &input, &cont)?;
+    close(
+        "reloaded logits",
+        &again.flatten_all()?.to_vec1()?,
+        &r.logits,
+    )?;
+    reloaded.merge_lora()?;
+    ensure!(
+        reloaded.vars().is_empty(),
+        "merged model keeps trainable adapters"
+    );
+    let merged = CausalLm::forward(&reloaded, &input, &cont)?;
+    close(
+        "merged logits",
+        &merged.flatten_all()?.to_vec1()?,
+        &r.logits,
+    )?;
+    Ok(())
+}
+
+/// Adapter settings that change the math are refused, naming the file and the key.
+#[test]
+fn unsupported_peft_variants_are_refused() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("tests/fixtures/lora/adapter_config.json"),
+    )?)?;
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("rank_pattern", serde_json::json!({"q_proj": 8})),
+        ("peft_type", serde_json::json!("IA3")),
+        ("layers_to_transform", serde_json::json!([0, 2])),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(dir.path().join("adapter_config.json"), c.to_string())?;
+        let err = LoraAdapter::read(dir.path())
+            .err()
+            .context(key)?
+            .to_string();
+        ensure!(
+            err.contains("adapter_config.json") && err.contains(key),
+            "{key}: {err}"
+        );
+    }
     Ok(())
 }

@@ -467,6 +467,22 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() -> Result<()> {
 /// f32 safetensors, which is exact, but the thread split of the forward may differ).
 #[test]
 fn decoder_only_run_over_a_kb_resumes_and_its_checkpoint_answers() -> Result<()> {
+    decoder_only_run_over_a_kb(None)
+}
+
+/// The same with LoRA adapters (rank 4 on the top 2 layers) on the frozen model: checkpoints are
+/// PEFT adapter directories naming the GGUF as their base; resume re-reads the adapters.
+#[test]
+fn decoder_only_lora_run_over_a_kb_resumes_and_its_adapter_answers() -> Result<()> {
+    decoder_only_run_over_a_kb(Some(rustrag::generators::llama::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        layers: Some(2),
+        ..Default::default()
+    }))
+}
+
+fn decoder_only_run_over_a_kb(lora: Option<rustrag::generators::llama::LoraConfig>) -> Result<()> {
     use rustrag::kb::{build, BuildOptions};
     use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, WeightsChoice};
     use rustrag::train::rag::RagSource;
@@ -519,6 +535,7 @@ fn decoder_only_run_over_a_kb_resumes_and_its_checkpoint_answers() -> Result<()>
     let config = RagTrainConfig {
         trainable: Trainable::Generator,
         trainable_layers: 1,
+        lora: lora.clone(),
         n_docs: Some(2),
         batch_size: 1,
         max_steps: 2,
@@ -530,7 +547,7 @@ fn decoder_only_run_over_a_kb_resumes_and_its_checkpoint_answers() -> Result<()>
         ..Default::default()
     };
     let open = |generator: &Path, c: &RagTrainConfig| -> Result<RagSource<'static>> {
-        let rag = open_decoder_only(generator, WeightsChoice::F32, c.trainable_layers)?;
+        let rag = open_decoder_only(generator, WeightsChoice::F32, &c.decoder_training())?;
         let p = Pipeline::open_kb(&kb_dir, rag, PipelineConfig::default())?;
         Ok(RagSource::Kb(Box::new(p)))
     };
@@ -570,6 +587,13 @@ fn decoder_only_run_over_a_kb_resumes_and_its_checkpoint_answers() -> Result<()>
     }
     // The checkpoint is a generator directory the pipeline answers with.
     let ckpt = rustrag::train::rag::latest_checkpoint(&full)?.context("no checkpoint")?;
+    if lora.is_some() {
+        let adapter = rustrag::generators::llama::LoraAdapter::read(&ckpt)?;
+        assert_eq!(adapter.base.canonicalize()?, gguf.canonicalize()?);
+        let bytes = std::fs::metadata(ckpt.join("adapter_model.safetensors"))?.len();
+        assert!(bytes < 2_000_000, "adapter of {bytes} bytes");
+        assert!(!ckpt.join("model.safetensors").exists());
+    }
     let p = Pipeline::open(&kb_dir, &ckpt, PipelineConfig::default())?;
     let r = p.answer(&[examples[0].question.clone()])?;
     assert_eq!(r[0].sources.len(), 3);

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use rustrag::generators::llama::LoraConfig;
 use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, WeightsChoice};
 use rustrag::rag::{InMemoryIndex, RagMode};
 use rustrag::train::data::read_examples;
@@ -53,6 +54,16 @@ pub struct RagArgs {
     /// Decoder-only generators: top layers trained (the rest and the embeddings frozen).
     #[arg(long, default_value_t = 6)]
     pub trainable_layers: usize,
+    /// Decoder-only generators: train LoRA adapters of this rank on the frozen model instead of
+    /// top layers (0: off). Checkpoints are then PEFT adapter directories.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// LoRA scale numerator (the update is alpha / rank · B A); default 2 × rank.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Adapt only the top N layers (default: every layer).
+    #[arg(long)]
+    pub lora_layers: Option<usize>,
     /// Training JSONL: {"question", "answers": [..], "gold_pid"?} per line.
     #[arg(long)]
     pub train: PathBuf,
@@ -125,6 +136,13 @@ impl RagArgs {
             eval_every: self.eval_every,
             save_every: self.save_every,
             trainable_layers: self.trainable_layers,
+            lora: (self.lora_rank > 0).then(|| LoraConfig {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
+                layers: self.lora_layers,
+                seed: self.seed,
+                ..Default::default()
+            }),
             eval_batch_size: self.eval_batch_size,
             ..Default::default()
         }
@@ -156,15 +174,16 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
             gguf_weights: WeightsChoice::F32,
             ..Default::default()
         };
-        let open =
-            |generator: &std::path::Path, c: &RagTrainConfig| -> Result<RagSource<'static>> {
-                let mut rag = open_decoder_only(generator, WeightsChoice::F32, c.trainable_layers)?;
-                if let Some(m) = mode {
-                    rag.mode = m;
-                }
-                let p = Pipeline::open_kb(&a.kb, rag, pipeline_config.clone())?;
-                Ok(RagSource::Kb(Box::new(p)))
-            };
+        let open = |generator: &std::path::Path,
+                    c: &RagTrainConfig|
+         -> Result<RagSource<'static>> {
+            let mut rag = open_decoder_only(generator, WeightsChoice::F32, &c.decoder_training())?;
+            if let Some(m) = mode {
+                rag.mode = m;
+            }
+            let p = Pipeline::open_kb(&a.kb, rag, pipeline_config.clone())?;
+            Ok(RagSource::Kb(Box::new(p)))
+        };
         if a.resume {
             RagTrainer::resume_with(&a.out, open, train, dev)?
         } else {

@@ -10,7 +10,7 @@
 
 use crate::encoders::{LoadOptions, TextEncoder};
 use crate::generators::gguf::{tokenizer_from_gguf, ChatTemplate, GgufFile};
-use crate::generators::llama::{GgufWeights, Llama};
+use crate::generators::llama::{GgufWeights, Llama, LoraAdapter, LoraConfig};
 use crate::generators::{Decoder, Generator};
 use crate::kb::KnowledgeBase;
 use crate::rag::config::{GenerationSettings, RagConfig, RagMode};
@@ -296,18 +296,33 @@ pub fn decoder_only_rag(
     Ok(rag)
 }
 
-/// The RAG head over a decoder-only generator read from `path`: a GGUF file (tokenizer, chat
-/// template and context window from its metadata; weights as `weights` says) or a HF
-/// `LlamaForCausalLM` directory with `tokenizer.json` and `tokenizer_config.json` (special tokens,
-/// `chat_template`, `model_max_length` as the context window), as [`save_decoder_only`] writes it.
-/// `trainable_layers > 0` loads f32 weights and makes that many top layers trainable.
-pub fn open_decoder_only(
+/// What of a decoder-only generator trains once opened.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum DecoderTraining {
+    /// Nothing (inference; LoRA adapters are merged into the weights).
+    #[default]
+    Frozen,
+    /// The top n blocks and the final norm ([`Llama::make_trainable`]).
+    TopLayers(usize),
+    /// LoRA adapters on the frozen model ([`Llama::add_lora`]); an adapter directory continues
+    /// with its own adapters and settings.
+    Lora(LoraConfig),
+}
+
+/// A Llama, its tokenizer, (chat template source, template) and context window from a GGUF file or
+/// a HF directory; `f32` dequantizes a GGUF.
+fn load_llama(
     path: &Path,
     weights: WeightsChoice,
-    trainable_layers: usize,
-) -> Result<RagModel> {
+    f32: bool,
+) -> Result<(
+    Llama,
+    crate::tokenize::TextTokenizer,
+    Option<(String, ChatTemplate)>,
+    usize,
+)> {
     let device = crate::default_device();
-    let (mut llama, tokenizer, chat, window) = if path.is_dir() {
+    if path.is_dir() {
         let llama = Llama::from_hf_dir(path, &device)?;
         let tokenizer = crate::tokenize::TextTokenizer::from_dir(path)?;
         let config_path = path.join("tokenizer_config.json");
@@ -331,11 +346,11 @@ pub fn open_decoder_only(
             .get("model_max_length")
             .and_then(|v| v.as_u64())
             .with_context(|| format!("{}: no `model_max_length`", config_path.display()))?;
-        (llama, tokenizer, chat, window as usize)
+        Ok((llama, tokenizer, chat, window as usize))
     } else {
         let g = GgufFile::open(path)?;
-        let weights = match (weights, trainable_layers) {
-            (WeightsChoice::Quantized, 0) => GgufWeights::default(),
+        let weights = match (weights, f32) {
+            (WeightsChoice::Quantized, false) => GgufWeights::default(),
             _ => GgufWeights::F32,
         };
         let llama = Llama::from_gguf_with(&g, &device, weights)?;
@@ -349,11 +364,46 @@ pub fn open_decoder_only(
         let window = g
             .usize(&format!("{arch}.context_length"))
             .with_context(|| format!("{}: no {arch}.context_length", path.display()))?;
-        (llama, tokenizer, chat, window)
-    };
-    if trainable_layers > 0 {
-        llama.make_trainable(trainable_layers)?;
+        Ok((llama, tokenizer, chat, window))
     }
+}
+
+/// The RAG head over a decoder-only generator read from `path`: a GGUF file (tokenizer, chat
+/// template and context window from its metadata; weights as `weights` says), a HF
+/// `LlamaForCausalLM` directory with `tokenizer.json` and `tokenizer_config.json` (special tokens,
+/// `chat_template`, `model_max_length` as the context window), as [`save_decoder_only`] writes it,
+/// or a PEFT LoRA directory (`adapter_config.json`) over either, its base read from
+/// `base_model_name_or_path`. Anything but [`DecoderTraining::Frozen`] loads f32 weights.
+pub fn open_decoder_only(
+    path: &Path,
+    weights: WeightsChoice,
+    training: &DecoderTraining,
+) -> Result<RagModel> {
+    let adapter = LoraAdapter::is_adapter_dir(path)
+        .then(|| LoraAdapter::read(path))
+        .transpose()?;
+    let base = adapter.as_ref().map_or(path, |a| a.base.as_path());
+    let f32 = adapter.is_some() || *training != DecoderTraining::Frozen;
+    let (mut llama, tokenizer, chat, window) = load_llama(base, weights, f32)?;
+    match (&adapter, training) {
+        (Some(_), DecoderTraining::TopLayers(_)) => bail!(
+            "{}: a LoRA adapter trains its adapters (--lora), not top layers",
+            path.display()
+        ),
+        (Some(a), _) => {
+            let device = crate::default_device();
+            let w = crate::hub::Weights::from_file(&a.weights, DType::F32, &device, false)?;
+            llama.add_lora(&a.config, Some(&w))?;
+            if *training == DecoderTraining::Frozen {
+                llama.merge_lora()?;
+            }
+        }
+        (None, DecoderTraining::Frozen) => {}
+        (None, DecoderTraining::TopLayers(n)) => llama.make_trainable(*n)?,
+        (None, DecoderTraining::Lora(c)) => llama.add_lora(c, None)?,
+    }
+    // Checkpoints of an adapter name the original base.
+    llama.source = base.to_path_buf();
     let (source, chat) = chat.unzip();
     let mut rag = decoder_only_rag(Box::new(llama), tokenizer, chat, window, path)?;
     if let InputFormat::Prompt(f) = &mut rag.format {
@@ -397,7 +447,7 @@ impl Pipeline {
     /// A `rustrag index build` knowledge base with a decoder-only generator (a GGUF file or a
     /// directory from `rustrag train`; see [`open_decoder_only`]).
     pub fn open(kb_dir: &Path, generator: &Path, config: PipelineConfig) -> Result<Self> {
-        let rag = open_decoder_only(generator, config.gguf_weights, 0)?;
+        let rag = open_decoder_only(generator, config.gguf_weights, &DecoderTraining::Frozen)?;
         Self::open_kb(kb_dir, rag, config)
     }
 

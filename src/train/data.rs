@@ -42,7 +42,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
 
 /// splitmix64: a small, fixed PRNG so that a seed gives the same data order on every platform and
 /// release.
-fn splitmix64(state: &mut u64) -> u64 {
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -8,10 +8,11 @@
 //! `checkpoints/step-NNNNNNN/` (HF `save_pretrained` layout + `optimizer.safetensors` +
 //! `trainer_state.json`), with `checkpoints/latest` naming the newest complete one.
 
+use crate::generators::llama::LoraConfig;
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::config::{GenerationSettings, RagMode};
 use crate::rag::loss::NllOptions;
-use crate::rag::pipeline::{save_decoder_only, Pipeline};
+use crate::rag::pipeline::{save_decoder_only, DecoderTraining, Pipeline};
 use crate::rag::{RagContext, RagModel};
 use crate::retrieve::{Passage, Retriever};
 use crate::tokenize::{ids_tensor, Padding};
@@ -69,8 +70,12 @@ pub struct RagTrainConfig {
     /// matmuls wide (evaluation has no gradient, so memory is not the limit).
     pub eval_batch_size: usize,
     /// Decoder-only generators: the top layers trained, the rest (and the embeddings) frozen [6].
-    /// Read where the run's generator is opened (the CLI, and resuming).
+    /// Read where the run's generator is opened (the CLI, and resuming); see
+    /// [`RagTrainConfig::decoder_training`].
     pub trainable_layers: usize,
+    /// Decoder-only generators: train LoRA adapters on the frozen model instead of top layers
+    /// [None].
+    pub lora: Option<LoraConfig>,
     /// Maximum answer length (decoder start included) when decoding for EM/F1 [20]; greedy.
     pub eval_max_length: usize,
 }
@@ -96,6 +101,7 @@ impl Default for RagTrainConfig {
             save_every: 0,
             eval_max_length: 20,
             trainable_layers: 6,
+            lora: None,
             eval_batch_size: 8,
         }
     }
@@ -126,6 +132,14 @@ impl RagTrainConfig {
             bail!("max_target_length must be at least 2");
         }
         Ok(())
+    }
+
+    /// What of a decoder-only generator trains: LoRA adapters when set, else the top layers.
+    pub fn decoder_training(&self) -> DecoderTraining {
+        match &self.lora {
+            Some(c) => DecoderTraining::Lora(c.clone()),
+            None => DecoderTraining::TopLayers(self.trainable_layers),
+        }
     }
 
     /// Questions per optimiser step.

@@ -4,8 +4,11 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use rustrag::generators::llama::LoraConfig;
 use rustrag::rag::loss::NllOptions;
-use rustrag::rag::pipeline::{open_decoder_only, save_decoder_only, WeightsChoice};
+use rustrag::rag::pipeline::{
+    open_decoder_only, save_decoder_only, DecoderTraining, WeightsChoice,
+};
 use rustrag::rag::{RagContext, RagMode};
 use rustrag::tokenize::ids_tensor;
 use rustrag::train::optim::{AdamW, AdamWConfig, GradAccumulator};
@@ -31,6 +34,10 @@ pub struct Args {
     /// embeddings stay frozen on both sides).
     #[arg(long, default_value = "6,30", value_delimiter = ',')]
     pub layers: Vec<usize>,
+    /// LoRA runs: adapter ranks (alpha = 2 rank, every projection of every layer), comma-separated.
+    /// The peer loads the same initial adapters with PEFT, so every step's loss must agree.
+    #[arg(long, default_value = "16", value_delimiter = ',')]
+    pub lora_ranks: Vec<usize>,
     /// Timed steps per run, after one untimed warm-up step.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -60,11 +67,47 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
     let mut runs = Vec::new();
     let mut peer_runs = Vec::new();
     let mut ratios = Vec::new();
-    for &layers in &args.layers {
-        let rag = open_decoder_only(&args.generator, WeightsChoice::F32, layers)?;
+    let trainings = args
+        .layers
+        .iter()
+        .map(|&n| DecoderTraining::TopLayers(n))
+        .chain(args.lora_ranks.iter().map(|&rank| {
+            DecoderTraining::Lora(LoraConfig {
+                rank,
+                alpha: 2.0 * rank as f64,
+                ..Default::default()
+            })
+        }));
+    for training in trainings {
+        let (label, peer_args) = match &training {
+            DecoderTraining::TopLayers(n) => (
+                format!("top {n} layers"),
+                vec!["--layers".into(), n.to_string()],
+            ),
+            DecoderTraining::Lora(c) => {
+                let dir = work.path().join(format!("lora-{}", c.rank));
+                (
+                    format!("LoRA rank {}", c.rank),
+                    vec!["--adapter".into(), dir.display().to_string()],
+                )
+            }
+            DecoderTraining::Frozen => unreachable!("bench train runs trainable models"),
+        };
+        let rag = open_decoder_only(&args.generator, WeightsChoice::F32, &training)?;
         let s = rag.generator.special_ids().clone();
         if !hf_dir.exists() {
-            save_decoder_only(&rag, &hf_dir)?;
+            // The base weights in HF's layout (top-layer runs save everything; a LoRA run's base
+            // is the unmodified model).
+            let base = open_decoder_only(
+                &args.generator,
+                WeightsChoice::F32,
+                &DecoderTraining::TopLayers(0),
+            )?;
+            save_decoder_only(&base, &hf_dir)?;
+        }
+        if let DecoderTraining::Lora(_) = &training {
+            // The initial adapters, for the peer to start from the same point.
+            save_decoder_only(&rag, std::path::Path::new(&peer_args[1]))?;
         }
         let prompts: Vec<Vec<u32>> = (0..args.docs)
             .map(|d| token_ids(args.prompt_tokens, d as u64 + 1, s.vocab_size))
@@ -112,10 +155,8 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
             losses.push(loss.to_scalar::<f32>()? as f64);
         }
         let mean = secs[1..].iter().sum::<f64>() / args.steps as f64;
-        runs.push(
-            serde_json::json!({"trainable_layers": layers, "params": vars.len(),
-            "loss_first_step": losses[0], "losses": losses, "step_s": secs, "mean_step_s": mean}),
-        );
+        runs.push(serde_json::json!({"training": label, "params": vars.len(),
+            "loss_first_step": losses[0], "losses": losses, "step_s": secs, "mean_step_s": mean}));
         if let Some(peer) = peer {
             let input = work.path().join("input.json");
             std::fs::write(
@@ -129,24 +170,22 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
                     hf_dir.display().to_string(),
                     "--input".into(),
                     input.display().to_string(),
-                    "--layers".into(),
-                    layers.to_string(),
                     "--steps".into(),
                     args.steps.to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(peer_args)
+                .collect::<Vec<_>>(),
             )?;
             let their_loss = p.get("loss_first_step").and_then(|v| v.as_f64());
             let their_step = p.get("mean_step_s").and_then(|v| v.as_f64());
             // The same first-step loss (before any update) shows both sides computed one thing.
             match (their_loss, their_step) {
                 (Some(l), Some(t)) if (l - losses[0]).abs() <= 1e-4 * l.abs().max(1.0) => {
-                    ratios.push((
-                        format!("train step, top {layers} layers (torch / rustrag)"),
-                        t / mean,
-                    ));
+                    ratios.push((format!("train step, {label} (torch / rustrag)"), t / mean));
                 }
                 (Some(l), _) => tracing::warn!(
-                    "first-step losses differ ({l} vs {}): no ratio for {layers} layers",
+                    "first-step losses differ ({l} vs {}): no ratio for {label}",
                     losses[0]
                 ),
                 _ => bail!("torch peer reported no loss/timing: {p}"),

@@ -205,6 +205,7 @@ impl Llama {
             device: device.clone(),
             source,
             vars: Vec::new(),
+            lora: None,
         };
         m.native_decode = m.native_decode_ok();
         Ok(m)

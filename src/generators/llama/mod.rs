@@ -8,10 +8,12 @@
 mod config;
 mod forward;
 mod load;
+mod lora;
 mod raw;
 mod train;
 
 pub use config::{LlamaConfig, RopeScaling};
+pub use lora::{LoraAdapter, LoraConfig, LORA_MODULES};
 
 use super::quant::QMatrix;
 use super::{CausalLm, DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
@@ -70,10 +72,12 @@ impl RmsNorm {
     }
 }
 
-/// A linear layer without bias: candle's matmul (f32 or quantized) or a native quantized one.
+/// A linear layer without bias: candle's matmul (f32 or quantized), a native quantized one, or a
+/// frozen one with a trainable LoRA update.
 enum Linear {
     Candle(QMatMul),
     Native(QMatrix),
+    Lora(Box<lora::LoraLinear>),
 }
 
 impl Linear {
@@ -81,13 +85,14 @@ impl Linear {
         match self {
             Linear::Candle(m) => m.forward(x),
             Linear::Native(m) => m.forward(x),
+            Linear::Lora(l) => l.forward(x),
         }
     }
 
     fn native(&self) -> Option<&QMatrix> {
         match self {
             Linear::Native(m) => Some(m),
-            Linear::Candle(_) => None,
+            Linear::Candle(_) | Linear::Lora(_) => None,
         }
     }
 }
@@ -177,8 +182,11 @@ pub struct Llama {
     device: Device,
     /// File or directory the weights came from.
     pub source: PathBuf,
-    /// Trainable parameters by HF name ([`Llama::make_trainable`]).
+    /// Trainable parameters by HF name ([`Llama::make_trainable`]) or PEFT key
+    /// ([`Llama::add_lora`]).
     vars: Vec<(String, candle_core::Var)>,
+    /// The adapters' settings when LoRA adapters were added.
+    lora: Option<LoraConfig>,
 }
 
 impl Llama {
@@ -347,7 +355,12 @@ impl CausalLm for Llama {
         self.vars.clone()
     }
 
+    /// HF `LlamaForCausalLM` weights, or with LoRA adapters the PEFT adapter directory (naming
+    /// [`Llama::source`] as its base).
     fn save_pretrained(&self, dir: &std::path::Path) -> Result<()> {
-        self.save_hf(dir)
+        match self.lora {
+            Some(_) => self.save_lora(dir, &self.source),
+            None => self.save_hf(dir),
+        }
     }
 }

@@ -26,6 +26,7 @@ const BLOCK_WEIGHTS: [&str; 9] = [
 fn f32_weight(l: &Linear) -> Result<&Tensor> {
     match l {
         Linear::Candle(QMatMul::Tensor(t)) => Ok(t),
+        Linear::Lora(_) => bail!("llama: LoRA adapters present (save_lora, or merge_lora first)"),
         _ => bail!("llama: training and saving need f32 weights (load with GgufWeights::F32)"),
     }
 }
@@ -33,6 +34,7 @@ fn f32_weight(l: &Linear) -> Result<&Tensor> {
 fn f32_weight_mut(l: &mut Linear) -> Result<&mut Tensor> {
     match l {
         Linear::Candle(QMatMul::Tensor(t)) => Ok(t),
+        Linear::Lora(_) => bail!("llama: LoRA adapters present (save_lora, or merge_lora first)"),
         _ => bail!("llama: training and saving need f32 weights (load with GgufWeights::F32)"),
     }
 }
@@ -116,15 +118,10 @@ impl Llama {
         if layers > n {
             bail!("llama: {layers} trainable layers asked, the model has {n}");
         }
-        if self.rope_layout == RopeLayout::Interleaved {
-            let (nh, nkv) = (self.config.num_heads, self.config.num_kv_heads);
-            for b in &mut self.blocks {
-                let w = b.weights_mut()?;
-                *w[1] = unpermute(w[1], nh)?;
-                *w[2] = unpermute(w[2], nkv)?;
-            }
-            self.rope_layout = RopeLayout::Halves;
+        if !self.vars.is_empty() {
+            bail!("llama: the model already has trainable parameters");
         }
+        self.to_hf_rope_layout()?;
         let mut vars = Vec::new();
         for (i, b) in self.blocks.iter_mut().enumerate().skip(n - layers) {
             b.differentiable = true;
@@ -144,6 +141,21 @@ impl Llama {
         }
         self.native_decode = false;
         self.vars = vars;
+        Ok(())
+    }
+
+    /// Put a GGUF's q/k rows back in HF's rotary layout (training and saving work in HF's
+    /// parameters; the tensor path's rotary follows the layout).
+    pub(super) fn to_hf_rope_layout(&mut self) -> Result<()> {
+        if self.rope_layout == RopeLayout::Interleaved {
+            let (nh, nkv) = (self.config.num_heads, self.config.num_kv_heads);
+            for b in &mut self.blocks {
+                let w = b.weights_mut()?;
+                *w[1] = unpermute(w[1], nh)?;
+                *w[2] = unpermute(w[2], nkv)?;
+            }
+            self.rope_layout = RopeLayout::Halves;
+        }
         Ok(())
     }
 
