@@ -614,16 +614,21 @@ impl<'a> RagTrainer<'a> {
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
             let (ctx, passages) = self.contexts(&questions, self.n_docs)?;
             let ctx = ctx.detached();
-            let labels = self.labels(&answers)?;
             let opts = NllOptions {
                 reduce_loss: true,
                 epsilon: 0.0,
                 exclude_bos_score: false,
             };
-            loss += self
-                .model()
-                .loss(&ctx, &labels, &opts)?
-                .to_scalar::<f32>()? as f64;
+            // One question at a time: with trainable weights the forward records its graph, and a
+            // whole evaluation batch's graph (24 rows × 12 layers of SmolLM2: over 10 GB) is
+            // what a training step's batch size was chosen to avoid.
+            for (q, a) in questions.iter().zip(&answers) {
+                let (one, _) = self.contexts(&[q], self.n_docs)?;
+                loss += self
+                    .model()
+                    .loss(&one.detached(), &self.labels(&[a])?, &opts)?
+                    .to_scalar::<f32>()? as f64;
+            }
             let ids = match self.model().mode {
                 RagMode::Token => self.model().generate_token(&ctx, &p)?,
                 RagMode::Sequence => self.model().generate_sequence_fast(&ctx, &p)?.0,

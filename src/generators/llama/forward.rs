@@ -50,14 +50,16 @@ impl Llama {
 
     /// Run the transformer over `ids: [rows, len]` at `positions: [rows, len]`, appending to `cache`
     /// (one entry per layer; empty = no past). `mask`: additive `[rows, 1, len, past + len]` or None
-    /// (no padding, and causal masking unnecessary because `len == 1`). Returns hidden states
-    /// `[rows, len, hidden]` after the final norm.
+    /// (no padding, and causal masking unnecessary because `len == 1`). `grad`: record the graph
+    /// through trainable weights (teacher forcing for training), else inference with the fused
+    /// kernels. Returns hidden states `[rows, len, hidden]` after the final norm.
     pub(super) fn run(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut [LayerCache],
+        grad: bool,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let cfg = &self.config;
@@ -76,18 +78,19 @@ impl Llama {
         };
         for (block, layer_cache) in self.blocks.iter().zip(cache.iter_mut()) {
             let residual = &x;
-            let hs = block.attn_norm.forward(&x)?;
+            let differentiable = block.differentiable && grad;
+            let hs = block.attn_norm.forward(&x, grad)?;
             let a = &block.attn;
             let [q, k, v]: [Tensor; 3] = a
                 .qkv
-                .forward(&hs)?
+                .forward(&hs, grad)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("llama: q/k/v projections are not three"))?;
             let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = self.rope(&q, &cos, &sin, block.differentiable)?;
-            let k = self.rope(&k, &cos, &sin, block.differentiable)?;
+            let q = self.rope(&q, &cos, &sin, differentiable)?;
+            let k = self.rope(&k, &cos, &sin, differentiable)?;
             let (k, v) = match &layer_cache.self_kv {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
@@ -104,7 +107,7 @@ impl Llama {
                     .reshape((b, nkv, n_rep * l, k_len))?,
                 None => att,
             };
-            let att = match block.differentiable {
+            let att = match differentiable {
                 true => candle_nn::ops::softmax(&att, D::Minus1)?,
                 false => candle_nn::ops::softmax_last_dim(&att)?,
             };
@@ -113,20 +116,20 @@ impl Llama {
                 .reshape((b, nh, l, hd))?
                 .transpose(1, 2)?
                 .reshape((b, l, nh * hd))?;
-            let y = a.o.forward(&y)?;
+            let y = a.o.forward(&y, grad)?;
             x = (residual + y)?;
             let residual = &x;
-            let hs = block.mlp_norm.forward(&x)?;
+            let hs = block.mlp_norm.forward(&x, grad)?;
             let m = &block.mlp;
             let [gate, up]: [Tensor; 2] = m
                 .gate_up
-                .forward(&hs)?
+                .forward(&hs, grad)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("llama: gate/up projections are not two"))?;
             let gated = (gate.silu()? * up)?;
-            x = (residual + m.down.forward(&gated)?)?;
+            x = (residual + m.down.forward(&gated, grad)?)?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(self.norm.forward(&x, grad)?)
     }
 
     /// Additive mask `[rows, 1, q_len, past + q_len]`: query i (absolute column past + i) sees key j
@@ -160,7 +163,7 @@ impl Llama {
         let last = hidden.narrow(1, l - 1, 1)?.contiguous()?;
         Ok(self
             .lm_head
-            .forward(&last)?
+            .forward(&last, false)?
             .squeeze(1)?
             .to_dtype(DType::F32)?)
     }
@@ -173,7 +176,7 @@ impl Llama {
         let pos = crate::tokenize::ids_tensor(&positions(lens, l), &self.device)?;
         let mask = Self::additive_mask(&key_mask(lens, l), l, &self.device)?;
         let mut cache = vec![LayerCache::default(); self.blocks.len()];
-        self.run(&ids, &pos, Some(&mask), &mut cache)
+        self.run(&ids, &pos, Some(&mask), &mut cache, true)
     }
 
     /// Teacher-forced logits `[rows, len, vocab]` for `input_ids: [rows, len]` u32 and a right-padded
@@ -183,7 +186,7 @@ impl Llama {
         let rows = left.len();
         let l = left.first().map_or(0, |r| r.len());
         let hidden = self.run_left_padded(&left, &lens)?;
-        let logits = self.lm_head.forward(&hidden)?;
+        let logits = self.lm_head.forward(&hidden, true)?;
         // Back to the caller's right-padded layout.
         let per_row = (0..rows)
             .map(|r| {
@@ -232,7 +235,7 @@ impl Llama {
         let lens: Vec<usize> = lens.iter().map(|n| n + t - 1).collect();
         let hidden = self.run_left_padded(&rows, &lens)?;
         let targets = hidden.narrow(1, l - 1, t)?.contiguous()?;
-        Ok(self.lm_head.forward(&targets)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&targets, true)?.to_dtype(DType::F32)?)
     }
 
     /// Log-probabilities of `continuation` given `prompt` (teacher forcing, one unpadded sequence):

@@ -86,14 +86,18 @@ pub(super) struct LoraLinear {
 }
 
 impl LoraLinear {
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
+    pub fn forward(&self, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x, grad)?;
+        let (a, b) = match grad {
+            true => (self.a.clone(), self.b.clone()),
+            false => (self.a.detach(), self.b.detach()),
+        };
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
-        let update = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        let update = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let mut out = dims;
-        *out.last_mut().expect("non-empty dims") = self.b.dim(0)?;
+        *out.last_mut().expect("non-empty dims") = b.dim(0)?;
         y + (update.reshape(out)? * self.scale)?
     }
 

@@ -64,10 +64,11 @@ impl RmsNorm {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.differentiable {
+    /// `grad`: record the graph through a trainable weight (false: the weight is a constant).
+    fn forward(&self, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
+        match self.differentiable && grad {
             true => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps),
-            false => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+            false => candle_nn::ops::rms_norm(x, &self.weight.detach(), self.eps),
         }
     }
 }
@@ -81,11 +82,15 @@ enum Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `grad`: record the graph through trainable weights. Without it a [`candle_core::Var`]
+    /// weight is used detached, so that inference with a model being trained (evaluation while
+    /// training) keeps no activations alive for a backward pass that never comes.
+    fn forward(&self, x: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
         match self {
+            Linear::Candle(QMatMul::Tensor(w)) if !grad => QMatMul::Tensor(w.detach()).forward(x),
             Linear::Candle(m) => m.forward(x),
             Linear::Native(m) => m.forward(x),
-            Linear::Lora(l) => l.forward(x),
+            Linear::Lora(l) => l.forward(x, grad),
         }
     }
 
@@ -120,9 +125,9 @@ impl Projections {
     }
 
     /// One output per projection, `[.., out_i]`.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward(&self, x: &Tensor, grad: bool) -> Result<Vec<Tensor>> {
         match self {
-            Projections::Separate(ps) => ps.iter().map(|p| Ok(p.forward(x)?)).collect(),
+            Projections::Separate(ps) => ps.iter().map(|p| Ok(p.forward(x, grad)?)).collect(),
             Projections::Stacked { w, sizes } => {
                 let y = w.forward(x)?;
                 let mut start = 0;
@@ -283,7 +288,8 @@ impl Decoder for Llama {
             } else {
                 Some(Self::additive_mask(&key_mask, l, &self.device)?)
             };
-            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers)?;
+            // Decoding never backpropagates (training uses CausalLm::forward).
+            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut layers, false)?;
             self.last_logits(&hidden)?
         };
         let next: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
@@ -332,7 +338,7 @@ impl Decoder for Llama {
         } else {
             let ids = tokens.to_dtype(DType::U32)?.reshape((rows, 1))?;
             let pos = next.reshape((rows, 1))?;
-            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut state.layers)?;
+            let hidden = self.run(&ids, &pos, mask.as_ref(), &mut state.layers, false)?;
             self.last_logits(&hidden)?
         };
         state.past_mask = Some(new_mask);
