@@ -18,8 +18,8 @@ use rustrag::encoders::{LoadOptions, SentenceEncoder, TextEncoder};
 use rustrag::kb::{write_kb, BuildOptions, Passage};
 use rustrag::train::optim::AdamWConfig;
 use rustrag::train::retriever::{
-    read_pairs, Negatives, RetrieverData, RetrieverTrainConfig, RetrieverTrainer, Similarity,
-    Towers,
+    read_pairs, LossSettings, Negatives, RetrieverData, RetrieverTrainConfig, RetrieverTrainer,
+    Similarity, Towers,
 };
 use serde_json::Value;
 use std::collections::HashMap;
@@ -174,15 +174,13 @@ fn loss_and_gradients_with_hard_negatives_match_sentence_transformers() -> Resul
         .collect();
     let labels: Vec<u32> = (0..questions.len() as u32).collect();
     let scale = fx["scale"].as_f64().unwrap();
-    let loss = towers.loss(
-        &questions,
-        &columns,
-        &labels,
-        Similarity::Cosine,
+    let settings = LossSettings {
+        similarity: Similarity::Cosine,
         scale,
-        None,
-        None,
-    )?;
+        max_query_length: None,
+        max_passage_length: None,
+    };
+    let loss = towers.loss(&questions, &columns, &labels, &settings)?;
     let want = &fx["with_negatives_f64"];
     let (got_loss, want_loss) = (
         loss.to_scalar::<f32>()? as f64,

@@ -49,7 +49,7 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
     plot_curves(path, "RAG loss per question", &train, &eval_loss, &percents)
 }
 
-/// Draw a training run: `train` and `eval_loss` `(step, loss)` points on top under `loss_caption`,
+/// Draw a training run: `train` and `eval_loss` `(step, loss)` points (either may be empty) on top under `loss_caption`,
 /// the named `percents` series `(step, %)` below (up to three; green, orange, purple).
 pub fn plot_curves(
     path: &Path,
@@ -117,18 +117,21 @@ pub fn plot_curves(
             .map_err(|e| err(&e))?
             .label("train")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(finite(eval_loss), RED.stroke_width(3)))
-            .map_err(|e| err(&e))?
-            .label("eval")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(3)));
-        chart
-            .draw_series(
-                finite(eval_loss)
-                    .into_iter()
-                    .map(|p| Circle::new(p, 4, RED.filled())),
-            )
-            .map_err(|e| err(&e))?;
+        // Runs without an eval loss (retriever training) get no empty legend entry.
+        if !eval_loss.is_empty() {
+            chart
+                .draw_series(LineSeries::new(finite(eval_loss), RED.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label("eval")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(3)));
+            chart
+                .draw_series(
+                    finite(eval_loss)
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, RED.filled())),
+                )
+                .map_err(|e| err(&e))?;
+        }
         legend(&mut chart).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&bottom)
             .margin(12)

@@ -218,7 +218,7 @@ pub fn read_pairs(path: &Path, kb: &KnowledgeBase) -> Result<Vec<Pair>> {
 pub enum Towers {
     /// One sentence-transformers model for questions and passages.
     Shared {
-        encoder: SentenceEncoder,
+        encoder: Box<SentenceEncoder>,
         /// The sentence-transformers directory (with `modules.json`).
         dir: PathBuf,
         /// Where the Transformer module's weights live, relative to `dir`.
@@ -226,11 +226,22 @@ pub enum Towers {
     },
     /// DPR question and context encoders (separate weights).
     Dpr {
-        question: DprEncoder,
-        context: DprEncoder,
+        question: Box<DprEncoder>,
+        context: Box<DprEncoder>,
         question_dir: PathBuf,
         context_dir: PathBuf,
     },
+}
+
+/// How [`Towers::loss`] scores and truncates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossSettings {
+    pub similarity: Similarity,
+    /// Multiplier of the cosine similarity (unused with [`Similarity::Dot`]).
+    pub scale: f64,
+    /// Token caps, specials included (None: the model's limit).
+    pub max_query_length: Option<usize>,
+    pub max_passage_length: Option<usize>,
 }
 
 /// Subdirectories of a DPR checkpoint.
@@ -252,7 +263,7 @@ impl Towers {
                 bail!("{}: a sentence-transformers model is one shared tower; a context encoder ({c}) is for DPR question encoders", dir.display());
             }
             let transformer = transformer_path(&dir)?;
-            let encoder = SentenceEncoder::load(&dir.display().to_string(), &opts)?;
+            let encoder = Box::new(SentenceEncoder::load(&dir.display().to_string(), &opts)?);
             return Ok(Self::Shared {
                 encoder,
                 dir,
@@ -288,8 +299,8 @@ impl Towers {
             );
         }
         Ok(Self::Dpr {
-            question,
-            context: ctx,
+            question: Box::new(question),
+            context: Box::new(ctx),
             question_dir: dir,
             context_dir,
         })
@@ -320,16 +331,16 @@ impl Towers {
     /// The encoder that embeds passages (the one a knowledge base records).
     pub fn passage_encoder(&self) -> &dyn TextEncoder {
         match self {
-            Self::Shared { encoder, .. } => encoder,
-            Self::Dpr { context, .. } => context,
+            Self::Shared { encoder, .. } => encoder.as_ref(),
+            Self::Dpr { context, .. } => context.as_ref(),
         }
     }
 
     /// The encoder that embeds questions.
     pub fn question_encoder(&self) -> &dyn TextEncoder {
         match self {
-            Self::Shared { encoder, .. } => encoder,
-            Self::Dpr { question, .. } => question,
+            Self::Shared { encoder, .. } => encoder.as_ref(),
+            Self::Dpr { question, .. } => question.as_ref(),
         }
     }
 
@@ -444,10 +455,7 @@ impl Towers {
         questions: &[&str],
         passages: &[&Passage],
         labels: &[u32],
-        similarity: Similarity,
-        scale: f64,
-        max_query_length: Option<usize>,
-        max_passage_length: Option<usize>,
+        settings: &LossSettings,
     ) -> Result<Tensor> {
         if labels.len() != questions.len() {
             bail!("{} labels for {} questions", labels.len(), questions.len());
@@ -455,11 +463,13 @@ impl Towers {
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= passages.len()) {
             bail!("label {bad} is not one of the {} passages", passages.len());
         }
-        let q = self.encode_questions(questions, max_query_length)?;
-        let p = self.encode_passages(passages, max_passage_length)?;
-        let scores = match similarity {
+        let q = self.encode_questions(questions, settings.max_query_length)?;
+        let p = self.encode_passages(passages, settings.max_passage_length)?;
+        let scores = match settings.similarity {
             Similarity::Dot => q.matmul(&p.t()?)?,
-            Similarity::Cosine => (l2_normalize(&q)?.matmul(&l2_normalize(&p)?.t()?)? * scale)?,
+            Similarity::Cosine => {
+                (l2_normalize(&q)?.matmul(&l2_normalize(&p)?.t()?)? * settings.scale)?
+            }
         };
         let labels = Tensor::new(labels, self.device())?;
         Ok(candle_nn::loss::cross_entropy(&scores, &labels)?)
@@ -990,15 +1000,15 @@ impl RetrieverTrainer {
             add(row, &mut columns);
         }
         let passages: Vec<&Passage> = columns.iter().map(|&r| &self.passages[r]).collect();
-        let loss = self.towers.loss(
-            &questions,
-            &passages,
-            &labels,
-            self.similarity,
-            c.scale,
-            c.max_query_length,
-            c.max_passage_length,
-        )?;
+        let settings = LossSettings {
+            similarity: self.similarity,
+            scale: c.scale,
+            max_query_length: c.max_query_length,
+            max_passage_length: c.max_passage_length,
+        };
+        let loss = self
+            .towers
+            .loss(&questions, &passages, &labels, &settings)?;
         Ok((loss, columns.len()))
     }
 
