@@ -451,3 +451,98 @@ fn bad_training_lines_and_a_foreign_kb_are_refused() -> Result<()> {
     assert!(e.contains("not the encoder that embedded"), "{e}");
     Ok(())
 }
+
+/// Separate DPR towers (tiny random encoders in tests/fixtures/dpr-tiny, from the parity set):
+/// DPR's dot-product loss and both towers' gradients against transformers, and a save that loads
+/// back as two HF DPR directories with the same embeddings.
+#[test]
+fn dpr_towers_match_transformers_and_save_in_the_hf_layout() -> Result<()> {
+    let fx = fixture();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpr-tiny");
+    let (qdir, cdir) = (dir.join("question_encoder"), dir.join("ctx_encoder"));
+    let towers = Towers::load(
+        &qdir.display().to_string(),
+        Some(&cdir.display().to_string()),
+        true,
+    )?;
+    assert_eq!(towers.default_similarity(), Similarity::Dot);
+    let ps = passages(&fx);
+    let by_id: HashMap<&str, &Passage> = ps.iter().map(|p| (p.id.as_str(), p)).collect();
+    let train = fx["train"].as_array().unwrap();
+    let questions: Vec<&str> = train
+        .iter()
+        .map(|t| t["question"].as_str().unwrap())
+        .collect();
+    let columns: Vec<&Passage> = train
+        .iter()
+        .map(|t| by_id[t["gold_pid"].as_str().unwrap()])
+        .chain(train.iter().map(|t| by_id[t["negative"].as_str().unwrap()]))
+        .collect();
+    let labels: Vec<u32> = (0..questions.len() as u32).collect();
+    let settings = LossSettings {
+        similarity: Similarity::Dot,
+        scale: 1.0,
+        max_query_length: None,
+        max_passage_length: None,
+    };
+    let loss = towers.loss(&questions, &columns, &labels, &settings)?;
+    let want = &fx["dpr_f64"];
+    let (got_loss, want_loss) = (
+        loss.to_scalar::<f32>()? as f64,
+        want["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+        "DPR loss {got_loss} vs transformers (float64) {want_loss}"
+    );
+    let grads = loss.backward()?;
+    let vars: HashMap<String, _> = towers.vars().into_iter().collect();
+    for (s32, s64) in fx["dpr"]["grads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want["grads"].as_array().unwrap())
+    {
+        let name = s64["name"].as_str().unwrap();
+        let n = floats64(&s64["values"]).len();
+        let var = vars
+            .get(name)
+            .with_context(|| format!("no parameter {name}"))?;
+        let g = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("no gradient for {name}"))?;
+        let got = slice(g, s64["start"].as_u64().unwrap() as usize, n);
+        let scale = floats64(&s64["values"])
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs()));
+        check_slice(
+            &format!("DPR gradient of {name}"),
+            &got,
+            s32,
+            s64,
+            1e-4 * scale,
+        );
+    }
+
+    let tmp = tempfile::tempdir()?;
+    towers.save(tmp.path())?;
+    let saved = Towers::load_saved(tmp.path(), false)?;
+    let titles: Vec<&str> = ps.iter().map(|p| p.title.as_str()).collect();
+    let texts: Vec<&str> = ps.iter().map(|p| p.text.as_str()).collect();
+    for (what, a, b) in [
+        (
+            "questions",
+            towers.question_encoder().encode_texts(&questions)?,
+            saved.question_encoder().encode_texts(&questions)?,
+        ),
+        (
+            "passages",
+            towers.passage_encoder().encode_passages(&titles, &texts)?,
+            saved.passage_encoder().encode_passages(&titles, &texts)?,
+        ),
+    ] {
+        let err = max_abs_diff(&a.flatten_all()?.to_vec1()?, &b.flatten_all()?.to_vec1()?);
+        assert!(err < 1e-5, "saved DPR {what} embeddings differ by {err:e}");
+    }
+    Ok(())
+}
