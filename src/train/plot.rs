@@ -49,8 +49,9 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
     plot_curves(path, "RAG loss per question", &train, &eval_loss, &percents)
 }
 
-/// Draw a training run: `train` and `eval_loss` `(step, loss)` points (either may be empty) on top under `loss_caption`,
-/// the named `percents` series `(step, %)` below (up to three; green, orange, purple).
+/// Draw a training run: `train` and `eval_loss` `(step, loss)` points (either may be empty) on
+/// top under `loss_caption`, the named `percents` series `(step, %)` below (up to three: green,
+/// orange, purple).
 pub fn plot_curves(
     path: &Path,
     loss_caption: &str,
