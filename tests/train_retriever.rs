@@ -51,6 +51,15 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+fn questions(fx: &Value) -> Vec<&str> {
+    fx["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["question"].as_str().unwrap())
+        .collect()
+}
+
 fn passages(fx: &Value) -> Vec<Passage> {
     serde_json::from_value(fx["passages"].clone()).expect("passages")
 }
@@ -153,42 +162,31 @@ fn step_config(max_steps: u64) -> RetrieverTrainConfig {
     }
 }
 
-#[test]
-fn loss_and_gradients_with_hard_negatives_match_sentence_transformers() -> Result<()> {
+/// The fixture batch through `towers.loss` (columns: the 4 gold passages, then the 4 hard
+/// negatives, a duplicate kept as `MultipleNegativesRankingLoss` keeps it): the loss, the global
+/// gradient norm and the gradient slices against `fx[key]` (float32) and `fx[key_f64]`.
+fn check_loss_and_gradients(towers: &Towers, settings: &LossSettings, key: &str) -> Result<()> {
     let fx = fixture();
-    let model = model_dir();
-    let towers = Towers::load(&model.display().to_string(), None, true)?;
-    assert_eq!(towers.default_similarity(), Similarity::Cosine);
     let ps = passages(&fx);
     let by_id: HashMap<&str, &Passage> = ps.iter().map(|p| (p.id.as_str(), p)).collect();
     let train = fx["train"].as_array().unwrap();
-    let questions: Vec<&str> = train
-        .iter()
-        .map(|t| t["question"].as_str().unwrap())
-        .collect();
-    // MultipleNegativesRankingLoss's columns: the golds, then the negatives (a duplicate stays).
+    let questions = questions(&fx);
     let columns: Vec<&Passage> = train
         .iter()
         .map(|t| by_id[t["gold_pid"].as_str().unwrap()])
         .chain(train.iter().map(|t| by_id[t["negative"].as_str().unwrap()]))
         .collect();
     let labels: Vec<u32> = (0..questions.len() as u32).collect();
-    let scale = fx["scale"].as_f64().unwrap();
-    let settings = LossSettings {
-        similarity: Similarity::Cosine,
-        scale,
-        max_query_length: None,
-        max_passage_length: None,
-    };
-    let loss = towers.loss(&questions, &columns, &labels, &settings)?;
-    let want = &fx["with_negatives_f64"];
+    let (loss, truncated) = towers.loss(&questions, &columns, &labels, settings)?;
+    assert_eq!(truncated, 0, "the fixture passages are short");
+    let want = &fx[format!("{key}_f64")];
     let (got_loss, want_loss) = (
         loss.to_scalar::<f32>()? as f64,
         want["loss"].as_f64().unwrap(),
     );
     assert!(
         (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
-        "loss {got_loss} vs sentence-transformers (float64) {want_loss}"
+        "{key}: loss {got_loss} vs the float64 reference {want_loss}"
     );
     let grads = loss.backward()?;
     let vars: HashMap<String, _> = towers.vars().into_iter().collect();
@@ -205,11 +203,15 @@ fn loss_and_gradients_with_hard_negatives_match_sentence_transformers() -> Resul
     let want_norm = want["grad_norm"].as_f64().unwrap();
     assert!(
         (sq.sqrt() - want_norm).abs() <= 1e-3 * want_norm,
-        "gradient norm {} vs torch {want_norm}",
+        "{key}: gradient norm {} vs the reference {want_norm}",
         sq.sqrt()
     );
-    let f32_grads = fx["with_negatives"]["grads"].as_array().unwrap();
-    for (s32, s64) in f32_grads.iter().zip(want["grads"].as_array().unwrap()) {
+    for (s32, s64) in fx[key]["grads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want["grads"].as_array().unwrap())
+    {
         let name = s64["name"].as_str().unwrap();
         let n = floats64(&s64["values"]).len();
         let var = vars
@@ -222,9 +224,29 @@ fn loss_and_gradients_with_hard_negatives_match_sentence_transformers() -> Resul
         let scale = floats64(&s64["values"])
             .iter()
             .fold(0f64, |m, v| m.max(v.abs()));
-        check_slice(&format!("gradient of {name}"), &got, s32, s64, 1e-4 * scale);
+        check_slice(
+            &format!("{key}: gradient of {name}"),
+            &got,
+            s32,
+            s64,
+            1e-4 * scale,
+        );
     }
     Ok(())
+}
+
+#[test]
+fn loss_and_gradients_with_hard_negatives_match_sentence_transformers() -> Result<()> {
+    let fx = fixture();
+    let towers = Towers::load(&model_dir().display().to_string(), None, true)?;
+    assert_eq!(towers.default_similarity(), Similarity::Cosine);
+    let settings = LossSettings {
+        similarity: Similarity::Cosine,
+        scale: fx["scale"].as_f64().unwrap(),
+        max_query_length: None,
+        max_passage_length: None,
+    };
+    check_loss_and_gradients(&towers, &settings, "with_negatives")
 }
 
 #[test]
@@ -264,6 +286,7 @@ fn one_adamw_step_matches_torch_and_the_checkpoint_loads_with_the_same_embedding
         rec.grad_norm
     );
     assert_eq!(rec.passages_per_question, 1.0);
+    assert_eq!(rec.truncated_passages, 0);
     let params: HashMap<String, _> = t.params().into_iter().collect();
     let after32 = fx["adamw_step"]["after"].as_array().unwrap();
     for (a32, a64) in after32.iter().zip(want["after"].as_array().unwrap()) {
@@ -309,12 +332,7 @@ fn one_adamw_step_matches_torch_and_the_checkpoint_loads_with_the_same_embedding
         names(&model.join("model.safetensors"))?
     );
     let loaded = SentenceEncoder::load(&ckpt.display().to_string(), &LoadOptions::default())?;
-    let questions: Vec<&str> = fx["train"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["question"].as_str().unwrap())
-        .collect();
+    let questions = questions(&fx);
     let trained = t.towers().question_encoder().encode_texts(&questions)?;
     let reloaded = loaded.encode_texts(&questions)?;
     let err = max_abs_diff(
@@ -466,63 +484,21 @@ fn dpr_towers_match_transformers_and_save_in_the_hf_layout() -> Result<()> {
         true,
     )?;
     assert_eq!(towers.default_similarity(), Similarity::Dot);
-    let ps = passages(&fx);
-    let by_id: HashMap<&str, &Passage> = ps.iter().map(|p| (p.id.as_str(), p)).collect();
-    let train = fx["train"].as_array().unwrap();
-    let questions: Vec<&str> = train
-        .iter()
-        .map(|t| t["question"].as_str().unwrap())
-        .collect();
-    let columns: Vec<&Passage> = train
-        .iter()
-        .map(|t| by_id[t["gold_pid"].as_str().unwrap()])
-        .chain(train.iter().map(|t| by_id[t["negative"].as_str().unwrap()]))
-        .collect();
-    let labels: Vec<u32> = (0..questions.len() as u32).collect();
     let settings = LossSettings {
         similarity: Similarity::Dot,
         scale: 1.0,
         max_query_length: None,
         max_passage_length: None,
     };
-    let loss = towers.loss(&questions, &columns, &labels, &settings)?;
-    let want = &fx["dpr_f64"];
-    let (got_loss, want_loss) = (
-        loss.to_scalar::<f32>()? as f64,
-        want["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
-        "DPR loss {got_loss} vs transformers (float64) {want_loss}"
-    );
-    let grads = loss.backward()?;
-    let vars: HashMap<String, _> = towers.vars().into_iter().collect();
-    for (s32, s64) in fx["dpr"]["grads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(want["grads"].as_array().unwrap())
-    {
-        let name = s64["name"].as_str().unwrap();
-        let n = floats64(&s64["values"]).len();
-        let var = vars
-            .get(name)
-            .with_context(|| format!("no parameter {name}"))?;
-        let g = grads
-            .get(var.as_tensor())
-            .with_context(|| format!("no gradient for {name}"))?;
-        let got = slice(g, s64["start"].as_u64().unwrap() as usize, n);
-        let scale = floats64(&s64["values"])
-            .iter()
-            .fold(0f64, |m, v| m.max(v.abs()));
-        check_slice(
-            &format!("DPR gradient of {name}"),
-            &got,
-            s32,
-            s64,
-            1e-4 * scale,
-        );
-    }
+    check_loss_and_gradients(&towers, &settings, "dpr")?;
+
+    let ps = passages(&fx);
+    let questions = questions(&fx);
+    // A token cap is reported: every fixture passage is longer than 8 tokens.
+    let refs: Vec<&Passage> = ps.iter().collect();
+    let (capped, cut) = towers.encode_passages(&refs, Some(8))?;
+    assert_eq!((capped.dims2()?.0, cut), (ps.len(), ps.len()));
+    assert_eq!(towers.encode_passages(&refs, None)?.1, 0);
 
     let tmp = tempfile::tempdir()?;
     towers.save(tmp.path())?;

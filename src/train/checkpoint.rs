@@ -2,6 +2,8 @@
 //! directory, every file fsynced, renamed into place, and `<out>/checkpoints/latest` replaced
 //! atomically ([`crate::kb::atomic`]) to name it. A kill at any point leaves the previous checkpoint
 //! named by `latest` and complete. [`crate::train::rag::latest_checkpoint`] reads it back.
+//! Also the run directory's JSONL metrics: [`append_jsonl`], [`read_jsonl`], and
+//! [`keep_jsonl_until`] for resuming (the lines written after the checkpoint are dropped).
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -62,4 +64,42 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
                 .with_context(|| format!("{}:{}: bad metrics line", path.display(), i + 1))
         })
         .collect()
+}
+
+/// Append `record` as one JSON line to `path` (created if missing).
+pub fn append_jsonl<T: serde::Serialize>(path: &Path, record: &T) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(record)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Rewrite the JSONL file `path` keeping the records for which `keep` holds (a resumed run drops
+/// the lines written after its checkpoint).
+pub fn keep_jsonl_until<T: serde::Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    keep: impl Fn(&T) -> bool,
+) -> Result<()> {
+    let mut text = String::new();
+    for r in read_jsonl::<T>(path)?.iter().filter(|r| keep(r)) {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The message of a run stopped at `step` by a non-finite `what` (loss, gradient norm), naming the
+/// last good checkpoint.
+pub fn diverged(step: u64, what: &str, value: f64, last_checkpoint: Option<&Path>) -> String {
+    let kept = match last_checkpoint {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was written yet".to_string(),
+    };
+    format!(
+        "training stopped at step {step}: the {what} is {value} (diverged: lower the learning rate or enable clipping); {kept}"
+    )
 }

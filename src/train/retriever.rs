@@ -40,7 +40,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -362,8 +361,13 @@ impl Towers {
         }
     }
 
-    /// Question embeddings with gradient: `[n, d]`. `max_length`: token cap (None: the model's).
-    pub fn encode_questions(&self, texts: &[&str], max_length: Option<usize>) -> Result<Tensor> {
+    /// Question embeddings with gradient: `[n, d]`, and how many texts reached the token cap
+    /// `max_length` (None: the model's limit) and were cut there.
+    pub fn encode_questions(
+        &self,
+        texts: &[&str],
+        max_length: Option<usize>,
+    ) -> Result<(Tensor, usize)> {
         match self {
             Self::Shared { encoder, .. } => {
                 let cap = max_length.unwrap_or(encoder.max_length);
@@ -371,27 +375,29 @@ impl Towers {
                     .tokenizer
                     .encode_batch(texts, true, Some(cap), Padding::None)?;
                 let pad = bert::pad_id(&encoder.tokenizer, &encoder.bert.config);
-                bert::run_sorted_batches(&enc, FORWARD_ROWS, pad, encoder.device(), |b| {
+                let e = bert::run_sorted_batches(&enc, FORWARD_ROWS, pad, encoder.device(), |b| {
                     encoder.encode_ids(&b.input_ids, &b.attention_mask, Some(&b.token_type_ids))
-                })
+                })?;
+                Ok((e, at_cap(&enc, cap)))
             }
             Self::Dpr { question, .. } => {
                 let cap = max_length.unwrap_or(question.max_length);
                 let enc = question
                     .tokenizer
                     .encode_batch(texts, true, Some(cap), Padding::None)?;
-                dpr_forward(question, &enc)
+                Ok((dpr_forward(question, &enc)?, at_cap(&enc, cap)))
             }
         }
     }
 
     /// Passage embeddings with gradient: `[n, d]`, embedded as the knowledge base embeds them
-    /// (sentence models: `title text` as one text; DPR: the `(title, text)` pair).
+    /// (sentence models: `title text` as one text; DPR: the `(title, text)` pair), and how many
+    /// reached the token cap.
     pub fn encode_passages(
         &self,
         passages: &[&Passage],
         max_length: Option<usize>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, usize)> {
         match self {
             Self::Shared { .. } => {
                 let joined: Vec<String> = passages
@@ -410,7 +416,7 @@ impl Towers {
                 let enc = context
                     .tokenizer
                     .encode_pairs(&pairs, Some(cap), Padding::None)?;
-                dpr_forward(context, &enc)
+                Ok((dpr_forward(context, &enc)?, at_cap(&enc, cap)))
             }
         }
     }
@@ -449,22 +455,22 @@ impl Towers {
 
     /// The loss of one micro-batch: `questions[i]`'s gold passage is `passages[labels[i]]`, every
     /// other passage a negative. `scores = sim(q, p)`: `[B, P]`; returns the mean cross-entropy
-    /// (a scalar) with gradient to every tower.
+    /// (a scalar) with gradient to every tower, and the number of passages cut at the token cap.
     pub fn loss(
         &self,
         questions: &[&str],
         passages: &[&Passage],
         labels: &[u32],
         settings: &LossSettings,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, usize)> {
         if labels.len() != questions.len() {
             bail!("{} labels for {} questions", labels.len(), questions.len());
         }
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= passages.len()) {
             bail!("label {bad} is not one of the {} passages", passages.len());
         }
-        let q = self.encode_questions(questions, settings.max_query_length)?;
-        let p = self.encode_passages(passages, settings.max_passage_length)?;
+        let (q, _) = self.encode_questions(questions, settings.max_query_length)?;
+        let (p, cut) = self.encode_passages(passages, settings.max_passage_length)?;
         let scores = match settings.similarity {
             Similarity::Dot => q.matmul(&p.t()?)?,
             Similarity::Cosine => {
@@ -472,7 +478,7 @@ impl Towers {
             }
         };
         let labels = Tensor::new(labels, self.device())?;
-        Ok(candle_nn::loss::cross_entropy(&scores, &labels)?)
+        Ok((candle_nn::loss::cross_entropy(&scores, &labels)?, cut))
     }
 }
 
@@ -480,6 +486,11 @@ impl Towers {
 /// many, so that a long passage pads only its group (the results are put back in order, with
 /// gradient).
 const FORWARD_ROWS: usize = 8;
+
+/// Rows of `enc` as long as `cap`: cut there (or exactly that long, which counts the same).
+fn at_cap(enc: &crate::tokenize::Encoded, cap: usize) -> usize {
+    enc.input_ids.iter().filter(|r| r.len() >= cap).count()
+}
 
 /// DPR forward with gradient on unpadded rows, token types 0 (as the KB is embedded).
 fn dpr_forward(enc: &DprEncoder, rows: &crate::tokenize::Encoded) -> Result<Tensor> {
@@ -617,6 +628,9 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Passages (columns) per question, averaged over micro-batches.
     pub passages_per_question: f64,
+    /// Passages of the step cut at the training token cap (`max_passage_length`).
+    #[serde(default)]
+    pub truncated_passages: usize,
     pub questions_per_s: f64,
     pub secs: f64,
 }
@@ -820,16 +834,9 @@ impl RetrieverTrainer {
             });
         }
         t.last_checkpoint = Some(ckpt);
-        let kept: Vec<MetricLine> = read_metrics(&t.metrics_path())?
-            .into_iter()
-            .filter(|m| m.step() <= state.step)
-            .collect();
-        let mut text = String::new();
-        for m in &kept {
-            text.push_str(&serde_json::to_string(m)?);
-            text.push('\n');
-        }
-        std::fs::write(t.metrics_path(), text)?;
+        crate::train::checkpoint::keep_jsonl_until(&t.metrics_path(), |m: &MetricLine| {
+            m.step() <= state.step
+        })?;
         Ok(t)
     }
 
@@ -981,8 +988,9 @@ impl RetrieverTrainer {
         }
     }
 
-    /// Loss of one micro-batch (mean over its questions) and the number of passage columns.
-    fn batch_loss(&self, batch: &[&Pair]) -> Result<(Tensor, usize)> {
+    /// Loss of one micro-batch (mean over its questions), the number of passage columns and of
+    /// passages cut at the token cap.
+    fn batch_loss(&self, batch: &[&Pair]) -> Result<(Tensor, usize, usize)> {
         let c = &self.config;
         let questions: Vec<&str> = batch.iter().map(|p| p.question.as_str()).collect();
         let negatives = self.hard_negatives(batch)?;
@@ -1006,10 +1014,10 @@ impl RetrieverTrainer {
             max_query_length: c.max_query_length,
             max_passage_length: c.max_passage_length,
         };
-        let loss = self
+        let (loss, cut) = self
             .towers
             .loss(&questions, &passages, &labels, &settings)?;
-        Ok((loss, columns.len()))
+        Ok((loss, columns.len(), cut))
     }
 
     /// One optimiser step on the next `questions_per_step` examples of the seeded stream. Stops
@@ -1024,16 +1032,17 @@ impl RetrieverTrainer {
             per_step,
         );
         let mut acc = GradAccumulator::new(self.opt.params().map(|(_, v)| v.clone()).collect());
-        let (mut loss_sum, mut columns, mut micro_batches) = (0f64, 0usize, 0usize);
+        let (mut loss_sum, mut columns, mut micro_batches, mut truncated) = (0f64, 0, 0, 0);
         for micro in idx.chunks(self.config.batch_size) {
             let batch: Vec<&Pair> = micro.iter().map(|&i| &self.train[i]).collect();
-            let (loss, cols) = self.batch_loss(&batch)?;
+            let (loss, cols, cut) = self.batch_loss(&batch)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 bail!(self.non_finite("loss", value));
             }
             loss_sum += value;
             columns += cols;
+            truncated += cut;
             micro_batches += 1;
             acc.add(&(loss / self.config.grad_accum as f64)?.backward()?)?;
         }
@@ -1056,19 +1065,18 @@ impl RetrieverTrainer {
             lr,
             grad_norm,
             passages_per_question: columns as f64 / per_step as f64,
+            truncated_passages: truncated,
             questions_per_s: per_step as f64 / secs.max(1e-9),
             secs,
         })
     }
 
     fn non_finite(&self, what: &str, value: f64) -> String {
-        let kept = match &self.last_checkpoint {
-            Some(p) => format!("the last good checkpoint is {}", p.display()),
-            None => "no checkpoint was written yet".to_string(),
-        };
-        format!(
-            "training stopped at step {}: the {what} is {value} (diverged: lower the learning rate or enable clipping); {kept}",
-            self.step + 1
+        crate::train::checkpoint::diverged(
+            self.step + 1,
+            what,
+            value,
+            self.last_checkpoint.as_deref(),
         )
     }
 
@@ -1215,15 +1223,7 @@ impl RetrieverTrainer {
     }
 
     fn log(&self, line: &MetricLine) -> Result<()> {
-        let path = self.metrics_path();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(line)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::train::checkpoint::append_jsonl(&self.metrics_path(), line)
     }
 
     /// Train until `max_steps` (or `stop_at`, if smaller), evaluating (at the start too), swapping
