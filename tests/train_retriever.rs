@@ -522,3 +522,41 @@ fn dpr_towers_match_transformers_and_save_in_the_hf_layout() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_diverging_run_stops_and_names_the_last_good_checkpoint() -> Result<()> {
+    let fx = fixture();
+    let model = model_dir();
+    let tmp = tempfile::tempdir()?;
+    let kb = build_kb(tmp.path(), &model, &passages(&fx), None);
+    let train = write_train(tmp.path(), &fx);
+    let data = RetrieverData {
+        kb: &kb,
+        bm25: None,
+        train: &train,
+        dev: None,
+    };
+    // An absurd rate moves every weight by ±1e30 in the first step: the second loss is not finite.
+    let mut config = step_config(3);
+    config.optim.lr = 1e30;
+    config.save_every = 1;
+    let out = tmp.path().join("run");
+    let m = model.display().to_string();
+    let e = RetrieverTrainer::new(&m, None, &data, &out, config)?
+        .run(None, |_| {})
+        .err()
+        .context("the run should stop")?;
+    let e = format!("{e:#}");
+    assert!(e.contains("training stopped at step 2"), "{e}");
+    assert!(
+        e.contains("last good checkpoint") && e.contains("step-0000001"),
+        "{e}"
+    );
+    let latest = rustrag::train::rag::latest_checkpoint(&out)?.context("a checkpoint")?;
+    assert!(latest.ends_with("step-0000001"));
+    assert!(
+        out.join("metrics.png").is_file(),
+        "the plot is drawn on a stop too"
+    );
+    Ok(())
+}
