@@ -7,6 +7,7 @@ pub mod eval;
 pub mod index;
 pub mod retrieve;
 pub mod train;
+pub mod train_retriever;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

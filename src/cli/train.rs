@@ -20,6 +20,8 @@ pub struct Args {
 pub enum What {
     /// Fine-tune an HF RAG checkpoint with the RAG-Sequence or RAG-Token loss.
     Rag(RagArgs),
+    /// Train a bi-encoder retriever (sentence-transformers or DPR) on question/gold-passage pairs.
+    Retriever(super::train_retriever::RetrieverArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -152,6 +154,7 @@ impl RagArgs {
 pub fn run(args: Args, json: bool) -> Result<()> {
     match args.what {
         What::Rag(a) => run_rag(a, json),
+        What::Retriever(a) => super::train_retriever::run(a, json),
     }
 }
 

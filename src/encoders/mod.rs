@@ -25,13 +25,7 @@ pub trait TextEncoder: Send + Sync {
         let joined: Vec<String> = titles
             .iter()
             .zip(texts)
-            .map(|(title, text)| {
-                if title.is_empty() {
-                    text.to_string()
-                } else {
-                    format!("{title} {text}")
-                }
-            })
+            .map(|(title, text)| joined_passage(title, text))
             .collect();
         let refs: Vec<&str> = joined.iter().map(|s| s.as_str()).collect();
         self.encode_texts(&refs)
@@ -40,6 +34,16 @@ pub trait TextEncoder: Send + Sync {
     fn dim(&self) -> usize;
     /// A description that identifies the encoder (path/id, pooling, normalisation) for KB manifests.
     fn fingerprint(&self) -> EncoderFingerprint;
+}
+
+/// A passage as one text for single-text encoders: `title + " " + text` (the text alone without a
+/// title), as [`TextEncoder::encode_passages`] embeds knowledge bases.
+pub fn joined_passage(title: &str, text: &str) -> String {
+    if title.is_empty() {
+        text.to_string()
+    } else {
+        format!("{title} {text}")
+    }
 }
 
 /// What a knowledge base records about the encoder that embedded it.

@@ -33,6 +33,7 @@ pub struct SentenceEncoder {
     weight_files: Vec<PathBuf>,
     sha256: OnceLock<String>,
     device: Device,
+    weights: Weights,
 }
 
 #[derive(serde::Deserialize)]
@@ -197,7 +198,14 @@ impl SentenceEncoder {
             weight_files: files,
             sha256: OnceLock::new(),
             device: opts.device.clone(),
+            weights,
         })
+    }
+
+    /// The weights the BERT body was built from, by their names in the weight file (trainable
+    /// `Var`s when loaded with [`LoadOptions::trainable`]): for training and saving.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
     }
 
     /// Tokenize with truncation at [`Self::max_length`], unpadded.

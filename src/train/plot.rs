@@ -45,6 +45,20 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             }
         }
     }
+    let percents = [("EM", em), ("F1", f1), ("recall", recall)];
+    plot_curves(path, "RAG loss per question", &train, &eval_loss, &percents)
+}
+
+/// Draw a training run: `train` and `eval_loss` `(step, loss)` points (either may be empty) on
+/// top under `loss_caption`, the named `percents` series `(step, %)` below (up to three: green,
+/// orange, purple).
+pub fn plot_curves(
+    path: &Path,
+    loss_caption: &str,
+    train: &[(f64, f64)],
+    eval_loss: &[(f64, f64)],
+    percents: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
     register_font()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()
@@ -58,12 +72,13 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
         let (top, bottom) = root.split_vertically(SIZE.1 * 3 / 5);
         let max_step = train
             .iter()
-            .chain(&eval_loss)
+            .chain(eval_loss)
+            .chain(percents.iter().flat_map(|s| &s.1))
             .map(|p| p.0)
             .fold(1.0, f64::max);
         let losses: Vec<f64> = train
             .iter()
-            .chain(&eval_loss)
+            .chain(eval_loss)
             .map(|p| p.1)
             .filter(|v| v.is_finite())
             .collect();
@@ -78,7 +93,7 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
         };
         let mut chart = ChartBuilder::on(&top)
             .margin(12)
-            .caption("RAG loss per question", (FONT, 18))
+            .caption(loss_caption, (FONT, 18))
             .x_label_area_size(28)
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..max_step, lo..hi)
@@ -99,22 +114,25 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             v.iter().copied().filter(|p| p.1.is_finite()).collect()
         };
         chart
-            .draw_series(LineSeries::new(finite(&train), BLUE.stroke_width(2)))
+            .draw_series(LineSeries::new(finite(train), BLUE.stroke_width(2)))
             .map_err(|e| err(&e))?
             .label("train")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(finite(&eval_loss), RED.stroke_width(3)))
-            .map_err(|e| err(&e))?
-            .label("eval")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(3)));
-        chart
-            .draw_series(
-                finite(&eval_loss)
-                    .into_iter()
-                    .map(|p| Circle::new(p, 4, RED.filled())),
-            )
-            .map_err(|e| err(&e))?;
+        // Runs without an eval loss (retriever training) get no empty legend entry.
+        if !eval_loss.is_empty() {
+            chart
+                .draw_series(LineSeries::new(finite(eval_loss), RED.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label("eval")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(3)));
+            chart
+                .draw_series(
+                    finite(eval_loss)
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, RED.filled())),
+                )
+                .map_err(|e| err(&e))?;
+        }
         legend(&mut chart).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&bottom)
             .margin(12)
@@ -135,11 +153,8 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
-        for (name, series, colour) in [
-            ("EM", &em, GREEN),
-            ("F1", &f1, RGBColor(255, 140, 0)),
-            ("recall", &recall, RGBColor(128, 0, 160)),
-        ] {
+        let colours = [GREEN, RGBColor(255, 140, 0), RGBColor(128, 0, 160)];
+        for (&(name, ref series), colour) in percents.iter().zip(colours) {
             chart
                 .draw_series(LineSeries::new(
                     series.iter().copied(),
