@@ -309,18 +309,16 @@ pub enum DecoderTraining {
     Lora(LoraConfig),
 }
 
-/// A Llama, its tokenizer, (chat template source, template) and context window from a GGUF file or
-/// a HF directory; `f32` dequantizes a GGUF.
-fn load_llama(
-    path: &Path,
-    weights: WeightsChoice,
-    f32: bool,
-) -> Result<(
+/// A Llama, its tokenizer, (chat template source, template) and context window.
+type LoadedLlama = (
     Llama,
     crate::tokenize::TextTokenizer,
     Option<(String, ChatTemplate)>,
     usize,
-)> {
+);
+
+/// [`LoadedLlama`] from a GGUF file or a HF directory; `f32` dequantizes a GGUF.
+fn load_llama(path: &Path, weights: WeightsChoice, f32: bool) -> Result<LoadedLlama> {
     let device = crate::default_device();
     if path.is_dir() {
         let llama = Llama::from_hf_dir(path, &device)?;

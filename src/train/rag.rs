@@ -16,12 +16,12 @@ use crate::rag::pipeline::{save_decoder_only, DecoderTraining, Pipeline};
 use crate::rag::{RagContext, RagModel};
 use crate::retrieve::{Passage, Retriever};
 use crate::tokenize::{ids_tensor, Padding};
+use crate::train::checkpoint;
 use crate::train::data::{stream_slice, Example};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -343,16 +343,7 @@ impl<'a> RagTrainer<'a> {
         t.opt
             .load(&ckpt.join("optimizer.safetensors"), state.step)?;
         t.last_checkpoint = Some(ckpt);
-        let kept: Vec<MetricLine> = read_metrics(&t.metrics_path())?
-            .into_iter()
-            .filter(|m| m.step() <= state.step)
-            .collect();
-        let mut text = String::new();
-        for m in &kept {
-            text.push_str(&serde_json::to_string(m)?);
-            text.push('\n');
-        }
-        std::fs::write(t.metrics_path(), text)?;
+        checkpoint::keep_jsonl_until(&t.metrics_path(), |m: &MetricLine| m.step() <= state.step)?;
         Ok(t)
     }
 
@@ -585,14 +576,7 @@ impl<'a> RagTrainer<'a> {
     }
 
     fn non_finite(&self, what: &str, value: f64) -> String {
-        let kept = match &self.last_checkpoint {
-            Some(p) => format!("the last good checkpoint is {}", p.display()),
-            None => "no checkpoint was written yet".to_string(),
-        };
-        format!(
-            "training stopped at step {}: the {what} is {value} (diverged: lower the learning rate or enable clipping); {kept}",
-            self.step + 1
-        )
+        checkpoint::diverged(self.step + 1, what, value, self.last_checkpoint.as_deref())
     }
 
     /// Dev loss (no smoothing), greedy EM/F1 and retrieval recall over `examples`.
@@ -665,57 +649,29 @@ impl<'a> RagTrainer<'a> {
     /// Write `checkpoints/step-NNNNNNN/` (model in HF layout, optimiser moments, trainer state)
     /// through a temporary directory renamed into place, then point `checkpoints/latest` at it.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let root = self.out.join("checkpoints");
-        std::fs::create_dir_all(&root)?;
-        let name = format!("step-{:07}", self.step);
-        let dir = root.join(&name);
-        let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempdir_in(&root)
-            .with_context(|| format!("creating a temporary directory in {}", root.display()))?;
-        match self.model().generator.is_decoder_only() {
-            true => save_decoder_only(self.model(), tmp.path())?,
-            false => self.model().save_pretrained(tmp.path())?,
-        }
-        let steps = self.opt.save(&tmp.path().join("optimizer.safetensors"))?;
         let state = TrainerState {
-            step: steps,
+            step: self.opt.steps(),
             config: self.config.clone(),
             train_examples: self.train.len(),
         };
-        std::fs::write(
-            tmp.path().join("trainer_state.json"),
-            serde_json::to_string_pretty(&state)?,
-        )?;
-        for e in std::fs::read_dir(tmp.path())? {
-            let e = e?;
-            if e.file_type()?.is_file() {
-                std::fs::File::open(e.path())?.sync_all()?;
+        let dir = checkpoint::write_checkpoint(&self.out, self.step, |tmp| {
+            match self.model().generator.is_decoder_only() {
+                true => save_decoder_only(self.model(), tmp)?,
+                false => self.model().save_pretrained(tmp)?,
             }
-        }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("replacing {}", dir.display()))?;
-        }
-        let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, &dir)
-            .with_context(|| format!("renaming into {}", dir.display()))?;
-        crate::kb::atomic::fsync_dir(&root)?;
-        crate::kb::atomic::write_file_atomic(&root.join("latest"), name.as_bytes())?;
+            self.opt.save(&tmp.join("optimizer.safetensors"))?;
+            std::fs::write(
+                tmp.join("trainer_state.json"),
+                serde_json::to_string_pretty(&state)?,
+            )?;
+            Ok(())
+        })?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
 
     fn log(&self, line: &MetricLine) -> Result<()> {
-        let path = self.metrics_path();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(line)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        checkpoint::append_jsonl(&self.metrics_path(), line)
     }
 
     /// Train until `max_steps` (or `stop_at`, if smaller: an interrupted run, for tests), evaluating
@@ -841,17 +797,5 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 
 /// Every record of a `metrics.jsonl` (errors name file:line).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricLine>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: bad metrics line", path.display(), i + 1))
-        })
-        .collect()
+    checkpoint::read_jsonl(path)
 }

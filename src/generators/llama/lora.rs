@@ -169,7 +169,7 @@ impl Llama {
         if !self.vars.is_empty() {
             bail!("lora: the model already has trainable parameters");
         }
-        self.to_hf_rope_layout()?;
+        self.use_hf_rope_layout()?;
         let n = self.blocks.len();
         let adapted = config.layers.unwrap_or(n);
         if adapted == 0 || adapted > n {

@@ -121,7 +121,7 @@ impl Llama {
         if !self.vars.is_empty() {
             bail!("llama: the model already has trainable parameters");
         }
-        self.to_hf_rope_layout()?;
+        self.use_hf_rope_layout()?;
         let mut vars = Vec::new();
         for (i, b) in self.blocks.iter_mut().enumerate().skip(n - layers) {
             b.differentiable = true;
@@ -146,7 +146,7 @@ impl Llama {
 
     /// Put a GGUF's q/k rows back in HF's rotary layout (training and saving work in HF's
     /// parameters; the tensor path's rotary follows the layout).
-    pub(super) fn to_hf_rope_layout(&mut self) -> Result<()> {
+    pub(super) fn use_hf_rope_layout(&mut self) -> Result<()> {
         if self.rope_layout == RopeLayout::Interleaved {
             let (nh, nkv) = (self.config.num_heads, self.config.num_kv_heads);
             for b in &mut self.blocks {
