@@ -85,6 +85,30 @@ fn rel_close(what: &str, got: &[f32], want: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Teacher-forced logits of `continuations` after `prompts` and their loss (targets =
+/// continuation[1:] + eos), checked against the reference's `(logits shape, logits, loss)`;
+/// returns the loss and the targets.
+fn checked_loss(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    continuations: &[Vec<u32>],
+    want: (&[usize], &[f32], f32),
+) -> Result<(Tensor, Tensor)> {
+    let input = gen_input(prompts)?;
+    let logits = CausalLm::forward(model, &input, &ids_tensor(continuations, &Device::Cpu)?)?;
+    ensure!(logits.dims() == want.0, "logits {:?}", logits.dims());
+    close("logits", &logits.flatten_all()?.to_vec1()?, want.1)?;
+    let eos = model.config.eos_token_id.context("eos")?;
+    let targets: Vec<Vec<u32>> = continuations
+        .iter()
+        .map(|c| c[1..].iter().copied().chain([eos]).collect())
+        .collect();
+    let targets = ids_tensor(&targets, &Device::Cpu)?;
+    let loss = nll(&logits, &targets)?;
+    close("loss", &[loss.to_scalar::<f32>()?], &[want.2])?;
+    Ok((loss, targets))
+}
+
 #[test]
 fn gradients_of_the_top_layer_match_transformers() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -92,22 +116,12 @@ fn gradients_of_the_top_layer_match_transformers() -> Result<()> {
     let r: Reference = serde_json::from_str(&text)?;
     let mut model = Llama::from_hf_dir(&root.join(&r.model), &Device::Cpu)?;
     model.make_trainable(r.trainable_layers)?;
-    let input = gen_input(&r.prompts)?;
-    let logits = CausalLm::forward(&model, &input, &ids_tensor(&r.continuations, &Device::Cpu)?)?;
-    ensure!(
-        logits.dims() == r.logits_shape,
-        "logits {:?}",
-        logits.dims()
-    );
-    close("logits", &logits.flatten_all()?.to_vec1()?, &r.logits)?;
-    let eos = model.config.eos_token_id.context("eos")?;
-    let targets: Vec<Vec<u32>> = r
-        .continuations
-        .iter()
-        .map(|c| c[1..].iter().copied().chain([eos]).collect())
-        .collect();
-    let loss = nll(&logits, &ids_tensor(&targets, &Device::Cpu)?)?;
-    close("loss", &[loss.to_scalar::<f32>()?], &[r.loss])?;
+    let (loss, _) = checked_loss(
+        &model,
+        &r.prompts,
+        &r.continuations,
+        (&r.logits_shape, &r.logits, r.loss),
+    )?;
     let grads = loss.backward()?;
     let vars = model.vars();
     let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
@@ -237,22 +251,12 @@ fn lora_adapters_match_peft() -> Result<()> {
     let model = load()?;
     let input = gen_input(&r.prompts)?;
     let cont = ids_tensor(&r.continuations, &Device::Cpu)?;
-    let logits = CausalLm::forward(&model, &input, &cont)?;
-    ensure!(
-        logits.dims() == r.logits_shape,
-        "logits {:?}",
-        logits.dims()
-    );
-    close("logits", &logits.flatten_all()?.to_vec1()?, &r.logits)?;
-    let eos = model.config.eos_token_id.context("eos")?;
-    let targets: Vec<Vec<u32>> = r
-        .continuations
-        .iter()
-        .map(|c| c[1..].iter().copied().chain([eos]).collect())
-        .collect();
-    let targets = ids_tensor(&targets, &Device::Cpu)?;
-    let loss = nll(&logits, &targets)?;
-    close("loss", &[loss.to_scalar::<f32>()?], &[r.loss])?;
+    let (loss, targets) = checked_loss(
+        &model,
+        &r.prompts,
+        &r.continuations,
+        (&r.logits_shape, &r.logits, r.loss),
+    )?;
     let vars = model.vars();
     let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
     let mut want: Vec<&String> = r.grads.keys().collect();
