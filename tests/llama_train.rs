@@ -17,16 +17,24 @@ use rustrag::train::optim::{AdamW, AdamWConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// What both reference scripts record: prompts and continuations, transformers' logits of the
+/// continuations, the loss and the gradient of every trainable tensor by name.
 #[derive(serde::Deserialize)]
-struct Reference {
-    model: String,
-    trainable_layers: usize,
+struct TeacherForced {
     prompts: Vec<Vec<u32>>,
     continuations: Vec<Vec<u32>>,
     logits: Vec<f32>,
     logits_shape: Vec<usize>,
     loss: f32,
     grads: HashMap<String, Vec<f32>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    model: String,
+    trainable_layers: usize,
+    #[serde(flatten)]
+    forced: TeacherForced,
     frozen: Vec<String>,
 }
 
@@ -85,27 +93,28 @@ fn rel_close(what: &str, got: &[f32], want: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Teacher-forced logits of `continuations` after `prompts` and their loss (targets =
-/// continuation[1:] + eos), checked against the reference's `(logits shape, logits, loss)`;
-/// returns the loss and the targets.
-fn checked_loss(
-    model: &Llama,
-    prompts: &[Vec<u32>],
-    continuations: &[Vec<u32>],
-    want: (&[usize], &[f32], f32),
-) -> Result<(Tensor, Tensor)> {
-    let input = gen_input(prompts)?;
-    let logits = CausalLm::forward(model, &input, &ids_tensor(continuations, &Device::Cpu)?)?;
-    ensure!(logits.dims() == want.0, "logits {:?}", logits.dims());
-    close("logits", &logits.flatten_all()?.to_vec1()?, want.1)?;
+/// Teacher-forced logits of the reference's continuations after its prompts and their loss
+/// (targets = continuation[1:] + eos), checked against the reference's; returns the loss and the
+/// targets.
+fn checked_loss(model: &Llama, r: &TeacherForced) -> Result<(Tensor, Tensor)> {
+    let input = gen_input(&r.prompts)?;
+    let cont = ids_tensor(&r.continuations, &Device::Cpu)?;
+    let logits = CausalLm::forward(model, &input, &cont)?;
+    ensure!(
+        logits.dims() == r.logits_shape,
+        "logits {:?}",
+        logits.dims()
+    );
+    close("logits", &logits.flatten_all()?.to_vec1()?, &r.logits)?;
     let eos = model.config.eos_token_id.context("eos")?;
-    let targets: Vec<Vec<u32>> = continuations
+    let targets: Vec<Vec<u32>> = r
+        .continuations
         .iter()
         .map(|c| c[1..].iter().copied().chain([eos]).collect())
         .collect();
     let targets = ids_tensor(&targets, &Device::Cpu)?;
     let loss = nll(&logits, &targets)?;
-    close("loss", &[loss.to_scalar::<f32>()?], &[want.2])?;
+    close("loss", &[loss.to_scalar::<f32>()?], &[r.loss])?;
     Ok((loss, targets))
 }
 
@@ -116,16 +125,11 @@ fn gradients_of_the_top_layer_match_transformers() -> Result<()> {
     let r: Reference = serde_json::from_str(&text)?;
     let mut model = Llama::from_hf_dir(&root.join(&r.model), &Device::Cpu)?;
     model.make_trainable(r.trainable_layers)?;
-    let (loss, _) = checked_loss(
-        &model,
-        &r.prompts,
-        &r.continuations,
-        (&r.logits_shape, &r.logits, r.loss),
-    )?;
+    let (loss, _) = checked_loss(&model, &r.forced)?;
     let grads = loss.backward()?;
     let vars = model.vars();
     let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
-    let mut want: Vec<&String> = r.grads.keys().collect();
+    let mut want: Vec<&String> = r.forced.grads.keys().collect();
     names.sort();
     want.sort();
     ensure!(names == want, "trainable {names:?} vs HF's {want:?}");
@@ -133,11 +137,14 @@ fn gradients_of_the_top_layer_match_transformers() -> Result<()> {
         let g = grads
             .get(var)
             .with_context(|| format!("{name}: no gradient"))?;
-        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.grads[name])?;
+        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.forced.grads[name])?;
     }
     // Frozen parameters: exactly HF's list, and no gradient reaches them.
     let state = model.state_dict()?;
-    let mut frozen: Vec<&String> = state.keys().filter(|k| !r.grads.contains_key(*k)).collect();
+    let mut frozen: Vec<&String> = state
+        .keys()
+        .filter(|k| !r.forced.grads.contains_key(*k))
+        .collect();
     frozen.sort();
     let mut want_frozen: Vec<&String> = r.frozen.iter().collect();
     want_frozen.sort();
@@ -216,12 +223,8 @@ fn smollm2_made_trainable_and_saved_keeps_its_logits() -> Result<()> {
 struct LoraReference {
     model: String,
     adapter: String,
-    prompts: Vec<Vec<u32>>,
-    continuations: Vec<Vec<u32>>,
-    logits: Vec<f32>,
-    logits_shape: Vec<usize>,
-    loss: f32,
-    grads: HashMap<String, Vec<f32>>,
+    #[serde(flatten)]
+    forced: TeacherForced,
     lr: f64,
     weight_decay: f64,
     loss_after_step: f32,
@@ -249,17 +252,12 @@ fn lora_adapters_match_peft() -> Result<()> {
         Ok(model)
     };
     let model = load()?;
-    let input = gen_input(&r.prompts)?;
-    let cont = ids_tensor(&r.continuations, &Device::Cpu)?;
-    let (loss, targets) = checked_loss(
-        &model,
-        &r.prompts,
-        &r.continuations,
-        (&r.logits_shape, &r.logits, r.loss),
-    )?;
+    let input = gen_input(&r.forced.prompts)?;
+    let cont = ids_tensor(&r.forced.continuations, &Device::Cpu)?;
+    let (loss, targets) = checked_loss(&model, &r.forced)?;
     let vars = model.vars();
     let mut names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
-    let mut want: Vec<&String> = r.grads.keys().collect();
+    let mut want: Vec<&String> = r.forced.grads.keys().collect();
     names.sort();
     want.sort();
     ensure!(names == want, "adapters {names:?} vs PEFT's {want:?}");
@@ -268,7 +266,7 @@ fn lora_adapters_match_peft() -> Result<()> {
         let g = grads
             .get(var)
             .with_context(|| format!("{name}: no gradient"))?;
-        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.grads[name])?;
+        rel_close(name, &g.flatten_all()?.to_vec1()?, &r.forced.grads[name])?;
     }
     // Saved before the update: rustrag's own adapter directory reloads to the same logits.
     let dir = tempfile::tempdir()?;
@@ -299,7 +297,7 @@ fn lora_adapters_match_peft() -> Result<()> {
     close(
         "reloaded logits",
         &again.flatten_all()?.to_vec1()?,
-        &r.logits,
+        &r.forced.logits,
     )?;
     reloaded.merge_lora()?;
     ensure!(
@@ -310,7 +308,7 @@ fn lora_adapters_match_peft() -> Result<()> {
     close(
         "merged logits",
         &merged.flatten_all()?.to_vec1()?,
-        &r.logits,
+        &r.forced.logits,
     )?;
     Ok(())
 }

@@ -606,11 +606,10 @@ impl<'a> RagTrainer<'a> {
             // One question at a time: with trainable weights the forward records its graph, and a
             // whole evaluation batch's graph (24 rows × 12 layers of SmolLM2: over 10 GB) is
             // what a training step's batch size was chosen to avoid.
-            for (q, a) in questions.iter().zip(&answers) {
-                let (one, _) = self.contexts(&[q], self.n_docs)?;
+            for (i, a) in answers.iter().enumerate() {
                 loss += self
                     .model()
-                    .loss(&one.detached(), &self.labels(&[a])?, &opts)?
+                    .loss(&ctx.questions(i, 1)?, &self.labels(&[a])?, &opts)?
                     .to_scalar::<f32>()? as f64;
             }
             let ids = match self.model().mode {

@@ -96,14 +96,16 @@ pub fn run(args: Args, peer: Option<&super::Peer>) -> Result<super::Report> {
         let rag = open_decoder_only(&args.generator, WeightsChoice::F32, &training)?;
         let s = rag.generator.special_ids().clone();
         if !hf_dir.exists() {
-            // The base weights in HF's layout (top-layer runs save everything; a LoRA run's base
-            // is the unmodified model).
-            let base = open_decoder_only(
-                &args.generator,
-                WeightsChoice::F32,
-                &DecoderTraining::TopLayers(0),
-            )?;
-            save_decoder_only(&base, &hf_dir)?;
+            // The base weights in HF's layout, for the peer: a top-layer model saves them all; a
+            // LoRA model saves only its adapters, so its untouched base is opened for that.
+            match &training {
+                DecoderTraining::Lora(_) => {
+                    let base = DecoderTraining::TopLayers(0);
+                    let base = open_decoder_only(&args.generator, WeightsChoice::F32, &base)?;
+                    save_decoder_only(&base, &hf_dir)?
+                }
+                _ => save_decoder_only(&rag, &hf_dir)?,
+            }
         }
         if let DecoderTraining::Lora(_) = &training {
             // The initial adapters, for the peer to start from the same point.

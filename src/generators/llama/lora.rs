@@ -239,11 +239,6 @@ impl Llama {
         Ok(())
     }
 
-    /// The LoRA configuration of the adapters added, if any.
-    pub fn lora_config(&self) -> Option<&LoraConfig> {
-        self.lora.as_ref()
-    }
-
     /// Write the adapters as a PEFT directory: `adapter_model.safetensors` and
     /// `adapter_config.json` naming `base` (the GGUF file or HF directory the base weights came
     /// from) as `base_model_name_or_path`.
