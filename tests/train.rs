@@ -359,7 +359,7 @@ fn train_losses(out: &Path) -> Result<Vec<(u64, f64)>> {
         .into_iter()
         .filter_map(|m| match m {
             MetricLine::Train(r) => Some((r.step, r.loss)),
-            MetricLine::Eval(_) => None,
+            _ => None,
         })
         .collect())
 }
@@ -482,60 +482,139 @@ fn decoder_only_lora_run_over_a_kb_resumes_and_its_adapter_answers() -> Result<(
     }))
 }
 
-fn decoder_only_run_over_a_kb(lora: Option<rustrag::generators::llama::LoraConfig>) -> Result<()> {
-    use rustrag::kb::{build, BuildOptions};
-    use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, WeightsChoice};
-    use rustrag::train::rag::RagSource;
-    let models = std::env::var("RUSTRAG_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let gguf = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let minilm = models.join("all-MiniLM-L6-v2");
-    assert!(
-        gguf.is_file() && minilm.is_dir(),
-        "real models missing under {}",
-        models.display()
-    );
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/squad-dev");
-    let read_gz = |name: &str| -> Result<Vec<Value>> {
-        let f = std::fs::File::open(data.join(name)).with_context(|| name.to_string())?;
-        let text = std::io::read_to_string(flate2::read::GzDecoder::new(f))?;
-        Ok(text
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?)
-    };
-    let dir = tempfile::tempdir()?;
-    // KB: the 54 paragraphs of article 0 (Super Bowl 50).
-    let corpus: Vec<String> = read_gz("corpus.jsonl.gz")?
-        .into_iter()
-        .filter(|p| p["_id"].as_str().is_some_and(|id| id.starts_with("0-")))
-        .map(|p| p.to_string())
-        .collect();
-    let corpus_path = dir.path().join("corpus.jsonl");
-    std::fs::write(&corpus_path, corpus.join("\n"))?;
-    let encoder =
-        rustrag::encoders::sentence::load_encoder(&minilm.to_string_lossy(), &Default::default())?;
-    let kb_dir = dir.path().join("kb");
-    build(
-        &kb_dir,
-        &[corpus_path],
-        encoder.as_ref(),
-        &BuildOptions {
-            words_per_passage: 0,
-            ..Default::default()
-        },
-        &mut |_, _| {},
-    )?;
-    let examples: Vec<Example> = read_gz("queries.jsonl.gz")?
-        .into_iter()
-        .take(4)
-        .map(serde_json::from_value)
-        .collect::<Result<_, _>>()?;
-    let config = RagTrainConfig {
-        trainable: Trainable::Generator,
+/// SmolLM2 + a MiniLM knowledge base of the 54 paragraphs of SQuAD-dev article 0 (Super Bowl 50).
+struct KbFixture {
+    dir: tempfile::TempDir,
+    kb_dir: PathBuf,
+    gguf: PathBuf,
+    minilm: PathBuf,
+    examples: Vec<Example>,
+}
+
+impl KbFixture {
+    fn new() -> Result<Self> {
+        use rustrag::kb::{build, BuildOptions};
+        let models = std::env::var("RUSTRAG_MODELS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+        let gguf = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let minilm = models.join("all-MiniLM-L6-v2");
+        assert!(
+            gguf.is_file() && minilm.is_dir(),
+            "real models missing under {}",
+            models.display()
+        );
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/squad-dev");
+        let read_gz = |name: &str| -> Result<Vec<Value>> {
+            let f = std::fs::File::open(data.join(name)).with_context(|| name.to_string())?;
+            let text = std::io::read_to_string(flate2::read::GzDecoder::new(f))?;
+            Ok(text
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()?)
+        };
+        let dir = tempfile::tempdir()?;
+        let corpus: Vec<String> = read_gz("corpus.jsonl.gz")?
+            .into_iter()
+            .filter(|p| p["_id"].as_str().is_some_and(|id| id.starts_with("0-")))
+            .map(|p| p.to_string())
+            .collect();
+        let corpus_path = dir.path().join("corpus.jsonl");
+        std::fs::write(&corpus_path, corpus.join("\n"))?;
+        let encoder = rustrag::encoders::sentence::load_encoder(
+            &minilm.to_string_lossy(),
+            &Default::default(),
+        )?;
+        let kb_dir = dir.path().join("kb");
+        build(
+            &kb_dir,
+            &[corpus_path],
+            encoder.as_ref(),
+            &BuildOptions {
+                words_per_passage: 0,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )?;
+        let examples: Vec<Example> = read_gz("queries.jsonl.gz")?
+            .into_iter()
+            .take(4)
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            dir,
+            kb_dir,
+            gguf,
+            minilm,
+            examples,
+        })
+    }
+
+    /// The run's source: the generator (the GGUF, or a checkpoint when `resumed`) over the KB,
+    /// with the retriever towers when they train.
+    fn open(
+        &self,
+        generator: &Path,
+        c: &RagTrainConfig,
+        resumed: bool,
+    ) -> Result<rustrag::train::rag::RagSource<'static>> {
+        use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, WeightsChoice};
+        use rustrag::train::rag::{kb_towers, saved_towers, RagSource};
+        let rag = open_decoder_only(generator, WeightsChoice::F32, &c.decoder_training())?;
+        let p = Pipeline::open_kb(&self.kb_dir, rag, PipelineConfig::default())?;
+        let towers = match (c.trainable, resumed) {
+            (Trainable::Generator, _) => None,
+            (_, true) => saved_towers(generator)?,
+            (_, false) => Some(kb_towers(&p, None)?),
+        };
+        Ok(RagSource::Kb {
+            pipeline: Box::new(p),
+            towers,
+        })
+    }
+
+    /// Train `config` uninterrupted into `full/`, and interrupted after step 1 and resumed into
+    /// `cut/`; the two loss curves must agree to 1e-4 relative. Returns the full run's directory.
+    fn run_twice(&self, config: &RagTrainConfig) -> Result<PathBuf> {
+        let full = self.dir.path().join("full");
+        let start = |out: &Path| {
+            RagTrainer::from_source(
+                self.open(&self.gguf, config, false)?,
+                self.examples.clone(),
+                vec![],
+                out,
+                config.clone(),
+            )
+        };
+        start(&full)?.run(None, |_| {})?;
+        let cut = self.dir.path().join("cut");
+        start(&cut)?.run(Some(1), |_| {})?;
+        let mut t = RagTrainer::resume_with(
+            &cut,
+            |g, c| self.open(g, c, true),
+            self.examples.clone(),
+            vec![],
+        )?;
+        assert_eq!(t.step, 1);
+        t.run(None, |_| {})?;
+        let (a, b) = (train_losses(&full)?, train_losses(&cut)?);
+        assert_eq!(a.len(), config.max_steps as usize, "{a:?}");
+        assert_eq!(b.len(), config.max_steps as usize, "{b:?}");
+        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+            assert_eq!(sa, sb);
+            assert!(
+                (la - lb).abs() <= 1e-4 * la.abs(),
+                "step {sa}: {la} vs {lb}"
+            );
+        }
+        Ok(full)
+    }
+}
+
+fn kb_run_config(trainable: Trainable) -> RagTrainConfig {
+    RagTrainConfig {
+        trainable,
         trainable_layers: 1,
-        lora: lora.clone(),
         n_docs: Some(2),
         batch_size: 1,
         max_steps: 2,
@@ -545,57 +624,104 @@ fn decoder_only_run_over_a_kb(lora: Option<rustrag::generators::llama::LoraConfi
             ..Default::default()
         },
         ..Default::default()
-    };
-    let open = |generator: &Path, c: &RagTrainConfig| -> Result<RagSource<'static>> {
-        let rag = open_decoder_only(generator, WeightsChoice::F32, &c.decoder_training())?;
-        let p = Pipeline::open_kb(&kb_dir, rag, PipelineConfig::default())?;
-        Ok(RagSource::Kb(Box::new(p)))
-    };
-    // Uninterrupted.
-    let full = dir.path().join("full");
-    let mut t = RagTrainer::from_source(
-        open(&gguf, &config)?,
-        examples.clone(),
-        vec![],
-        &full,
-        config.clone(),
-    )?;
-    t.run(None, |_| {})?;
-    // Interrupted after step 1, resumed.
-    let cut = dir.path().join("cut");
-    let mut t = RagTrainer::from_source(
-        open(&gguf, &config)?,
-        examples.clone(),
-        vec![],
-        &cut,
-        config.clone(),
-    )?;
-    t.run(Some(1), |_| {})?;
-    drop(t);
-    let mut t = RagTrainer::resume_with(&cut, open, examples.clone(), vec![])?;
-    assert_eq!(t.step, 1);
-    t.run(None, |_| {})?;
-    let (a, b) = (train_losses(&full)?, train_losses(&cut)?);
-    assert_eq!(a.len(), 2, "{a:?}");
-    assert_eq!(b.len(), 2, "{b:?}");
-    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
-        assert!(
-            (la - lb).abs() <= 1e-4 * la.abs(),
-            "step {sa}: {la} vs {lb}"
-        );
     }
+}
+
+fn decoder_only_run_over_a_kb(lora: Option<rustrag::generators::llama::LoraConfig>) -> Result<()> {
+    use rustrag::rag::pipeline::{Pipeline, PipelineConfig};
+    let fx = KbFixture::new()?;
+    let config = RagTrainConfig {
+        lora: lora.clone(),
+        ..kb_run_config(Trainable::Generator)
+    };
+    let full = fx.run_twice(&config)?;
     // The checkpoint is a generator directory the pipeline answers with.
     let ckpt = rustrag::train::rag::latest_checkpoint(&full)?.context("no checkpoint")?;
     if lora.is_some() {
         let adapter = rustrag::generators::llama::LoraAdapter::read(&ckpt)?;
-        assert_eq!(adapter.base.canonicalize()?, gguf.canonicalize()?);
+        assert_eq!(adapter.base.canonicalize()?, fx.gguf.canonicalize()?);
         let bytes = std::fs::metadata(ckpt.join("adapter_model.safetensors"))?.len();
         assert!(bytes < 2_000_000, "adapter of {bytes} bytes");
         assert!(!ckpt.join("model.safetensors").exists());
     }
-    let p = Pipeline::open(&kb_dir, &ckpt, PipelineConfig::default())?;
-    let r = p.answer(&[examples[0].question.clone()])?;
+    let p = Pipeline::open(&fx.kb_dir, &ckpt, PipelineConfig::default())?;
+    let r = p.answer(&[fx.examples[0].question.clone()])?;
+    assert_eq!(r[0].sources.len(), 3);
+    assert!(!r[0].answers[0].ids.is_empty());
+    Ok(())
+}
+
+/// End to end over a knowledge base: SmolLM2's top layer, MiniLM as question and context encoder
+/// (one shared tower) and the prior temperature τ train together; the KB is re-embedded after
+/// every step (waiting for it, so that the run is reproducible). Resuming gives the same loss
+/// curve; step 2 trains on the index re-embedded with step-1 weights; τ moves from the KB's 0.05;
+/// the checkpoint's encoder is a sentence-transformers directory whose embeddings differ from
+/// MiniLM's. The pipeline refuses the checkpoint over the KB until the KB is re-embedded with
+/// that encoder, then answers with the trained encoder and τ.
+#[test]
+fn end_to_end_run_over_a_kb_reindexes_resumes_and_answers() -> Result<()> {
+    use rustrag::encoders::LoadOptions;
+    use rustrag::rag::pipeline::{Pipeline, PipelineConfig};
+    let fx = KbFixture::new()?;
+    let config = RagTrainConfig {
+        reindex_every: 1,
+        reindex_in_background: false,
+        train_prior_temperature: true,
+        prior_temperature_lr: 0.05,
+        question_encoder_lr: Some(1e-3),
+        ..kb_run_config(Trainable::EndToEnd)
+    };
+    let full = fx.run_twice(&config)?;
+    let lines = read_metrics(&full.join("metrics.jsonl"))?;
+    let swaps: Vec<(u64, u64)> = lines
+        .iter()
+        .filter_map(|m| match m {
+            MetricLine::Index(r) => Some((r.step, r.weights_step)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(swaps, vec![(2, 1)]);
+    let taus: Vec<f64> = lines
+        .iter()
+        .filter_map(|m| match m {
+            MetricLine::Train(r) => r.prior_temperature,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(taus.len(), 2, "{taus:?}");
+    assert!(
+        taus.iter()
+            .all(|t| t.is_finite() && (t - 0.05).abs() > 1e-4),
+        "τ did not train: {taus:?}"
+    );
+
+    let ckpt = rustrag::train::rag::latest_checkpoint(&full)?.context("no checkpoint")?;
+    assert!(ckpt.join("retriever/modules.json").is_file());
+    assert!(ckpt.join("index.safetensors").is_file());
+    let load = |p: &Path| {
+        rustrag::encoders::sentence::load_encoder(&p.to_string_lossy(), &LoadOptions::default())
+    };
+    let (trained, original) = (load(&ckpt.join("retriever"))?, load(&fx.minilm)?);
+    let q = [fx.examples[0].question.as_str()];
+    let diff = (trained.encode_texts(&q)? - original.encode_texts(&q)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(diff > 1e-6, "the encoder did not train (max diff {diff})");
+
+    let err = Pipeline::open(&fx.kb_dir, &ckpt, PipelineConfig::default())
+        .err()
+        .context("a KB embedded by the old encoder was accepted")?;
+    assert!(format!("{err:#}").contains("index reembed"), "{err:#}");
+    rustrag::kb::reembed(
+        &fx.kb_dir,
+        trained.as_ref(),
+        &Default::default(),
+        &mut |_, _| {},
+    )?;
+    let p = Pipeline::open(&fx.kb_dir, &ckpt, PipelineConfig::default())?;
+    assert!((p.prior_temperature() - taus[1]).abs() < 1e-6);
+    let r = p.answer(&[fx.examples[0].question.clone()])?;
     assert_eq!(r[0].sources.len(), 3);
     assert!(!r[0].answers[0].ids.is_empty());
     Ok(())

@@ -7,7 +7,9 @@ use rustrag::rag::pipeline::{open_decoder_only, Pipeline, PipelineConfig, Weight
 use rustrag::rag::{InMemoryIndex, RagMode};
 use rustrag::train::data::read_examples;
 use rustrag::train::optim::AdamWConfig;
-use rustrag::train::rag::{RagSource, RagTrainConfig, RagTrainer, Trainable};
+use rustrag::train::rag::{
+    kb_towers, saved_towers, RagSource, RagTrainConfig, RagTrainer, Trainable,
+};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -29,6 +31,8 @@ pub enum TrainableArg {
     Generator,
     #[value(name = "generator+question-encoder")]
     GeneratorQuestionEncoder,
+    /// Generator + question encoder + context encoder, the KB re-embedded in the background.
+    EndToEnd,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -113,6 +117,20 @@ pub struct RagArgs {
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
+    /// Learning rate of the question/context encoders (default: --lr).
+    #[arg(long)]
+    pub question_encoder_lr: Option<f64>,
+    /// A DPR knowledge base trained end to end: its context encoder (DPRContextEncoder directory).
+    #[arg(long)]
+    pub context_encoder: Option<String>,
+    /// End to end: re-embed the knowledge base in the background every N steps.
+    #[arg(long, default_value_t = 50)]
+    pub reindex_every: u64,
+    /// Train the doc-prior temperature τ (as log τ).
+    #[arg(long)]
+    pub train_prior_temperature: bool,
+    #[arg(long, default_value_t = 1e-2)]
+    pub prior_temperature_lr: f64,
 }
 
 impl RagArgs {
@@ -121,6 +139,7 @@ impl RagArgs {
             trainable: match self.trainable {
                 TrainableArg::Generator => Trainable::Generator,
                 TrainableArg::GeneratorQuestionEncoder => Trainable::GeneratorQuestionEncoder,
+                TrainableArg::EndToEnd => Trainable::EndToEnd,
             },
             n_docs: self.n_docs,
             batch_size: self.batch_size,
@@ -146,6 +165,10 @@ impl RagArgs {
                 ..Default::default()
             }),
             eval_batch_size: self.eval_batch_size,
+            question_encoder_lr: self.question_encoder_lr,
+            reindex_every: self.reindex_every,
+            train_prior_temperature: self.train_prior_temperature,
+            prior_temperature_lr: self.prior_temperature_lr,
             ..Default::default()
         }
     }
@@ -168,8 +191,9 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
         ModeArg::Token => RagMode::Token,
         ModeArg::Sequence => RagMode::Sequence,
     });
-    // A run over a `rustrag index build` KB stores a decoder-only generator in its checkpoints.
-    let kb_run = a.generator.is_some() || (a.resume && a.kb.join("manifest.json").is_file());
+    // A run over a `rustrag index build` KB stores a decoder-only generator in its checkpoints;
+    // an HF checkpoint's KB is passages.jsonl + embeddings.safetensors.
+    let kb_run = a.generator.is_some() || (a.resume && !a.kb.join("passages.jsonl").is_file());
     let index;
     let mut trainer = if kb_run {
         let pipeline_config = PipelineConfig {
@@ -177,22 +201,32 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
             gguf_weights: WeightsChoice::F32,
             ..Default::default()
         };
+        // `resumed`: the generator is a checkpoint, which holds the trained retriever towers.
         let open = |generator: &std::path::Path,
-                    c: &RagTrainConfig|
+                    c: &RagTrainConfig,
+                    resumed: bool|
          -> Result<RagSource<'static>> {
             let mut rag = open_decoder_only(generator, WeightsChoice::F32, &c.decoder_training())?;
             if let Some(m) = mode {
                 rag.mode = m;
             }
             let p = Pipeline::open_kb(&a.kb, rag, pipeline_config.clone())?;
-            Ok(RagSource::Kb(Box::new(p)))
+            let towers = match (c.trainable, resumed) {
+                (Trainable::Generator, _) => None,
+                (_, true) => saved_towers(generator)?,
+                (_, false) => Some(kb_towers(&p, a.context_encoder.as_deref())?),
+            };
+            Ok(RagSource::Kb {
+                pipeline: Box::new(p),
+                towers,
+            })
         };
         if a.resume {
-            RagTrainer::resume_with(&a.out, open, train, dev)?
+            RagTrainer::resume_with(&a.out, |g, c| open(g, c, true), train, dev)?
         } else {
             let config = a.config();
             let generator = a.generator.as_deref().context("--generator is required")?;
-            RagTrainer::from_source(open(generator, &config)?, train, dev, &a.out, config)?
+            RagTrainer::from_source(open(generator, &config, false)?, train, dev, &a.out, config)?
         }
     } else {
         index = InMemoryIndex::load(
@@ -212,7 +246,17 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
     let bar = rustrag::train::progress_bar(trainer.config.max_steps, trainer.step);
     let summary = trainer.run(None, |r| {
         bar.set_position(r.step);
-        bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, r.tokens_per_s));
+        let tau = r
+            .prior_temperature
+            .map_or(String::new(), |t| format!(" | τ {t:.4}"));
+        let cut = match r.cut_prompts + r.cut_answers {
+            0 => String::new(),
+            _ => format!(" | cut {}p/{}a", r.cut_prompts, r.cut_answers),
+        };
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tok/s{tau}{cut}",
+            r.loss, r.tokens_per_s
+        ));
     })?;
     bar.finish_and_clear();
     if json {
@@ -234,6 +278,12 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
                 e.f1,
                 e.recall
                     .map_or(String::new(), |r| format!(", recall {r:.1}"))
+            );
+        }
+        for s in &summary.index_swaps {
+            println!(
+                "index re-embedded with step-{} weights, in use from step {} ({:.0} s)",
+                s.weights_step, s.step, s.secs
             );
         }
         if let Some(c) = &summary.last_checkpoint {

@@ -194,6 +194,44 @@ pub struct QaResult {
     pub truncated: Vec<Truncation>,
 }
 
+/// The file of [`RetrievalSettings`] in a trained generator's directory.
+pub const RETRIEVAL_SETTINGS_FILE: &str = "rag_retrieval.json";
+
+/// `rag_retrieval.json` in a generator directory written by `rustrag train rag` over a knowledge
+/// base: how [`Pipeline::open`] retrieves for this generator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetrievalSettings {
+    /// τ of the doc prior at the checkpoint (trained or the run's).
+    pub prior_temperature: f64,
+    /// The trained question encoder, relative to the checkpoint (None: the KB's encoder).
+    pub question_encoder: Option<String>,
+    /// End to end: the trained context encoder the knowledge base must be re-embedded with,
+    /// relative to the checkpoint.
+    #[serde(default)]
+    pub context_encoder: Option<String>,
+    /// sha256 of the encoder that embedded the knowledge base the question encoder was trained
+    /// against.
+    pub kb_encoder_sha256: Option<String>,
+    /// End to end: the context encoder trained too, so the KB must be re-embedded with
+    /// `context_encoder` (`rustrag index reembed`) before the question encoder matches it.
+    pub passages_reembedded: bool,
+}
+
+impl RetrievalSettings {
+    /// The settings in generator directory `dir`, if it has them.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(RETRIEVAL_SETTINGS_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let s =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Some(s))
+    }
+}
+
 /// Where the documents come from.
 enum Retrieval {
     /// An HF checkpoint's DPR question encoder over an in-memory index.
@@ -203,6 +241,9 @@ enum Retrieval {
         kb: Arc<KnowledgeBase>,
         encoder: Arc<dyn TextEncoder>,
         retriever: Box<dyn Retriever>,
+        /// Passage embeddings that replaced the KB's for dense search and doc scores
+        /// ([`Pipeline::swap_dense_index`]: re-embedded while a context encoder trains).
+        swapped: Option<Arc<InMemoryIndex>>,
     },
 }
 
@@ -227,6 +268,54 @@ pub fn load_kb_encoder(kb: &KnowledgeBase, batch_size: usize) -> Result<Arc<dyn 
     };
     let encoder = crate::encoders::load_encoder(spec, &opts)
         .with_context(|| format!("loading the query encoder {spec} of {}", kb.dir().display()))?;
+    Ok(Arc::from(encoder))
+}
+
+/// The question encoder `dir/relative` trained by `rustrag train rag`, checked against `kb`: trained
+/// with fixed documents, `kb` must be the one it was trained against; end to end, `kb` must have
+/// been re-embedded with the trained context encoder.
+fn trained_question_encoder(
+    kb: &KnowledgeBase,
+    dir: &Path,
+    relative: &str,
+    settings: &RetrievalSettings,
+    config: &PipelineConfig,
+) -> Result<Arc<dyn TextEncoder>> {
+    let path = dir.join(relative);
+    let opts = LoadOptions {
+        batch_size: config.encoder_batch_size,
+        ..Default::default()
+    };
+    let encoder = crate::encoders::load_encoder(&path.to_string_lossy(), &opts)
+        .with_context(|| format!("loading the trained question encoder {}", path.display()))?;
+    let kb_sha = &kb.manifest().encoder.weights_sha256;
+    let settings_path = dir.join(RETRIEVAL_SETTINGS_FILE);
+    if settings.passages_reembedded {
+        let ctx = settings.context_encoder.as_deref().unwrap_or(relative);
+        kb.check_query_encoder(&encoder.fingerprint()).with_context(|| {
+            format!(
+                "{} was trained end to end (its context encoder changed): re-embed the knowledge base with it first, `rustrag index reembed --kb {} --encoder {}`",
+                settings_path.display(),
+                kb.root().display(),
+                dir.join(ctx).display()
+            )
+        })?;
+    } else if settings.kb_encoder_sha256.as_deref() != Some(kb_sha.as_str()) {
+        bail!(
+            "{}: the question encoder was trained against a knowledge base embedded by encoder sha256 {}, {} was embedded by {} (sha256 {kb_sha})",
+            settings_path.display(),
+            settings.kb_encoder_sha256.as_deref().unwrap_or("?"),
+            kb.root().display(),
+            kb.manifest().encoder.source
+        );
+    } else if encoder.dim() != kb.embeddings().dim() {
+        bail!(
+            "{}: the question encoder has dim {}, the knowledge base {}",
+            path.display(),
+            encoder.dim(),
+            kb.embeddings().dim()
+        );
+    }
     Ok(Arc::from(encoder))
 }
 
@@ -444,27 +533,51 @@ pub fn save_decoder_only(rag: &RagModel, dir: &Path) -> Result<()> {
 impl Pipeline {
     /// A `rustrag index build` knowledge base with a decoder-only generator (a GGUF file or a
     /// directory from `rustrag train`; see [`open_decoder_only`]).
+    /// A generator trained over a knowledge base brings its [`RetrievalSettings`]: its τ (unless
+    /// `config` sets one) and its trained question encoder.
     pub fn open(kb_dir: &Path, generator: &Path, config: PipelineConfig) -> Result<Self> {
         let rag = open_decoder_only(generator, config.gguf_weights, &DecoderTraining::Frozen)?;
-        Self::open_kb(kb_dir, rag, config)
+        let trained = match generator.is_dir() {
+            true => RetrievalSettings::read(generator)?,
+            false => None,
+        };
+        Self::open_kb_trained(kb_dir, rag, config, trained.map(|s| (generator, s)))
     }
 
     /// A `rustrag index build` knowledge base with a RAG head built by the caller (e.g. a
     /// trainable one from [`open_decoder_only`]).
     pub fn open_kb(kb_dir: &Path, rag: RagModel, config: PipelineConfig) -> Result<Self> {
+        Self::open_kb_trained(kb_dir, rag, config, None)
+    }
+
+    /// [`Pipeline::open_kb`] with the retrieval settings saved in the generator directory.
+    fn open_kb_trained(
+        kb_dir: &Path,
+        rag: RagModel,
+        mut config: PipelineConfig,
+        trained: Option<(&Path, RetrievalSettings)>,
+    ) -> Result<Self> {
         let kb = Arc::new(KnowledgeBase::open(kb_dir)?);
-        let encoder = load_kb_encoder(&kb, config.encoder_batch_size)?;
-        let dense = DenseRetriever::new(kb.clone(), Some(encoder.clone()), None)?;
-        let retriever: Box<dyn Retriever> = match config.retriever {
-            RetrieverKind::Dense => Box::new(dense),
-            RetrieverKind::Bm25 => Box::new(open_or_build_kb_bm25(&kb)?),
-            RetrieverKind::Hybrid => Box::new(HybridRetriever::new(
-                Box::new(dense),
-                Box::new(open_or_build_kb_bm25(&kb)?),
-                Fusion::Rrf { k: config.rrf_k },
-                config.candidates,
-            )?),
+        let trained_encoder = match &trained {
+            Some((dir, s)) => {
+                config.prior_temperature = config.prior_temperature.or(Some(s.prior_temperature));
+                match &s.question_encoder {
+                    Some(q) => Some(trained_question_encoder(&kb, dir, q, s, &config)?),
+                    None => None,
+                }
+            }
+            None => None,
         };
+        // A trained question encoder was checked against the KB above (its weights differ from
+        // the KB's encoder unless the KB was re-embedded with them).
+        let (encoder, dense) = match trained_encoder {
+            Some(e) => (e, DenseRetriever::new(kb.clone(), None, None)?),
+            None => {
+                let e = load_kb_encoder(&kb, config.encoder_batch_size)?;
+                (e.clone(), DenseRetriever::new(kb.clone(), Some(e), None)?)
+            }
+        };
+        let retriever = kb_retriever(&kb, Box::new(dense), &config)?;
         let context_window = match &rag.format {
             InputFormat::Prompt(f) => Some(f.max_prompt_tokens),
             InputFormat::Seq2Seq(_) => None,
@@ -478,6 +591,7 @@ impl Pipeline {
                 kb,
                 encoder,
                 retriever,
+                swapped: None,
             },
             config,
             tau,
@@ -522,12 +636,43 @@ impl Pipeline {
         self.prior_temperature
     }
 
+    /// The `rustrag index build` knowledge base (None for an HF checkpoint's in-memory one).
+    pub fn knowledge_base(&self) -> Option<&KnowledgeBase> {
+        match &self.retrieval {
+            Retrieval::Kb { kb, .. } => Some(kb),
+            Retrieval::Checkpoint(_) => None,
+        }
+    }
+
     /// Passages in the knowledge base.
     pub fn kb_len(&self) -> usize {
         match &self.retrieval {
             Retrieval::Checkpoint(index) => index.len(),
             Retrieval::Kb { kb, .. } => kb.len(),
         }
+    }
+
+    /// Replace the knowledge base's passage embeddings (`[passages * dim]`, KB row order) for
+    /// dense search and doc scores, e.g. with a re-embedding by a context encoder being trained.
+    /// The KB on disk is unchanged; BM25 is unaffected.
+    pub fn swap_dense_index(&mut self, embeddings: Vec<f32>) -> Result<()> {
+        let Retrieval::Kb {
+            kb,
+            retriever,
+            swapped,
+            ..
+        } = &mut self.retrieval
+        else {
+            bail!("only a `rustrag index build` knowledge base's embeddings can be swapped");
+        };
+        let index = Arc::new(InMemoryIndex::new(
+            kb.passages().all()?,
+            embeddings,
+            kb.embeddings().dim(),
+        )?);
+        *retriever = kb_retriever(kb, Box::new(index.clone()), &self.config)?;
+        *swapped = Some(index);
+        Ok(())
     }
 
     /// Answer `questions` with the configured settings.
@@ -610,17 +755,39 @@ impl Pipeline {
 
     /// Retrieval for training and evaluation loops: `n_docs` passages per question and the
     /// generator contexts (prior τ of the pipeline), prompts leaving `answer_tokens` of the context
-    /// window. `doc_scores: [questions, n_docs]` are constants (the KB's encoder is not trained).
+    /// window. `doc_scores: [questions, n_docs]` are constants (the KB's encoder is not trained;
+    /// [`Pipeline::contexts_from_queries`] is the trainable form).
     pub fn contexts(
         &self,
         questions: &[String],
         n_docs: usize,
         answer_tokens: usize,
-    ) -> Result<(RagContext, Vec<Vec<Passage>>)> {
+    ) -> Result<TrainingContexts> {
         crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
         let format = self.format_leaving(answer_tokens)?;
         let (docs, ctx) = self.retrieve(questions, n_docs, format.as_ref())?;
-        Ok((ctx, docs.into_iter().map(|d| d.passages).collect()))
+        Ok(TrainingContexts::new(ctx, docs, n_docs))
+    }
+
+    /// [`Pipeline::contexts`] with the caller's question embeddings `queries: [questions, dim]`
+    /// (a question encoder being trained: its gradient reaches `doc_scores = q · d`). The
+    /// configured retriever chooses the documents from `queries` (detached); `d` are the chosen
+    /// passages' stored (or swapped-in) embeddings, or, with `encode_docs` (a context encoder
+    /// being trained: passages → `[n, dim]`), their re-encodings, so that the gradient reaches
+    /// both sides. Only for `rustrag index build` knowledge bases.
+    pub fn contexts_from_queries(
+        &self,
+        questions: &[String],
+        queries: &Tensor,
+        n_docs: usize,
+        answer_tokens: usize,
+        encode_docs: Option<&DocEncoder<'_>>,
+    ) -> Result<TrainingContexts> {
+        crate::rag::model::check_n_docs(n_docs, self.kb_len())?;
+        let format = self.format_leaving(answer_tokens)?;
+        let (docs, ctx) =
+            self.kb_contexts(questions, queries, n_docs, format.as_ref(), encode_docs)?;
+        Ok(TrainingContexts::new(ctx, docs, n_docs))
     }
 
     /// Retrieval only: each question's sources with their priors (no generation).
@@ -710,60 +877,120 @@ impl Pipeline {
                     .collect();
                 Ok((docs, r.context))
             }
-            Retrieval::Kb {
-                kb,
-                encoder,
-                retriever,
-            } => {
+            Retrieval::Kb { encoder, .. } => {
                 let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
                 let q = encoder.encode_texts(&refs)?.to_dtype(DType::F32)?;
-                let hits = retriever.retrieve(&refs, Some(&q), n_docs)?;
-                let q = q.to_vec2::<f32>()?;
-                let mut row = Vec::new();
-                let mut doc_scores = Vec::with_capacity(questions.len() * n_docs);
-                for (h, qv) in hits.iter().zip(&q) {
-                    if h.doc_ids.len() != n_docs {
-                        bail!(
-                            "the retriever returned {} passages, asked for {n_docs}",
-                            h.doc_ids.len()
-                        );
-                    }
-                    for &r in &h.doc_ids {
-                        kb.embeddings()
-                            .rows_f32_into(r as usize, r as usize + 1, &mut row);
-                        doc_scores.push(row.iter().zip(qv).map(|(a, b)| a * b).sum::<f32>());
-                    }
-                }
-                let doc_scores =
-                    Tensor::from_vec(doc_scores, (questions.len(), n_docs), &self.rag.device)?;
-                let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
-                let format = format.unwrap_or(&self.rag.format);
-                let rows = format.rows(&self.rag.generator_tokenizer, questions, &passages)?;
-                let (ci, cm) = rows.encoded.tensors(&self.rag.device)?;
-                let ctx = RagContext::new(ci, cm, doc_scores)?
-                    .with_temperature(self.prior_temperature)?;
-                let docs = hits
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, h)| QuestionDocs {
-                        doc_ids: h.doc_ids,
-                        passages: h.passages,
-                        retrieval_scores: h.scores,
-                        truncated: rows
-                            .truncated
-                            .iter()
-                            .filter(|t| t.row / n_docs == i)
-                            .map(|t| Truncation {
-                                row: t.row % n_docs,
-                                ..t.clone()
-                            })
-                            .collect(),
-                    })
-                    .collect();
-                Ok((docs, ctx))
+                self.kb_contexts(questions, &q, n_docs, format, None)
             }
         }
     }
+
+    /// [`Pipeline::retrieve`] over a knowledge base with the questions already embedded
+    /// (`queries: [questions, dim]`, gradient kept into `doc_scores`).
+    fn kb_contexts(
+        &self,
+        questions: &[String],
+        queries: &Tensor,
+        n_docs: usize,
+        format: Option<&InputFormat>,
+        encode_docs: Option<&DocEncoder<'_>>,
+    ) -> Result<(Vec<QuestionDocs>, RagContext)> {
+        let Retrieval::Kb {
+            kb,
+            retriever,
+            swapped,
+            ..
+        } = &self.retrieval
+        else {
+            bail!("trainable question embeddings need a `rustrag index build` knowledge base");
+        };
+        let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
+        let hits = retriever.retrieve(&refs, Some(&queries.detach()), n_docs)?;
+        if let Some(h) = hits.iter().find(|h| h.doc_ids.len() != n_docs) {
+            bail!(
+                "the retriever returned {} passages, asked for {n_docs}",
+                h.doc_ids.len()
+            );
+        }
+        // d: [questions * n_docs, dim], the chosen passages in order.
+        let docs = match encode_docs {
+            Some(encode) => {
+                let chosen: Vec<&Passage> = hits.iter().flat_map(|h| &h.passages).collect();
+                encode(&chosen)?
+            }
+            None => {
+                let mut rows = Vec::with_capacity(hits.len() * n_docs * kb.embeddings().dim());
+                let mut row = Vec::new();
+                for &r in hits.iter().flat_map(|h| &h.doc_ids) {
+                    let r = r as usize;
+                    match swapped {
+                        Some(index) => rows.extend_from_slice(index.embedding(r)),
+                        None => {
+                            // Converted when the KB stores f16.
+                            kb.embeddings().rows_f32_into(r, r + 1, &mut row);
+                            rows.extend_from_slice(&row);
+                        }
+                    }
+                }
+                let dim = kb.embeddings().dim();
+                Tensor::from_vec(rows, (hits.len() * n_docs, dim), &self.rag.device)?
+            }
+        };
+        let doc_scores = batched_scores(&queries.to_dtype(DType::F32)?, &docs, n_docs)?;
+        let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
+        let format = format.unwrap_or(&self.rag.format);
+        let rows = format.rows(&self.rag.generator_tokenizer, questions, &passages)?;
+        let (ci, cm) = rows.encoded.tensors(&self.rag.device)?;
+        let ctx = RagContext::new(ci, cm, doc_scores)?.with_temperature(self.prior_temperature)?;
+        let docs = hits
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| QuestionDocs {
+                doc_ids: h.doc_ids,
+                passages: h.passages,
+                retrieval_scores: h.scores,
+                truncated: rows
+                    .truncated
+                    .iter()
+                    .filter(|t| t.row / n_docs == i)
+                    .map(|t| Truncation {
+                        row: t.row % n_docs,
+                        ..t.clone()
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok((docs, ctx))
+    }
+}
+
+/// Passages → their embeddings `[passages, dim]` (with gradient when the encoder trains).
+pub type DocEncoder<'a> = dyn Fn(&[&Passage]) -> Result<Tensor> + 'a;
+
+/// `doc_scores[b, j] = q[b] · d[b * n_docs + j]`: `queries: [batch, dim]`,
+/// `docs: [batch * n_docs, dim]` → `[batch, n_docs]`.
+fn batched_scores(queries: &Tensor, docs: &Tensor, n_docs: usize) -> Result<Tensor> {
+    let (batch, dim) = queries.dims2()?;
+    let docs = docs.to_dtype(DType::F32)?.reshape((batch, n_docs, dim))?;
+    Ok(docs.matmul(&queries.unsqueeze(2)?)?.squeeze(2)?)
+}
+
+/// The configured retriever over a knowledge base with `dense` as its dense side.
+fn kb_retriever(
+    kb: &KnowledgeBase,
+    dense: Box<dyn Retriever>,
+    config: &PipelineConfig,
+) -> Result<Box<dyn Retriever>> {
+    Ok(match config.retriever {
+        RetrieverKind::Dense => dense,
+        RetrieverKind::Bm25 => Box::new(open_or_build_kb_bm25(kb)?),
+        RetrieverKind::Hybrid => Box::new(HybridRetriever::new(
+            dense,
+            Box::new(open_or_build_kb_bm25(kb)?),
+            Fusion::Rrf { k: config.rrf_k },
+            config.candidates,
+        )?),
+    })
 }
 
 /// The sources of each question of `ctx`: passages, scores and p(z|x).
@@ -792,6 +1019,34 @@ fn sources(retrieved: &[QuestionDocs], ctx: &RagContext) -> Result<Vec<Vec<Sourc
                 .collect()
         })
         .collect())
+}
+
+/// Generator contexts of a training or evaluation batch and what went into them.
+pub struct TrainingContexts {
+    pub context: RagContext,
+    /// `[questions][n_docs]`.
+    pub passages: Vec<Vec<Passage>>,
+    /// Prompts whose passage was cut to fit the context window (`row`: question × n_docs + doc).
+    pub truncated: Vec<Truncation>,
+}
+
+impl TrainingContexts {
+    fn new(context: RagContext, docs: Vec<QuestionDocs>, n_docs: usize) -> Self {
+        let mut passages = Vec::with_capacity(docs.len());
+        let mut truncated = Vec::new();
+        for (i, d) in docs.into_iter().enumerate() {
+            passages.push(d.passages);
+            truncated.extend(d.truncated.into_iter().map(|t| Truncation {
+                row: i * n_docs + t.row,
+                ..t
+            }));
+        }
+        Self {
+            context,
+            passages,
+            truncated,
+        }
+    }
 }
 
 /// What retrieval chose for one question.

@@ -181,7 +181,8 @@ impl Retriever for HybridRetriever {
         query_embeddings: Option<&Tensor>,
         k: usize,
     ) -> Result<Vec<Hits>> {
-        let depth = self.depth.max(k);
+        // Candidates beyond the knowledge base's size do not exist (k itself is checked below).
+        let depth = self.depth.max(k).min(self.dense.len().max(k));
         let dense = self.dense.retrieve(queries, query_embeddings, depth)?;
         let sparse = self.sparse.retrieve(queries, None, depth)?;
         if dense.len() != queries.len() || sparse.len() != queries.len() {

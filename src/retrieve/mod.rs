@@ -70,3 +70,19 @@ pub trait Retriever: Send + Sync {
         self.len() == 0
     }
 }
+
+/// A shared retriever (e.g. an index swapped into a pipeline and also read for its embeddings).
+impl<T: Retriever + ?Sized> Retriever for std::sync::Arc<T> {
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<Hits>> {
+        (**self).retrieve(queries, query_embeddings, k)
+    }
+
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+}

@@ -1,11 +1,12 @@
 //! Training: the optimiser ([`optim`]: AdamW, schedule, clipping, accumulation), training data
-//! ([`data`]: JSONL examples, seeded order), RAG fine-tuning ([`rag`]), retriever training ([`retriever`]), checkpoints ([`checkpoint`]) and the metrics plot ([`plot`]).
+//! ([`data`]: JSONL examples, seeded order), RAG fine-tuning ([`rag`]), retriever training ([`retriever`]), background re-embedding of a knowledge base ([`reindex`]), checkpoints ([`checkpoint`]) and the metrics plot ([`plot`]).
 
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod plot;
 pub mod rag;
+pub mod reindex;
 pub mod retriever;
 
 /// A progress bar over optimiser steps with the step's loss and tokens/s as its message, and ETA.

@@ -44,6 +44,8 @@ struct Slot {
     var: Var,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// This parameter's learning rate relative to the scheduled one ([`AdamW::scale_lr`]).
+    lr_scale: f64,
 }
 
 /// AdamW over named parameters (non-amsgrad, not maximising: torch's defaults).
@@ -67,6 +69,7 @@ impl AdamW {
                 let zeros = var.as_tensor().zeros_like()?;
                 Ok(Slot {
                     name,
+                    lr_scale: 1.0,
                     exp_avg: zeros.clone(),
                     exp_avg_sq: zeros,
                     var,
@@ -90,6 +93,14 @@ impl AdamW {
         self.slots.iter().map(|s| (s.name.as_str(), &s.var))
     }
 
+    /// Multiply the learning rate of the parameters whose names `select` accepts by `scale` (a
+    /// torch parameter group with `lr = scale × lr`; the schedule applies to it as to the rest).
+    pub fn scale_lr(&mut self, select: impl Fn(&str) -> bool, scale: f64) {
+        for s in self.slots.iter_mut().filter(|s| select(&s.name)) {
+            s.lr_scale = scale;
+        }
+    }
+
     /// One update with learning rate `lr`. `grads[i]` is the gradient of parameter `i`
     /// (`None`: no gradient reached it; torch skips such parameters, moments and decay included).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
@@ -105,9 +116,10 @@ impl AdamW {
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = lr / bias1;
         for (slot, g) in self.slots.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
+            let lr = lr * slot.lr_scale;
+            let step_size = lr / bias1;
             let p = slot.var.as_tensor();
             if g.dims() != p.dims() {
                 bail!(

@@ -43,6 +43,7 @@ pub fn plot_metrics(lines: &[MetricLine], path: &Path) -> Result<()> {
                     recall.push((r.step as f64, x));
                 }
             }
+            MetricLine::Index(_) => {}
         }
     }
     let percents = [("EM", em), ("F1", f1), ("recall", recall)];

@@ -1,7 +1,11 @@
 //! RAG fine-tuning (Lewis et al. 2020 §2.4; HF `finetune_rag.py`): the RAG-Sequence or RAG-Token
-//! loss of [`RagModel`] on question/answer pairs retrieved against a fixed knowledge base, with the
-//! generator, or the generator and the question encoder, trainable (the latter through
-//! `doc_scores = q · d`, document embeddings fixed).
+//! loss of [`RagModel`] on question/answer pairs retrieved against a knowledge base, with the
+//! generator, the generator and the question encoder (through `doc_scores = q · d`, document
+//! embeddings fixed), or end to end: the context encoder re-encodes the retrieved documents so
+//! that `doc_scores` are differentiable on both sides, and the knowledge base is re-embedded in
+//! the background every `reindex_every` steps and swapped in while training continues on the old
+//! one (HF's `rag-end2end-retriever`; [`crate::train::reindex`]). The doc-prior temperature τ can
+//! train too (`log τ` a parameter).
 //!
 //! A run lives in one output directory:
 //! `metrics.jsonl` (one record per step and per evaluation), `metrics.png`, and
@@ -12,17 +16,23 @@ use crate::generators::llama::LoraConfig;
 use crate::rag::checkpoint::{load_rag, LoadOptions};
 use crate::rag::config::{GenerationSettings, RagMode};
 use crate::rag::loss::NllOptions;
-use crate::rag::pipeline::{save_decoder_only, DecoderTraining, Pipeline};
+use crate::rag::pipeline::{
+    save_decoder_only, DecoderTraining, DocEncoder, Pipeline, RetrievalSettings, TrainingContexts,
+    RETRIEVAL_SETTINGS_FILE,
+};
 use crate::rag::{RagContext, RagModel};
 use crate::retrieve::{Passage, Retriever};
 use crate::tokenize::{ids_tensor, Padding};
 use crate::train::checkpoint;
 use crate::train::data::{stream_slice, Example};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
+use crate::train::reindex::{IndexRecord, PassageIndex, Reindexer};
+use crate::train::retriever::Towers;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Which parameters train.
@@ -33,6 +43,15 @@ pub enum Trainable {
     Generator,
     /// Generator and question encoder (gradient through `doc_scores`; document embeddings fixed).
     GeneratorQuestionEncoder,
+    /// Generator, question and context encoders: retrieved documents re-encoded, the knowledge
+    /// base re-embedded in the background (knowledge-base runs only).
+    EndToEnd,
+}
+
+impl Trainable {
+    fn question_encoder(self) -> bool {
+        self != Self::Generator
+    }
 }
 
 /// Settings of a RAG fine-tuning run. Defaults in brackets.
@@ -78,6 +97,17 @@ pub struct RagTrainConfig {
     pub lora: Option<LoraConfig>,
     /// Maximum answer length (decoder start included) when decoding for EM/F1 [20]; greedy.
     pub eval_max_length: usize,
+    /// Learning rate of the question and context encoders [None: `optim.lr`].
+    pub question_encoder_lr: Option<f64>,
+    /// End to end: start re-embedding the knowledge base every this many steps [50].
+    pub reindex_every: u64,
+    /// End to end: re-embed in a background thread while training continues on the old index
+    /// [true]; false waits for it (the swap step, and so the run, is then reproducible).
+    pub reindex_in_background: bool,
+    /// Train the doc-prior temperature τ (as `log τ`, starting from the pipeline's τ) [false].
+    pub train_prior_temperature: bool,
+    /// Learning rate of `log τ` [1e-2].
+    pub prior_temperature_lr: f64,
 }
 
 impl Default for RagTrainConfig {
@@ -103,6 +133,11 @@ impl Default for RagTrainConfig {
             trainable_layers: 6,
             lora: None,
             eval_batch_size: 8,
+            question_encoder_lr: None,
+            reindex_every: 50,
+            reindex_in_background: true,
+            train_prior_temperature: false,
+            prior_temperature_lr: 1e-2,
         }
     }
 }
@@ -130,6 +165,17 @@ impl RagTrainConfig {
         }
         if self.max_target_length < 2 {
             bail!("max_target_length must be at least 2");
+        }
+        for (what, lr) in [
+            ("question_encoder_lr", self.question_encoder_lr),
+            ("prior_temperature_lr", Some(self.prior_temperature_lr)),
+        ] {
+            if lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
+                bail!("{what} must be a positive number, got {lr:?}");
+            }
+        }
+        if self.trainable == Trainable::EndToEnd && self.reindex_every == 0 {
+            bail!("reindex_every must be at least 1 when training end to end");
         }
         Ok(())
     }
@@ -161,6 +207,15 @@ pub struct StepRecord {
     /// Generator tokens (context + answer, padding excluded) per second.
     pub tokens_per_s: f64,
     pub secs: f64,
+    /// Prompts of the step whose passage was cut to fit the generator's context window (with
+    /// the answer room, `max_target_length`, kept), and answers cut at `max_target_length`.
+    #[serde(default)]
+    pub cut_prompts: usize,
+    #[serde(default)]
+    pub cut_answers: usize,
+    /// τ after the step, when it trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_temperature: Option<f64>,
 }
 
 /// Dev-set metrics at a step.
@@ -184,6 +239,8 @@ pub struct EvalRecord {
 pub enum MetricLine {
     Train(StepRecord),
     Eval(EvalRecord),
+    /// End to end: a re-embedded knowledge base swapped in.
+    Index(IndexRecord),
 }
 
 impl MetricLine {
@@ -191,6 +248,7 @@ impl MetricLine {
         match self {
             MetricLine::Train(r) => r.step,
             MetricLine::Eval(r) => r.step,
+            MetricLine::Index(r) => r.step,
         }
     }
 }
@@ -201,6 +259,16 @@ struct TrainerState {
     step: u64,
     config: RagTrainConfig,
     train_examples: usize,
+    /// sha256 of the knowledge base's embedding encoder (knowledge-base runs with a trained
+    /// retriever), to refuse resuming over another KB.
+    #[serde(default)]
+    kb_encoder_sha256: Option<String>,
+    /// End to end: the step of the weights that embedded `index.safetensors`.
+    #[serde(default)]
+    index_step: Option<u64>,
+    /// τ when it trains.
+    #[serde(default)]
+    prior_temperature: Option<f64>,
 }
 
 /// Summary of a finished (or stopped) run.
@@ -210,6 +278,7 @@ pub struct RunSummary {
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
     pub evals: Vec<EvalRecord>,
+    pub index_swaps: Vec<IndexRecord>,
     pub last_checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,
     pub plot: PathBuf,
@@ -223,19 +292,61 @@ pub enum RagSource<'a> {
         model: Box<RagModel>,
         retriever: &'a dyn Retriever,
     },
-    /// A knowledge base with its own, fixed encoder (dense, BM25 or hybrid retrieval, as the
-    /// pipeline is configured) and the pipeline's RAG head, e.g. a decoder-only generator from
-    /// [`crate::rag::pipeline::open_decoder_only`] with trainable top layers.
-    Kb(Box<Pipeline>),
+    /// A knowledge base (dense, BM25 or hybrid retrieval, as the pipeline is configured) and the
+    /// pipeline's RAG head, e.g. a decoder-only generator from
+    /// [`crate::rag::pipeline::open_decoder_only`] with trainable top layers. `towers`: the
+    /// question (and context) encoders loaded trainable, when they train — the encoder that
+    /// embedded the KB at the start of a run ([`Towers::load`]), `retriever/` of a checkpoint
+    /// when resuming ([`saved_towers`]); without them the KB's encoder is fixed.
+    Kb {
+        pipeline: Box<Pipeline>,
+        towers: Option<Box<Towers>>,
+    },
 }
 
 impl RagSource<'_> {
     pub fn model(&self) -> &RagModel {
         match self {
             Self::Checkpoint { model, .. } => model,
-            Self::Kb(p) => &p.rag,
+            Self::Kb { pipeline, .. } => &pipeline.rag,
         }
     }
+}
+
+/// One micro-batch's loss and what it saw.
+struct BatchLoss {
+    loss: Tensor,
+    /// Non-pad generator tokens (contexts + answers).
+    tokens: usize,
+    cut_prompts: usize,
+    cut_answers: usize,
+}
+
+/// Where a checkpoint keeps the retriever towers of a knowledge-base run.
+const RETRIEVER_DIR: &str = "retriever";
+/// The re-embedded knowledge base of an end-to-end run's checkpoint.
+const INDEX_FILE: &str = "index.safetensors";
+
+/// The encoder that embedded `pipeline`'s knowledge base, loaded trainable (a sentence-transformers
+/// model: one shared tower; a DPR question encoder: with `context_encoder`, its
+/// DPRContextEncoder directory).
+pub fn kb_towers(pipeline: &Pipeline, context_encoder: Option<&str>) -> Result<Box<Towers>> {
+    let kb = pipeline
+        .knowledge_base()
+        .context("retriever towers belong to a `rustrag index build` knowledge base")?;
+    let source = &kb.manifest().encoder.source;
+    let towers = Towers::load(source, context_encoder, true)
+        .with_context(|| format!("loading {source}, the encoder of {}", kb.root().display()))?;
+    Ok(Box::new(towers))
+}
+
+/// The retriever towers saved in checkpoint `ckpt` (trainable), if the run trained them.
+pub fn saved_towers(ckpt: &Path) -> Result<Option<Box<Towers>>> {
+    let dir = ckpt.join(RETRIEVER_DIR);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(Towers::load_saved(&dir, true)?)))
 }
 
 /// A RAG fine-tuning run: model, optimiser, data and output directory.
@@ -250,7 +361,16 @@ pub struct RagTrainer<'a> {
     pub step: u64,
     n_docs: usize,
     last_checkpoint: Option<PathBuf>,
+    /// `log τ` of the doc prior, when it trains.
+    log_tau: Option<Var>,
+    /// End to end: the re-embedded knowledge base in use (None: the KB's own embeddings).
+    index: Option<PassageIndex>,
+    reindexer: Option<Reindexer>,
 }
+
+/// Optimiser names of the retriever towers' parameters.
+const RETRIEVER_PREFIX: &str = "retriever.";
+const LOG_TAU: &str = "prior_log_temperature";
 
 impl<'a> RagTrainer<'a> {
     /// Start a run from the RAG checkpoint `model_dir` (loaded trainable). `out` must not hold a run.
@@ -339,7 +459,25 @@ impl<'a> RagTrainer<'a> {
             );
         }
         let source = load(&ckpt, &state.config)?;
+        if let (RagSource::Kb { pipeline, .. }, Some(want)) = (&source, &state.kb_encoder_sha256) {
+            let kb = pipeline.knowledge_base().context("a knowledge-base run")?;
+            if &kb.manifest().encoder.weights_sha256 != want {
+                bail!(
+                    "{}: the run started on a knowledge base embedded by another encoder (sha256 {want}) than {}'s",
+                    state_path.display(),
+                    kb.root().display()
+                );
+            }
+        }
         let mut t = Self::assemble(source, train, dev, out, state.config, state.step)?;
+        if let (Some(v), Some(tau)) = (&t.log_tau, state.prior_temperature) {
+            v.set(&Tensor::new(&[tau.ln() as f32], &t.model().device)?)?;
+        }
+        if let Some(weights_step) = state.index_step {
+            let rows = t.model_kb_len();
+            let index = PassageIndex::load(&ckpt.join(INDEX_FILE), rows, weights_step)?;
+            t.swap_index(index)?;
+        }
         t.opt
             .load(&ckpt.join("optimizer.safetensors"), state.step)?;
         t.last_checkpoint = Some(ckpt);
@@ -361,7 +499,7 @@ impl<'a> RagTrainer<'a> {
         let model = source.model();
         let n_docs = config.n_docs.unwrap_or(match &source {
             RagSource::Checkpoint { model, .. } => model.n_docs(),
-            RagSource::Kb(p) => p.config.answer.n_docs.unwrap_or(3),
+            RagSource::Kb { pipeline, .. } => pipeline.config.answer.n_docs.unwrap_or(3),
         });
         // The parameters come from the model, whichever the generator family.
         let generator_params = model.trainable_vars(false).len();
@@ -372,15 +510,71 @@ impl<'a> RagTrainer<'a> {
             };
             bail!("the {family} generator has no trainable parameters");
         }
-        let with_question_encoder = config.trainable == Trainable::GeneratorQuestionEncoder;
-        if with_question_encoder && model.question_encoder.is_none() {
-            bail!("training the question encoder needs a checkpoint with one");
-        }
-        let params = model.trainable_vars(with_question_encoder);
+        let with_question_encoder = config.trainable.question_encoder();
+        let mut params = match &source {
+            RagSource::Checkpoint { .. } => {
+                if config.trainable == Trainable::EndToEnd {
+                    bail!("end-to-end training runs over a `rustrag index build` knowledge base (`--kb`); an HF RAG checkpoint trains its generator and question encoder");
+                }
+                if with_question_encoder && model.question_encoder.is_none() {
+                    bail!("training the question encoder needs a checkpoint with one");
+                }
+                model.trainable_vars(with_question_encoder)
+            }
+            RagSource::Kb { pipeline, towers } => {
+                let mut params = model.trainable_vars(false);
+                match (with_question_encoder, towers) {
+                    (true, Some(towers)) => {
+                        if step == 0 {
+                            let kb = pipeline.knowledge_base().context("a knowledge-base run")?;
+                            kb.check_query_encoder(&towers.passage_encoder().fingerprint())
+                                .context("the retriever trains from the encoder that embedded the knowledge base")?;
+                        }
+                        params.extend(
+                            towers
+                                .vars()
+                                .into_iter()
+                                .map(|(n, v)| (format!("{RETRIEVER_PREFIX}{n}"), v)),
+                        );
+                    }
+                    (true, None) => bail!(
+                        "training the retriever over a knowledge base needs its encoder loaded trainable"
+                    ),
+                    (false, _) => {}
+                }
+                params
+            }
+        };
         if params.len() == generator_params && with_question_encoder {
             bail!("the question encoder has no trainable parameters");
         }
-        let opt = AdamW::new(params, config.optim.clone())?;
+        let log_tau = match config.train_prior_temperature {
+            true => {
+                let tau = match &source {
+                    RagSource::Kb { pipeline, .. } => pipeline.prior_temperature(),
+                    RagSource::Checkpoint { model, .. } => model.prior_temperature,
+                };
+                let v = Var::new(&[tau.ln() as f32], &model.device)?;
+                params.push((LOG_TAU.to_string(), v.clone()));
+                Some(v)
+            }
+            false => None,
+        };
+        let mut opt = AdamW::new(params, config.optim.clone())?;
+        if let Some(lr) = config.question_encoder_lr {
+            opt.scale_lr(|n| n.starts_with(RETRIEVER_PREFIX), lr / config.optim.lr);
+        }
+        opt.scale_lr(
+            |n| n == LOG_TAU,
+            config.prior_temperature_lr / config.optim.lr,
+        );
+        let reindexer = match (&source, config.trainable) {
+            (RagSource::Kb { pipeline, .. }, Trainable::EndToEnd) => {
+                let kb = pipeline.knowledge_base().context("a knowledge-base run")?;
+                Some(Reindexer::new(Arc::new(kb.passages().all()?)))
+            }
+            _ => None,
+        };
         Ok(Self {
             source,
             config,
@@ -391,6 +585,58 @@ impl<'a> RagTrainer<'a> {
             step,
             n_docs,
             last_checkpoint: None,
+            log_tau,
+            index: None,
+            reindexer,
+        })
+    }
+
+    fn model_kb_len(&self) -> usize {
+        match &self.source {
+            RagSource::Checkpoint { retriever, .. } => retriever.len(),
+            RagSource::Kb { pipeline, .. } => pipeline.kb_len(),
+        }
+    }
+
+    /// Start re-embedding the knowledge base with the current weights: in the background, or
+    /// now (then swapped in at once; the record is returned).
+    fn start_reindex(&mut self) -> Result<Option<IndexRecord>> {
+        let (
+            RagSource::Kb {
+                towers: Some(towers),
+                ..
+            },
+            Some(reindexer),
+        ) = (&self.source, &mut self.reindexer)
+        else {
+            bail!("only an end-to-end knowledge-base run re-indexes");
+        };
+        reindexer.start(towers, self.step, &self.out)?;
+        if self.config.reindex_in_background {
+            return Ok(None);
+        }
+        let (index, swap) = reindexer.wait(self.step + 1)?;
+        self.swap_index(index)?;
+        self.log(&MetricLine::Index(swap.clone()))?;
+        Ok(Some(swap))
+    }
+
+    /// Retrieve from `index` (a re-embedded knowledge base) from now on.
+    fn swap_index(&mut self, index: PassageIndex) -> Result<()> {
+        let RagSource::Kb { pipeline, .. } = &mut self.source else {
+            bail!("only a knowledge-base run re-indexes");
+        };
+        pipeline.swap_dense_index(index.data.clone())?;
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// τ of the doc prior now (trained or fixed).
+    pub fn prior_temperature(&self) -> Result<f64> {
+        Ok(match (&self.log_tau, &self.source) {
+            (Some(v), _) => (v.as_tensor().to_vec1::<f32>()?[0] as f64).exp(),
+            (None, RagSource::Kb { pipeline, .. }) => pipeline.prior_temperature(),
+            (None, RagSource::Checkpoint { model, .. }) => model.prior_temperature,
         })
     }
 
@@ -423,14 +669,21 @@ impl<'a> RagTrainer<'a> {
     /// Decoder-only: [`RagModel::answer_labels`] (`[start] + answer + [eos]`, continuing the
     /// prompt), cut to `max_target_length` with the EOS kept, padded with [`RagModel::generator_pad`].
     pub fn labels(&self, answers: &[&str]) -> Result<Tensor> {
+        Ok(self.labels_counting_cuts(answers)?.0)
+    }
+
+    /// [`Self::labels`] and how many answers were cut at `max_target_length`.
+    fn labels_counting_cuts(&self, answers: &[&str]) -> Result<(Tensor, usize)> {
         let m = self.model();
+        let max = self.config.max_target_length;
         if m.generator.is_decoder_only() {
-            let max = self.config.max_target_length;
+            let mut cut = 0;
             let mut rows = answers
                 .iter()
                 .map(|a| {
                     let mut ids = m.answer_labels(a)?;
                     if ids.len() > max {
+                        cut += 1;
                         let eos = ids[ids.len() - 1];
                         ids.truncate(max - 1);
                         ids.push(eos);
@@ -442,7 +695,7 @@ impl<'a> RagTrainer<'a> {
             for r in &mut rows {
                 r.resize(len, m.generator_pad());
             }
-            return ids_tensor(&rows, &m.device);
+            return Ok((ids_tensor(&rows, &m.device)?, cut));
         }
         let t5 = m
             .config
@@ -450,7 +703,11 @@ impl<'a> RagTrainer<'a> {
             .get("model_type")
             .and_then(|v| v.as_str())
             == Some("t5");
-        let max = self.config.max_target_length - usize::from(t5);
+        let max = max - usize::from(t5);
+        let whole = m
+            .generator_tokenizer
+            .encode_batch(answers, true, None, Padding::None)?;
+        let cut = whole.input_ids.iter().filter(|r| r.len() > max).count();
         let enc = m
             .generator_tokenizer
             .encode_batch(answers, true, Some(max), Padding::Longest)?;
@@ -463,7 +720,7 @@ impl<'a> RagTrainer<'a> {
         } else {
             enc.input_ids
         };
-        ids_tensor(&rows, &m.device)
+        Ok((ids_tensor(&rows, &m.device)?, cut))
     }
 
     /// The model being trained.
@@ -473,16 +730,43 @@ impl<'a> RagTrainer<'a> {
 
     /// Retrieval and contexts for questions, with each question's passages; `doc_scores` carry
     /// the question encoder's gradient only when it trains.
-    fn contexts(
-        &self,
-        questions: &[&str],
-        n_docs: usize,
-    ) -> Result<(RagContext, Vec<Vec<Passage>>)> {
+    fn contexts(&self, questions: &[&str], n_docs: usize) -> Result<TrainingContexts> {
+        let mut r = self.retrieved(questions, n_docs)?;
+        if let Some(log_tau) = &self.log_tau {
+            // p(z|x) = softmax(s / exp(log τ)): the scores carry τ, the context's own τ is 1.
+            let c = r.context;
+            let scores = c.doc_scores.broadcast_div(&log_tau.as_tensor().exp()?)?;
+            r.context = RagContext::new(c.input_ids, c.attention_mask, scores)?;
+        }
+        Ok(r)
+    }
+
+    /// [`Self::contexts`] before the trainable τ.
+    fn retrieved(&self, questions: &[&str], n_docs: usize) -> Result<TrainingContexts> {
         let (m, retriever) = match &self.source {
             RagSource::Checkpoint { model, retriever } => (model.as_ref(), *retriever),
-            RagSource::Kb(p) => {
-                let questions: Vec<String> = questions.iter().map(|q| q.to_string()).collect();
-                return p.contexts(&questions, n_docs, self.config.max_target_length);
+            RagSource::Kb { pipeline, towers } => {
+                let strings: Vec<String> = questions.iter().map(|q| q.to_string()).collect();
+                let answer_tokens = self.config.max_target_length;
+                let towers = match towers {
+                    Some(t) if self.config.trainable.question_encoder() => t,
+                    _ => return pipeline.contexts(&strings, n_docs, answer_tokens),
+                };
+                let (q, _) = towers.encode_questions(questions, None)?;
+                let size = q.abs()?.sum_all()?.to_scalar::<f32>()?;
+                if !size.is_finite() {
+                    bail!(self.non_finite("question embedding", size as f64));
+                }
+                let encode_docs = |ps: &[&Passage]| Ok(towers.encode_passages(ps, None)?.0);
+                let encode_docs: Option<&DocEncoder<'_>> =
+                    (self.config.trainable == Trainable::EndToEnd).then_some(&encode_docs);
+                return pipeline.contexts_from_queries(
+                    &strings,
+                    &q,
+                    n_docs,
+                    answer_tokens,
+                    encode_docs,
+                );
             }
         };
         let (ids, mask) = m.tokenize_questions(questions)?;
@@ -497,24 +781,25 @@ impl<'a> RagTrainer<'a> {
             bail!(self.non_finite("question embedding", size as f64));
         }
         let r = m.retrieve_with_embeddings(retriever, &ids, &q, n_docs)?;
-        let ctx = match self.config.trainable {
-            Trainable::Generator => r.context.detached(),
-            Trainable::GeneratorQuestionEncoder => r.context,
+        let context = match self.config.trainable.question_encoder() {
+            false => r.context.detached(),
+            true => r.context,
         };
-        Ok((ctx, r.passages))
+        // Seq2seq contexts are cut at max_combined_length as HF cuts them, not reported.
+        Ok(TrainingContexts {
+            context,
+            passages: r.passages,
+            truncated: Vec::new(),
+        })
     }
 
-    /// Loss `[batch]` (or scalar when `reduce`) and the number of non-pad generator tokens.
-    fn batch_loss(
-        &self,
-        batch: &[&Example],
-        epsilon: f64,
-        reduce: bool,
-    ) -> Result<(Tensor, usize)> {
+    /// Loss (scalar when `reduce`, else `[batch]`) of a micro-batch and what it saw.
+    fn batch_loss(&self, batch: &[&Example], epsilon: f64, reduce: bool) -> Result<BatchLoss> {
         let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
         let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
-        let (ctx, _) = self.contexts(&questions, self.n_docs)?;
-        let labels = self.labels(&answers)?;
+        let r = self.contexts(&questions, self.n_docs)?;
+        let ctx = &r.context;
+        let (labels, cut_answers) = self.labels_counting_cuts(&answers)?;
         let pad = self.model().generator_pad();
         let tokens =
             count_non_pad(&ctx.input_ids, pad)? + self.n_docs * count_non_pad(&labels, pad)?;
@@ -523,7 +808,12 @@ impl<'a> RagTrainer<'a> {
             epsilon,
             exclude_bos_score: false,
         };
-        Ok((self.model().loss(&ctx, &labels, &opts)?, tokens))
+        Ok(BatchLoss {
+            loss: self.model().loss(ctx, &labels, &opts)?,
+            tokens,
+            cut_prompts: r.truncated.len(),
+            cut_answers,
+        })
     }
 
     /// One optimiser step on the next `questions_per_step` examples of the seeded stream. Stops with
@@ -540,18 +830,21 @@ impl<'a> RagTrainer<'a> {
         );
         let mut acc = GradAccumulator::new(self.opt.params().map(|(_, v)| v.clone()).collect());
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        let (mut cut_prompts, mut cut_answers) = (0usize, 0usize);
         for micro in idx.chunks(c.batch_size) {
             let batch: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
             // HF sums the per-question losses (reduce_loss); the mean over the optimiser step's
             // questions keeps the rate independent of batch size and accumulation.
-            let (loss, n) = self.batch_loss(&batch, c.label_smoothing, true)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let b = self.batch_loss(&batch, c.label_smoothing, true)?;
+            let value = b.loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 bail!(self.non_finite("loss", value));
             }
             loss_sum += value;
-            tokens += n;
-            acc.add(&(loss / per_step as f64)?.backward()?)?;
+            tokens += b.tokens;
+            cut_prompts += b.cut_prompts;
+            cut_answers += b.cut_answers;
+            acc.add(&(b.loss / per_step as f64)?.backward()?)?;
         }
         let mut grads = acc.take();
         let grad_norm = match c.max_grad_norm {
@@ -572,6 +865,12 @@ impl<'a> RagTrainer<'a> {
             grad_norm,
             tokens_per_s: tokens as f64 / secs.max(1e-9),
             secs,
+            cut_prompts,
+            cut_answers,
+            prior_temperature: match self.log_tau {
+                Some(_) => Some(self.prior_temperature()?),
+                None => None,
+            },
         })
     }
 
@@ -596,8 +895,10 @@ impl<'a> RagTrainer<'a> {
         for batch in examples.chunks(self.config.eval_batch_size) {
             let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
             let answers: Vec<&str> = batch.iter().map(|e| e.answers[0].as_str()).collect();
-            let (ctx, passages) = self.contexts(&questions, self.n_docs)?;
-            let ctx = ctx.detached();
+            let TrainingContexts {
+                context, passages, ..
+            } = self.contexts(&questions, self.n_docs)?;
+            let ctx = context.detached();
             let opts = NllOptions {
                 reduce_loss: true,
                 epsilon: 0.0,
@@ -648,15 +949,51 @@ impl<'a> RagTrainer<'a> {
     /// Write `checkpoints/step-NNNNNNN/` (model in HF layout, optimiser moments, trainer state)
     /// through a temporary directory renamed into place, then point `checkpoints/latest` at it.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let tau = self.prior_temperature()?;
+        let (towers, kb_sha) = match &self.source {
+            RagSource::Kb {
+                pipeline,
+                towers: Some(towers),
+            } if self.config.trainable.question_encoder() => {
+                let kb = pipeline.knowledge_base().context("a knowledge-base run")?;
+                (
+                    Some(towers),
+                    Some(kb.manifest().encoder.weights_sha256.clone()),
+                )
+            }
+            _ => (None, None),
+        };
         let state = TrainerState {
             step: self.opt.steps(),
             config: self.config.clone(),
             train_examples: self.train.len(),
+            kb_encoder_sha256: kb_sha.clone(),
+            index_step: self.index.as_ref().map(|i| i.weights_step),
+            prior_temperature: self.log_tau.is_some().then_some(tau),
         };
         let dir = checkpoint::write_checkpoint(&self.out, self.step, |tmp| {
             match self.model().generator.is_decoder_only() {
                 true => save_decoder_only(self.model(), tmp)?,
                 false => self.model().save_pretrained(tmp)?,
+            }
+            if let Some(towers) = towers {
+                towers.save(&tmp.join(RETRIEVER_DIR))?;
+            }
+            if let Some(index) = &self.index {
+                index.save(&tmp.join(INDEX_FILE))?;
+            }
+            if let RagSource::Kb { .. } = &self.source {
+                let settings = RetrievalSettings {
+                    prior_temperature: tau,
+                    question_encoder: towers.map(|t| t.question_encoder_dir(RETRIEVER_DIR)),
+                    context_encoder: towers.map(|t| t.context_encoder_dir(RETRIEVER_DIR)),
+                    kb_encoder_sha256: kb_sha,
+                    passages_reembedded: self.config.trainable == Trainable::EndToEnd,
+                };
+                std::fs::write(
+                    tmp.join(RETRIEVAL_SETTINGS_FILE),
+                    serde_json::to_string_pretty(&settings)?,
+                )?;
             }
             self.opt.save(&tmp.join("optimizer.safetensors"))?;
             std::fs::write(
@@ -683,7 +1020,7 @@ impl<'a> RagTrainer<'a> {
         let end = stop_at
             .unwrap_or(self.config.max_steps)
             .min(self.config.max_steps);
-        let mut evals = Vec::new();
+        let (mut evals, mut swaps) = (Vec::new(), Vec::new());
         let (mut first, mut last, mut secs, mut n) = (None, None, 0f64, 0u64);
         let result = (|| -> Result<()> {
             // The "before" point of the eval curve.
@@ -693,7 +1030,24 @@ impl<'a> RagTrainer<'a> {
                 evals.push(e);
             }
             while self.step < end {
+                if let Some(r) = &mut self.reindexer {
+                    if let Some((index, swap)) = r.poll(self.step + 1)? {
+                        tracing::info!(step = swap.step, from = swap.weights_step, "index swapped");
+                        self.swap_index(index)?;
+                        self.log(&MetricLine::Index(swap.clone()))?;
+                        swaps.push(swap);
+                    }
+                }
                 let rec = self.train_step()?;
+                let every = |k: u64, step: u64| k > 0 && step.is_multiple_of(k);
+                if self.reindexer.as_ref().is_some_and(|r| !r.is_running())
+                    && every(self.config.reindex_every, self.step)
+                    && self.step < self.config.max_steps
+                {
+                    if let Some(swap) = self.start_reindex()? {
+                        swaps.push(swap);
+                    }
+                }
                 first.get_or_insert(rec.loss);
                 last = Some(rec.loss);
                 secs += rec.secs;
@@ -701,8 +1055,7 @@ impl<'a> RagTrainer<'a> {
                 self.log(&MetricLine::Train(rec.clone()))?;
                 on_step(&rec);
                 let at_end = self.step == self.config.max_steps;
-                let every = |k: u64| k > 0 && self.step.is_multiple_of(k);
-                if !self.dev.is_empty() && (every(self.config.eval_every) || at_end) {
+                if !self.dev.is_empty() && (every(self.config.eval_every, self.step) || at_end) {
                     let e = self.evaluate(&self.dev)?;
                     tracing::info!(
                         step = e.step,
@@ -714,12 +1067,15 @@ impl<'a> RagTrainer<'a> {
                     self.log(&MetricLine::Eval(e.clone()))?;
                     evals.push(e);
                 }
-                if every(self.config.save_every) || at_end {
+                if every(self.config.save_every, self.step) || at_end {
                     self.save_checkpoint()?;
                 }
             }
             Ok(())
         })();
+        if let Some(r) = &mut self.reindexer {
+            r.cancel();
+        }
         // The plot shows whatever was logged, also when training stopped on an error.
         let plotted = crate::train::plot::plot_metrics(
             &read_metrics(&self.metrics_path())?,
@@ -732,6 +1088,7 @@ impl<'a> RagTrainer<'a> {
             first_loss: first,
             last_loss: last,
             evals,
+            index_swaps: swaps,
             last_checkpoint: self.last_checkpoint.clone(),
             metrics: self.metrics_path(),
             plot: self.plot_path(),

@@ -30,18 +30,16 @@ use crate::encoders::{joined_passage, DprEncoder, LoadOptions, SentenceEncoder, 
 use crate::hub::{self, Weights};
 use crate::kb::{KnowledgeBase, Passage};
 use crate::retrieve::bm25::{Bm25Params, Bm25Retriever};
-use crate::retrieve::dense::exact_search;
-use crate::retrieve::rows::F32Rows;
 use crate::tokenize::Padding;
 use crate::train::data::stream_slice;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
 use crate::train::rag::latest_checkpoint;
+use crate::train::reindex::{IndexRecord, PassageIndex, Reindexer};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -243,6 +241,9 @@ pub struct LossSettings {
     pub max_passage_length: Option<usize>,
 }
 
+/// The ANCE index in a checkpoint.
+const ANCE_INDEX_FILE: &str = "ance_index.safetensors";
+
 /// Subdirectories of a DPR checkpoint.
 const QUESTION_DIR: &str = "question_encoder";
 const CONTEXT_DIR: &str = "ctx_encoder";
@@ -317,6 +318,22 @@ impl Towers {
             Some(&c.display().to_string()),
             trainable,
         )
+    }
+
+    /// Where [`Towers::save`] into `dir` puts the question encoder's own directory.
+    pub fn question_encoder_dir(&self, dir: &str) -> String {
+        match self {
+            Self::Shared { .. } => dir.to_string(),
+            Self::Dpr { .. } => format!("{dir}/{QUESTION_DIR}"),
+        }
+    }
+
+    /// Where [`Towers::save`] into `dir` puts the passage encoder's own directory.
+    pub fn context_encoder_dir(&self, dir: &str) -> String {
+        match self {
+            Self::Shared { .. } => dir.to_string(),
+            Self::Dpr { .. } => format!("{dir}/{CONTEXT_DIR}"),
+        }
     }
 
     /// The similarity the model family is trained with.
@@ -559,64 +576,6 @@ fn save_weights(weights: &Weights, prefix: &str, dir: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Passage embeddings `[rows, dim]` (row-major) of the whole knowledge base, in KB row order.
-#[derive(Clone)]
-pub struct PassageIndex {
-    pub data: Vec<f32>,
-    pub dim: usize,
-    /// Optimiser step of the weights that embedded it.
-    pub weights_step: u64,
-}
-
-impl PassageIndex {
-    fn rows(&self) -> F32Rows<'_> {
-        F32Rows {
-            data: &self.data,
-            dim: self.dim,
-        }
-    }
-
-    /// Top-`k` rows per query (`queries: [nq, dim]`), best first.
-    pub fn search(&self, queries: &Tensor, k: usize) -> Result<Vec<Vec<u32>>> {
-        let q: Vec<f32> = queries.flatten_all()?.to_vec1()?;
-        let hits = exact_search(&self.rows(), &q, k)?;
-        Ok(hits
-            .into_iter()
-            .map(|h| h.into_iter().map(|(r, _)| r).collect())
-            .collect())
-    }
-}
-
-/// Embed every passage with `towers`' passage encoder (as a knowledge base is built), stopping
-/// early when `cancel` is set. `[passages, dim]` row-major.
-fn embed_passages(towers: &Towers, passages: &[Passage], cancel: &AtomicBool) -> Result<Vec<f32>> {
-    let enc = towers.passage_encoder();
-    let mut out = Vec::with_capacity(passages.len() * enc.dim());
-    for chunk in passages.chunks(256) {
-        if cancel.load(Ordering::Relaxed) {
-            bail!("cancelled");
-        }
-        let titles: Vec<&str> = chunk.iter().map(|p| p.title.as_str()).collect();
-        let texts: Vec<&str> = chunk.iter().map(|p| p.text.as_str()).collect();
-        out.extend(
-            enc.encode_passages(&titles, &texts)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
-    }
-    Ok(out)
-}
-
-/// An ANCE re-embedding running in the background.
-struct Refresh {
-    weights_step: u64,
-    started: Instant,
-    cancel: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Result<Vec<f32>>>,
-    // Removed when the refresh is dropped (after the thread has loaded from it or been cancelled).
-    _snapshot: tempfile::TempDir,
-}
-
 /// What one optimiser step did.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
@@ -653,17 +612,6 @@ pub struct EvalRecord {
 pub struct RecallAt {
     pub k: usize,
     pub recall: f64,
-}
-
-/// An ANCE index swap.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct IndexRecord {
-    /// The first step trained on the new index.
-    pub step: u64,
-    /// Step of the weights that embedded it.
-    pub weights_step: u64,
-    /// Seconds from the snapshot to the swap.
-    pub secs: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -741,7 +689,7 @@ pub struct RetrieverTrainer {
     pub step: u64,
     /// ANCE: the index negatives are mined from.
     index: Option<PassageIndex>,
-    refresh: Option<Refresh>,
+    reindexer: Reindexer,
     /// The towers are still the encoder that embedded the knowledge base (no step taken).
     kb_embeddings_current: bool,
     last_checkpoint: Option<PathBuf>,
@@ -774,7 +722,7 @@ impl RetrieverTrainer {
             .with_context(|| format!("creating {}", out.join("metrics.jsonl").display()))?;
         let mut t = Self::assemble(towers, kb, data, out, config, 0)?;
         if t.config.negatives == Negatives::Ance {
-            t.index = Some(t.kb_index()?);
+            t.index = Some(PassageIndex::from_kb(&t.kb));
         }
         Ok(t)
     }
@@ -813,25 +761,11 @@ impl RetrieverTrainer {
             .load(&ckpt.join("optimizer.safetensors"), state.step)?;
         t.kb_embeddings_current = false;
         if let Some(weights_step) = state.index_step {
-            let path = ckpt.join("ance_index.safetensors");
-            let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let e = tensors
-                .get("embeddings")
-                .with_context(|| format!("{}: no `embeddings` tensor", path.display()))?;
-            let (rows, dim) = e.dims2()?;
-            if rows != t.kb.len() {
-                bail!(
-                    "{}: {rows} rows, the knowledge base has {} passages",
-                    path.display(),
-                    t.kb.len()
-                );
-            }
-            t.index = Some(PassageIndex {
-                data: e.flatten_all()?.to_vec1()?,
-                dim,
+            t.index = Some(PassageIndex::load(
+                &ckpt.join(ANCE_INDEX_FILE),
+                t.kb.len(),
                 weights_step,
-            });
+            )?);
         }
         t.last_checkpoint = Some(ckpt);
         crate::train::checkpoint::keep_jsonl_until(&t.metrics_path(), |m: &MetricLine| {
@@ -882,6 +816,7 @@ impl RetrieverTrainer {
             .unwrap_or_else(|| towers.default_similarity());
         let opt = AdamW::new(params, config.optim.clone())?;
         let passages = Arc::new(kb.passages().all()?);
+        let reindexer = Reindexer::new(passages.clone());
         Ok(Self {
             towers,
             config,
@@ -895,7 +830,7 @@ impl RetrieverTrainer {
             similarity,
             step,
             index: None,
-            refresh: None,
+            reindexer,
             kb_embeddings_current: step == 0,
             last_checkpoint: None,
         })
@@ -920,18 +855,6 @@ impl RetrieverTrainer {
             .params()
             .map(|(n, v)| (n.to_string(), v.clone()))
             .collect()
-    }
-
-    /// The knowledge base's stored embeddings as an index (step 0).
-    fn kb_index(&self) -> Result<PassageIndex> {
-        let m = self.kb.embeddings();
-        let mut data = Vec::with_capacity(m.rows() * m.dim());
-        m.rows_f32_into(0, m.rows(), &mut data);
-        Ok(PassageIndex {
-            data,
-            dim: m.dim(),
-            weights_step: 0,
-        })
     }
 
     /// The current weights as frozen towers (written to a snapshot and loaded for inference, as a
@@ -982,7 +905,7 @@ impl RetrieverTrainer {
                 Ok(batch
                     .iter()
                     .zip(hits)
-                    .map(|(p, h)| not_gold(p, h.into_iter().map(|r| r as usize).collect()))
+                    .map(|(p, h)| not_gold(p, h.into_iter().map(|(r, _)| r as usize).collect()))
                     .collect())
             }
         }
@@ -1089,13 +1012,9 @@ impl RetrieverTrainer {
         let started = Instant::now();
         let frozen = self.frozen()?;
         let index = if self.kb_embeddings_current {
-            self.kb_index()?
+            PassageIndex::from_kb(&self.kb)
         } else {
-            PassageIndex {
-                data: embed_passages(&frozen, &self.passages, &AtomicBool::new(false))?,
-                dim: frozen.passage_encoder().dim(),
-                weights_step: self.step,
-            }
+            PassageIndex::embed(&frozen, &self.passages, self.step)?
         };
         let embed_secs = started.elapsed().as_secs_f64();
         let questions: Vec<&str> = examples.iter().map(|p| p.question.as_str()).collect();
@@ -1109,7 +1028,7 @@ impl RetrieverTrainer {
         for chunk in examples.chunks(256).zip(questions.chunks(256)) {
             let q = frozen.question_encoder().encode_texts(chunk.1)?;
             for (pair, hits) in chunk.0.iter().zip(index.search(&q, max_k)?) {
-                if let Some(rank) = hits.iter().position(|&r| r as usize == pair.gold) {
+                if let Some(rank) = hits.iter().position(|&(r, _)| r as usize == pair.gold) {
                     for (f, &k) in found.iter_mut().zip(&self.config.recall_ks) {
                         *f += usize::from(rank < k);
                     }
@@ -1129,64 +1048,6 @@ impl RetrieverTrainer {
         })
     }
 
-    /// Start re-embedding the passages in the background from a snapshot of the current weights.
-    fn start_refresh(&mut self) -> Result<()> {
-        let snapshot = tempfile::Builder::new()
-            .prefix(".snapshot-")
-            .tempdir_in(&self.out)?;
-        self.towers.save(snapshot.path())?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (path, passages, flag) = (
-            snapshot.path().to_path_buf(),
-            self.passages.clone(),
-            cancel.clone(),
-        );
-        let handle = std::thread::Builder::new()
-            .name("ance-reindex".into())
-            .spawn(move || embed_passages(&Towers::load_saved(&path, false)?, &passages, &flag))?;
-        self.refresh = Some(Refresh {
-            weights_step: self.step,
-            started: Instant::now(),
-            cancel,
-            handle,
-            _snapshot: snapshot,
-        });
-        Ok(())
-    }
-
-    /// Swap in a finished background index; returns what was swapped.
-    fn poll_refresh(&mut self) -> Result<Option<IndexRecord>> {
-        if !self
-            .refresh
-            .as_ref()
-            .is_some_and(|r| r.handle.is_finished())
-        {
-            return Ok(None);
-        }
-        let r = self.refresh.take().context("refresh")?;
-        let data = r
-            .handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the re-indexing thread panicked"))??;
-        self.index = Some(PassageIndex {
-            data,
-            dim: self.towers.passage_encoder().dim(),
-            weights_step: r.weights_step,
-        });
-        Ok(Some(IndexRecord {
-            step: self.step + 1,
-            weights_step: r.weights_step,
-            secs: r.started.elapsed().as_secs_f64(),
-        }))
-    }
-
-    fn cancel_refresh(&mut self) {
-        if let Some(r) = self.refresh.take() {
-            r.cancel.store(true, Ordering::Relaxed);
-            let _ = r.handle.join();
-        }
-    }
-
     /// Write `checkpoints/step-NNNNNNN/` (model in its own layout, optimiser moments, trainer
     /// state, ANCE index) atomically and point `checkpoints/latest` at it.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
@@ -1195,12 +1056,7 @@ impl RetrieverTrainer {
             let steps = self.opt.save(&d.join("optimizer.safetensors"))?;
             let index_step = match &self.index {
                 Some(ix) => {
-                    let rows = ix.data.len() / ix.dim.max(1);
-                    let t = Tensor::from_slice(&ix.data, (rows, ix.dim), &Device::Cpu)?;
-                    candle_core::safetensors::save(
-                        &HashMap::from([("embeddings".to_string(), t)]),
-                        d.join("ance_index.safetensors"),
-                    )?;
+                    ix.save(&d.join(ANCE_INDEX_FILE))?;
                     Some(ix.weights_step)
                 }
                 None => None,
@@ -1247,7 +1103,8 @@ impl RetrieverTrainer {
             }
             while self.step < end {
                 let started = Instant::now();
-                if let Some(swap) = self.poll_refresh()? {
+                if let Some((index, swap)) = self.reindexer.poll(self.step + 1)? {
+                    self.index = Some(index);
                     tracing::info!(
                         step = swap.step,
                         from = swap.weights_step,
@@ -1259,11 +1116,11 @@ impl RetrieverTrainer {
                 let rec = self.train_step()?;
                 let every = |k: u64, step: u64| k > 0 && step.is_multiple_of(k);
                 if self.config.negatives == Negatives::Ance
-                    && self.refresh.is_none()
+                    && !self.reindexer.is_running()
                     && every(self.config.ance_refresh_every, self.step)
                     && self.step < self.config.max_steps
                 {
-                    self.start_refresh()?;
+                    self.reindexer.start(&self.towers, self.step, &self.out)?;
                 }
                 train_secs += started.elapsed().as_secs_f64();
                 first.get_or_insert(rec.loss);
@@ -1285,7 +1142,7 @@ impl RetrieverTrainer {
             }
             Ok(())
         })();
-        self.cancel_refresh();
+        self.reindexer.cancel();
         let plotted = plot(&read_metrics(&self.metrics_path())?, &self.plot_path());
         result?;
         plotted?;
