@@ -69,11 +69,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             "fingerprint": encoder.fingerprint(),
             "embeddings": vectors,
         });
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
         for v in &vectors {
             let row: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
-            println!("{}", row.join(" "));
+            outln!("{}", row.join(" "));
         }
     }
     Ok(())

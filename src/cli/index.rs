@@ -1,6 +1,6 @@
 //! `rustrag index build|add|info|reembed`: build and maintain on-disk knowledge bases.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rustrag::encoders::TextEncoder;
 use rustrag::kb::ingest::IngestOptions;
@@ -235,15 +235,17 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                 v["generation_dir"] = serde_json::json!(kb.dir().display().to_string());
                 v["bytes_on_disk"] = serde_json::json!(kb.bytes_on_disk());
                 v["verified"] = serde_json::json!(a.verify);
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
-                println!(
+                outln!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
+                outln!(
                     "  passages     {} from {} documents ({} words/passage)",
-                    m.passages, m.documents, m.words_per_passage
+                    m.passages,
+                    m.documents,
+                    m.words_per_passage
                 );
-                println!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
-                println!(
+                outln!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
+                outln!(
                     "  encoder      {} ({}, pooling {}, normalized {}, sha256 {})",
                     m.encoder.source,
                     m.encoder.kind,
@@ -252,20 +254,22 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                     m.encoder.weights_sha256
                 );
                 match &m.hnsw {
-                    Some(h) => println!(
+                    Some(h) => outln!(
                         "  hnsw         M {} ef_construction {} ef_search {}",
-                        h.m, h.ef_construction, h.ef_search
+                        h.m,
+                        h.ef_construction,
+                        h.ef_search
                     ),
-                    None => println!("  hnsw         none (exact search only)"),
+                    None => outln!("  hnsw         none (exact search only)"),
                 }
                 let per = kb.bytes_on_disk() as f64 / m.passages.max(1) as f64;
-                println!(
+                outln!(
                     "  on disk      {} bytes ({per:.0} bytes/passage)",
                     kb.bytes_on_disk()
                 );
-                println!("  format       v{} by {}", m.format_version, m.writer);
+                outln!("  format       v{} by {}", m.format_version, m.writer);
                 if a.verify {
-                    println!("  checksums    ok");
+                    outln!("  checksums    ok");
                 }
             }
             Ok(())
@@ -273,12 +277,23 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
 }
 
+/// Print what a committed write did; a failure here says the knowledge base stands.
 fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<()> {
+    print_report_lines(what, dir, r, json).with_context(|| {
+        format!(
+            "{} was written ({}), but its report could not be printed",
+            dir.display(),
+            r.dir.display()
+        )
+    })
+}
+
+fn print_report_lines(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        outln!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{what} {}: {} passages ({} new) from {} documents, dim {} {:?}, {} bytes on disk ({:.0} bytes/passage)",
         dir.display(),
         r.passages,
@@ -289,7 +304,7 @@ fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<(
         r.bytes_on_disk,
         r.bytes_on_disk as f64 / r.passages.max(1) as f64
     );
-    println!(
+    outln!(
         "time: {:.1}s total, {:.1}s embedding ({:.1} passages/s), {:.1}s HNSW",
         r.total_seconds,
         r.embed_seconds,
@@ -297,12 +312,12 @@ fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<(
         r.hnsw_seconds
     );
     if !r.bad_records.is_empty() {
-        println!("skipped {} bad records:", r.bad_records.len());
+        outln!("skipped {} bad records:", r.bad_records.len());
         for b in r.bad_records.iter().take(20) {
-            println!("  {b}");
+            outln!("  {b}");
         }
         if r.bad_records.len() > 20 {
-            println!("  ... and {} more", r.bad_records.len() - 20);
+            outln!("  ... and {} more", r.bad_records.len() - 20);
         }
     }
     Ok(())

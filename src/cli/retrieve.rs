@@ -75,11 +75,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             .collect();
         let out = serde_json::json!({"kb": args.kb.display().to_string(), "search": mode, "ef_search": ef, "k": args.k,
                                      "seconds": seconds, "results": results});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     for (q, h) in queries.iter().zip(&hits) {
-        println!("query: {q}");
+        outln!("query: {q}");
         for (i, p) in h.passages.iter().enumerate() {
             let text: String = p.text.chars().take(args.width).collect();
             let more = if p.text.chars().count() > args.width {
@@ -87,7 +87,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "  {:>2}. {:.4}  [{}] {} — {text}{more}",
                 i + 1,
                 h.scores[i],
