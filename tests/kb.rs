@@ -510,7 +510,14 @@ fn failed_or_abandoned_generation_leaves_previous_kb_live() {
     )
     .unwrap();
     {
-        let pending = kb::atomic::PendingGeneration::begin(&root).unwrap();
+        let lock = kb::lock::WriterLock::acquire(&root, false).unwrap();
+        let base = kb::atomic::current_generation_name(&root).unwrap();
+        let pending = kb::atomic::PendingGeneration::begin(
+            &lock,
+            base.as_deref(),
+            kb::atomic::GenerationFiles::KnowledgeBase,
+        )
+        .unwrap();
         std::fs::write(pending.dir().join("embeddings.f32"), b"partial").unwrap();
         // dropped without commit (an error mid-build)
     }

@@ -183,3 +183,218 @@ fn closed_stdout_is_quiet_success_and_full_disk_a_clean_error() {
         assert_eq!(passage_ids(&root).len(), 11, "the add committed");
     }
 }
+
+// ---------------------------------------------------------------- 2. one writer per KB
+
+/// 8 concurrent `index add`s (half with `--wait`, half without: those may be refused, with the KB
+/// and the holder's pid named, and are then rerun with `--wait`) while readers query in a loop:
+/// every added passage is there at the end, every read succeeds, and every generation a reader
+/// opens holds each writer's documents all or none.
+#[test]
+fn concurrent_adds_lose_nothing_and_readers_see_whole_generations() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const WRITERS: usize = 8;
+    const DOCS: usize = 3;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    build_kb(&root, &corpus(t.path(), "base.jsonl", "base", 5));
+    let corpora: Vec<PathBuf> = (0..WRITERS)
+        .map(|w| corpus(t.path(), &format!("w{w}.jsonl"), &format!("w{w}"), DOCS))
+        .collect();
+    let add = |w: usize, wait: bool| {
+        let mut c = rustrag();
+        c.args(["index", "add", "--kb"]).arg(&root).arg("--corpus");
+        c.arg(&corpora[w]);
+        if wait {
+            c.arg("--wait");
+        }
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+
+    let done = Arc::new(AtomicBool::new(false));
+    // In-process reader: each generation it opens is whole (every writer's docs all or none).
+    let whole = {
+        let (root, done) = (root.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            while !done.load(Ordering::Relaxed) || opened == 0 {
+                let ids = passage_ids(&root);
+                for w in 0..WRITERS {
+                    let n = ids
+                        .iter()
+                        .filter(|id| id.starts_with(&format!("w{w}-")))
+                        .count();
+                    assert!(n == 0 || n == DOCS, "a generation with {n} of w{w}'s docs");
+                }
+                opened += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            opened
+        })
+    };
+    // CLI reader: every query answered with k hits from the KB.
+    let cli = {
+        let (root, done) = (root.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !done.load(Ordering::Relaxed) || reads == 0 {
+                let o = rustrag()
+                    .args([
+                        "--json",
+                        "retrieve",
+                        "--k",
+                        "3",
+                        "--query",
+                        "comet tail sun",
+                    ])
+                    .arg("--kb")
+                    .arg(&root)
+                    .output()
+                    .unwrap();
+                assert_ok(&o, "retrieve during concurrent adds");
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let hits = v["results"][0]["hits"].as_array().unwrap();
+                assert_eq!(hits.len(), 3);
+                assert!(
+                    hits[0]["text"].as_str().unwrap().contains("comet"),
+                    "sensible top hit: {}",
+                    hits[0]
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+
+    let children: Vec<_> = (0..WRITERS)
+        .map(|w| (w, add(w, w % 2 == 0).spawn().unwrap()))
+        .collect();
+    let mut refused = 0;
+    for (w, child) in children {
+        let o = child.wait_with_output().unwrap();
+        if !o.status.success() {
+            assert!(
+                w % 2 == 1,
+                "w{w} waited for the lock and still failed: {}",
+                stderr(&o)
+            );
+            assert_fails_with(
+                &o,
+                &format!("index add w{w} without --wait"),
+                &[
+                    "is being written by another process (pid ",
+                    root.to_str().unwrap(),
+                    "--wait",
+                ],
+            );
+            refused += 1;
+            let o = add(w, true).output().unwrap();
+            assert_ok(&o, &format!("index add w{w} --wait after a refusal"));
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let opened = whole.join().unwrap();
+    let reads = cli.join().unwrap();
+
+    let ids = passage_ids(&root);
+    assert_eq!(ids.len(), 5 + WRITERS * DOCS, "{ids:?}");
+    for w in 0..WRITERS {
+        for d in 0..DOCS {
+            assert!(ids.contains(&format!("w{w}-{d}")), "w{w}-{d} lost");
+        }
+    }
+    let live = rustrag::kb::KnowledgeBase::open(&root).unwrap();
+    live.verify().unwrap();
+    eprintln!("{refused} adds refused and rerun; {opened} generations opened, {reads} CLI reads");
+}
+
+/// The commit is a compare-and-swap on the generation a writer started from, lock or no lock: of
+/// two writers that started from the same generation, the second to commit fails and writes
+/// nothing. A directory where the next generation would go that holds a user's files is refused,
+/// and a build never removes a generation directory holding files rustrag did not write.
+#[test]
+fn commit_is_a_compare_and_swap_and_user_files_survive() {
+    use rustrag::kb::atomic::{current_generation_name, GenerationFiles, PendingGeneration};
+    use rustrag::kb::lock::WriterLock;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("idx");
+    let lock = WriterLock::acquire(&root, false).unwrap();
+    let write =
+        |p: &PendingGeneration, what: &str| std::fs::write(p.dir().join("data"), what).unwrap();
+    let first = PendingGeneration::begin(&lock, None, GenerationFiles::Any).unwrap();
+    write(&first, "one");
+    first.commit().unwrap();
+    let base = current_generation_name(&root).unwrap();
+    assert_eq!(base.as_deref(), Some("gen-00000001"));
+    let slow = PendingGeneration::begin(&lock, base.as_deref(), GenerationFiles::Any).unwrap();
+    let fast = PendingGeneration::begin(&lock, base.as_deref(), GenerationFiles::Any).unwrap();
+    write(&slow, "slow");
+    write(&fast, "fast");
+    fast.commit().unwrap();
+    let e = format!("{:#}", slow.commit().unwrap_err());
+    assert!(
+        e.contains("changed while this writer ran")
+            && e.contains("gen-00000001")
+            && e.contains("gen-00000002"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("gen-00000002/data")).unwrap(),
+        "fast",
+        "the first commit stands"
+    );
+    drop(lock);
+
+    // A KB: a user's file in a generation directory survives the next build (with a warning), and
+    // a user's directory where the next generation would go is refused.
+    let kb = t.path().join("kb");
+    let a = corpus(t.path(), "a.jsonl", "a", 3);
+    build_kb(&kb, &a);
+    std::fs::write(kb.join("gen-00000001/my-notes.txt"), "mine").unwrap();
+    build_kb(&kb, &a);
+    assert_eq!(
+        std::fs::read_to_string(kb.join("gen-00000001/my-notes.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::create_dir(kb.join("gen-00000003")).unwrap();
+    std::fs::write(kb.join("gen-00000003/plan.txt"), "mine").unwrap();
+    let o = rustrag()
+        .args(["index", "add", "--kb"])
+        .arg(&kb)
+        .arg("--corpus")
+        .arg(corpus(t.path(), "b.jsonl", "b", 1))
+        .output()
+        .unwrap();
+    assert_fails_with(
+        &o,
+        "add with a user's gen-00000003",
+        &["gen-00000003", "plan.txt"],
+    );
+    assert!(kb.join("gen-00000003/plan.txt").exists());
+    assert_eq!(passage_ids(&kb).len(), 3);
+
+    // Debris of a commit killed between its rename and its CURRENT swap is cleared by the next
+    // writer (which holds the lock).
+    std::fs::remove_dir_all(kb.join("gen-00000003")).unwrap();
+    copy_dir(&kb.join("gen-00000002"), &kb.join("gen-00000003"));
+    let o = rustrag()
+        .args(["index", "add", "--kb"])
+        .arg(&kb)
+        .arg("--corpus")
+        .arg(corpus(t.path(), "c.jsonl", "c", 1))
+        .output()
+        .unwrap();
+    assert_ok(&o, "add over commit debris");
+    assert_eq!(passage_ids(&kb).len(), 4);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}

@@ -56,6 +56,9 @@ pub struct EmbedOpts {
     /// HNSW: default candidate list size while searching.
     #[arg(long, default_value_t = 128)]
     pub ef_search: usize,
+    /// Wait for another writer of this knowledge base to finish instead of failing.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +158,7 @@ fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOpt
             skip_bad: e.skip_bad,
             max_doc_bytes: e.max_doc_bytes,
         },
+        wait_for_lock: e.wait,
     }
 }
 

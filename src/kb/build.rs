@@ -1,9 +1,10 @@
 //! Building knowledge bases: ingest -> split -> embed -> write a new generation atomically.
 //! Also incremental add of documents and re-embedding with a new context encoder.
 
-use super::atomic::PendingGeneration;
+use super::atomic::{current_generation_name, GenerationFiles, PendingGeneration};
 use super::embeddings::{self, EmbeddingWriter};
 use super::ingest::{read_corpus, BadRecord, IngestOptions};
+use super::lock::WriterLock;
 use super::manifest::{
     file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION,
     MANIFEST_FILE,
@@ -27,6 +28,8 @@ pub struct BuildOptions {
     /// Passages per encoder call.
     pub batch_size: usize,
     pub ingest: IngestOptions,
+    /// Wait for another writer of the KB to finish instead of failing (see [`super::lock`]).
+    pub wait_for_lock: bool,
 }
 
 impl Default for BuildOptions {
@@ -37,6 +40,7 @@ impl Default for BuildOptions {
             hnsw: None,
             batch_size: 32,
             ingest: IngestOptions::default(),
+            wait_for_lock: false,
         }
     }
 }
@@ -77,8 +81,12 @@ pub fn build(
     let documents = ingested.documents.len() as u64;
     let fp = encoder.fingerprint();
     let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
+    // Locked after the corpus checks, so a bad corpus leaves nothing behind.
+    let lock = WriterLock::acquire(out, opts.wait_for_lock)?;
+    let base = current_generation_name(out)?;
     let mut report = write_generation(
-        out,
+        &lock,
+        base.as_deref(),
         &passages,
         documents,
         src,
@@ -116,8 +124,11 @@ pub fn write_kb(
         Ok::<_, anyhow::Error>(s.to_vec())
     };
     let t0 = Instant::now();
+    let lock = WriterLock::acquire(out, opts.wait_for_lock)?;
+    let base = current_generation_name(out)?;
     let mut r = write_generation(
-        out,
+        &lock,
+        base.as_deref(),
         passages,
         passages.len() as u64,
         vec![],
@@ -142,6 +153,8 @@ pub fn add_documents(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
+    let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
     let m = kb.manifest().clone();
     let fp = encoder.fingerprint();
@@ -169,7 +182,8 @@ pub fn add_documents(
         ..opts.clone()
     };
     let mut report = write_generation(
-        root,
+        &lock,
+        kb.generation(),
         &passages,
         m.documents + ingested.documents.len() as u64,
         sources_all,
@@ -194,9 +208,12 @@ pub fn reembed(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
+    let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
     let m = kb.manifest().clone();
     let passages = kb.passages().all()?;
+    let base = kb.generation().map(str::to_string);
     drop(kb);
     let opts = BuildOptions {
         words_per_passage: m.words_per_passage,
@@ -204,7 +221,8 @@ pub fn reembed(
         ..opts.clone()
     };
     let mut r = write_generation(
-        root,
+        &lock,
+        base.as_deref(),
         &passages,
         m.documents,
         m.sources,
@@ -278,10 +296,12 @@ fn check_unique(passages: &[Passage]) -> Result<()> {
 }
 
 /// Write passages, embeddings (rows `0..keep` copied from `previous`, the rest from `embed`), optional
-/// HNSW and the manifest into a pending generation, then commit it.
+/// HNSW and the manifest into a pending generation that follows `base`, then commit it (which fails
+/// if `base` is no longer live).
 #[allow(clippy::too_many_arguments)]
 fn write_generation(
-    root: &Path,
+    lock: &WriterLock,
+    base: Option<&str>,
     passages: &[Passage],
     documents: u64,
     sources: Vec<String>,
@@ -294,7 +314,7 @@ fn write_generation(
     ensure!(!passages.is_empty(), "empty corpus: nothing to write");
     ensure!(opts.batch_size > 0, "batch size must be positive");
     let dim = fp.dim;
-    let pending = PendingGeneration::begin(root)?;
+    let pending = PendingGeneration::begin(lock, base, GenerationFiles::KnowledgeBase)?;
     let dir = pending.dir().to_path_buf();
     store::write_store(&dir, passages)?;
     let mut writer = EmbeddingWriter::create(&dir, dim, opts.dtype)?;

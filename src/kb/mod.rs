@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod build;
 pub mod embeddings;
 pub mod ingest;
+pub mod lock;
 pub mod manifest;
 pub mod split;
 pub mod store;
@@ -37,6 +38,8 @@ pub const HNSW_FILE: &str = "hnsw.graph";
 /// An opened (read-only) knowledge base generation.
 pub struct KnowledgeBase {
     root: PathBuf,
+    /// Name of the generation opened (`None`: a KB written before generations existed).
+    generation: Option<String>,
     dir: PathBuf,
     manifest: Manifest,
     store: PassageStore,
@@ -46,9 +49,45 @@ pub struct KnowledgeBase {
 impl KnowledgeBase {
     /// Open the live generation of the KB at `root`: reads the manifest (format version checked),
     /// maps the passage store and the embeddings and checks their sizes against the manifest.
+    ///
+    /// Readers take no lock: a writer may make a new generation live, and remove this one, while it
+    /// is being opened. Such a failure is retried on the new live generation; once open, the files
+    /// are mapped and stay readable whatever writers do.
     pub fn open(root: &Path) -> Result<Self> {
-        let dir = match atomic::current_generation(root)? {
-            Some(d) => d,
+        const ATTEMPTS: usize = 8;
+        let mut attempt = 0;
+        loop {
+            let name = atomic::current_generation_name(root)?;
+            match Self::open_generation(root, name.as_deref()) {
+                Ok(kb) => return Ok(kb),
+                Err(e) => {
+                    attempt += 1;
+                    let moved = atomic::current_generation_name(root).ok().flatten() != name;
+                    if !moved || attempt == ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::debug!(
+                        "{}: generation replaced while opening it ({e:#}); retrying",
+                        root.display()
+                    );
+                }
+            }
+        }
+    }
+
+    fn open_generation(root: &Path, generation: Option<&str>) -> Result<Self> {
+        let dir = match generation {
+            Some(name) => {
+                let dir = root.join(name);
+                if !dir.is_dir() {
+                    bail!(
+                        "{} names {name}, but {} is missing",
+                        root.join(atomic::CURRENT).display(),
+                        dir.display()
+                    );
+                }
+                dir
+            }
             None if root.join(manifest::MANIFEST_FILE).exists() => root.to_path_buf(),
             None => bail!("{} is not a rustrag knowledge base (no {} file); build one with `rustrag index build`", root.display(), atomic::CURRENT),
         };
@@ -71,6 +110,7 @@ impl KnowledgeBase {
             EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
         Ok(Self {
             root: root.to_path_buf(),
+            generation: generation.map(str::to_string),
             dir,
             manifest,
             store,
@@ -96,6 +136,11 @@ impl KnowledgeBase {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Name of the generation in use (`gen-NNNNNNNN`), the base of a writer that starts from it.
+    pub fn generation(&self) -> Option<&str> {
+        self.generation.as_deref()
     }
 
     /// The generation directory in use.
