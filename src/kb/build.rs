@@ -3,7 +3,7 @@
 
 use super::atomic::{current_generation_name, GenerationFiles, PendingGeneration};
 use super::embeddings::{self, EmbeddingWriter};
-use super::ingest::{read_corpus, BadRecord, IngestOptions};
+use super::ingest::{read_corpus_with, BadRecord, Document, IngestOptions};
 use super::lock::WriterLock;
 use super::manifest::{
     file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION,
@@ -76,9 +76,12 @@ pub fn build(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
-    let ingested = read_corpus(sources, &opts.ingest)?;
-    let passages = split_all(&ingested.documents, opts.words_per_passage, &HashMap::new())?;
-    let documents = ingested.documents.len() as u64;
+    let (passages, documents, bad) = read_passages(
+        sources,
+        &opts.ingest,
+        opts.words_per_passage,
+        &HashMap::new(),
+    )?;
     let fp = encoder.fingerprint();
     let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
     // Locked after the corpus checks, so a bad corpus leaves nothing behind.
@@ -96,7 +99,7 @@ pub fn build(
         &mut |batch: &[Passage]| embed(encoder, batch),
         progress,
     )?;
-    report.bad_records = ingested.bad;
+    report.bad_records = bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -164,12 +167,12 @@ pub fn add_documents(
             fp.source, fp.weights_sha256, fp.int8, root.display(), m.encoder.source, m.encoder.weights_sha256, m.encoder.int8
         );
     }
-    let ingested = read_corpus(sources, &opts.ingest)?;
     let mut existing = HashMap::new();
     for row in 0..kb.len() {
         existing.insert(kb.passages().id(row)?.to_string(), row);
     }
-    let new = split_all(&ingested.documents, m.words_per_passage, &existing)?;
+    let (new, new_documents, bad) =
+        read_passages(sources, &opts.ingest, m.words_per_passage, &existing)?;
     let mut passages = kb.passages().all()?;
     let old = passages.len();
     passages.extend(new);
@@ -185,7 +188,7 @@ pub fn add_documents(
         &lock,
         kb.generation(),
         &passages,
-        m.documents + ingested.documents.len() as u64,
+        m.documents + new_documents,
         sources_all,
         &fp,
         &opts,
@@ -194,7 +197,7 @@ pub fn add_documents(
         progress,
     )?;
     report.added = (passages.len() - old) as u64;
-    report.bad_records = ingested.bad;
+    report.bad_records = bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -255,16 +258,22 @@ fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// Split documents; passage ids must be unique among themselves and not in `existing`.
-fn split_all(
-    docs: &[super::ingest::Document],
+/// Read `sources` and split each document as it is read (the corpus is held once, as passages);
+/// passage ids must be unique among themselves and not in `existing`. Returns the passages, the
+/// number of documents and the bad records skipped.
+fn read_passages(
+    sources: &[PathBuf],
+    ingest: &IngestOptions,
     words: usize,
     existing: &HashMap<String, usize>,
-) -> Result<Vec<Passage>> {
-    let mut seen: HashMap<String, &str> = HashMap::new();
+) -> Result<(Vec<Passage>, u64, Vec<BadRecord>)> {
+    // passage id -> origin of its document
+    let mut seen: HashMap<String, String> = HashMap::new();
     let mut out = Vec::new();
-    for d in docs {
-        for p in split_document(d, words) {
+    let mut documents = 0u64;
+    let bad = read_corpus_with(sources, ingest, &mut |d: Document| {
+        documents += 1;
+        for p in split_document(&d, words) {
             if existing.contains_key(&p.id) {
                 bail!(
                     "{}: passage id {:?} already exists in the knowledge base",
@@ -272,7 +281,7 @@ fn split_all(
                     p.id
                 );
             }
-            if let Some(first) = seen.insert(p.id.clone(), &d.origin) {
+            if let Some(first) = seen.insert(p.id.clone(), d.origin.clone()) {
                 bail!(
                     "{}: passage id {:?} collides with a passage from {first}",
                     d.origin,
@@ -281,8 +290,9 @@ fn split_all(
             }
             out.push(p);
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    Ok((out, documents, bad))
 }
 
 fn check_unique(passages: &[Passage]) -> Result<()> {
