@@ -724,7 +724,7 @@ fn real_minilm_kb_build_retrieve_add_reembed_hnsw() {
         "added passages found for {found}/{}",
         new_qs.len()
     );
-    // Adding the same documents again is refused, naming the source line.
+    // Adding the same documents again is refused, naming the source line and the document.
     let e = err_of(kb::add_documents(
         &root,
         &[more],
@@ -733,7 +733,8 @@ fn real_minilm_kb_build_retrieve_add_reembed_hnsw() {
         &mut |_, _| {},
     ));
     assert!(
-        e.contains("squad_more.jsonl:1: passage id") && e.contains("already exists"),
+        e.contains("squad_more.jsonl:1: document")
+            && e.contains("is already in the knowledge base"),
         "{e}"
     );
 

@@ -487,3 +487,271 @@ fn directory_walk_survives_loops_links_and_fifos() {
         assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
     }
 }
+
+// ---------------------------------------------------------------- 4. parameter bounds
+
+/// Out-of-bounds index and query parameters fail at once (before a model is loaded or a file
+/// written) with the parameter and its bounds named.
+#[test]
+fn out_of_bounds_parameters_fail_fast_naming_the_bound() {
+    let t = tempfile::tempdir().unwrap();
+    let a = corpus(t.path(), "a.jsonl", "a", 3);
+    let out = t.path().join("kb");
+    let model = minilm_dir();
+    let build = |extra: &[&str]| {
+        let t0 = std::time::Instant::now();
+        let o = rustrag()
+            .args(["index", "build", "--corpus"])
+            .arg(&a)
+            .arg("--encoder")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        (o, t0.elapsed())
+    };
+    for (extra, needles) in [
+        (
+            &["--hnsw", "--m", "1000000000"][..],
+            &["--m 1000000000", "2..=256"][..],
+        ),
+        (
+            &["--hnsw", "--ef-construction", "0"],
+            &["--ef-construction 0", "1..=10000"],
+        ),
+        (
+            &["--hnsw", "--ef-search", "99999999"],
+            &["--ef-search 99999999"],
+        ),
+        (&["--max-length", "0"], &["--max-length 0"]),
+        (&["--batch-size", "0"], &["--batch-size 0", "1..=4096"]),
+    ] {
+        let (o, took) = build(extra);
+        assert_fails_with(&o, &format!("index build {extra:?}"), needles);
+        assert!(took.as_secs() < 10, "{extra:?} took {took:?}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+    build_kb(&out, &a);
+    for (args, needles) in [
+        (&["--k", "0"][..], &["--k 0", "1..=10000"][..]),
+        (&["--k", "100000000"], &["--k 100000000"]),
+        (&["--ef-search", "0"], &["--ef-search 0"]),
+    ] {
+        let o = rustrag()
+            .args(["retrieve", "--query", "comet", "--kb"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_fails_with(&o, &format!("retrieve {args:?}"), needles);
+    }
+    let o = rustrag()
+        .args(["eval", "retrieval", "--k", "0", "--corpus"])
+        .arg(&a)
+        .args(["--queries", "q.jsonl", "--qrels", "qrels.tsv"])
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "eval retrieval --k 0", &["--k 0"]);
+}
+
+// ---------------------------------------------------------------- 5. careless input
+
+/// `index add` refuses a document already in the KB (naming it) unless `--upsert`, which replaces
+/// its passages; a relative `--encoder` is recorded absolute, and a manifest encoder that cannot be
+/// found is named with the manifest; an encoder differing only in pooling is refused saying
+/// "pooling"; a GGUF as `--encoder` is called a generator file; `--n-docs 0` and an empty question
+/// are errors; control characters in a question are escaped in human output.
+#[test]
+fn careless_input_gets_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let kb = t.path().join("kb");
+    // A relative --encoder path, built from `t`.
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(minilm_dir(), t.path().join("relenc")).unwrap();
+    let a = corpus(t.path(), "a.jsonl", "a", 3);
+    let o = rustrag()
+        .current_dir(t.path())
+        .args([
+            "index",
+            "build",
+            "--words-per-passage",
+            "0",
+            "--corpus",
+            "a.jsonl",
+            "--encoder",
+            "relenc",
+            "--out",
+            "kb",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&o, "index build with a relative --encoder");
+    let m = rustrag::kb::KnowledgeBase::open(&kb).unwrap();
+    let source = m.manifest().encoder.source.clone();
+    assert!(Path::new(&source).is_absolute(), "{source}");
+    drop(m);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = rustrag()
+        .current_dir(elsewhere.path())
+        .args(["retrieve", "--query", "comet", "--kb"])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert_ok(&o, "retrieve from another directory");
+
+    // Same id again: refused, naming the document; with --upsert, replaced.
+    let again = t.path().join("again.jsonl");
+    std::fs::write(
+        &again,
+        "{\"_id\":\"a-1\",\"title\":\"A one\",\"text\":\"Glaciers carve valleys into a U shape.\"}\n",
+    )
+    .unwrap();
+    let add = |extra: &[&str]| {
+        rustrag()
+            .args(["index", "add", "--kb"])
+            .arg(&kb)
+            .arg("--corpus")
+            .arg(&again)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_fails_with(
+        &add(&[]),
+        "index add of an existing id",
+        &[
+            "again.jsonl:1",
+            "document \"a-1\" is already in the knowledge base",
+            "--upsert",
+        ],
+    );
+    assert_ok(&add(&["--upsert"]), "index add --upsert");
+    let kb2 = rustrag::kb::KnowledgeBase::open(&kb).unwrap();
+    assert_eq!(kb2.len(), 3);
+    assert_eq!(kb2.manifest().documents, 3);
+    let row = kb2.row_of("a-1").unwrap().unwrap();
+    assert!(kb2.passage(row).unwrap().text.contains("Glaciers"));
+    drop(kb2);
+    let o = rustrag()
+        .args([
+            "--json",
+            "retrieve",
+            "--k",
+            "1",
+            "--query",
+            "glacier valley",
+            "--kb",
+        ])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert_ok(&o, "retrieve after upsert");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["results"][0]["hits"][0]["id"], "a-1",
+        "the new embedding is searched"
+    );
+
+    // Same weights, other pooling: refused, saying pooling.
+    let cls = t.path().join("minilm-cls");
+    std::fs::create_dir_all(cls.join("1_Pooling")).unwrap();
+    for e in std::fs::read_dir(minilm_dir()).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "1_Pooling" {
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(e.path(), cls.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        cls.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .unwrap();
+    let o = rustrag()
+        .args(["index", "add", "--kb"])
+        .arg(&kb)
+        .arg("--corpus")
+        .arg(corpus(t.path(), "b.jsonl", "b", 1))
+        .arg("--encoder")
+        .arg(&cls)
+        .output()
+        .unwrap();
+    assert_fails_with(
+        &o,
+        "index add with another pooling",
+        &["they differ in pooling: cls vs mean"],
+    );
+
+    // A GGUF where an encoder belongs.
+    let gguf = t.path().join("gen.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+    let o = rustrag()
+        .args(["index", "build", "--corpus"])
+        .arg(&a)
+        .arg("--encoder")
+        .arg(&gguf)
+        .arg("--out")
+        .arg(t.path().join("kb-gguf"))
+        .output()
+        .unwrap();
+    assert_fails_with(
+        &o,
+        "GGUF as --encoder",
+        &["is a GGUF generator file, not an encoder"],
+    );
+
+    // A manifest naming an encoder that is nowhere: the error names the manifest.
+    let gen = rustrag::kb::KnowledgeBase::open(&kb)
+        .unwrap()
+        .dir()
+        .to_path_buf();
+    let mpath = gen.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    std::fs::write(&mpath, text.replace(&source, "moved-away/minilm")).unwrap();
+    let o = rustrag()
+        .args(["retrieve", "--query", "comet", "--kb"])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert_fails_with(
+        &o,
+        "retrieve with a moved encoder",
+        &[
+            "\"moved-away/minilm\" recorded in",
+            "manifest.json",
+            "--encoder",
+        ],
+    );
+    std::fs::write(&mpath, text).unwrap();
+
+    // Empty question, --n-docs 0, control characters.
+    let o = rustrag()
+        .args(["retrieve", "--query", " ", "--kb"])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "retrieve of an empty question", &["is empty"]);
+    let o = rustrag()
+        .args(["ask", "--n-docs", "0", "--generator"])
+        .arg(&gguf)
+        .arg("--kb")
+        .arg(&kb)
+        .arg("why?")
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "ask --n-docs 0", &["--n-docs 0"]);
+    let o = rustrag()
+        .args(["retrieve", "--query", "\x1b[2J\x1b[31mcomet\r", "--kb"])
+        .arg(&kb)
+        .output()
+        .unwrap();
+    assert_ok(&o, "retrieve with escapes");
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(!out.contains('\x1b') && !out.contains('\r'), "{out:?}");
+    assert!(
+        out.contains("query: \\u{1b}[2J\\u{1b}[31mcomet\\r"),
+        "{out}"
+    );
+}

@@ -86,6 +86,9 @@ fn read_questions(args: &Args) -> Result<Vec<String>> {
 }
 
 fn config(args: &Args) -> Result<PipelineConfig> {
+    if args.n_docs == Some(0) {
+        bail!("--n-docs 0: RAG marginalises over the retrieved documents, it needs at least 1");
+    }
     let length = |l: Option<usize>, name: &str| -> Result<Option<usize>> {
         match l {
             Some(0) => bail!("--{name} counts the decoder start token: it must be at least 1"),
@@ -142,7 +145,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
 
 /// Human-readable output.
 fn print_result(r: &QaResult, snippet_chars: usize) -> Result<()> {
-    outln!("Q: {}", r.question);
+    outln!("Q: {}", super::printable(&r.question));
     for (k, a) in r.answers.iter().enumerate() {
         outln!("A{}: {}", k + 1, a.text);
         match r.mode {

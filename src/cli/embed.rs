@@ -53,6 +53,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         int8: args.int8,
         ..Default::default()
     };
+    super::index::refuse_generator_file(&args.model)?;
     let encoder = load_encoder(&args.model, &opts)?;
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let t0 = std::time::Instant::now();

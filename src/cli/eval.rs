@@ -79,7 +79,7 @@ pub struct RetrievalArgs {
     /// Rebuild the BM25 index even if one exists.
     #[arg(long)]
     pub rebuild: bool,
-    /// Passages retrieved per query.
+    /// Passages retrieved per query (1..=10000).
     #[arg(long, default_value_t = 100)]
     pub k: usize,
     /// Queries per retrieve call.
@@ -223,6 +223,12 @@ fn open_or_build_bm25(
 }
 
 fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
+    if !(1..=10_000).contains(&a.k) {
+        bail!(
+            "--k {} is out of bounds: metrics need 1..=10000 passages per query",
+            a.k
+        );
+    }
     let queries = read_queries(&a.queries)?;
     let qrels = read_qrels(&a.qrels)?;
     // Only judged queries are evaluated (trec_eval skips the others).

@@ -96,6 +96,23 @@ impl StdoutError {
     }
 }
 
+/// `s` with its control characters (ANSI escape sequences, carriage returns, …) escaped as
+/// `\u{1b}`, for human-readable output: text from questions and passages cannot drive the terminal.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Flush what is still buffered on stdout, as a [`StdoutError`] on failure.
 pub fn flush_stdout() -> Result<()> {
     use std::io::Write as _;

@@ -50,6 +50,54 @@ pub struct HnswParams {
     pub ef_search: usize,
 }
 
+impl HnswParams {
+    /// Upper bound of `m` (faiss and hnswlib use 4–64; 256 is already far past any gain). Each
+    /// node stores up to `2 m` neighbours on layer 0, so `m` scales the graph's memory.
+    pub const MAX_M: usize = 256;
+    /// Upper bound of `ef_construction` and `ef_search` (candidate lists beyond this are an exact
+    /// search done slowly).
+    pub const MAX_EF: usize = 10_000;
+
+    /// Error naming the parameter and its bounds when one is out of them.
+    pub fn validate(&self) -> Result<()> {
+        let check = |name: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bail!("HNSW --{name} {v} is out of bounds: it must be in {lo}..={hi}");
+            }
+            Ok(())
+        };
+        check("m", self.m, 2, Self::MAX_M)?;
+        check("ef-construction", self.ef_construction, 1, Self::MAX_EF)?;
+        check("ef-search", self.ef_search, 1, Self::MAX_EF)
+    }
+}
+
+/// The fields in which two encoder fingerprints differ, each as `field: a vs b` (source ignored:
+/// one model may be loaded from two paths).
+pub fn fingerprint_differences(a: &EncoderFingerprint, b: &EncoderFingerprint) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut field = |name: &str, x: String, y: String| {
+        if x != y {
+            d.push(format!("{name}: {x} vs {y}"));
+        }
+    };
+    field("kind", a.kind.clone(), b.kind.clone());
+    field("dim", a.dim.to_string(), b.dim.to_string());
+    field("pooling", a.pooling.clone(), b.pooling.clone());
+    field(
+        "normalized",
+        a.normalized.to_string(),
+        b.normalized.to_string(),
+    );
+    field(
+        "weights sha256",
+        short(&a.weights_sha256).into(),
+        short(&b.weights_sha256).into(),
+    );
+    field("int8", a.int8.to_string(), b.int8.to_string());
+    d
+}
+
 /// Contents of `manifest.json`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
