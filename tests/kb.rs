@@ -458,11 +458,12 @@ fn store_lookup_and_manifest_refusals() {
     let bytes = std::fs::read(&emb).unwrap();
     std::fs::write(&emb, &bytes[..bytes.len() - 4]).unwrap();
     assert!(err_of(KnowledgeBase::open(&root)).contains("the manifest records"));
-    // Same size, flipped byte: `verify` catches it.
+    // Same size, flipped byte: the block checksums catch it at open.
     let mut flipped = bytes.clone();
     flipped[100] ^= 1;
     std::fs::write(&emb, &flipped).unwrap();
-    assert!(err_of(KnowledgeBase::open(&root).unwrap().verify()).contains("checksum mismatch"));
+    assert!(err_of(KnowledgeBase::open(&root))
+        .contains("block 0 (bytes 0..19200) fails its CRC32 check"));
     // Not a KB at all; a non-KB directory is never written into.
     assert!(err_of(KnowledgeBase::open(t.path())).contains("not a rustrag knowledge base"));
     write(t.path(), "other/important.txt", b"keep me");

@@ -193,6 +193,7 @@ pub fn add_documents(
     drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
     let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
+    kb.verify_blocks()?; // never copy corrupt data forward under fresh checksums
     let m = kb.manifest().clone();
     let fp = recorded_fingerprint(encoder);
     let differences = fingerprint_differences(&fp, &m.encoder);
@@ -282,6 +283,7 @@ pub fn reembed(
     drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
     let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
+    kb.verify_blocks()?;
     let m = kb.manifest().clone();
     let passages = kb.passages().all()?;
     let base = kb.generation().map(str::to_string);
@@ -477,6 +479,15 @@ fn write_generation(
             v.len(),
             batch.len()
         );
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let p = &batch[i / dim];
+            bail!(
+                "passage {:?} (row {}): the encoder returned {} in its embedding; nothing was written",
+                p.id,
+                writer.rows() as usize + i / dim,
+                v[i]
+            );
+        }
         writer.append(&v)?;
         progress(writer.rows() - start as u64, total);
     }
