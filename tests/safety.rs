@@ -167,6 +167,12 @@ fn closed_stdout_is_quiet_success_and_full_disk_a_clean_error() {
                 &format!("{args:?} > /dev/full"),
                 &["writing to standard output", "No space left on device"],
             );
+            assert_eq!(
+                stderr(&o).matches("No space left").count(),
+                1,
+                "said once: {}",
+                stderr(&o)
+            );
         }
         let c = corpus(t.path(), "c.jsonl", "c", 2);
         let o = rustrag()

@@ -83,11 +83,8 @@ impl std::fmt::Display for StdoutError {
     }
 }
 
-impl std::error::Error for StdoutError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
-    }
-}
+// No `source()`: the message already carries the I/O error, and `{:#}` would print it twice.
+impl std::error::Error for StdoutError {}
 
 impl StdoutError {
     /// The reader of our output went away (`rustrag … | head`): not a failure of the command.
