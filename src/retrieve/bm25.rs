@@ -187,7 +187,8 @@ pub fn build_index(root: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     if passages.is_empty() {
         bail!("cannot build a BM25 index of an empty corpus");
     }
-    let lock = WriterLock::acquire(root, false)?;
+    // A derived index: a second builder waits for the first rather than failing.
+    let lock = WriterLock::acquire(root, true)?;
     let base = current_generation_name(root)?;
     let pending = PendingGeneration::begin(&lock, base.as_deref(), GenerationFiles::Any)
         .with_context(|| format!("start a BM25 index generation in {}", root.display()))?;
