@@ -946,3 +946,87 @@ fn checksum_cost_on_a_1m_passage_kb() {
         );
     }
 }
+
+/// Every writer (`build`, `add`, `reembed`) takes the lock: while this process holds it, each is
+/// refused naming the KB and this pid, and readers still answer; `--wait` waits for the release.
+#[test]
+fn every_writer_takes_the_lock_and_readers_never_do() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    let a = corpus(t.path(), "a.jsonl", "a", 3);
+    build_kb(&root, &a);
+    let b = corpus(t.path(), "b.jsonl", "b", 2);
+    let model = minilm_dir();
+    let lock = rustrag::kb::lock::WriterLock::acquire(&root, false).unwrap();
+    let pid = format!("pid {}", std::process::id());
+    let writers: Vec<Vec<&std::ffi::OsStr>> = vec![
+        vec![
+            "index".as_ref(),
+            "build".as_ref(),
+            "--corpus".as_ref(),
+            a.as_os_str(),
+            "--encoder".as_ref(),
+            model.as_os_str(),
+            "--out".as_ref(),
+            root.as_os_str(),
+        ],
+        vec![
+            "index".as_ref(),
+            "add".as_ref(),
+            "--kb".as_ref(),
+            root.as_os_str(),
+            "--corpus".as_ref(),
+            b.as_os_str(),
+        ],
+        vec![
+            "index".as_ref(),
+            "reembed".as_ref(),
+            "--kb".as_ref(),
+            root.as_os_str(),
+            "--encoder".as_ref(),
+            model.as_os_str(),
+        ],
+    ];
+    for args in &writers {
+        let o = rustrag().args(args).output().unwrap();
+        assert_fails_with(
+            &o,
+            &format!("{args:?} while locked"),
+            &["is being written by another process", &pid, "--wait"],
+        );
+    }
+    for args in [
+        vec![
+            "retrieve",
+            "--query",
+            "comet",
+            "--kb",
+            root.to_str().unwrap(),
+        ],
+        vec!["index", "info", "--verify", "--kb", root.to_str().unwrap()],
+    ] {
+        assert_ok(
+            &rustrag().args(&args).output().unwrap(),
+            &format!("{args:?} while locked"),
+        );
+    }
+    let mut waiting = rustrag()
+        .args(&writers[1])
+        .arg("--wait")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(waiting.try_wait().unwrap().is_none(), "--wait did not wait");
+    assert_eq!(passage_ids(&root).len(), 3);
+    drop(lock);
+    let o = output_within(waiting, 60, "index add --wait");
+    assert_ok(&o, "index add --wait after the release");
+    assert!(
+        stderr(&o).contains("waiting for the writer"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(passage_ids(&root).len(), 5);
+}
