@@ -458,11 +458,12 @@ fn store_lookup_and_manifest_refusals() {
     let bytes = std::fs::read(&emb).unwrap();
     std::fs::write(&emb, &bytes[..bytes.len() - 4]).unwrap();
     assert!(err_of(KnowledgeBase::open(&root)).contains("the manifest records"));
-    // Same size, flipped byte: `verify` catches it.
+    // Same size, flipped byte: the block checksums catch it at open.
     let mut flipped = bytes.clone();
     flipped[100] ^= 1;
     std::fs::write(&emb, &flipped).unwrap();
-    assert!(err_of(KnowledgeBase::open(&root).unwrap().verify()).contains("checksum mismatch"));
+    assert!(err_of(KnowledgeBase::open(&root))
+        .contains("block 0 (bytes 0..19200) fails its CRC32 check"));
     // Not a KB at all; a non-KB directory is never written into.
     assert!(err_of(KnowledgeBase::open(t.path())).contains("not a rustrag knowledge base"));
     write(t.path(), "other/important.txt", b"keep me");
@@ -510,7 +511,14 @@ fn failed_or_abandoned_generation_leaves_previous_kb_live() {
     )
     .unwrap();
     {
-        let pending = kb::atomic::PendingGeneration::begin(&root).unwrap();
+        let lock = kb::lock::WriterLock::acquire(&root, false).unwrap();
+        let base = kb::atomic::current_generation_name(&root).unwrap();
+        let pending = kb::atomic::PendingGeneration::begin(
+            &lock,
+            base.as_deref(),
+            kb::atomic::GenerationFiles::KnowledgeBase,
+        )
+        .unwrap();
         std::fs::write(pending.dir().join("embeddings.f32"), b"partial").unwrap();
         // dropped without commit (an error mid-build)
     }
@@ -717,7 +725,7 @@ fn real_minilm_kb_build_retrieve_add_reembed_hnsw() {
         "added passages found for {found}/{}",
         new_qs.len()
     );
-    // Adding the same documents again is refused, naming the source line.
+    // Adding the same documents again is refused, naming the source line and the document.
     let e = err_of(kb::add_documents(
         &root,
         &[more],
@@ -726,7 +734,8 @@ fn real_minilm_kb_build_retrieve_add_reembed_hnsw() {
         &mut |_, _| {},
     ));
     assert!(
-        e.contains("squad_more.jsonl:1: passage id") && e.contains("already exists"),
+        e.contains("squad_more.jsonl:1: document")
+            && e.contains("is already in the knowledge base"),
         "{e}"
     );
 

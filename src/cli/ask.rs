@@ -86,6 +86,9 @@ fn read_questions(args: &Args) -> Result<Vec<String>> {
 }
 
 fn config(args: &Args) -> Result<PipelineConfig> {
+    if args.n_docs == Some(0) {
+        bail!("--n-docs 0: RAG marginalises over the retrieved documents, it needs at least 1");
+    }
     let length = |l: Option<usize>, name: &str| -> Result<Option<usize>> {
         match l {
             Some(0) => bail!("--{name} counts the decoder start token: it must be at least 1"),
@@ -131,25 +134,25 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     };
     let results = pipeline.answer(&questions)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        outln!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         for r in &results {
-            print_result(r, args.snippet_chars);
+            print_result(r, args.snippet_chars)?;
         }
     }
     Ok(())
 }
 
 /// Human-readable output.
-fn print_result(r: &QaResult, snippet_chars: usize) {
-    println!("Q: {}", r.question);
+fn print_result(r: &QaResult, snippet_chars: usize) -> Result<()> {
+    outln!("Q: {}", super::printable(&r.question));
     for (k, a) in r.answers.iter().enumerate() {
-        println!("A{}: {}", k + 1, a.text);
+        outln!("A{}: {}", k + 1, a.text);
         match r.mode {
             RagMode::Sequence => {
                 if let Some(post) = a.doc_posteriors.first() {
                     let p: Vec<String> = post.iter().map(|x| format!("{x:.3}")).collect();
-                    println!("   p(z|x,y) over sources: [{}]", p.join(", "));
+                    outln!("   p(z|x,y) over sources: [{}]", p.join(", "));
                 }
             }
             RagMode::Token => {
@@ -160,22 +163,27 @@ fn print_result(r: &QaResult, snippet_chars: usize) {
                         .max_by(|a, b| a.1.total_cmp(b.1))
                         .map(|(j, p)| (j + 1, *p));
                     if let Some((j, p)) = best {
-                        println!("   {tok:?} <- source {j} (p={p:.3})");
+                        outln!("   {tok:?} <- source {j} (p={p:.3})");
                     }
                 }
             }
         }
     }
-    println!("Sources (τ = {}):", r.prior_temperature);
+    outln!("Sources (τ = {}):", r.prior_temperature);
     for s in &r.sources {
         let snippet: String = s.text.chars().take(snippet_chars).collect();
-        println!(
+        outln!(
             "  [{}] p(z|x)={:.3} score={:.3} {} ({}): {}",
-            s.rank, s.prior, s.score, s.title, s.passage_id, snippet
+            s.rank,
+            s.prior,
+            s.score,
+            s.title,
+            s.passage_id,
+            snippet
         );
     }
     for t in &r.truncated {
-        println!(
+        outln!(
             "  note: source {} cut to {} of {} words ({} → {} prompt tokens) to fit the context window",
             t.row + 1,
             t.passage_words_kept,
@@ -184,5 +192,6 @@ fn print_result(r: &QaResult, snippet_chars: usize) {
             t.prompt_tokens_after
         );
     }
-    println!();
+    outln!();
+    Ok(())
 }

@@ -53,6 +53,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         int8: args.int8,
         ..Default::default()
     };
+    super::index::refuse_generator_file(&args.model)?;
     let encoder = load_encoder(&args.model, &opts)?;
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let t0 = std::time::Instant::now();
@@ -69,11 +70,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             "fingerprint": encoder.fingerprint(),
             "embeddings": vectors,
         });
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
         for v in &vectors {
             let row: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
-            println!("{}", row.join(" "));
+            outln!("{}", row.join(" "));
         }
     }
     Ok(())

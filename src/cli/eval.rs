@@ -79,7 +79,7 @@ pub struct RetrievalArgs {
     /// Rebuild the BM25 index even if one exists.
     #[arg(long)]
     pub rebuild: bool,
-    /// Passages retrieved per query.
+    /// Passages retrieved per query (1..=10000).
     #[arg(long, default_value_t = 100)]
     pub k: usize,
     /// Queries per retrieve call.
@@ -223,6 +223,12 @@ fn open_or_build_bm25(
 }
 
 fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
+    if !(1..=10_000).contains(&a.k) {
+        bail!(
+            "--k {} is out of bounds: metrics need 1..=10000 passages per query",
+            a.k
+        );
+    }
     let queries = read_queries(&a.queries)?;
     let qrels = read_qrels(&a.qrels)?;
     // Only judged queries are evaluated (trec_eval skips the others).
@@ -379,24 +385,26 @@ fn print_report(
             "index_build_seconds": build_seconds,
             "bm25_latency": latency,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
+        outln!(
             "retriever {:?}, {} queries evaluated, k = {}",
-            a.retriever, r.num_queries, a.k
+            a.retriever,
+            r.num_queries,
+            a.k
         );
         for (name, v) in &pretty {
-            println!("{name:>12}  {v:.4}");
+            outln!("{name:>12}  {v:.4}");
         }
-        println!(
+        outln!(
             "retrieval: {seconds:.2} s ({qps:.1} queries/s, batch {})",
             a.batch
         );
         if let Some(b) = build_seconds {
-            println!("BM25 index build: {b:.2} s");
+            outln!("BM25 index build: {b:.2} s");
         }
         if let Some(l) = latency {
-            println!("BM25 single-query latency (µs): {l}");
+            outln!("BM25 single-query latency (µs): {l}");
         }
     }
     Ok(())
@@ -464,14 +472,14 @@ fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
     }
     let (em, f1) = (100.0 * em / n as f64, 100.0 * f1 / n as f64);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"exact_match": em, "f1": f1, "questions": n, "unanswered": missing})
             )?
         );
     } else {
-        println!("exact_match {em:.2}  f1 {f1:.2}  ({n} questions, {missing} unanswered)");
+        outln!("exact_match {em:.2}  f1 {f1:.2}  ({n} questions, {missing} unanswered)");
     }
     Ok(())
 }

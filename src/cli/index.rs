@@ -1,6 +1,6 @@
 //! `rustrag index build|add|info|reembed`: build and maintain on-disk knowledge bases.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rustrag::encoders::TextEncoder;
 use rustrag::kb::ingest::IngestOptions;
@@ -28,10 +28,11 @@ pub enum IndexCommand {
 /// Options shared by the commands that embed passages.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EmbedOpts {
-    /// Passages per encoder forward pass.
+    /// Passages per encoder forward pass (1..=4096).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Override the encoder's maximum tokens per passage.
+    /// Override the encoder's maximum tokens per passage (at least 1; capped by the model's
+    /// position embeddings).
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Skip (and report) malformed records instead of stopping at the first.
@@ -47,15 +48,18 @@ pub struct EmbedOpts {
     /// Also build an HNSW graph (inner product).
     #[arg(long)]
     pub hnsw: bool,
-    /// HNSW: neighbours per node.
+    /// HNSW: neighbours per node (2..=256).
     #[arg(long, default_value_t = 32)]
     pub m: usize,
-    /// HNSW: candidate list size while building.
+    /// HNSW: candidate list size while building (1..=10000).
     #[arg(long, default_value_t = 128)]
     pub ef_construction: usize,
-    /// HNSW: default candidate list size while searching.
+    /// HNSW: default candidate list size while searching (1..=10000).
     #[arg(long, default_value_t = 128)]
     pub ef_search: usize,
+    /// Wait for another writer of this knowledge base to finish instead of failing.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,6 +93,10 @@ pub struct AddArgs {
     /// Encoder (default: the one recorded in the manifest).
     #[arg(long)]
     pub encoder: Option<String>,
+    /// Replace the passages of documents whose id is already in the knowledge base (without it,
+    /// such a document is an error).
+    #[arg(long)]
+    pub upsert: bool,
     #[command(flatten)]
     pub embed: EmbedOpts,
 }
@@ -120,6 +128,7 @@ pub fn load_encoder(
     max_length: Option<usize>,
     int8: bool,
 ) -> Result<Box<dyn TextEncoder>> {
+    refuse_generator_file(spec)?;
     let opts = rustrag::encoders::LoadOptions {
         batch_size,
         max_length,
@@ -127,6 +136,64 @@ pub fn load_encoder(
         ..Default::default()
     };
     rustrag::encoders::load_encoder(spec, &opts)
+}
+
+/// A GGUF file given where an encoder directory belongs gets an error that says what it is.
+pub fn refuse_generator_file(spec: &str) -> Result<()> {
+    use std::io::Read;
+    let path = Path::new(spec);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let mut magic = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF";
+    if is_gguf
+        || path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        bail!(
+            "{spec} is a GGUF generator file, not an encoder: pass a sentence-transformers, DPR or \
+             BERT model directory (GGUF files go to `rustrag ask --generator`)"
+        );
+    }
+    Ok(())
+}
+
+/// The encoder a KB's manifest records, loaded: a relative path (recorded before paths were stored
+/// absolute) is looked up in the current directory, then in the KB directory and its parent; a
+/// failure names the manifest it came from.
+pub fn manifest_encoder(
+    kb: &KnowledgeBase,
+    batch_size: usize,
+    max_length: Option<usize>,
+    int8: bool,
+) -> Result<Box<dyn TextEncoder>> {
+    let source = &kb.manifest().encoder.source;
+    let path = Path::new(source);
+    let mut spec = source.clone();
+    if path.is_relative() && !path.exists() {
+        let candidates = [Some(kb.root()), kb.root().parent()];
+        if let Some(found) = candidates
+            .into_iter()
+            .flatten()
+            .map(|d| d.join(path))
+            .find(|p| p.exists())
+        {
+            spec = found.display().to_string();
+        }
+    }
+    load_encoder(&spec, batch_size, max_length, int8).with_context(|| {
+        format!(
+            "loading the encoder {source:?} recorded in {}; pass --encoder to use another copy",
+            kb.dir()
+                .join(rustrag::kb::manifest::MANIFEST_FILE)
+                .display()
+        )
+    })
 }
 
 impl EmbedOpts {
@@ -137,8 +204,13 @@ impl EmbedOpts {
     }
 }
 
-fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOptions {
-    BuildOptions {
+/// The library's build options from the flags, checked against their documented bounds (before
+/// any model is loaded or file read).
+fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> Result<BuildOptions> {
+    if e.max_length == Some(0) {
+        bail!("--max-length 0 would embed every passage as an empty text; it must be at least 1");
+    }
+    let opts = BuildOptions {
         words_per_passage,
         dtype: if f16 {
             EmbeddingDtype::F16
@@ -155,7 +227,11 @@ fn build_options(e: &EmbedOpts, words_per_passage: usize, f16: bool) -> BuildOpt
             skip_bad: e.skip_bad,
             max_doc_bytes: e.max_doc_bytes,
         },
-    }
+        wait_for_lock: e.wait,
+        upsert: false,
+    };
+    opts.validate()?;
+    Ok(opts)
 }
 
 fn progress_bar(json: bool) -> ProgressBar {
@@ -178,8 +254,8 @@ fn progress_bar(json: bool) -> ProgressBar {
 pub fn run(args: Args, json: bool) -> Result<()> {
     match args.command {
         IndexCommand::Build(a) => {
+            let opts = build_options(&a.embed, a.words_per_passage, a.f16)?;
             let encoder = a.embed.encoder(&a.encoder, false)?;
-            let opts = build_options(&a.embed, a.words_per_passage, a.f16);
             let pb = progress_bar(json);
             let mut cb = |done: u64, total: u64| {
                 pb.set_length(total);
@@ -191,10 +267,15 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         }
         IndexCommand::Add(a) => {
             // New passages are embedded as the KB's were: same encoder, int8 if it was.
-            let kb_encoder = KnowledgeBase::open(&a.kb)?.manifest().encoder.clone();
-            let spec = a.encoder.clone().unwrap_or(kb_encoder.source);
-            let encoder = a.embed.encoder(&spec, kb_encoder.int8)?;
-            let mut opts = build_options(&a.embed, 0, false);
+            let mut opts = build_options(&a.embed, 0, false)?;
+            opts.upsert = a.upsert;
+            let kb = KnowledgeBase::open(&a.kb)?;
+            let int8 = a.embed.int8 || kb.manifest().encoder.int8;
+            let encoder = match &a.encoder {
+                Some(spec) => a.embed.encoder(spec, int8)?,
+                None => manifest_encoder(&kb, a.embed.batch_size, a.embed.max_length, int8)?,
+            };
+            drop(kb);
             if !a.embed.hnsw {
                 opts.hnsw = None; // keep the KB's own HNSW settings
             }
@@ -208,9 +289,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             print_report("added to", &a.kb, &r, json)
         }
         IndexCommand::Reembed(a) => {
-            let encoder = a.embed.encoder(&a.encoder, false)?;
             let cur = KnowledgeBase::open(&a.kb)?;
-            let mut opts = build_options(&a.embed, 0, cur.manifest().dtype == EmbeddingDtype::F16);
+            let mut opts = build_options(&a.embed, 0, cur.manifest().dtype == EmbeddingDtype::F16)?;
+            let encoder = a.embed.encoder(&a.encoder, false)?;
             if !a.embed.hnsw {
                 opts.hnsw = None;
             }
@@ -235,15 +316,17 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                 v["generation_dir"] = serde_json::json!(kb.dir().display().to_string());
                 v["bytes_on_disk"] = serde_json::json!(kb.bytes_on_disk());
                 v["verified"] = serde_json::json!(a.verify);
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
-                println!(
+                outln!("knowledge base {} ({})", a.kb.display(), kb.dir().display());
+                outln!(
                     "  passages     {} from {} documents ({} words/passage)",
-                    m.passages, m.documents, m.words_per_passage
+                    m.passages,
+                    m.documents,
+                    m.words_per_passage
                 );
-                println!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
-                println!(
+                outln!("  embeddings   {} x {} {:?}", m.passages, m.dim, m.dtype);
+                outln!(
                     "  encoder      {} ({}, pooling {}, normalized {}, sha256 {})",
                     m.encoder.source,
                     m.encoder.kind,
@@ -252,20 +335,22 @@ pub fn run(args: Args, json: bool) -> Result<()> {
                     m.encoder.weights_sha256
                 );
                 match &m.hnsw {
-                    Some(h) => println!(
+                    Some(h) => outln!(
                         "  hnsw         M {} ef_construction {} ef_search {}",
-                        h.m, h.ef_construction, h.ef_search
+                        h.m,
+                        h.ef_construction,
+                        h.ef_search
                     ),
-                    None => println!("  hnsw         none (exact search only)"),
+                    None => outln!("  hnsw         none (exact search only)"),
                 }
                 let per = kb.bytes_on_disk() as f64 / m.passages.max(1) as f64;
-                println!(
+                outln!(
                     "  on disk      {} bytes ({per:.0} bytes/passage)",
                     kb.bytes_on_disk()
                 );
-                println!("  format       v{} by {}", m.format_version, m.writer);
+                outln!("  format       v{} by {}", m.format_version, m.writer);
                 if a.verify {
-                    println!("  checksums    ok");
+                    outln!("  checksums    ok");
                 }
             }
             Ok(())
@@ -273,12 +358,23 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
 }
 
+/// Print what a committed write did; a failure here says the knowledge base stands.
 fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<()> {
+    print_report_lines(what, dir, r, json).with_context(|| {
+        format!(
+            "{} was written ({}), but its report could not be printed",
+            dir.display(),
+            r.dir.display()
+        )
+    })
+}
+
+fn print_report_lines(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        outln!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{what} {}: {} passages ({} new) from {} documents, dim {} {:?}, {} bytes on disk ({:.0} bytes/passage)",
         dir.display(),
         r.passages,
@@ -289,20 +385,26 @@ fn print_report(what: &str, dir: &Path, r: &BuildReport, json: bool) -> Result<(
         r.bytes_on_disk,
         r.bytes_on_disk as f64 / r.passages.max(1) as f64
     );
-    println!(
+    outln!(
         "time: {:.1}s total, {:.1}s embedding ({:.1} passages/s), {:.1}s HNSW",
         r.total_seconds,
         r.embed_seconds,
         r.added as f64 / r.embed_seconds.max(1e-9),
         r.hnsw_seconds
     );
+    if r.replaced_documents > 0 {
+        outln!(
+            "replaced the passages of {} documents already in the knowledge base (--upsert)",
+            r.replaced_documents
+        );
+    }
     if !r.bad_records.is_empty() {
-        println!("skipped {} bad records:", r.bad_records.len());
+        outln!("skipped {} bad records:", r.bad_records.len());
         for b in r.bad_records.iter().take(20) {
-            println!("  {b}");
+            outln!("  {b}");
         }
         if r.bad_records.len() > 20 {
-            println!("  ... and {} more", r.bad_records.len() - 20);
+            outln!("  ... and {} more", r.bad_records.len() - 20);
         }
     }
     Ok(())

@@ -1,4 +1,18 @@
 //! The `rustrag` command line: one file per subcommand, each a thin layer over the library.
+//!
+//! Subcommands print through [`outln!`], never `println!`: a write error (a closed pipe, a full
+//! disk) comes back as a [`StdoutError`] instead of a panic, and `main` turns a broken pipe into a
+//! quiet exit 0 (as ripgrep does) and any other write error into `error: …` with exit 1.
+
+/// `println!` that returns write errors: `outln!("{x}")` expands to a `writeln!` on the locked
+/// stdout, followed by `?` with the error wrapped in [`StdoutError`] (so the caller must return
+/// `anyhow::Result`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(crate::cli::StdoutError)?
+    }};
+}
 
 pub mod ask;
 pub mod bench;
@@ -57,6 +71,50 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a, cli.json),
         Command::Train(a) => train::run(a, cli.json),
     }
+}
+
+/// A failed write to standard output (see [`outln!`]).
+#[derive(Debug)]
+pub struct StdoutError(pub std::io::Error);
+
+impl std::fmt::Display for StdoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to standard output: {}", self.0)
+    }
+}
+
+// No `source()`: the message already carries the I/O error, and `{:#}` would print it twice.
+impl std::error::Error for StdoutError {}
+
+impl StdoutError {
+    /// The reader of our output went away (`rustrag … | head`): not a failure of the command.
+    pub fn is_broken_pipe(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+/// `s` with its control characters (ANSI escape sequences, carriage returns, …) escaped as
+/// `\u{1b}`, for human-readable output: text from questions and passages cannot drive the terminal.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Flush what is still buffered on stdout, as a [`StdoutError`] on failure.
+pub fn flush_stdout() -> Result<()> {
+    use std::io::Write as _;
+    std::io::stdout().flush().map_err(StdoutError)?;
+    Ok(())
 }
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` wins over `-v`.

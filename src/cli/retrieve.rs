@@ -1,11 +1,15 @@
 //! `rustrag retrieve`: top-k passages for questions from a knowledge base.
 
+use super::printable;
 use anyhow::{bail, Result};
-use rustrag::kb::KnowledgeBase;
+use rustrag::kb::{HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::DenseRetriever;
 use rustrag::retrieve::Retriever;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Upper bound of `--k` (each question keeps a k-long candidate list).
+const MAX_K: usize = 10_000;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -15,10 +19,10 @@ pub struct Args {
     /// Question(s).
     #[arg(long, required = true, num_args = 1..)]
     pub query: Vec<String>,
-    /// Passages per question.
+    /// Passages per question (1..=10000).
     #[arg(long, default_value_t = 5)]
     pub k: usize,
-    /// HNSW candidate list size (default: the KB's); ignored with --exact.
+    /// HNSW candidate list size (default: the KB's; 1..=10000); ignored with --exact.
     #[arg(long)]
     pub ef_search: Option<usize>,
     /// Exact inner-product search even when the KB has an HNSW graph.
@@ -33,16 +37,29 @@ pub struct Args {
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
-    if args.k == 0 {
-        bail!("--k must be at least 1");
+    if !(1..=MAX_K).contains(&args.k) {
+        bail!("--k {} is out of bounds: it must be in 1..={MAX_K}", args.k);
+    }
+    if let Some(i) = args.query.iter().position(|q| q.trim().is_empty()) {
+        bail!(
+            "--query number {} is empty: there is nothing to retrieve for",
+            i + 1
+        );
+    }
+    if let Some(ef) = args.ef_search {
+        if !(1..=HnswParams::MAX_EF).contains(&ef) {
+            bail!(
+                "--ef-search {ef} is out of bounds: it must be in 1..={}",
+                HnswParams::MAX_EF
+            );
+        }
     }
     let kb = Arc::new(KnowledgeBase::open(&args.kb)?);
     let m = kb.manifest().clone();
-    let spec = args
-        .encoder
-        .clone()
-        .unwrap_or_else(|| m.encoder.source.clone());
-    let encoder = super::index::load_encoder(&spec, 32, None, false)?;
+    let encoder = match &args.encoder {
+        Some(spec) => super::index::load_encoder(spec, 32, None, false)?,
+        None => super::index::manifest_encoder(&kb, 32, None, false)?,
+    };
     let ef = match (args.exact, &m.hnsw) {
         (true, _) | (false, None) => None,
         (false, Some(h)) => Some(args.ef_search.unwrap_or(h.ef_search)),
@@ -75,24 +92,25 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             .collect();
         let out = serde_json::json!({"kb": args.kb.display().to_string(), "search": mode, "ef_search": ef, "k": args.k,
                                      "seconds": seconds, "results": results});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     for (q, h) in queries.iter().zip(&hits) {
-        println!("query: {q}");
+        outln!("query: {}", printable(q));
         for (i, p) in h.passages.iter().enumerate() {
             let text: String = p.text.chars().take(args.width).collect();
+            let text = printable(&text);
             let more = if p.text.chars().count() > args.width {
                 "…"
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "  {:>2}. {:.4}  [{}] {} — {text}{more}",
                 i + 1,
                 h.scores[i],
-                p.id,
-                p.title
+                printable(&p.id),
+                printable(&p.title)
             );
         }
     }

@@ -144,10 +144,10 @@ pub fn run(a: RetrieverArgs, json: bool) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "trained {} steps: loss {} -> {} ({:.2} s/step, {:.0} s training)",
         summary.steps,
         summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
@@ -156,9 +156,11 @@ pub fn run(a: RetrieverArgs, json: bool) -> Result<()> {
         summary.train_secs
     );
     for s in &summary.index_swaps {
-        println!(
+        outln!(
             "ANCE index from step {} swapped in at step {} ({:.0} s)",
-            s.weights_step, s.step, s.secs
+            s.weights_step,
+            s.step,
+            s.secs
         );
     }
     for e in &summary.evals {
@@ -167,7 +169,7 @@ pub fn run(a: RetrieverArgs, json: bool) -> Result<()> {
             .iter()
             .map(|r| format!("R@{} {:.1}", r.k, r.recall))
             .collect();
-        println!(
+        outln!(
             "eval @ step {} ({} questions): {}",
             e.step,
             e.questions,
@@ -175,9 +177,9 @@ pub fn run(a: RetrieverArgs, json: bool) -> Result<()> {
         );
     }
     if let Some(c) = &summary.last_checkpoint {
-        println!("checkpoint: {}", c.display());
+        outln!("checkpoint: {}", c.display());
     }
-    println!("metrics: {}", summary.metrics.display());
-    println!("plot: {}", summary.plot.display());
+    outln!("metrics: {}", summary.metrics.display());
+    outln!("plot: {}", summary.plot.display());
     Ok(())
 }

@@ -1,19 +1,20 @@
 //! Building knowledge bases: ingest -> split -> embed -> write a new generation atomically.
 //! Also incremental add of documents and re-embedding with a new context encoder.
 
-use super::atomic::PendingGeneration;
+use super::atomic::{current_generation_name, GenerationFiles, PendingGeneration};
 use super::embeddings::{self, EmbeddingWriter};
-use super::ingest::{read_corpus, BadRecord, IngestOptions};
+use super::ingest::{read_corpus_with, BadRecord, Document, IngestOptions};
+use super::lock::WriterLock;
 use super::manifest::{
-    file_entry, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT, FORMAT_VERSION,
-    MANIFEST_FILE,
+    file_entry, fingerprint_differences, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT,
+    FORMAT_VERSION, MANIFEST_FILE,
 };
-use super::split::split_document;
+use super::split::{document_id, split_document};
 use super::Passage;
 use super::{store, KnowledgeBase, HNSW_FILE};
 use crate::encoders::{EncoderFingerprint, TextEncoder};
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -27,6 +28,35 @@ pub struct BuildOptions {
     /// Passages per encoder call.
     pub batch_size: usize,
     pub ingest: IngestOptions,
+    /// Wait for another writer of the KB to finish instead of failing (see [`super::lock`]).
+    pub wait_for_lock: bool,
+    /// `add`: replace the passages of documents already in the KB instead of refusing them.
+    pub upsert: bool,
+}
+
+impl BuildOptions {
+    /// Upper bound of `batch_size` (an encoder batch is padded to its longest passage: a bigger
+    /// one only costs memory).
+    pub const MAX_BATCH_SIZE: usize = 4096;
+
+    /// Error naming the option and its bounds when one is out of them; every writer checks this
+    /// before reading anything.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=Self::MAX_BATCH_SIZE).contains(&self.batch_size),
+            "--batch-size {} is out of bounds: it must be in 1..={}",
+            self.batch_size,
+            Self::MAX_BATCH_SIZE
+        );
+        ensure!(
+            self.ingest.max_doc_bytes > 0,
+            "--max-doc-bytes must be at least 1"
+        );
+        if let Some(h) = &self.hnsw {
+            h.validate()?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for BuildOptions {
@@ -37,6 +67,8 @@ impl Default for BuildOptions {
             hnsw: None,
             batch_size: 32,
             ingest: IngestOptions::default(),
+            wait_for_lock: false,
+            upsert: false,
         }
     }
 }
@@ -50,6 +82,8 @@ pub struct BuildReport {
     pub passages: u64,
     /// Passages added by this call (= `passages` for a fresh build).
     pub added: u64,
+    /// Documents of the KB whose passages an `add --upsert` replaced.
+    pub replaced_documents: u64,
     pub bad_records: Vec<BadRecord>,
     pub dim: usize,
     pub dtype: EmbeddingDtype,
@@ -72,13 +106,21 @@ pub fn build(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
-    let ingested = read_corpus(sources, &opts.ingest)?;
-    let passages = split_all(&ingested.documents, opts.words_per_passage, &HashMap::new())?;
-    let documents = ingested.documents.len() as u64;
-    let fp = encoder.fingerprint();
+    opts.validate()?;
+    let ReadPassages {
+        passages,
+        documents,
+        bad,
+        ..
+    } = read_passages(sources, &opts.ingest, opts.words_per_passage, None)?;
+    let fp = recorded_fingerprint(encoder);
     let src: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
+    // Locked after the corpus checks, so a bad corpus leaves nothing behind.
+    let lock = WriterLock::acquire(out, opts.wait_for_lock)?;
+    let base = current_generation_name(out)?;
     let mut report = write_generation(
-        out,
+        &lock,
+        base.as_deref(),
         &passages,
         documents,
         src,
@@ -88,7 +130,7 @@ pub fn build(
         &mut |batch: &[Passage]| embed(encoder, batch),
         progress,
     )?;
-    report.bad_records = ingested.bad;
+    report.bad_records = bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -116,8 +158,12 @@ pub fn write_kb(
         Ok::<_, anyhow::Error>(s.to_vec())
     };
     let t0 = Instant::now();
+    opts.validate()?;
+    let lock = WriterLock::acquire(out, opts.wait_for_lock)?;
+    let base = current_generation_name(out)?;
     let mut r = write_generation(
-        out,
+        &lock,
+        base.as_deref(),
         passages,
         passages.len() as u64,
         vec![],
@@ -133,7 +179,8 @@ pub fn write_kb(
 
 /// Add the documents of `sources` to the KB at `root`: the new generation holds the old passages with
 /// their stored embeddings plus the new ones embedded by `encoder` (which must be the KB's encoder).
-/// New ids that already exist are an error naming the source line.
+/// A document whose id is already in the KB is an error naming it and its source line, unless
+/// `opts.upsert`: then its old passages are replaced by the new ones.
 pub fn add_documents(
     root: &Path,
     sources: &[PathBuf],
@@ -142,24 +189,47 @@ pub fn add_documents(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    opts.validate()?;
+    drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
+    let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
+    kb.verify_blocks()?; // never copy corrupt data forward under fresh checksums
     let m = kb.manifest().clone();
-    let fp = encoder.fingerprint();
-    if fp != m.encoder {
+    let fp = recorded_fingerprint(encoder);
+    let differences = fingerprint_differences(&fp, &m.encoder);
+    if !differences.is_empty() {
         bail!(
-            "encoder {} (sha256 {}, int8 {}) is not the one that embedded {} ({}, sha256 {}, int8 {}); use `rustrag index build` or re-embed",
-            fp.source, fp.weights_sha256, fp.int8, root.display(), m.encoder.source, m.encoder.weights_sha256, m.encoder.int8
+            "encoder {} is not the one that embedded {} ({}); they differ in {}; use `rustrag index build` or re-embed",
+            fp.source,
+            root.display(),
+            m.encoder.source,
+            differences.join("; ")
         );
     }
-    let ingested = read_corpus(sources, &opts.ingest)?;
-    let mut existing = HashMap::new();
+    let mut existing = Existing {
+        root,
+        upsert: opts.upsert,
+        passages: HashMap::new(),
+        documents: HashMap::new(),
+    };
     for row in 0..kb.len() {
-        existing.insert(kb.passages().id(row)?.to_string(), row);
+        let id = kb.passages().id(row)?;
+        existing.passages.insert(id.to_string(), row);
+        existing
+            .documents
+            .entry(document_id(id).to_string())
+            .or_default()
+            .push(row);
     }
-    let new = split_all(&ingested.documents, m.words_per_passage, &existing)?;
-    let mut passages = kb.passages().all()?;
-    let old = passages.len();
-    passages.extend(new);
+    let read = read_passages(sources, &opts.ingest, m.words_per_passage, Some(&existing))?;
+    let keep: Vec<usize> = (0..kb.len())
+        .filter(|r| !read.replaced_rows.contains(r))
+        .collect();
+    let mut passages = keep
+        .iter()
+        .map(|&r| kb.passage(r))
+        .collect::<Result<Vec<_>>>()?;
+    passages.extend(read.passages);
     let mut sources_all = m.sources.clone();
     sources_all.extend(sources.iter().map(|s| s.display().to_string()));
     let opts = BuildOptions {
@@ -169,20 +239,35 @@ pub fn add_documents(
         ..opts.clone()
     };
     let mut report = write_generation(
-        root,
+        &lock,
+        kb.generation(),
         &passages,
-        m.documents + ingested.documents.len() as u64,
+        m.documents + read.documents - read.replaced_documents,
         sources_all,
-        &fp,
+        &m.encoder,
         &opts,
-        Some((&kb, old)),
+        Some((&kb, &keep)),
         &mut |batch: &[Passage]| embed(encoder, batch),
         progress,
     )?;
-    report.added = (passages.len() - old) as u64;
-    report.bad_records = ingested.bad;
+    report.added = (passages.len() - keep.len()) as u64;
+    report.replaced_documents = read.replaced_documents;
+    report.bad_records = read.bad;
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The encoder's fingerprint as a manifest records it: a local encoder path is stored absolute, so
+/// the KB can be used (and extended) from any directory.
+fn recorded_fingerprint(encoder: &dyn TextEncoder) -> EncoderFingerprint {
+    let mut fp = encoder.fingerprint();
+    let path = Path::new(&fp.source);
+    if path.is_relative() && path.exists() {
+        if let Ok(abs) = std::fs::canonicalize(path) {
+            fp.source = abs.display().to_string();
+        }
+    }
+    fp
 }
 
 /// Re-embed every passage of the KB at `root` with a new context encoder (e.g. after training) and
@@ -194,9 +279,14 @@ pub fn reembed(
     progress: Progress,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    opts.validate()?;
+    drop(KnowledgeBase::open(root)?); // a clear error for a missing KB before any lock file
+    let lock = WriterLock::acquire(root, opts.wait_for_lock)?;
     let kb = KnowledgeBase::open(root)?;
+    kb.verify_blocks()?;
     let m = kb.manifest().clone();
     let passages = kb.passages().all()?;
+    let base = kb.generation().map(str::to_string);
     drop(kb);
     let opts = BuildOptions {
         words_per_passage: m.words_per_passage,
@@ -204,11 +294,12 @@ pub fn reembed(
         ..opts.clone()
     };
     let mut r = write_generation(
-        root,
+        &lock,
+        base.as_deref(),
         &passages,
         m.documents,
         m.sources,
-        &encoder.fingerprint(),
+        &recorded_fingerprint(encoder),
         &opts,
         None,
         &mut |b: &[Passage]| embed(encoder, b),
@@ -237,24 +328,69 @@ fn embed(encoder: &dyn TextEncoder, batch: &[Passage]) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// Split documents; passage ids must be unique among themselves and not in `existing`.
-fn split_all(
-    docs: &[super::ingest::Document],
+/// What new documents may not collide with when they are added to a KB.
+struct Existing<'a> {
+    root: &'a Path,
+    /// Replace the passages of documents already present instead of refusing them.
+    upsert: bool,
+    /// passage id -> row
+    passages: HashMap<String, usize>,
+    /// document id -> rows of its passages
+    documents: HashMap<String, Vec<usize>>,
+}
+
+/// Passages read from a corpus.
+struct ReadPassages {
+    passages: Vec<Passage>,
+    documents: u64,
+    bad: Vec<BadRecord>,
+    /// Rows of the KB replaced by new versions of their documents (`--upsert`).
+    replaced_rows: HashSet<usize>,
+    replaced_documents: u64,
+}
+
+/// Read `sources` and split each document as it is read (the corpus is held once, as passages);
+/// passage ids must be unique among themselves and, for an add, not in the KB (documents already in
+/// it are refused, or replaced with `upsert`).
+fn read_passages(
+    sources: &[PathBuf],
+    ingest: &IngestOptions,
     words: usize,
-    existing: &HashMap<String, usize>,
-) -> Result<Vec<Passage>> {
-    let mut seen: HashMap<String, &str> = HashMap::new();
+    existing: Option<&Existing>,
+) -> Result<ReadPassages> {
+    // passage id -> origin of its document
+    let mut seen: HashMap<String, String> = HashMap::new();
     let mut out = Vec::new();
-    for d in docs {
-        for p in split_document(d, words) {
-            if existing.contains_key(&p.id) {
+    let mut documents = 0u64;
+    let mut replaced_rows = HashSet::new();
+    let mut replaced_documents = 0u64;
+    let bad = read_corpus_with(sources, ingest, &mut |d: Document| {
+        documents += 1;
+        if let Some(rows) = existing.and_then(|e| e.documents.get(&d.id)) {
+            let e = existing.expect("checked");
+            if !e.upsert {
                 bail!(
-                    "{}: passage id {:?} already exists in the knowledge base",
+                    "{}: document {:?} is already in the knowledge base {} ({} passages); pass --upsert to replace them",
                     d.origin,
-                    p.id
+                    d.id,
+                    e.root.display(),
+                    rows.len()
                 );
             }
-            if let Some(first) = seen.insert(p.id.clone(), &d.origin) {
+            replaced_rows.extend(rows.iter().copied());
+            replaced_documents += 1;
+        }
+        for p in split_document(&d, words) {
+            if let Some(&row) = existing.and_then(|e| e.passages.get(&p.id)) {
+                if !replaced_rows.contains(&row) {
+                    bail!(
+                        "{}: passage id {:?} already exists in the knowledge base",
+                        d.origin,
+                        p.id
+                    );
+                }
+            }
+            if let Some(first) = seen.insert(p.id.clone(), d.origin.clone()) {
                 bail!(
                     "{}: passage id {:?} collides with a passage from {first}",
                     d.origin,
@@ -263,8 +399,15 @@ fn split_all(
             }
             out.push(p);
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    Ok(ReadPassages {
+        passages: out,
+        documents,
+        bad,
+        replaced_rows,
+        replaced_documents,
+    })
 }
 
 fn check_unique(passages: &[Passage]) -> Result<()> {
@@ -278,40 +421,50 @@ fn check_unique(passages: &[Passage]) -> Result<()> {
 }
 
 /// Write passages, embeddings (rows `0..keep` copied from `previous`, the rest from `embed`), optional
-/// HNSW and the manifest into a pending generation, then commit it.
+/// HNSW and the manifest into a pending generation that follows `base`, then commit it (which fails
+/// if `base` is no longer live).
 #[allow(clippy::too_many_arguments)]
 fn write_generation(
-    root: &Path,
+    lock: &WriterLock,
+    base: Option<&str>,
     passages: &[Passage],
     documents: u64,
     sources: Vec<String>,
     fp: &EncoderFingerprint,
     opts: &BuildOptions,
-    previous: Option<(&KnowledgeBase, usize)>,
+    previous: Option<(&KnowledgeBase, &[usize])>,
     embed: &mut dyn FnMut(&[Passage]) -> Result<Vec<f32>>,
     progress: Progress,
 ) -> Result<BuildReport> {
     ensure!(!passages.is_empty(), "empty corpus: nothing to write");
     ensure!(opts.batch_size > 0, "batch size must be positive");
     let dim = fp.dim;
-    let pending = PendingGeneration::begin(root)?;
+    let pending = PendingGeneration::begin(lock, base, GenerationFiles::KnowledgeBase)?;
     let dir = pending.dir().to_path_buf();
     store::write_store(&dir, passages)?;
     let mut writer = EmbeddingWriter::create(&dir, dim, opts.dtype)?;
     let mut start = 0usize;
-    if let Some((kb, keep)) = previous {
+    if let Some((kb, rows)) = previous {
         ensure!(
             kb.dim() == dim,
             "knowledge base dim {} != encoder dim {dim}",
             kb.dim()
         );
+        // Copy runs of consecutive rows, at most 4096 at a time.
         let mut buf = Vec::new();
-        for s in (0..keep).step_by(4096) {
-            let e = (s + 4096).min(keep);
+        let mut i = 0;
+        while i < rows.len() {
+            let s = rows[i];
+            let mut e = s + 1;
+            i += 1;
+            while i < rows.len() && rows[i] == e && e - s < 4096 {
+                e += 1;
+                i += 1;
+            }
             kb.embeddings().rows_f32_into(s, e, &mut buf);
             writer.append(&buf)?;
         }
-        start = keep;
+        start = rows.len();
     }
     let t_embed = Instant::now();
     let total = (passages.len() - start) as u64;
@@ -326,6 +479,15 @@ fn write_generation(
             v.len(),
             batch.len()
         );
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let p = &batch[i / dim];
+            bail!(
+                "passage {:?} (row {}): the encoder returned {} in its embedding; nothing was written",
+                p.id,
+                writer.rows() as usize + i / dim,
+                v[i]
+            );
+        }
         writer.append(&v)?;
         progress(writer.rows() - start as u64, total);
     }
@@ -379,6 +541,7 @@ fn write_generation(
         documents,
         passages: passages.len() as u64,
         added: total,
+        replaced_documents: 0,
         bad_records: vec![],
         dim,
         dtype: opts.dtype,

@@ -71,8 +71,10 @@ pub enum Format {
 
 struct Sink<'a> {
     opts: &'a IngestOptions,
-    out: &'a mut Ingested,
+    bad: Vec<BadRecord>,
+    documents: u64,
     seen: HashMap<String, String>,
+    on_doc: &'a mut dyn FnMut(Document) -> Result<()>,
 }
 
 impl Sink<'_> {
@@ -84,7 +86,7 @@ impl Sink<'_> {
         };
         if self.opts.skip_bad {
             tracing::warn!("skipping {rec}");
-            self.out.bad.push(rec);
+            self.bad.push(rec);
             Ok(())
         } else {
             bail!("{rec} (use --skip-bad to skip bad records)")
@@ -115,23 +117,39 @@ impl Sink<'_> {
             return self.bad(file, line, reason);
         }
         self.seen.insert(id.clone(), origin.clone());
-        self.out.documents.push(Document {
+        self.documents += 1;
+        (self.on_doc)(Document {
             id,
             title,
             text,
             origin,
-        });
-        Ok(())
+        })
     }
 }
 
 /// Read every source (file or directory) in order. Fails on an empty result.
 pub fn read_corpus(sources: &[PathBuf], opts: &IngestOptions) -> Result<Ingested> {
-    let mut out = Ingested::default();
+    let mut documents = Vec::new();
+    let bad = read_corpus_with(sources, opts, &mut |d| {
+        documents.push(d);
+        Ok(())
+    })?;
+    Ok(Ingested { documents, bad })
+}
+
+/// Read every source in order, handing each document to `on_doc` as it is read (memory is bounded
+/// by one document, not by the corpus). Returns the bad records skipped; fails on an empty result.
+pub fn read_corpus_with(
+    sources: &[PathBuf],
+    opts: &IngestOptions,
+    on_doc: &mut dyn FnMut(Document) -> Result<()>,
+) -> Result<Vec<BadRecord>> {
     let mut sink = Sink {
         opts,
-        out: &mut out,
+        bad: Vec::new(),
+        documents: 0,
         seen: HashMap::new(),
+        on_doc,
     };
     for src in sources {
         if src.is_dir() {
@@ -140,15 +158,15 @@ pub fn read_corpus(sources: &[PathBuf], opts: &IngestOptions) -> Result<Ingested
             read_file(src, &mut sink)?;
         }
     }
-    if out.documents.is_empty() {
+    if sink.documents == 0 {
         let names: Vec<_> = sources.iter().map(|s| s.display().to_string()).collect();
         bail!(
             "empty corpus: no documents in {} ({} bad records skipped)",
             names.join(", "),
-            out.bad.len()
+            sink.bad.len()
         );
     }
-    Ok(out)
+    Ok(sink.bad)
 }
 
 /// Pick the reader from the file name (and, for TSV/CSV, the header line).
@@ -481,22 +499,79 @@ fn plain_text(path: &Path, bytes: Vec<u8>, id: String, sink: &mut Sink) -> Resul
 }
 
 /// Plain text / markdown files under `dir`, recursively, in sorted path order; ids are the paths
-/// relative to `dir` (`/`-separated).
+/// relative to `dir` (`/`-separated). Symlinks are followed, but every directory and every file is
+/// visited once (by device and inode): a symlink loop ends, and a file reachable through two paths
+/// is ingested once, under the first. Anything that is neither a regular file nor a directory
+/// (FIFO, socket, device, broken link) is skipped with a warning and never opened.
 fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
+    let mut dirs_seen: HashMap<FileKey, PathBuf> = HashMap::new();
+    let mut files_seen: HashMap<FileKey, PathBuf> = HashMap::new();
     let mut files = Vec::new();
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("read directory {}", dir.display()))?;
+    dirs_seen.insert(file_key(dir, &meta), dir.to_path_buf());
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
+        let mut entries = Vec::new();
         for e in std::fs::read_dir(&d).with_context(|| format!("read directory {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
+            entries.push(
+                e.with_context(|| format!("read directory {}", d.display()))?
+                    .path(),
+            );
+        }
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for p in entries {
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("skipping {}: {e}", p.display());
+                    continue;
+                }
+            };
+            let key = file_key(&p, &meta);
+            if meta.is_dir() {
+                match dirs_seen.get(&key) {
+                    Some(first) => tracing::warn!(
+                        "skipping {}: the same directory as {} (a symlink loop or a second link)",
+                        p.display(),
+                        first.display()
+                    ),
+                    None => {
+                        dirs_seen.insert(key, p.clone());
+                        subdirs.push(p);
+                    }
+                }
+                continue;
+            }
+            if !matches!(
                 p.extension().and_then(|e| e.to_str()),
                 Some("txt" | "md" | "markdown")
             ) {
-                files.push(p);
+                continue;
+            }
+            if !meta.is_file() {
+                tracing::warn!(
+                    "skipping {}: a {}, not a regular file (never opened)",
+                    p.display(),
+                    special_kind(&meta)
+                );
+                continue;
+            }
+            match files_seen.get(&key) {
+                Some(first) => tracing::warn!(
+                    "skipping {}: the same file as {} (ingested once)",
+                    p.display(),
+                    first.display()
+                ),
+                None => {
+                    files_seen.insert(key, p.clone());
+                    files.push(p);
+                }
             }
         }
+        // Depth first, in name order.
+        stack.extend(subdirs.into_iter().rev());
     }
     files.sort();
     for f in files {
@@ -516,6 +591,44 @@ fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
         plain_text(&f, bytes, id, sink)?;
     }
     Ok(())
+}
+
+/// Identity of a file or directory, the same through every path that reaches it.
+type FileKey = (u64, u64);
+
+#[cfg(unix)]
+fn file_key(_: &Path, m: &std::fs::Metadata) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn file_key(p: &Path, _: &std::fs::Metadata) -> FileKey {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .hash(&mut h);
+    (0, h.finish())
+}
+
+fn special_kind(m: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = m.file_type();
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "device";
+        }
+    }
+    let _ = m;
+    "special file"
 }
 
 #[cfg(test)]

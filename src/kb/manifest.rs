@@ -2,7 +2,7 @@
 //! format version and the file sizes; retrieving checks that the query encoder matches the recorded one.
 
 use crate::encoders::EncoderFingerprint;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -33,11 +33,60 @@ impl EmbeddingDtype {
     }
 }
 
-/// Size and sha256 of one data file.
+/// Size and sha256 of one data file, and the CRC32 of each of its blocks.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileEntry {
     pub bytes: u64,
     pub sha256: String,
+    /// Absent in KBs written before block checksums existed (then only `--verify` checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockChecksums>,
+}
+
+/// Block size of [`BlockChecksums`]: 1 MiB, so a 1.5 GB embedding matrix has ~1500 entries.
+pub const CHECKSUM_BLOCK_BYTES: u64 = 1 << 20;
+
+/// CRC32 (IEEE, SIMD via crc32fast) of each `block_bytes` block of a file (the last one may be
+/// short), checked in parallel when the KB is opened: cheap enough to read every byte once.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockChecksums {
+    pub block_bytes: u64,
+    pub crc32: Vec<u32>,
+}
+
+impl BlockChecksums {
+    /// Error naming `path`, the block and its byte range when `data` does not match.
+    pub fn check(&self, path: &Path, data: &[u8]) -> Result<()> {
+        use rayon::prelude::*;
+        let bs = self.block_bytes as usize;
+        ensure!(
+            bs > 0,
+            "{}: manifest records a block size of 0",
+            path.display()
+        );
+        let blocks = data.len().div_ceil(bs);
+        if blocks != self.crc32.len() {
+            bail!(
+                "{}: {} bytes make {blocks} blocks, the manifest records {} (corrupt or partially copied)",
+                path.display(),
+                data.len(),
+                self.crc32.len()
+            );
+        }
+        let bad = data
+            .par_chunks(bs)
+            .zip(self.crc32.par_iter())
+            .position_first(|(chunk, &want)| crc32fast::hash(chunk) != want);
+        if let Some(i) = bad {
+            let end = ((i + 1) * bs).min(data.len());
+            bail!(
+                "{}: block {i} (bytes {}..{end}) fails its CRC32 check: the file is corrupt and is not served; rebuild the knowledge base or restore it from a copy",
+                path.display(),
+                i * bs
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Parameters of a persisted HNSW graph.
@@ -48,6 +97,54 @@ pub struct HnswParams {
     pub ef_construction: usize,
     /// Default `ef_search` used when a query does not set one.
     pub ef_search: usize,
+}
+
+impl HnswParams {
+    /// Upper bound of `m` (faiss and hnswlib use 4–64; 256 is already far past any gain). Each
+    /// node stores up to `2 m` neighbours on layer 0, so `m` scales the graph's memory.
+    pub const MAX_M: usize = 256;
+    /// Upper bound of `ef_construction` and `ef_search` (candidate lists beyond this are an exact
+    /// search done slowly).
+    pub const MAX_EF: usize = 10_000;
+
+    /// Error naming the parameter and its bounds when one is out of them.
+    pub fn validate(&self) -> Result<()> {
+        let check = |name: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bail!("HNSW --{name} {v} is out of bounds: it must be in {lo}..={hi}");
+            }
+            Ok(())
+        };
+        check("m", self.m, 2, Self::MAX_M)?;
+        check("ef-construction", self.ef_construction, 1, Self::MAX_EF)?;
+        check("ef-search", self.ef_search, 1, Self::MAX_EF)
+    }
+}
+
+/// The fields in which two encoder fingerprints differ, each as `field: a vs b` (source ignored:
+/// one model may be loaded from two paths).
+pub fn fingerprint_differences(a: &EncoderFingerprint, b: &EncoderFingerprint) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut field = |name: &str, x: String, y: String| {
+        if x != y {
+            d.push(format!("{name}: {x} vs {y}"));
+        }
+    };
+    field("kind", a.kind.clone(), b.kind.clone());
+    field("dim", a.dim.to_string(), b.dim.to_string());
+    field("pooling", a.pooling.clone(), b.pooling.clone());
+    field(
+        "normalized",
+        a.normalized.to_string(),
+        b.normalized.to_string(),
+    );
+    field(
+        "weights sha256",
+        short(&a.weights_sha256).into(),
+        short(&b.weights_sha256).into(),
+    );
+    field("int8", a.int8.to_string(), b.int8.to_string());
+    d
 }
 
 /// Contents of `manifest.json`.
@@ -178,21 +275,39 @@ fn short(s: &str) -> &str {
 pub fn file_entry(path: &Path) -> Result<FileEntry> {
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let bs = CHECKSUM_BLOCK_BYTES as usize;
+    let mut buf = vec![0u8; bs];
     let mut bytes = 0u64;
+    let mut crc32 = Vec::new();
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("read {}", path.display()))?;
+        // Fill a whole block (a read may return less) so that blocks line up with the file.
+        let mut n = 0;
+        while n < bs {
+            let got = f
+                .read(&mut buf[n..])
+                .with_context(|| format!("read {}", path.display()))?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        crc32.push(crc32fast::hash(&buf[..n]));
         bytes += n as u64;
+        if n < bs {
+            break;
+        }
     }
     Ok(FileEntry {
         bytes,
         sha256: format!("{:x}", h.finalize()),
+        blocks: Some(BlockChecksums {
+            block_bytes: CHECKSUM_BLOCK_BYTES,
+            crc32,
+        }),
     })
 }
 

@@ -32,7 +32,11 @@ use tantivy::{
 
 use super::analysis::{Analyzer, AnalyzerConfig};
 use super::{Hits, Passage, Retriever};
-use crate::kb::atomic::{current_generation, fsync_dir, write_file_atomic, PendingGeneration};
+use crate::kb::atomic::{
+    current_generation, current_generation_name, fsync_dir, write_file_atomic, GenerationFiles,
+    PendingGeneration,
+};
+use crate::kb::lock::WriterLock;
 
 /// Manifest file inside a generation directory.
 const MANIFEST: &str = "bm25.json";
@@ -183,7 +187,10 @@ pub fn build_index(root: &Path, passages: &[Passage], config: &Bm25Config) -> Re
     if passages.is_empty() {
         bail!("cannot build a BM25 index of an empty corpus");
     }
-    let pending = PendingGeneration::begin(root)
+    // A derived index: a second builder waits for the first rather than failing.
+    let lock = WriterLock::acquire(root, true)?;
+    let base = current_generation_name(root)?;
+    let pending = PendingGeneration::begin(&lock, base.as_deref(), GenerationFiles::Any)
         .with_context(|| format!("start a BM25 index generation in {}", root.display()))?;
     // On error `pending` is dropped, which removes its temp dir; the live generation is untouched.
     write_generation(pending.dir(), passages, config)?;

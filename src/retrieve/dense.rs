@@ -211,14 +211,26 @@ impl DenseRetriever {
     }
 
     /// Top-`k` `(row, score)` per query for query embeddings `[nq, dim]` row-major.
+    /// A score that is NaN or infinite is an error naming the row (corrupt data is never served).
     pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        match (&self.hnsw, self.mode) {
+        ensure!(
+            queries.iter().all(|x| x.is_finite()),
+            "a question embedding is not finite (NaN or infinite values from the encoder)"
+        );
+        let found = match (&self.hnsw, self.mode) {
             (Some(h), SearchMode::Hnsw { ef_search }) => {
                 h.set_ef_search(ef_search.max(k));
-                h.search(self.kb.embeddings(), Some(self.quantized()), queries, k)
+                h.search(self.kb.embeddings(), Some(self.quantized()), queries, k)?
             }
-            _ => self.quantized().search(self.kb.embeddings(), queries, k),
+            _ => self.quantized().search(self.kb.embeddings(), queries, k)?,
+        };
+        if let Some(&(row, score)) = found.iter().flatten().find(|(_, s)| !s.is_finite()) {
+            bail!(
+                "knowledge base {}: passage row {row} scores {score}: its embedding is corrupt (run `rustrag index info --verify`)",
+                self.kb.dir().display()
+            );
         }
+        Ok(found)
     }
 
     /// The KB's integer copy (built on first use: a few ms per 10k rows).

@@ -68,9 +68,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
@@ -159,16 +159,17 @@ pub struct Report {
     pub ratios: Vec<(String, f64)>,
 }
 
-fn print_report(r: &Report) {
-    println!("benchmark: {}", r.benchmark);
-    println!("setup:     {}", r.setup);
-    println!("rustrag:   {}", r.rustrag);
+fn print_report(r: &Report) -> Result<()> {
+    outln!("benchmark: {}", r.benchmark);
+    outln!("setup:     {}", r.setup);
+    outln!("rustrag:   {}", r.rustrag);
     if let Some(p) = &r.peer {
-        println!("peer:      {p}");
+        outln!("peer:      {p}");
     }
     for (name, ratio) in &r.ratios {
-        println!("ratio {name}: {ratio:.2}x");
+        outln!("ratio {name}: {ratio:.2}x");
     }
+    Ok(())
 }
 
 /// Write one JSON string per line (the peers' input format).

@@ -464,7 +464,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
         )?);
     }
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"benchmark": "retrieval", "k": a.k, "m": a.m,
@@ -476,7 +476,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
     let r2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
     let ratio = |x: Option<f64>| x.map_or("- (hits differ)".to_string(), |v| format!("{v:.2}x"));
     for r in &results {
-        println!(
+        outln!(
             "== {} : {} vectors x {}, {} queries, k={} (threads: ours {}, faiss {}; faiss build: {})",
             r.name,
             r.n,
@@ -487,7 +487,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
             r.faiss["threads"],
             r.faiss["compile_options"]
         );
-        println!(
+        outln!(
             "exact    rustrag {:>9.0} QPS   faiss IndexFlatIP {:>9.0} QPS   ratio {}   \
              (same hits as the f32 scan: {}/{} queries; faiss's the same: {}/{}; quantised copy built in {:.3}s)",
             r.exact_qps,
@@ -499,12 +499,12 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
             r.nq,
             r.exact_quantize_seconds
         );
-        println!(
+        outln!(
             "f32 scan rustrag {:>9.0} QPS   ratio {}",
             r.scan_qps,
             ratio(r.scan_speedup_vs_faiss)
         );
-        println!(
+        outln!(
             "hnsw build (M={}, efC={}): rustrag {:.2}s   faiss {:.2}s",
             a.m,
             a.ef_construction,
@@ -513,13 +513,13 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
                 .as_f64()
                 .unwrap_or(f64::NAN)
         );
-        println!(
+        outln!(
             "  ef   rustrag QPS  recall@{k}   faiss QPS  recall@{k}   (rustrag f32 walk: QPS  recall@{k})",
             k = a.k
         );
         for (i, (p, p32)) in r.hnsw_curve.iter().zip(&r.hnsw_f32_curve).enumerate() {
             let f = &r.faiss["hnsw"]["curve"][i];
-            println!(
+            outln!(
                 "  {:>4} {:>11.0}  {:>9.4}  {:>10.0}  {:>9.4}   {:>22.0}  {:>9.4}",
                 p.ef_search,
                 p.qps,
@@ -530,7 +530,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
                 p32.recall
             );
         }
-        println!(
+        outln!(
             "  best QPS at recall >= 0.95: rustrag {}  faiss {}  ratio {}",
             r2(r.hnsw_qps_at_095),
             r2(r.faiss_hnsw_qps_at_095),
