@@ -260,9 +260,9 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
+        outln!(
             "trained {} steps: loss {} -> {} ({:.2} s/step)",
             summary.steps,
             summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
@@ -270,7 +270,7 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
             summary.mean_step_secs
         );
         for e in &summary.evals {
-            println!(
+            outln!(
                 "eval @ step {}: loss {:.4}, EM {:.1}, F1 {:.1}{}",
                 e.step,
                 e.eval_loss,
@@ -281,16 +281,18 @@ fn run_rag(a: RagArgs, json: bool) -> Result<()> {
             );
         }
         for s in &summary.index_swaps {
-            println!(
+            outln!(
                 "index re-embedded with step-{} weights, in use from step {} ({:.0} s)",
-                s.weights_step, s.step, s.secs
+                s.weights_step,
+                s.step,
+                s.secs
             );
         }
         if let Some(c) = &summary.last_checkpoint {
-            println!("checkpoint: {}", c.display());
+            outln!("checkpoint: {}", c.display());
         }
-        println!("metrics: {}", summary.metrics.display());
-        println!("plot: {}", summary.plot.display());
+        outln!("metrics: {}", summary.metrics.display());
+        outln!("plot: {}", summary.plot.display());
     }
     Ok(())
 }

@@ -194,9 +194,10 @@ impl PromptFormat {
                             break;
                         }
                         if keep == 0 {
+                            let head: String = q.chars().take(60).collect();
                             bail!(
-                                "question {:?} alone makes a {}-token prompt; the context window leaves {} tokens for prompts",
-                                q, ids.len(), self.max_prompt_tokens
+                                "question {head:?}… ({} characters) alone makes a {}-token prompt; the context window leaves {} tokens for prompts",
+                                q.chars().count(), ids.len(), self.max_prompt_tokens
                             );
                         }
                         keep = keep.saturating_sub((ids.len() - self.max_prompt_tokens).max(1));

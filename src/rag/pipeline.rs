@@ -133,6 +133,10 @@ pub struct PipelineConfig {
     pub encoder_batch_size: usize,
     /// Questions decoded together (rows = questions × n_docs × beams). Default 4.
     pub batch_size: usize,
+    /// Longest question accepted, in characters. Default 4,096: far above any real question,
+    /// low enough that tokenizing, BM25 and encoding one stay cheap (a question that does not
+    /// fit the generator's context window with its template is refused when prompts are built).
+    pub max_question_chars: usize,
     /// Default answer settings of every question.
     pub answer: AnswerOptions,
 }
@@ -147,6 +151,7 @@ impl Default for PipelineConfig {
             gguf_weights: WeightsChoice::F32,
             encoder_batch_size: 32,
             batch_size: 4,
+            max_question_chars: 4096,
             answer: AnswerOptions::default(),
         }
     }
@@ -809,6 +814,18 @@ impl Pipeline {
     ) -> Result<(usize, f64)> {
         if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
             bail!("question {} is empty", i + 1);
+        }
+        let max = self.config.max_question_chars;
+        if let Some((i, n)) = questions
+            .iter()
+            .map(|q| q.chars().count())
+            .enumerate()
+            .find(|&(_, n)| n > max)
+        {
+            bail!(
+                "question {} has {n} characters, over the limit of {max} (PipelineConfig::max_question_chars)",
+                i + 1
+            );
         }
         let d = &self.config.answer;
         let n_docs = opts.n_docs.or(d.n_docs).unwrap_or(match self.retrieval {
