@@ -2,7 +2,8 @@
 //! `passages.jsonl` (`{"index", "id", "title", "text"}` per line) and their embeddings
 //! (`embeddings.safetensors`, tensor `embeddings` `[N, d]` f32).
 
-use crate::retrieve::dense::{exact_search, F32Rows};
+use crate::retrieve::exact::exact_search;
+use crate::retrieve::rows::F32Rows;
 use crate::retrieve::{Hits, Passage, Retriever};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;

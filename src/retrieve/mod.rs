@@ -4,6 +4,7 @@
 pub mod analysis;
 pub mod bm25;
 pub mod dense;
+pub mod exact;
 pub mod hnsw;
 pub mod hybrid;
 pub mod porter;

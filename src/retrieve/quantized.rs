@@ -9,7 +9,7 @@
 //! survivors are scored in f32. The result is the top k of the f32 scan, not an approximation: the
 //! integer pass only decides what need not be read, on half the bytes of f32.
 
-use super::dense::exact_score;
+use super::exact::exact_score;
 use super::rows::DenseRows;
 use super::scored::{top_k_of, Contenders};
 use crate::kernels::{dot, int16};
@@ -95,7 +95,7 @@ impl QuantizedEmbeddings {
     }
 
     /// Top-`k` `(row, score)` per query, best first (ties: lower row first): the same hits as
-    /// [`super::dense::exact_search`] over `rows`, which must be the matrix this copy was built
+    /// [`super::exact::exact_search`] over `rows`, which must be the matrix this copy was built
     /// from. `queries`: `[nq, dim]` row-major.
     pub fn search(
         &self,
@@ -323,7 +323,8 @@ fn quantize(x: &[f32], limit: i32, codes: &mut [i16]) -> RowStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieve::dense::{exact_search, F32Rows};
+    use crate::retrieve::exact::exact_search;
+    use crate::retrieve::rows::F32Rows;
 
     /// Values in `[-0.5, 0.5)`.
     fn noise(n: usize, seed: u64) -> Vec<f32> {

@@ -5,7 +5,7 @@
 //! step that depends on timing; the `index` lines of a run's `metrics.jsonl` record it.
 
 use crate::kb::{KnowledgeBase, Passage};
-use crate::retrieve::dense::exact_search;
+use crate::retrieve::exact::exact_search;
 use crate::retrieve::rows::F32Rows;
 use crate::train::retriever::Towers;
 use anyhow::{bail, Context, Result};
