@@ -497,7 +497,7 @@ fn write_generation(
     if let Some(params) = &opts.hnsw {
         let t = Instant::now();
         let matrix = super::EmbeddingMatrix::open(&dir, passages.len() as u64, dim, opts.dtype)?;
-        let index = crate::retrieve::hnsw::HnswIndex::build(&matrix, params)?;
+        let index = super::index::hnsw::HnswIndex::build(&matrix, params)?;
         index.save(&dir.join(HNSW_FILE))?;
         hnsw_seconds = t.elapsed().as_secs_f64();
     }

@@ -8,6 +8,7 @@
 pub mod atomic;
 pub mod build;
 pub mod embeddings;
+pub mod index;
 pub mod ingest;
 pub mod lock;
 pub mod manifest;

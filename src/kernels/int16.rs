@@ -1,5 +1,5 @@
 //! Integer inner products of i16 codes (`vpmaddwd`: 16 pairs per instruction, exact i32 sums),
-//! for the quantised first pass of exact search ([`crate::retrieve::quantized`]). Code rows are
+//! for the quantised first pass of exact search ([`crate::kb::index::quantized`]). Code rows are
 //! `stride` long, a multiple of 16; the scalar paths give the same integers.
 
 use super::cpu;

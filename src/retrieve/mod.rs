@@ -4,14 +4,10 @@
 pub mod analysis;
 pub mod bm25;
 pub mod dense;
-pub mod exact;
-pub mod hnsw;
 pub mod hybrid;
 pub mod porter;
-pub mod quantized;
-pub(crate) mod row_scorer;
-pub mod rows;
-mod scored;
+// The search structures the KB builds (kb::index), under their retrieval names.
+pub use crate::kb::index::{exact, hnsw, quantized, rows};
 
 /// The knowledge base's passage type, which every retriever returns.
 pub use crate::kb::Passage;

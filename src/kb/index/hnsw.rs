@@ -787,7 +787,7 @@ mod tests {
         for dtype in [EmbeddingDtype::F32, EmbeddingDtype::F16] {
             let dir = tempfile::tempdir().unwrap();
             let m = matrix(dir.path(), &data, dim, dtype);
-            let exact = crate::retrieve::exact::exact_search(&m, &queries, 10).unwrap();
+            let exact = crate::kb::index::exact::exact_search(&m, &queries, 10).unwrap();
             let index = HnswIndex::build(&m, &params(100)).unwrap();
             let codes = QuantizedEmbeddings::build(&m);
             // The walk on f32 rows and on the quantised codes.

@@ -141,8 +141,8 @@ pub(crate) fn exact_score(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieve::quantized::QuantizedEmbeddings;
-    use crate::retrieve::rows::F32Rows;
+    use crate::kb::index::quantized::QuantizedEmbeddings;
+    use crate::kb::index::rows::F32Rows;
 
     /// Every row scored with [`exact_score`], ranked by score descending, then row ascending.
     fn brute_force(rows: &F32Rows, queries: &[f32], k: usize) -> Vec<Vec<(u32, f32)>> {

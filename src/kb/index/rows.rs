@@ -1,5 +1,5 @@
 //! The rows a dense search scans ([`DenseRows`]): a knowledge base's embedding matrix or f32 rows
-//! in memory. Apart from [`super::dense`] so that the exact scan, its quantised first pass and the
+//! in memory. Its own module so that the exact scan, its quantised first pass and the
 //! HNSW graph can all take rows without importing each other.
 
 use crate::kb::{EmbeddingDtype, EmbeddingMatrix};

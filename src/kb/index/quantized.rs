@@ -323,8 +323,8 @@ fn quantize(x: &[f32], limit: i32, codes: &mut [i16]) -> RowStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieve::exact::exact_search;
-    use crate::retrieve::rows::F32Rows;
+    use crate::kb::index::exact::exact_search;
+    use crate::kb::index::rows::F32Rows;
 
     /// Values in `[-0.5, 0.5)`.
     fn noise(n: usize, seed: u64) -> Vec<f32> {
