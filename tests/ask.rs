@@ -113,5 +113,32 @@ fn super_bowl_question_ranks_the_gold_passage_first_with_a_calibrated_prior() ->
     assert_eq!(posterior.len(), 3);
     let total: f64 = posterior.iter().map(|p| p.as_f64().unwrap_or(0.0)).sum();
     assert!((total - 1.0).abs() < 1e-3, "p(z|x,y) sums to 1: {total}");
+
+    // Careless decoding settings and questions are refused before generation, naming the setting.
+    let long_question = "why ".repeat(2000);
+    let gguf_s = gguf.to_string_lossy();
+    for (extra, expected) in [
+        (vec!["--beams", "0"], "num_beams"),
+        (vec!["--beams", "1000"], "max_decode_rows"),
+        (
+            vec!["--beams", "2", "--num-return-sequences", "3"],
+            "num_return_sequences (3) must be at most the number of beams (2)",
+        ),
+        (
+            vec!["--min-length", "10", "--max-length", "5"],
+            "min_new_tokens",
+        ),
+        (vec![long_question.as_str()], "over the limit of 4096"),
+    ] {
+        let mut args = vec!["ask", "--kb", &kb_s, "--generator", &gguf_s];
+        if extra.len() > 1 {
+            args.push("Who won Super Bowl 50?");
+        }
+        args.extend(extra.iter().copied());
+        let err = rustrag(&args)
+            .err()
+            .with_context(|| format!("{extra:?} was accepted"))?;
+        assert!(format!("{err:#}").contains(expected), "{extra:?}: {err:#}");
+    }
     Ok(())
 }

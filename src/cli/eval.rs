@@ -470,6 +470,16 @@ fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
     if n == 0 {
         bail!("{}: no question has `answers`", a.queries.display());
     }
+    // Ids from another file (or another id field) would otherwise score a silent 0.
+    if missing == n {
+        bail!(
+            "{}: none of its {} predictions names a question of {} (ids such as {:?} expected)",
+            a.predictions.display(),
+            preds.len(),
+            a.queries.display(),
+            queries.first().map(|q| q.id.as_str()).unwrap_or("")
+        );
+    }
     let (em, f1) = (100.0 * em / n as f64, 100.0 * f1 / n as f64);
     if json {
         outln!(

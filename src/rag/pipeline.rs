@@ -137,6 +137,11 @@ pub struct PipelineConfig {
     /// low enough that tokenizing, BM25 and encoding one stay cheap (a question that does not
     /// fit the generator's context window with its template is refused when prompts are built).
     pub max_question_chars: usize,
+    /// Most generator rows decoded at once: questions per batch × n_docs × beams. Default 256.
+    /// It bounds the KV caches and prompt tensors (SmolLM2-135M: about 45 KB per row and token,
+    /// so 256 rows of 1,000 tokens are about 12 GB); a call over it is refused before anything
+    /// is allocated.
+    pub max_decode_rows: usize,
     /// Default answer settings of every question.
     pub answer: AnswerOptions,
 }
@@ -152,6 +157,7 @@ impl Default for PipelineConfig {
             encoder_batch_size: 32,
             batch_size: 4,
             max_question_chars: 4096,
+            max_decode_rows: 256,
             answer: AnswerOptions::default(),
         }
     }
@@ -708,6 +714,30 @@ impl Pipeline {
             ..Default::default()
         };
         let params = self.rag.generation_params(&overrides)?;
+        if params.num_return_sequences > params.num_beams {
+            bail!(
+                "num_return_sequences ({}) must be at most the number of beams ({})",
+                params.num_return_sequences,
+                params.num_beams
+            );
+        }
+        // Only when asked for: a checkpoint's own min_length above a short max is HF's warning.
+        if overrides.min_length.is_some() && params.min_length > params.max_length {
+            bail!(
+                "min_new_tokens ({}) is above max_new_tokens ({})",
+                params.min_length - 1,
+                params.max_length - 1
+            );
+        }
+        let batch = self.config.batch_size.min(questions.len());
+        let rows = batch * n_docs * params.num_beams;
+        if rows > self.config.max_decode_rows {
+            bail!(
+                "{rows} generator rows at once (questions per batch {batch} × n_docs {n_docs} × beams {}) exceed PipelineConfig::max_decode_rows ({}): lower the beams, n_docs or batch size",
+                params.num_beams,
+                self.config.max_decode_rows
+            );
+        }
         let rag_format = self.format_leaving(params.max_length - 1)?;
         let mut out = Vec::with_capacity(questions.len());
         for chunk in questions.chunks(self.config.batch_size) {
