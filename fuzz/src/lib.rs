@@ -205,18 +205,12 @@ fn generation_dir(root: &Path) -> Result<PathBuf> {
     rustrag::kb::atomic::current_generation(root)?.context("seed KB has no CURRENT")
 }
 
-/// The knowledge-base readers: a copy of a seed KB with one file replaced by the payload, opened and
-/// read through. Selector: bits 0-2 pick the file ([`KB_FILES`], modulo 6), bit 4 re-seals the
-/// manifest (its size, sha256 and block checksums of the new file are recorded, so the readers
-/// behind the integrity checks see the bytes), bit 5 picks the f16 KB.
-pub fn kb_files(data: &[u8]) -> Result<()> {
-    let (sel, payload) = selector(data);
-    let f16 = sel & 0x20 != 0;
+/// A scratch copy of a seed KB: its root directory and its generation directory.
+pub fn copy_seed_kb(f16: bool) -> Result<(tempfile::TempDir, PathBuf)> {
     let seed = seed_kb(f16)?;
     let seed_gen = generation_dir(seed)?;
     let root = tempfile::tempdir()?;
-    let gen_name = seed_gen.file_name().context("generation name")?;
-    let gen = root.path().join(gen_name);
+    let gen = root.path().join(seed_gen.file_name().context("generation name")?);
     std::fs::create_dir(&gen)?;
     for e in std::fs::read_dir(&seed_gen)? {
         let e = e?;
@@ -228,6 +222,17 @@ pub fn kb_files(data: &[u8]) -> Result<()> {
             std::fs::copy(e.path(), root.path().join(e.file_name()))?;
         }
     }
+    Ok((root, gen))
+}
+
+/// The knowledge-base readers: a copy of a seed KB with one file replaced by the payload, opened and
+/// read through. Selector: bits 0-2 pick the file ([`KB_FILES`], modulo 6), bit 4 re-seals the
+/// manifest (its size, sha256 and block checksums of the new file are recorded, so the readers
+/// behind the integrity checks see the bytes), bit 5 picks the f16 KB.
+pub fn kb_files(data: &[u8]) -> Result<()> {
+    let (sel, payload) = selector(data);
+    let f16 = sel & 0x20 != 0;
+    let (root, gen) = copy_seed_kb(f16)?;
     let mut file = KB_FILES[(sel & 7) as usize % KB_FILES.len()].to_string();
     if file == "embeddings" {
         file = if f16 { "embeddings.f16" } else { "embeddings.f32" }.into();
