@@ -23,8 +23,8 @@ export RUSTRAG_MODELS=${RUSTRAG_MODELS:-/work/models}
 
 cd "$root/fuzz"
 # No sanitizer: the library is safe Rust apart from its memory maps, and ASan would cost ~2x
-# executions. Release build without debug assertions, as users run it (and as
-# `cargo test --release` replays the crashes).
+# executions. cargo-fuzz's default build: optimised, with debug assertions and overflow checks on
+# (stricter than the release build, where an overflow wraps around silently).
 mkdir -p "$work"
 for t in "${targets[@]}"; do
     if ! nice -n 19 cargo +nightly fuzz build -s none "$t" >"$work/build.log" 2>&1; then
@@ -46,9 +46,9 @@ for t in "${targets[@]}"; do
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     execs=${execs:-$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#')}
     crashes=$(($(ls "$work/artifacts/$t" | wc -l) - before))
-    rate=$(awk -v e="${execs:-0}" -v s="$elapsed" 'BEGIN { printf "%.0f", s > 0 ? e / s : 0 }')
+    rate=$(awk -v e="${execs:-0}" -v s="$elapsed" 'BEGIN { r = 0; if (s > 0) r = e / s; printf "%.0f", r }')
     printf '%-10s %8s %12s %10s %8s  %s\n' "$t" "$elapsed" "${execs:-?}" "$rate" "$crashes" "$work/artifacts/$t"
     if [ "$crashes" -gt 0 ]; then
-        grep -m1 -A3 -E "panicked|ERROR: libFuzzer|out-of-memory|deadly signal" "$log" | sed 's/^/    /' || true
+        grep -a -m1 -A3 -E "panicked|ERROR: libFuzzer|out-of-memory|deadly signal" "$log" | sed 's/^/    /' || true
     fi
 done

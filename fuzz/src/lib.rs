@@ -84,7 +84,9 @@ pub fn gguf(data: &[u8]) -> Result<()> {
     let cfg = LlamaConfig::from_gguf(&g);
     let vocab = match &cfg {
         Ok(c) => c.vocab_size,
-        Err(_) => g.tensor_shape("token_embd.weight").map(|s| s.dims()[0])?,
+        Err(_) => g
+            .tensor_shape("token_embd.weight")
+            .map(|s| s.dims().first().copied().unwrap_or(0))?,
     };
     let tok = tokenizer_from_gguf(&g, vocab)?;
     let prompt = match chat {
@@ -113,7 +115,11 @@ pub fn weights(data: &[u8]) -> Result<()> {
     } else {
         "pytorch_model.bin"
     };
-    let dtype = if sel & 2 == 0 { DType::F32 } else { DType::BF16 };
+    let dtype = if sel & 2 == 0 {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let (dir, _path) = scratch_file(name, payload)?;
     let w = rustrag::hub::Weights::from_dir(dir.path(), dtype, &candle_core::Device::Cpu, false)?;
     let mut names: Vec<String> = w.names().map(str::to_string).collect();
@@ -156,7 +162,11 @@ fn write_seed_kb(f16: bool) -> Result<tempfile::TempDir> {
     use rustrag::kb::{write_kb, BuildOptions, EmbeddingDtype, HnswParams, Passage};
     let dir = tempfile::tempdir()?;
     let texts = [
-        ("d1", "Retrieval", "RAG marginalises over retrieved passages."),
+        (
+            "d1",
+            "Retrieval",
+            "RAG marginalises over retrieved passages.",
+        ),
         ("d2", "BM25", "Okapi BM25 ranks by term frequency."),
         ("d3#0", "Ünïcode", "漢字 and emoji 🙂 survive the store."),
         ("d3#1", "Ünïcode", "second chunk"),
@@ -210,7 +220,9 @@ pub fn copy_seed_kb(f16: bool) -> Result<(tempfile::TempDir, PathBuf)> {
     let seed = seed_kb(f16)?;
     let seed_gen = generation_dir(seed)?;
     let root = tempfile::tempdir()?;
-    let gen = root.path().join(seed_gen.file_name().context("generation name")?);
+    let gen = root
+        .path()
+        .join(seed_gen.file_name().context("generation name")?);
     std::fs::create_dir(&gen)?;
     for e in std::fs::read_dir(&seed_gen)? {
         let e = e?;
@@ -235,14 +247,21 @@ pub fn kb_files(data: &[u8]) -> Result<()> {
     let (root, gen) = copy_seed_kb(f16)?;
     let mut file = KB_FILES[(sel & 7) as usize % KB_FILES.len()].to_string();
     if file == "embeddings" {
-        file = if f16 { "embeddings.f16" } else { "embeddings.f32" }.into();
+        file = if f16 {
+            "embeddings.f16"
+        } else {
+            "embeddings.f32"
+        }
+        .into();
     }
     std::fs::write(gen.join(&file), payload)?;
     if sel & 0x10 != 0 && file != "manifest.json" {
         let path = gen.join(rustrag::kb::manifest::MANIFEST_FILE);
         let mut m: rustrag::kb::Manifest = serde_json::from_slice(&std::fs::read(&path)?)?;
-        m.files
-            .insert(file.clone(), rustrag::kb::manifest::file_entry(&gen.join(&file))?);
+        m.files.insert(
+            file.clone(),
+            rustrag::kb::manifest::file_entry(&gen.join(&file))?,
+        );
         std::fs::write(&path, m.to_json()?)?;
     }
     read_kb(root.path())
@@ -289,9 +308,8 @@ pub fn tokenizers() -> Result<&'static Tokenizers> {
     if let Some(t) = TOKS.get() {
         return Ok(t);
     }
-    let models = PathBuf::from(
-        std::env::var_os("RUSTRAG_MODELS").unwrap_or_else(|| "/work/models".into()),
-    );
+    let models =
+        PathBuf::from(std::env::var_os("RUSTRAG_MODELS").unwrap_or_else(|| "/work/models".into()));
     let minilm = TextTokenizer::from_dir(&models.join("all-MiniLM-L6-v2"))?;
     let gguf = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let g = GgufFile::open(&gguf)?;
@@ -323,7 +341,9 @@ pub fn tokenizer(data: &[u8]) -> Result<()> {
         }
         1 => {
             let (a, b) = text.split_once('\t').unwrap_or((&text, ""));
-            let e = t.minilm.encode_pairs(&[(a, b)], Some(64), Padding::Fixed(64))?;
+            let e = t
+                .minilm
+                .encode_pairs(&[(a, b)], Some(64), Padding::Fixed(64))?;
             t.minilm.decode(&e.input_ids[0], true)?;
         }
         2 => {
