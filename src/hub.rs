@@ -299,7 +299,31 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// Run a dependency's parser of an untrusted `file` (candle's safetensors, pickle and GGUF readers),
+/// turning a panic inside it into an error naming the file: a corrupt file is an error, never a
+/// crash. (An allocation failure still aborts; callers bound sizes before allocating.)
+pub fn parse_guarded<T>(file: &Path, parse: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            bail!(
+                "{}: the reader failed on this file ({msg}): corrupt or not what its name says",
+                file.display()
+            )
+        }
+    }
+}
+
 fn read_weight_file(file: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    parse_guarded(file, || read_weight_file_unguarded(file, device))
+}
+
+fn read_weight_file_unguarded(file: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let loaded = match ext {
         "safetensors" => {

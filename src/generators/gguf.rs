@@ -38,7 +38,10 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .with_context(|| format!("opening GGUF file {}", path.display()))?;
-        let content = gguf_file::Content::read(&mut f).with_context(|| {
+        let content = crate::hub::parse_guarded(path, || {
+            gguf_file::Content::read(&mut f).map_err(anyhow::Error::from)
+        })
+        .with_context(|| {
             format!(
                 "{}: not a readable GGUF file (corrupt or truncated?)",
                 path.display()

@@ -102,8 +102,12 @@ impl EmbeddingMatrix {
         let path = dir.join(file_name(dtype));
         let map = map(&path)?;
         let rows = usize::try_from(rows)?;
-        let want = rows * dim * dtype.size();
-        if map.len() != want {
+        // Checked: a corrupt shape must not wrap around to the size of the file at hand.
+        let want = rows
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(dtype.size()));
+        if want != Some(map.len()) {
+            let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
             bail!(
                 "{}: {} bytes, expected {want} for {rows} x {dim} {:?} (truncated or from another build)",
                 path.display(),

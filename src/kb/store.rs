@@ -78,7 +78,12 @@ impl PassageStore {
         let offsets = map(&dir.join(OFFSETS_FILE))?;
         let ids = map(&dir.join(IDS_FILE))?;
         let len = usize::try_from(expected)?;
-        if offsets.len() != (len + 1) * 8 || ids.len() != len * 4 {
+        // Checked: a corrupt count must not wrap around to the sizes of the files at hand.
+        let sizes = len
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(8))
+            .zip(len.checked_mul(4));
+        if sizes != Some((offsets.len(), ids.len())) {
             bail!(
                 "{}: passage index sizes ({} and {} bytes) do not match {len} passages in the manifest",
                 dir.display(),

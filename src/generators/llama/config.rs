@@ -260,6 +260,14 @@ impl LlamaConfig {
         } else {
             hidden_size / num_heads
         };
+        // Checked: the projections are [num_heads * head_dim, hidden]; a product that wraps around
+        // could match a small tensor and size the rotary tables by the huge head_dim.
+        if head_dim == 0 || num_heads.checked_mul(head_dim).is_none() {
+            bail!(
+                "{}: head dim {head_dim} x {num_heads} heads is out of range",
+                g.path.display()
+            );
+        }
         if g.has(&k("rope.dimension_count")) && g.usize(&k("rope.dimension_count"))? != head_dim {
             bail!(
                 "{}: partial rotary (`{}` != head dim {head_dim}) is not supported",
@@ -307,7 +315,10 @@ impl LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: g.usize(&k("feed_forward_length"))?,
-            num_layers: g.usize(&k("block_count"))?,
+            num_layers: match g.usize(&k("block_count"))? {
+                0 => bail!("{}: `{}` is 0", g.path.display(), k("block_count")),
+                n => n,
+            },
             num_heads,
             num_kv_heads,
             head_dim,

@@ -66,7 +66,9 @@ impl Llama {
         } else {
             qmm("output.weight", &[cfg.vocab_size, h])?
         };
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        // Not `with_capacity(num_layers)`: the count comes from the file, and a corrupt one must end
+        // at the first missing tensor, not abort allocating.
+        let mut blocks = Vec::new();
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             blocks.push(Block {
@@ -124,7 +126,9 @@ impl Llama {
             };
         let vbm = vb.pp("model");
         let embed = vbm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        // Not `with_capacity(num_layers)`: the count comes from the file, and a corrupt one must end
+        // at the first missing tensor, not abort allocating.
+        let mut blocks = Vec::new();
         for i in 0..cfg.num_layers {
             let l = vbm.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
