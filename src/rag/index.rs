@@ -104,6 +104,11 @@ impl InMemoryIndex {
         self.dim
     }
 
+    /// All embeddings, row-major `[N * dim]`.
+    pub fn embeddings(&self) -> &[f32] {
+        &self.embeddings
+    }
+
     /// Embedding of passage `i`.
     pub fn embedding(&self, i: usize) -> &[f32] {
         &self.embeddings[i * self.dim..(i + 1) * self.dim]

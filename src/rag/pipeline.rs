@@ -686,6 +686,14 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The embeddings swapped in by [`Pipeline::swap_dense_index`], if any.
+    pub fn swapped_dense_index(&self) -> Option<&InMemoryIndex> {
+        match &self.retrieval {
+            Retrieval::Kb { swapped, .. } => swapped.as_deref(),
+            Retrieval::Checkpoint(_) => None,
+        }
+    }
+
     /// Answer `questions` with the configured settings.
     pub fn answer(&self, questions: &[String]) -> Result<Vec<QaResult>> {
         self.answer_with(questions, &self.config.answer)

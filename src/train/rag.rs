@@ -26,7 +26,7 @@ use crate::tokenize::{ids_tensor, Padding};
 use crate::train::checkpoint;
 use crate::train::data::{stream_slice, Example};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LinearSchedule};
-use crate::train::reindex::{IndexRecord, PassageIndex, Reindexer};
+use crate::train::reindex::{save_embeddings, IndexRecord, PassageIndex, Reindexer};
 use crate::train::retriever::Towers;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -363,8 +363,9 @@ pub struct RagTrainer<'a> {
     last_checkpoint: Option<PathBuf>,
     /// `log τ` of the doc prior, when it trains.
     log_tau: Option<Var>,
-    /// End to end: the re-embedded knowledge base in use (None: the KB's own embeddings).
-    index: Option<PassageIndex>,
+    /// End to end: the step of the weights that embedded the index in use (None: the KB's own
+    /// embeddings). The embeddings themselves live in the pipeline.
+    index_step: Option<u64>,
     reindexer: Option<Reindexer>,
 }
 
@@ -586,7 +587,7 @@ impl<'a> RagTrainer<'a> {
             n_docs,
             last_checkpoint: None,
             log_tau,
-            index: None,
+            index_step: None,
             reindexer,
         })
     }
@@ -616,9 +617,15 @@ impl<'a> RagTrainer<'a> {
             return Ok(None);
         }
         let (index, swap) = reindexer.wait(self.step + 1)?;
-        self.swap_index(index)?;
-        self.log(&MetricLine::Index(swap.clone()))?;
+        self.swap_in(index, &swap)?;
         Ok(Some(swap))
+    }
+
+    /// Retrieve from `index` (a re-embedded knowledge base) from now on, and log the swap.
+    fn swap_in(&mut self, index: PassageIndex, swap: &IndexRecord) -> Result<()> {
+        tracing::info!(step = swap.step, from = swap.weights_step, "index swapped");
+        self.swap_index(index)?;
+        self.log(&MetricLine::Index(swap.clone()))
     }
 
     /// Retrieve from `index` (a re-embedded knowledge base) from now on.
@@ -626,8 +633,8 @@ impl<'a> RagTrainer<'a> {
         let RagSource::Kb { pipeline, .. } = &mut self.source else {
             bail!("only a knowledge-base run re-indexes");
         };
-        pipeline.swap_dense_index(index.data.clone())?;
-        self.index = Some(index);
+        pipeline.swap_dense_index(index.data)?;
+        self.index_step = Some(index.weights_step);
         Ok(())
     }
 
@@ -741,6 +748,15 @@ impl<'a> RagTrainer<'a> {
         Ok(r)
     }
 
+    /// A diverged question encoder gives NaN scores, which retrieve nothing: stop the run instead.
+    fn check_finite_queries(&self, q: &Tensor) -> Result<()> {
+        let size = q.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !size.is_finite() {
+            bail!(self.non_finite("question embedding", size as f64));
+        }
+        Ok(())
+    }
+
     /// [`Self::contexts`] before the trainable τ.
     fn retrieved(&self, questions: &[&str], n_docs: usize) -> Result<TrainingContexts> {
         let (m, retriever) = match &self.source {
@@ -753,10 +769,7 @@ impl<'a> RagTrainer<'a> {
                     _ => return pipeline.contexts(&strings, n_docs, answer_tokens),
                 };
                 let (q, _) = towers.encode_questions(questions, None)?;
-                let size = q.abs()?.sum_all()?.to_scalar::<f32>()?;
-                if !size.is_finite() {
-                    bail!(self.non_finite("question embedding", size as f64));
-                }
+                self.check_finite_queries(&q)?;
                 let encode_docs = |ps: &[&Passage]| Ok(towers.encode_passages(ps, None)?.0);
                 let encode_docs: Option<&DocEncoder<'_>> =
                     (self.config.trainable == Trainable::EndToEnd).then_some(&encode_docs);
@@ -775,11 +788,7 @@ impl<'a> RagTrainer<'a> {
             .as_ref()
             .context("this RAG model has no question encoder")?
             .encode_ids(&ids, &mask)?;
-        // A diverged question encoder gives NaN scores, which retrieve nothing.
-        let size = q.abs()?.sum_all()?.to_scalar::<f32>()?;
-        if !size.is_finite() {
-            bail!(self.non_finite("question embedding", size as f64));
-        }
+        self.check_finite_queries(&q)?;
         let r = m.retrieve_with_embeddings(retriever, &ids, &q, n_docs)?;
         let context = match self.config.trainable.question_encoder() {
             false => r.context.detached(),
@@ -968,7 +977,7 @@ impl<'a> RagTrainer<'a> {
             config: self.config.clone(),
             train_examples: self.train.len(),
             kb_encoder_sha256: kb_sha.clone(),
-            index_step: self.index.as_ref().map(|i| i.weights_step),
+            index_step: self.index_step,
             prior_temperature: self.log_tau.is_some().then_some(tau),
         };
         let dir = checkpoint::write_checkpoint(&self.out, self.step, |tmp| {
@@ -979,10 +988,10 @@ impl<'a> RagTrainer<'a> {
             if let Some(towers) = towers {
                 towers.save(&tmp.join(RETRIEVER_DIR))?;
             }
-            if let Some(index) = &self.index {
-                index.save(&tmp.join(INDEX_FILE))?;
-            }
-            if let RagSource::Kb { .. } = &self.source {
+            if let RagSource::Kb { pipeline, .. } = &self.source {
+                if let Some(index) = pipeline.swapped_dense_index() {
+                    save_embeddings(index.embeddings(), index.dim(), &tmp.join(INDEX_FILE))?;
+                }
                 let settings = RetrievalSettings {
                     prior_temperature: tau,
                     question_encoder: towers.map(|t| t.question_encoder_dir(RETRIEVER_DIR)),
@@ -1032,9 +1041,7 @@ impl<'a> RagTrainer<'a> {
             while self.step < end {
                 if let Some(r) = &mut self.reindexer {
                     if let Some((index, swap)) = r.poll(self.step + 1)? {
-                        tracing::info!(step = swap.step, from = swap.weights_step, "index swapped");
-                        self.swap_index(index)?;
-                        self.log(&MetricLine::Index(swap.clone()))?;
+                        self.swap_in(index, &swap)?;
                         swaps.push(swap);
                     }
                 }

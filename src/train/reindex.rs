@@ -48,14 +48,6 @@ impl PassageIndex {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.data.len() / self.dim.max(1)
-    }
-
-    pub fn row(&self, row: usize) -> &[f32] {
-        &self.data[row * self.dim..(row + 1) * self.dim]
-    }
-
     /// Top-`k` rows per query (`queries: [nq, dim]`), best first.
     pub fn search(&self, queries: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
         let q: Vec<f32> = queries.flatten_all()?.to_vec1()?;
@@ -66,11 +58,9 @@ impl PassageIndex {
         exact_search(&rows, &q, k)
     }
 
-    /// Written as tensor `embeddings` `[rows, dim]`.
+    /// Written as tensor `embeddings` `[rows, dim]` ([`save_embeddings`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let t = Tensor::from_slice(&self.data, (self.rows(), self.dim), &Device::Cpu)?;
-        candle_core::safetensors::save(&HashMap::from([("embeddings".to_string(), t)]), path)
-            .with_context(|| format!("writing {}", path.display()))
+        save_embeddings(&self.data, self.dim, path)
     }
 
     /// Read what [`PassageIndex::save`] wrote; it must have `rows` rows.
@@ -93,6 +83,14 @@ impl PassageIndex {
             weights_step,
         })
     }
+}
+
+/// Row-major embeddings `[data.len() / dim, dim]` written as safetensors tensor `embeddings`
+/// (what [`PassageIndex::load`] reads).
+pub fn save_embeddings(data: &[f32], dim: usize, path: &Path) -> Result<()> {
+    let t = Tensor::from_slice(data, (data.len() / dim.max(1), dim), &Device::Cpu)?;
+    candle_core::safetensors::save(&HashMap::from([("embeddings".to_string(), t)]), path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Embed every passage with `towers`' passage encoder, stopping early when `cancel` is set.
