@@ -498,6 +498,27 @@ fn plain_text(path: &Path, bytes: Vec<u8>, id: String, sink: &mut Sink) -> Resul
     sink.doc(path, 1, id, title, text)
 }
 
+/// Record `path` (filesystem identity `key`) as seen; false, with a warning, when the same
+/// `what` was already reached by another path.
+fn first_visit(
+    seen: &mut HashMap<FileKey, PathBuf>,
+    key: FileKey,
+    path: &Path,
+    what: &str,
+    why: &str,
+) -> bool {
+    if let Some(first) = seen.get(&key) {
+        tracing::warn!(
+            "skipping {}: the same {what} as {} ({why})",
+            path.display(),
+            first.display()
+        );
+        return false;
+    }
+    seen.insert(key, path.to_path_buf());
+    true
+}
+
 /// Plain text / markdown files under `dir`, recursively, in sorted path order; ids are the paths
 /// relative to `dir` (`/`-separated). Symlinks are followed, but every directory and every file is
 /// visited once (by device and inode): a symlink loop ends, and a file reachable through two paths
@@ -531,16 +552,9 @@ fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
             };
             let key = file_key(&p, &meta);
             if meta.is_dir() {
-                match dirs_seen.get(&key) {
-                    Some(first) => tracing::warn!(
-                        "skipping {}: the same directory as {} (a symlink loop or a second link)",
-                        p.display(),
-                        first.display()
-                    ),
-                    None => {
-                        dirs_seen.insert(key, p.clone());
-                        subdirs.push(p);
-                    }
+                let why = "a symlink loop or a second link";
+                if first_visit(&mut dirs_seen, key, &p, "directory", why) {
+                    subdirs.push(p);
                 }
                 continue;
             }
@@ -558,16 +572,8 @@ fn read_dir(dir: &Path, sink: &mut Sink) -> Result<()> {
                 );
                 continue;
             }
-            match files_seen.get(&key) {
-                Some(first) => tracing::warn!(
-                    "skipping {}: the same file as {} (ingested once)",
-                    p.display(),
-                    first.display()
-                ),
-                None => {
-                    files_seen.insert(key, p.clone());
-                    files.push(p);
-                }
+            if first_visit(&mut files_seen, key, &p, "file", "ingested once") {
+                files.push(p);
             }
         }
         // Depth first, in name order.
