@@ -240,7 +240,7 @@ impl PendingGeneration {
         let now = current_generation_name(&self.root)?;
         if now != self.base {
             bail!(
-                "knowledge base {} changed while this writer ran (it started from {}, {} is live now):                  another writer committed first; nothing was written, run this command again",
+                "knowledge base {} changed while this writer ran (it started from {}, {} is live now): another writer committed first; nothing was written, run this command again",
                 self.root.display(),
                 self.base.as_deref().unwrap_or("no generation"),
                 now.as_deref().unwrap_or("no generation")
