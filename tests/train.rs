@@ -230,6 +230,7 @@ fn fixture_examples(fx: &Value) -> Vec<Example> {
     q.iter()
         .zip(a)
         .map(|(q, a)| Example {
+            id: None,
             question: q.as_str().unwrap().to_string(),
             answers: vec![a.as_str().unwrap().to_string()],
             gold_pid: None,

@@ -1,5 +1,5 @@
 //! `rustrag eval retrieval` (nDCG@10, recall@{1,5,20,100}, MRR@10 as trec_eval computes them) and
-//! `rustrag eval qa` (SQuAD EM/F1).
+//! `rustrag eval qa` (answers from the pipeline, or given, scored with SQuAD EM/F1).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,11 +8,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use super::pipeline_args::PipelineArgs;
 use rustrag::encoders::{load_encoder, LoadOptions, TextEncoder};
+use rustrag::eval::answers::{self, read_examples};
 use rustrag::eval::beir::{read_qrels, read_queries, Query};
 use rustrag::eval::metrics::{evaluate, MetricSpec, Report};
 use rustrag::eval::{progress, qa, run_queries, write_trec_run};
+use rustrag::kb::atomic::write_file_atomic;
 use rustrag::kb::KnowledgeBase;
+use rustrag::rag::pipeline::AnswerOptions;
 use rustrag::retrieve::analysis::{AnalyzerConfig, StemmerKind};
 use rustrag::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever, FieldLayout};
 use rustrag::retrieve::dense::DenseRetriever;
@@ -32,7 +36,8 @@ pub struct Args {
 pub enum What {
     /// Retrieval quality on BEIR-format data.
     Retrieval(RetrievalArgs),
-    /// SQuAD exact match / F1 of predicted answers.
+    /// SQuAD exact match / F1: answer a question file through the pipeline (closed book, RAG-Token
+    /// or RAG-Sequence) and score it, or score a predictions file.
     Qa(QaArgs),
 }
 
@@ -129,13 +134,27 @@ pub struct RetrievalArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct QaArgs {
-    /// Predictions: a JSON object `{question id: answer}` (the official SQuAD format) or JSONL lines
-    /// `{"id": ..., "prediction": ...}`.
+    /// Questions with `answers`: JSONL(.gz) lines with `question`, `answers`, optional `id` and
+    /// `gold_pid` (e.g. squad-dev/queries.jsonl.gz).
+    #[arg(long, visible_alias = "queries")]
+    pub questions: PathBuf,
+    /// Score these predictions instead of answering: a JSON object `{question id: answer}` (the
+    /// official SQuAD format) or JSONL lines `{"id": ..., "prediction": ...}`.
+    #[arg(long, conflicts_with_all = ["kb", "generator", "model"])]
+    pub predictions: Option<PathBuf>,
+    /// Answer this many questions spread evenly over the file (question `i * N / count`).
     #[arg(long)]
-    pub predictions: PathBuf,
-    /// Questions with `answers` (e.g. squad-dev/queries.jsonl.gz).
+    pub sample: Option<usize>,
+    /// Write every question's prediction, scores, gold rank and prior here (JSONL, one line per
+    /// question as soon as its batch is done).
     #[arg(long)]
-    pub queries: PathBuf,
+    pub records: Option<PathBuf>,
+    /// Write an HTML report here (summary, correctness against the gold passage's prior, every
+    /// question).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
@@ -448,8 +467,16 @@ fn read_predictions(path: &Path) -> Result<BTreeMap<String, String>> {
 }
 
 fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
-    let preds = read_predictions(&a.predictions)?;
-    let queries = read_queries(&a.queries)?;
+    match &a.predictions {
+        Some(p) => score_predictions(p, &a.questions, json),
+        None => answer_and_score(&a, json),
+    }
+}
+
+/// Score a predictions file against the questions' answers (no generation).
+fn score_predictions(predictions: &Path, questions: &Path, json: bool) -> Result<()> {
+    let preds = read_predictions(predictions)?;
+    let queries = read_queries(questions)?;
     let bar = progress(queries.len() as u64, "score");
     let (mut em, mut f1, mut n, mut missing) = (0.0, 0.0, 0usize, 0usize);
     for q in &queries {
@@ -468,15 +495,15 @@ fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
     }
     bar.finish_and_clear();
     if n == 0 {
-        bail!("{}: no question has `answers`", a.queries.display());
+        bail!("{}: no question has `answers`", questions.display());
     }
     // Ids from another file (or another id field) would otherwise score a silent 0.
     if missing == n {
         bail!(
             "{}: none of its {} predictions names a question of {} (ids such as {:?} expected)",
-            a.predictions.display(),
+            predictions.display(),
             preds.len(),
-            a.queries.display(),
+            questions.display(),
             queries.first().map(|q| q.id.as_str()).unwrap_or("")
         );
     }
@@ -492,4 +519,105 @@ fn qa_eval(a: QaArgs, json: bool) -> Result<()> {
         outln!("exact_match {em:.2}  f1 {f1:.2}  ({n} questions, {missing} unanswered)");
     }
     Ok(())
+}
+
+/// Answer the questions through the pipeline and score them (`eval qa --kb ... --generator ...`).
+fn answer_and_score(a: &QaArgs, json: bool) -> Result<()> {
+    let examples = answers::even_sample(read_examples(&a.questions)?, a.sample)?;
+    let pipeline = a.pipeline.open()?;
+    let config = a.pipeline.config()?;
+    let mut records = Vec::with_capacity(examples.len());
+    let mut sink = match &a.records {
+        Some(p) => Some(RecordSink::create(p)?),
+        None => None,
+    };
+    let bar = progress(examples.len() as u64, "answer");
+    // Scores need the answers and the priors only, not per-token posteriors (another forward).
+    let opts = AnswerOptions {
+        provenance: false,
+        ..config.answer.clone()
+    };
+    let summary = answers::evaluate_answers(&pipeline, &examples, &opts, config.batch_size, |r| {
+        bar.inc(1);
+        if let Some(s) = &mut sink {
+            s.write(r)?;
+        }
+        records.push(r.clone());
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    if let Some(s) = sink {
+        s.finish()?;
+    }
+    if let Some(path) = &a.html {
+        let title = format!(
+            "rustrag eval qa: {} ({} questions, {})",
+            a.questions.display(),
+            summary.questions,
+            summary.mode
+        );
+        write_file_atomic(
+            path,
+            answers::html_report(&title, &summary, &records).as_bytes(),
+        )?;
+    }
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let recall = summary
+            .recall
+            .map(|r| format!("  recall@{} {r:.1}", summary.n_docs))
+            .unwrap_or_default();
+        outln!(
+            "{}: exact_match {:.2}  f1 {:.2}{recall}  ({} questions, {:.1} s, {:.3} questions/s)",
+            summary.mode,
+            summary.exact_match,
+            summary.f1,
+            summary.questions,
+            summary.seconds,
+            summary.questions_per_second
+        );
+        for (what, p) in [("records", &a.records), ("report", &a.html)] {
+            if let Some(p) = p {
+                outln!("{what}: {}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-question records streamed to `<path>.partial` and renamed into place at the end, so an
+/// interrupted run keeps what finished and never leaves a file that looks complete.
+struct RecordSink {
+    path: PathBuf,
+    partial: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl RecordSink {
+    fn create(path: &Path) -> Result<Self> {
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let f = std::fs::File::create(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            partial,
+            out: std::io::BufWriter::new(f),
+        })
+    }
+
+    fn write(&mut self, r: &answers::AnswerRecord) -> Result<()> {
+        use std::io::Write;
+        serde_json::to_writer(&mut self.out, r)?;
+        writeln!(self.out).with_context(|| format!("writing {}", self.partial.display()))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        self.out
+            .flush()
+            .with_context(|| format!("writing {}", self.partial.display()))?;
+        std::fs::rename(&self.partial, &self.path)
+            .with_context(|| format!("renaming {} into place", self.partial.display()))
+    }
 }

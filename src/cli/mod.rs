@@ -19,6 +19,7 @@ pub mod bench;
 pub mod embed;
 pub mod eval;
 pub mod index;
+pub mod pipeline_args;
 pub mod retrieve;
 pub mod train;
 pub mod train_retriever;

@@ -1,6 +1,8 @@
-//! Evaluation: retrieval metrics as trec_eval computes them ([`metrics`]), SQuAD EM/F1 ([`qa`]), BEIR
-//! readers ([`beir`]) and a runner that turns a [`Retriever`] plus queries into a run.
+//! Evaluation: retrieval metrics as trec_eval computes them ([`metrics`]), SQuAD EM/F1 ([`qa`]), a
+//! pipeline answering a question file, scored ([`answers`]), BEIR readers ([`beir`]) and a runner
+//! that turns a [`Retriever`] plus queries into a run.
 
+pub mod answers;
 pub mod beir;
 pub mod metrics;
 pub mod qa;

@@ -137,14 +137,67 @@ impl InputFormat {
             Self::Prompt(f) => f.rows(tokenizer, questions, docs),
         }
     }
+
+    /// Closed-book rows, one per question: the question alone (seq2seq: the generator prefix and
+    /// the question; decoder-only: the question as the user turn, or BOS + question).
+    pub fn question_rows(
+        &self,
+        tokenizer: &TextTokenizer,
+        questions: &[String],
+    ) -> Result<ContextRows> {
+        if questions.iter().any(|q| q.trim().is_empty()) {
+            bail!("empty question");
+        }
+        match self {
+            Self::Seq2Seq(f) => {
+                let prefix = f.prefix.as_deref().unwrap_or("");
+                let strings: Vec<String> =
+                    questions.iter().map(|q| format!("{prefix}{q}")).collect();
+                let encoded = f.tokenize(tokenizer, &strings)?;
+                Ok(ContextRows {
+                    strings,
+                    encoded,
+                    truncated: Vec::new(),
+                })
+            }
+            Self::Prompt(f) => {
+                let mut strings = Vec::with_capacity(questions.len());
+                let mut rows = Vec::with_capacity(questions.len());
+                for q in questions {
+                    let text = f.user_turn(q)?;
+                    let ids = f.ids(tokenizer, &text)?;
+                    if ids.len() > f.max_prompt_tokens {
+                        let head: String = q.chars().take(60).collect();
+                        bail!(
+                            "question {head:?}… makes a {}-token prompt; the context window leaves {} tokens for prompts",
+                            ids.len(),
+                            f.max_prompt_tokens
+                        );
+                    }
+                    strings.push(text);
+                    rows.push(ids);
+                }
+                Ok(ContextRows {
+                    strings,
+                    encoded: f.right_padded(&rows),
+                    truncated: Vec::new(),
+                })
+            }
+        }
+    }
 }
 
 impl PromptFormat {
     fn text(&self, passage: &Passage, question: &str) -> Result<String> {
-        let user = prompt_text(&passage.title, &passage.text, question);
+        self.user_turn(&prompt_text(&passage.title, &passage.text, question))
+    }
+
+    /// `user` as the one user turn of the chat template (ending with the opened assistant turn),
+    /// or as is for a plain model.
+    fn user_turn(&self, user: &str) -> Result<String> {
         match &self.chat_template {
-            Some(t) => t.format(&[ChatMessage::new("user", &user)], true),
-            None => Ok(user),
+            Some(t) => t.format(&[ChatMessage::new("user", user)], true),
+            None => Ok(user.to_string()),
         }
     }
 
@@ -218,6 +271,15 @@ impl PromptFormat {
                 rows.push(ids);
             }
         }
+        Ok(ContextRows {
+            strings,
+            encoded: self.right_padded(&rows),
+            truncated,
+        })
+    }
+
+    /// Rows right-padded with `pad` to the longest (mask 0 on the padding).
+    fn right_padded(&self, rows: &[Vec<u32>]) -> Encoded {
         let len = rows.iter().map(Vec::len).max().unwrap_or(0);
         let pad = |r: &Vec<u32>, fill: u32, v: Option<u32>| -> Vec<u32> {
             let mut out: Vec<u32> = match v {
@@ -227,17 +289,11 @@ impl PromptFormat {
             out.resize(len, fill);
             out
         };
-        let pad_id = self.pad;
-        let encoded = Encoded {
-            input_ids: rows.iter().map(|r| pad(r, pad_id, None)).collect(),
+        Encoded {
+            input_ids: rows.iter().map(|r| pad(r, self.pad, None)).collect(),
             attention_mask: rows.iter().map(|r| pad(r, 0, Some(1))).collect(),
             type_ids: Vec::new(),
-        };
-        Ok(ContextRows {
-            strings,
-            encoded,
-            truncated,
-        })
+        }
     }
 }
 

@@ -96,6 +96,9 @@ pub struct AnswerOptions {
     /// Compute per-token / per-answer document posteriors (one more teacher-forced pass over
     /// each answer). Default true.
     pub provenance: bool,
+    /// Closed book: the generator answers from the question alone, nothing retrieved (the
+    /// baseline RAG is measured against). Default false.
+    pub closed_book: bool,
 }
 
 impl Default for AnswerOptions {
@@ -110,6 +113,7 @@ impl Default for AnswerOptions {
             min_new_tokens: None,
             prior_temperature: None,
             provenance: true,
+            closed_book: false,
         }
     }
 }
@@ -198,6 +202,8 @@ pub struct GeneratedAnswer {
 pub struct QaResult {
     pub question: String,
     pub mode: RagMode,
+    /// Answered from the question alone ([`AnswerOptions::closed_book`]): no sources.
+    pub closed_book: bool,
     pub prior_temperature: f64,
     pub sources: Vec<Source>,
     pub answers: Vec<GeneratedAnswer>,
@@ -703,7 +709,12 @@ impl Pipeline {
     pub fn answer_with(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<QaResult>> {
         let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
         let d = &self.config.answer;
-        let mode = opts.mode.or(d.mode).unwrap_or(self.rag.mode);
+        let closed_book = opts.closed_book || d.closed_book;
+        // One "document" (the question alone) with prior 1: both heads reduce to plain decoding.
+        let (mode, n_docs) = match closed_book {
+            true => (RagMode::Token, 1),
+            false => (opts.mode.or(d.mode).unwrap_or(self.rag.mode), n_docs),
+        };
         let decoder_only = self.rag.generator.is_decoder_only();
         let max_new = opts.max_new_tokens.or(d.max_new_tokens);
         let max_new = match (max_new, decoder_only) {
@@ -749,7 +760,10 @@ impl Pipeline {
         let rag_format = self.format_leaving(params.max_length - 1)?;
         let mut out = Vec::with_capacity(questions.len());
         for chunk in questions.chunks(self.config.batch_size) {
-            let (retrieved, ctx) = self.retrieve(chunk, n_docs, rag_format.as_ref())?;
+            let (retrieved, ctx) = match closed_book {
+                true => self.question_only(chunk, rag_format.as_ref())?,
+                false => self.retrieve(chunk, n_docs, rag_format.as_ref())?,
+            };
             let ctx = ctx.with_temperature(tau)?;
             let ids = match (mode, opts.sequence_decoding) {
                 (RagMode::Token, _) => self.rag.generate_token(&ctx, &params)?,
@@ -768,11 +782,15 @@ impl Pipeline {
                 let r = &retrieved[i];
                 let answers = ids[i * per_q..(i + 1) * per_q]
                     .iter()
-                    .map(|a| self.generated_answer(&ctx, i, a, mode, opts.provenance))
+                    .map(|a| {
+                        let provenance = opts.provenance && !closed_book;
+                        self.generated_answer(&ctx, i, a, mode, provenance)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 out.push(QaResult {
                     question: q.clone(),
                     mode,
+                    closed_book,
                     prior_temperature: tau,
                     sources,
                     answers,
@@ -907,6 +925,29 @@ impl Pipeline {
             doc_posteriors,
             tokens,
         })
+    }
+
+    /// Closed-book contexts: one row per question holding the question alone, with no passage
+    /// (`doc_scores: [questions, 1]` of zeros, so p(z|x) = 1).
+    fn question_only(
+        &self,
+        questions: &[String],
+        format: Option<&InputFormat>,
+    ) -> Result<(Vec<QuestionDocs>, RagContext)> {
+        let format = format.unwrap_or(&self.rag.format);
+        let rows = format.question_rows(&self.rag.generator_tokenizer, questions)?;
+        let (ids, mask) = rows.encoded.tensors(&self.rag.device)?;
+        let scores = Tensor::zeros((questions.len(), 1), DType::F32, &self.rag.device)?;
+        let docs = questions
+            .iter()
+            .map(|_| QuestionDocs {
+                doc_ids: Vec::new(),
+                passages: Vec::new(),
+                retrieval_scores: Vec::new(),
+                truncated: Vec::new(),
+            })
+            .collect();
+        Ok((docs, RagContext::new(ids, mask, scores)?))
     }
 
     /// Retrieve `n_docs` passages per question and build the generator contexts (doc scores =

@@ -1,44 +1,7 @@
-//! Training data: JSONL question/answer files and the seeded data order.
+//! Training data: JSONL question/answer files (read by [`crate::eval::answers`]) and the seeded
+//! data order.
 
-use anyhow::{bail, Context, Result};
-use std::path::Path;
-
-/// One training or evaluation example (a JSONL line `{"question", "answers", "gold_pid"?}`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Example {
-    pub question: String,
-    /// Reference answers; the first is the training target, all count for EM/F1.
-    pub answers: Vec<String>,
-    /// Knowledge-base passage id of the gold passage (for retrieval recall), when known.
-    #[serde(default)]
-    pub gold_pid: Option<String>,
-}
-
-/// Read a JSONL file of [`Example`]s (blank lines skipped). Errors name `file:line` and the field.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", path.display(), i + 1);
-        let ex: Example = serde_json::from_str(line)
-            .with_context(|| format!("{}: not a {{\"question\", \"answers\"}} object", at()))?;
-        if ex.question.trim().is_empty() {
-            bail!("{}: `question` is empty", at());
-        }
-        if ex.answers.is_empty() || ex.answers[0].trim().is_empty() {
-            bail!("{}: `answers` needs at least one non-empty answer", at());
-        }
-        out.push(ex);
-    }
-    if out.is_empty() {
-        bail!("{}: no examples", path.display());
-    }
-    Ok(out)
-}
+pub use crate::eval::answers::{read_examples, Example};
 
 /// splitmix64: a small, fixed PRNG so that a seed gives the same data order on every platform and
 /// release.

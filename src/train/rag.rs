@@ -940,7 +940,11 @@ impl<'a> RagTrainer<'a> {
                 );
                 if let Some(gold) = &ex.gold_pid {
                     with_gold += 1;
-                    found += usize::from(passages.iter().any(|p| is_gold(&p.id, gold)));
+                    found += usize::from(
+                        passages
+                            .iter()
+                            .any(|p| crate::eval::answers::is_gold(&p.id, gold)),
+                    );
                 }
             }
         }
@@ -1123,12 +1127,6 @@ fn load_trainable(dir: &str, mode: Option<RagMode>) -> Result<RagModel> {
             ..Default::default()
         },
     )
-}
-
-/// Passage `id` is the gold passage or one of its chunks (`<gold>#<chunk>`, as HF's `split_text`
-/// KBs and the parity fixtures name them).
-fn is_gold(id: &str, gold: &str) -> bool {
-    id == gold || id.split_once('#').is_some_and(|(doc, _)| doc == gold)
 }
 
 fn count_non_pad(ids: &Tensor, pad: u32) -> Result<usize> {
