@@ -8,6 +8,103 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+/// splitmix64: a small, fixed PRNG, so that a seed gives the same stream (data order, dropout
+/// masks, LoRA initialisation) on every platform and release.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Train mode of one model, shared by all its [`Dropout`]s (torch's `model.train()` /
+/// `model.eval()`). Off by default: decoding, evaluation and the parity suite never drop.
+///
+/// Masks are drawn from splitmix64 streams seeded by [`DropoutSwitch::train`]'s seed and the
+/// number of dropout calls since, so a forward repeated with the same seed (a resumed run) drops
+/// the same units.
+#[derive(Clone, Debug, Default)]
+pub struct DropoutSwitch(std::sync::Arc<SwitchState>);
+
+#[derive(Debug, Default)]
+struct SwitchState {
+    on: std::sync::atomic::AtomicBool,
+    seed: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl DropoutSwitch {
+    /// Train mode with masks seeded by `seed`.
+    pub fn train(&self, seed: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.0.seed.store(seed, SeqCst);
+        self.0.calls.store(0, SeqCst);
+        self.0.on.store(true, SeqCst);
+    }
+
+    /// Evaluation mode: every dropout is the identity.
+    pub fn eval(&self) {
+        self.0.on.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.0.on.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The PRNG state of the next mask, None in evaluation mode.
+    fn next_stream(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.is_training() {
+            return None;
+        }
+        let call = self.0.calls.fetch_add(1, SeqCst);
+        let mut state = self.0.seed.load(SeqCst) ^ call.wrapping_mul(0xd1b5_4a32_d192_ed03);
+        Some(splitmix64(&mut state))
+    }
+}
+
+/// Dropout as torch's `nn.Dropout`: in train mode each element is zeroed with probability `p` and
+/// the rest scaled by `1 / (1 - p)`; the identity in evaluation mode or when `p` is 0.
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    p: f64,
+    switch: DropoutSwitch,
+}
+
+impl Dropout {
+    /// `p` in [0, 1) (a config's rate; 1 would zero everything), switched by `switch`.
+    pub fn new(p: f64, switch: &DropoutSwitch) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            bail!("dropout probability must be in [0, 1), got {p}");
+        }
+        Ok(Self {
+            p,
+            switch: switch.clone(),
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(xs.clone());
+        }
+        let Some(mut state) = self.switch.next_stream() else {
+            return Ok(xs.clone());
+        };
+        let scale = (1.0 / (1.0 - self.p)) as f32;
+        // Keep an element when its 53-bit uniform draw is at or above p.
+        let threshold = (self.p * (1u64 << 53) as f64) as u64;
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| match splitmix64(&mut state) >> 11 >= threshold {
+                true => scale,
+                false => 0.0,
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        Ok((xs * mask)?)
+    }
+}
+
 /// Softmax over the last dimension (max-subtracted), differentiable.
 ///
 /// When no gradient is tracked (inference), candle's fused kernel is used instead: same values,
@@ -222,6 +319,34 @@ pub fn embedding(vocab: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dropout_keeps_expectation_and_is_seeded() {
+        let switch = super::DropoutSwitch::default();
+        let d = super::Dropout::new(0.25, &switch).unwrap();
+        let x = Tensor::ones(100_000, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(
+            d.forward(&x).unwrap().to_vec1::<f32>().unwrap(),
+            x.to_vec1::<f32>().unwrap()
+        );
+        switch.train(1);
+        let a = d.forward(&x).unwrap().to_vec1::<f32>().unwrap();
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
+        assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+        let next = d.forward(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert_ne!(a, next, "each call draws a new mask");
+        switch.train(1);
+        assert_eq!(
+            d.forward(&x).unwrap().to_vec1::<f32>().unwrap(),
+            a,
+            "same seed, same mask"
+        );
+        switch.eval();
+        assert!(super::Dropout::new(1.0, &switch).is_err());
+    }
+
     use super::*;
     use candle_core::{Device, Var};
 

@@ -635,3 +635,80 @@ fn loads_by_hub_id_from_the_hf_cache_layout() -> Result<()> {
     );
     Ok(())
 }
+
+/// Dropout at the config's rates is active only in train mode: decoding and evaluation give the
+/// dropout-free logits bit for bit, train mode changes them, the same seed reproduces the same
+/// masks (a resumed run), another seed draws others, and gradients flow through the masks.
+fn dropout_only_in_train_mode(kind: &str) -> Result<()> {
+    let dir = copy_dir(&generator_dir(kind))?;
+    edit_config(dir.path(), |c| match kind {
+        "bart" => {
+            c["dropout"] = 0.3.into();
+            c["attention_dropout"] = 0.1.into();
+            c["activation_dropout"] = 0.1.into();
+        }
+        _ => c["dropout_rate"] = 0.3.into(),
+    })?;
+    // Both trainable: the same (differentiable) kernels, so equal means bit for bit.
+    let plain = load_seq2seq(
+        &generator_dir(kind).to_string_lossy(),
+        DType::F32,
+        &Device::Cpu,
+        true,
+    )?;
+    let model = load_seq2seq(
+        &dir.path().to_string_lossy(),
+        DType::F32,
+        &Device::Cpu,
+        true,
+    )?;
+    let (input, dec) = batch(dir.path(), model.as_ref())?;
+    let reference = plain.forward(&input, &dec)?;
+    let eval = model.forward(&input, &dec)?;
+    assert_eq!(
+        max_diff(&eval, &reference)?,
+        0.0,
+        "{kind}: eval mode drops nothing"
+    );
+
+    model.dropout().train(7);
+    let a = model.forward(&input, &dec)?;
+    model.dropout().train(7);
+    let b = model.forward(&input, &dec)?;
+    model.dropout().train(8);
+    let c = model.forward(&input, &dec)?;
+    model.dropout().eval();
+    assert!(
+        max_diff(&a, &eval)? > 1e-3,
+        "{kind}: train mode drops units"
+    );
+    assert_eq!(max_diff(&a, &b)?, 0.0, "{kind}: same seed, same masks");
+    assert!(
+        max_diff(&a, &c)? > 1e-3,
+        "{kind}: another seed, other masks"
+    );
+    assert_eq!(max_diff(&model.forward(&input, &dec)?, &eval)?, 0.0);
+
+    model.dropout().train(7);
+    let loss = model.forward(&input, &dec)?.sqr()?.mean_all()?;
+    model.dropout().eval();
+    let grads = loss.backward()?;
+    let vars = model.vars();
+    let with_grad = vars.iter().filter(|(_, v)| grads.get(v).is_some()).count();
+    assert_eq!(
+        with_grad,
+        vars.len(),
+        "{kind}: every parameter gets a gradient"
+    );
+    Ok(())
+}
+
+#[test]
+fn bart_dropout_only_in_train_mode() -> Result<()> {
+    dropout_only_in_train_mode("bart")
+}
+
+#[test]
+fn t5_dropout_only_in_train_mode() -> Result<()> {
+    dropout_only_in_train_mode("t5")
+}

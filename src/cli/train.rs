@@ -106,6 +106,10 @@ pub struct RagArgs {
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// Train without the generator's dropout (BART/T5 apply their config.json rates in training
+    /// steps by default, as HF's `model.train()` does).
+    #[arg(long)]
+    pub no_dropout: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Questions per evaluation batch.
@@ -153,6 +157,7 @@ impl RagArgs {
             warmup_steps: self.warmup,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             label_smoothing: self.label_smoothing,
+            dropout: !self.no_dropout,
             seed: self.seed,
             eval_every: self.eval_every,
             save_every: self.save_every,

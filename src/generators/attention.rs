@@ -21,14 +21,15 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `softmax(q k^T * scale + bias) v` with `q: [b, h, tq, d]`, `k, v: [b, h, tk, d]` and an additive
-/// `bias` broadcastable to `[b, h, tq, tk]` (padding/causal masks, T5 position bias).
-/// Returns `[b, h, tq, d]`.
+/// `bias` broadcastable to `[b, h, tq, tk]` (padding/causal masks, T5 position bias), `dropout` on
+/// the probabilities (train mode only). Returns `[b, h, tq, d]`.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: Option<&Tensor>,
     scale: f64,
+    dropout: &crate::nn::Dropout,
 ) -> Result<Tensor> {
     let mut scores = q.matmul(&k.t()?)?;
     if scale != 1.0 {
@@ -40,7 +41,7 @@ pub fn attend(
     // Softmax in f32 as HF does for half precision.
     let dtype = scores.dtype();
     let probs = crate::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    Ok(probs.matmul(v)?)
+    Ok(dropout.forward(&probs)?.matmul(v)?)
 }
 
 /// Append this step's keys/values `[b, h, t, d]` to a self-attention cache and return the full ones.

@@ -9,7 +9,7 @@ use super::attention::{
 };
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
-use crate::nn::{causal_mask, linear, Activation, LayerNorm};
+use crate::nn::{causal_mask, linear, Activation, Dropout, DropoutSwitch, LayerNorm};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
@@ -65,6 +65,41 @@ pub struct BartConfig {
     pub forced_eos_token_id: Option<u32>,
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Dropout of the hidden states (after embeddings, attention and the feed-forward), in
+    /// training only [0.1, HF's default].
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Dropout of the attention probabilities [0].
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Dropout after the feed-forward activation [0].
+    #[serde(default)]
+    pub activation_dropout: f64,
+}
+
+fn default_dropout() -> f64 {
+    0.1
+}
+
+/// The three dropouts of a BART layer, switched by the model's train mode.
+#[derive(Clone, Debug)]
+struct Dropouts {
+    hidden: Dropout,
+    attention: Dropout,
+    activation: Dropout,
+}
+
+impl Dropouts {
+    fn new(cfg: &BartConfig, switch: &DropoutSwitch) -> Result<Self> {
+        let d = |p: f64, what: &str| {
+            Dropout::new(p, switch).with_context(|| format!("config.json `{what}`"))
+        };
+        Ok(Self {
+            hidden: d(cfg.dropout, "dropout")?,
+            attention: d(cfg.attention_dropout, "attention_dropout")?,
+            activation: d(cfg.activation_dropout, "activation_dropout")?,
+        })
+    }
 }
 
 impl BartConfig {
@@ -90,10 +125,12 @@ struct Attention {
     out_proj: Linear,
     heads: usize,
     scale: f64,
+    /// On the attention probabilities.
+    dropout: Dropout,
 }
 
 impl Attention {
-    fn load(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn load(dim: usize, heads: usize, dropout: &Dropout, vb: VarBuilder) -> Result<Self> {
         if heads == 0 || !dim.is_multiple_of(heads) {
             bail!("d_model {dim} is not divisible by the number of attention heads {heads}");
         }
@@ -104,6 +141,7 @@ impl Attention {
             out_proj: linear(dim, dim, true, vb.pp("out_proj"))?,
             heads,
             scale: ((dim / heads) as f64).powf(-0.5),
+            dropout: dropout.clone(),
         })
     }
 
@@ -124,7 +162,7 @@ impl Attention {
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let q = split_heads(&self.q_proj.forward(xs)?, self.heads)?;
-        let ctx = attend(&q, k, v, bias, self.scale)?;
+        let ctx = attend(&q, k, v, bias, self.scale, &self.dropout)?;
         Ok(self.out_proj.forward(&merge_heads(&ctx)?)?)
     }
 }
@@ -134,21 +172,30 @@ struct FeedForward {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
+    dropout: Dropouts,
 }
 
 impl FeedForward {
-    fn load(dim: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
+    fn load(
+        dim: usize,
+        ffn: usize,
+        act: Activation,
+        dropout: &Dropouts,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: linear(dim, ffn, true, vb.pp("fc1"))?,
             fc2: linear(ffn, dim, true, vb.pp("fc2"))?,
             act,
+            dropout: dropout.clone(),
         })
     }
 
+    /// `dropout(fc2(activation_dropout(act(fc1(xs)))))`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(xs)?)?)?)
+        let h = self.act.forward(&self.fc1.forward(xs)?)?;
+        let h = self.fc2.forward(&self.dropout.activation.forward(&h)?)?;
+        self.dropout.hidden.forward(&h)
     }
 }
 
@@ -160,22 +207,26 @@ struct EncoderLayer {
     self_attn_layer_norm: LayerNorm,
     ffn: FeedForward,
     final_layer_norm: LayerNorm,
+    dropout: Dropout,
 }
 
 impl EncoderLayer {
-    fn load(cfg: &BartConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &BartConfig, act: Activation, dropout: &Dropouts, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
+        let heads = cfg.encoder_attention_heads;
         Ok(Self {
-            self_attn: Attention::load(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?,
+            self_attn: Attention::load(d, heads, &dropout.attention, vb.pp("self_attn"))?,
             self_attn_layer_norm: LayerNorm::load(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            ffn: FeedForward::load(d, cfg.encoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::load(d, cfg.encoder_ffn_dim, act, dropout, &vb)?,
             final_layer_norm: LayerNorm::load(d, LN_EPS, vb.pp("final_layer_norm"))?,
+            dropout: dropout.hidden.clone(),
         })
     }
 
     fn forward(&self, xs: &Tensor, pad_bias: &Tensor) -> Result<Tensor> {
         let (k, v) = self.self_attn.key_values(xs)?;
-        let h = (xs + self.self_attn.forward(xs, &k, &v, Some(pad_bias))?)?;
+        let attn = self.self_attn.forward(xs, &k, &v, Some(pad_bias))?;
+        let h = (xs + self.dropout.forward(&attn)?)?;
         let h = self.self_attn_layer_norm.forward(&h)?;
         let h = (&h + self.ffn.forward(&h)?)?;
         Ok(self.final_layer_norm.forward(&h)?)
@@ -190,18 +241,22 @@ struct DecoderLayer {
     encoder_attn_layer_norm: LayerNorm,
     ffn: FeedForward,
     final_layer_norm: LayerNorm,
+    dropout: Dropout,
 }
 
 impl DecoderLayer {
-    fn load(cfg: &BartConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &BartConfig, act: Activation, dropout: &Dropouts, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
+        let heads = cfg.decoder_attention_heads;
+        let attn = &dropout.attention;
         Ok(Self {
-            self_attn: Attention::load(d, cfg.decoder_attention_heads, vb.pp("self_attn"))?,
+            self_attn: Attention::load(d, heads, attn, vb.pp("self_attn"))?,
             self_attn_layer_norm: LayerNorm::load(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            encoder_attn: Attention::load(d, cfg.decoder_attention_heads, vb.pp("encoder_attn"))?,
+            encoder_attn: Attention::load(d, heads, attn, vb.pp("encoder_attn"))?,
             encoder_attn_layer_norm: LayerNorm::load(d, LN_EPS, vb.pp("encoder_attn_layer_norm"))?,
-            ffn: FeedForward::load(d, cfg.decoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::load(d, cfg.decoder_ffn_dim, act, dropout, &vb)?,
             final_layer_norm: LayerNorm::load(d, LN_EPS, vb.pp("final_layer_norm"))?,
+            dropout: dropout.hidden.clone(),
         })
     }
 
@@ -215,13 +270,15 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let (k, v) = self.self_attn.key_values(xs)?;
         let (k, v) = append_kv(&mut cache.self_kv, k, v)?;
-        let h = (xs + self.self_attn.forward(xs, &k, &v, causal)?)?;
+        let attn = self.self_attn.forward(xs, &k, &v, causal)?;
+        let h = (xs + self.dropout.forward(&attn)?)?;
         let h = self.self_attn_layer_norm.forward(&h)?;
         let (ck, cv) = cache
             .cross_kv
             .as_ref()
             .context("decoder cache has no cross-attention keys/values")?;
-        let h = (&h + self.encoder_attn.forward(&h, ck, cv, Some(enc_bias))?)?;
+        let cross = self.encoder_attn.forward(&h, ck, cv, Some(enc_bias))?;
+        let h = (&h + self.dropout.forward(&cross)?)?;
         let h = self.encoder_attn_layer_norm.forward(&h)?;
         let h = (&h + self.ffn.forward(&h)?)?;
         Ok(self.final_layer_norm.forward(&h)?)
@@ -249,6 +306,10 @@ pub struct BartForConditionalGeneration {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Train mode of every dropout below (off unless a trainer switches it on).
+    dropout_switch: DropoutSwitch,
+    /// After `layernorm_embedding`.
+    embed_dropout: Dropout,
 }
 
 impl BartForConditionalGeneration {
@@ -302,11 +363,13 @@ impl BartForConditionalGeneration {
         } else {
             Tensor::zeros((1, v), dtype, device)?
         };
+        let dropout_switch = DropoutSwitch::default();
+        let dropouts = Dropouts::new(&config, &dropout_switch)?;
         let encoder_layers = (0..config.encoder_layers)
-            .map(|i| EncoderLayer::load(&config, act, enc.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::load(&config, act, &dropouts, enc.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let decoder_layers = (0..config.decoder_layers)
-            .map(|i| DecoderLayer::load(&config, act, dec.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::load(&config, act, &dropouts, dec.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             special: config.special_ids(),
@@ -329,6 +392,8 @@ impl BartForConditionalGeneration {
             config,
             dtype,
             device: device.clone(),
+            embed_dropout: dropouts.hidden,
+            dropout_switch,
         })
     }
 
@@ -361,7 +426,8 @@ impl BartForConditionalGeneration {
         let pos = positions
             .narrow(0, past + POSITION_OFFSET, t)?
             .unsqueeze(0)?;
-        Ok(ln.forward(&tok.broadcast_add(&pos)?)?)
+        self.embed_dropout
+            .forward(&ln.forward(&tok.broadcast_add(&pos)?)?)
     }
 
     /// Decoder over `ids: [rows, t]` starting at position `past`, using/extending `cache`;
@@ -478,5 +544,9 @@ impl Seq2Seq for BartForConditionalGeneration {
 
     fn config_prefix(&self) -> Option<&str> {
         self.config.prefix.as_deref()
+    }
+
+    fn dropout(&self) -> &DropoutSwitch {
+        &self.dropout_switch
     }
 }

@@ -273,6 +273,9 @@ pub trait Seq2Seq: Decoder {
     /// Trainable parameters by HF name (empty unless loaded trainable).
     fn vars(&self) -> Vec<(String, Var)>;
 
+    /// The train-mode switch of the model's dropouts (rates from its config.json).
+    fn dropout(&self) -> &crate::nn::DropoutSwitch;
+
     /// The `prefix` of the generator's config.json (T5: e.g. "context: "), which the retriever puts
     /// in front of every context string.
     fn config_prefix(&self) -> Option<&str> {
@@ -333,6 +336,12 @@ impl Generator {
             Self::Seq2Seq(g) => Some(g.as_ref()),
             Self::DecoderOnly(_) => None,
         }
+    }
+
+    /// The train-mode switch of the generator's dropouts: seq2seq generators only (the Llama-family
+    /// configs rustrag loads have no dropout; LoRA adapters are trained with `lora_dropout` 0).
+    pub fn dropout(&self) -> Option<&crate::nn::DropoutSwitch> {
+        self.seq2seq().map(|g| g.dropout())
     }
 
     /// Teacher-forced logits `[rows, tgt_len, vocab]` for `decoder_input_ids: [rows, tgt_len]` u32:

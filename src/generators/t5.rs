@@ -10,7 +10,7 @@ use super::attention::{
 };
 use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
-use crate::nn::{causal_mask, linear, Activation, RmsNorm};
+use crate::nn::{causal_mask, linear, Activation, Dropout, DropoutSwitch, RmsNorm};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
@@ -73,6 +73,14 @@ pub struct T5Config {
     pub forced_eos_token_id: Option<u32>,
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Dropout rate of every T5 dropout (embeddings, attention probabilities, feed-forward, each
+    /// sub-layer's output, the final norm), in training only [0.1, HF's default].
+    #[serde(default = "default_dropout_rate")]
+    pub dropout_rate: f64,
+}
+
+fn default_dropout_rate() -> f64 {
+    0.1
 }
 
 impl T5Config {
@@ -148,10 +156,12 @@ struct Attention {
     heads: usize,
     /// `[num_buckets, heads]`, first layer only.
     relative_attention_bias: Option<Tensor>,
+    /// On the attention probabilities.
+    dropout: Dropout,
 }
 
 impl Attention {
-    fn load(cfg: &T5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &T5Config, has_bias: bool, dropout: &Dropout, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
             q: linear(cfg.d_model, inner, false, vb.pp("q"))?,
@@ -167,6 +177,7 @@ impl Attention {
             } else {
                 None
             },
+            dropout: dropout.clone(),
         })
     }
 
@@ -185,7 +196,7 @@ impl Attention {
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let q = split_heads(&self.q.forward(xs)?, self.heads)?;
-        let ctx = attend(&q, k, v, bias, 1.0)?;
+        let ctx = attend(&q, k, v, bias, 1.0, &self.dropout)?;
         Ok(self.o.forward(&merge_heads(&ctx)?)?)
     }
 }
@@ -199,10 +210,11 @@ struct FeedForward {
     wi_1: Option<Linear>,
     wo: Linear,
     act: Activation,
+    dropout: Dropout,
 }
 
 impl FeedForward {
-    fn load(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &T5Config, dropout: &Dropout, vb: VarBuilder) -> Result<Self> {
         let (gated, act) = cfg.feed_forward()?;
         let dense = vb.pp("DenseReluDense");
         let (wi, wi_1) = if gated {
@@ -219,17 +231,19 @@ impl FeedForward {
             wi_1,
             wo: linear(cfg.d_ff, cfg.d_model, false, dense.pp("wo"))?,
             act,
+            dropout: dropout.clone(),
         })
     }
 
-    /// Residual block `xs + wo(act(wi(norm(xs))) [* wi_1(norm(xs))])`.
+    /// Residual block `xs + dropout(wo(dropout(act(wi(norm(xs))) [* wi_1(norm(xs))])))`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.layer_norm.forward(xs)?;
         let mut inner = self.act.forward(&self.wi.forward(&h)?)?;
         if let Some(wi_1) = &self.wi_1 {
             inner = (inner * wi_1.forward(&h)?)?;
         }
-        Ok((xs + self.wo.forward(&inner)?)?)
+        let out = self.wo.forward(&self.dropout.forward(&inner)?)?;
+        Ok((xs + self.dropout.forward(&out)?)?)
     }
 }
 
@@ -238,6 +252,8 @@ struct EncoderBlock {
     self_attn: Attention,
     self_attn_norm: RmsNorm,
     ffn: FeedForward,
+    /// On the attention output before the residual.
+    dropout: Dropout,
 }
 
 #[derive(Clone, Debug)]
@@ -247,47 +263,52 @@ struct DecoderBlock {
     cross_attn: Attention,
     cross_attn_norm: RmsNorm,
     ffn: FeedForward,
+    /// On each attention output before its residual.
+    dropout: Dropout,
 }
 
 impl EncoderBlock {
-    fn load(cfg: &T5Config, first: bool, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &T5Config, first: bool, dropout: &Dropout, vb: VarBuilder) -> Result<Self> {
         let l0 = vb.pp("layer.0");
         Ok(Self {
-            self_attn: Attention::load(cfg, first, l0.pp("SelfAttention"))?,
+            self_attn: Attention::load(cfg, first, dropout, l0.pp("SelfAttention"))?,
             self_attn_norm: RmsNorm::load(
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
                 l0.pp("layer_norm"),
             )?,
-            ffn: FeedForward::load(cfg, vb.pp("layer.1"))?,
+            ffn: FeedForward::load(cfg, dropout, vb.pp("layer.1"))?,
+            dropout: dropout.clone(),
         })
     }
 
     fn forward(&self, xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let h = self.self_attn_norm.forward(xs)?;
         let (k, v) = self.self_attn.key_values(&h)?;
-        let xs = (xs + self.self_attn.forward(&h, &k, &v, Some(bias))?)?;
+        let attn = self.self_attn.forward(&h, &k, &v, Some(bias))?;
+        let xs = (xs + self.dropout.forward(&attn)?)?;
         self.ffn.forward(&xs)
     }
 }
 
 impl DecoderBlock {
-    fn load(cfg: &T5Config, first: bool, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &T5Config, first: bool, dropout: &Dropout, vb: VarBuilder) -> Result<Self> {
         let (l0, l1) = (vb.pp("layer.0"), vb.pp("layer.1"));
         Ok(Self {
-            self_attn: Attention::load(cfg, first, l0.pp("SelfAttention"))?,
+            self_attn: Attention::load(cfg, first, dropout, l0.pp("SelfAttention"))?,
             self_attn_norm: RmsNorm::load(
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
                 l0.pp("layer_norm"),
             )?,
-            cross_attn: Attention::load(cfg, false, l1.pp("EncDecAttention"))?,
+            cross_attn: Attention::load(cfg, false, dropout, l1.pp("EncDecAttention"))?,
             cross_attn_norm: RmsNorm::load(
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
                 l1.pp("layer_norm"),
             )?,
-            ffn: FeedForward::load(cfg, vb.pp("layer.2"))?,
+            ffn: FeedForward::load(cfg, dropout, vb.pp("layer.2"))?,
+            dropout: dropout.clone(),
         })
     }
 
@@ -301,13 +322,15 @@ impl DecoderBlock {
         let h = self.self_attn_norm.forward(xs)?;
         let (k, v) = self.self_attn.key_values(&h)?;
         let (k, v) = append_kv(&mut cache.self_kv, k, v)?;
-        let xs = (xs + self.self_attn.forward(&h, &k, &v, Some(self_bias))?)?;
+        let attn = self.self_attn.forward(&h, &k, &v, Some(self_bias))?;
+        let xs = (xs + self.dropout.forward(&attn)?)?;
         let h = self.cross_attn_norm.forward(&xs)?;
         let (ck, cv) = cache
             .cross_kv
             .as_ref()
             .context("decoder cache has no cross-attention keys/values")?;
-        let xs = (&xs + self.cross_attn.forward(&h, ck, cv, Some(enc_bias))?)?;
+        let cross = self.cross_attn.forward(&h, ck, cv, Some(enc_bias))?;
+        let xs = (&xs + self.dropout.forward(&cross)?)?;
         self.ffn.forward(&xs)
     }
 }
@@ -330,6 +353,10 @@ pub struct T5ForConditionalGeneration {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Train mode of every dropout (off unless a trainer switches it on).
+    dropout_switch: DropoutSwitch,
+    /// After the embeddings and after each stack's final norm.
+    dropout: Dropout,
 }
 
 impl T5ForConditionalGeneration {
@@ -366,11 +393,28 @@ impl T5ForConditionalGeneration {
         .unwrap_or("shared.weight");
         let shared = vb.get((v, d), shared_name)?;
         let n_dec = config.num_decoder_layers.unwrap_or(config.num_layers);
+        let dropout_switch = DropoutSwitch::default();
+        let dropout = Dropout::new(config.dropout_rate, &dropout_switch)
+            .context("config.json `dropout_rate`")?;
         let encoder_blocks = (0..config.num_layers)
-            .map(|i| EncoderBlock::load(&config, i == 0, vb.pp(format!("encoder.block.{i}"))))
+            .map(|i| {
+                EncoderBlock::load(
+                    &config,
+                    i == 0,
+                    &dropout,
+                    vb.pp(format!("encoder.block.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let decoder_blocks = (0..n_dec)
-            .map(|i| DecoderBlock::load(&config, i == 0, vb.pp(format!("decoder.block.{i}"))))
+            .map(|i| {
+                DecoderBlock::load(
+                    &config,
+                    i == 0,
+                    &dropout,
+                    vb.pp(format!("decoder.block.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         if encoder_blocks.is_empty() || decoder_blocks.is_empty() {
             bail!("T5 config needs at least one encoder and one decoder layer (num_layers / num_decoder_layers)");
@@ -403,6 +447,8 @@ impl T5ForConditionalGeneration {
             config,
             dtype,
             device: device.clone(),
+            dropout_switch,
+            dropout,
         })
     }
 
@@ -440,10 +486,11 @@ impl T5ForConditionalGeneration {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
+        let tok = self
             .shared
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?)
+            .reshape((b, t, ()))?;
+        self.dropout.forward(&tok)
     }
 
     /// Decoder over `ids: [rows, t]` at positions `past..past+t`, using/extending `cache`;
@@ -471,7 +518,9 @@ impl T5ForConditionalGeneration {
         for (block, c) in self.decoder_blocks.iter().zip(cache.iter_mut()) {
             h = block.forward(&h, c, &self_bias, enc_bias)?;
         }
-        let h = self.decoder_final_norm.forward(&h)?;
+        let h = self
+            .dropout
+            .forward(&self.decoder_final_norm.forward(&h)?)?;
         let h = if self.output_scale != 1.0 {
             (h * self.output_scale)?
         } else {
@@ -534,7 +583,7 @@ impl Seq2Seq for T5ForConditionalGeneration {
         for block in &self.encoder_blocks {
             h = block.forward(&h, &bias)?;
         }
-        Ok(self.encoder_final_norm.forward(&h)?)
+        self.dropout.forward(&self.encoder_final_norm.forward(&h)?)
     }
 
     fn forward_from_state(
@@ -562,6 +611,10 @@ impl Seq2Seq for T5ForConditionalGeneration {
             .into_iter()
             .filter(|(n, _)| n.starts_with(&p))
             .collect()
+    }
+
+    fn dropout(&self) -> &DropoutSwitch {
+        &self.dropout_switch
     }
 
     fn config_prefix(&self) -> Option<&str> {

@@ -3,15 +3,7 @@
 
 pub use crate::eval::answers::{read_examples, Example};
 
-/// splitmix64: a small, fixed PRNG so that a seed gives the same data order on every platform and
-/// release.
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use crate::nn::splitmix64;
 
 /// The example order of epoch `epoch`: a Fisher–Yates shuffle of `0..n` seeded by `(seed, epoch)`.
 /// A pure function of its arguments, so a resumed run sees exactly the order of the original one.

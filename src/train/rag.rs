@@ -77,6 +77,12 @@ pub struct RagTrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Label smoothing ε of the RAG loss [0.0].
     pub label_smoothing: f64,
+    /// Apply the generator's dropout (its config.json rates: BART `dropout`, `attention_dropout`,
+    /// `activation_dropout`; T5 `dropout_rate`) in training steps, as HF's `model.train()`;
+    /// evaluation and decoding never drop [true]. Masks are seeded by (seed, step, micro-batch), so
+    /// a resumed run drops the same units. The question and context encoders train without
+    /// dropout.
+    pub dropout: bool,
     /// Answer length cap in generator tokens, special tokens included [25, `finetune_rag.py`].
     pub max_target_length: usize,
     /// Seed of the data order [42].
@@ -125,6 +131,7 @@ impl Default for RagTrainConfig {
             warmup_steps: 0,
             max_grad_norm: Some(1.0),
             label_smoothing: 0.0,
+            dropout: true,
             max_target_length: 25,
             seed: 42,
             eval_every: 0,
@@ -840,8 +847,12 @@ impl<'a> RagTrainer<'a> {
         let mut acc = GradAccumulator::new(self.opt.params().map(|(_, v)| v.clone()).collect());
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         let (mut cut_prompts, mut cut_answers) = (0usize, 0usize);
-        for micro in idx.chunks(c.batch_size) {
+        for (m, micro) in idx.chunks(c.batch_size).enumerate() {
             let batch: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
+            let _train_mode = match c.dropout {
+                true => TrainMode::on(self.model(), c.seed, self.step, m as u64),
+                false => TrainMode(None),
+            };
             // HF sums the per-question losses (reduce_loss); the mean over the optimiser step's
             // questions keeps the rate independent of batch size and accumulation.
             let b = self.batch_loss(&batch, c.label_smoothing, true)?;
@@ -1135,6 +1146,29 @@ fn count_non_pad(ids: &Tensor, pad: u32) -> Result<usize> {
         .to_dtype(candle_core::DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()? as usize)
+}
+
+/// The generator's dropout switched on for one micro-batch (forward and backward), and off again
+/// when dropped, also on an error.
+struct TrainMode<'a>(Option<&'a crate::nn::DropoutSwitch>);
+
+impl<'a> TrainMode<'a> {
+    fn on(model: &'a RagModel, seed: u64, step: u64, micro: u64) -> Self {
+        let switch = model.generator.dropout();
+        if let Some(s) = switch {
+            let mut state = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ micro.rotate_left(32);
+            s.train(crate::nn::splitmix64(&mut state));
+        }
+        Self(switch)
+    }
+}
+
+impl Drop for TrainMode<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0 {
+            s.eval();
+        }
+    }
 }
 
 /// The newest complete checkpoint of the run in `out` (`checkpoints/latest`), if any.

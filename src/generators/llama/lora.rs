@@ -115,7 +115,7 @@ fn kaiming_a(rank: usize, fan_in: usize, state: &mut u64, device: &Device) -> Re
     let bound = 1.0 / (fan_in as f64).sqrt();
     let data: Vec<f32> = (0..rank * fan_in)
         .map(|_| {
-            let u = (crate::train::data::splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
+            let u = (crate::nn::splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
             ((2.0 * u - 1.0) * bound) as f32
         })
         .collect();
