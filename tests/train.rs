@@ -794,3 +794,44 @@ fn dropout_trains_reproducibly_and_never_evaluates() -> Result<()> {
     }
     Ok(())
 }
+
+/// A micro-batch whose activations would not fit the memory budget is refused before its forward
+/// pass, naming the rows, lengths and budget (and no checkpoint or metrics line is written).
+#[test]
+fn over_budget_micro_batch_is_refused_with_the_numbers() -> Result<()> {
+    let c = case("bart-token");
+    let examples = fixture_examples(&c.fx);
+    let out = tempfile::tempdir()?;
+    let config = RagTrainConfig {
+        memory_budget_gb: Some(1e-6),
+        ..small_run_config(2)
+    };
+    let mut t = start(&c, examples.clone(), Vec::new(), out.path(), config)?;
+    let err = format!(
+        "{:#}",
+        t.train_step().err().context("over budget accepted")?
+    );
+    for part in [
+        "generator rows",
+        "answer tokens",
+        "memory budget of 0.00 GB",
+        "--batch-size",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    assert_eq!(t.step, 0);
+    assert!(train_losses(out.path())?.is_empty());
+    let bad = RagTrainConfig {
+        memory_budget_gb: Some(-1.0),
+        ..small_run_config(2)
+    };
+    assert!(start(
+        &c,
+        examples.clone(),
+        Vec::new(),
+        tempfile::tempdir()?.path(),
+        bad
+    )
+    .is_err());
+    Ok(())
+}

@@ -106,6 +106,10 @@ pub struct RagArgs {
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// Memory a micro-batch's activations may take, in GB (default: 90% of the memory available
+    /// at the start); an estimate over it is refused before the forward pass.
+    #[arg(long)]
+    pub memory_budget_gb: Option<f64>,
     /// Train without the generator's dropout (BART/T5 apply their config.json rates in training
     /// steps by default, as HF's `model.train()` does).
     #[arg(long)]
@@ -158,6 +162,7 @@ impl RagArgs {
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             label_smoothing: self.label_smoothing,
             dropout: !self.no_dropout,
+            memory_budget_gb: self.memory_budget_gb,
             seed: self.seed,
             eval_every: self.eval_every,
             save_every: self.save_every,

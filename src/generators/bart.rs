@@ -7,7 +7,7 @@ use super::attention::{
     append_kv, attend, check_ids, check_input, encoded_state, full_pass_inputs, merge_heads,
     padding_bias, seq2seq_step, split_heads,
 };
-use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
+use super::{ActivationShape, DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
 use crate::nn::{causal_mask, linear, Activation, Dropout, DropoutSwitch, LayerNorm};
 use anyhow::{bail, Context, Result};
@@ -495,6 +495,18 @@ impl Decoder for BartForConditionalGeneration {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn activation_shape(&self) -> ActivationShape {
+        let c = &self.config;
+        ActivationShape {
+            hidden: c.d_model,
+            ffn: c.encoder_ffn_dim.max(c.decoder_ffn_dim),
+            heads: c.encoder_attention_heads.max(c.decoder_attention_heads),
+            vocab: c.vocab_size,
+            input_layers: c.encoder_layers,
+            decoder_layers: c.decoder_layers,
+        }
     }
 }
 

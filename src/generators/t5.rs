@@ -8,7 +8,7 @@ use super::attention::{
     append_kv, attend, check_ids, check_input, encoded_state, full_pass_inputs, merge_heads,
     padding_bias, seq2seq_step, split_heads,
 };
-use super::{DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
+use super::{ActivationShape, DecodeState, Decoder, GenInput, LayerCache, Seq2Seq, SpecialIds};
 use crate::hub::Weights;
 use crate::nn::{causal_mask, linear, Activation, Dropout, DropoutSwitch, RmsNorm};
 use anyhow::{bail, Context, Result};
@@ -564,6 +564,18 @@ impl Decoder for T5ForConditionalGeneration {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn activation_shape(&self) -> ActivationShape {
+        let c = &self.config;
+        ActivationShape {
+            hidden: c.d_model.max(c.num_heads * c.d_kv),
+            ffn: c.d_ff,
+            heads: c.num_heads,
+            vocab: c.vocab_size,
+            input_layers: self.encoder_blocks.len(),
+            decoder_layers: self.decoder_blocks.len(),
+        }
     }
 }
 

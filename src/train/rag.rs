@@ -114,6 +114,11 @@ pub struct RagTrainConfig {
     pub train_prior_temperature: bool,
     /// Learning rate of `log τ` [1e-2].
     pub prior_temperature_lr: f64,
+    /// Memory a micro-batch's activations may take, in GB (10⁹ bytes) [None: 90% of the memory
+    /// available when the run starts, after the models are loaded]. A micro-batch whose estimate
+    /// ([`crate::generators::ActivationShape::training_bytes`]) is over it is refused before its
+    /// forward pass, with the numbers.
+    pub memory_budget_gb: Option<f64>,
 }
 
 impl Default for RagTrainConfig {
@@ -145,6 +150,7 @@ impl Default for RagTrainConfig {
             reindex_in_background: true,
             train_prior_temperature: false,
             prior_temperature_lr: 1e-2,
+            memory_budget_gb: None,
         }
     }
 }
@@ -374,6 +380,8 @@ pub struct RagTrainer<'a> {
     /// embeddings). The embeddings themselves live in the pipeline.
     index_step: Option<u64>,
     reindexer: Option<Reindexer>,
+    /// Bytes a micro-batch's activations may take ([`RagTrainConfig::memory_budget_gb`]).
+    memory_budget: u64,
 }
 
 /// Optimiser names of the retriever towers' parameters.
@@ -583,6 +591,7 @@ impl<'a> RagTrainer<'a> {
             }
             _ => None,
         };
+        let config_budget = config.memory_budget_gb;
         Ok(Self {
             source,
             config,
@@ -596,6 +605,7 @@ impl<'a> RagTrainer<'a> {
             log_tau,
             index_step: None,
             reindexer,
+            memory_budget: memory_budget(config_budget)?,
         })
     }
 
@@ -809,6 +819,27 @@ impl<'a> RagTrainer<'a> {
         })
     }
 
+    /// Refuse a micro-batch of `questions` whose activations would not fit the memory budget.
+    fn check_memory(&self, questions: usize, input_len: usize, target_len: usize) -> Result<()> {
+        let shape = self.model().generator.activation_shape();
+        let rows = questions * self.n_docs;
+        let need = shape.training_bytes(rows, input_len, target_len);
+        if need > self.memory_budget {
+            let gb = |b: u64| b as f64 / 1e9;
+            bail!(
+                "a micro-batch of {questions} questions × {} documents = {rows} generator rows × ({input_len} context + {target_len} answer tokens) needs about {:.2} GB of activations ({} + {} layers kept for backward, hidden {}, heads {}), over the memory budget of {:.2} GB (memory_budget_gb; default 90% of the memory available at the start): lower --batch-size (--grad-accum keeps the questions per step), --n-docs or --trainable-layers",
+                self.n_docs,
+                gb(need),
+                shape.input_layers,
+                shape.decoder_layers,
+                shape.hidden,
+                shape.heads,
+                gb(self.memory_budget)
+            );
+        }
+        Ok(())
+    }
+
     /// Loss (scalar when `reduce`, else `[batch]`) of a micro-batch and what it saw.
     fn batch_loss(&self, batch: &[&Example], epsilon: f64, reduce: bool) -> Result<BatchLoss> {
         let questions: Vec<&str> = batch.iter().map(|e| e.question.as_str()).collect();
@@ -816,6 +847,7 @@ impl<'a> RagTrainer<'a> {
         let r = self.contexts(&questions, self.n_docs)?;
         let ctx = &r.context;
         let (labels, cut_answers) = self.labels_counting_cuts(&answers)?;
+        self.check_memory(batch.len(), ctx.input_ids.dim(1)?, labels.dim(1)?)?;
         let pad = self.model().generator_pad();
         let tokens =
             count_non_pad(&ctx.input_ids, pad)? + self.n_docs * count_non_pad(&labels, pad)?;
@@ -1146,6 +1178,26 @@ fn count_non_pad(ids: &Tensor, pad: u32) -> Result<usize> {
         .to_dtype(candle_core::DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()? as usize)
+}
+
+/// `memory_budget_gb` in bytes, or 90% of the memory available now (Linux `MemAvailable`; other
+/// systems: no limit unless configured).
+fn memory_budget(configured: Option<f64>) -> Result<u64> {
+    if let Some(gb) = configured {
+        if !(gb.is_finite() && gb > 0.0) {
+            bail!("memory_budget_gb must be positive, got {gb}");
+        }
+        return Ok((gb * 1e9) as u64);
+    }
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(u64::MAX);
+    };
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("/proc/meminfo has no readable MemAvailable line")?;
+    Ok(kb * 1024 / 10 * 9)
 }
 
 /// The generator's dropout switched on for one micro-batch (forward and backward), and off again

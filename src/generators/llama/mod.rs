@@ -16,7 +16,7 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use lora::{LoraAdapter, LoraConfig, LORA_MODULES};
 
 use super::quant::QMatrix;
-use super::{CausalLm, DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
+use super::{ActivationShape, CausalLm, DecodeState, Decoder, GenInput, LayerCache, SpecialIds};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -349,6 +349,18 @@ impl Decoder for Llama {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn activation_shape(&self) -> ActivationShape {
+        let c = &self.config;
+        ActivationShape {
+            hidden: c.hidden_size,
+            ffn: c.intermediate_size,
+            heads: c.num_heads,
+            vocab: c.vocab_size,
+            input_layers: self.blocks.iter().filter(|b| b.differentiable).count(),
+            decoder_layers: 0,
+        }
     }
 }
 
