@@ -1030,3 +1030,81 @@ fn every_writer_takes_the_lock_and_readers_never_do() {
     );
     assert_eq!(passage_ids(&root).len(), 5);
 }
+
+/// A KB over the on-open limit is checked in a background thread: a flipped byte is reported by
+/// `verify_blocks` (which writers call before copying) and, once found, every passage read and
+/// dense search fails with it; a clean KB passes. An opened HNSW KB keeps its graph (mapped on
+/// open) even when its generation directory is removed before the retriever is built.
+#[test]
+fn background_check_of_large_kbs_and_hnsw_graph_held_from_open() {
+    use rustrag::kb::KnowledgeBase;
+    use rustrag::retrieve::dense::DenseRetriever;
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    let o = rustrag()
+        .args([
+            "index",
+            "build",
+            "--words-per-passage",
+            "0",
+            "--hnsw",
+            "--corpus",
+        ])
+        .arg(corpus(t.path(), "a.jsonl", "a", 40))
+        .arg("--encoder")
+        .arg(minilm_dir())
+        .arg("--out")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_ok(&o, "index build --hnsw");
+
+    // Clean: the background verdict is Ok and reads work.
+    let kb = KnowledgeBase::open_with(&root, 0).unwrap();
+    kb.verify_blocks().unwrap();
+    kb.integrity().unwrap();
+    kb.passage(0).unwrap();
+    let gen = kb.dir().to_path_buf();
+    drop(kb);
+
+    // One flipped byte of the embeddings: opens (checked in the background), then refused.
+    let emb = std::fs::read_dir(&gen)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("embeddings")
+        })
+        .expect("embeddings file");
+    let mut bytes = std::fs::read(&emb).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&emb, &bytes).unwrap();
+    let kb = Arc::new(KnowledgeBase::open_with(&root, 0).expect("large KBs open at once"));
+    let name = emb.file_name().unwrap().to_string_lossy().to_string();
+    let e = format!("{:#}", kb.verify_blocks().unwrap_err());
+    assert!(e.contains(&name) && e.contains("CRC32"), "{e}");
+    let e = format!("{:#}", kb.passage(0).unwrap_err());
+    assert!(e.contains("CRC32"), "{e}");
+    let dense = DenseRetriever::new(kb.clone(), None, None).unwrap();
+    let q = vec![0.05f32; kb.dim()];
+    let e = format!("{:#}", dense.search(&q, 3).unwrap_err());
+    assert!(e.contains("CRC32"), "{e}");
+    drop((dense, kb));
+    bytes[mid] ^= 0x40;
+    std::fs::write(&emb, &bytes).unwrap();
+
+    // The HNSW graph is held from open: removing the generation afterwards does not break it.
+    let kb = Arc::new(KnowledgeBase::open(&root).unwrap());
+    let q = kb.embeddings().row(3);
+    std::fs::remove_dir_all(&gen).unwrap();
+    let hnsw = DenseRetriever::new(kb.clone(), None, Some(16)).expect("graph held from open");
+    let hits = hnsw.search(&q, 1).unwrap();
+    assert_eq!(
+        hits[0][0].0, 3,
+        "the row's own vector is its nearest neighbour"
+    );
+}

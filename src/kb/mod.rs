@@ -38,25 +38,98 @@ pub const HNSW_FILE: &str = "hnsw.graph";
 
 /// Knowledge bases whose data files total at most this many bytes have every block checksum
 /// checked when they are opened (about 0.2 s per GB on 2 cores, see docs/safety.md); larger ones
-/// are checked by writers before they copy them and by `rustrag index info --verify`.
+/// are checked in a background thread started on open ([`KnowledgeBase::integrity`]).
 pub const VERIFY_ON_OPEN_MAX_BYTES: u64 = 4 << 30;
 
-/// Check the block checksums of every data file of the generation in `dir` (files written before
-/// block checksums existed are skipped).
-fn check_blocks(dir: &Path, manifest: &Manifest) -> Result<()> {
+/// The data files of a generation that carry block checksums, mapped (an empty file: `None`).
+type MappedFiles = Vec<(PathBuf, manifest::BlockChecksums, Option<memmap2::Mmap>)>;
+
+/// Map every data file of the generation in `dir` that has block checksums (files written before
+/// block checksums existed are skipped). Mapping at open keeps them readable for a background
+/// check even if a writer removes the generation afterwards.
+fn map_checked_files(dir: &Path, manifest: &Manifest) -> Result<MappedFiles> {
+    let mut out = Vec::new();
     for (name, entry) in &manifest.files {
         let Some(blocks) = &entry.blocks else {
             continue;
         };
         let path = dir.join(name);
-        if entry.bytes == 0 {
-            blocks.check(&path, &[])?;
-            continue;
-        }
-        let data = store::map(&path)?;
-        blocks.check(&path, &data)?;
+        let data = match entry.bytes {
+            0 => None,
+            _ => Some(store::map(&path)?),
+        };
+        out.push((path, blocks.clone(), data));
+    }
+    Ok(out)
+}
+
+fn check_blocks(files: &MappedFiles) -> Result<()> {
+    for (path, blocks, data) in files {
+        blocks.check(path, data.as_deref().unwrap_or(&[]))?;
     }
     Ok(())
+}
+
+/// How the block checksums of an opened generation were, or are being, checked.
+enum BlockCheck {
+    /// All checked on open.
+    Done,
+    /// Checking in a background thread (KBs over [`VERIFY_ON_OPEN_MAX_BYTES`]); its verdict.
+    Background(
+        std::sync::Arc<(
+            std::sync::Mutex<Option<Result<(), String>>>,
+            std::sync::Condvar,
+        )>,
+    ),
+}
+
+impl BlockCheck {
+    fn background(files: MappedFiles) -> Self {
+        let state = std::sync::Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let verdict = check_blocks(&files).map_err(|e| format!("{e:#}"));
+            match &verdict {
+                Ok(()) => tracing::info!(
+                    "block checksums checked in the background in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                ),
+                Err(e) => tracing::error!("knowledge base corrupt: {e}"),
+            }
+            let (lock, done) = &*shared;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
+            done.notify_all();
+        });
+        Self::Background(state)
+    }
+
+    /// The verdict so far: an error once corruption was found, else Ok (also while checking).
+    fn so_far(&self) -> Result<()> {
+        match self {
+            Self::Done => Ok(()),
+            Self::Background(state) => match &*state.0.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(Err(e)) => bail!("{e}"),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The verdict, waiting for a background check to finish.
+    fn wait(&self) -> Result<()> {
+        let Self::Background(state) = self else {
+            return Ok(());
+        };
+        let (lock, done) = &**state;
+        let mut verdict = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while verdict.is_none() {
+            verdict = done.wait(verdict).unwrap_or_else(|p| p.into_inner());
+        }
+        match verdict.as_ref() {
+            Some(Err(e)) => bail!("{e}"),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// An opened (read-only) knowledge base generation.
@@ -64,12 +137,14 @@ pub struct KnowledgeBase {
     root: PathBuf,
     /// Name of the generation opened (`None`: a KB written before generations existed).
     generation: Option<String>,
-    /// Every block checksum was checked when it was opened.
-    blocks_verified: bool,
+    /// Block checksums: checked on open, or being checked in the background.
+    block_check: BlockCheck,
     dir: PathBuf,
     manifest: Manifest,
     store: PassageStore,
     embeddings: EmbeddingMatrix,
+    /// `hnsw.graph`, mapped on open (a reader keeps it even if cleanup removes the generation).
+    hnsw_graph: Option<memmap2::Mmap>,
 }
 
 impl KnowledgeBase {
@@ -80,11 +155,17 @@ impl KnowledgeBase {
     /// is being opened. Such a failure is retried on the new live generation; once open, the files
     /// are mapped and stay readable whatever writers do.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with(root, VERIFY_ON_OPEN_MAX_BYTES)
+    }
+
+    /// [`KnowledgeBase::open`], checking block checksums on open only when the data files total
+    /// at most `verify_on_open_max_bytes` (else in the background).
+    pub fn open_with(root: &Path, verify_on_open_max_bytes: u64) -> Result<Self> {
         const ATTEMPTS: usize = 8;
         let mut attempt = 0;
         loop {
             let name = atomic::current_generation_name(root)?;
-            match Self::open_generation(root, name.as_deref()) {
+            match Self::open_generation(root, name.as_deref(), verify_on_open_max_bytes) {
                 Ok(kb) => return Ok(kb),
                 Err(e) => {
                     attempt += 1;
@@ -101,7 +182,11 @@ impl KnowledgeBase {
         }
     }
 
-    fn open_generation(root: &Path, generation: Option<&str>) -> Result<Self> {
+    fn open_generation(
+        root: &Path,
+        generation: Option<&str>,
+        verify_on_open_max_bytes: u64,
+    ) -> Result<Self> {
         let dir = match generation {
             Some(name) => {
                 let dir = root.join(name);
@@ -132,28 +217,35 @@ impl KnowledgeBase {
             }
         }
         let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
-        let blocks_verified = total <= VERIFY_ON_OPEN_MAX_BYTES;
-        if blocks_verified {
+        let files = map_checked_files(&dir, &manifest)?;
+        let block_check = if total <= verify_on_open_max_bytes {
             let t = std::time::Instant::now();
-            check_blocks(&dir, &manifest)?;
+            check_blocks(&files)?;
             tracing::debug!(
                 "{}: block checksums of {total} bytes checked in {:.1} ms",
                 dir.display(),
                 t.elapsed().as_secs_f64() * 1e3
             );
+            BlockCheck::Done
         } else {
-            tracing::warn!(
-                "{}: {total} bytes of data, over the {VERIFY_ON_OPEN_MAX_BYTES}-byte limit for checking on open; run `rustrag index info --verify` to check it",
+            tracing::info!(
+                "{}: {total} bytes of data, over the {verify_on_open_max_bytes}-byte limit for checking on open; checking block checksums in the background",
                 dir.display()
             );
-        }
+            BlockCheck::background(files)
+        };
+        let hnsw_graph = match &manifest.hnsw {
+            Some(_) => Some(store::map(&dir.join(HNSW_FILE))?),
+            None => None,
+        };
         let store = PassageStore::open(&dir, manifest.passages)?;
         let embeddings =
             EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
         Ok(Self {
             root: root.to_path_buf(),
             generation: generation.map(str::to_string),
-            blocks_verified,
+            block_check,
+            hnsw_graph,
             dir,
             manifest,
             store,
@@ -161,13 +253,20 @@ impl KnowledgeBase {
         })
     }
 
-    /// Check every block checksum now, unless that was done on open (writers call this before
-    /// copying a generation forward, so corruption is never laundered under fresh checksums).
+    /// Every block checksum, checked: done on open, or the background check's verdict, waited
+    /// for (writers call this before copying a generation forward, so corruption is never
+    /// laundered under fresh checksums).
     pub fn verify_blocks(&self) -> Result<()> {
-        if self.blocks_verified {
-            return Ok(());
-        }
-        check_blocks(&self.dir, &self.manifest)
+        self.block_check.wait()
+    }
+
+    /// Corruption found so far: an error once the background check of a large KB has found a bad
+    /// block (reads of passages and dense searches then fail with it), else Ok — also while the
+    /// check is still running, when reads are served unchecked (about 0.2 s per GB).
+    pub fn integrity(&self) -> Result<()> {
+        self.block_check
+            .so_far()
+            .with_context(|| format!("knowledge base {}", self.root.display()))
     }
 
     /// Recompute the sha256 of every data file and compare with the manifest.
@@ -221,6 +320,7 @@ impl KnowledgeBase {
     }
 
     pub fn passage(&self, row: usize) -> Result<Passage> {
+        self.integrity()?;
         self.store.get(row)
     }
 
@@ -231,6 +331,11 @@ impl KnowledgeBase {
     /// Passage embeddings `[len, dim]`.
     pub fn embeddings(&self) -> &EmbeddingMatrix {
         &self.embeddings
+    }
+
+    /// The persisted HNSW graph's bytes (mapped on open), when the KB has one.
+    pub fn hnsw_graph(&self) -> Option<&[u8]> {
+        self.hnsw_graph.as_deref()
     }
 
     /// Path of the persisted HNSW graph, when the KB has one.

@@ -47,14 +47,14 @@ impl DenseRetriever {
         let (hnsw, mode) = match ef_search {
             None => (None, SearchMode::Exact),
             Some(ef) => {
-                let path = kb.hnsw_path().with_context(|| {
+                let (path, graph) = kb.hnsw_path().zip(kb.hnsw_graph()).with_context(|| {
                     format!(
                         "{} has no HNSW index; rebuild with `--hnsw` or search with `--exact`",
                         kb.root().display()
                     )
                 })?;
                 (
-                    Some(HnswIndex::open(&path, kb.embeddings(), ef)?),
+                    Some(HnswIndex::from_bytes(graph, &path, kb.embeddings(), ef)?),
                     SearchMode::Hnsw { ef_search: ef },
                 )
             }
@@ -80,6 +80,7 @@ impl DenseRetriever {
     /// Top-`k` `(row, score)` per query for query embeddings `[nq, dim]` row-major.
     /// A score that is NaN or infinite is an error naming the row (corrupt data is never served).
     pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.kb.integrity()?;
         ensure!(
             queries.iter().all(|x| x.is_finite()),
             "a question embedding is not finite (NaN or infinite values from the encoder)"

@@ -526,7 +526,18 @@ impl HnswIndex {
     /// Load a saved graph for `matrix` and check every link.
     pub fn open(path: &Path, matrix: &EmbeddingMatrix, ef_search: usize) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-        let graph = parse(&bytes).with_context(|| format!("{}: bad HNSW graph", path.display()))?;
+        Self::from_bytes(&bytes, path, matrix, ef_search)
+    }
+
+    /// [`HnswIndex::open`] over the bytes of a graph file already read or mapped (`path` names it
+    /// in errors).
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        matrix: &EmbeddingMatrix,
+        ef_search: usize,
+    ) -> Result<Self> {
+        let graph = parse(bytes).with_context(|| format!("{}: bad HNSW graph", path.display()))?;
         ensure!(
             graph.n == matrix.rows() && graph.dim == matrix.dim(),
             "{}: graph over {} x {} vectors, the embeddings are {} x {}",
