@@ -11,38 +11,14 @@
 //! The sample is questions `i * (N / sample)` for `i < sample` (N = questions in the file).
 
 use anyhow::{bail, Context, Result};
+use rustrag::eval::answers::{read_examples, Example};
 use rustrag::eval::qa::{exact_match, f1_score, max_over_answers};
 use rustrag::rag::pipeline::{
     AnswerOptions, Pipeline, PipelineConfig, SequenceDecoding, WeightsChoice,
 };
 use rustrag::rag::RagMode;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
-
-#[derive(serde::Deserialize)]
-struct Query {
-    id: String,
-    question: String,
-    answers: Vec<String>,
-    #[serde(default)]
-    gold_pid: Option<String>,
-}
-
-fn read_queries(path: &std::path::Path) -> Result<Vec<Query>> {
-    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-    let reader: Box<dyn BufRead> = match path.extension().and_then(|e| e.to_str()) {
-        Some("gz") => Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file))),
-        _ => Box::new(std::io::BufReader::new(file)),
-    };
-    reader
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
-        .map(|(i, l)| {
-            serde_json::from_str(&l?).with_context(|| format!("{}:{}", path.display(), i + 1))
-        })
-        .collect()
-}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -73,7 +49,7 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let beams: usize = opt("--beams", "1").parse()?;
     let max_new: usize = opt("--max-new-tokens", "32").parse()?;
-    let all = read_queries(&queries)?;
+    let all = read_examples(&queries)?;
     if sample == 0 || sample > all.len() {
         bail!("--sample must be in 1..={}", all.len());
     }
@@ -92,7 +68,7 @@ fn main() -> Result<()> {
         pipeline.prior_temperature()
     );
     let mut w = std::fs::File::create(&out).with_context(|| out.display().to_string())?;
-    let picked: Vec<&Query> = (0..sample).map(|i| &all[i * stride]).collect();
+    let picked: Vec<&Example> = (0..sample).map(|i| &all[i * stride]).collect();
     // Priors first (retrieval only, every question), then generation question by question.
     let texts: Vec<String> = picked.iter().map(|q| q.question.clone()).collect();
     for &tau in &taus {
