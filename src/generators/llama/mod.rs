@@ -110,16 +110,15 @@ enum Projections {
 }
 
 impl Projections {
-    /// Stack native matrices of one type; anything else stays separate.
+    /// Stack native matrices (of any types: a stacked matrix keeps a row range per type);
+    /// anything else stays separate.
     fn new(parts: Vec<Linear>) -> Result<Self> {
         let natives: Option<Vec<&QMatrix>> = parts.iter().map(Linear::native).collect();
         if let Some(n) = natives {
-            if n.iter().all(|m| m.dtype() == n[0].dtype()) {
-                return Ok(Projections::Stacked {
-                    sizes: n.iter().map(|m| m.rows()).collect(),
-                    w: QMatrix::concat_rows(&n)?,
-                });
-            }
+            return Ok(Projections::Stacked {
+                sizes: n.iter().map(|m| m.rows()).collect(),
+                w: QMatrix::concat_rows(&n)?,
+            });
         }
         Ok(Projections::Separate(parts))
     }
