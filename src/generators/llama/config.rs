@@ -21,9 +21,25 @@ pub enum RopeScaling {
     },
 }
 
+/// The architecture families run by [`super::Llama`] (GGUF `general.architecture`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2/3, SmolLM, Mistral.
+    #[default]
+    Llama,
+    /// Qwen2 / Qwen2.5: q/k/v projections with bias.
+    Qwen2,
+    /// Qwen3: RMSNorm of each q/k head, no bias.
+    Qwen3,
+}
+
+/// The `general.architecture` values [`LlamaConfig::from_gguf`] takes.
+pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3";
+
 /// Model hyper-parameters.
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -168,6 +184,7 @@ impl LlamaConfig {
             );
         }
         Ok(Self {
+            family: Family::Llama,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -232,12 +249,15 @@ impl LlamaConfig {
     /// Read the `llama.*` metadata of a GGUF file; errors name the file and key.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.str("general.architecture")?;
-        if !matches!(arch, "llama" | "mistral") {
-            bail!(
-                "{}: `general.architecture` = `{arch}` is not supported (llama)",
+        let family = match arch {
+            "llama" | "mistral" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => bail!(
+                "{}: `general.architecture` = `{arch}` is not supported ({GGUF_ARCHITECTURES})",
                 g.path.display()
-            );
-        }
+            ),
+        };
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = g.usize(&k("embedding_length"))?;
         let num_heads = g.usize(&k("attention.head_count"))?;
@@ -312,6 +332,7 @@ impl LlamaConfig {
             }
         };
         Ok(Self {
+            family,
             vocab_size,
             hidden_size,
             intermediate_size: g.usize(&k("feed_forward_length"))?,

@@ -91,6 +91,7 @@ impl Llama {
             rms_norm_rows(&x, &block.attn_norm, &mut xn)?;
             qkv_m.matmul_into(&xn, n, &mut qkv)?;
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                block.attn.extras.apply_raw(row, nh, hd)?;
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
                     rope(head, r);
                 }
@@ -178,7 +179,7 @@ impl Llama {
 }
 
 /// Run `f` on the f32 data of a contiguous CPU tensor (no copy).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()
