@@ -357,6 +357,29 @@ impl LlamaConfig {
         })
     }
 
+    /// Rotary angles `out: [head_dim / 2]` of position `pos`, rounded as ggml's rope cache computes
+    /// them (`theta_i = pos * base^(-2i/d)` by repeated f32 multiplication, scaled by
+    /// `1 / factor` for linear scaling), so that the raw path's q/k match llama.cpp's to the last
+    /// bits; Llama 3 scaling takes `pos * inv_freq`.
+    pub(super) fn rope_angles(&self, pos: u32, out: &mut [f32]) {
+        let freq_scale = match self.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => (1.0 / factor) as f32,
+            RopeScaling::Llama3 { .. } => {
+                for (o, f) in out.iter_mut().zip(self.inv_freq()) {
+                    *o = pos as f32 * f;
+                }
+                return;
+            }
+        };
+        let theta_scale = (self.rope_theta as f32).powf(-2.0 / self.head_dim as f32);
+        let mut theta = pos as f32;
+        for o in out.iter_mut() {
+            *o = freq_scale * theta;
+            theta *= theta_scale;
+        }
+    }
+
     /// Rotary inverse frequencies `[head_dim / 2]`, computed in f32 as HF does.
     pub(super) fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;

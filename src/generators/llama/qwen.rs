@@ -5,7 +5,7 @@
 //! forward; this file holds what the two families add to it, for both the tensor and the
 //! raw-buffer paths.
 
-use super::raw::with_f32;
+use super::raw::{rms_norm_in_place, with_f32};
 use super::{Family, RmsNorm};
 use crate::generators::gguf::GgufFile;
 use anyhow::Result;
@@ -103,11 +103,7 @@ impl QkvExtras {
             for (part, norm) in [(qs, qn), (&mut rest[..kd], kn)] {
                 with_f32(&norm.weight, |w| {
                     for head in part.chunks_exact_mut(head_dim) {
-                        let sum2: f32 = head.iter().map(|v| v * v).sum();
-                        let m = (sum2 / head_dim as f32 + norm.eps).sqrt();
-                        for (x, &w) in head.iter_mut().zip(w) {
-                            *x = *x / m * w;
-                        }
+                        rms_norm_in_place(head, w, norm.eps);
                     }
                 })?;
             }
