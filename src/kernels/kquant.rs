@@ -89,18 +89,20 @@ impl BlockQ4K {
         }
     }
 
+    /// The 4-bit value `l` of sub-block `j`.
+    #[inline]
+    fn q(&self, j: usize, l: usize) -> u8 {
+        let b = self.qs[32 * (j / 2) + l];
+        if j % 2 == 0 {
+            b & 0xF
+        } else {
+            b >> 4
+        }
+    }
+
     /// Values of the block.
     pub fn dequantize(&self, out: &mut [f32]) {
-        let (sc, m) = scales_mins(&self.scales);
-        let (d, dmin) = (h2f(self.d), h2f(self.dmin));
-        for j in 0..QK_K / 32 {
-            let (a, s) = (d * sc[j] as f32, dmin * m[j] as f32);
-            let q = &self.qs[32 * (j / 2)..32 * (j / 2) + 32];
-            for l in 0..32 {
-                let v = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
-                out[32 * j + l] = a * v as f32 - s;
-            }
-        }
+        dequantize_k(self.d, self.dmin, &self.scales, |j, l| self.q(j, l), out)
     }
 }
 
@@ -129,14 +131,7 @@ impl BlockQ5K {
 
     /// Values of the block.
     pub fn dequantize(&self, out: &mut [f32]) {
-        let (sc, m) = scales_mins(&self.scales);
-        let (d, dmin) = (h2f(self.d), h2f(self.dmin));
-        for j in 0..QK_K / 32 {
-            let (a, s) = (d * sc[j] as f32, dmin * m[j] as f32);
-            for l in 0..32 {
-                out[32 * j + l] = a * self.q(j, l) as f32 - s;
-            }
-        }
+        dequantize_k(self.d, self.dmin, &self.scales, |j, l| self.q(j, l), out)
     }
 }
 
@@ -193,6 +188,47 @@ fn scales_mins(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
+/// Values of a Q4_K/Q5_K block whose value `l` of 32-value sub-block `j` is `q(j, l)`:
+/// `d * sc_j * q - dmin * m_j`.
+fn dequantize_k(
+    d: u16,
+    dmin: u16,
+    scales: &[u8; 12],
+    q: impl Fn(usize, usize) -> u8,
+    out: &mut [f32],
+) {
+    let (sc, m) = scales_mins(scales);
+    let (d, dmin) = (h2f(d), h2f(dmin));
+    for j in 0..QK_K / 32 {
+        let (a, s) = (d * sc[j] as f32, dmin * m[j] as f32);
+        for l in 0..32 {
+            out[32 * j + l] = a * q(j, l) as f32 - s;
+        }
+    }
+}
+
+/// Scalar dot of a Q4_K/Q5_K block (values `q(j, l)` as in [`dequantize_k`]) with a Q8_K block:
+/// `d d_x sum_j sc_j (q . a)_j - dmin d_x sum_j m_j (bsums of sub-block j)`, integer sums exact.
+fn dot_k_block(
+    d: u16,
+    dmin: u16,
+    scales: &[u8; 12],
+    q: impl Fn(usize, usize) -> u8,
+    x: &BlockQ8K,
+) -> f32 {
+    let (sc, m) = scales_mins(scales);
+    let mut sumi = 0i32;
+    for j in 0..QK_K / 32 {
+        let a = &x.qs[32 * j..32 * j + 32];
+        let s: i32 = (0..32).map(|l| q(j, l) as i32 * a[l] as i32).sum();
+        sumi += sc[j] as i32 * s;
+    }
+    let summ: i32 = (0..QK_K / 16)
+        .map(|j| x.bsums[j] as i32 * m[j / 2] as i32)
+        .sum();
+    h2f(d) * x.d * sumi as f32 - h2f(dmin) * x.d * summ as f32
+}
+
 /// Quantize `x` (`len % 256 == 0`) to Q8_K super-blocks as ggml's `quantize_row_q8_K_ref`: the
 /// value of largest magnitude maps to -127 (`d = -max / 127`, signed), `q = min(127,
 /// round(x / d))` with ties to even.
@@ -240,27 +276,10 @@ pub fn dot_q4k(w: &[BlockQ4K], x: &[BlockQ8K], simd: bool) -> f32 {
         return unsafe { avx2::dot_q4k(w, x) };
     }
     let _ = simd;
-    let mut sum = 0f32;
-    for (w, x) in w.iter().zip(x) {
-        let (sc, m) = scales_mins(&w.scales);
-        let mut sumi = 0i32;
-        for j in 0..QK_K / 32 {
-            let q = &w.qs[32 * (j / 2)..32 * (j / 2) + 32];
-            let a = &x.qs[32 * j..32 * j + 32];
-            let s: i32 = (0..32)
-                .map(|l| {
-                    let v = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
-                    v as i32 * a[l] as i32
-                })
-                .sum();
-            sumi += sc[j] as i32 * s;
-        }
-        let summ: i32 = (0..QK_K / 16)
-            .map(|j| x.bsums[j] as i32 * m[j / 2] as i32)
-            .sum();
-        sum += h2f(w.d) * x.d * sumi as f32 - h2f(w.dmin) * x.d * summ as f32;
-    }
-    sum
+    w.iter()
+        .zip(x)
+        .map(|(w, x)| dot_k_block(w.d, w.dmin, &w.scales, |j, l| w.q(j, l), x))
+        .sum()
 }
 
 /// `ggml_vec_dot_q5_K_q8_K` (see [`dot_q4k`]).
@@ -272,21 +291,10 @@ pub fn dot_q5k(w: &[BlockQ5K], x: &[BlockQ8K], simd: bool) -> f32 {
         return unsafe { avx2::dot_q5k(w, x) };
     }
     let _ = simd;
-    let mut sum = 0f32;
-    for (w, x) in w.iter().zip(x) {
-        let (sc, m) = scales_mins(&w.scales);
-        let mut sumi = 0i32;
-        for j in 0..QK_K / 32 {
-            let a = &x.qs[32 * j..32 * j + 32];
-            let s: i32 = (0..32).map(|l| w.q(j, l) as i32 * a[l] as i32).sum();
-            sumi += sc[j] as i32 * s;
-        }
-        let summ: i32 = (0..QK_K / 16)
-            .map(|j| x.bsums[j] as i32 * m[j / 2] as i32)
-            .sum();
-        sum += h2f(w.d) * x.d * sumi as f32 - h2f(w.dmin) * x.d * summ as f32;
-    }
-    sum
+    w.iter()
+        .zip(x)
+        .map(|(w, x)| dot_k_block(w.d, w.dmin, &w.scales, |j, l| w.q(j, l), x))
+        .sum()
 }
 
 /// `ggml_vec_dot_q6_K_q8_K` (see [`dot_q4k`]).
@@ -314,23 +322,9 @@ pub fn dot_q6k(w: &[BlockQ6K], x: &[BlockQ8K], simd: bool) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::q8::avx2::{h2f, hsum};
     use super::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn h2f(h: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     /// The packed 6-bit scales and mins of a Q4_K/Q5_K block as 16 u16: scales in lanes 0..8,
     /// mins in lanes 8..16 (ggml's `utmp` shuffle).
@@ -383,82 +377,91 @@ mod avx2 {
         _mm256_shuffle_epi8(scales, m)
     }
 
+    /// Accumulate one Q4_K (`qh: None`) or Q5_K block's dot with `x`: the scaled integer sums
+    /// into `acc`, the mins' term into `acc_m` (ggml's `ggml_vec_dot_q{4,5}_K_q8_K`).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_k_block(
+        d: u16,
+        dmin: u16,
+        scales: &[u8; 12],
+        qs: &[u8; 128],
+        qh: Option<&[u8; 32]>,
+        x: &BlockQ8K,
+        acc: &mut __m256,
+        acc_m: &mut __m128,
+    ) {
         let m4 = _mm256_set1_epi8(0xF);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm_setzero_ps();
-        for (w, x) in w.iter().zip(x) {
-            let d = x.d * h2f(w.d);
-            let dmin = -x.d * h2f(w.dmin);
-            let ms = mins_and_scales(&w.scales);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins_dot(ms, x)), acc_m);
-            let sc128 = _mm256_castsi256_si128(ms);
-            let scales = _mm256_set_m128i(sc128, sc128);
-            let mut sumi = _mm256_setzero_si256();
-            let (q4, q8) = (w.qs.as_ptr(), x.qs.as_ptr());
-            for j in 0..4 {
-                let bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-                let lo = _mm256_and_si256(bits, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                let a0 = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                let a1 = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let p0 = _mm256_madd_epi16(scale_k4(scales, 2 * j), _mm256_maddubs_epi16(lo, a0));
-                let p1 =
-                    _mm256_madd_epi16(scale_k4(scales, 2 * j + 1), _mm256_maddubs_epi16(hi, a1));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+        let one = _mm256_set1_epi8(1);
+        let ms = mins_and_scales(scales);
+        *acc_m = _mm_fmadd_ps(
+            _mm_set1_ps(-x.d * h2f(dmin)),
+            _mm_cvtepi32_ps(mins_dot(ms, x)),
+            *acc_m,
+        );
+        let sc128 = _mm256_castsi256_si128(ms);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let hbits = qh.map(|h| _mm256_loadu_si256(h.as_ptr() as *const __m256i));
+        let mut sumi = _mm256_setzero_si256();
+        let q8 = x.qs.as_ptr();
+        for j in 0..4 {
+            let bits = _mm256_loadu_si256(qs.as_ptr().add(32 * j) as *const __m256i);
+            let mut lo = _mm256_and_si256(bits, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            if let Some(hb) = hbits {
+                // Bit `2j` (`2j + 1`) of each qh byte, moved to bit 4.
+                let bit = |s: i32| {
+                    _mm256_slli_epi16(
+                        _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(s)), one),
+                        4,
+                    )
+                };
+                lo = _mm256_or_si256(lo, bit(2 * j as i32));
+                hi = _mm256_or_si256(hi, bit(2 * j as i32 + 1));
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            let a0 = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+            let a1 = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+            let p0 = _mm256_madd_epi16(scale_k4(scales, 2 * j), _mm256_maddubs_epi16(lo, a0));
+            let p1 = _mm256_madd_epi16(scale_k4(scales, 2 * j + 1), _mm256_maddubs_epi16(hi, a1));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
         }
+        *acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d * h2f(d)), _mm256_cvtepi32_ps(sumi), *acc);
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn finish(acc: __m256, acc_m: __m128) -> f32 {
         let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
         let m = _mm_add_ss(m, _mm_movehdup_ps(m));
         hsum(acc) + _mm_cvtss_f32(m)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5k(w: &[BlockQ5K], x: &[BlockQ8K]) -> f32 {
-        let m4 = _mm256_set1_epi8(0xF);
-        let one = _mm256_set1_epi8(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm_setzero_ps();
+    pub unsafe fn dot_q4k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
+        let (mut acc, mut acc_m) = (_mm256_setzero_ps(), _mm_setzero_ps());
         for (w, x) in w.iter().zip(x) {
-            let d = x.d * h2f(w.d);
-            let dmin = -x.d * h2f(w.dmin);
-            let ms = mins_and_scales(&w.scales);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins_dot(ms, x)), acc_m);
-            let sc128 = _mm256_castsi256_si128(ms);
-            let scales = _mm256_set_m128i(sc128, sc128);
-            let hbits = _mm256_loadu_si256(w.qh.as_ptr() as *const __m256i);
-            let mut sumi = _mm256_setzero_si256();
-            let (q5, q8) = (w.qs.as_ptr(), x.qs.as_ptr());
-            for j in 0..4 {
-                let bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
-                // Bit `2j` (`2j + 1`) of each qh byte, moved to bit 4.
-                let h0 = _mm256_and_si256(
-                    _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32)),
-                    one,
-                );
-                let h1 = _mm256_and_si256(
-                    _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32 + 1)),
-                    one,
-                );
-                let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), _mm256_slli_epi16(h0, 4));
-                let hi = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
-                    _mm256_slli_epi16(h1, 4),
-                );
-                let a0 = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                let a1 = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let p0 = _mm256_madd_epi16(scale_k4(scales, 2 * j), _mm256_maddubs_epi16(lo, a0));
-                let p1 =
-                    _mm256_madd_epi16(scale_k4(scales, 2 * j + 1), _mm256_maddubs_epi16(hi, a1));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
-            }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            dot_k_block(w.d, w.dmin, &w.scales, &w.qs, None, x, &mut acc, &mut acc_m);
         }
-        let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        hsum(acc) + _mm_cvtss_f32(m)
+        finish(acc, acc_m)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5k(w: &[BlockQ5K], x: &[BlockQ8K]) -> f32 {
+        let (mut acc, mut acc_m) = (_mm256_setzero_ps(), _mm_setzero_ps());
+        for (w, x) in w.iter().zip(x) {
+            dot_k_block(
+                w.d,
+                w.dmin,
+                &w.scales,
+                &w.qs,
+                Some(&w.qh),
+                x,
+                &mut acc,
+                &mut acc_m,
+            );
+        }
+        finish(acc, acc_m)
     }
 
     /// The 2-bit field at bit `s` of each byte of `bh`, moved to bits 4..6.

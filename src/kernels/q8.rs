@@ -347,20 +347,21 @@ fn dot_q8_0_q8_1_scalar(d: &[u16], qs: &[[i8; QK]], x: Q8Row) -> f32 {
 #[cfg(target_arch = "x86_64")]
 // Index loops over blocks and activation rows mirror the ggml kernels.
 #[allow(clippy::needless_range_loop)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{BlockQ8_1, LegacyBlock, Q8Row};
     use std::arch::x86_64::*;
 
     /// f16 bits -> f32 (F16C).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn h2f(h: u16) -> f32 {
+    pub(in crate::kernels) unsafe fn h2f(h: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
 
+    /// Sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::kernels) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
