@@ -164,7 +164,7 @@ fn families_match_llama_cpp_logits_and_greedy_ids() -> Result<()> {
         let p = m.prompt.len();
         // 1) Raw-buffer prefill + decode steps, fed llama.cpp's greedy tokens: rows p-1 .. p+31.
         let input = GenInput {
-            input_ids: ids_tensor(&[m.prompt.clone()], &Device::Cpu)?,
+            input_ids: ids_tensor(std::slice::from_ref(&m.prompt), &Device::Cpu)?,
             attention_mask: ids_tensor(&[vec![1u32; p]], &Device::Cpu)?,
         };
         let mut state = model.start(&input)?;

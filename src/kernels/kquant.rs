@@ -93,7 +93,7 @@ impl BlockQ4K {
     #[inline]
     fn q(&self, j: usize, l: usize) -> u8 {
         let b = self.qs[32 * (j / 2) + l];
-        if j % 2 == 0 {
+        if j.is_multiple_of(2) {
             b & 0xF
         } else {
             b >> 4
@@ -125,7 +125,7 @@ impl BlockQ5K {
     #[inline]
     fn q(&self, j: usize, l: usize) -> u8 {
         let b = self.qs[32 * (j / 2) + l];
-        let low = if j % 2 == 0 { b & 0xF } else { b >> 4 };
+        let low = if j.is_multiple_of(2) { b & 0xF } else { b >> 4 };
         low | (((self.qh[l] >> j) & 1) << 4)
     }
 
@@ -218,10 +218,13 @@ fn dot_k_block(
 ) -> f32 {
     let (sc, m) = scales_mins(scales);
     let mut sumi = 0i32;
-    for j in 0..QK_K / 32 {
-        let a = &x.qs[32 * j..32 * j + 32];
-        let s: i32 = (0..32).map(|l| q(j, l) as i32 * a[l] as i32).sum();
-        sumi += sc[j] as i32 * s;
+    for (j, (&sc, a)) in sc.iter().zip(x.qs.chunks_exact(32)).enumerate() {
+        let s: i32 = a
+            .iter()
+            .enumerate()
+            .map(|(l, &a)| q(j, l) as i32 * a as i32)
+            .sum();
+        sumi += sc as i32 * s;
     }
     let summ: i32 = (0..QK_K / 16)
         .map(|j| x.bsums[j] as i32 * m[j / 2] as i32)
