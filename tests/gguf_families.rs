@@ -21,7 +21,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use rustrag::generators::gguf::{tokenizer_from_gguf, GgufFile};
+use rustrag::generators::gguf::{tokenizer_from_gguf, ChatMessage, ChatTemplate, GgufFile};
 use rustrag::generators::llama::Llama;
 use rustrag::generators::{Decoder, GenInput};
 use rustrag::tokenize::ids_tensor;
@@ -235,6 +235,13 @@ fn gguf_tokenizers_match_llama_cpp() -> Result<()> {
             .input_ids
             .remove(0);
         assert_eq!(ids, f.meta.text_ids, "{}: tokenisation", f.meta.family);
+        // The fixtures carry a ChatML template (as Qwen's): recognised and rendered.
+        let chat = ChatTemplate::from_gguf(&g)?;
+        let text = chat.format(&[ChatMessage::new("user", "Hi")], true)?;
+        assert_eq!(
+            text,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
         families += 1;
     }
     assert_eq!(families, 3);
