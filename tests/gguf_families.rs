@@ -274,3 +274,23 @@ fn truncated_and_inconsistent_ggufs_are_clear_errors() -> Result<()> {
     }
     Ok(())
 }
+
+/// A GGUF with a tensor type rustrag does not read (llama.cpp's IQ4_NL) is an error naming the
+/// file and the supported types.
+#[test]
+fn unsupported_tensor_type_names_the_supported_ones() {
+    let p = fixtures_dir().join("qwen2-IQ4_NL.gguf");
+    assert!(
+        p.is_file(),
+        "{} missing (re-run the fixture script)",
+        p.display()
+    );
+    let err = match GgufFile::open(&p) {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("{} opened", p.display()),
+    };
+    assert!(
+        err.contains(&*p.to_string_lossy()) && err.contains("type id 20") && err.contains("Q4_K"),
+        "{err}"
+    );
+}
