@@ -527,8 +527,8 @@ impl QMatrix {
         }
     }
 
-    /// Dots of weight row `r` with four activation rows `i..i + 4` (Q4_1 / Q8_0: the weight block
-    /// is unpacked once).
+    /// Dots of weight row `r` with four activation rows `i..i + 4` (32-block types: the weight
+    /// block is unpacked once).
     fn dot_row4(&self, r: usize, acts: &Acts, i: usize, simd: bool) -> [f32; 4] {
         let (seg, rr) = self.seg(r);
         let nb = self.cols / QK;
@@ -547,6 +547,9 @@ impl QMatrix {
                 [0, 1, 2, 3].map(|j| acts.q8_1(i + j)),
                 simd,
             ),
+            Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
             _ => [0, 1, 2, 3].map(|j| self.dot_row(r, acts, i + j, simd)),
         }
     }

@@ -315,6 +315,17 @@ pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
     sum
 }
 
+/// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once:
+/// prefill).
+pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot4_legacy(w, x) };
+    }
+    x.map(|x| dot_legacy(w, x, simd))
+}
+
 /// Scalar `ggml_vec_dot_q4_1_q8_1`.
 fn dot_q4_1_q8_1_scalar(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row) -> f32 {
     let mut sum = 0f32;
@@ -556,38 +567,78 @@ pub(super) mod avx2 {
         _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 
-    /// [`super::dot_legacy`] (AVX2): each block unpacked to 32 bytes (signed for Q4_0/Q5_0, dotted
-    /// with the sign trick; unsigned for Q5_1), scales applied per block in f32.
+    /// One legacy block as 32 bytes and the form its products take: (`|w|` or `w` as unsigned
+    /// bytes, sign source) — Q4_0/Q5_0 are signed (dotted with the sign trick: `|w| * sign(x,
+    /// w)`), Q5_1 is unsigned (`w * x` directly; no sign source).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_legacy<B: LegacyBlock>(b: &B) -> (__m256i, Option<__m256i>) {
+        let nib = unpack_q4(b.qs());
+        match B::KIND {
+            0 => {
+                let qw = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+                (_mm256_sign_epi8(qw, qw), Some(qw))
+            }
+            1 => {
+                let hi = _mm256_andnot_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(-16));
+                let qw = _mm256_or_si256(nib, hi);
+                (_mm256_sign_epi8(qw, qw), Some(qw))
+            }
+            _ => {
+                let hi = _mm256_and_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(0x10));
+                (_mm256_or_si256(nib, hi), None)
+            }
+        }
+    }
+
+    /// The 8 partial integer sums of an unpacked block with 32 activation bytes, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn idot_legacy(w: (__m256i, Option<__m256i>), a: &[i8; 32]) -> __m256 {
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        let qx = match w.1 {
+            Some(sign) => _mm256_sign_epi8(qx, sign),
+            None => qx,
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(w.0, qx),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
+    /// [`super::dot_legacy`] (AVX2): each block unpacked to 32 bytes ([`unpack_legacy`]), scales
+    /// applied per block in f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row) -> f32 {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         let mut summ = 0f32;
         for (k, b) in w.iter().enumerate() {
-            let nib = unpack_q4(b.qs());
-            let qx = _mm256_loadu_si256(x.qs.get_unchecked(k).as_ptr() as *const __m256i);
-            let p16 = match B::KIND {
-                0 => {
-                    let qw = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
-                }
-                1 => {
-                    let hi = _mm256_andnot_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(-16));
-                    let qw = _mm256_or_si256(nib, hi);
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
-                }
-                _ => {
-                    let hi = _mm256_and_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(0x10));
-                    _mm256_maddubs_epi16(_mm256_or_si256(nib, hi), qx)
-                }
-            };
-            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            let p = idot_legacy(unpack_legacy(b), x.qs.get_unchecked(k));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b.d()) * x.d[k]), p, acc);
             if B::KIND == 2 {
                 summ += h2f(b.m()) * x.s[k];
             }
         }
         hsum(acc) + summ
+    }
+
+    /// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summ = [0f32; 4];
+        for (k, b) in w.iter().enumerate() {
+            let u = unpack_legacy(b);
+            let d = h2f(b.d());
+            for i in 0..4 {
+                let p = idot_legacy(u, x[i].qs.get_unchecked(k));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[i].d[k]), p, acc[i]);
+                if B::KIND == 2 {
+                    summ[i] += h2f(b.m()) * x[i].s[k];
+                }
+            }
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]) + summ[i])
     }
 
     /// [`dot_q8_0_q8_1`] of one weight row with four activation rows.
