@@ -17,7 +17,8 @@ a = p.parse_args()
 import llama_cpp
 import numpy as np
 
-llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=1024, n_threads=a.threads, n_threads_batch=a.threads,
+# Context for a 1,000-token RAG prompt plus the decoded tokens.
+llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads,
                       n_batch=512, logits_all=False, verbose=False)
 n_vocab = llm.n_vocab()
 

@@ -27,6 +27,11 @@ use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
 };
 
+/// The GGML tensor types a GGUF file may hold: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
+/// Q4_K, Q5_K, Q6_K run on this crate's kernels ([`super::quant`]); Q2_K, Q3_K on candle's.
+pub const GGUF_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (ids 0-3, 6-8, 10-14, 30)";
+
 /// An opened GGUF file: its metadata and tensor directory (tensor data is read on demand).
 pub struct GgufFile {
     pub path: PathBuf,
@@ -41,11 +46,20 @@ impl GgufFile {
         let content = crate::hub::parse_guarded(path, || {
             gguf_file::Content::read(&mut f).map_err(anyhow::Error::from)
         })
-        .with_context(|| {
-            format!(
-                "{}: not a readable GGUF file (corrupt or truncated?)",
-                path.display()
-            )
+        .map_err(|e| {
+            // candle's reader stops at the first tensor of a type it does not know (IQ*, TQ*).
+            let cause = format!("{e:#}");
+            match cause.split("unknown dtype for tensor ").nth(1) {
+                Some(id) => anyhow!(
+                    "{}: a tensor has GGML type id {}, which is not supported (supported: {GGUF_TYPES})",
+                    path.display(),
+                    id.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(id)
+                ),
+                None => e.context(format!(
+                    "{}: not a readable GGUF file (corrupt or truncated?)",
+                    path.display()
+                )),
+            }
         })?;
         Ok(Self {
             path: path.to_path_buf(),

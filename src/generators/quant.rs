@@ -1,12 +1,14 @@
-//! Native CPU matmul for GGUF-quantized weights (Q4_1 and Q8_0), as llama.cpp computes it: the
-//! activations are quantized per 32-block to 8 bits (`Q8_1`: scale `d`, and `s = d * sum(q)` so that
-//! Q4_1's offset `m` costs one multiply per block), and each weight block is dotted with integer SIMD
-//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`).
+//! Native CPU matmul for GGUF-quantized weights, as llama.cpp computes it: the activations are
+//! quantized to the type the weight's dot product takes (`Q8_1` per 32 values for Q4_0/Q4_1/Q5_0/
+//! Q5_1/Q8_0: scale `d`, and `s = d * sum(q)` so that an offset `m` costs one multiply per block;
+//! `Q8_K` per 256 values for the k-quants Q4_K/Q5_K/Q6_K; f16/bf16 for F16/BF16 weights, f32 for
+//! F32), and each weight row is dotted by the kernels in [`crate::kernels::q8`] /
+//! [`crate::kernels::kquant`] (AVX2 where the CPU has it, else their scalar fallback).
 //!
-//! Why not candle's `QMatMul`: candle 0.11's CPU `BlockQ4_1::vec_dot` is scalar, so Q4_1 weights had to
-//! be re-quantized to Q8_0 (41% more bytes to stream per token). Here Q4_1 stays Q4_1 and has an AVX2
-//! kernel ([`crate::kernels::q8`]); other CPUs run the scalar fallback, chosen at runtime. Output rows are split over the rayon
-//! pool; several activation rows (prefill) reuse each weight row while it is in L1.
+//! Why not candle's `QMatMul`: candle 0.11's CPU kernels for Q4_1/Q5_x are scalar. Output rows are
+//! split over the rayon pool; several activation rows (prefill) reuse each weight row while it is
+//! in L1. A matrix may stack row ranges of different types (q/k/v of a Q4_K_M file are Q4_K, Q4_K
+//! and Q6_K) so that projections reading the same input still run as one matmul.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,8 +16,9 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::kernels::dot::dot_unrolled;
-use crate::kernels::q8::{self, Q8Row, Q8Rows};
+use crate::kernels::dot::{dot_bf16, dot_f16, dot_unrolled};
+use crate::kernels::kquant::{self, quantize_q8_k, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
+use crate::kernels::q8::{self, BlockQ4_0, BlockQ5_0, BlockQ5_1, LegacyBlock, Q8Row, Q8Rows};
 pub use crate::kernels::q8::{quantize_q8_1, BlockQ8_1, QK};
 
 /// Q4_1 rows as stored in GGUF blocks (`x = d * q + m`, `q` in 0..16; byte `j` of a block holds
@@ -36,21 +39,157 @@ struct Q8_0Blocks {
     qs: Vec<[i8; QK]>,
 }
 
+/// The weights of a row range, in one GGUF type. Index = row * blocks per row + block.
 #[derive(Clone, Debug)]
 enum Blocks {
     Q4_1(Q4_1Blocks),
     Q8_0(Q8_0Blocks),
-    /// Unquantized weights (f32 GGUF tensors): plain f32 dots, activations not quantized.
+    Q4_0(Vec<BlockQ4_0>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+    /// f16 weights: activations rounded to f16 (as ggml's `vec_dot_f16`), f32 sums.
+    F16(Vec<f16>),
+    /// bf16 weights (bits): activations rounded to bf16, f32 sums.
+    BF16(Vec<u16>),
+    /// Unquantized weights: plain f32 dots, activations not quantized.
     F32(Vec<f32>),
 }
 
-/// A quantized weight matrix `[rows, cols]` (row-major blocks, `cols % 32 == 0`), i.e. a linear layer
-/// `y = x W^T` with `x: [m, cols]`, `y: [m, rows]`.
+/// The activation form a weight type's dot product takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActKind {
+    Q8_1,
+    Q8K,
+    F32,
+    F16,
+    BF16,
+}
+
+impl Blocks {
+    fn dtype(&self) -> GgmlDType {
+        match self {
+            Blocks::Q4_1(_) => GgmlDType::Q4_1,
+            Blocks::Q8_0(_) => GgmlDType::Q8_0,
+            Blocks::Q4_0(_) => GgmlDType::Q4_0,
+            Blocks::Q5_0(_) => GgmlDType::Q5_0,
+            Blocks::Q5_1(_) => GgmlDType::Q5_1,
+            Blocks::Q4K(_) => GgmlDType::Q4K,
+            Blocks::Q5K(_) => GgmlDType::Q5K,
+            Blocks::Q6K(_) => GgmlDType::Q6K,
+            Blocks::F16(_) => GgmlDType::F16,
+            Blocks::BF16(_) => GgmlDType::BF16,
+            Blocks::F32(_) => GgmlDType::F32,
+        }
+    }
+
+    fn act(&self) -> ActKind {
+        match self {
+            Blocks::Q4K(_) | Blocks::Q5K(_) | Blocks::Q6K(_) => ActKind::Q8K,
+            Blocks::F32(_) => ActKind::F32,
+            Blocks::F16(_) => ActKind::F16,
+            Blocks::BF16(_) => ActKind::BF16,
+            _ => ActKind::Q8_1,
+        }
+    }
+
+    /// Append `other`'s rows; false when the types differ.
+    fn extend(&mut self, other: &Blocks) -> bool {
+        match (self, other) {
+            (Blocks::Q4_1(a), Blocks::Q4_1(b)) => {
+                a.d.extend_from_slice(&b.d);
+                a.m.extend_from_slice(&b.m);
+                a.qs.extend_from_slice(&b.qs);
+            }
+            (Blocks::Q8_0(a), Blocks::Q8_0(b)) => {
+                a.d.extend_from_slice(&b.d);
+                a.qs.extend_from_slice(&b.qs);
+            }
+            (Blocks::Q4_0(a), Blocks::Q4_0(b)) => a.extend_from_slice(b),
+            (Blocks::Q5_0(a), Blocks::Q5_0(b)) => a.extend_from_slice(b),
+            (Blocks::Q5_1(a), Blocks::Q5_1(b)) => a.extend_from_slice(b),
+            (Blocks::Q4K(a), Blocks::Q4K(b)) => a.extend_from_slice(b),
+            (Blocks::Q5K(a), Blocks::Q5K(b)) => a.extend_from_slice(b),
+            (Blocks::Q6K(a), Blocks::Q6K(b)) => a.extend_from_slice(b),
+            (Blocks::F16(a), Blocks::F16(b)) => a.extend_from_slice(b),
+            (Blocks::BF16(a), Blocks::BF16(b)) => a.extend_from_slice(b),
+            (Blocks::F32(a), Blocks::F32(b)) => a.extend_from_slice(b),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Rows `start..start + rows` of a [`QMatrix`], in one type.
+#[derive(Clone, Debug)]
+struct Segment {
+    start: usize,
+    rows: usize,
+    blocks: Blocks,
+}
+
+/// A quantized weight matrix `[rows, cols]` (row-major blocks; `cols % 32 == 0`, `% 256` for
+/// k-quants), i.e. a linear layer `y = x W^T` with `x: [m, cols]`, `y: [m, rows]`.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     rows: usize,
     cols: usize,
-    blocks: Blocks,
+    /// Row ranges in order, each of one type (one segment unless rows of different types were
+    /// stacked by [`QMatrix::concat_rows`]).
+    segs: Vec<Segment>,
+}
+
+/// The activation rows `[m, cols]` in every form the segments of a matrix take.
+struct Acts<'a> {
+    cols: usize,
+    q8_1: Option<Q8Rows>,
+    q8k: Option<Vec<BlockQ8K>>,
+    f32: &'a [f32],
+    /// Rounded to f16 / bf16 (as f32), for F16 / BF16 weights.
+    rounded: Option<Vec<f32>>,
+}
+
+impl<'a> Acts<'a> {
+    fn new(x: &'a [f32], cols: usize, kinds: &[ActKind]) -> Self {
+        let has = |k| kinds.contains(&k);
+        let rounded = if has(ActKind::F16) {
+            Some(x.iter().map(|&v| f16::from_f32(v).to_f32()).collect())
+        } else if has(ActKind::BF16) {
+            Some(
+                x.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Self {
+            cols,
+            q8_1: has(ActKind::Q8_1).then(|| Q8Rows::new(&quantize_q8_1(x, cols))),
+            q8k: has(ActKind::Q8K).then(|| quantize_q8_k(x)),
+            f32: x,
+            rounded,
+        }
+    }
+
+    fn q8_1(&self, i: usize) -> Q8Row<'_> {
+        self.q8_1
+            .as_ref()
+            .expect("Q8_1 activations prepared")
+            .row(i, self.cols / QK)
+    }
+
+    fn q8k(&self, i: usize) -> &[BlockQ8K] {
+        let nb = self.cols / QK_K;
+        &self.q8k.as_ref().expect("Q8_K activations prepared")[i * nb..(i + 1) * nb]
+    }
+
+    fn rounded(&self, i: usize) -> &[f32] {
+        &self.rounded.as_ref().expect("rounded activations prepared")
+            [i * self.cols..(i + 1) * self.cols]
+    }
 }
 
 fn f16_bits(b: &[u8], i: usize) -> u16 {
@@ -63,106 +202,204 @@ pub fn simd_available() -> bool {
     crate::kernels::cpu().avx2_fma_f16c()
 }
 
+/// The GGUF types [`QMatrix`] takes, for error messages.
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+
+/// Parse `data` into blocks of `bytes` bytes each with `parse`, checking the byte count.
+fn parse_blocks<B>(
+    data: &[u8],
+    n_blocks: usize,
+    bytes: usize,
+    what: &str,
+    name: &str,
+    parse: impl Fn(&[u8]) -> B,
+) -> Result<Vec<B>> {
+    if Some(data.len()) != n_blocks.checked_mul(bytes) {
+        bail!(
+            "tensor `{name}`: {} bytes of {what} data for {n_blocks} blocks of {bytes} bytes",
+            data.len()
+        );
+    }
+    Ok(data.chunks_exact(bytes).map(parse).collect())
+}
+
 impl QMatrix {
     /// Whether [`QMatrix::from_qtensor`] takes tensors of this type.
     pub fn supports(dtype: GgmlDType) -> bool {
-        matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::F32)
+        use GgmlDType as T;
+        matches!(
+            dtype,
+            T::Q4_0
+                | T::Q4_1
+                | T::Q5_0
+                | T::Q5_1
+                | T::Q8_0
+                | T::Q4K
+                | T::Q5K
+                | T::Q6K
+                | T::F16
+                | T::BF16
+                | T::F32
+        )
     }
 
-    /// Copy a 2-D Q4_1, Q8_0 or F32 `QTensor` `[rows, cols]` (`name` is only used in errors).
+    /// Copy a 2-D `QTensor` `[rows, cols]` of a [`SUPPORTED_TYPES`] type (`name` is only used in
+    /// errors).
     pub fn from_qtensor(t: &QTensor, name: &str) -> Result<Self> {
+        use GgmlDType as T;
         let (rows, cols) = t
             .shape()
             .dims2()
             .with_context(|| format!("tensor `{name}`: expected a matrix"))?;
-        if cols % QK != 0 && t.dtype() != GgmlDType::F32 {
-            bail!("tensor `{name}`: {cols} columns is not a multiple of {QK}");
+        let dtype = t.dtype();
+        let block = match dtype {
+            T::F32 | T::F16 | T::BF16 => 1,
+            T::Q4K | T::Q5K | T::Q6K => QK_K,
+            _ => QK,
+        };
+        if cols % block != 0 {
+            bail!("tensor `{name}`: {cols} columns is not a multiple of {block} ({dtype:?})");
         }
         let data = t
             .data()
             .with_context(|| format!("tensor `{name}`: reading quantized data"))?;
-        let n_blocks = rows * cols / QK;
-        let blocks = match t.dtype() {
-            GgmlDType::Q4_1 => {
+        let n = rows
+            .checked_mul(cols)
+            .with_context(|| format!("tensor `{name}`: shape [{rows}, {cols}] overflows"))?;
+        let nb = n / block;
+        let what = format!("{dtype:?}");
+        let blocks = match dtype {
+            T::Q4_1 => {
                 const SZ: usize = 4 + QK / 2;
-                if data.len() != n_blocks * SZ {
-                    bail!(
-                        "tensor `{name}`: {} bytes of Q4_1 data for shape [{rows}, {cols}]",
-                        data.len()
-                    );
-                }
+                let v = parse_blocks(&data, nb, SZ, &what, name, |c| {
+                    (
+                        f16_bits(c, 0),
+                        f16_bits(c, 2),
+                        c[4..SZ].try_into().expect("16"),
+                    )
+                })?;
                 let mut b = Q4_1Blocks::default();
-                for c in data.chunks_exact(SZ) {
-                    b.d.push(f16_bits(c, 0));
-                    b.m.push(f16_bits(c, 2));
-                    b.qs.push(c[4..SZ].try_into().expect("16 bytes"));
+                for (d, m, qs) in v {
+                    b.d.push(d);
+                    b.m.push(m);
+                    b.qs.push(qs);
                 }
                 Blocks::Q4_1(b)
             }
-            GgmlDType::Q8_0 => {
-                const SZ: usize = 2 + QK;
-                if data.len() != n_blocks * SZ {
-                    bail!(
-                        "tensor `{name}`: {} bytes of Q8_0 data for shape [{rows}, {cols}]",
-                        data.len()
-                    );
-                }
-                let mut b = Q8_0Blocks::default();
-                for c in data.chunks_exact(SZ) {
-                    b.d.push(f16_bits(c, 0));
-                    b.qs.push(std::array::from_fn(|j| c[2 + j] as i8));
-                }
-                Blocks::Q8_0(b)
+            T::Q8_0 => {
+                let v = parse_blocks(&data, nb, 2 + QK, &what, name, |c| {
+                    (
+                        f16_bits(c, 0),
+                        std::array::from_fn::<i8, QK, _>(|j| c[2 + j] as i8),
+                    )
+                })?;
+                let (d, qs) = v.into_iter().unzip();
+                Blocks::Q8_0(Q8_0Blocks { d, qs })
             }
-            GgmlDType::F32 => {
-                if data.len() != rows * cols * 4 {
-                    bail!(
-                        "tensor `{name}`: {} bytes of F32 data for shape [{rows}, {cols}]",
-                        data.len()
-                    );
-                }
-                Blocks::F32(
-                    data.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                )
+            T::Q4_0 => Blocks::Q4_0(parse_blocks(
+                &data,
+                nb,
+                BlockQ4_0::BYTES,
+                &what,
+                name,
+                BlockQ4_0::from_bytes,
+            )?),
+            T::Q5_0 => Blocks::Q5_0(parse_blocks(
+                &data,
+                nb,
+                BlockQ5_0::BYTES,
+                &what,
+                name,
+                BlockQ5_0::from_bytes,
+            )?),
+            T::Q5_1 => Blocks::Q5_1(parse_blocks(
+                &data,
+                nb,
+                BlockQ5_1::BYTES,
+                &what,
+                name,
+                BlockQ5_1::from_bytes,
+            )?),
+            T::Q4K => Blocks::Q4K(parse_blocks(
+                &data,
+                nb,
+                BlockQ4K::BYTES,
+                &what,
+                name,
+                BlockQ4K::from_bytes,
+            )?),
+            T::Q5K => Blocks::Q5K(parse_blocks(
+                &data,
+                nb,
+                BlockQ5K::BYTES,
+                &what,
+                name,
+                BlockQ5K::from_bytes,
+            )?),
+            T::Q6K => Blocks::Q6K(parse_blocks(
+                &data,
+                nb,
+                BlockQ6K::BYTES,
+                &what,
+                name,
+                BlockQ6K::from_bytes,
+            )?),
+            T::F16 => Blocks::F16(parse_blocks(&data, nb, 2, &what, name, |c| {
+                f16::from_bits(f16_bits(c, 0))
+            })?),
+            T::BF16 => Blocks::BF16(parse_blocks(&data, nb, 2, &what, name, |c| f16_bits(c, 0))?),
+            T::F32 => Blocks::F32(parse_blocks(&data, nb, 4, &what, name, |b| {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            })?),
+            other => {
+                bail!("tensor `{name}`: no native kernel for {other:?} (supported: {SUPPORTED_TYPES})")
             }
-            other => bail!("tensor `{name}`: no native kernel for {other:?} (Q4_1, Q8_0, F32)"),
         };
-        Ok(Self { rows, cols, blocks })
+        Ok(Self {
+            rows,
+            cols,
+            segs: vec![Segment {
+                start: 0,
+                rows,
+                blocks,
+            }],
+        })
     }
 
-    /// Stack matrices with the same type and column count: `[sum rows, cols]` (fuses projections that
-    /// read the same input, e.g. q/k/v).
+    /// Stack matrices with the same column count: `[sum rows, cols]` (fuses projections that
+    /// read the same input, e.g. q/k/v). Parts of one type are merged; a change of type starts a
+    /// new row range.
     pub fn concat_rows(parts: &[&QMatrix]) -> Result<Self> {
         let first = parts.first().context("concat_rows: no matrices")?;
         let cols = first.cols;
         let mut rows = 0;
-        let mut blocks = match &first.blocks {
-            Blocks::Q4_1(_) => Blocks::Q4_1(Q4_1Blocks::default()),
-            Blocks::Q8_0(_) => Blocks::Q8_0(Q8_0Blocks::default()),
-            Blocks::F32(_) => Blocks::F32(vec![]),
-        };
+        let mut segs: Vec<Segment> = Vec::new();
         for p in parts {
             if p.cols != cols {
                 bail!("concat_rows: {} columns vs {cols}", p.cols);
             }
-            rows += p.rows;
-            match (&mut blocks, &p.blocks) {
-                (Blocks::Q4_1(a), Blocks::Q4_1(b)) => {
-                    a.d.extend_from_slice(&b.d);
-                    a.m.extend_from_slice(&b.m);
-                    a.qs.extend_from_slice(&b.qs);
+            for s in &p.segs {
+                let merged = match segs.last_mut() {
+                    Some(last) => {
+                        let ok = last.blocks.extend(&s.blocks);
+                        if ok {
+                            last.rows += s.rows;
+                        }
+                        ok
+                    }
+                    None => false,
+                };
+                if !merged {
+                    segs.push(Segment {
+                        start: rows,
+                        rows: s.rows,
+                        blocks: s.blocks.clone(),
+                    });
                 }
-                (Blocks::Q8_0(a), Blocks::Q8_0(b)) => {
-                    a.d.extend_from_slice(&b.d);
-                    a.qs.extend_from_slice(&b.qs);
-                }
-                (Blocks::F32(a), Blocks::F32(b)) => a.extend_from_slice(b),
-                _ => bail!("concat_rows: mixed quantization types"),
+                rows += s.rows;
             }
         }
-        Ok(Self { rows, cols, blocks })
+        Ok(Self { rows, cols, segs })
     }
 
     pub fn rows(&self) -> usize {
@@ -173,19 +410,40 @@ impl QMatrix {
         self.cols
     }
 
-    /// The GGML type of the blocks.
+    /// The GGML type of the blocks (of the first row range when types were stacked).
     pub fn dtype(&self) -> GgmlDType {
-        match self.blocks {
-            Blocks::Q4_1(_) => GgmlDType::Q4_1,
-            Blocks::Q8_0(_) => GgmlDType::Q8_0,
-            Blocks::F32(_) => GgmlDType::F32,
-        }
+        self.segs[0].blocks.dtype()
+    }
+
+    /// The GGML types of the row ranges, in order.
+    pub fn dtypes(&self) -> Vec<GgmlDType> {
+        self.segs.iter().map(|s| s.blocks.dtype()).collect()
+    }
+
+    /// The segment holding row `r` and the row's index inside it.
+    #[inline]
+    fn seg(&self, r: usize) -> (&Segment, usize) {
+        let s = self
+            .segs
+            .iter()
+            .rev()
+            .find(|s| s.start <= r)
+            .expect("row in range");
+        (s, r - s.start)
     }
 
     /// Dequantize row `r` into `out: [cols]` (embedding lookup).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        match &self.blocks {
+        let (seg, r) = self.seg(r);
+        let c = self.cols;
+        let nb = c / QK;
+        let nbk = c / QK_K;
+        fn each<B>(bs: &[B], out: &mut [f32], n: usize, f: impl Fn(&B, &mut [f32])) {
+            for (b, o) in bs.iter().zip(out.chunks_exact_mut(n)) {
+                f(b, o);
+            }
+        }
+        match &seg.blocks {
             Blocks::Q4_1(b) => {
                 for (k, o) in (r * nb..(r + 1) * nb).zip(out.chunks_exact_mut(QK)) {
                     let (d, m) = (
@@ -206,7 +464,29 @@ impl QMatrix {
                     }
                 }
             }
-            Blocks::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
+            Blocks::Q4_0(b) => each(&b[r * nb..(r + 1) * nb], out, QK, |b, o| b.dequantize(o)),
+            Blocks::Q5_0(b) => each(&b[r * nb..(r + 1) * nb], out, QK, |b, o| b.dequantize(o)),
+            Blocks::Q5_1(b) => each(&b[r * nb..(r + 1) * nb], out, QK, |b, o| b.dequantize(o)),
+            Blocks::Q4K(b) => each(&b[r * nbk..(r + 1) * nbk], out, QK_K, |b, o| {
+                b.dequantize(o)
+            }),
+            Blocks::Q5K(b) => each(&b[r * nbk..(r + 1) * nbk], out, QK_K, |b, o| {
+                b.dequantize(o)
+            }),
+            Blocks::Q6K(b) => each(&b[r * nbk..(r + 1) * nbk], out, QK_K, |b, o| {
+                b.dequantize(o)
+            }),
+            Blocks::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[r * c..(r + 1) * c]) {
+                    *o = v.to_f32();
+                }
+            }
+            Blocks::BF16(w) => {
+                for (o, &v) in out.iter_mut().zip(&w[r * c..(r + 1) * c]) {
+                    *o = f32::from_bits((v as u32) << 16);
+                }
+            }
+            Blocks::F32(w) => out.copy_from_slice(&w[r * c..(r + 1) * c]),
         }
     }
 
@@ -219,14 +499,58 @@ impl QMatrix {
         out
     }
 
-    /// Dot of quantized weight row `r` with one quantized activation row `x` (`cols / 32` blocks).
-    fn dot_row(&self, r: usize, x: Q8Row, simd: bool) -> f32 {
-        let nb = self.cols / QK;
+    /// Dot of weight row `r` with activation row `i` (in the form its type takes).
+    fn dot_row(&self, r: usize, acts: &Acts, i: usize, simd: bool) -> f32 {
+        let (seg, r) = self.seg(r);
+        let c = self.cols;
+        let nb = c / QK;
         let k = r * nb..(r + 1) * nb;
-        match &self.blocks {
-            Blocks::Q4_1(b) => q8::dot_q4_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x, simd),
-            Blocks::Q8_0(b) => q8::dot_q8_0(&b.d[k.clone()], &b.qs[k], x, simd),
-            Blocks::F32(_) => unreachable!("f32 weights take f32 activations"),
+        let kk = r * (c / QK_K)..(r + 1) * (c / QK_K);
+        match &seg.blocks {
+            Blocks::Q4_1(b) => q8::dot_q4_1(
+                &b.d[k.clone()],
+                &b.m[k.clone()],
+                &b.qs[k],
+                acts.q8_1(i),
+                simd,
+            ),
+            Blocks::Q8_0(b) => q8::dot_q8_0(&b.d[k.clone()], &b.qs[k], acts.q8_1(i), simd),
+            Blocks::Q4_0(b) => q8::dot_legacy(&b[k], acts.q8_1(i), simd),
+            Blocks::Q5_0(b) => q8::dot_legacy(&b[k], acts.q8_1(i), simd),
+            Blocks::Q5_1(b) => q8::dot_legacy(&b[k], acts.q8_1(i), simd),
+            Blocks::Q4K(b) => kquant::dot_q4k(&b[kk], acts.q8k(i), simd),
+            Blocks::Q5K(b) => kquant::dot_q5k(&b[kk], acts.q8k(i), simd),
+            Blocks::Q6K(b) => kquant::dot_q6k(&b[kk], acts.q8k(i), simd),
+            Blocks::F16(w) => dot_f16(acts.rounded(i), &w[r * c..(r + 1) * c]),
+            Blocks::BF16(w) => dot_bf16(acts.rounded(i), &w[r * c..(r + 1) * c]),
+            Blocks::F32(w) => dot_unrolled(&w[r * c..(r + 1) * c], &acts.f32[i * c..(i + 1) * c]),
+        }
+    }
+
+    /// Dots of weight row `r` with four activation rows `i..i + 4` (32-block types: the weight
+    /// block is unpacked once).
+    fn dot_row4(&self, r: usize, acts: &Acts, i: usize, simd: bool) -> [f32; 4] {
+        let (seg, rr) = self.seg(r);
+        let nb = self.cols / QK;
+        let k = rr * nb..(rr + 1) * nb;
+        match &seg.blocks {
+            Blocks::Q4_1(b) => q8::dot4_q4_1(
+                &b.d[k.clone()],
+                &b.m[k.clone()],
+                &b.qs[k],
+                [0, 1, 2, 3].map(|j| acts.q8_1(i + j)),
+                simd,
+            ),
+            Blocks::Q8_0(b) => q8::dot4_q8_0(
+                &b.d[k.clone()],
+                &b.qs[k],
+                [0, 1, 2, 3].map(|j| acts.q8_1(i + j)),
+                simd,
+            ),
+            Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            _ => [0, 1, 2, 3].map(|j| self.dot_row(r, acts, i + j, simd)),
         }
     }
 
@@ -265,24 +589,30 @@ impl QMatrix {
         }
     }
 
-    /// Dots of weight row `r` with four activation rows at once (the weight block is unpacked once).
-    fn dot_row4(&self, r: usize, x: [Q8Row; 4], simd: bool) -> [f32; 4] {
-        let nb = self.cols / QK;
-        let k = r * nb..(r + 1) * nb;
-        match &self.blocks {
-            Blocks::Q4_1(b) => q8::dot4_q4_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x, simd),
-            Blocks::Q8_0(b) => q8::dot4_q8_0(&b.d[k.clone()], &b.qs[k], x, simd),
-            Blocks::F32(_) => x.map(|x| self.dot_row(r, x, simd)),
-        }
+    /// `out[i, r] = sum_c W[r, c] * x[i, c]` for activations already in the form the weights take.
+    fn matmul_acts(&self, acts: &Acts, m: usize, out: &mut [f32], simd: bool) {
+        self.par_rows(m, out, |r, y| {
+            let mut i = 0;
+            while i + 4 <= m {
+                y[i..i + 4].copy_from_slice(&self.dot_row4(r, acts, i, simd));
+                i += 4;
+            }
+            for (i, y) in y.iter_mut().enumerate().skip(i) {
+                *y = self.dot_row(r, acts, i, simd);
+            }
+        });
     }
 
     /// `out[i, r] = sum_c W[r, c] * x[i, c]` for pre-quantized activations `xq: [m, cols / 32]`;
-    /// `out: [m, rows]`. `simd` selects the AVX2 kernel (see [`simd_available`]). Quantized weights
-    /// only.
+    /// `out: [m, rows]`. `simd` selects the AVX2 kernel (see [`simd_available`]). Weights of the
+    /// 32-block types only (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
     pub fn matmul_q8(&self, xq: &[BlockQ8_1], m: usize, out: &mut [f32], simd: bool) -> Result<()> {
         let nb = self.cols / QK;
-        if matches!(self.blocks, Blocks::F32(_)) {
-            bail!("matmul_q8: f32 weights take f32 activations (use matmul_into)");
+        if self.segs.iter().any(|s| s.blocks.act() != ActKind::Q8_1) {
+            bail!(
+                "matmul_q8: {:?} weights do not take Q8_1 activations (use matmul_into)",
+                self.dtypes()
+            );
         }
         if xq.len() != m * nb || out.len() != m * self.rows {
             bail!(
@@ -293,24 +623,25 @@ impl QMatrix {
                 self.cols
             );
         }
-        let acts = Q8Rows::new(xq);
-        self.par_rows(m, out, |r, y| {
-            let mut i = 0;
-            while i + 4 <= m {
-                let x = [0, 1, 2, 3].map(|j| acts.row(i + j, nb));
-                y[i..i + 4].copy_from_slice(&self.dot_row4(r, x, simd));
-                i += 4;
-            }
-            for (i, y) in y.iter_mut().enumerate().skip(i) {
-                *y = self.dot_row(r, acts.row(i, nb), simd);
-            }
-        });
+        let acts = Acts {
+            cols: self.cols,
+            q8_1: Some(Q8Rows::new(xq)),
+            q8k: None,
+            f32: &[],
+            rounded: None,
+        };
+        self.matmul_acts(&acts, m, out, simd);
         Ok(())
     }
 
-    /// `x: [m, cols]` f32 row-major -> `out: [m, rows]`; activations quantized to Q8_1 once for
-    /// quantized weights.
+    /// `x: [m, cols]` f32 row-major -> `out: [m, rows]`; activations quantized once per form the
+    /// weights take (Q8_1, Q8_K, f16, bf16, f32).
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.matmul_into_with(x, m, out, simd_available())
+    }
+
+    /// [`QMatrix::matmul_into`] with the kernel choice explicit (`simd: false` = scalar).
+    pub fn matmul_into_with(&self, x: &[f32], m: usize, out: &mut [f32], simd: bool) -> Result<()> {
         if x.len() != m * self.cols || out.len() != m * self.rows {
             bail!(
                 "matmul: input {} and output {} for m = {m}, weight [{}, {}]",
@@ -320,18 +651,11 @@ impl QMatrix {
                 self.cols
             );
         }
-        match &self.blocks {
-            Blocks::F32(w) => {
-                let k = self.cols;
-                self.par_rows(m, out, |r, y| {
-                    for (i, y) in y.iter_mut().enumerate() {
-                        *y = dot_unrolled(&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
-                    }
-                });
-                Ok(())
-            }
-            _ => self.matmul_q8(&quantize_q8_1(x, self.cols), m, out, simd_available()),
-        }
+        let mut kinds: Vec<ActKind> = self.segs.iter().map(|s| s.blocks.act()).collect();
+        kinds.dedup();
+        let acts = Acts::new(x, self.cols, &kinds);
+        self.matmul_acts(&acts, m, out, simd);
+        Ok(())
     }
 
     /// `x: [m, cols]` f32 row-major -> `[m, rows]`.
@@ -387,7 +711,13 @@ mod tests {
             (19, 1536, 1),
         ] {
             let x = lcg(rows as u64, m * cols);
-            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for dtype in [
+                GgmlDType::Q4_1,
+                GgmlDType::Q8_0,
+                GgmlDType::Q4_0,
+                GgmlDType::Q5_0,
+                GgmlDType::Q5_1,
+            ] {
                 let q =
                     QMatrix::from_qtensor(&quantized(&lcg(7, rows * cols), rows, cols, dtype), "w")
                         .unwrap();
@@ -404,6 +734,163 @@ mod tests {
                 }
             }
         }
+    }
+
+    const ALL_TYPES: [GgmlDType; 11] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::F32,
+    ];
+
+    /// `x` as each activation form dequantizes it (the reference the kernels must match up to
+    /// f32 summation order).
+    fn dequantized_acts(x: &[f32], cols: usize, kind: ActKind) -> Vec<f32> {
+        match kind {
+            ActKind::Q8_1 => quantize_q8_1(x, cols)
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d * q as f32))
+                .collect(),
+            ActKind::Q8K => quantize_q8_k(x)
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d * q as f32))
+                .collect(),
+            ActKind::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            ActKind::BF16 => x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
+            ActKind::F32 => x.to_vec(),
+        }
+    }
+
+    #[test]
+    fn every_type_dequantizes_as_candle_and_dots_as_the_reference() {
+        let (rows, cols, m) = (37, 512, 6);
+        let w: Vec<f32> = lcg(21, rows * cols).iter().map(|v| v * 0.3).collect();
+        let x: Vec<f32> = lcg(22, m * cols)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 61 == 0 { v * 6.0 } else { *v })
+            .collect();
+        for dtype in ALL_TYPES {
+            let qt = quantized(&w, rows, cols, dtype);
+            let q = QMatrix::from_qtensor(&qt, "w").unwrap();
+            assert_eq!(q.dtype(), dtype);
+            // Dequantization equals candle's (an independent implementation of ggml's layouts).
+            let ours = q.dequantize();
+            let theirs = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "{dtype:?} dequantization");
+            // Dot products equal dequantized weights . dequantized activations (f64 sums).
+            let xa = dequantized_acts(&x, cols, q.segs[0].blocks.act());
+            let mut scalar = vec![0f32; m * rows];
+            let mut simd = vec![0f32; m * rows];
+            q.matmul_into_with(&x, m, &mut scalar, false).unwrap();
+            q.matmul_into_with(&x, m, &mut simd, true).unwrap();
+            for i in 0..m {
+                for r in 0..rows {
+                    let (wr, xr) = (
+                        &ours[r * cols..(r + 1) * cols],
+                        &xa[i * cols..(i + 1) * cols],
+                    );
+                    let reference: f64 =
+                        wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = wr
+                        .iter()
+                        .zip(xr)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    // Q4_1/Q5_1 dot their offset with s = f16(d * sum q): f16 rounding of s.
+                    let tol = match dtype {
+                        GgmlDType::Q4_1 | GgmlDType::Q5_1 => 2e-3 * mag.max(1.0),
+                        _ => 1e-5 * mag.max(1.0),
+                    };
+                    for (path, got) in [
+                        ("scalar", scalar[i * rows + r]),
+                        ("simd", simd[i * rows + r]),
+                    ] {
+                        assert!(
+                            (got as f64 - reference).abs() <= tol,
+                            "{dtype:?} {path} row {r} act {i}: {got} vs {reference}"
+                        );
+                    }
+                    let (a, b) = (scalar[i * rows + r], simd[i * rows + r]);
+                    assert!(
+                        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                        "{dtype:?}: scalar {a} vs simd {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_rows_of_mixed_types_equal_their_parts() {
+        let cols = 256;
+        let parts: Vec<QMatrix> = [
+            (5, GgmlDType::Q4K),
+            (3, GgmlDType::Q4K),
+            (4, GgmlDType::Q6K),
+            (2, GgmlDType::Q8_0),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, t))| {
+            QMatrix::from_qtensor(
+                &quantized(&lcg(i as u64 + 40, rows * cols), rows, cols, t),
+                "p",
+            )
+            .unwrap()
+        })
+        .collect();
+        let refs: Vec<&QMatrix> = parts.iter().collect();
+        let all = QMatrix::concat_rows(&refs).unwrap();
+        assert_eq!(all.rows(), 14);
+        assert_eq!(
+            all.dtypes(),
+            vec![GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0]
+        );
+        let x = lcg(50, 3 * cols);
+        let y = all.matmul(&x, 3).unwrap();
+        let mut start = 0;
+        for p in &parts {
+            let yp = p.matmul(&x, 3).unwrap();
+            for i in 0..3 {
+                assert_eq!(
+                    &y[i * 14 + start..i * 14 + start + p.rows()],
+                    &yp[i * p.rows()..(i + 1) * p.rows()]
+                );
+            }
+            start += p.rows();
+        }
+    }
+
+    #[test]
+    fn unsupported_types_and_bad_shapes_are_errors() {
+        let qt = quantized(&lcg(1, 4 * 256), 4, 256, GgmlDType::Q2K);
+        let e = QMatrix::from_qtensor(&qt, "blk.0.attn_q.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("Q4_K") && e.contains("Q2K"),
+            "{e}"
+        );
+        let qt = quantized(&lcg(1, 4 * 64), 4, 64, GgmlDType::Q8_0);
+        let q = QMatrix::from_qtensor(&qt, "w").unwrap();
+        assert!(q.matmul(&[0.0; 63], 1).is_err());
     }
 
     #[test]

@@ -41,6 +41,38 @@ pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b.to_f32()).sum()
 }
 
+avx2_dispatch! {
+    /// `a · b` with `b` as bf16 bits (the upper half of an f32), over `min(len)` elements, 8
+    /// accumulators (BF16 GGUF weights).
+    fn dot_bf16_into(a: &[f32], b: &[u16], out: &mut f32) => dot_bf16_body
+}
+
+#[inline(always)]
+fn dot_bf16_body(a: &[f32], b: &[u16], out: &mut f32) {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let bf = |h: u16| f32::from_bits((h as u32) << 16);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, &y)| x * bf(y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * bf(y[i]);
+        }
+    }
+    *out = acc.iter().sum::<f32>() + tail;
+}
+
+/// `a · b` with `b` as bf16 bits (see [`dot_bf16_into`]).
+pub fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+    let mut out = 0f32;
+    dot_bf16_into(a, b, &mut out);
+    out
+}
+
 /// f32 dot product with 8 independent accumulators (portable; it vectorises as built): the
 /// generators' raw-buffer attention and f32 GGUF weights.
 pub fn dot_unrolled(a: &[f32], b: &[f32]) -> f32 {

@@ -2,7 +2,8 @@
 //! - [`dot`]: f32 (and f16-row) dot products, prefetch;
 //! - [`packed`]: f32 GEMM on weights packed into 16-column panels (6 × 16 AVX2/FMA microkernel);
 //! - [`int8`]: dynamic int8 GEMM (u8 activations × 7-bit weights, exact i32 sums);
-//! - [`q8`]: GGUF Q4_1 / Q8_0 weight blocks × Q8_1 activations, and the Q8_1 quantiser;
+//! - [`q8`]: GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 weight blocks × Q8_1 activations, and the Q8_1
+//!   quantiser; [`kquant`]: Q4_K / Q5_K / Q6_K super-blocks × Q8_K activations;
 //! - [`int16`]: i16 code dots of the exact-search first pass;
 //! - [`math`]: exp, erf, GELU; [`fused`]: the BERT layer's fused LayerNorm, q/k/v split, masked
 //!   softmax and attention; [`attention`]: single-query softmax attention over a raw KV cache.
@@ -41,6 +42,7 @@ pub mod dot;
 pub mod fused;
 pub mod int16;
 pub mod int8;
+pub mod kquant;
 pub mod math;
 pub mod packed;
 pub mod q8;

@@ -66,8 +66,8 @@ impl Q8Rows {
 }
 
 /// Quantize rows of `cols` values (`cols % 32 == 0`) to Q8_1 blocks: `d = max|x| / 127`,
-/// `q = round(x / d)` (ties to even, as ggml's AVX2 path), `s = d * sum(q)` (ggml's
-/// `quantize_row_q8_1`, with f32 `d` and `s`).
+/// `q = round(x * 127 / max|x|)` (ties to even, as ggml's AVX2 path), `s = d * sum(q)`, `d` and
+/// `s` rounded to f16 (ggml's `quantize_row_q8_1`; its `Q8_0` is the same `d` and `q`).
 pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
     debug_assert_eq!(cols % QK, 0);
     let mut out = vec![BlockQ8_1::default(); x.len() / QK];
@@ -81,17 +81,24 @@ pub fn quantize_q8_1(x: &[f32], cols: usize) -> Vec<BlockQ8_1> {
     }
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
-        b.d = d;
-        b.s = d * sum as f32;
+        (b.d, b.s) = scales(amax, sum);
     }
     out
+}
+
+/// The block scale `d = amax / 127` and `s = d * sum(q)` as ggml stores them: rounded to f16 (the
+/// values q are computed with the unrounded `127 / amax`).
+#[inline]
+fn scales(amax: f32, sum: i32) -> (f32, f32) {
+    let d = amax / 127.0;
+    let r = |v: f32| f16::from_f32(v).to_f32();
+    (r(d), r(d * sum as f32))
 }
 
 /// `ggml_vec_dot_q4_1_q8_1` of one Q4_1 weight row (`d`, `m`: f16 bits per block; `qs`: nibbles)
@@ -142,6 +149,183 @@ pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: [Q8Row; 4], simd: bool) -> [f32;
     x.map(|x| dot_q8_0(d, qs, x, simd))
 }
 
+/// The 32-value legacy blocks dotted through [`dot_legacy`]: Q4_0 (`x = d * (q - 8)`), Q5_0
+/// (`x = d * (q - 16)`, a fifth bit per value in `qh`) and Q5_1 (`x = d * q + m`). Byte `j` of
+/// `qs` holds value `j` in its low nibble and `j + 16` in its high one; bit `j` of `qh` (little
+/// endian) is the high bit of value `j`.
+pub trait LegacyBlock: Copy + Send + Sync {
+    /// GGUF bytes per block.
+    const BYTES: usize;
+    /// 0: Q4_0, 1: Q5_0, 2: Q5_1 (selects the SIMD unpacking).
+    const KIND: u8;
+    fn from_bytes(b: &[u8]) -> Self;
+    fn d(&self) -> u16;
+    /// The offset `m` (f16 bits) of Q5_1; 0 for the symmetric types.
+    fn m(&self) -> u16 {
+        0
+    }
+    fn qs(&self) -> &[u8; QK / 2];
+    fn qh(&self) -> [u8; 4] {
+        [0; 4]
+    }
+    /// The 32 integer values (Q4_0, Q5_0: signed; Q5_1: 0..32).
+    fn values(&self) -> [i8; QK] {
+        let qh = u32::from_le_bytes(self.qh());
+        let q = self.qs();
+        std::array::from_fn(|j| {
+            let (nib, bit) = if j < 16 {
+                (q[j] & 0xF, (qh >> j) & 1)
+            } else {
+                (q[j - 16] >> 4, (qh >> j) & 1)
+            };
+            let v = nib as i8 | ((bit as i8) << 4);
+            match Self::KIND {
+                0 => nib as i8 - 8,
+                1 => v - 16,
+                _ => v,
+            }
+        })
+    }
+    /// Dequantize into `out: [32]`.
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, m) = (
+            f16::from_bits(self.d()).to_f32(),
+            f16::from_bits(self.m()).to_f32(),
+        );
+        for (o, v) in out.iter_mut().zip(self.values()) {
+            *o = d * v as f32 + m;
+        }
+    }
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+/// A GGUF Q4_0 block (see [`LegacyBlock`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_0 {
+    pub d: u16,
+    pub qs: [u8; QK / 2],
+}
+
+/// A GGUF Q5_0 block (see [`LegacyBlock`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5_0 {
+    pub d: u16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// A GGUF Q5_1 block (see [`LegacyBlock`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5_1 {
+    pub d: u16,
+    pub m: u16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+impl LegacyBlock for BlockQ4_0 {
+    const BYTES: usize = 2 + QK / 2;
+    const KIND: u8 = 0;
+    fn from_bytes(b: &[u8]) -> Self {
+        Self {
+            d: u16_at(b, 0),
+            qs: b[2..18].try_into().expect("16 bytes"),
+        }
+    }
+    fn d(&self) -> u16 {
+        self.d
+    }
+    fn qs(&self) -> &[u8; QK / 2] {
+        &self.qs
+    }
+}
+
+impl LegacyBlock for BlockQ5_0 {
+    const BYTES: usize = 2 + 4 + QK / 2;
+    const KIND: u8 = 1;
+    fn from_bytes(b: &[u8]) -> Self {
+        Self {
+            d: u16_at(b, 0),
+            qh: b[2..6].try_into().expect("4 bytes"),
+            qs: b[6..22].try_into().expect("16 bytes"),
+        }
+    }
+    fn d(&self) -> u16 {
+        self.d
+    }
+    fn qs(&self) -> &[u8; QK / 2] {
+        &self.qs
+    }
+    fn qh(&self) -> [u8; 4] {
+        self.qh
+    }
+}
+
+impl LegacyBlock for BlockQ5_1 {
+    const BYTES: usize = 4 + 4 + QK / 2;
+    const KIND: u8 = 2;
+    fn from_bytes(b: &[u8]) -> Self {
+        Self {
+            d: u16_at(b, 0),
+            m: u16_at(b, 2),
+            qh: b[4..8].try_into().expect("4 bytes"),
+            qs: b[8..24].try_into().expect("16 bytes"),
+        }
+    }
+    fn d(&self) -> u16 {
+        self.d
+    }
+    fn m(&self) -> u16 {
+        self.m
+    }
+    fn qs(&self) -> &[u8; QK / 2] {
+        &self.qs
+    }
+    fn qh(&self) -> [u8; 4] {
+        self.qh
+    }
+}
+
+/// `ggml_vec_dot_q4_0_q8_0`, `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q5_1_q8_1` of one weight row
+/// with one activation row: `sum_k d_w d_x sum(q_w q_x) + m_w s_x`. `simd`: take the AVX2 kernel
+/// where the CPU has it.
+pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot_legacy(w, x) };
+    }
+    let _ = simd;
+    let mut sum = 0f32;
+    for (k, b) in w.iter().enumerate() {
+        let sumi: i32 = b
+            .values()
+            .iter()
+            .zip(&x.qs[k])
+            .map(|(&p, &q)| p as i32 * q as i32)
+            .sum();
+        sum += sumi as f32 * f16::from_bits(b.d()).to_f32() * x.d[k];
+        if B::KIND == 2 {
+            sum += f16::from_bits(b.m()).to_f32() * x.s[k];
+        }
+    }
+    sum
+}
+
+/// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once:
+/// prefill).
+pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd && cpu().avx2_fma_f16c() {
+        // SAFETY: avx2, fma and f16c were detected.
+        return unsafe { avx2::dot4_legacy(w, x) };
+    }
+    x.map(|x| dot_legacy(w, x, simd))
+}
+
 /// Scalar `ggml_vec_dot_q4_1_q8_1`.
 fn dot_q4_1_q8_1_scalar(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row) -> f32 {
     let mut sum = 0f32;
@@ -174,20 +358,21 @@ fn dot_q8_0_q8_1_scalar(d: &[u16], qs: &[[i8; QK]], x: Q8Row) -> f32 {
 #[cfg(target_arch = "x86_64")]
 // Index loops over blocks and activation rows mirror the ggml kernels.
 #[allow(clippy::needless_range_loop)]
-mod avx2 {
-    use super::{BlockQ8_1, Q8Row};
+pub(super) mod avx2 {
+    use super::{BlockQ8_1, LegacyBlock, Q8Row};
     use std::arch::x86_64::*;
 
     /// f16 bits -> f32 (F16C).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn h2f(h: u16) -> f32 {
+    pub(in crate::kernels) unsafe fn h2f(h: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
 
+    /// Sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::kernels) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -212,8 +397,8 @@ mod avx2 {
         let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        let d = _mm_cvtss_f32(m4) / 127.0;
-        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let amax = _mm_cvtss_f32(m4);
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
         let mut qi = [_mm256_setzero_si256(); 4];
         for (q, x) in qi.iter_mut().zip(&v) {
             let r = _mm256_round_ps(
@@ -237,8 +422,7 @@ mod avx2 {
         let p = _mm256_packs_epi16(p01, p23);
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
-        b.d = d;
-        b.s = d * sum as f32;
+        (b.d, b.s) = super::scales(amax, sum);
     }
 
     /// Integer dot of one Q4_1 block's nibbles with 32 activation bytes: 8 partial sums as f32.
@@ -368,6 +552,95 @@ mod avx2 {
         [0, 1, 2, 3].map(|i| hsum(acc[i]) + hsum(summ[i]) + tail[i])
     }
 
+    /// 32 bytes, 0xFF where bit `j` of `qh` is set (ggml's `bytes_from_bits_32`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bytes_from_bits(qh: [u8; 4]) -> __m256i {
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(qh)), shuf);
+        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+    }
+
+    /// One legacy block as 32 bytes and the form its products take: (`|w|` or `w` as unsigned
+    /// bytes, sign source) — Q4_0/Q5_0 are signed (dotted with the sign trick: `|w| * sign(x,
+    /// w)`), Q5_1 is unsigned (`w * x` directly; no sign source).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_legacy<B: LegacyBlock>(b: &B) -> (__m256i, Option<__m256i>) {
+        let nib = unpack_q4(b.qs());
+        match B::KIND {
+            0 => {
+                let qw = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+                (_mm256_sign_epi8(qw, qw), Some(qw))
+            }
+            1 => {
+                let hi = _mm256_andnot_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(-16));
+                let qw = _mm256_or_si256(nib, hi);
+                (_mm256_sign_epi8(qw, qw), Some(qw))
+            }
+            _ => {
+                let hi = _mm256_and_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(0x10));
+                (_mm256_or_si256(nib, hi), None)
+            }
+        }
+    }
+
+    /// The 8 partial integer sums of an unpacked block with 32 activation bytes, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn idot_legacy(w: (__m256i, Option<__m256i>), a: &[i8; 32]) -> __m256 {
+        let qx = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        let qx = match w.1 {
+            Some(sign) => _mm256_sign_epi8(qx, sign),
+            None => qx,
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(w.0, qx),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
+    /// [`super::dot_legacy`] (AVX2): each block unpacked to 32 bytes ([`unpack_legacy`]), scales
+    /// applied per block in f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut summ = 0f32;
+        for (k, b) in w.iter().enumerate() {
+            let p = idot_legacy(unpack_legacy(b), x.qs.get_unchecked(k));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b.d()) * x.d[k]), p, acc);
+            if B::KIND == 2 {
+                summ += h2f(b.m()) * x.s[k];
+            }
+        }
+        hsum(acc) + summ
+    }
+
+    /// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summ = [0f32; 4];
+        for (k, b) in w.iter().enumerate() {
+            let u = unpack_legacy(b);
+            let d = h2f(b.d());
+            for i in 0..4 {
+                let p = idot_legacy(u, x[i].qs.get_unchecked(k));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[i].d[k]), p, acc[i]);
+                if B::KIND == 2 {
+                    summ[i] += h2f(b.m()) * x[i].s[k];
+                }
+            }
+        }
+        [0, 1, 2, 3].map(|i| hsum(acc[i]) + summ[i])
+    }
+
     /// [`dot_q8_0_q8_1`] of one weight row with four activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot4_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: [Q8Row; 4]) -> [f32; 4] {
@@ -448,6 +721,64 @@ mod tests {
     use super::*;
     use crate::testutil::lcg;
 
+    fn legacy_case<B: LegacyBlock>(seed: u64) {
+        let nb = 13;
+        let mut bytes: Vec<u8> = lcg(seed, nb * B::BYTES)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.99) as u8)
+            .collect();
+        for (k, c) in bytes.chunks_exact_mut(B::BYTES).enumerate() {
+            let d = f16::from_f32(0.01 + 0.001 * k as f32)
+                .to_bits()
+                .to_le_bytes();
+            c[..2].copy_from_slice(&d);
+            if B::KIND == 2 {
+                let m = f16::from_f32(-0.05 * k as f32).to_bits().to_le_bytes();
+                c[2..4].copy_from_slice(&m);
+            }
+        }
+        let w: Vec<B> = bytes.chunks_exact(B::BYTES).map(B::from_bytes).collect();
+        let x = lcg(seed + 1, nb * QK);
+        let xq = quantize_q8_1(&x, nb * QK);
+        let rows = Q8Rows::new(&xq);
+        let xr = rows.row(0, nb);
+        // Reference: dequantize both sides, f64 dot.
+        let mut deq = vec![0f32; nb * QK];
+        for (b, o) in w.iter().zip(deq.chunks_exact_mut(QK)) {
+            b.dequantize(o);
+        }
+        let reference: f64 = deq
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f64 * (xq[i / QK].d * xq[i / QK].qs[i % QK] as f32) as f64)
+            .sum();
+        // Q5_1's offset is dotted through s = f16(d * sum q), not the dequantized d * q.
+        let tol = 1e-3 * deq.iter().map(|v| v.abs() as f64).sum::<f64>().max(1.0);
+        for simd in [false, true] {
+            let ours = dot_legacy(&w, xr, simd) as f64;
+            assert!(
+                (ours - reference).abs() <= tol,
+                "kind {} simd {simd}: {ours} vs {reference}",
+                B::KIND
+            );
+        }
+        let (a, b) = (dot_legacy(&w, xr, false), dot_legacy(&w, xr, true));
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "kind {}: scalar {a} vs simd {b}",
+            B::KIND
+        );
+    }
+
+    #[test]
+    fn legacy_dots_equal_dequantized_reference() {
+        for seed in 0..4 {
+            legacy_case::<BlockQ4_0>(seed);
+            legacy_case::<BlockQ5_0>(seed + 10);
+            legacy_case::<BlockQ5_1>(seed + 20);
+        }
+    }
+
     #[test]
     fn quantizer_equals_reference() {
         let x: Vec<f32> = lcg(11, 32 * 40)
@@ -459,15 +790,15 @@ mod tests {
         for (xs, b) in x.chunks_exact(QK).zip(&q) {
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let qs: Vec<i8> = xs
                 .iter()
                 .map(|v| (v * id).round_ties_even() as i8)
                 .collect();
             assert_eq!(b.qs.to_vec(), qs);
-            assert_eq!(b.d, d);
+            assert_eq!(b.d, f16::from_f32(d).to_f32());
             let sum: i32 = qs.iter().map(|&v| v as i32).sum();
-            assert_eq!(b.s, d * sum as f32);
+            assert_eq!(b.s, f16::from_f32(d * sum as f32).to_f32());
         }
     }
 }

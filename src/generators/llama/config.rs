@@ -21,9 +21,25 @@ pub enum RopeScaling {
     },
 }
 
+/// The architecture families run by [`super::Llama`] (GGUF `general.architecture`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2/3, SmolLM, Mistral.
+    #[default]
+    Llama,
+    /// Qwen2 / Qwen2.5: q/k/v projections with bias.
+    Qwen2,
+    /// Qwen3: RMSNorm of each q/k head, no bias.
+    Qwen3,
+}
+
+/// The `general.architecture` values [`LlamaConfig::from_gguf`] takes.
+pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3";
+
 /// Model hyper-parameters.
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -168,6 +184,7 @@ impl LlamaConfig {
             );
         }
         Ok(Self {
+            family: Family::Llama,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -232,12 +249,15 @@ impl LlamaConfig {
     /// Read the `llama.*` metadata of a GGUF file; errors name the file and key.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.str("general.architecture")?;
-        if !matches!(arch, "llama" | "mistral") {
-            bail!(
-                "{}: `general.architecture` = `{arch}` is not supported (llama)",
+        let family = match arch {
+            "llama" | "mistral" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => bail!(
+                "{}: `general.architecture` = `{arch}` is not supported ({GGUF_ARCHITECTURES})",
                 g.path.display()
-            );
-        }
+            ),
+        };
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = g.usize(&k("embedding_length"))?;
         let num_heads = g.usize(&k("attention.head_count"))?;
@@ -312,6 +332,7 @@ impl LlamaConfig {
             }
         };
         Ok(Self {
+            family,
             vocab_size,
             hidden_size,
             intermediate_size: g.usize(&k("feed_forward_length"))?,
@@ -334,6 +355,29 @@ impl LlamaConfig {
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
             pad_token_id: id("tokenizer.ggml.padding_token_id")?,
         })
+    }
+
+    /// Rotary angles `out: [head_dim / 2]` of position `pos`, rounded as ggml's rope cache computes
+    /// them (`theta_i = pos * base^(-2i/d)` by repeated f32 multiplication, scaled by
+    /// `1 / factor` for linear scaling), so that the raw path's q/k match llama.cpp's to the last
+    /// bits; Llama 3 scaling takes `pos * inv_freq`.
+    pub(super) fn rope_angles(&self, pos: u32, out: &mut [f32]) {
+        let freq_scale = match self.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => (1.0 / factor) as f32,
+            RopeScaling::Llama3 { .. } => {
+                for (o, f) in out.iter_mut().zip(self.inv_freq()) {
+                    *o = pos as f32 * f;
+                }
+                return;
+            }
+        };
+        let theta_scale = (self.rope_theta as f32).powf(-2.0 / self.head_dim as f32);
+        let mut theta = pos as f32;
+        for o in out.iter_mut() {
+            *o = freq_scale * theta;
+            theta *= theta_scale;
+        }
     }
 
     /// Rotary inverse frequencies `[head_dim / 2]`, computed in f32 as HF does.

@@ -81,14 +81,15 @@ impl Llama {
             let differentiable = block.differentiable && grad;
             let hs = block.attn_norm.forward(&x, grad)?;
             let a = &block.attn;
-            let [q, k, v]: [Tensor; 3] = a
+            let qkv: [Tensor; 3] = a
                 .qkv
                 .forward(&hs, grad)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("llama: q/k/v projections are not three"))?;
-            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let [q, k, v] = a.extras.apply(qkv, (nh, nkv, hd), grad)?;
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let k = k.transpose(1, 2)?.contiguous()?;
+            let v = v.transpose(1, 2)?.contiguous()?;
             let q = self.rope(&q, &cos, &sin, differentiable)?;
             let k = self.rope(&k, &cos, &sin, differentiable)?;
             let (k, v) = match &layer_cache.self_kv {

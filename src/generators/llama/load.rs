@@ -1,7 +1,8 @@
 //! Loading a [`Llama`] from a GGUF file or a HF directory.
 
+use super::qwen::QkvExtras;
 use super::{
-    Attention, Block, GgufWeights, Linear, Llama, LlamaConfig, Mlp, Projections, RmsNorm,
+    Attention, Block, Family, GgufWeights, Linear, Llama, LlamaConfig, Mlp, Projections, RmsNorm,
     RopeLayout,
 };
 use crate::generators::gguf::GgufFile;
@@ -39,8 +40,9 @@ impl Llama {
                 (GgufWeights::F32, _) => {
                     Linear::Candle(QMatMul::Tensor(t.dequantize(device).with_context(ctx)?))
                 }
-                (GgufWeights::Native, T::Q4_1 | T::Q8_0 | T::F32) if native_ok => native(&t)?,
-                (GgufWeights::Native, T::Q5_0 | T::Q5_1) if native_ok => native(&requant(&t)?)?,
+                (GgufWeights::Native, dtype) if native_ok && QMatrix::supports(dtype) => {
+                    native(&t)?
+                }
                 (GgufWeights::Fast | GgufWeights::Native, T::Q4_1 | T::Q5_0 | T::Q5_1) => {
                     Linear::Candle(QMatMul::from_qtensor(requant(&t)?)?)
                 }
@@ -79,6 +81,14 @@ impl Llama {
                         qmm(&p("attn_k"), &[kv, h])?,
                         qmm(&p("attn_v"), &[kv, h])?,
                     ])?,
+                    extras: QkvExtras::from_gguf(
+                        g,
+                        cfg.family,
+                        i,
+                        (hd, kv, cfg.head_dim),
+                        cfg.rms_norm_eps,
+                        device,
+                    )?,
                     o: qmm(&p("attn_output"), &[h, hd])?,
                 },
                 mlp_norm: norm(&p("ffn_norm"))?,
@@ -93,13 +103,18 @@ impl Llama {
             });
         }
         let norm = norm("output_norm.weight")?;
+        // llama.cpp's converter permutes Llama's q/k rows to interleaved pairs, not Qwen's.
+        let rope = match cfg.family {
+            Family::Llama => RopeLayout::Interleaved,
+            Family::Qwen2 | Family::Qwen3 => RopeLayout::Halves,
+        };
         Self::assemble(
             cfg,
             embed,
             blocks,
             norm,
             lm_head,
-            RopeLayout::Interleaved,
+            rope,
             device,
             g.path.clone(),
         )
@@ -141,6 +156,7 @@ impl Llama {
                         lin(&a, "k_proj", kv, h)?,
                         lin(&a, "v_proj", kv, h)?,
                     ]),
+                    extras: QkvExtras::default(),
                     o: lin(&a, "o_proj", h, hd)?,
                 },
                 mlp_norm: rms(l.pp("post_attention_layernorm"))?,

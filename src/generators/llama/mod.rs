@@ -9,10 +9,11 @@ mod config;
 mod forward;
 mod load;
 mod lora;
+mod qwen;
 mod raw;
 mod train;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Family, LlamaConfig, RopeScaling};
 pub use lora::{LoraAdapter, LoraConfig, LORA_MODULES};
 
 use super::quant::QMatrix;
@@ -31,9 +32,10 @@ const RAW_PREFILL_MAX_LEN: usize = 512;
 /// How GGUF weights are held in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GgufWeights {
-    /// Q4_1 and Q8_0 stay as stored and run through this crate's own kernels ([`super::quant`]: AVX2
-    /// when available, as llama.cpp), Q5_0/Q5_1 are re-quantized to Q8_0, other types go through
-    /// candle. Prefill and decode steps then run on raw buffers (no per-op tensor overhead).
+    /// The file's types stay as stored and run through this crate's own kernels
+    /// ([`super::quant`]: F32/F16/BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; AVX2 when
+    /// available, as llama.cpp); other types go through candle. Prefill and decode steps then run
+    /// on raw buffers (no per-op tensor overhead).
     #[default]
     Native,
     /// candle's `QMatMul` with the file's quantized types, except Q4_1/Q5_0/Q5_1, which are
@@ -110,16 +112,15 @@ enum Projections {
 }
 
 impl Projections {
-    /// Stack native matrices of one type; anything else stays separate.
+    /// Stack native matrices (of any types: a stacked matrix keeps a row range per type);
+    /// anything else stays separate.
     fn new(parts: Vec<Linear>) -> Result<Self> {
         let natives: Option<Vec<&QMatrix>> = parts.iter().map(Linear::native).collect();
         if let Some(n) = natives {
-            if n.iter().all(|m| m.dtype() == n[0].dtype()) {
-                return Ok(Projections::Stacked {
-                    sizes: n.iter().map(|m| m.rows()).collect(),
-                    w: QMatrix::concat_rows(&n)?,
-                });
-            }
+            return Ok(Projections::Stacked {
+                sizes: n.iter().map(|m| m.rows()).collect(),
+                w: QMatrix::concat_rows(&n)?,
+            });
         }
         Ok(Projections::Separate(parts))
     }
@@ -145,6 +146,8 @@ impl Projections {
 struct Attention {
     /// q, k, v.
     qkv: Projections,
+    /// The Qwen families' q/k/v bias or q/k head norms.
+    extras: qwen::QkvExtras,
     o: Linear,
 }
 

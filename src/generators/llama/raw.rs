@@ -47,13 +47,13 @@ impl Llama {
             }
             Ok(())
         })??;
-        // cos/sin [rows * len, head_dim / 2], computed as `rotary` does (f32 position * frequency).
-        let inv = self.config.inv_freq();
+        // cos/sin [rows * len, head_dim / 2] of the rotary angles as llama.cpp computes them.
         let mut cos = vec![0f32; n * half];
         let mut sin = vec![0f32; n * half];
+        let mut angles = vec![0f32; half];
         for (r, &p) in positions.iter().enumerate() {
-            for (i, f) in inv.iter().enumerate() {
-                let a = p as f32 * f;
+            self.config.rope_angles(p, &mut angles);
+            for (i, a) in angles.iter().enumerate() {
                 cos[r * half + i] = a.cos();
                 sin[r * half + i] = a.sin();
             }
@@ -91,6 +91,7 @@ impl Llama {
             rms_norm_rows(&x, &block.attn_norm, &mut xn)?;
             qkv_m.matmul_into(&xn, n, &mut qkv)?;
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                block.attn.extras.apply_raw(row, nh, hd)?;
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
                     rope(head, r);
                 }
@@ -178,7 +179,7 @@ impl Llama {
 }
 
 /// Run `f` on the f32 data of a contiguous CPU tensor (no copy).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()
@@ -189,16 +190,24 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
-/// RMSNorm of each `[hidden]` row of `x` into `out` (as candle's `rms_norm`).
+/// RMSNorm of each `[hidden]` row of `x` into `out`, rounded as ggml computes it (sum of squares
+/// in f64, `x * (1 / sqrt(mean + eps))`, then the weight), so that the activations quantized next
+/// land on the same integers as llama.cpp's.
 fn rms_norm_rows(x: &[f32], norm: &RmsNorm, out: &mut [f32]) -> Result<()> {
     with_f32(&norm.weight, |w| {
         let h = w.len();
         for (xs, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let sum2: f32 = xs.iter().map(|v| v * v).sum();
-            let m = (sum2 / h as f32 + norm.eps).sqrt();
-            for ((o, &v), &w) in o.iter_mut().zip(xs).zip(w) {
-                *o = v / m * w;
-            }
+            o.copy_from_slice(xs);
+            rms_norm_in_place(o, w, norm.eps);
         }
     })
+}
+
+/// [`rms_norm_rows`] of one row in place (`w`: the weight, `x.len()` values).
+pub(super) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let sum2: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let scale = 1.0 / ((sum2 / x.len() as f64) as f32 + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(w) {
+        *v = (*v * scale) * w;
+    }
 }

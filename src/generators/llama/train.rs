@@ -147,6 +147,7 @@ impl Llama {
     /// Put a GGUF's q/k rows back in HF's rotary layout (training and saving work in HF's
     /// parameters; the tensor path's rotary follows the layout).
     pub(super) fn use_hf_rope_layout(&mut self) -> Result<()> {
+        self.llama_family_only()?;
         if self.rope_layout == RopeLayout::Interleaved {
             let (nh, nkv) = (self.config.num_heads, self.config.num_kv_heads);
             for b in &mut self.blocks {
@@ -159,8 +160,23 @@ impl Llama {
         Ok(())
     }
 
+    /// Training and saving know Llama's parameters only (not the Qwen families' bias / head norms).
+    fn llama_family_only(&self) -> Result<()> {
+        if self.config.family != super::Family::Llama
+            || self.blocks.iter().any(|b| b.attn.extras.any())
+        {
+            bail!(
+                "{}: training and saving support the llama family only, this model is {:?}",
+                self.source.display(),
+                self.config.family
+            );
+        }
+        Ok(())
+    }
+
     /// Every weight by HF name (`LlamaForCausalLM` state dict, f32).
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.llama_family_only()?;
         let interleaved = self.rope_layout == RopeLayout::Interleaved;
         let (nh, nkv) = (self.config.num_heads, self.config.num_kv_heads);
         let mut out = HashMap::new();
