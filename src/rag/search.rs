@@ -13,6 +13,13 @@ pub trait StepScorer {
     /// Keep/reorder/duplicate rows: new row `i` continues old row `rows[i]`.
     fn reorder(&mut self, rows: &[usize]) -> Result<()>;
     fn vocab_size(&self) -> usize;
+    /// The token [`greedy`] chose for every row at this step; `live[r]`: row `r` had not finished,
+    /// so its token is generated, not padding. For streaming: an error stops the search (the
+    /// reader went away). Beam search does not call it (a beam's tokens are not final until the
+    /// end). Default: nothing.
+    fn chosen(&mut self, _tokens: &[u32], _live: &[bool]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// In-place log-softmax of one row.
@@ -150,6 +157,7 @@ pub fn greedy_scored(
             }
             next.push(tok);
         }
+        scorer.chosen(&next, &unfinished)?;
         for r in 0..rows {
             seqs[r].push(next[r]);
             let len = seqs[r].len();
