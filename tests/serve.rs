@@ -77,6 +77,34 @@ fn build_kb(dir: &Path, name: &str, skip: usize, take: usize) -> Result<PathBuf>
     Ok(kb)
 }
 
+/// The read-only KB most tests serve (the first 30 paragraphs), built once per test run under
+/// the target's tmp dir.
+fn shared_kb() -> Result<PathBuf> {
+    static KB: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    KB.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-test");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        build_kb(&dir, "kb", 0, 30).map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        match e.file_type()?.is_dir() {
+            true => copy_dir(&e.path(), &to.join(e.file_name()))?,
+            false => {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `rustrag serve` on a free loopback port; killed on drop.
 struct Server {
     child: Child,
@@ -329,8 +357,7 @@ impl Events {
 /// The answer routes, their streaming and the API document, on one server.
 #[test]
 fn retrieve_answer_and_stream_agree_with_each_other() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = shared_kb()?;
     let server = Server::start(&kb, &[])?;
 
     let h = server.get("/healthz")?;
@@ -480,8 +507,7 @@ fn retrieve_answer_and_stream_agree_with_each_other() -> Result<()> {
 /// Bad requests: a 4xx with a JSON error naming the field; the server stays up and leaks no slot.
 #[test]
 fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = shared_kb()?;
     let server = Server::start(&kb, &["--max-body-bytes", "4096"])?;
     let raw = |path: &str, body: &str| request(&server.addr, "POST", path, Some(body.as_bytes()));
     let big = format!("{{\"question\": \"{}\"}}", "a".repeat(10_000));
@@ -689,8 +715,7 @@ fn long_stream(server: &Server, tokens: usize) -> Result<Events> {
 /// mid-stream frees its slot at once and the next request is served.
 #[test]
 fn full_queue_503_and_a_disconnect_frees_the_slot() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = shared_kb()?;
     let server = Server::start(&kb, &["--queue-capacity", "1"])?;
     let stream = long_stream(&server, 250)?;
     assert_eq!(server.metric("rustrag_queue_depth")?, 1.0);
@@ -725,7 +750,8 @@ fn full_queue_503_and_a_disconnect_frees_the_slot() -> Result<()> {
 #[test]
 fn knowledge_base_hot_swap() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = tmp.path().join("kb");
+    copy_dir(&shared_kb()?, &kb)?;
     let other = build_kb(tmp.path(), "other", 0, 10)?;
     let server = Server::start(&kb, &[])?;
     let health = server.get("/healthz")?.json()?;
@@ -824,8 +850,7 @@ fn python_with_openai() -> Result<PathBuf> {
 #[test]
 fn openai_python_client_streaming_and_not() -> Result<()> {
     let py = python_with_openai()?;
-    let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = shared_kb()?;
     let server = Server::start(&kb, &[])?;
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/serve_clients/openai_client.py");
@@ -870,8 +895,7 @@ fn web_page_in_headless_chromium() -> Result<()> {
         modules.display(),
         chromium.display()
     );
-    let tmp = tempfile::tempdir()?;
-    let kb = build_kb(tmp.path(), "kb", 0, 30)?;
+    let kb = shared_kb()?;
     let server = Server::start(&kb, &[])?;
     let shot = root.join("target/serve-page.png");
     let _ = std::fs::remove_file(&shot);

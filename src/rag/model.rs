@@ -759,12 +759,7 @@ impl RagModel {
         let pad = self.generator_pad();
         // Stop at the answer's EOS (kept) or padding (dropped).
         let eos = self.generator.special_ids().eos;
-        let end = ids
-            .iter()
-            .enumerate()
-            .skip(1)
-            .find(|(_, &t)| t == eos || t == pad)
-            .map_or(ids.len(), |(i, &t)| if t == eos { i + 1 } else { i });
+        let end = generated_end(ids, eos, pad);
         let ids = &ids[..end.max(2).min(ids.len())];
         let labels = ids_tensor(&[ids.to_vec()], &self.device)?;
         let logits = self.forward(&qctx, &labels)?; // [k, T, V]
@@ -797,6 +792,16 @@ pub struct SequenceDetails {
     pub candidate_nll: Vec<f32>,
     /// Returned candidates, best first.
     pub top_candidate_indices: Vec<usize>,
+}
+
+/// Length of a generated row `ids` (decoder start token first): up to its first EOS (kept) or
+/// padding (dropped), else all of it.
+pub fn generated_end(ids: &[u32], eos: u32, pad: u32) -> usize {
+    ids.iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, &t)| t == eos || t == pad)
+        .map_or(ids.len(), |(i, &t)| if t == eos { i + 1 } else { i })
 }
 
 /// Refuse `n_docs` of 0 or more than the knowledge base holds (no silent clamp: the prior and the

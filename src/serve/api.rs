@@ -105,24 +105,39 @@ pub struct BodyLimit(pub usize);
 
 /// Strict JSON → `T`, errors naming the path of the field at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object (serde would read a top-level array as a struct's fields).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::field(
+            "body",
+            "invalid request: the body must be a JSON object",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let param = match (path.as_str(), inner.classify()) {
-            (".", serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
+        let message = inner.to_string();
+        let param = match inner.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
                 "body".to_string()
             }
-            (".", _) => unknown_field(&inner.to_string()).unwrap_or_else(|| "body".into()),
-            (p, _) => p.to_string(),
+            // Unknown and missing fields are reported on the object that holds them.
+            _ => match (named_field(&message), path.as_str()) {
+                (Some(f), ".") => f,
+                (Some(f), p) => format!("{p}.{f}"),
+                (None, ".") => "body".to_string(),
+                (None, p) => p.to_string(),
+            },
         };
-        ApiError::field(&param, format!("invalid request: {inner}"))
+        ApiError::field(&param, format!("invalid request: {message}"))
     })
 }
 
-/// `unknown field `x`, expected …` → `x`.
-fn unknown_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
+/// `unknown field `x`, expected …` or `missing field `x`` → `x`.
+fn named_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     Some(rest[..rest.find('`')?].to_string())
 }
 

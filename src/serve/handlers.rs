@@ -390,10 +390,9 @@ fn answer_events(
                 Ok(Some(e)) => e,
             };
             Some(match event {
-                JobEvent::Sources(sources) => (
-                    Ok(json("sources", &serde_json::json!({ "sources": sources }))),
-                    Some(rx),
-                ),
+                JobEvent::Sources(sources) => {
+                    (Ok(json("sources", &SourcesEvent { sources })), Some(rx))
+                }
                 JobEvent::Token {
                     position,
                     id,
@@ -426,6 +425,12 @@ fn answer_events(
             })
         }
     })
+}
+
+/// The first event of a streamed answer.
+#[derive(serde::Serialize)]
+struct SourcesEvent {
+    sources: Vec<crate::rag::pipeline::Source>,
 }
 
 /// Serialization behind a `dyn` (the event payloads differ in type).

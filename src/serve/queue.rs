@@ -10,6 +10,7 @@
 
 use super::api::{ApiError, KbInfo, Timings};
 use super::state::App;
+use crate::rag::model::generated_end;
 use crate::rag::pipeline::{AnswerEvent, AnswerOptions, Pipeline, QaResult, Source};
 use crate::rag::RagMode;
 use axum::http::StatusCode;
@@ -243,7 +244,13 @@ fn run_batch(app: &App, batch: Vec<Job>) {
     }));
     let done = Instant::now();
     match outcome {
-        Ok(Ok(results)) => {
+        Ok(Ok(mut results)) => {
+            // A batch pads its shorter answers: each request sees its own tokens only.
+            let eos = pipeline.rag.generator.special_ids().eos;
+            let pad = pipeline.rag.generator_pad();
+            for a in results.iter_mut().flat_map(|r| r.answers.iter_mut()) {
+                a.ids.truncate(generated_end(&a.ids, eos, pad));
+            }
             for (i, (job, result)) in batch.iter().zip(results).enumerate() {
                 let generated = result
                     .answers

@@ -52,8 +52,8 @@ impl App {
     }
 
     /// Open the KB at `root` (its live generation) with the served generator and swap it in.
-    /// `only_if_moved`: do nothing when `root` is the served KB and its generation is the
-    /// served one. Returns whether a swap happened.
+    /// `only_if_moved`: only when `root` is the served KB and `CURRENT` names a new generation.
+    /// Returns whether a swap happened.
     pub async fn swap_kb(self: &Arc<Self>, root: PathBuf, only_if_moved: bool) -> Result<bool> {
         let _one = self.swap.lock().await;
         let current = self.pipeline();
@@ -73,13 +73,14 @@ impl App {
     }
 }
 
-/// `root` is not the served KB, or its `CURRENT` names another generation than the served one.
+/// `root` is the served KB and its `CURRENT` names another generation than the served one (a
+/// poll that raced with `/admin/kb` finds another KB served, and leaves it).
 fn generation_moved(p: &Pipeline, root: &Path) -> Result<bool> {
     let Some(kb) = p.knowledge_base() else {
         return Ok(false);
     };
     if kb.root() != root {
-        return Ok(true);
+        return Ok(false);
     }
     Ok(current_generation_name(root)?.as_deref() != kb.generation())
 }
