@@ -207,13 +207,15 @@ impl Response {
     }
 }
 
+type Headers = Vec<(String, String)>;
+
 /// An HTTP/1.1 response's head, and the body as a reader (chunked encoding decoded).
 fn open(
     addr: &str,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
-) -> Result<(u16, Vec<(String, String)>, Box<dyn BufRead>)> {
+) -> Result<(u16, Headers, Box<dyn BufRead>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = body.unwrap_or_default();

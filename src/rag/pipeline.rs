@@ -185,6 +185,9 @@ pub enum AnswerEvent<'a> {
     },
 }
 
+/// Receives each [`AnswerEvent`]; an error stops the call.
+pub type AnswerObserver<'a> = dyn FnMut(AnswerEvent<'_>) -> Result<()> + 'a;
+
 /// One retrieved passage of an answer.
 #[derive(Clone, Debug, Serialize)]
 pub struct Source {
@@ -769,7 +772,7 @@ impl Pipeline {
         &self,
         questions: &[String],
         opts: &AnswerOptions,
-        on_event: &mut dyn FnMut(AnswerEvent<'_>) -> Result<()>,
+        on_event: &mut AnswerObserver<'_>,
     ) -> Result<Vec<QaResult>> {
         self.answer_observed(questions, opts, Some(on_event))
     }
@@ -778,7 +781,7 @@ impl Pipeline {
         &self,
         questions: &[String],
         opts: &AnswerOptions,
-        mut on_event: Option<&mut dyn FnMut(AnswerEvent<'_>) -> Result<()>>,
+        mut on_event: Option<&mut AnswerObserver<'_>>,
     ) -> Result<Vec<QaResult>> {
         let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
         let d = &self.config.answer;

@@ -121,8 +121,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
                 "body".to_string()
             }
-            // Unknown and missing fields are reported on the object that holds them.
-            _ => match (named_field(&message), path.as_str()) {
+            // A missing field is reported on the object that lacks it.
+            _ => match (missing_field(&message), path.as_str()) {
                 (Some(f), ".") => f,
                 (Some(f), p) => format!("{p}.{f}"),
                 (None, ".") => "body".to_string(),
@@ -133,11 +133,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// `unknown field `x`, expected …` or `missing field `x`` → `x`.
-fn named_field(message: &str) -> Option<String> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("missing field `"))?;
+/// `missing field `x`` → `x`.
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
     Some(rest[..rest.find('`')?].to_string())
 }
 
