@@ -3,7 +3,7 @@ wrk.method = "POST"
 wrk.body = os.getenv("BODY")
 wrk.headers["Content-Type"] = "application/json"
 
-local statuses = {}
+statuses = {}
 local threads = {}
 
 function setup(thread)

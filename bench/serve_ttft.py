@@ -3,7 +3,10 @@ OpenAI-compatible server, same GGUF, same prompt, the official `openai` client o
 
 rustrag answers with RAG over one retrieved passage (n_docs 1); llama.cpp gets the prompt rustrag builds
 for that passage (`{title} / {text} // {question}` as the user turn, each server applying the GGUF's chat
-template). Greedy, max_tokens 32. Prints one JSON object (medians over --repeats, after one warm-up).
+template). Greedy, max_tokens 32. The questions (from different articles) alternate, so llama.cpp's
+reuse of the previous prompt's KV cache (its longest common prefix) covers only the chat template's
+system turn, as rustrag, which prefills every prompt, gets nothing reused. Prints one JSON object
+(medians over --repeats rounds of every question, after one warm-up round).
 """
 import argparse
 import json
@@ -17,17 +20,23 @@ p = argparse.ArgumentParser()
 p.add_argument("--rustrag", required=True, help="rustrag base URL (…/v1), --gguf-weights quantized")
 p.add_argument("--rustrag-f32", help="rustrag base URL with f32 weights (the default)")
 p.add_argument("--llama-cpp", required=True, help="llama-cpp-python server base URL (…/v1)")
-p.add_argument("--question", required=True)
+p.add_argument("--question", action="append", required=True)
 p.add_argument("--repeats", type=int, default=5)
 p.add_argument("--max-tokens", type=int, default=32)
 a = p.parse_args()
 
-# The passage rustrag retrieves first, for llama.cpp's prompt.
-req = urllib.request.Request(a.rustrag.rsplit("/v1", 1)[0] + "/v1/retrieve",
-                             data=json.dumps({"question": a.question, "k": 1}).encode(),
-                             headers={"content-type": "application/json"})
-top = json.load(urllib.request.urlopen(req))["results"][0]["sources"][0]
-prompt = f"{top['title']} / {top['text']} // {a.question}"
+
+
+def prompt_for(question):
+    """The prompt rustrag builds for its first retrieved passage."""
+    req = urllib.request.Request(a.rustrag.rsplit("/v1", 1)[0] + "/v1/retrieve",
+                                 data=json.dumps({"question": question, "k": 1}).encode(),
+                                 headers={"content-type": "application/json"})
+    top = json.load(urllib.request.urlopen(req))["results"][0]["sources"][0]
+    return top["passage_id"], f"{top['title']} / {top['text']} // {question}"
+
+
+prompts = {q: prompt_for(q) for q in a.question}
 
 
 def run(base, content, extra):
@@ -55,28 +64,39 @@ def run(base, content, extra):
     }
 
 
-def measure(name, base, content, extra):
-    run(base, content, extra)  # warm-up
-    runs = [run(base, content, extra) for _ in range(a.repeats)]
+def measure(name, base, llama):
+    def one(q):
+        if llama:
+            return run(base, prompts[q][1], None)
+        return run(base, q, {"n_docs": 1})
+
+    for q in a.question:  # warm-up round
+        one(q)
+    runs = []
+    for _ in range(a.repeats):
+        for q in a.question:
+            r = one(q)
+            r["question"] = q
+            runs.append(r)
     return {
         "server": name,
         "ttft_ms_median": statistics.median(r["ttft_ms"] for r in runs),
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs if r["tokens_per_s"]),
-        "tokens": runs[0]["tokens"],
-        "text": runs[0]["text"],
+        "texts": {q: next(r["text"] for r in runs if r["question"] == q) for q in a.question},
+        "tokens": {q: next(r["tokens"] for r in runs if r["question"] == q) for q in a.question},
         "runs": runs,
     }
 
 
-out = {"question": a.question, "passage": top["passage_id"], "max_tokens": a.max_tokens, "repeats": a.repeats,
-       "results": []}
-out["results"].append(measure("rustrag (quantized weights), RAG n_docs=1", a.rustrag, a.question, {"n_docs": 1}))
+out = {"questions": a.question, "passages": {q: prompts[q][0] for q in a.question}, "max_tokens": a.max_tokens,
+       "repeats": a.repeats, "results": []}
+out["results"].append(measure("rustrag (quantized weights), RAG n_docs=1", a.rustrag, False))
 if a.rustrag_f32:
-    out["results"].append(measure("rustrag (f32 weights), RAG n_docs=1", a.rustrag_f32, a.question, {"n_docs": 1}))
-out["results"].append(measure("llama-cpp-python server, same prompt", a.llama_cpp, prompt, None))
+    out["results"].append(measure("rustrag (f32 weights), RAG n_docs=1", a.rustrag_f32, False))
+out["results"].append(measure("llama-cpp-python server, same prompt", a.llama_cpp, True))
 llama = out["results"][-1]
 for r in out["results"][:-1]:
     r["ttft_ratio_vs_llama_cpp"] = r["ttft_ms_median"] / llama["ttft_ms_median"]
     r["tokens_per_s_ratio_vs_llama_cpp"] = r["tokens_per_s_median"] / llama["tokens_per_s_median"]
-    r["same_text_as_llama_cpp"] = r["text"] == llama["text"]
+    r["same_text_as_llama_cpp"] = {q: r["texts"][q] == llama["texts"][q] for q in a.question}
 print(json.dumps(out, indent=1))
