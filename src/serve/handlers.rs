@@ -171,12 +171,13 @@ pub(crate) fn enqueue(
     Ok(rx)
 }
 
-/// The `Done` event of a job (other events skipped), within the request timeout.
-pub(crate) async fn finished(
+/// The answer of a job (its other events skipped), within the request timeout.
+pub(crate) async fn answered(
     app: &AppRef,
     rx: &mut UnboundedReceiver<JobEvent>,
     deadline: tokio::time::Instant,
-) -> Result<JobEvent, ApiError> {
+    max_new: usize,
+) -> Result<AnswerResponse, ApiError> {
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return Err(timed_out(app)),
@@ -187,7 +188,11 @@ pub(crate) async fn finished(
                 ))
             }
             Ok(Some(JobEvent::Failed(e))) => return Err(e),
-            Ok(Some(done @ JobEvent::Done { .. })) => return Ok(done),
+            Ok(Some(JobEvent::Done {
+                result,
+                kb,
+                timings,
+            })) => return Ok(AnswerResponse::new(*result, max_new, kb, timings)),
             Ok(Some(_)) => {}
         }
     }
@@ -346,15 +351,8 @@ async fn answer(
     let mut rx = enqueue(&app, req.question, opts, arrived)?;
     let deadline = tokio::time::Instant::from_std(arrived) + timeout(&app);
     if !req.stream {
-        let JobEvent::Done {
-            result,
-            kb,
-            timings,
-        } = finished(&app, &mut rx, deadline).await?
-        else {
-            unreachable!("finished returns Done")
-        };
-        return Ok(Json(AnswerResponse::new(*result, max_new, kb, timings)).into_response());
+        let a = answered(&app, &mut rx, deadline, max_new).await?;
+        return Ok(Json(a).into_response());
     }
     Ok(Sse::new(answer_events(app, rx, deadline, max_new))
         .keep_alive(KeepAlive::default())

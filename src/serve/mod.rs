@@ -94,9 +94,14 @@ pub fn serve(config: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Resu
                 config.generator.display()
             )
         })?;
+    // Retrievals run on the blocking pool: more of them at once than cores only adds latency, and
+    // every thread keeps its own malloc arena (freed buffers are kept for reuse,
+    // `reuse_freed_memory`), so the pool is as large as the machine.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("rustrag-serve")
+        .max_blocking_threads(cores.max(2))
         .build()?;
     runtime.block_on(async move {
         let app = state::App::new(config.clone(), pipeline)?;

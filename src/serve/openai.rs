@@ -3,8 +3,8 @@
 //! 400 naming the field). Sources ride in an extra `sources` field (and each streamed chunk's
 //! `provenance`), which OpenAI clients ignore.
 
-use super::api::{check_question, AnswerResponse, AnswerSettings, ApiError, JsonBody};
-use super::handlers::{enqueue, finished, limits, timed_out, timeout};
+use super::api::{check_question, AnswerSettings, ApiError, JsonBody};
+use super::handlers::{answered, enqueue, limits, timed_out, timeout};
 use super::queue::JobEvent;
 use super::AppRef;
 use crate::rag::RagMode;
@@ -218,15 +218,7 @@ pub async fn chat_completions(
     let mut rx = enqueue(&app, question, opts, arrived)?;
     let deadline = tokio::time::Instant::from_std(arrived) + timeout(&app);
     if !req.stream {
-        let JobEvent::Done {
-            result,
-            kb,
-            timings,
-        } = finished(&app, &mut rx, deadline).await?
-        else {
-            unreachable!("finished returns Done")
-        };
-        let a = AnswerResponse::new(*result, max_new, kb, timings);
+        let a = answered(&app, &mut rx, deadline, max_new).await?;
         let (cut, stopped) = cut_at_stop(&a.answer, &stops);
         let completion = a.ids.len().saturating_sub(1);
         let finish = if stopped { "stop" } else { a.finish_reason };
