@@ -358,7 +358,10 @@ impl AnswerSettings {
         if let Some(n) = self.n_docs {
             check_n_docs(field("n_docs"), n, limits)?;
         }
-        let max_new = self.max_new_tokens.unwrap_or(default_max_new);
+        // The route's default, within the server's limit.
+        let max_new = self
+            .max_new_tokens
+            .unwrap_or(default_max_new.min(limits.max_new_tokens));
         if max_new == 0 || max_new > limits.max_new_tokens {
             let f = field("max_new_tokens");
             return Err(ApiError::field(

@@ -52,7 +52,7 @@ pub fn document() -> Value {
         "info": {
             "title": "rustrag serve",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Retrieval-augmented generation over a rustrag knowledge base. Errors are {\"error\": {message, type, param, code}}; unknown fields are refused.",
+            "description": "Retrieval-augmented generation over a rustrag knowledge base. Errors are {\"error\": {message, type, param, code}}; unknown fields are refused. Limits set when the server starts (ServeConfig: max_n_docs, max_new_tokens, max_questions, max_body_bytes, the KB size) are checked per request and answered 400 naming the field.",
         },
         "paths": {
             "/": {"get": {"summary": "The web page: ask, watch the answer stream in with each token shaded by its source",
@@ -68,7 +68,9 @@ pub fn document() -> Value {
                 "responses": {"200": ok_json("OpenAPI 3.1", json!({"type": "object"}))}}},
             "/v1/retrieve": {"post": {
                 "summary": "Top-k passages with their retrieval scores and doc priors p(z|x)",
-                "requestBody": body(json!({"type": "object", "additionalProperties": false, "properties": {
+                "requestBody": body(json!({"type": "object", "additionalProperties": false,
+                    "oneOf": [{"required": ["question"]}, {"required": ["questions"]}],
+                    "properties": {
                     "question": {"type": "string", "minLength": 1},
                     "questions": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                     "k": {"type": "integer", "minimum": 1, "default": 3},
@@ -111,7 +113,7 @@ pub fn document() -> Value {
                     "temperature": {"type": "number", "enum": [0]},
                     "top_p": {"type": "number", "enum": [1]},
                     "n": {"type": "integer", "enum": [1]},
-                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+                    "stop": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
                     "stream": {"type": "boolean", "default": false},
                     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": false},
                     "user": {"type": "string"},
