@@ -23,6 +23,7 @@ pub mod nn;
 pub mod progress;
 pub mod rag;
 pub mod retrieve;
+pub mod serve;
 #[cfg(test)]
 mod testutil;
 pub mod tokenize;

@@ -21,6 +21,7 @@ pub mod eval;
 pub mod index;
 pub mod pipeline_args;
 pub mod retrieve;
+pub mod serve;
 pub mod train;
 pub mod train_retriever;
 
@@ -60,6 +61,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Fine-tune models (RAG).
     Train(train::Args),
+    /// Serve retrieval and answers over HTTP (own API, OpenAI-compatible API, web page).
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => embed::run(a, cli.json),
         Command::Bench(a) => bench::run(a, cli.json),
         Command::Train(a) => train::run(a, cli.json),
+        Command::Serve(a) => serve::run(a, cli.json),
     }
 }
 

@@ -473,6 +473,20 @@ impl RagModel {
     /// KV cache of every (beam, doc) row reordered per step). Returns `[batch * num_return_sequences]`
     /// sequences (HF padding/fill conventions).
     pub fn generate_token(&self, ctx: &RagContext, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+        self.generate_token_observed(ctx, p, None)
+    }
+
+    /// [`Self::generate_token`] telling `observer` each token as greedy decoding chooses it, with
+    /// its posterior p(z | x, y_i, y<i) over the question's documents (the quantity
+    /// [`Self::doc_posteriors`] computes after the fact, here from the decoding step's own
+    /// log-probabilities). An observer needs greedy decoding (`num_beams == 1`); its error stops
+    /// decoding and is returned.
+    pub fn generate_token_observed(
+        &self,
+        ctx: &RagContext,
+        p: &GenerationParams,
+        observer: Option<&mut TokenObserver<'_>>,
+    ) -> Result<Vec<Vec<u32>>> {
         let batch = ctx.batch();
         let k = ctx.n_docs;
         let nb = p.num_beams;
@@ -487,12 +501,18 @@ impl RagModel {
         let state = state.select_rows(&Tensor::new(rows.as_slice(), &self.device)?)?;
         let doc_lp = loss::doc_log_prior(&ctx.prior_scores()?.detach(), DType::F32)?;
         let doc_lp = repeat_interleave_rows(&doc_lp, nb)?; // [batch*nb, k]
+        if observer.is_some() && nb != 1 {
+            bail!("token-by-token observation needs greedy decoding (beams 1), got {nb} beams");
+        }
         let mut scorer = MarginalScorer {
             model: self,
             state,
             doc_lp,
             n_docs: k,
             started: false,
+            observer,
+            last_lp: None,
+            position: 0,
         };
         if nb == 1 {
             search::greedy(&mut scorer, batch, p)
@@ -739,12 +759,7 @@ impl RagModel {
         let pad = self.generator_pad();
         // Stop at the answer's EOS (kept) or padding (dropped).
         let eos = self.generator.special_ids().eos;
-        let end = ids
-            .iter()
-            .enumerate()
-            .skip(1)
-            .find(|(_, &t)| t == eos || t == pad)
-            .map_or(ids.len(), |(i, &t)| if t == eos { i + 1 } else { i });
+        let end = generated_end(ids, eos, pad);
         let ids = &ids[..end.max(2).min(ids.len())];
         let labels = ids_tensor(&[ids.to_vec()], &self.device)?;
         let logits = self.forward(&qctx, &labels)?; // [k, T, V]
@@ -779,6 +794,16 @@ pub struct SequenceDetails {
     pub top_candidate_indices: Vec<usize>,
 }
 
+/// Length of a generated row `ids` (decoder start token first): up to its first EOS (kept) or
+/// padding (dropped), else all of it.
+pub fn generated_end(ids: &[u32], eos: u32, pad: u32) -> usize {
+    ids.iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, &t)| t == eos || t == pad)
+        .map_or(ids.len(), |(i, &t)| if t == eos { i + 1 } else { i })
+}
+
 /// Refuse `n_docs` of 0 or more than the knowledge base holds (no silent clamp: the prior and the
 /// losses are over exactly n_docs documents).
 pub fn check_n_docs(n_docs: usize, kb_len: usize) -> Result<()> {
@@ -800,17 +825,38 @@ pub fn repeat_interleave_rows(t: &Tensor, n: usize) -> Result<Tensor> {
     Ok(t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0)?)
 }
 
+/// One token of a greedy RAG-Token decode, as it is chosen.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenStep<'a> {
+    /// Row of the decoded batch (the question).
+    pub row: usize,
+    /// Position among the generated tokens (0 = the first after the decoder start token).
+    pub position: usize,
+    pub token: u32,
+    /// p(z | x, y_i, y<i) ∝ p(z|x) p(y_i | x, z, y<i): `[n_docs]`, sums to 1.
+    pub doc_posterior: &'a [f32],
+}
+
+/// Receives each [`TokenStep`]; an error stops decoding.
+pub type TokenObserver<'a> = dyn FnMut(TokenStep<'_>) -> Result<()> + 'a;
+
 /// RAG-Token marginal scores for search rows `[batch][beam]` over decoder rows `[batch][beam][doc]`.
-struct MarginalScorer<'a> {
+struct MarginalScorer<'a, 'o, 'f> {
     model: &'a RagModel,
     state: DecodeState,
     /// `[search rows, n_docs]` log p(z|x).
     doc_lp: Tensor,
     n_docs: usize,
     started: bool,
+    /// Told each chosen token (greedy only).
+    observer: Option<&'o mut TokenObserver<'f>>,
+    /// With an observer: the last step's per-document log-probs `[search rows, n_docs, vocab]`.
+    last_lp: Option<Tensor>,
+    /// Generated tokens so far.
+    position: usize,
 }
 
-impl StepScorer for MarginalScorer<'_> {
+impl StepScorer for MarginalScorer<'_, '_, '_> {
     fn next_scores(&mut self, last: Option<&[u32]>) -> Result<Vec<f32>> {
         let g = &self.model.generator;
         let logits = match (last, self.started) {
@@ -836,7 +882,35 @@ impl StepScorer for MarginalScorer<'_> {
             v,
         ))?;
         let marg = loss::marginalize_docs(&lp, &self.doc_lp)?;
+        if self.observer.is_some() {
+            self.last_lp = Some(lp);
+        }
         Ok(marg.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn chosen(&mut self, tokens: &[u32], live: &[bool]) -> Result<()> {
+        let (Some(observer), Some(lp)) = (self.observer.as_mut(), &self.last_lp) else {
+            return Ok(());
+        };
+        let k = self.n_docs;
+        // log p(y_i | x, z, y<i) of each row's chosen token: [rows, n_docs].
+        let idx: Vec<u32> = tokens
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, k))
+            .collect();
+        let idx = Tensor::from_vec(idx, (tokens.len(), k, 1), &self.model.device)?;
+        let tok_lp = lp.gather(&idx, 2)?.squeeze(2)?;
+        let post = loss::doc_posterior(&tok_lp, &self.doc_lp)?.to_vec2::<f32>()?;
+        for (row, post) in post.iter().enumerate().filter(|&(r, _)| live[r]) {
+            observer(TokenStep {
+                row,
+                position: self.position,
+                token: tokens[row],
+                doc_posterior: post,
+            })?;
+        }
+        self.position += 1;
+        Ok(())
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {

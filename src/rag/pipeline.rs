@@ -15,7 +15,7 @@ use crate::generators::{Decoder, Generator};
 use crate::kb::KnowledgeBase;
 use crate::rag::config::{GenerationSettings, RagConfig, RagMode};
 use crate::rag::context::{InputFormat, PromptFormat, Truncation};
-use crate::rag::model::{RagContext, RagModel};
+use crate::rag::model::{RagContext, RagModel, TokenStep};
 use crate::rag::{loss, InMemoryIndex};
 use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
 use crate::retrieve::dense::DenseRetriever;
@@ -167,6 +167,31 @@ impl Default for PipelineConfig {
     }
 }
 
+/// What [`Pipeline::answer_streamed`] tells as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum AnswerEvent<'a> {
+    /// A question's documents, retrieved, before its answer is generated.
+    Sources {
+        /// Index of the question in the call.
+        question: usize,
+        sources: &'a [Source],
+    },
+    /// One generated token (RAG-Token, greedy), the end-of-sequence token included.
+    Token {
+        question: usize,
+        /// Position among the question's generated tokens (0 = first).
+        position: usize,
+        id: u32,
+        /// The token decoded alone (as [`GeneratedAnswer::tokens`] holds it).
+        text: &'a str,
+        /// p(z | x, y_i, y<i) over the question's documents, `[n_docs]`.
+        doc_posterior: &'a [f32],
+    },
+}
+
+/// Receives each [`AnswerEvent`]; an error stops the call.
+pub type AnswerObserver<'a> = dyn FnMut(AnswerEvent<'_>) -> Result<()> + 'a;
+
 /// One retrieved passage of an answer.
 #[derive(Clone, Debug, Serialize)]
 pub struct Source {
@@ -267,7 +292,9 @@ enum Retrieval {
 /// Retrieve → doc prior → generate. Models are loaded once; [`Pipeline::answer`] may be called
 /// any number of times.
 pub struct Pipeline {
-    pub rag: RagModel,
+    /// Shared by the pipelines [`Pipeline::reopen_kb`] makes (a server swapping knowledge bases
+    /// keeps one copy of the generator).
+    pub rag: Arc<RagModel>,
     pub config: PipelineConfig,
     retrieval: Retrieval,
     /// τ in use.
@@ -558,19 +585,40 @@ impl Pipeline {
             true => RetrievalSettings::read(generator)?,
             false => None,
         };
-        Self::open_kb_trained(kb_dir, rag, config, trained.map(|s| (generator, s)))
+        Self::open_kb_trained(
+            kb_dir,
+            Arc::new(rag),
+            config,
+            trained.map(|s| (generator, s)),
+        )
     }
 
     /// A `rustrag index build` knowledge base with a RAG head built by the caller (e.g. a
     /// trainable one from [`open_decoder_only`]).
     pub fn open_kb(kb_dir: &Path, rag: RagModel, config: PipelineConfig) -> Result<Self> {
-        Self::open_kb_trained(kb_dir, rag, config, None)
+        Self::open_kb_trained(kb_dir, Arc::new(rag), config, None)
+    }
+
+    /// This pipeline's generator and settings over the live generation of the knowledge base at
+    /// `kb_dir` (this one's after `rustrag index add`/`reembed`, or another): what a server swaps
+    /// in when its KB changes. The generator is shared, not reloaded; the query encoder and
+    /// retriever are opened for the KB (a trained question encoder is checked against it again).
+    /// Only for `rustrag index build` knowledge bases.
+    pub fn reopen_kb(&self, kb_dir: &Path) -> Result<Self> {
+        if let Retrieval::Checkpoint(_) = self.retrieval {
+            bail!("an HF checkpoint's in-memory knowledge base cannot be reopened");
+        }
+        let trained = match self.rag.source.as_deref() {
+            Some(g) if g.is_dir() => RetrievalSettings::read(g)?.map(|s| (g, s)),
+            _ => None,
+        };
+        Self::open_kb_trained(kb_dir, self.rag.clone(), self.config.clone(), trained)
     }
 
     /// [`Pipeline::open_kb`] with the retrieval settings saved in the generator directory.
     fn open_kb_trained(
         kb_dir: &Path,
-        rag: RagModel,
+        rag: Arc<RagModel>,
         mut config: PipelineConfig,
         trained: Option<(&Path, RetrievalSettings)>,
     ) -> Result<Self> {
@@ -622,11 +670,17 @@ impl Pipeline {
         let (rag, index) =
             crate::rag::checkpoint::load_rag_with_kb(model, kb_dir, config.answer.mode)?;
         let tau = config.prior_temperature.unwrap_or(1.0);
-        Self::new(rag, Retrieval::Checkpoint(index), config, tau, None)
+        Self::new(
+            Arc::new(rag),
+            Retrieval::Checkpoint(index),
+            config,
+            tau,
+            None,
+        )
     }
 
     fn new(
-        mut rag: RagModel,
+        mut rag: Arc<RagModel>,
         retrieval: Retrieval,
         config: PipelineConfig,
         tau: f64,
@@ -638,7 +692,11 @@ impl Pipeline {
         if config.batch_size == 0 {
             bail!("batch_size must be at least 1");
         }
-        rag.prior_temperature = tau;
+        // A fresh model takes the pipeline's τ (its checkpoint contexts read it); a shared one
+        // (`reopen_kb`) serves a KB, whose contexts take the pipeline's τ directly.
+        if let Some(r) = Arc::get_mut(&mut rag) {
+            r.prior_temperature = tau;
+        }
         Ok(Self {
             rag,
             config,
@@ -707,6 +765,30 @@ impl Pipeline {
 
     /// Answer `questions` with per-call settings (unset fields: the pipeline's, then defaults).
     pub fn answer_with(&self, questions: &[String], opts: &AnswerOptions) -> Result<Vec<QaResult>> {
+        self.answer_observed(questions, opts, None)
+    }
+
+    /// [`Pipeline::answer_with`] telling `on_event` each question's sources once retrieved and,
+    /// for RAG-Token with greedy decoding, each generated token as it is chosen with its
+    /// posterior over the documents (what a server streams). The tokens and posteriors are the
+    /// ones the returned answers hold (posteriors up to float rounding: here from the decoding
+    /// steps, there from a teacher-forced pass; no pass is made with `provenance: false`).
+    /// Other modes and beam search are refused. An error from `on_event` stops the call.
+    pub fn answer_streamed(
+        &self,
+        questions: &[String],
+        opts: &AnswerOptions,
+        on_event: &mut AnswerObserver<'_>,
+    ) -> Result<Vec<QaResult>> {
+        self.answer_observed(questions, opts, Some(on_event))
+    }
+
+    fn answer_observed(
+        &self,
+        questions: &[String],
+        opts: &AnswerOptions,
+        mut on_event: Option<&mut AnswerObserver<'_>>,
+    ) -> Result<Vec<QaResult>> {
         let (n_docs, tau) = self.retrieval_settings(questions, opts)?;
         let d = &self.config.answer;
         let closed_book = opts.closed_book || d.closed_book;
@@ -757,26 +839,53 @@ impl Pipeline {
                 self.config.max_decode_rows
             );
         }
+        if on_event.is_some() && (mode != RagMode::Token || params.num_beams != 1) {
+            bail!(
+                "streaming needs RAG-Token with greedy decoding (mode token, beams 1), got {mode:?} with {} beams",
+                params.num_beams
+            );
+        }
         let rag_format = self.format_leaving(params.max_length - 1)?;
+        let tok = &self.rag.generator_tokenizer;
         let mut out = Vec::with_capacity(questions.len());
-        for chunk in questions.chunks(self.config.batch_size) {
+        for (c, chunk) in questions.chunks(self.config.batch_size).enumerate() {
+            let first = c * self.config.batch_size;
             let (retrieved, ctx) = match closed_book {
                 true => self.question_only(chunk, rag_format.as_ref())?,
                 false => self.retrieve(chunk, n_docs, rag_format.as_ref())?,
             };
             let ctx = ctx.with_temperature(tau)?;
-            let ids = match (mode, opts.sequence_decoding) {
-                (RagMode::Token, _) => self.rag.generate_token(&ctx, &params)?,
-                (RagMode::Sequence, SequenceDecoding::Fast) => {
+            let sources = sources(&retrieved, &ctx)?;
+            let ids = match (mode, opts.sequence_decoding, on_event.as_mut()) {
+                (RagMode::Token, _, Some(on_event)) => {
+                    for (i, s) in sources.iter().enumerate() {
+                        on_event(AnswerEvent::Sources {
+                            question: first + i,
+                            sources: s,
+                        })?;
+                    }
+                    let mut observer = |step: TokenStep<'_>| -> Result<()> {
+                        on_event(AnswerEvent::Token {
+                            question: first + step.row,
+                            position: step.position,
+                            id: step.token,
+                            text: &tok.decode(&[step.token], false)?,
+                            doc_posterior: step.doc_posterior,
+                        })
+                    };
+                    self.rag
+                        .generate_token_observed(&ctx, &params, Some(&mut observer))?
+                }
+                (RagMode::Token, _, None) => self.rag.generate_token(&ctx, &params)?,
+                (RagMode::Sequence, SequenceDecoding::Fast, _) => {
                     self.rag.generate_sequence_fast(&ctx, &params)?.0
                 }
-                (RagMode::Sequence, SequenceDecoding::Thorough) => {
+                (RagMode::Sequence, SequenceDecoding::Thorough, _) => {
                     self.rag
                         .generate_sequence(&ctx, &params, self.rag.config.do_deduplication)?
                         .0
                 }
             };
-            let sources = sources(&retrieved, &ctx)?;
             let per_q = ids.len() / chunk.len();
             for (i, (q, sources)) in chunk.iter().zip(sources).enumerate() {
                 let r = &retrieved[i];

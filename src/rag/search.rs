@@ -13,6 +13,13 @@ pub trait StepScorer {
     /// Keep/reorder/duplicate rows: new row `i` continues old row `rows[i]`.
     fn reorder(&mut self, rows: &[usize]) -> Result<()>;
     fn vocab_size(&self) -> usize;
+    /// The token [`greedy`] chose for every row at this step; `live[r]`: row `r` had not finished,
+    /// so its token is generated, not padding. For streaming: an error stops the search (the
+    /// reader went away). Beam search does not call it (a beam's tokens are not final until the
+    /// end). Default: nothing.
+    fn chosen(&mut self, _tokens: &[u32], _live: &[bool]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// In-place log-softmax of one row.
@@ -150,6 +157,7 @@ pub fn greedy_scored(
             }
             next.push(tok);
         }
+        scorer.chosen(&next, &unfinished)?;
         for r in 0..rows {
             seqs[r].push(next[r]);
             let len = seqs[r].len();
@@ -387,6 +395,8 @@ mod tests {
         vocab: usize,
         rows: Vec<u32>,
         table: Vec<Vec<f32>>,
+        /// What [`StepScorer::chosen`] was told.
+        chosen: Vec<(Vec<u32>, Vec<bool>)>,
     }
 
     impl StepScorer for Table {
@@ -406,6 +416,10 @@ mod tests {
         }
         fn vocab_size(&self) -> usize {
             self.vocab
+        }
+        fn chosen(&mut self, tokens: &[u32], live: &[bool]) -> Result<()> {
+            self.chosen.push((tokens.to_vec(), live.to_vec()));
+            Ok(())
         }
     }
 
@@ -435,6 +449,7 @@ mod tests {
                 vec![1e-9, 0.3, 0.05, 0.65],
                 vec![1e-9, 0.9, 0.05, 0.05],
             ],
+            chosen: Vec::new(),
         }
     }
 
@@ -473,6 +488,10 @@ mod tests {
         t.rows = vec![0, 0];
         let out = greedy(&mut t, 2, &params(1, 1))?;
         assert_eq!(out, vec![vec![0, 2, 3, 1], vec![0, 2, 3, 1]]);
+        // Each step's tokens are told as chosen, every row live until its EOS.
+        let told: Vec<u32> = t.chosen.iter().map(|(tok, _)| tok[0]).collect();
+        assert_eq!(told, vec![2, 3, 1]);
+        assert!(t.chosen.iter().all(|(_, live)| live == &[true, true]));
         Ok(())
     }
 
