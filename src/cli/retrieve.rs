@@ -57,7 +57,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let kb = Arc::new(KnowledgeBase::open(&args.kb)?);
     let m = kb.manifest().clone();
     let encoder = match &args.encoder {
-        Some(spec) => super::index::load_encoder(spec, 32, None, false)?,
+        Some(spec) => super::index::load_encoder(spec, 32, None, false, None)?,
         None => super::index::manifest_encoder(&kb, 32, None, false)?,
     };
     let ef = match (args.exact, &m.hnsw) {

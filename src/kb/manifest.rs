@@ -263,7 +263,26 @@ impl Manifest {
                 kb.kind
             );
         }
+        // Instruction prefixes (E5's "query: "): queries must carry the one the KB was built for.
+        if q.prefixes.query != kb.prefixes.query {
+            bail!(
+                "query encoder {} prefixes queries with {:?} ({}), the knowledge base was built for the query prefix {:?} ({}); omit --encoder to use the manifest's",
+                q.source,
+                q.prefixes.query,
+                or_none(&q.prefixes.source),
+                kb.prefixes.query,
+                or_none(&kb.prefixes.source)
+            );
+        }
         Ok(())
+    }
+}
+
+fn or_none(source: &str) -> &str {
+    if source.is_empty() {
+        "no prefix"
+    } else {
+        source
     }
 }
 
@@ -340,6 +359,7 @@ mod tests {
                 normalized,
                 weights_sha256: "00".into(),
                 int8: false,
+                prefixes: Default::default(),
             },
             dim: 4,
             dtype: EmbeddingDtype::F32,

@@ -270,11 +270,12 @@ pub struct Pipeline {
     context_window: Option<usize>,
 }
 
-/// The query encoder a KB was embedded with (the manifest's `encoder.source`).
+/// The query encoder a KB was embedded with (the manifest's `encoder.source` and prefixes).
 pub fn load_kb_encoder(kb: &KnowledgeBase, batch_size: usize) -> Result<Arc<dyn TextEncoder>> {
     let spec = &kb.manifest().encoder.source;
     let opts = LoadOptions {
         batch_size,
+        prefixes: Some(kb.manifest().encoder.prefixes.clone()),
         ..Default::default()
     };
     let encoder = crate::encoders::load_encoder(spec, &opts)

@@ -1,0 +1,392 @@
+//! Encoder families (MPNet, XLM-RoBERTa, RoBERTa) and cross-encoders (BERT, XLM-R) against
+//! sentence-transformers / transformers on tiny random models made offline by
+//! tests/fixtures/make_encoder_fixtures.py (reference values in tests/fixtures/encoders/reference.json).
+//!
+//! Tolerances: embeddings and logits to 1e-4 absolute. Both sides run float32; the references
+//! are torch's outputs, ours sum in a different order (packed gemm panels, fused softmax and
+//! LayerNorm), which moves float32 results by a few 1e-7 relative per layer; 1e-4 leaves two
+//! orders of magnitude for that while still catching any wrong term (a missing bias, position
+//! offset or pooling row changes values by >= 1e-2 on these random models). Token ids: exact.
+
+use anyhow::Result;
+use candle_core::Device;
+use rustrag::encoders::{
+    load_encoder, CrossEncoder, LoadOptions, Prefixes, SentenceEncoder, TextEncoder,
+};
+use rustrag::tokenize::Padding;
+use serde_json::Value;
+use std::path::PathBuf;
+
+const TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders")
+}
+
+fn reference() -> Value {
+    let path = fixtures().join("reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run make_encoder_fixtures.py)", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        batch_size: 3,
+        ..Default::default()
+    }
+}
+
+fn model(name: &str) -> String {
+    fixtures().join(name).display().to_string()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Largest |got - want| over equal-shaped matrices (shape checked).
+fn max_diff(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    assert_eq!(got.len(), want.len(), "rows");
+    assert!(!got.is_empty(), "no rows compared");
+    got.iter()
+        .zip(want)
+        .flat_map(|(g, w)| {
+            assert_eq!(g.len(), w.len(), "columns");
+            g.iter().zip(w).map(|(a, b)| (a - b).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+fn check_embeddings(name: &str, key: &str, got: &[Vec<f32>]) {
+    let r = reference();
+    let want = matrix(&r["models"][name][key]);
+    let d = max_diff(got, &want);
+    println!(
+        "{name} {key}: max |diff| {d:.2e} over {} x {}",
+        want.len(),
+        want[0].len()
+    );
+    assert!(d < TOL, "{name} {key}: max |diff| {d} >= {TOL}");
+}
+
+fn texts() -> Vec<String> {
+    strings(&reference()["texts"])
+}
+
+#[test]
+fn mpnet_sentence_transformers_embeddings_equal_reference() -> Result<()> {
+    let enc = load_encoder(&model("mpnet-st"), &opts())?;
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    check_embeddings(
+        "mpnet-st",
+        "embeddings",
+        &enc.encode_texts(&refs)?.to_vec2()?,
+    );
+    let fp = enc.fingerprint();
+    assert_eq!(
+        (fp.pooling.as_str(), fp.normalized, fp.dim),
+        ("mean", true, 32)
+    );
+    Ok(())
+}
+
+#[test]
+fn xlmr_embeddings_and_prompts_equal_reference() -> Result<()> {
+    let enc = SentenceEncoder::load(&model("xlmr-st"), &opts())?;
+    assert_eq!(enc.prefixes.query, "query: ");
+    assert_eq!(enc.prefixes.passage, "passage: ");
+    assert!(enc
+        .prefixes
+        .source
+        .ends_with("config_sentence_transformers.json prompts"));
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    // queries carry the query prompt, passages (no title) the passage prompt
+    check_embeddings(
+        "xlmr-st",
+        "query_embeddings",
+        &enc.encode_texts(&refs)?.to_vec2()?,
+    );
+    let titles = vec![""; refs.len()];
+    let passages = enc.encode_passages(&titles, &refs)?.to_vec2()?;
+    check_embeddings("xlmr-st", "passage_embeddings", &passages);
+    // no prompt: prefixes overridden to empty
+    let plain = SentenceEncoder::load(
+        &model("xlmr-st"),
+        &LoadOptions {
+            prefixes: Some(Prefixes::default()),
+            ..opts()
+        },
+    )?;
+    check_embeddings(
+        "xlmr-st",
+        "embeddings",
+        &plain.encode_texts(&refs)?.to_vec2()?,
+    );
+    assert_eq!(enc.fingerprint().prefixes, enc.prefixes);
+    assert!(plain.fingerprint().prefixes.is_empty());
+    Ok(())
+}
+
+#[test]
+fn roberta_max_and_lasttoken_pooling_equal_reference() -> Result<()> {
+    let enc = load_encoder(&model("roberta-st"), &opts())?;
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    check_embeddings(
+        "roberta-st",
+        "embeddings",
+        &enc.encode_texts(&refs)?.to_vec2()?,
+    );
+    let fp = enc.fingerprint();
+    assert_eq!(
+        (fp.pooling.as_str(), fp.normalized, fp.dim),
+        ("max+lasttoken", false, 64)
+    );
+    Ok(())
+}
+
+#[test]
+fn int8_mpnet_stays_close() -> Result<()> {
+    // The relative position bias also goes through the int8 path's fused attention.
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    let int8 = load_encoder(
+        &model("mpnet-st"),
+        &LoadOptions {
+            int8: true,
+            ..opts()
+        },
+    )?;
+    assert!(int8.fingerprint().int8);
+    let want = matrix(&reference()["models"]["mpnet-st"]["embeddings"]);
+    let d = max_diff(&int8.encode_texts(&refs)?.to_vec2()?, &want);
+    // normalised vectors; dynamic int8 of tiny random layers: a few 1e-2 at most
+    assert!(d < 0.1, "int8 max diff {d}");
+    Ok(())
+}
+
+#[test]
+fn trainable_mpnet_composed_path_equals_reference() -> Result<()> {
+    // Trainable weights run the composed (non-fused) layers, bias added to the mask there.
+    let enc = SentenceEncoder::load(
+        &model("mpnet-st"),
+        &LoadOptions {
+            trainable: true,
+            ..opts()
+        },
+    )?;
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    check_embeddings(
+        "mpnet-st",
+        "embeddings",
+        &enc.encode_texts(&refs)?.to_vec2()?,
+    );
+    Ok(())
+}
+
+fn check_tokenizer(model_dir: &str, key: &str) -> Result<()> {
+    let r = reference();
+    let enc = SentenceEncoder::load(&model(model_dir), &opts())?;
+    let mut sample = strings(&r["multilingual"]);
+    sample.extend(strings(&r["texts"]));
+    let refs: Vec<&str> = sample.iter().map(|s| s.as_str()).collect();
+    let got = enc
+        .tokenizer
+        .encode_batch(&refs, true, None, Padding::None)?
+        .input_ids;
+    let want: Vec<Vec<u32>> = serde_json::from_value(r["tokenizers"][key].clone())?;
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "{key} tokenizer, text {i}: {:?}", refs[i]);
+    }
+    Ok(())
+}
+
+#[test]
+fn mpnet_tokenizer_equals_hf_on_multilingual_text() -> Result<()> {
+    check_tokenizer("mpnet-st", "mpnet")
+}
+
+#[test]
+fn xlmr_sentencepiece_tokenizer_equals_hf_on_multilingual_text() -> Result<()> {
+    check_tokenizer("xlmr-st", "xlmr")
+}
+
+fn check_cross_encoder(name: &str) -> Result<()> {
+    let r = reference();
+    let pairs: Vec<(String, String)> = serde_json::from_value(r["pairs"].clone())?;
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(q, p)| (q.as_str(), p.as_str()))
+        .collect();
+    let ce = CrossEncoder::load(&model(name), &opts())?;
+    let got = ce.score_pairs(&refs)?;
+    let want: Vec<f32> = serde_json::from_value(r["cross_encoders"][name].clone())?;
+    let d = max_diff(&[got.clone()], &[want.clone()]);
+    println!("{name}: max |logit diff| {d:.2e} over {} pairs", want.len());
+    assert!(d < TOL, "{name}: logits {got:?} vs {want:?}");
+    // and the order a reranker takes from them
+    let order = |s: &[f32]| {
+        let mut o: Vec<usize> = (0..s.len()).collect();
+        o.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+        o
+    };
+    assert_eq!(order(&got), order(&want));
+    Ok(())
+}
+
+#[test]
+fn bert_cross_encoder_scores_equal_reference() -> Result<()> {
+    check_cross_encoder("bert-ce")
+}
+
+#[test]
+fn xlmr_cross_encoder_scores_equal_reference() -> Result<()> {
+    check_cross_encoder("xlmr-ce")
+}
+
+/// A copy of a fixture directory in a temp dir, to break.
+fn copy_fixture(name: &str) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    for e in std::fs::read_dir(fixtures().join(name))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), tmp.path().join(e.file_name()))?;
+        } else {
+            let sub = tmp.path().join(e.file_name());
+            std::fs::create_dir(&sub)?;
+            for f in std::fs::read_dir(e.path())? {
+                let f = f?;
+                std::fs::copy(f.path(), sub.join(f.file_name()))?;
+            }
+        }
+    }
+    Ok(tmp)
+}
+
+fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut Value)) -> Result<()> {
+    let path = dir.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_string(&v)?)?;
+    Ok(())
+}
+
+#[test]
+fn unsupported_model_type_names_the_supported_ones() -> Result<()> {
+    let tmp = copy_fixture("mpnet-st")?;
+    edit_config(tmp.path(), |v| v["model_type"] = "deberta-v2".into())?;
+    let err = match load_encoder(&tmp.path().display().to_string(), &opts()) {
+        Ok(_) => panic!("deberta-v2 loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("config.json"), "{err}");
+    assert!(err.contains("`deberta-v2` is not supported"), "{err}");
+    assert!(err.contains("bert, roberta, xlm-roberta, mpnet"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn tokenizer_larger_than_the_embedding_table_is_an_error_naming_both_files() -> Result<()> {
+    let tmp = copy_fixture("xlmr-st")?;
+    edit_config(tmp.path(), |v| v["vocab_size"] = 100.into())?;
+    let err = match load_encoder(&tmp.path().display().to_string(), &opts()) {
+        Ok(_) => panic!("loaded with a vocabulary larger than the model"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("tokenizer.json"), "{err}");
+    assert!(err.contains("vocab_size 100"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    // the same for a cross-encoder
+    let tmp = copy_fixture("bert-ce")?;
+    edit_config(tmp.path(), |v| v["vocab_size"] = 50.into())?;
+    let err = match CrossEncoder::load(&tmp.path().display().to_string(), &opts()) {
+        Ok(_) => panic!("cross-encoder loaded with a vocabulary larger than the model"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("tokenizer.json") && err.contains("vocab_size 50"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cross_encoder_bad_input_is_refused() -> Result<()> {
+    // an embedder is not a cross-encoder, and a cross-encoder is not an embedder
+    let err = CrossEncoder::load(&model("mpnet-st"), &opts())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("not a supported cross-encoder"),
+        "{err:#}"
+    );
+    let err = load_encoder(&model("xlmr-ce"), &opts()).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("pass it as `--rerank`"),
+        "{err:#}"
+    );
+    // two labels
+    let tmp = copy_fixture("bert-ce")?;
+    edit_config(tmp.path(), |v| {
+        v["id2label"] = serde_json::json!({"0": "no", "1": "yes"});
+    })?;
+    let err = CrossEncoder::load(&tmp.path().display().to_string(), &opts())
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("num_labels 1"), "{err:#}");
+    // a missing head tensor names it
+    let tmp = copy_fixture("xlmr-ce")?;
+    let st = tmp.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu)?;
+    let kept: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier.out_proj"))
+        .collect();
+    candle_core::safetensors::save(&kept, &st)?;
+    let err = CrossEncoder::load(&tmp.path().display().to_string(), &opts())
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("out_proj"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn pooling_config_with_include_prompt_false_is_refused() -> Result<()> {
+    let tmp = copy_fixture("mpnet-st")?;
+    std::fs::write(
+        tmp.path().join("1_Pooling/config.json"),
+        r#"{"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": false}"#,
+    )?;
+    let err = load_encoder(&tmp.path().display().to_string(), &opts())
+        .err()
+        .unwrap();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("1_Pooling") && err.contains("include_prompt"),
+        "{err}"
+    );
+    // legacy flags keep working: mean via pooling_mode_mean_tokens
+    std::fs::write(
+        tmp.path().join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}"#,
+    )?;
+    let enc = load_encoder(&tmp.path().display().to_string(), &opts())?;
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    check_embeddings(
+        "mpnet-st",
+        "embeddings",
+        &enc.encode_texts(&refs)?.to_vec2()?,
+    );
+    Ok(())
+}
