@@ -65,6 +65,10 @@ pub struct Args {
     /// most faithful answers; small models like SmolLM2-135M flip near-tied tokens under 8-bit activations).
     #[arg(long, default_value = "f32", value_parser = ["f32", "quantized"])]
     pub gguf_weights: String,
+    /// With --generator: rerank the retriever's candidates with a cross-encoder; the doc prior
+    /// is then softmax(rerank score / --rerank-temperature).
+    #[command(flatten)]
+    pub rerank: super::retrieve::RerankArgs,
 }
 
 fn read_questions(args: &Args) -> Result<Vec<String>> {
@@ -98,6 +102,7 @@ fn config(args: &Args) -> Result<PipelineConfig> {
     Ok(PipelineConfig {
         retriever: args.retriever.parse::<RetrieverKind>()?,
         prior_temperature: args.prior_temperature,
+        rerank: args.rerank.config()?,
         gguf_weights: match args.gguf_weights.as_str() {
             "quantized" => WeightsChoice::Quantized,
             _ => WeightsChoice::F32,
