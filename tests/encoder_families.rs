@@ -390,3 +390,88 @@ fn pooling_config_with_include_prompt_false_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn reranking_retriever_keeps_the_cross_encoders_top_k() -> Result<()> {
+    use rustrag::kb::Passage;
+    use rustrag::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
+    use rustrag::retrieve::rerank::{RerankConfig, RerankingRetriever};
+    use rustrag::retrieve::Retriever;
+    let texts = [
+        (
+            "Broncos",
+            "The Denver Broncos won Super Bowl 50 against the Carolina Panthers.",
+        ),
+        (
+            "Panthers",
+            "The Carolina Panthers lost Super Bowl 50 to the Broncos.",
+        ),
+        (
+            "Normandy",
+            "Normandy is a region in France named after the Normans.",
+        ),
+        (
+            "Super Bowl",
+            "Super Bowl 50 was played in Santa Clara, California.",
+        ),
+        (
+            "Football",
+            "The National Football League decides its champion in the Super Bowl.",
+        ),
+        ("Paris", "Paris is the capital of France."),
+    ];
+    let passages: Vec<Passage> = (texts.iter().enumerate())
+        .map(|(i, (title, text))| Passage {
+            id: format!("p{i}"),
+            title: title.to_string(),
+            text: text.to_string(),
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    build_index(dir.path(), &passages, &Bm25Config::default())?;
+    let first = Bm25Retriever::open(dir.path(), Bm25Params::default())?;
+    let queries = ["who won super bowl 50", "region of france"];
+    let config = RerankConfig {
+        batch_size: 4,
+        ..RerankConfig::new(&model("bert-ce"), 6)
+    };
+    let reranking = RerankingRetriever::from_config(Box::new(first), &config)?;
+    let hits = reranking.retrieve(&queries, None, 3)?;
+    let ce = CrossEncoder::load(&model("bert-ce"), &opts())?;
+    let first = Bm25Retriever::open(dir.path(), Bm25Params::default())?;
+    let candidates = first.retrieve(&queries, None, 6)?;
+    for ((q, h), c) in queries.iter().zip(&hits).zip(&candidates) {
+        // every first-stage candidate scored as "title text", the best 3 kept in order
+        let joined: Vec<String> = (c.passages.iter())
+            .map(|p| format!("{} {}", p.title, p.text))
+            .collect();
+        let pairs: Vec<(&str, &str)> = joined.iter().map(|p| (*q, p.as_str())).collect();
+        let scores = ce.score_pairs(&pairs)?;
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        // BM25 returns only passages sharing a term with the query
+        let keep = 3.min(c.doc_ids.len());
+        assert!(keep >= 2, "{q}: {} candidates", c.doc_ids.len());
+        let want_ids: Vec<u64> = order[..keep].iter().map(|&i| c.doc_ids[i]).collect();
+        assert_eq!(h.doc_ids, want_ids, "{q}");
+        for (j, &i) in order[..keep].iter().enumerate() {
+            assert!((h.scores[j] - scores[i]).abs() < 1e-6, "{q}: score {j}");
+            assert_eq!(h.passages[j].id, c.passages[i].id);
+        }
+        assert!(
+            h.scores.windows(2).all(|w| w[0] >= w[1]),
+            "{q}: not best first"
+        );
+    }
+    // bounds are checked before anything loads
+    let bad = RerankConfig::new(&model("bert-ce"), 0).check().unwrap_err();
+    assert!(format!("{bad}").contains("candidates 0"), "{bad}");
+    let bad = RerankConfig {
+        temperature: 0.0,
+        ..RerankConfig::new(&model("bert-ce"), 5)
+    }
+    .check()
+    .unwrap_err();
+    assert!(format!("{bad}").contains("temperature"), "{bad}");
+    Ok(())
+}
