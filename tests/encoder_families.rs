@@ -231,7 +231,7 @@ fn check_cross_encoder(name: &str) -> Result<()> {
     let ce = CrossEncoder::load(&model(name), &opts())?;
     let got = ce.score_pairs(&refs)?;
     let want: Vec<f32> = serde_json::from_value(r["cross_encoders"][name].clone())?;
-    let d = max_diff(&[got.clone()], &[want.clone()]);
+    let d = max_diff(std::slice::from_ref(&got), std::slice::from_ref(&want));
     println!("{name}: max |logit diff| {d:.2e} over {} pairs", want.len());
     assert!(d < TOL, "{name}: logits {got:?} vs {want:?}");
     // and the order a reranker takes from them
