@@ -475,3 +475,109 @@ fn reranking_retriever_keeps_the_cross_encoders_top_k() -> Result<()> {
     assert!(format!("{bad}").contains("temperature"), "{bad}");
     Ok(())
 }
+
+fn rustrag(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rustrag"))
+        .args(args)
+        .output()
+        .expect("run rustrag");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn kb_records_prefixes_and_queries_with_them_and_reranks() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let corpus = tmp.path().join("corpus.jsonl");
+    let docs = [
+        ("d1", "Broncos", "The Denver Broncos won Super Bowl 50."),
+        ("d2", "Normandy", "Normandy is a region in France."),
+        ("d3", "Moscow", "Москва — столица России."),
+        ("d4", "Tokyo", "東京は日本の首都です。"),
+    ];
+    let lines: Vec<String> = (docs.iter())
+        .map(|(id, t, x)| serde_json::json!({"_id": id, "title": t, "text": x}).to_string())
+        .collect();
+    std::fs::write(&corpus, lines.join("\n"))?;
+    let kb = tmp.path().join("kb");
+    let (kb_s, corpus_s) = (kb.display().to_string(), corpus.display().to_string());
+    let enc = model("xlmr-st");
+    let (ok, _, err) = rustrag(&[
+        "index",
+        "build",
+        "--corpus",
+        &corpus_s,
+        "--encoder",
+        &enc,
+        "--out",
+        &kb_s,
+    ]);
+    assert!(ok, "{err}");
+    let m = rustrag::kb::KnowledgeBase::open(&kb)?.manifest().clone();
+    assert_eq!(m.encoder.prefixes.query, "query: ");
+    assert_eq!(m.encoder.prefixes.passage, "passage: ");
+    // the stored vectors are the passage-prefixed ones
+    let st = SentenceEncoder::load(&enc, &opts())?;
+    let want = st.encode_passages(&["Broncos"], &["The Denver Broncos won Super Bowl 50."])?;
+    let kb_open = rustrag::kb::KnowledgeBase::open(&kb)?;
+    let mut row = Vec::new();
+    kb_open.embeddings().rows_f32_into(0, 1, &mut row);
+    let d = max_diff(&[row], &want.to_vec2()?);
+    assert!(d < 1e-6, "KB row 0 vs passage-prefixed embedding: {d}");
+    // queried through the manifest (prefix applied), reranked
+    let q = "who won super bowl 50";
+    let (ok, out, err) = rustrag(&[
+        "--json",
+        "retrieve",
+        "--kb",
+        &kb_s,
+        "--query",
+        q,
+        "--k",
+        "2",
+        "--rerank",
+        &model("xlmr-ce"),
+        "--rerank-candidates",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out)?;
+    assert_eq!(v["rerank"]["candidates"], 4);
+    let hits = v["results"][0]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    // scores are the cross-encoder's logits for (query, title + text)
+    let ce = CrossEncoder::load(&model("xlmr-ce"), &opts())?;
+    for h in hits {
+        let text = format!(
+            "{} {}",
+            h["title"].as_str().unwrap(),
+            h["text"].as_str().unwrap()
+        );
+        let s = ce.score_pairs(&[(q, text.as_str())])?[0];
+        assert!(
+            (h["score"].as_f64().unwrap() as f32 - s).abs() < 1e-5,
+            "{h}"
+        );
+    }
+    // the same weights without the prompts: refused, naming both prefixes
+    let bare = copy_fixture("xlmr-st")?;
+    std::fs::remove_file(bare.path().join("config_sentence_transformers.json"))?;
+    let (ok, _, err) = rustrag(&[
+        "retrieve",
+        "--kb",
+        &kb_s,
+        "--query",
+        q,
+        "--encoder",
+        &bare.path().display().to_string(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("\"query: \"") && err.contains("query prefix"),
+        "{err}"
+    );
+    Ok(())
+}
