@@ -79,16 +79,17 @@ fn texts() -> Vec<String> {
     strings(&reference()["texts"])
 }
 
+/// `enc`'s query embeddings of the reference texts.
+fn embed_texts(enc: &dyn TextEncoder) -> Result<Vec<Vec<f32>>> {
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
+    Ok(enc.encode_texts(&refs)?.to_vec2()?)
+}
+
 #[test]
 fn mpnet_sentence_transformers_embeddings_equal_reference() -> Result<()> {
     let enc = load_encoder(&model("mpnet-st"), &opts())?;
-    let t = texts();
-    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
-    check_embeddings(
-        "mpnet-st",
-        "embeddings",
-        &enc.encode_texts(&refs)?.to_vec2()?,
-    );
+    check_embeddings("mpnet-st", "embeddings", &embed_texts(enc.as_ref())?);
     let fp = enc.fingerprint();
     assert_eq!(
         (fp.pooling.as_str(), fp.normalized, fp.dim),
@@ -138,13 +139,7 @@ fn xlmr_embeddings_and_prompts_equal_reference() -> Result<()> {
 #[test]
 fn roberta_max_and_lasttoken_pooling_equal_reference() -> Result<()> {
     let enc = load_encoder(&model("roberta-st"), &opts())?;
-    let t = texts();
-    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
-    check_embeddings(
-        "roberta-st",
-        "embeddings",
-        &enc.encode_texts(&refs)?.to_vec2()?,
-    );
+    check_embeddings("roberta-st", "embeddings", &embed_texts(enc.as_ref())?);
     let fp = enc.fingerprint();
     assert_eq!(
         (fp.pooling.as_str(), fp.normalized, fp.dim),
@@ -156,8 +151,6 @@ fn roberta_max_and_lasttoken_pooling_equal_reference() -> Result<()> {
 #[test]
 fn int8_mpnet_stays_close() -> Result<()> {
     // The relative position bias also goes through the int8 path's fused attention.
-    let t = texts();
-    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
     let int8 = load_encoder(
         &model("mpnet-st"),
         &LoadOptions {
@@ -167,7 +160,7 @@ fn int8_mpnet_stays_close() -> Result<()> {
     )?;
     assert!(int8.fingerprint().int8);
     let want = matrix(&reference()["models"]["mpnet-st"]["embeddings"]);
-    let d = max_diff(&int8.encode_texts(&refs)?.to_vec2()?, &want);
+    let d = max_diff(&embed_texts(int8.as_ref())?, &want);
     // normalised vectors; dynamic int8 of tiny random layers: a few 1e-2 at most
     assert!(d < 0.1, "int8 max diff {d}");
     Ok(())
@@ -183,13 +176,7 @@ fn trainable_mpnet_composed_path_equals_reference() -> Result<()> {
             ..opts()
         },
     )?;
-    let t = texts();
-    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
-    check_embeddings(
-        "mpnet-st",
-        "embeddings",
-        &enc.encode_texts(&refs)?.to_vec2()?,
-    );
+    check_embeddings("mpnet-st", "embeddings", &embed_texts(&enc)?);
     Ok(())
 }
 
@@ -381,13 +368,7 @@ fn pooling_config_with_include_prompt_false_is_refused() -> Result<()> {
         r#"{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}"#,
     )?;
     let enc = load_encoder(&tmp.path().display().to_string(), &opts())?;
-    let t = texts();
-    let refs: Vec<&str> = t.iter().map(|s| s.as_str()).collect();
-    check_embeddings(
-        "mpnet-st",
-        "embeddings",
-        &enc.encode_texts(&refs)?.to_vec2()?,
-    );
+    check_embeddings("mpnet-st", "embeddings", &embed_texts(enc.as_ref())?);
     Ok(())
 }
 

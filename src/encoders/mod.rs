@@ -74,17 +74,7 @@ pub trait TextEncoder: Send + Sync {
     /// Default: `title + " " + text` as one text (sentence-transformers, BEIR); DPR context
     /// encoders tokenize the pair, as HF's `use_own_knowledge_dataset.py` does.
     fn encode_passages(&self, titles: &[&str], texts: &[&str]) -> Result<Tensor> {
-        anyhow::ensure!(
-            titles.len() == texts.len(),
-            "{} titles but {} texts",
-            titles.len(),
-            texts.len()
-        );
-        let joined: Vec<String> = titles
-            .iter()
-            .zip(texts)
-            .map(|(title, text)| joined_passage(title, text))
-            .collect();
+        let joined = joined_passages(titles, texts)?;
         let refs: Vec<&str> = joined.iter().map(|s| s.as_str()).collect();
         self.encode_texts(&refs)
     }
@@ -92,6 +82,19 @@ pub trait TextEncoder: Send + Sync {
     fn dim(&self) -> usize;
     /// A description that identifies the encoder (path/id, pooling, normalisation) for KB manifests.
     fn fingerprint(&self) -> EncoderFingerprint;
+}
+
+/// [`joined_passage`] of each `(title, text)`.
+pub fn joined_passages(titles: &[&str], texts: &[&str]) -> Result<Vec<String>> {
+    anyhow::ensure!(
+        titles.len() == texts.len(),
+        "{} titles but {} texts",
+        titles.len(),
+        texts.len()
+    );
+    Ok((titles.iter().zip(texts))
+        .map(|(title, text)| joined_passage(title, text))
+        .collect())
 }
 
 /// A passage as one text for single-text encoders: `title + " " + text` (the text alone without a

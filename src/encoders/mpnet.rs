@@ -3,8 +3,8 @@
 //! types, and a T5-style relative position bias shared by every layer and added to the attention
 //! scores.
 
-use super::bert::{self, BertConfig, Embeddings, Encoder, LayerNames, Linear, Positions};
-use super::roberta::padded_position_ids;
+use super::bert::{BertConfig, LayerNames};
+use super::roberta::RobertaModel;
 use super::EncoderModel;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -25,15 +25,12 @@ const MPNET_LAYER: LayerNames = LayerNames {
 /// HF's `relative_position_bucket` limit (fixed in `MPNetEncoder`).
 const MAX_DISTANCE: i64 = 128;
 
-/// HF `MPNetModel`.
+/// HF `MPNetModel`: a RoBERTa body (MPNet's weight names, no token types) whose layers add the
+/// relative position bias to their attention scores.
 pub struct MpnetModel {
-    embeddings: Embeddings,
-    encoder: Encoder,
+    body: RobertaModel,
     /// `relative_attention_bias`: `[num_buckets, heads]`.
     relative_attention_bias: Tensor,
-    pooler: Option<Linear>,
-    padding_idx: u32,
-    pub config: BertConfig,
 }
 
 impl MpnetModel {
@@ -48,15 +45,11 @@ impl MpnetModel {
             bail!("relative_attention_num_buckets {num_buckets} is too small (at least 4)");
         }
         Ok(Self {
-            embeddings: Embeddings::load(cfg, vb.pp("embeddings"), false)?,
-            encoder: Encoder::load(cfg, vb.pp("encoder").pp("layer"), &MPNET_LAYER)?,
+            body: RobertaModel::load_layout(cfg, vb.clone(), &MPNET_LAYER, false, with_pooler)?,
             relative_attention_bias: vb.pp("encoder").get(
                 (num_buckets, cfg.num_attention_heads),
                 "relative_attention_bias.weight",
             )?,
-            pooler: bert::load_pooler(cfg, &vb, with_pooler)?,
-            padding_idx: cfg.pad_token_id.unwrap_or(1),
-            config: cfg.clone(),
         })
     }
 
@@ -101,32 +94,29 @@ impl EncoderModel for MpnetModel {
         attention_mask: &Tensor,
         _token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, l) = bert::check_inputs(input_ids, attention_mask, None, self.config.vocab_size)?;
-        let positions = padded_position_ids(input_ids, self.padding_idx)?;
-        let x = (self.embeddings).forward(input_ids, Positions::Ids(&positions), None)?;
-        let bias = self.position_bias(l)?;
-        let x = self.encoder.forward(x, attention_mask, Some(&bias))?;
-        Ok(x.reshape((b, l, self.config.hidden_size))?)
+        (self.body).forward_with_bias(input_ids, attention_mask, |l| {
+            Ok(Some(self.position_bias(l)?))
+        })
     }
 
     fn config(&self) -> &BertConfig {
-        &self.config
+        self.body.config()
     }
 
     fn max_tokens(&self) -> usize {
-        (self.config.max_position_embeddings).saturating_sub(self.padding_idx as usize + 1)
+        self.body.max_tokens()
     }
 
     fn pool(&self, last_hidden: &Tensor) -> Result<Tensor> {
-        bert::tanh_pooler(self.pooler.as_ref(), last_hidden)
+        self.body.pool(last_hidden)
     }
 
     fn quantize_int8(&mut self) -> Result<()> {
-        self.encoder.quantize_int8()
+        self.body.quantize_int8()
     }
 
     fn is_int8(&self) -> bool {
-        self.encoder.is_int8()
+        self.body.is_int8()
     }
 }
 

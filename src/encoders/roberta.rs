@@ -2,9 +2,11 @@
 //! `RobertaModel` / `XLMRobertaModel`: BERT's layers with position ids that start after the
 //! padding index (fairseq's convention) and, usually, a single token type.
 
-use super::bert::{self, BertConfig, Embeddings, Encoder, Linear, Positions, BERT_LAYER};
+use super::bert::{
+    self, BertConfig, Embeddings, Encoder, LayerNames, Linear, Positions, BERT_LAYER,
+};
 use super::EncoderModel;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -21,13 +23,40 @@ pub struct RobertaModel {
 impl RobertaModel {
     /// `vb` at the model root (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense.*`).
     pub fn load(cfg: &BertConfig, vb: VarBuilder, with_pooler: bool) -> Result<Self> {
+        Self::load_layout(cfg, vb, &BERT_LAYER, true, with_pooler)
+    }
+
+    /// The same body with other layer weight names and, optionally, no token types (MPNet).
+    pub(crate) fn load_layout(
+        cfg: &BertConfig,
+        vb: VarBuilder,
+        names: &LayerNames,
+        token_types: bool,
+        with_pooler: bool,
+    ) -> Result<Self> {
         Ok(Self {
-            embeddings: Embeddings::load(cfg, vb.pp("embeddings"), true)?,
-            encoder: Encoder::load(cfg, vb.pp("encoder").pp("layer"), &BERT_LAYER)?,
+            embeddings: Embeddings::load(cfg, vb.pp("embeddings"), token_types)?,
+            encoder: Encoder::load(cfg, vb.pp("encoder").pp("layer"), names)?,
             pooler: bert::load_pooler(cfg, &vb, with_pooler)?,
             padding_idx: cfg.pad_token_id.unwrap_or(1),
             config: cfg.clone(),
         })
+    }
+
+    /// [`EncoderModel::forward`] with `score_bias: [heads, l, l]` added to every layer's
+    /// attention scores (MPNet's relative position bias; `l` is the padded length).
+    pub(crate) fn forward_with_bias(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        score_bias: impl FnOnce(usize) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let (b, l) = bert::check_inputs(input_ids, attention_mask, None, self.config.vocab_size)?;
+        let positions = padded_position_ids(input_ids, self.padding_idx)?;
+        let x = (self.embeddings).forward(input_ids, Positions::Ids(&positions), None)?;
+        let bias = score_bias(l)?;
+        let x = self.encoder.forward(x, attention_mask, bias.as_ref())?;
+        Ok(x.reshape((b, l, self.config.hidden_size))?)
     }
 }
 
@@ -60,11 +89,7 @@ impl EncoderModel for RobertaModel {
         attention_mask: &Tensor,
         _token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, l) = bert::check_inputs(input_ids, attention_mask, None, self.config.vocab_size)?;
-        let positions = padded_position_ids(input_ids, self.padding_idx)?;
-        let x = (self.embeddings).forward(input_ids, Positions::Ids(&positions), None)?;
-        let x = self.encoder.forward(x, attention_mask, None)?;
-        Ok(x.reshape((b, l, self.config.hidden_size))?)
+        self.forward_with_bias(input_ids, attention_mask, |_| Ok(None))
     }
 
     fn config(&self) -> &BertConfig {
@@ -77,7 +102,6 @@ impl EncoderModel for RobertaModel {
 
     fn pool(&self, last_hidden: &Tensor) -> Result<Tensor> {
         bert::tanh_pooler(self.pooler.as_ref(), last_hidden)
-            .context("RoBERTa pooler (RobertaModel saved with add_pooling_layer)")
     }
 
     fn quantize_int8(&mut self) -> Result<()> {

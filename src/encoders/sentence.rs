@@ -16,7 +16,7 @@
 use super::bert::{self, Pooling};
 use super::dpr::{is_rag_dir, DprEncoder};
 use super::TextEncoder;
-use super::{joined_passage, EncoderFingerprint, EncoderModel, Family, LoadOptions, Prefixes};
+use super::{EncoderFingerprint, EncoderModel, Family, LoadOptions, Prefixes};
 use crate::hub::{self, Weights};
 use crate::tokenize::{load_tokenizer, Encoded, Padding, TextTokenizer};
 use anyhow::{bail, Context, Result};
@@ -388,15 +388,7 @@ impl TextEncoder for SentenceEncoder {
 
     /// `passage prefix + title + " " + text` per passage.
     fn encode_passages(&self, titles: &[&str], texts: &[&str]) -> Result<Tensor> {
-        anyhow::ensure!(
-            titles.len() == texts.len(),
-            "{} titles but {} texts",
-            titles.len(),
-            texts.len()
-        );
-        let joined: Vec<String> = (titles.iter().zip(texts))
-            .map(|(title, text)| joined_passage(title, text))
-            .collect();
+        let joined = super::joined_passages(titles, texts)?;
         let refs: Vec<&str> = joined.iter().map(|s| s.as_str()).collect();
         self.encode_prefixed(&self.prefixes.passage, &refs)
     }
