@@ -560,5 +560,19 @@ fn kb_records_prefixes_and_queries_with_them_and_reranks() -> Result<()> {
         err.contains("\"query: \"") && err.contains("query prefix"),
         "{err}"
     );
+    // and adding passages with it would mix passage prefixes: refused
+    let (ok, _, err) = rustrag(&[
+        "index",
+        "add",
+        "--kb",
+        &kb_s,
+        "--corpus",
+        &corpus_s,
+        "--upsert",
+        "--encoder",
+        &bare.path().display().to_string(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("passage prefix"), "{err}");
     Ok(())
 }

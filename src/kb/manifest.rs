@@ -144,6 +144,16 @@ pub fn fingerprint_differences(a: &EncoderFingerprint, b: &EncoderFingerprint) -
         short(&b.weights_sha256).into(),
     );
     field("int8", a.int8.to_string(), b.int8.to_string());
+    field(
+        "query prefix",
+        format!("{:?}", a.prefixes.query),
+        format!("{:?}", b.prefixes.query),
+    );
+    field(
+        "passage prefix",
+        format!("{:?}", a.prefixes.passage),
+        format!("{:?}", b.prefixes.passage),
+    );
     d
 }
 
