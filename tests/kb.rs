@@ -280,6 +280,7 @@ fn fingerprint(dim: usize) -> EncoderFingerprint {
         normalized: false,
         weights_sha256: "0".repeat(64),
         int8: false,
+        prefixes: Default::default(),
     }
 }
 

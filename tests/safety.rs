@@ -859,6 +859,7 @@ fn test_fingerprint(dim: usize) -> rustrag::encoders::EncoderFingerprint {
         normalized: true,
         weights_sha256: "00".into(),
         int8: false,
+        prefixes: Default::default(),
     }
 }
 

@@ -191,6 +191,7 @@ fn write_seed_kb(f16: bool) -> Result<tempfile::TempDir> {
         normalized: true,
         weights_sha256: "0".repeat(64),
         int8: false,
+        prefixes: Default::default(),
     };
     let opts = BuildOptions {
         words_per_passage: 0,

@@ -2,7 +2,7 @@
 //! sentence-transformers, plain BERT) and print one vector per text.
 
 use anyhow::{bail, Context, Result};
-use rustrag::encoders::{load_encoder, LoadOptions, Pooling};
+use rustrag::encoders::{load_encoder, LoadOptions, Pooling, Prefixes};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -16,7 +16,7 @@ pub struct Args {
     /// Maximum tokens per text (default: the model's own limit, e.g. sentence_bert_config.json).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// Pooling for a plain BERT directory: cls, mean, max, mean_sqrt_len (default mean).
+    /// Pooling for a plain model directory: cls, mean, max, mean_sqrt_len, lasttoken (default mean).
     #[arg(long)]
     pub pooling: Option<String>,
     /// L2-normalise a plain BERT directory's vectors.
@@ -25,6 +25,16 @@ pub struct Args {
     /// Run the linear layers in dynamic int8 (see `index build --int8`).
     #[arg(long)]
     pub int8: bool,
+    /// Embed the texts as passages (the passage prefix) instead of queries (the query prefix).
+    #[arg(long)]
+    pub passages: bool,
+    /// Query prefix instead of the model's `config_sentence_transformers.json` prompts
+    /// (E5: "query: ").
+    #[arg(long)]
+    pub query_prefix: Option<String>,
+    /// Passage prefix instead of the model's prompts (E5: "passage: ").
+    #[arg(long)]
+    pub passage_prefix: Option<String>,
     /// Read texts from this file, one per line (empty lines skipped).
     #[arg(long, conflicts_with = "texts")]
     pub file: Option<PathBuf>,
@@ -51,13 +61,24 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         pooling: args.pooling.as_deref().map(Pooling::parse).transpose()?,
         normalize: args.normalize.then_some(true),
         int8: args.int8,
+        prefixes: (args.query_prefix.is_some() || args.passage_prefix.is_some()).then(|| {
+            Prefixes {
+                query: args.query_prefix.clone().unwrap_or_default(),
+                passage: args.passage_prefix.clone().unwrap_or_default(),
+                source: "flag".into(),
+            }
+        }),
         ..Default::default()
     };
     super::index::refuse_generator_file(&args.model)?;
     let encoder = load_encoder(&args.model, &opts)?;
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let t0 = std::time::Instant::now();
-    let vectors = encoder.encode_texts(&refs)?.to_vec2::<f32>()?;
+    let vectors = match args.passages {
+        true => encoder.encode_passages(&vec![""; refs.len()], &refs)?,
+        false => encoder.encode_texts(&refs)?,
+    }
+    .to_vec2::<f32>()?;
     tracing::info!(
         texts = texts.len(),
         secs = t0.elapsed().as_secs_f64(),

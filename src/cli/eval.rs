@@ -130,6 +130,9 @@ pub struct RetrievalArgs {
     /// Write the run in TREC format here.
     #[arg(long)]
     pub run_out: Option<PathBuf>,
+    /// Rerank each query's first-stage candidates with a cross-encoder, then keep --k.
+    #[command(flatten)]
+    pub rerank: super::retrieve::RerankArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -298,6 +301,7 @@ fn retrieval(a: RetrievalArgs, json: bool) -> Result<()> {
             Box::new(HybridRetriever::new(dense, sparse, fusion, a.depth)?)
         }
     };
+    let retriever = a.rerank.wrap(retriever)?;
     let timed = run_queries(retriever.as_ref(), &judged, a.k, a.batch)?;
     let spec = MetricSpec {
         all_relevant: a.all_relevant.clone(),
@@ -394,6 +398,7 @@ fn print_report(
         let metrics: BTreeMap<&str, f64> = r.mean.iter().map(|(m, v)| (m.as_str(), *v)).collect();
         let out = json!({
             "retriever": format!("{:?}", a.retriever).to_lowercase(),
+            "rerank": a.rerank.config()?,
             "corpus": a.corpus, "queries": a.queries, "qrels": a.qrels,
             "k": a.k,
             "bm25": { "layout": a.layout, "stemmer": a.stemmer, "stopwords": !a.keep_stopwords, "k1": a.k1, "b": a.b },

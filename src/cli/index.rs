@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use rustrag::encoders::TextEncoder;
+use rustrag::encoders::{Prefixes, TextEncoder};
 use rustrag::kb::ingest::IngestOptions;
 use rustrag::kb::{self, BuildOptions, BuildReport, EmbeddingDtype, HnswParams, KnowledgeBase};
 use std::path::{Path, PathBuf};
@@ -60,6 +60,14 @@ pub struct EmbedOpts {
     /// Wait for another writer of this knowledge base to finish instead of failing.
     #[arg(long)]
     pub wait: bool,
+    /// Prefix prepended to each query (E5: "query: "); with --passage-prefix, replaces the
+    /// model's `config_sentence_transformers.json` prompts. Recorded in the manifest, and
+    /// queries of the knowledge base get it.
+    #[arg(long)]
+    pub query_prefix: Option<String>,
+    /// Prefix prepended to each passage (E5: "passage: "); see --query-prefix.
+    #[arg(long)]
+    pub passage_prefix: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,18 +129,20 @@ pub struct ReembedArgs {
     pub embed: EmbedOpts,
 }
 
-/// Load a text encoder for KB building/querying.
+/// Load a text encoder for KB building/querying; `prefixes` replace the model's own.
 pub fn load_encoder(
     spec: &str,
     batch_size: usize,
     max_length: Option<usize>,
     int8: bool,
+    prefixes: Option<Prefixes>,
 ) -> Result<Box<dyn TextEncoder>> {
     refuse_generator_file(spec)?;
     let opts = rustrag::encoders::LoadOptions {
         batch_size,
         max_length,
         int8,
+        prefixes,
         ..Default::default()
     };
     rustrag::encoders::load_encoder(spec, &opts)
@@ -163,7 +173,7 @@ pub fn refuse_generator_file(spec: &str) -> Result<()> {
     Ok(())
 }
 
-/// The encoder a KB's manifest records, loaded: a relative path (recorded before paths were stored
+/// The encoder a KB's manifest records, loaded with the prefixes the manifest records: a relative path (recorded before paths were stored
 /// absolute) is looked up in the current directory, then in the KB directory and its parent; a
 /// failure names the manifest it came from.
 pub fn manifest_encoder(
@@ -186,7 +196,8 @@ pub fn manifest_encoder(
             spec = found.display().to_string();
         }
     }
-    load_encoder(&spec, batch_size, max_length, int8).with_context(|| {
+    let prefixes = Some(kb.manifest().encoder.prefixes.clone());
+    load_encoder(&spec, batch_size, max_length, int8, prefixes).with_context(|| {
         format!(
             "loading the encoder {source:?} recorded in {}; pass --encoder to use another copy",
             kb.dir()
@@ -200,7 +211,25 @@ impl EmbedOpts {
     /// The passage encoder at `spec` with these options; `kb_int8`: the KB being extended was
     /// embedded in int8, so new passages are too, with or without `--int8`.
     fn encoder(&self, spec: &str, kb_int8: bool) -> Result<Box<dyn TextEncoder>> {
-        load_encoder(spec, self.batch_size, self.max_length, self.int8 || kb_int8)
+        load_encoder(
+            spec,
+            self.batch_size,
+            self.max_length,
+            self.int8 || kb_int8,
+            self.prefixes(),
+        )
+    }
+
+    /// `--query-prefix` / `--passage-prefix`, if either is given.
+    pub fn prefixes(&self) -> Option<Prefixes> {
+        if self.query_prefix.is_none() && self.passage_prefix.is_none() {
+            return None;
+        }
+        Some(Prefixes {
+            query: self.query_prefix.clone().unwrap_or_default(),
+            passage: self.passage_prefix.clone().unwrap_or_default(),
+            source: "flag".into(),
+        })
     }
 }
 

@@ -56,6 +56,10 @@ pub struct PipelineArgs {
     /// Questions decoded together (generator rows = questions × n_docs × beams).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// With --generator: rerank the retriever's candidates with a cross-encoder; the doc prior
+    /// is then softmax(rerank score / --rerank-temperature).
+    #[command(flatten)]
+    pub rerank: super::retrieve::RerankArgs,
 }
 
 impl PipelineArgs {
@@ -77,6 +81,7 @@ impl PipelineArgs {
         Ok(PipelineConfig {
             retriever: self.retriever.parse::<RetrieverKind>()?,
             prior_temperature: self.prior_temperature,
+            rerank: self.rerank.config()?,
             gguf_weights: match self.gguf_weights.as_str() {
                 "quantized" => WeightsChoice::Quantized,
                 _ => WeightsChoice::F32,

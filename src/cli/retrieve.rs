@@ -4,6 +4,7 @@ use super::printable;
 use anyhow::{bail, Result};
 use rustrag::kb::{HnswParams, KnowledgeBase};
 use rustrag::retrieve::dense::DenseRetriever;
+use rustrag::retrieve::rerank::{RerankConfig, RerankingRetriever};
 use rustrag::retrieve::Retriever;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +35,50 @@ pub struct Args {
     /// Characters of passage text to print (text output).
     #[arg(long, default_value_t = 160)]
     pub width: usize,
+    #[command(flatten)]
+    pub rerank: RerankArgs,
+}
+
+/// Cross-encoder reranking flags (`retrieve`, `ask`, `eval retrieval`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RerankArgs {
+    /// Rerank with this cross-encoder (sentence-transformers CrossEncoder directory:
+    /// BertForSequenceClassification / XLMRobertaForSequenceClassification, one label).
+    #[arg(long)]
+    pub rerank: Option<String>,
+    /// Passages the first stage returns per question for the reranker (1..=10000).
+    #[arg(long, default_value_t = 100, requires = "rerank")]
+    pub rerank_candidates: usize,
+    /// (question, passage) pairs per cross-encoder forward pass.
+    #[arg(long, default_value_t = 32, requires = "rerank")]
+    pub rerank_batch_size: usize,
+    /// τ_rerank of the doc prior softmax(rerank_score / τ_rerank) (`ask`).
+    #[arg(long, default_value_t = 1.0, requires = "rerank")]
+    pub rerank_temperature: f64,
+}
+
+impl RerankArgs {
+    /// The library's settings (checked), if --rerank was given.
+    pub fn config(&self) -> Result<Option<RerankConfig>> {
+        let Some(model) = &self.rerank else {
+            return Ok(None);
+        };
+        let c = RerankConfig {
+            batch_size: self.rerank_batch_size,
+            temperature: self.rerank_temperature,
+            ..RerankConfig::new(model, self.rerank_candidates)
+        };
+        c.check()?;
+        Ok(Some(c))
+    }
+
+    /// `first`, reranked when --rerank was given.
+    pub fn wrap(&self, first: Box<dyn Retriever>) -> Result<Box<dyn Retriever>> {
+        Ok(match self.config()? {
+            Some(c) => Box::new(RerankingRetriever::from_config(first, &c)?),
+            None => first,
+        })
+    }
 }
 
 pub fn run(args: Args, json: bool) -> Result<()> {
@@ -57,7 +102,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let kb = Arc::new(KnowledgeBase::open(&args.kb)?);
     let m = kb.manifest().clone();
     let encoder = match &args.encoder {
-        Some(spec) => super::index::load_encoder(spec, 32, None, false)?,
+        Some(spec) => super::index::load_encoder(spec, 32, None, false, None)?,
         None => super::index::manifest_encoder(&kb, 32, None, false)?,
     };
     let ef = match (args.exact, &m.hnsw) {
@@ -70,7 +115,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             args.kb.display()
         );
     }
-    let retriever = DenseRetriever::new(kb, Some(Arc::from(encoder)), ef)?;
+    let dense = DenseRetriever::new(kb, Some(Arc::from(encoder)), ef)?;
+    let retriever = args.rerank.wrap(Box::new(dense))?;
     let queries: Vec<&str> = args.query.iter().map(|s| s.as_str()).collect();
     let t0 = std::time::Instant::now();
     let hits = retriever.retrieve(&queries, None, args.k)?;
@@ -91,7 +137,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             })
             .collect();
         let out = serde_json::json!({"kb": args.kb.display().to_string(), "search": mode, "ef_search": ef, "k": args.k,
-                                     "seconds": seconds, "results": results});
+                                     "rerank": args.rerank.config()?, "seconds": seconds, "results": results});
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }

@@ -123,15 +123,26 @@ impl Linear {
     }
 }
 
-struct Embeddings {
+/// Which row of the position table each token reads.
+pub(crate) enum Positions<'a> {
+    /// `0..l` for every text (BERT).
+    Absolute,
+    /// Explicit ids `[b, l]` u32 (RoBERTa and MPNet count from `padding_idx + 1`).
+    Ids(&'a Tensor),
+}
+
+/// Word + position (+ token type) embeddings, then LayerNorm (HF `BertEmbeddings`; RoBERTa's and
+/// MPNet's differ only in their position ids and, for MPNet, no token types).
+pub(crate) struct Embeddings {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    token_type: Option<Tensor>,
     layer_norm: LayerNorm,
 }
 
 impl Embeddings {
-    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` at `embeddings`; `token_types`: the model has `token_type_embeddings`.
+    pub(crate) fn load(cfg: &BertConfig, vb: VarBuilder, token_types: bool) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
             word: vb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
@@ -139,36 +150,57 @@ impl Embeddings {
                 (cfg.max_position_embeddings, h),
                 "position_embeddings.weight",
             )?,
-            token_type: vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            token_type: if token_types {
+                Some(vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?)
+            } else {
+                None
+            },
             layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
         })
     }
 
     /// `ids, types: [b, l] -> [b * l, h]`.
-    fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: Positions,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let h = self.word.dim(1)?;
         let max_pos = self.position.dim(0)?;
-        if l > max_pos {
-            bail!("sequence of {l} tokens is longer than max_position_embeddings {max_pos}");
-        }
         let word = self
             .word
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, l, h))?;
-        let pos = self.position.narrow(0, 0, l)?;
-        let mut x = word.broadcast_add(&pos)?;
-        x = match token_type_ids {
-            Some(t) => {
-                let tt = self
-                    .token_type
-                    .index_select(&t.flatten_all()?, 0)?
-                    .reshape((b, l, h))?;
-                (x + tt)?
+        let mut x = match positions {
+            Positions::Absolute => {
+                if l > max_pos {
+                    bail!(
+                        "sequence of {l} tokens is longer than max_position_embeddings {max_pos}"
+                    );
+                }
+                word.broadcast_add(&self.position.narrow(0, 0, l)?)?
             }
-            // HF's default token_type_ids buffer is all zeros.
-            None => x.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?,
+            Positions::Ids(ids) => {
+                let ids = ids.flatten_all()?;
+                if b * l > 0 && ids.max(0)?.to_scalar::<u32>()? as usize >= max_pos {
+                    bail!("sequence of {l} tokens needs more than max_position_embeddings {max_pos} positions");
+                }
+                (word + self.position.index_select(&ids, 0)?.reshape((b, l, h))?)?
+            }
         };
+        if let Some(table) = &self.token_type {
+            x = match token_type_ids {
+                Some(t) => {
+                    (x + table
+                        .index_select(&t.flatten_all()?, 0)?
+                        .reshape((b, l, h))?)?
+                }
+                // HF's default token_type_ids buffer is all zeros.
+                None => x.broadcast_add(&table.narrow(0, 0, 1)?)?,
+            };
+        }
         Ok(self.layer_norm.forward(&x.reshape((b * l, h))?)?)
     }
 }
@@ -238,20 +270,44 @@ impl FusedLinear {
     }
 }
 
+/// Where a layer's weights live under `encoder.layer.N`: the same post-LN layer is named
+/// differently by BERT/RoBERTa ([`BERT_LAYER`]) and MPNet (`attention.attn.q`, ...).
+pub(crate) struct LayerNames {
+    pub query: &'static str,
+    pub key: &'static str,
+    pub value: &'static str,
+    pub attn_out: &'static str,
+    pub attn_norm: &'static str,
+    pub intermediate: &'static str,
+    pub output: &'static str,
+    pub out_norm: &'static str,
+}
+
+/// HF `BertLayer` (and `RobertaLayer`, `XLMRobertaLayer`) weight names.
+pub(crate) const BERT_LAYER: LayerNames = LayerNames {
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    attn_out: "attention.output.dense",
+    attn_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    out_norm: "output.LayerNorm",
+};
+
 impl Layer {
-    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &BertConfig, vb: VarBuilder, names: &LayerNames) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
-        let att = vb.pp("attention");
         let mut layer = Self {
             fused: None,
-            query: Linear::load(h, h, att.pp("self").pp("query"))?,
-            key: Linear::load(h, h, att.pp("self").pp("key"))?,
-            value: Linear::load(h, h, att.pp("self").pp("value"))?,
-            attn_out: Linear::load(h, h, att.pp("output").pp("dense"))?,
-            attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
-            intermediate: Linear::load(h, i, vb.pp("intermediate").pp("dense"))?,
-            output: Linear::load(i, h, vb.pp("output").pp("dense"))?,
-            out_norm: LayerNorm::load(h, eps, vb.pp("output").pp("LayerNorm"))?,
+            query: Linear::load(h, h, vb.pp(names.query))?,
+            key: Linear::load(h, h, vb.pp(names.key))?,
+            value: Linear::load(h, h, vb.pp(names.value))?,
+            attn_out: Linear::load(h, h, vb.pp(names.attn_out))?,
+            attn_norm: LayerNorm::load(h, eps, vb.pp(names.attn_norm))?,
+            intermediate: Linear::load(h, i, vb.pp(names.intermediate))?,
+            output: Linear::load(i, h, vb.pp(names.output))?,
+            out_norm: LayerNorm::load(h, eps, vb.pp(names.out_norm))?,
         };
         let dense = [
             &layer.query,
@@ -290,12 +346,15 @@ impl Layer {
         Ok(())
     }
 
-    /// Inference path with fused CPU kernels; `keep: [b * l]` padding mask (1 = token).
+    /// Inference path with fused CPU kernels; `keep: [b * l]` padding mask (1 = token);
+    /// `score_bias: [heads, l, l]` added to every row's attention scores (MPNet).
+    #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
         x: &Tensor,
         w: &FusedWeights,
         keep: &[u32],
+        score_bias: Option<&Tensor>,
         b: usize,
         heads: usize,
         act: Activation,
@@ -304,7 +363,7 @@ impl Layer {
         let dh = h / heads;
         let scale = 1.0 / (dh as f32).sqrt();
         let (q, k, v) = fused::split_qkv(&w.qkv.forward(x)?, &w.qkv_bias, b, heads, scale)?;
-        let ctx = fused::attention(&q, &k, &v, keep)?;
+        let ctx = fused::attention_with_bias(&q, &k, &v, keep, score_bias)?;
         let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
             let bias = ln.bias.clone().context("LayerNorm without bias")?;
             Ok((ln.weight.clone(), bias, ln.eps))
@@ -326,7 +385,7 @@ impl Layer {
         fused::bias_residual_layer_norm(&out, &self.output.bias, &x, &g, &be, eps)
     }
 
-    /// `x: [b * l, h]`, `mask: [b, 1, 1, l]` additive -> `[b * l, h]`.
+    /// `x: [b * l, h]`, `mask: [b, 1, 1, l]` or `[b, heads, l, l]` additive -> `[b * l, h]`.
     fn forward(
         &self,
         x: &Tensor,
@@ -359,12 +418,119 @@ impl Layer {
     }
 }
 
+/// The stack of post-LN transformer layers under `encoder.layer.N` that BERT, RoBERTa/XLM-R and
+/// MPNet share: `[b * l, h]` in, `[b * l, h]` out.
+pub(crate) struct Encoder {
+    layers: Vec<Layer>,
+    activation: Activation,
+    heads: usize,
+}
+
+impl Encoder {
+    /// `vb` at `encoder.layer`; `names` where each layer keeps its weights.
+    pub(crate) fn load(cfg: &BertConfig, vb: VarBuilder, names: &LayerNames) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(cfg, vb.pp(i.to_string()), names))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            activation: Activation::from_hf(&cfg.hidden_act, "hidden_act")?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `x: [b * l, h]` embedded tokens, `attention_mask: [b, l]` u32, `score_bias: [heads, l, l]`
+    /// added to the attention scores of every layer (MPNet's relative position bias).
+    pub(crate) fn forward(
+        &self,
+        mut x: Tensor,
+        attention_mask: &Tensor,
+        score_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = attention_mask.dim(0)?;
+        // Fused kernels for inference; the composed path when gradients are tracked.
+        if !x.track_op() && self.layers.iter().all(|l| l.fused.is_some()) {
+            let keep = attention_mask.flatten_all()?.to_vec1::<u32>()?;
+            for layer in &self.layers {
+                let w = layer.fused.as_ref().context("fused weights")?;
+                x = layer.forward_fused(
+                    &x,
+                    w,
+                    &keep,
+                    score_bias,
+                    b,
+                    self.heads,
+                    self.activation,
+                )?;
+            }
+        } else {
+            let mut mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
+            if let Some(bias) = score_bias {
+                mask = mask.broadcast_add(&bias.unsqueeze(0)?)?;
+            }
+            for layer in &self.layers {
+                x = layer.forward(&x, &mask, b, self.heads, self.activation)?;
+            }
+        }
+        Ok(x)
+    }
+
+    pub(crate) fn quantize_int8(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(Layer::quantize_int8)
+    }
+
+    pub(crate) fn is_int8(&self) -> bool {
+        (self.layers.iter()).any(|l| {
+            matches!(
+                l.fused,
+                Some(FusedWeights {
+                    qkv: FusedLinear::Int8(_),
+                    ..
+                })
+            )
+        })
+    }
+}
+
+/// Check `input_ids`, `attention_mask` (and `token_type_ids`): `[b, l]` each, every id a row of
+/// the embedding table.
+pub(crate) fn check_inputs(
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    token_type_ids: Option<&Tensor>,
+    vocab_size: usize,
+) -> Result<(usize, usize)> {
+    let (b, l) = input_ids.dims2()?;
+    if attention_mask.dims2()? != (b, l) {
+        bail!(
+            "attention_mask shape {:?} != input_ids shape {:?}",
+            attention_mask.dims(),
+            input_ids.dims()
+        );
+    }
+    if let Some(t) = token_type_ids {
+        if t.dims2()? != (b, l) {
+            bail!(
+                "token_type_ids shape {:?} != input_ids shape {:?}",
+                t.dims(),
+                input_ids.dims()
+            );
+        }
+    }
+    if b * l > 0 {
+        let max_id = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= vocab_size {
+            bail!("token id {max_id} is outside the model's vocabulary (vocab_size {vocab_size})");
+        }
+    }
+    Ok((b, l))
+}
+
 /// HF `BertModel`: embeddings, `num_hidden_layers` post-LN transformer layers, optional pooler.
 pub struct BertModel {
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    encoder: Encoder,
     pooler: Option<Linear>,
-    activation: Activation,
     pub config: BertConfig,
 }
 
@@ -372,24 +538,10 @@ impl BertModel {
     /// Load from `vb` positioned at the model root (keys `embeddings.*`, `encoder.layer.N.*`,
     /// `pooler.dense.*`). The pooler is loaded when `with_pooler` and present.
     pub fn load(cfg: &BertConfig, vb: VarBuilder, with_pooler: bool) -> Result<Self> {
-        let embeddings = Embeddings::load(cfg, vb.pp("embeddings"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::load(cfg, vb.pp("encoder").pp("layer").pp(i.to_string())))
-            .collect::<Result<Vec<_>>>()?;
-        let pooler = if with_pooler && vb.contains_tensor("pooler.dense.weight") {
-            Some(Linear::load(
-                cfg.hidden_size,
-                cfg.hidden_size,
-                vb.pp("pooler").pp("dense"),
-            )?)
-        } else {
-            None
-        };
         Ok(Self {
-            embeddings,
-            layers,
-            pooler,
-            activation: Activation::from_hf(&cfg.hidden_act, "hidden_act")?,
+            embeddings: Embeddings::load(cfg, vb.pp("embeddings"), true)?,
+            encoder: Encoder::load(cfg, vb.pp("encoder").pp("layer"), &BERT_LAYER)?,
+            pooler: load_pooler(cfg, &vb, with_pooler)?,
             config: cfg.clone(),
         })
     }
@@ -402,20 +554,12 @@ impl BertModel {
     /// must have been loaded with frozen f32 CPU weights). Outputs then differ from f32 by the
     /// quantisation error; see [`Int8Linear`].
     pub fn quantize_int8(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(Layer::quantize_int8)
+        self.encoder.quantize_int8()
     }
 
     /// Whether [`Self::quantize_int8`] was applied.
     pub fn is_int8(&self) -> bool {
-        (self.layers.iter()).any(|l| {
-            matches!(
-                l.fused,
-                Some(FusedWeights {
-                    qkv: FusedLinear::Int8(_),
-                    ..
-                })
-            )
-        })
+        self.encoder.is_int8()
     }
 
     pub fn has_pooler(&self) -> bool {
@@ -430,55 +574,47 @@ impl BertModel {
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, l) = input_ids.dims2()?;
-        if attention_mask.dims2()? != (b, l) {
-            bail!(
-                "attention_mask shape {:?} != input_ids shape {:?}",
-                attention_mask.dims(),
-                input_ids.dims()
-            );
-        }
-        if let Some(t) = token_type_ids {
-            if t.dims2()? != (b, l) {
-                bail!(
-                    "token_type_ids shape {:?} != input_ids shape {:?}",
-                    t.dims(),
-                    input_ids.dims()
-                );
-            }
-        }
-        let vocab = self.config.vocab_size as u32;
-        let max_id = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max_id >= vocab {
-            bail!("token id {max_id} is outside the model's vocabulary (vocab_size {vocab})");
-        }
-        let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
-        let heads = self.config.num_attention_heads;
-        // Fused kernels for inference; the composed path when gradients are tracked.
-        if !x.track_op() && self.layers.iter().all(|l| l.fused.is_some()) {
-            let keep = attention_mask.flatten_all()?.to_vec1::<u32>()?;
-            for layer in &self.layers {
-                let w = layer.fused.as_ref().context("fused weights")?;
-                x = layer.forward_fused(&x, w, &keep, b, heads, self.activation)?;
-            }
-        } else {
-            let mask = nn::additive_padding_mask(attention_mask, x.dtype())?;
-            for layer in &self.layers {
-                x = layer.forward(&x, &mask, b, heads, self.activation)?;
-            }
-        }
+        let (b, l) = check_inputs(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            self.config.vocab_size,
+        )?;
+        let x = (self.embeddings).forward(input_ids, Positions::Absolute, token_type_ids)?;
+        let x = self.encoder.forward(x, attention_mask, None)?;
         Ok(x.reshape((b, l, self.config.hidden_size))?)
     }
 
     /// HF pooler: `tanh(dense(h[:, 0]))`, `last_hidden: [b, l, h] -> [b, h]`.
     pub fn pool(&self, last_hidden: &Tensor) -> Result<Tensor> {
-        let pooler = self
-            .pooler
-            .as_ref()
-            .context("this BERT checkpoint has no pooler weights")?;
-        let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(pooler.forward(&cls)?.tanh()?)
+        tanh_pooler(self.pooler.as_ref(), last_hidden)
     }
+}
+
+/// `pooler.dense` when `with_pooler` and the checkpoint has it.
+pub(crate) fn load_pooler(
+    cfg: &BertConfig,
+    vb: &VarBuilder,
+    with_pooler: bool,
+) -> Result<Option<Linear>> {
+    Ok(
+        if with_pooler && vb.contains_tensor("pooler.dense.weight") {
+            Some(Linear::load(
+                cfg.hidden_size,
+                cfg.hidden_size,
+                vb.pp("pooler").pp("dense"),
+            )?)
+        } else {
+            None
+        },
+    )
+}
+
+/// HF pooler `tanh(dense(h[:, 0]))`: `last_hidden: [b, l, h] -> [b, h]`.
+pub(crate) fn tanh_pooler(pooler: Option<&Linear>, last_hidden: &Tensor) -> Result<Tensor> {
+    let pooler = pooler.context("this checkpoint has no pooler weights")?;
+    let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?;
+    Ok(pooler.forward(&cls)?.tanh()?)
 }
 
 /// How token vectors `[b, l, h]` become one vector per text.
@@ -493,6 +629,8 @@ pub enum Pooling {
     Max,
     /// Sum over non-padding tokens divided by `sqrt(n_tokens)`.
     MeanSqrtLen,
+    /// The last non-padding token (padding is on the right).
+    LastToken,
 }
 
 impl Pooling {
@@ -502,6 +640,7 @@ impl Pooling {
             Self::Mean => "mean",
             Self::Max => "max",
             Self::MeanSqrtLen => "mean_sqrt_len",
+            Self::LastToken => "lasttoken",
         }
     }
 
@@ -511,7 +650,8 @@ impl Pooling {
             "mean" => Self::Mean,
             "max" => Self::Max,
             "mean_sqrt_len" | "mean_sqrt_len_tokens" => Self::MeanSqrtLen,
-            other => bail!("unknown pooling `{other}` (cls, mean, max, mean_sqrt_len)"),
+            "lasttoken" | "last_token" | "last" => Self::LastToken,
+            other => bail!("unknown pooling `{other}` (cls, mean, max, mean_sqrt_len, lasttoken)"),
         })
     }
 
@@ -520,11 +660,20 @@ impl Pooling {
         if *self == Self::Cls {
             return Ok(last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?);
         }
+        if *self == Self::LastToken {
+            let (b, l, h) = last_hidden.dims3()?;
+            let counts = attention_mask.sum(1)?.to_vec1::<u32>()?;
+            let rows: Vec<u32> = (counts.iter().enumerate())
+                .map(|(i, &n)| (i * l + (n.max(1) as usize - 1)) as u32)
+                .collect();
+            let rows = Tensor::from_vec(rows, b, last_hidden.device())?;
+            return Ok(last_hidden.reshape((b * l, h))?.index_select(&rows, 0)?);
+        }
         let mask = attention_mask
             .to_dtype(last_hidden.dtype())?
             .unsqueeze(D::Minus1)?; // [b, l, 1]
         Ok(match self {
-            Self::Cls => unreachable!("handled above"),
+            Self::Cls | Self::LastToken => unreachable!("handled above"),
             Self::Max => {
                 let neg = ((1.0 - &mask)? * -1e9)?;
                 last_hidden

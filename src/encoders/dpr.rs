@@ -175,7 +175,7 @@ impl DprEncoder {
         };
         let mut bert = BertModel::load(&cfg, vb.pp("bert_model"), false)
             .with_context(|| format!("loading `{prefix}bert_model.*` from {}", files_list()))?;
-        super::configure_bert(&mut bert, opts)?;
+        super::configure_model(&mut bert, opts)?;
         let projection = if projection_dim > 0 {
             let proj = Linear::load(cfg.hidden_size, projection_dim, vb.pp("encode_proj"))
                 .with_context(|| {
@@ -323,6 +323,7 @@ impl TextEncoder for DprEncoder {
                 .get_or_init(|| super::sha256_files(&self.weight_files))
                 .clone(),
             int8: self.bert.is_int8(),
+            prefixes: Default::default(),
         }
     }
 }

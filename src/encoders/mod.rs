@@ -1,12 +1,70 @@
 //! Text encoders returning one vector per text: DPR question/context encoders (CLS pooling) and
-//! sentence-transformers models (mean/CLS/max pooling, optional L2 normalisation), on a BERT body.
+//! sentence-transformers models (CLS/mean/max/last-token pooling, optional L2 normalisation,
+//! instruction prefixes) on a BERT, RoBERTa/XLM-RoBERTa or MPNet body ([`family`]); and
+//! cross-encoders that score (question, passage) pairs ([`rerank`]).
 
 pub mod bert;
 pub mod dpr;
+pub mod family;
+pub mod mpnet;
+pub mod rerank;
+pub mod roberta;
 pub mod sentence;
 
 use anyhow::Result;
 use candle_core::Tensor;
+
+/// A transformer body that maps token ids to hidden states: [`bert::BertModel`],
+/// [`roberta::RobertaModel`], [`mpnet::MpnetModel`].
+pub trait EncoderModel: Send + Sync {
+    /// `input_ids, attention_mask, token_type_ids: [b, l]` u32 -> last hidden state `[b, l, h]`.
+    /// `token_type_ids` None means all zeros (as HF); models without token types ignore them.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor>;
+    /// The shape fields every family shares (hidden size, vocabulary, pad id, ...).
+    fn config(&self) -> &bert::BertConfig;
+    /// The longest input in tokens, specials included (RoBERTa and MPNet lose `pad_id + 1`
+    /// position rows to their offset).
+    fn max_tokens(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+    /// HF pooler `tanh(dense(h[:, 0]))`: `[b, l, h] -> [b, h]`; an error where the checkpoint has
+    /// none.
+    fn pool(&self, last_hidden: &Tensor) -> Result<Tensor>;
+    /// Run the linear layers in dynamic int8 from now on (frozen f32 CPU weights only).
+    fn quantize_int8(&mut self) -> Result<()>;
+    fn is_int8(&self) -> bool;
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+}
+
+impl EncoderModel for bert::BertModel {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        bert::BertModel::forward(self, input_ids, attention_mask, token_type_ids)
+    }
+    fn config(&self) -> &bert::BertConfig {
+        &self.config
+    }
+    fn pool(&self, last_hidden: &Tensor) -> Result<Tensor> {
+        bert::BertModel::pool(self, last_hidden)
+    }
+    fn quantize_int8(&mut self) -> Result<()> {
+        bert::BertModel::quantize_int8(self)
+    }
+    fn is_int8(&self) -> bool {
+        bert::BertModel::is_int8(self)
+    }
+}
 
 /// Anything that maps texts to embeddings `[batch, dim]`.
 pub trait TextEncoder: Send + Sync {
@@ -16,17 +74,7 @@ pub trait TextEncoder: Send + Sync {
     /// Default: `title + " " + text` as one text (sentence-transformers, BEIR); DPR context
     /// encoders tokenize the pair, as HF's `use_own_knowledge_dataset.py` does.
     fn encode_passages(&self, titles: &[&str], texts: &[&str]) -> Result<Tensor> {
-        anyhow::ensure!(
-            titles.len() == texts.len(),
-            "{} titles but {} texts",
-            titles.len(),
-            texts.len()
-        );
-        let joined: Vec<String> = titles
-            .iter()
-            .zip(texts)
-            .map(|(title, text)| joined_passage(title, text))
-            .collect();
+        let joined = joined_passages(titles, texts)?;
         let refs: Vec<&str> = joined.iter().map(|s| s.as_str()).collect();
         self.encode_texts(&refs)
     }
@@ -34,6 +82,19 @@ pub trait TextEncoder: Send + Sync {
     fn dim(&self) -> usize;
     /// A description that identifies the encoder (path/id, pooling, normalisation) for KB manifests.
     fn fingerprint(&self) -> EncoderFingerprint;
+}
+
+/// [`joined_passage`] of each `(title, text)`.
+pub fn joined_passages(titles: &[&str], texts: &[&str]) -> Result<Vec<String>> {
+    anyhow::ensure!(
+        titles.len() == texts.len(),
+        "{} titles but {} texts",
+        titles.len(),
+        texts.len()
+    );
+    Ok((titles.iter().zip(texts))
+        .map(|(title, text)| joined_passage(title, text))
+        .collect())
 }
 
 /// A passage as one text for single-text encoders: `title + " " + text` (the text alone without a
@@ -63,10 +124,36 @@ pub struct EncoderFingerprint {
     /// int8 and f32 vectors of one model are comparable.
     #[serde(default)]
     pub int8: bool,
+    /// Instruction prefixes prepended to queries and passages (E5's `"query: "` / `"passage: "`);
+    /// a knowledge base is queried with the prefixes it was built with.
+    #[serde(default, skip_serializing_if = "Prefixes::is_empty")]
+    pub prefixes: Prefixes,
+}
+
+/// Instruction prefixes of an embedding model: prepended to each text before tokenization, as
+/// sentence-transformers' `encode(..., prompt_name=...)` does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Prefixes {
+    #[serde(default)]
+    pub query: String,
+    #[serde(default)]
+    pub passage: String,
+    /// Where they came from: `<dir>/config_sentence_transformers.json prompts`, `flag`,
+    /// `knowledge base manifest`.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl Prefixes {
+    pub fn is_empty(&self) -> bool {
+        self.query.is_empty() && self.passage.is_empty()
+    }
 }
 
 pub use bert::Pooling;
 pub use dpr::DprEncoder;
+pub use family::Family;
+pub use rerank::CrossEncoder;
 pub use sentence::{load_encoder, SentenceEncoder};
 
 /// Options for loading an encoder ([`load_encoder`], [`DprEncoder::load`], [`SentenceEncoder::load`]).
@@ -86,6 +173,9 @@ pub struct LoadOptions {
     /// Run the BERT body's linear layers in dynamic int8 ([`crate::kernels::int8::Int8Linear`]): faster on CPUs,
     /// embeddings within quantisation error of f32. Inference only (not with `trainable`).
     pub int8: bool,
+    /// Query/passage prefixes instead of the model's own (`config_sentence_transformers.json`
+    /// `prompts`: `query`, and `passage`, `document` or `corpus`).
+    pub prefixes: Option<Prefixes>,
     pub device: candle_core::Device,
 }
 
@@ -98,19 +188,20 @@ impl Default for LoadOptions {
             pooling: None,
             normalize: None,
             int8: false,
+            prefixes: None,
             device: crate::default_device(),
         }
     }
 }
 
-/// Apply the load-time options that change how a loaded BERT body runs (`int8`).
-fn configure_bert(bert: &mut bert::BertModel, opts: &LoadOptions) -> Result<()> {
+/// Apply the load-time options that change how a loaded body runs (`int8`).
+fn configure_model(model: &mut dyn EncoderModel, opts: &LoadOptions) -> Result<()> {
     if opts.int8 {
         anyhow::ensure!(
             !opts.trainable,
             "int8 encoding is inference only: it cannot be combined with trainable weights"
         );
-        bert.quantize_int8()?;
+        model.quantize_int8()?;
     }
     Ok(())
 }

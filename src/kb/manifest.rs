@@ -144,6 +144,16 @@ pub fn fingerprint_differences(a: &EncoderFingerprint, b: &EncoderFingerprint) -
         short(&b.weights_sha256).into(),
     );
     field("int8", a.int8.to_string(), b.int8.to_string());
+    field(
+        "query prefix",
+        format!("{:?}", a.prefixes.query),
+        format!("{:?}", b.prefixes.query),
+    );
+    field(
+        "passage prefix",
+        format!("{:?}", a.prefixes.passage),
+        format!("{:?}", b.prefixes.passage),
+    );
     d
 }
 
@@ -263,7 +273,26 @@ impl Manifest {
                 kb.kind
             );
         }
+        // Instruction prefixes (E5's "query: "): queries must carry the one the KB was built for.
+        if q.prefixes.query != kb.prefixes.query {
+            bail!(
+                "query encoder {} prefixes queries with {:?} ({}), the knowledge base was built for the query prefix {:?} ({}); omit --encoder to use the manifest's",
+                q.source,
+                q.prefixes.query,
+                or_none(&q.prefixes.source),
+                kb.prefixes.query,
+                or_none(&kb.prefixes.source)
+            );
+        }
         Ok(())
+    }
+}
+
+fn or_none(source: &str) -> &str {
+    if source.is_empty() {
+        "no prefix"
+    } else {
+        source
     }
 }
 
@@ -340,6 +369,7 @@ mod tests {
                 normalized,
                 weights_sha256: "00".into(),
                 int8: false,
+                prefixes: Default::default(),
             },
             dim: 4,
             dtype: EmbeddingDtype::F32,

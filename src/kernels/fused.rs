@@ -223,6 +223,18 @@ unsafe impl Sync for SendPtr {}
 /// heads merged. One task per (row, head) with a single-threaded gemm each: the matrices are
 /// small, so parallelising across heads beats parallelising inside each product.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Tensor> {
+    attention_with_bias(q, k, v, keep, None)
+}
+
+/// [`attention`] with `score_bias: [heads, l, l]` added to the scores of every batch row before
+/// the softmax (MPNet's relative position bias).
+pub fn attention_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: &[u32],
+    score_bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, heads, l, dh) = q.dims4()?;
     if k.dims4()? != (b, heads, l, dh) || v.dims4()? != (b, heads, l, dh) || keep.len() != b * l {
         bail!(
@@ -233,6 +245,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Ten
             keep.len()
         );
     }
+    let score_bias = match score_bias {
+        Some(t) => {
+            if t.dims3()? != (heads, l, l) {
+                bail!(
+                    "attention: score bias {:?}, want [{heads}, {l}, {l}]",
+                    t.dims()
+                );
+            }
+            Some(t.flatten_all()?.to_vec1::<f32>()?)
+        }
+        None => None,
+    };
     let h = heads * dh;
     let mask = key_mask(keep);
     let mut out = vec![0f32; b * l * h];
@@ -252,11 +276,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Ten
                             &k[off..off + l * dh],
                             &v[off..off + l * dh],
                         );
+                        // scores start from the bias (read by the product below) or zero
+                        if let Some(bias) = &score_bias {
+                            scores.copy_from_slice(&bias[hd * l * l..(hd + 1) * l * l]);
+                        }
                         // SAFETY: all pointers address in-bounds row-major matrices of the
                         // stated sizes/strides; each task writes only its own head's columns
                         // of its own batch row in `out`, so writes never overlap.
                         unsafe {
-                            // scores [l, l] = q [l, dh] x k^T [dh, l]
+                            // scores [l, l] (+)= q [l, dh] x k^T [dh, l]
                             gemm::gemm(
                                 l,
                                 l,
@@ -264,14 +292,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<Ten
                                 scores.as_mut_ptr(),
                                 1,
                                 l as isize,
-                                false,
+                                score_bias.is_some(),
                                 qm.as_ptr(),
                                 1,
                                 dh as isize,
                                 km.as_ptr(),
                                 dh as isize,
                                 1,
-                                0.0,
+                                1.0,
                                 1.0,
                                 false,
                                 false,

@@ -20,6 +20,7 @@ use crate::rag::{loss, InMemoryIndex};
 use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
 use crate::retrieve::dense::DenseRetriever;
 use crate::retrieve::hybrid::{Fusion, HybridRetriever};
+use crate::retrieve::rerank::{RerankConfig, RerankingRetriever};
 use crate::retrieve::{Passage, Retriever};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -128,9 +129,14 @@ pub struct PipelineConfig {
     pub rrf_k: f32,
     /// Candidates each retriever returns before fusion. Default 100.
     pub candidates: usize,
-    /// τ of the doc prior p(z|x) = softmax(s(q,d)/τ). Default: the KB manifest's (0.05 for
-    /// cosine sentence-transformers encoders, 1 for DPR); 1 for HF checkpoints.
+    /// τ of the doc prior p(z|x) = softmax(s(q,d)/τ). Default: with `rerank`, its
+    /// `temperature`; else the KB manifest's (0.05 for cosine sentence-transformers encoders, 1
+    /// for DPR); 1 for HF checkpoints.
     pub prior_temperature: Option<f64>,
+    /// Rerank the retriever's `rerank.candidates` passages with a cross-encoder and keep
+    /// `n_docs` (KB pipelines, inference). The doc prior is then softmax(rerank_score /
+    /// τ_rerank): the cross-encoder's logit is the calibrated score `s(q, d)`. Default none.
+    pub rerank: Option<RerankConfig>,
     /// GGUF weights. Default f32.
     pub gguf_weights: WeightsChoice,
     /// Query encoder batch size. Default 32.
@@ -157,6 +163,7 @@ impl Default for PipelineConfig {
             rrf_k: 60.0,
             candidates: 100,
             prior_temperature: None,
+            rerank: None,
             gguf_weights: WeightsChoice::F32,
             encoder_batch_size: 32,
             batch_size: 4,
@@ -203,7 +210,8 @@ pub struct Source {
     pub text: String,
     /// The ranking score of the retriever that chose it (hybrid: the fused RRF score).
     pub retrieval_score: f32,
-    /// s(q, d): the dense inner product the prior is computed from.
+    /// s(q, d): the score the prior is computed from (the dense inner product; with reranking,
+    /// the cross-encoder's logit).
     pub score: f32,
     /// p(z | x) = softmax over the retrieved documents of score / τ.
     pub prior: f32,
@@ -303,11 +311,12 @@ pub struct Pipeline {
     context_window: Option<usize>,
 }
 
-/// The query encoder a KB was embedded with (the manifest's `encoder.source`).
+/// The query encoder a KB was embedded with (the manifest's `encoder.source` and prefixes).
 pub fn load_kb_encoder(kb: &KnowledgeBase, batch_size: usize) -> Result<Arc<dyn TextEncoder>> {
     let spec = &kb.manifest().encoder.source;
     let opts = LoadOptions {
         batch_size,
+        prefixes: Some(kb.manifest().encoder.prefixes.clone()),
         ..Default::default()
     };
     let encoder = crate::encoders::load_encoder(spec, &opts)
@@ -642,13 +651,16 @@ impl Pipeline {
                 (e.clone(), DenseRetriever::new(kb.clone(), Some(e), None)?)
             }
         };
-        let retriever = kb_retriever(&kb, Box::new(dense), &config)?;
+        let mut retriever = kb_retriever(&kb, Box::new(dense), &config)?;
+        if let Some(r) = &config.rerank {
+            retriever = Box::new(RerankingRetriever::from_config(retriever, r)?);
+        }
         let context_window = match &rag.format {
             InputFormat::Prompt(f) => Some(f.max_prompt_tokens),
             InputFormat::Seq2Seq(_) => None,
         };
-        let tau = config
-            .prior_temperature
+        let tau = (config.prior_temperature)
+            .or(config.rerank.as_ref().map(|r| r.temperature))
             .unwrap_or_else(|| kb.manifest().prior_temperature());
         Self::new(
             rag,
@@ -667,6 +679,9 @@ impl Pipeline {
     /// An HF RAG checkpoint (`--model`) with its in-memory knowledge base directory
     /// (`passages.jsonl` + `embeddings.safetensors`).
     pub fn open_checkpoint(model: &str, kb_dir: &Path, config: PipelineConfig) -> Result<Self> {
+        if config.rerank.is_some() {
+            bail!("reranking needs a `rustrag index build` knowledge base, not an HF checkpoint's index");
+        }
         let (rag, index) =
             crate::rag::checkpoint::load_rag_with_kb(model, kb_dir, config.answer.mode)?;
         let tau = config.prior_temperature.unwrap_or(1.0);
@@ -1141,7 +1156,15 @@ impl Pipeline {
                 Tensor::from_vec(rows, (hits.len() * n_docs, dim), &self.rag.device)?
             }
         };
-        let doc_scores = batched_scores(&queries.to_dtype(DType::F32)?, &docs, n_docs)?;
+        let doc_scores = match (&self.config.rerank, encode_docs) {
+            // The cross-encoder's logits are the calibrated scores (no gradient: inference).
+            (Some(_), None) => {
+                let s: Vec<f32> = hits.iter().flat_map(|h| h.scores.iter().copied()).collect();
+                Tensor::from_vec(s, (hits.len(), n_docs), &self.rag.device)?
+            }
+            (Some(_), Some(_)) => bail!("reranking is inference only: passages re-embedded while training have no cross-encoder scores"),
+            (None, _) => batched_scores(&queries.to_dtype(DType::F32)?, &docs, n_docs)?,
+        };
         let passages: Vec<Vec<Passage>> = hits.iter().map(|h| h.passages.clone()).collect();
         let format = format.unwrap_or(&self.rag.format);
         let rows = format.rows(&self.rag.generator_tokenizer, questions, &passages)?;

@@ -6,6 +6,7 @@ pub mod bm25;
 pub mod dense;
 pub mod hybrid;
 pub mod porter;
+pub mod rerank;
 // The search structures the KB builds (kb::index), under their retrieval names.
 pub use crate::kb::index::{exact, hnsw, quantized, rows};
 

@@ -419,6 +419,7 @@ impl AnswerSettings {
             prior_temperature: self.prior_temperature,
             // A stream carries each token's posterior from decoding: no extra pass.
             provenance: self.provenance && !self.stream,
+            closed_book: false,
         };
         Ok((opts, max_new))
     }

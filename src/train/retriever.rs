@@ -391,7 +391,7 @@ impl Towers {
                 let enc = encoder
                     .tokenizer
                     .encode_batch(texts, true, Some(cap), Padding::None)?;
-                let pad = bert::pad_id(&encoder.tokenizer, &encoder.bert.config);
+                let pad = encoder.pad_id();
                 let e = bert::run_sorted_batches(&enc, FORWARD_ROWS, pad, encoder.device(), |b| {
                     encoder.encode_ids(&b.input_ids, &b.attention_mask, Some(&b.token_type_ids))
                 })?;

@@ -273,7 +273,7 @@ fn bert_mean(fx: &Fixture, c: &mut Checker) {
         let ids = ids_t(fx, "bert_mean/input_ids")?;
         let mask = ids_t(fx, "bert_mean/attention_mask")?;
         let types = ids_t(fx, "bert_mean/token_type_ids")?;
-        Ok((plain.bert.forward(&ids, &mask, Some(&types))?, mask))
+        Ok((plain.model.forward(&ids, &mask, Some(&types))?, mask))
     })();
     let (hidden, mask) = match hidden {
         Ok(h) => h,
@@ -291,7 +291,7 @@ fn bert_mean(fx: &Fixture, c: &mut Checker) {
             "mean_pooled_normalized",
             mean.and_then(|m| l2_normalize(&m)),
         ),
-        ("pooler_output", plain.bert.pool(&hidden)),
+        ("pooler_output", plain.model.pool(&hidden)),
         (
             "last_hidden_state_sentence0",
             (|| -> Result<Tensor> {

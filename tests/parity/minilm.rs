@@ -118,7 +118,7 @@ pub fn check(fx: &Fixture, c: &mut Checker) {
         let pad = enc.tokenizer.special.pad.unwrap_or(0);
         rustrag::encoders::bert::run_sorted_batches(&tok, enc.batch_size, pad, &Device::Cpu, |b| {
             let h = enc
-                .bert
+                .model
                 .forward(&b.input_ids, &b.attention_mask, Some(&b.token_type_ids))?;
             Pooling::Mean.apply(&h, &b.attention_mask)
         })
@@ -157,7 +157,7 @@ pub fn check(fx: &Fixture, c: &mut Checker) {
                 let limit = enc
                     .tokenizer
                     .max_length
-                    .min(enc.bert.config.max_position_embeddings);
+                    .min(enc.model.config().max_position_embeddings);
                 let variant = load(Some(limit))?;
                 let tok = variant.tokenize(&sentences)?;
                 let got_counts: Vec<u32> = tok.input_ids.iter().map(|r| r.len() as u32).collect();

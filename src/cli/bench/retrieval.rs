@@ -436,7 +436,7 @@ pub fn run(a: RetrievalArgs, peer: &Peer, json: bool) -> Result<()> {
         base.extend(buf);
     }
     let questions = read_questions(&a.queries, a.max_queries)?;
-    let encoder = super::super::index::load_encoder(&encoder_src, 64, None, false)?;
+    let encoder = super::super::index::load_encoder(&encoder_src, 64, None, false, None)?;
     let refs: Vec<&str> = questions.iter().map(|s| s.as_str()).collect();
     let t = Instant::now();
     let q = encoder
