@@ -251,7 +251,8 @@ fn run_batch(app: &App, batch: Vec<Job>) {
             for a in results.iter_mut().flat_map(|r| r.answers.iter_mut()) {
                 a.ids.truncate(generated_end(&a.ids, eos, pad));
             }
-            for (i, (job, result)) in batch.iter().zip(results).enumerate() {
+            let batch_size = batch.len();
+            for (i, (job, result)) in batch.into_iter().zip(results).enumerate() {
                 let generated = result
                     .answers
                     .first()
@@ -274,13 +275,16 @@ fn run_batch(app: &App, batch: Vec<Job>) {
                     total_ms: ms(done),
                     generated_tokens: generated,
                     tokens_per_s,
-                    batch_size: batch.len(),
+                    batch_size,
                 };
-                let _ = job.events.send(JobEvent::Done {
-                    result: Box::new(result),
-                    kb: kb.clone(),
-                    timings,
-                });
+                finish(
+                    job,
+                    JobEvent::Done {
+                        result: Box::new(result),
+                        kb: kb.clone(),
+                        timings,
+                    },
+                );
             }
         }
         Ok(Err(e)) if e.downcast_ref::<Cancelled>().is_some() => {
@@ -289,8 +293,8 @@ fn run_batch(app: &App, batch: Vec<Job>) {
         Ok(Err(e)) => {
             tracing::warn!("answering failed: {e:#}");
             let err = ApiError::internal(&e);
-            for j in &batch {
-                let _ = j.events.send(JobEvent::Failed(err.clone()));
+            for j in batch {
+                finish(j, JobEvent::Failed(err.clone()));
             }
         }
         Err(panic) => {
@@ -305,12 +309,20 @@ fn run_batch(app: &App, batch: Vec<Job>) {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("internal error (a panic, caught): {msg}"),
             );
-            for j in &batch {
-                let _ = j.events.send(JobEvent::Failed(err.clone()));
+            for j in batch {
+                finish(j, JobEvent::Failed(err.clone()));
             }
         }
     }
-    // `batch` drops here: every slot is released.
+    // A cancelled `batch` drops here: every slot is released.
+}
+
+/// Release a job's slot, then send its last event: a client that reads the response and asks
+/// again (or reads /metrics) finds the slot free.
+fn finish(job: Job, last: JobEvent) {
+    let Job { events, slot, .. } = job;
+    drop(slot);
+    let _ = events.send(last);
 }
 
 /// What a response says about the KB it was computed on.
