@@ -70,17 +70,18 @@ fn check_blocks(files: &MappedFiles) -> Result<()> {
     Ok(())
 }
 
+/// A background check's verdict (None while running) and the condition signalled when it lands.
+type Verdict = std::sync::Arc<(
+    std::sync::Mutex<Option<Result<(), String>>>,
+    std::sync::Condvar,
+)>;
+
 /// How the block checksums of an opened generation were, or are being, checked.
 enum BlockCheck {
     /// All checked on open.
     Done,
     /// Checking in a background thread (KBs over [`VERIFY_ON_OPEN_MAX_BYTES`]); its verdict.
-    Background(
-        std::sync::Arc<(
-            std::sync::Mutex<Option<Result<(), String>>>,
-            std::sync::Condvar,
-        )>,
-    ),
+    Background(Verdict),
 }
 
 impl BlockCheck {
