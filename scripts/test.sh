@@ -6,11 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTRAG_MODELS="${RUSTRAG_MODELS:-$PWD/models}"
 scripts/fetch-models.sh "$RUSTRAG_MODELS"
-# GGUF family fixtures (tiny random models converted, quantised and run by llama.cpp; ~50 MB, so
-# generated, not committed): needs Python with torch, transformers, tokenizers and llama_cpp.
-if [ ! -f target/gguf-fixtures/index.json ]; then
-    "${RUSTRAG_PYTHON:-python3}" tests/fixtures/make_gguf_fixtures.py --out target/gguf-fixtures
-fi
 cargo test --release --all-targets "$@"
 # Again with every hand-written kernel on its scalar path (what ARM CPUs run): the parity suite, the
 # model tests and the kernels' unit tests. Same binaries (the switch is an environment variable).

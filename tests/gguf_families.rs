@@ -3,9 +3,10 @@
 //! greedy ids, and the GGUF tokenizer's ids for the prompt text.
 //!
 //! The fixtures are tiny random models converted and quantised by llama.cpp's own tools, with
-//! llama.cpp's outputs recorded (tests/fixtures/make_gguf_fixtures.py; ~50 MB, so generated into
-//! `target/gguf-fixtures` by scripts/test.sh, or `$RUSTRAG_GGUF_FIXTURES`). A missing fixture
-//! directory fails the tests.
+//! llama.cpp's outputs recorded by tests/fixtures/make_gguf_fixtures.py. The files the tests read
+//! (~21 MB: quantised GGUFs, llama.cpp's logits and ids) are committed in `tests/fixtures/gguf`, so
+//! CI needs neither torch nor a llama.cpp build; `$RUSTRAG_GGUF_FIXTURES` points elsewhere. A
+//! missing fixture directory fails the tests.
 //!
 //! Tolerance on logits: both sides quantise the activations of every matmul the same way (Q8_K per
 //! 256 values for k-quant weights, Q8_0/Q8_1 per 32 for the others) and sum integer products
@@ -33,11 +34,11 @@ const LOGIT_TOL: f32 = 0.1;
 fn fixtures_dir() -> PathBuf {
     let dir = std::env::var("RUSTRAG_GGUF_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/gguf-fixtures"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf"));
     assert!(
         dir.join("index.json").is_file(),
-        "GGUF family fixtures missing in {} (make them with \
-         `python tests/fixtures/make_gguf_fixtures.py`; scripts/test.sh does)",
+        "GGUF family fixtures missing in {} (they are committed in tests/fixtures/gguf; \
+         regenerate with `python tests/fixtures/make_gguf_fixtures.py --install`)",
         dir.display()
     );
     dir
