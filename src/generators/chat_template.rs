@@ -222,7 +222,7 @@ fn environment() -> Environment<'static> {
             .expect("default delimiters are valid"),
     );
     env.set_auto_escape_callback(|_| AutoEscape::None);
-    // A template is code from a model file: bound its work (a real one spends ~100 per message).
+    // A template is code from a model file: bound its work (far above what a real chat needs).
     env.set_fuel(Some(FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(|out, _state, value| {
