@@ -1,7 +1,8 @@
 //! Chat templates evaluated as Jinja: real-world templates (SmolLM2, Qwen2.5, Llama 2/3/3.1,
-//! Mistral, Gemma, Phi-3, Zephyr) render exactly as HF transformers' `apply_chat_template`
-//! (tests/fixtures/chat_templates.json, written by make_chat_template_fixtures.py), and templates
-//! that fail to compile or render, or `raise_exception`, are errors naming the file and key.
+//! Mistral, Gemma, Phi-3, Zephyr, a `{% generation %}` training template) render exactly as HF
+//! transformers' `apply_chat_template` (tests/fixtures/chat_templates.json, written by
+//! make_chat_template_fixtures.py), and templates that fail to compile or render, or
+//! `raise_exception`, are errors naming the file and key.
 
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
@@ -89,8 +90,8 @@ fn real_world_templates_render_as_transformers() -> Result<()> {
             (None, None) => panic!("{what}: a case with neither expected nor error"),
         }
     }
-    // 11 templates x 6 conversations x 2; the strict ones (Mistral, Llama 2, Gemma) refuse some.
-    assert_eq!(fx.cases.len(), 132);
+    // 12 templates x 6 conversations x 2; the strict ones (Mistral, Llama 2, Gemma) refuse some.
+    assert_eq!(fx.cases.len(), 144);
     assert!(
         rendered > 100 && raised >= 10,
         "rendered {rendered}, raised {raised}"

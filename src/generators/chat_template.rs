@@ -19,6 +19,8 @@
 //! Gemma, Phi-3, Zephyr) and compares them with transformers' output
 //! (tests/fixtures/make_chat_template_fixtures.py).
 //!
+//! transformers' `{% generation %}` tag (training templates) renders its body.
+//!
 //! Known differences from Jinja2 that HF templates do not rely on: values joined with `~` or the
 //! `string` filter print minijinja's way (`true`, not `True`); `strftime_now` uses UTC.
 
@@ -111,7 +113,7 @@ impl ChatTemplate {
     pub fn new(source: &str, tokens: TemplateTokens, origin: impl Into<String>) -> Result<Self> {
         let origin = origin.into();
         let mut env = environment();
-        env.add_template_owned(NAME, source.to_string())
+        env.add_template_owned(NAME, without_generation_tags(source))
             .map_err(|e| jinja_error(&origin, e))?;
         Ok(Self {
             source: source.into(),
@@ -198,6 +200,44 @@ impl ChatTemplate {
             .and_then(|t| t.render(Value::from_object(ctx)))
             .map_err(|e| jinja_error(&self.origin, e))
     }
+}
+
+/// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which mark the
+/// assistant's tokens for training masks; rendering just renders the body) turned into
+/// `{% if true %}` / `{% endif %}`, the same block with the same whitespace control, which
+/// minijinja knows. Line numbers are kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            break;
+        };
+        let inner = &tag[2..end];
+        let (open, body) = match inner.strip_prefix(['-', '+']) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, close) = match body.strip_suffix(['-', '+']) {
+            Some(b) => (b, &body[b.len()..]),
+            None => (body, ""),
+        };
+        let replacement = match body.trim() {
+            "generation" => "if true",
+            "endgeneration" => "endif",
+            _ => {
+                out.push_str(&tag[..end + 2]);
+                rest = &tag[end + 2..];
+                continue;
+            }
+        };
+        let _ = write!(out, "{{%{open} {replacement} {close}%}}");
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `ORIGIN: minijinja's message (in chat_template:LINE)`, with the failing expression's causes.
