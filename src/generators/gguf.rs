@@ -1,11 +1,12 @@
 //! GGUF files (llama.cpp's format): metadata access whose errors name the file and key, quantized
-//! tensors, the tokenizer stored in the metadata (rebuilt as a HF `tokenizers::Tokenizer`), and the
-//! chat template.
+//! tensors, and the tokenizer stored in the metadata (rebuilt as a HF `tokenizers::Tokenizer`). The
+//! chat template in `tokenizer.chat_template` is evaluated by [`super::chat_template`].
 //!
 //! Tokenizer models supported: `gpt2` (byte-level BPE: `tokenizer.ggml.tokens` + `tokenizer.ggml.merges`,
 //! with the pre-tokenizer named by `tokenizer.ggml.pre`) and `llama` (SentencePiece BPE with byte
 //! fallback; merges from the metadata or, when absent, derived from the token scores).
 
+pub use super::chat_template::{ChatMessage, ChatTemplate};
 use crate::tokenize::{SpecialTokens, TextTokenizer};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::{gguf_file, QTensor};
@@ -513,141 +514,4 @@ fn merges_from_scores(tokens: &[String], types: &[i64], scores: &[f32]) -> Vec<(
         .into_iter()
         .map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
         .collect()
-}
-
-/// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.to_string(),
-        }
-    }
-}
-
-/// The chat formats we recognise in `tokenizer.chat_template` (a Jinja template we do not execute).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ChatTemplate {
-    /// `<|im_start|>role\ncontent<|im_end|>\n` (SmolLM, Qwen); `default_system` is inserted when the
-    /// template adds a system message the caller did not give.
-    ChatMl { default_system: Option<String> },
-    /// Llama 3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`, BOS first.
-    Llama3 { bos: String },
-    /// Llama 2: `<s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s>`.
-    Llama2 { bos: String, eos: String },
-}
-
-impl ChatTemplate {
-    /// Recognise the template of a GGUF file (`tokenizer.chat_template`).
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let template = g.str("tokenizer.chat_template")?;
-        let tokens = g.strings("tokenizer.ggml.tokens")?;
-        let name = |key: &str, default: &str| -> String {
-            g.u32(key)
-                .ok()
-                .and_then(|i| tokens.get(i as usize).cloned())
-                .unwrap_or_else(|| default.to_string())
-        };
-        Self::detect(
-            template,
-            &name("tokenizer.ggml.bos_token_id", "<s>"),
-            &name("tokenizer.ggml.eos_token_id", "</s>"),
-        )
-        .with_context(|| format!("{}: `tokenizer.chat_template`", g.path.display()))
-    }
-
-    /// Recognise a Jinja chat template by its markers; an unknown format is an error.
-    pub fn detect(template: &str, bos: &str, eos: &str) -> Result<Self> {
-        if template.contains("<|im_start|>") {
-            // A literal default system turn, e.g. '<|im_start|>system\nYou are ...<|im_end|>\n' (the
-            // newline may be a real one or Jinja's `\n` escape).
-            let default_system = ["<|im_start|>system\n", "<|im_start|>system\\n"]
-                .iter()
-                .find_map(|marker| {
-                    let at = template.find(marker)?;
-                    let rest = &template[at + marker.len()..];
-                    let text = &rest[..rest.find("<|im_end|>")?];
-                    // Only a literal string, not a Jinja expression.
-                    (!text.contains("{{") && !text.contains('\'') && !text.contains('+'))
-                        .then(|| text.replace("\\n", "\n"))
-                });
-            Ok(Self::ChatMl { default_system })
-        } else if template.contains("<|start_header_id|>") {
-            Ok(Self::Llama3 {
-                bos: bos.to_string(),
-            })
-        } else if template.contains("[INST]") {
-            Ok(Self::Llama2 {
-                bos: bos.to_string(),
-                eos: eos.to_string(),
-            })
-        } else {
-            bail!("unrecognised chat template (supported: ChatML <|im_start|>, Llama 3 <|start_header_id|>, Llama 2 [INST])")
-        }
-    }
-
-    /// Format `messages` as the model was trained to see them; `add_generation_prompt` opens the
-    /// assistant turn. Encode the result without adding special tokens (they are in the text).
-    pub fn format(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        if messages.is_empty() {
-            bail!("chat: no messages");
-        }
-        let mut out = String::new();
-        match self {
-            Self::ChatMl { default_system } => {
-                if let (Some(sys), false) = (default_system, messages[0].role == "system") {
-                    out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-                }
-                for m in messages {
-                    out.push_str(&format!(
-                        "<|im_start|>{}\n{}<|im_end|>\n",
-                        m.role, m.content
-                    ));
-                }
-                if add_generation_prompt {
-                    out.push_str("<|im_start|>assistant\n");
-                }
-            }
-            Self::Llama3 { bos } => {
-                out.push_str(bos);
-                for m in messages {
-                    out.push_str(&format!(
-                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                        m.role,
-                        m.content.trim()
-                    ));
-                }
-                if add_generation_prompt {
-                    out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-                }
-            }
-            Self::Llama2 { bos, eos } => {
-                let (system, rest) = match messages[0].role.as_str() {
-                    "system" => (Some(messages[0].content.trim()), &messages[1..]),
-                    _ => (None, messages),
-                };
-                for (i, m) in rest.iter().enumerate() {
-                    match (m.role.as_str(), i % 2) {
-                        ("user", 0) => {
-                            let content = match (i, system) {
-                                (0, Some(s)) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{}", m.content.trim()),
-                                _ => m.content.trim().to_string(),
-                            };
-                            out.push_str(&format!("{bos}[INST] {content} [/INST]"));
-                        }
-                        ("assistant", 1) => out.push_str(&format!(" {} {eos}", m.content.trim())),
-                        (role, _) => bail!("chat (Llama 2): message {i} has role `{role}`; roles must alternate user/assistant"),
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
 }

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod auto;
 pub mod bart;
+pub mod chat_template;
 pub mod gguf;
 pub mod llama;
 pub mod quant;

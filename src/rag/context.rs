@@ -68,9 +68,8 @@ pub fn prompt_text(title: &str, text: &str, question: &str) -> String {
 /// template supplies its own special tokens).
 #[derive(Clone, Debug)]
 pub struct PromptFormat {
+    /// The generator's chat template (its Jinja source is written back when the generator is saved).
     pub chat_template: Option<ChatTemplate>,
-    /// The Jinja text `chat_template` was recognised from, written back when the generator is saved.
-    pub chat_template_source: Option<String>,
     /// Prepended to plain (non-chat) prompts.
     pub bos: Option<u32>,
     /// Fills the right of shorter rows (masked out).

@@ -9,7 +9,7 @@
 //!   in-memory knowledge base (`passages.jsonl` + `embeddings.safetensors`).
 
 use crate::encoders::{LoadOptions, TextEncoder};
-use crate::generators::gguf::{tokenizer_from_gguf, ChatTemplate, GgufFile};
+use crate::generators::gguf::{tokenizer_from_gguf, ChatMessage, ChatTemplate, GgufFile};
 use crate::generators::llama::{GgufWeights, Llama, LoraAdapter, LoraConfig};
 use crate::generators::{Decoder, Generator};
 use crate::kb::KnowledgeBase;
@@ -416,7 +416,6 @@ pub fn decoder_only_rag(
     };
     let format = InputFormat::Prompt(PromptFormat {
         chat_template,
-        chat_template_source: None,
         bos: s.bos,
         pad: s.pad,
         max_prompt_tokens: context_window,
@@ -451,37 +450,31 @@ pub enum DecoderTraining {
     Lora(LoraConfig),
 }
 
-/// A Llama, its tokenizer, (chat template source, template) and context window.
+/// A Llama, its tokenizer, chat template and context window.
 type LoadedLlama = (
     Llama,
     crate::tokenize::TextTokenizer,
-    Option<(String, ChatTemplate)>,
+    Option<ChatTemplate>,
     usize,
 );
 
-/// [`LoadedLlama`] from a GGUF file or a HF directory; `f32` dequantizes a GGUF.
+/// [`LoadedLlama`] from a GGUF file or a HF directory; `f32` dequantizes a GGUF. A chat template
+/// that does not compile, or fails on the one-user-turn prompt every RAG prompt is, is an error
+/// naming the file and key (here, not at the first question).
 fn load_llama(path: &Path, weights: WeightsChoice, f32: bool) -> Result<LoadedLlama> {
     let device = crate::default_device();
+    let check = |chat: Option<ChatTemplate>| -> Result<Option<ChatTemplate>> {
+        if let Some(t) = &chat {
+            t.format(&[ChatMessage::new("user", "?")], true)?;
+        }
+        Ok(chat)
+    };
     if path.is_dir() {
         let llama = Llama::from_hf_dir(path, &device)?;
         let tokenizer = crate::tokenize::TextTokenizer::from_dir(path)?;
         let config_path = path.join("tokenizer_config.json");
         let config: serde_json::Value = crate::hub::read_json(&config_path)?;
-        let token = |key: &str| -> String {
-            config
-                .get(key)
-                .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
-                .unwrap_or_default()
-                .to_string()
-        };
-        let chat = match config.get("chat_template").and_then(|t| t.as_str()) {
-            Some(t) => Some((
-                t.to_string(),
-                ChatTemplate::detect(t, &token("bos_token"), &token("eos_token"))
-                    .with_context(|| format!("{}: `chat_template`", config_path.display()))?,
-            )),
-            None => None,
-        };
+        let chat = check(ChatTemplate::from_tokenizer_config(&config, &config_path)?)?;
         let window = config
             .get("model_max_length")
             .and_then(|v| v.as_u64())
@@ -496,9 +489,9 @@ fn load_llama(path: &Path, weights: WeightsChoice, f32: bool) -> Result<LoadedLl
         let llama = Llama::from_gguf_with(&g, &device, weights)?;
         let tokenizer = tokenizer_from_gguf(&g, llama.special_ids().vocab_size)?;
         // Chat-tuned models answer inside their chat format.
-        let chat = match ChatTemplate::from_gguf(&g) {
-            Ok(c) => Some((g.str("tokenizer.chat_template")?.to_string(), c)),
-            Err(_) => None,
+        let chat = match g.has("tokenizer.chat_template") {
+            true => check(Some(ChatTemplate::from_gguf(&g)?))?,
+            false => None,
         };
         let arch = g.str("general.architecture").unwrap_or("llama").to_string();
         let window = g
@@ -544,12 +537,7 @@ pub fn open_decoder_only(
     }
     // Checkpoints of an adapter name the original base.
     llama.source = base.to_path_buf();
-    let (source, chat) = chat.unzip();
-    let mut rag = decoder_only_rag(Box::new(llama), tokenizer, chat, window, path)?;
-    if let InputFormat::Prompt(f) = &mut rag.format {
-        f.chat_template_source = source;
-    }
-    Ok(rag)
+    decoder_only_rag(Box::new(llama), tokenizer, chat, window, path)
 }
 
 /// Save the decoder-only generator of `rag` as a HF directory that [`open_decoder_only`] and
@@ -573,7 +561,7 @@ pub fn save_decoder_only(rag: &RagModel, dir: &Path) -> Result<()> {
         "bos_token": name(s.bos),
         "eos_token": name(Some(s.eos)),
         "pad_token": name(Some(s.pad)),
-        "chat_template": f.chat_template_source,
+        "chat_template": f.chat_template.as_ref().map(ChatTemplate::source),
         "model_max_length": f.max_prompt_tokens,
         "clean_up_tokenization_spaces": false,
     });
