@@ -21,6 +21,10 @@ use crate::kernels::kquant::{self, quantize_q8_k, BlockQ4K, BlockQ5K, BlockQ6K, 
 use crate::kernels::q8::{self, BlockQ4_0, BlockQ5_0, BlockQ5_1, LegacyBlock, Q8Row, Q8Rows};
 pub use crate::kernels::q8::{quantize_q8_1, BlockQ8_1, QK};
 
+/// Bytes of quantized activations per tile of a quantized matmul: about an L1 data cache (Q8_1 and
+/// Q8_K take ~1.13 bytes per value).
+const ACT_TILE_BYTES: usize = 32 * 1024;
+
 /// Q4_1 rows as stored in GGUF blocks (`x = d * q + m`, `q` in 0..16; byte `j` of a block holds
 /// element `j` in its low nibble and `j + 16` in its high nibble), split into arrays of the block
 /// fields (struct of arrays) so that the kernel converts 8 `d`/`m` at a time. Index = row * blocks
@@ -528,45 +532,48 @@ impl QMatrix {
     }
 
     /// Dots of weight row `r` with four activation rows `i..i + 4` (32-block types: the weight
-    /// block is unpacked once).
-    fn dot_row4(&self, r: usize, acts: &Acts, i: usize, simd: bool) -> [f32; 4] {
+    /// block is unpacked once). `q8_rows`: every row of `acts.q8_1`, made once per matmul and passed
+    /// by reference (building four rows per call cost a fifth of a long prefill in stack copies).
+    fn dot_row4(&self, r: usize, acts: &Acts, q8_rows: &[Q8Row], i: usize, simd: bool) -> [f32; 4] {
         let (seg, rr) = self.seg(r);
         let nb = self.cols / QK;
         let k = rr * nb..(rr + 1) * nb;
+        let x4 = || -> &[Q8Row; 4] {
+            q8_rows[i..i + 4]
+                .try_into()
+                .expect("four Q8_1 activation rows")
+        };
         match &seg.blocks {
-            Blocks::Q4_1(b) => q8::dot4_q4_1(
-                &b.d[k.clone()],
-                &b.m[k.clone()],
-                &b.qs[k],
-                [0, 1, 2, 3].map(|j| acts.q8_1(i + j)),
-                simd,
-            ),
-            Blocks::Q8_0(b) => q8::dot4_q8_0(
-                &b.d[k.clone()],
-                &b.qs[k],
-                [0, 1, 2, 3].map(|j| acts.q8_1(i + j)),
-                simd,
-            ),
-            Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
-            Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
-            Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], [0, 1, 2, 3].map(|j| acts.q8_1(i + j)), simd),
+            Blocks::Q4_1(b) => {
+                q8::dot4_q4_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x4(), simd)
+            }
+            Blocks::Q8_0(b) => q8::dot4_q8_0(&b.d[k.clone()], &b.qs[k], x4(), simd),
+            Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
+            Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
+            Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], x4(), simd),
             _ => [0, 1, 2, 3].map(|j| self.dot_row(r, acts, i + j, simd)),
         }
     }
 
-    /// `out[i * rows + r] = y[i]` where `f(r, y)` fills `y: [m]` for output row `r`; output rows are
-    /// split over the rayon pool (each weight row is dotted with every activation row while it is
-    /// in L1).
-    fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    /// `out[i * rows + r] = y[i]` where `f(r, i0, y)` fills `y = [i0, i0 + y.len())` of output row
+    /// `r`; output rows are split over the rayon pool. Within a task the activation rows go in tiles
+    /// of about [`ACT_TILE_BYTES`]: every weight row of the task is dotted with one tile while the tile is in L1
+    /// (a 1,000-token prefill would otherwise stream all the activations from L2 once per weight row).
+    fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
         let rows = self.rows;
         // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.
         let threads = rayon::current_num_threads().max(1);
         let chunk = rows.div_ceil(threads * 4).max(16);
         let serial = rows * self.cols * m < 64 * 1024 || threads == 1;
+        // A multiple of 4 (the row-4 kernels' width).
+        let tile = (ACT_TILE_BYTES / (self.cols + self.cols / 8).max(1) / 4 * 4).max(4);
         let run = |t: &mut [f32]| {
             let body = |(ci, o): (usize, &mut [f32])| {
-                for (j, y) in o.chunks_exact_mut(m).enumerate() {
-                    f(ci * chunk + j, y);
+                for i0 in (0..m).step_by(tile) {
+                    let i1 = (i0 + tile).min(m);
+                    for (j, y) in o.chunks_exact_mut(m).enumerate() {
+                        f(ci * chunk + j, i0, &mut y[i0..i1]);
+                    }
                 }
             };
             if serial {
@@ -579,26 +586,35 @@ impl QMatrix {
             run(out);
             return;
         }
-        // `[rows, m]` so each task owns a contiguous slice, then transposed.
+        // `[rows, m]` so each task owns a contiguous slice, then transposed in blocks of 16 rows
+        // (16 read streams, contiguous writes).
         let mut t = vec![0f32; rows * m];
         run(&mut t);
-        for r in 0..rows {
+        for r0 in (0..rows).step_by(16) {
+            let r1 = (r0 + 16).min(rows);
             for i in 0..m {
-                out[i * rows + r] = t[r * m + i];
+                let o = &mut out[i * rows + r0..i * rows + r1];
+                for (r, o) in (r0..r1).zip(o) {
+                    *o = t[r * m + i];
+                }
             }
         }
     }
 
     /// `out[i, r] = sum_c W[r, c] * x[i, c]` for activations already in the form the weights take.
     fn matmul_acts(&self, acts: &Acts, m: usize, out: &mut [f32], simd: bool) {
-        self.par_rows(m, out, |r, y| {
-            let mut i = 0;
-            while i + 4 <= m {
-                y[i..i + 4].copy_from_slice(&self.dot_row4(r, acts, i, simd));
-                i += 4;
+        let q8_rows: Vec<Q8Row> = match &acts.q8_1 {
+            Some(_) => (0..m).map(|i| acts.q8_1(i)).collect(),
+            None => Vec::new(),
+        };
+        self.par_rows(m, out, |r, i0, y| {
+            let mut j = 0;
+            while j + 4 <= y.len() {
+                y[j..j + 4].copy_from_slice(&self.dot_row4(r, acts, &q8_rows, i0 + j, simd));
+                j += 4;
             }
-            for (i, y) in y.iter_mut().enumerate().skip(i) {
-                *y = self.dot_row(r, acts, i, simd);
+            for (j, y) in y.iter_mut().enumerate().skip(j) {
+                *y = self.dot_row(r, acts, i0 + j, simd);
             }
         });
     }

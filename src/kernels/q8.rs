@@ -116,13 +116,13 @@ pub fn dot_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row, simd: bool)
 
 /// [`dot_q4_1`] of one weight row with four activation rows (the weight block is unpacked once).
 #[inline]
-pub fn dot4_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dot4_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if simd && cpu().avx2_fma_f16c() {
         // SAFETY: avx2, fma and f16c were detected.
         return unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x) };
     }
-    x.map(|x| dot_q4_1(d, m, qs, x, simd))
+    (*x).map(|x| dot_q4_1(d, m, qs, x, simd))
 }
 
 /// `ggml_vec_dot_q8_0_q8_0` of one Q8_0 weight row (`d`: f16 bits per block) with one activation
@@ -140,13 +140,13 @@ pub fn dot_q8_0(d: &[u16], qs: &[[i8; QK]], x: Q8Row, simd: bool) -> f32 {
 
 /// [`dot_q8_0`] of one weight row with four activation rows.
 #[inline]
-pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if simd && cpu().avx2_fma_f16c() {
         // SAFETY: avx2, fma and f16c were detected.
         return unsafe { avx2::dot4_q8_0_q8_1(d, qs, x) };
     }
-    x.map(|x| dot_q8_0(d, qs, x, simd))
+    (*x).map(|x| dot_q8_0(d, qs, x, simd))
 }
 
 /// The 32-value legacy blocks dotted through [`dot_legacy`]: Q4_0 (`x = d * (q - 8)`), Q5_0
@@ -317,13 +317,13 @@ pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
 
 /// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once:
 /// prefill).
-pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if simd && cpu().avx2_fma_f16c() {
         // SAFETY: avx2, fma and f16c were detected.
         return unsafe { avx2::dot4_legacy(w, x) };
     }
-    x.map(|x| dot_legacy(w, x, simd))
+    (*x).map(|x| dot_legacy(w, x, simd))
 }
 
 /// Scalar `ggml_vec_dot_q4_1_q8_1`.
@@ -510,7 +510,7 @@ pub(super) mod avx2 {
     /// [`dot_q4_1_q8_1`] of one weight row with four activation rows: each weight block is
     /// unpacked once and its scales converted once (prefill).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: [Q8Row; 4]) -> [f32; 4] {
+    pub unsafe fn dot4_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: &[Q8Row; 4]) -> [f32; 4] {
         let n = qs.len();
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -624,7 +624,7 @@ pub(super) mod avx2 {
 
     /// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_legacy<B: LegacyBlock>(w: &[B], x: [Q8Row; 4]) -> [f32; 4] {
+    pub unsafe fn dot4_legacy<B: LegacyBlock>(w: &[B], x: &[Q8Row; 4]) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summ = [0f32; 4];
         for (k, b) in w.iter().enumerate() {
@@ -643,7 +643,7 @@ pub(super) mod avx2 {
 
     /// [`dot_q8_0_q8_1`] of one weight row with four activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: [Q8Row; 4]) -> [f32; 4] {
+    pub unsafe fn dot4_q8_0_q8_1(d: &[u16], qs: &[[i8; 32]], x: &[Q8Row; 4]) -> [f32; 4] {
         let n = qs.len();
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
