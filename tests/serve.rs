@@ -704,6 +704,18 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
         ),
         ("/v1/answer", r#"{"question": null}"#.into(), 400, "question"),
         (
+            "/v1/answer",
+            r#"{"question": "q", "n_docs": 2.5}"#.into(),
+            400,
+            "n_docs",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "q"}], "max_tokens": 100000, "max_completion_tokens": 4}"#.into(),
+            400,
+            "max_tokens",
+        ),
+        (
             "/v1/retrieve",
             r#"{"question": null, "questions": ["q"]}"#.into(),
             400,
@@ -761,6 +773,16 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
         assert_eq!(e["error"]["param"], *param, "{path} {shown}: {e}");
         assert!(!e["error"]["message"].as_str().unwrap_or("").is_empty());
     }
+    // An integer written as a float is an integer (JSON Schema's `integer`); null is absent.
+    let r = raw(
+        "/v1/retrieve",
+        r#"{"question": "q", "k": 2.0, "retriever": null, "prior_temperature": null}"#,
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()?["results"][0]["sources"].as_array().map(Vec::len),
+        Some(2)
+    );
     let nf = server.get("/v2/nothing")?;
     assert_eq!(nf.status, 404);
     assert!(nf.json()?["error"]["message"].is_string());

@@ -20,6 +20,38 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// An optional integer field (null = absent) that also takes an integral float such as `7.0`:
+/// JSON Schema's `integer` is a mathematical integer, so the document calls `7.0` valid, and
+/// clients that hold every number as a double send it that way. Anything else (a fraction, out
+/// of range, not a number) is an error naming the field.
+pub fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64> + TryFrom<i64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let out_of_range = || D::Error::custom(format!("invalid value: {n}, out of range"));
+    if let Some(u) = n.as_u64() {
+        return T::try_from(u).map(Some).map_err(|_| out_of_range());
+    }
+    if let Some(i) = n.as_i64() {
+        return T::try_from(i).map(Some).map_err(|_| out_of_range());
+    }
+    match n.as_f64() {
+        // Integral and exactly representable (|x| < 2^53): a float spelling of an integer.
+        Some(f) if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => match f < 0.0 {
+            true => T::try_from(f as i64).map(Some).map_err(|_| out_of_range()),
+            false => T::try_from(f as u64).map(Some).map_err(|_| out_of_range()),
+        },
+        _ => Err(D::Error::custom(format!(
+            "invalid type: {n}, expected an integer"
+        ))),
+    }
+}
+
 /// An optional field that may be absent but not `null`: `question` / `questions` (exactly one of
 /// them is given, which a nullable pair could not state in the document).
 pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -179,6 +211,7 @@ pub struct RetrieveRequest {
     #[serde(default, deserialize_with = "not_null")]
     pub questions: Option<Vec<String>>,
     /// Passages per question. Default 3.
+    #[serde(default, deserialize_with = "integer")]
     pub k: Option<usize>,
     /// Must be the served retriever when given (one retriever is loaded).
     pub retriever: Option<RetrieverKind>,
@@ -206,10 +239,14 @@ pub struct AnswerRequest {
     pub question: String,
     /// `token` (default) or `sequence`.
     pub mode: Option<RagMode>,
+    #[serde(default, deserialize_with = "integer")]
     pub n_docs: Option<usize>,
     /// 1 = greedy (default).
+    #[serde(default, deserialize_with = "integer")]
     pub beams: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_new_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub min_new_tokens: Option<usize>,
     pub prior_temperature: Option<f64>,
     /// RAG-Sequence: `thorough` (default) or `fast`.
@@ -225,6 +262,7 @@ pub struct AnswerRequest {
     /// Nucleus sampling, in [0, 1]; default 1.
     pub top_p: Option<f64>,
     /// Seed of the sampling (same seed and settings: same answer).
+    #[serde(default, deserialize_with = "integer")]
     pub seed: Option<u64>,
 }
 

@@ -3,7 +3,7 @@
 //! Sources ride in an extra `sources` field (and each streamed chunk's `provenance`), which
 //! OpenAI clients ignore. Optional fields are nullable (null = absent), as in OpenAI's schema.
 
-use super::api::{check_question, null_as_default, AnswerSettings, ApiError, JsonBody};
+use super::api::{check_question, integer, null_as_default, AnswerSettings, ApiError, JsonBody};
 use super::handlers::{answered, enqueue, limits, timed_out, timeout};
 use super::queue::JobEvent;
 use super::AppRef;
@@ -27,7 +27,9 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     /// Generated tokens at most (default 64). With `max_completion_tokens` too, the smaller
     /// one: both are caps.
+    #[serde(default, deserialize_with = "integer")]
     pub max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_completion_tokens: Option<usize>,
     /// In [0, 2]; absent or 0: greedy (OpenAI's default is 1: here a client asks to sample).
     pub temperature: Option<f64>,
@@ -40,11 +42,14 @@ pub struct ChatRequest {
     /// The final chunk carries usage either way.
     pub stream_options: Option<StreamOptions>,
     /// Absent or 1.
+    #[serde(default, deserialize_with = "integer")]
     pub n: Option<usize>,
     pub user: Option<String>,
     /// Seed of the sampling (a negative one is read as its two's-complement u64).
+    #[serde(default, deserialize_with = "integer")]
     pub seed: Option<i64>,
     /// rustrag: documents per answer.
+    #[serde(default, deserialize_with = "integer")]
     pub n_docs: Option<usize>,
     /// rustrag: `token` (default) or `sequence` (not streamed).
     pub mode: Option<RagMode>,
@@ -172,6 +177,21 @@ pub async fn chat_completions(
     let p = app.pipeline();
     let limits = limits(&app, &p);
     let question = question(&req.messages, &limits)?;
+    // Each cap within the server's limit on its own (the document bounds both), then the smaller.
+    for (f, v) in [
+        ("max_tokens", req.max_tokens),
+        ("max_completion_tokens", req.max_completion_tokens),
+    ] {
+        if let Some(v) = v.filter(|&v| v == 0 || v > limits.max_new_tokens) {
+            return Err(ApiError::field(
+                f,
+                format!(
+                    "{f} must be between 1 and {} (ServeConfig::max_new_tokens), got {v}",
+                    limits.max_new_tokens
+                ),
+            ));
+        }
+    }
     // The OpenAI name of the cap that was given (the smaller one when both were).
     let max_field = match (req.max_tokens, req.max_completion_tokens) {
         (Some(a), Some(b)) if b < a => "max_completion_tokens",
