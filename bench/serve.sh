@@ -7,6 +7,9 @@
 #  2. Time to first token and tokens/s of a streamed answer, rustrag vs llama-cpp-python's own
 #     OpenAI-compatible server on the same GGUF and the same prompt (bench/serve_ttft.py, the `openai`
 #     client on both), same run.
+#  3. (PARTS=soak, not in the default) resident memory over a $SOAK_DURATION s run (default 600):
+#     retrieves and greedy streamed answers ($SOAK_CONNECTIONS wrk connections each, default 2) and
+#     one connection of sampled answers (temperature 0.7) at once; RSS after warm-up, then every 30 s.
 # Threads pinned: the server on core $SERVER_CPU with 1 thread (RAYON_NUM_THREADS / --n_threads), the
 # load generator on core $CLIENT_CPU. Usage: bench/serve.sh [DURATION_S]; PARTS="retrieve answer full ttft"
 # (default all) picks parts; streamed answers run $ANSWER_DURATION s (default 60) per level with n_docs 2
@@ -104,5 +107,36 @@ if has ttft; then
   kill $llama_pid; wait $llama_pid 2>/dev/null || true
   stop_server 18183
   stop_server 18185
+fi
+# Resident memory at the start and end of a long mixed run (the issue's "10-minute run").
+if has soak; then
+  SOAK_DURATION="${SOAK_DURATION:-600}"
+  SOAK_CONNECTIONS="${SOAK_CONNECTIONS:-2}"
+  port=18186
+  start_server $port
+  curl -s -o /dev/null "http://127.0.0.1:$port/v1/answer" -d "{\"question\": \"$Q\", \"max_new_tokens\": 4}"
+  curl -s -o /dev/null "http://127.0.0.1:$port/v1/retrieve" -d "$retrieve"
+  sampled='{"question": "'"$Q"'", "n_docs": 2, "max_new_tokens": 16, "stream": true, "temperature": 0.7}'
+  soak="$OUT/soak.jsonl"
+  : > "$soak"
+  t0=$(date +%s)
+  echo "{\"t_s\": 0, \"rss_kb\": $(rss_kb $port)}" | tee -a "$soak"
+  load $port /v1/retrieve "$retrieve" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-retrieve.json" &
+  w1=$!
+  load $port /v1/answer "$answer" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-answer.json" &
+  w2=$!
+  load $port /v1/answer "$sampled" 1 "$SOAK_DURATION" > "$WORK/soak-sampled.json" &
+  w3=$!
+  while kill -0 $w1 2>/dev/null || kill -0 $w2 2>/dev/null || kill -0 $w3 2>/dev/null; do
+    sleep 30
+    echo "{\"t_s\": $(( $(date +%s) - t0 )), \"rss_kb\": $(rss_kb $port)}" | tee -a "$soak"
+  done
+  wait $w1 $w2 $w3 || true
+  echo "{\"endpoint\": \"/v1/retrieve\", \"body\": $retrieve, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-retrieve.json")}" | tee -a "$soak"
+  echo "{\"endpoint\": \"/v1/answer\", \"body\": $answer, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-answer.json")}" | tee -a "$soak"
+  echo "{\"endpoint\": \"/v1/answer\", \"body\": $sampled, \"connections\": 1, \"wrk\": $(cat "$WORK/soak-sampled.json")}" | tee -a "$soak"
+  curl -s "http://127.0.0.1:$port/metrics" > "$OUT/metrics-after-soak.txt"
+  curl -s "http://127.0.0.1:$port/healthz" | tee -a "$soak"; echo
+  stop_server $port
 fi
 echo "results in $OUT"

@@ -478,7 +478,20 @@ fn retrieve_answer_and_stream_agree_with_each_other() -> Result<()> {
 
     // /openapi.json is the library's document, and names exactly the router's routes.
     let doc = server.get("/openapi.json")?.json()?;
-    assert_eq!(doc, rustrag::serve::openapi::document());
+    // It states this server's limits (defaults, and the KB's 30 passages).
+    let limits = rustrag::serve::openapi::DocLimits {
+        max_n_docs: 20,
+        max_new_tokens: 256,
+        max_questions: 64,
+        max_question_chars: 4096,
+        retriever: rustrag::rag::pipeline::RetrieverKind::Hybrid,
+    };
+    assert_eq!(doc, rustrag::serve::openapi::document(&limits));
+    let answer_props = &doc["paths"]["/v1/answer"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"]["properties"];
+    assert_eq!(answer_props["n_docs"]["maximum"], 20);
+    assert_eq!(answer_props["max_new_tokens"]["maximum"], 256);
+    assert_eq!(answer_props["n_docs"]["type"], json!(["integer", "null"]));
     let mut documented: Vec<(String, String)> = doc["paths"]
         .as_object()
         .context("paths")?
@@ -625,15 +638,88 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
         ),
         (
             "/v1/chat/completions",
-            r#"{"messages": [{"role": "user", "content": "q"}], "temperature": 0.7}"#.into(),
+            r#"{"messages": [{"role": "user", "content": "q"}], "temperature": 2.5}"#.into(),
             400,
             "temperature",
         ),
         (
             "/v1/chat/completions",
-            r#"{"messages": [{"role": "user", "content": "q"}], "top_p": 0.9}"#.into(),
+            r#"{"messages": [{"role": "user", "content": "q"}], "top_p": 1.5}"#.into(),
             400,
             "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "q"}], "temperature": 0.5, "mode": "sequence"}"#.into(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": " "}]}"#.into(),
+            400,
+            "messages[1].content",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "system", "content": 5}, {"role": "user", "content": "q"}]}"#.into(),
+            400,
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "q"}], "stream_options": {"include_usage": "yes"}}"#.into(),
+            400,
+            "stream_options.include_usage",
+        ),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "temperature": -1}"#.into(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "temperature": 0.7, "top_p": 2}"#.into(),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "temperature": 0.7, "beams": 2}"#.into(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "seed": -1}"#.into(),
+            400,
+            "seed",
+        ),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "seed": "7"}"#.into(),
+            400,
+            "seed",
+        ),
+        ("/v1/answer", r#"{"question": null}"#.into(), 400, "question"),
+        (
+            "/v1/answer",
+            r#"{"question": "q", "n_docs": 2.5}"#.into(),
+            400,
+            "n_docs",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "q"}], "max_tokens": 100000, "max_completion_tokens": 4}"#.into(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/retrieve",
+            r#"{"question": null, "questions": ["q"]}"#.into(),
+            400,
+            "question",
         ),
         (
             "/v1/chat/completions",
@@ -674,9 +760,10 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
         (
             "/admin/kb",
             r#"{"path": "/nonexistent/kb"}"#.into(),
-            400,
+            404,
             "path",
         ),
+        ("/admin/kb", r#"{"path": ""}"#.into(), 400, "path"),
     ];
     for (path, body, status, param) in &cases {
         let r = raw(path, body)?;
@@ -686,6 +773,16 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
         assert_eq!(e["error"]["param"], *param, "{path} {shown}: {e}");
         assert!(!e["error"]["message"].as_str().unwrap_or("").is_empty());
     }
+    // An integer written as a float is an integer (JSON Schema's `integer`); null is absent.
+    let r = raw(
+        "/v1/retrieve",
+        r#"{"question": "q", "k": 2.0, "retriever": null, "prior_temperature": null}"#,
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()?["results"][0]["sources"].as_array().map(Vec::len),
+        Some(2)
+    );
     let nf = server.get("/v2/nothing")?;
     assert_eq!(nf.status, 404);
     assert!(nf.json()?["error"]["message"].is_string());
@@ -693,6 +790,80 @@ fn bad_input_is_a_4xx_naming_the_field() -> Result<()> {
     assert_eq!(server.get("/healthz")?.status, 200);
     assert_eq!(server.metric("rustrag_queue_depth")?, 0.0);
     assert_eq!(server.metric("rustrag_panics_total")?, 0.0);
+    Ok(())
+}
+
+/// Seeded sampling on `/v1/answer`: the same seed gives the same answer (streamed or not, with
+/// each streamed token's posterior over the sources); temperature towards 0 and a tiny top_p give
+/// the greedy answer; null optional fields read as absent.
+#[test]
+fn sampling_is_seeded_and_streams_provenance() -> Result<()> {
+    let kb = shared_kb()?;
+    let server = Server::start(&kb, &[])?;
+    let ask = |extra: Value| -> Result<Value> {
+        let mut req = json!({"question": QUESTION, "n_docs": 3, "max_new_tokens": 12});
+        if let (Some(r), Some(e)) = (req.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        let a = server.post("/v1/answer", &req)?;
+        ensure!(a.status == 200, "{req}: {}", a.text());
+        a.json()
+    };
+    let greedy = ask(json!({"temperature": null, "top_p": null, "seed": null, "stream": null}))?;
+    let hot = json!({"temperature": 1.5, "seed": 7});
+    let (a, b) = (ask(hot.clone())?, ask(hot.clone())?);
+    assert_eq!(a["ids"], b["ids"], "same seed, same answer");
+    // Near-zero temperature concentrates on the argmax; a tiny nucleus keeps only it.
+    let cold = ask(json!({"temperature": 1e-4, "seed": 3}))?;
+    assert_eq!(cold["ids"], greedy["ids"], "temperature -> 0 is greedy");
+    let narrow = ask(json!({"temperature": 1.0, "top_p": 1e-9, "seed": 5}))?;
+    assert_eq!(narrow["ids"], greedy["ids"], "top_p -> 0 is greedy");
+    // Other seeds draw other answers (at temperature 1.5 a 135M model rarely repeats itself).
+    let others: Vec<Value> = (8..11)
+        .map(|seed| ask(json!({"temperature": 1.5, "seed": seed})).map(|v| v["ids"].clone()))
+        .collect::<Result<_>>()?;
+    assert!(
+        others.iter().any(|ids| *ids != a["ids"]),
+        "seeds 7..11 all gave {}",
+        a["ids"]
+    );
+
+    // Streamed with the same seed: the same tokens, each with a posterior over the 3 sources that
+    // matches the non-streamed answer's teacher-forced one.
+    let mut req = json!({"question": QUESTION, "n_docs": 3, "max_new_tokens": 12, "stream": true});
+    req["temperature"] = hot["temperature"].clone();
+    req["seed"] = hot["seed"].clone();
+    let mut events = Events::open(&server, "/v1/answer", &req)?;
+    let mut streamed = Vec::new();
+    let done = loop {
+        let (name, data) = events.next()?.context("stream ended without `done`")?;
+        let v: Value = serde_json::from_str(&data)?;
+        match name.as_str() {
+            "sources" => {}
+            "token" => streamed.push(v),
+            "done" => break v,
+            other => bail!("unexpected event {other}: {data}"),
+        }
+    };
+    assert_eq!(
+        done["ids"], a["ids"],
+        "streamed sample = non-streamed sample"
+    );
+    let tokens = a["tokens"].as_array().context("tokens")?;
+    assert_eq!(streamed.len(), tokens.len());
+    for (s, t) in streamed.iter().zip(tokens) {
+        assert_eq!(s["id"], t["id"]);
+        let (ps, pt) = (
+            s["doc_posterior"].as_array().context("p")?,
+            t["doc_posterior"].as_array().context("p")?,
+        );
+        assert_eq!(ps.len(), 3);
+        for (x, y) in ps.iter().zip(pt) {
+            let d = (x.as_f64().unwrap_or(9.0) - y.as_f64().unwrap_or(0.0)).abs();
+            assert!(d < 2e-3, "posterior {s} vs {t}");
+        }
+    }
+    assert_eq!(server.metric("rustrag_queue_depth")?, 0.0);
     Ok(())
 }
 

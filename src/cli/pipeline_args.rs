@@ -30,6 +30,17 @@ pub struct PipelineArgs {
     /// Beam size (1 = greedy).
     #[arg(long)]
     pub beams: Option<usize>,
+    /// Sample the answer (RAG-Token, beams 1) at this temperature from the marginal next-token
+    /// distribution; 0 (the default) is greedy decoding.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this cumulative probability (used
+    /// with --temperature > 0). Default 1.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of the sampling: the same seed gives the same answer. Default: a fresh one.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Answers per question (≤ beams).
     #[arg(long)]
     pub num_return_sequences: Option<usize>,
@@ -104,6 +115,9 @@ impl PipelineArgs {
                 min_new_tokens: length(self.min_length, "min-length")?,
                 prior_temperature: None,
                 provenance: true,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
             },
             ..defaults
         })

@@ -267,6 +267,7 @@ impl GenerationSettings {
             pad_token_id: self.pad_token_id.unwrap_or(eos),
             forced_bos_token_id: self.forced_bos_token_id,
             forced_eos_token_id: self.forced_eos_token_id,
+            sampling: None,
         };
         if p.num_beams == 0 {
             bail!("`num_beams` must be at least 1");
@@ -307,4 +308,8 @@ pub struct GenerationParams {
     pub pad_token_id: u32,
     pub forced_bos_token_id: Option<u32>,
     pub forced_eos_token_id: Option<u32>,
+    /// Sample instead of the greedy argmax (one beam only). Never read from a checkpoint's
+    /// generation config: a caller asks for it per call (`AnswerOptions::temperature`). None:
+    /// deterministic search.
+    pub sampling: Option<crate::rag::search::Sampling>,
 }

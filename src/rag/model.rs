@@ -51,6 +51,9 @@ pub struct RagContext {
     pub prior_temperature: f64,
 }
 
+/// The smallest τ the doc prior is computed with (see [`RagContext::prior_scores`]).
+pub const MIN_PRIOR_TEMPERATURE: f64 = 1e-30;
+
 impl RagContext {
     /// Check shapes: rows = batch × n_docs.
     pub fn new(input_ids: Tensor, attention_mask: Tensor, doc_scores: Tensor) -> Result<Self> {
@@ -93,7 +96,10 @@ impl RagContext {
         if self.prior_temperature == 1.0 {
             return Ok(self.doc_scores.clone());
         }
-        Ok((&self.doc_scores / self.prior_temperature)?)
+        // Any positive τ is accepted, but below this 1/τ overflows f32 (the division is a multiply
+        // by 1/τ in the scores' dtype) and 0 · ∞ makes the prior NaN; at this τ the prior is
+        // already one-hot for any realistic score gap, so clamping changes no answer.
+        Ok((&self.doc_scores / self.prior_temperature.max(MIN_PRIOR_TEMPERATURE))?)
     }
 
     pub fn batch(&self) -> usize {
@@ -469,14 +475,15 @@ impl RagModel {
         overrides.or(&self.generation).resolve()
     }
 
-    /// RAG-Token decoding over the marginal (greedy when `num_beams == 1`, else beam search with the
+    /// RAG-Token decoding over the marginal (greedy when `num_beams == 1`, sampled from the marginal
+    /// when `p.sampling` is set, else beam search with the
     /// KV cache of every (beam, doc) row reordered per step). Returns `[batch * num_return_sequences]`
     /// sequences (HF padding/fill conventions).
     pub fn generate_token(&self, ctx: &RagContext, p: &GenerationParams) -> Result<Vec<Vec<u32>>> {
         self.generate_token_observed(ctx, p, None)
     }
 
-    /// [`Self::generate_token`] telling `observer` each token as greedy decoding chooses it, with
+    /// [`Self::generate_token`] telling `observer` each token as greedy decoding (or sampling) chooses it, with
     /// its posterior p(z | x, y_i, y<i) over the question's documents (the quantity
     /// [`Self::doc_posteriors`] computes after the fact, here from the decoding step's own
     /// log-probabilities). An observer needs greedy decoding (`num_beams == 1`); its error stops
@@ -514,10 +521,13 @@ impl RagModel {
             last_lp: None,
             position: 0,
         };
-        if nb == 1 {
-            search::greedy(&mut scorer, batch, p)
-        } else {
-            search::beam_search(&mut scorer, batch, p)
+        match (nb, &p.sampling) {
+            (1, Some(s)) => Ok(search::sample_scored(&mut scorer, batch, p, s)?.ids),
+            (1, None) => search::greedy(&mut scorer, batch, p),
+            (_, Some(_)) => {
+                bail!("sampling draws one sequence per question: it needs beams 1, got {nb} beams")
+            }
+            _ => search::beam_search(&mut scorer, batch, p),
         }
     }
 
@@ -549,6 +559,10 @@ impl RagModel {
             state,
             started: false,
         };
+        if p.sampling.is_some() {
+            // RAG-Sequence decodes each document separately and rescores: sampling is RAG-Token's.
+            bail!("sampling is implemented for RAG-Token decoding (mode token), not per document");
+        }
         let mut p = p.clone();
         p.num_return_sequences = nb;
         if nb == 1 {
@@ -825,7 +839,7 @@ pub fn repeat_interleave_rows(t: &Tensor, n: usize) -> Result<Tensor> {
     Ok(t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0)?)
 }
 
-/// One token of a greedy RAG-Token decode, as it is chosen.
+/// One token of a greedy or sampled RAG-Token decode, as it is chosen.
 #[derive(Clone, Copy, Debug)]
 pub struct TokenStep<'a> {
     /// Row of the decoded batch (the question).
@@ -848,7 +862,7 @@ struct MarginalScorer<'a, 'o, 'f> {
     doc_lp: Tensor,
     n_docs: usize,
     started: bool,
-    /// Told each chosen token (greedy only).
+    /// Told each chosen token (greedy or sampling, not beam search).
     observer: Option<&'o mut TokenObserver<'f>>,
     /// With an observer: the last step's per-document log-probs `[search rows, n_docs, vocab]`.
     last_lp: Option<Tensor>,

@@ -16,7 +16,7 @@ use crate::kb::KnowledgeBase;
 use crate::rag::config::{GenerationSettings, RagConfig, RagMode};
 use crate::rag::context::{InputFormat, PromptFormat, Truncation};
 use crate::rag::model::{RagContext, RagModel, TokenStep};
-use crate::rag::{loss, InMemoryIndex};
+use crate::rag::{loss, search, InMemoryIndex};
 use crate::retrieve::bm25::{build_index, Bm25Config, Bm25Params, Bm25Retriever};
 use crate::retrieve::dense::DenseRetriever;
 use crate::retrieve::hybrid::{Fusion, HybridRetriever};
@@ -100,6 +100,16 @@ pub struct AnswerOptions {
     /// Closed book: the generator answers from the question alone, nothing retrieved (the
     /// baseline RAG is measured against). Default false.
     pub closed_book: bool,
+    /// Sampling temperature (RAG-Token, beams 1): the next token is drawn from the marginal
+    /// p(y_i | x, y<i) with its log-probabilities divided by it ([`search::Sampling`]). None or 0:
+    /// greedy, the default. Must be finite and non-negative.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this cumulative probability, in
+    /// [0, 1]. Default 1 (all). No effect on greedy decoding (its argmax is in every nucleus).
+    pub top_p: Option<f64>,
+    /// Seed of the sampling stream: the same seed, question and settings give the same answer.
+    /// Default: a fresh seed per question. Only used when sampling.
+    pub seed: Option<u64>,
 }
 
 impl Default for AnswerOptions {
@@ -115,7 +125,37 @@ impl Default for AnswerOptions {
             prior_temperature: None,
             provenance: true,
             closed_book: false,
+            temperature: None,
+            top_p: None,
+            seed: None,
         }
+    }
+}
+
+impl AnswerOptions {
+    /// The sampling these options ask for (None: greedy), or why they are not valid; the error
+    /// starts with the field's name.
+    pub fn sampling(&self) -> Result<Option<search::Sampling>> {
+        let t = self.temperature.unwrap_or(0.0);
+        if !(t.is_finite() && t >= 0.0) {
+            bail!("temperature must be finite and at least 0 (0: greedy), got {t}");
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&top_p) {
+            bail!("top_p must be between 0 and 1, got {top_p}");
+        }
+        if t == 0.0 {
+            // Greedy is sampling's T → 0 limit, and the argmax is inside every nucleus: top_p
+            // changes nothing here.
+            return Ok(None);
+        }
+        let s = search::Sampling {
+            temperature: t,
+            top_p,
+            seed: self.seed,
+        };
+        s.validate()?;
+        Ok(Some(s))
     }
 }
 
@@ -149,8 +189,9 @@ pub struct PipelineConfig {
     pub max_question_chars: usize,
     /// Most generator rows decoded at once: questions per batch × n_docs × beams. Default 256.
     /// It bounds the KV caches and prompt tensors (SmolLM2-135M: about 45 KB per row and token,
-    /// so 256 rows of 1,000 tokens are about 12 GB); a call over it is refused before anything
-    /// is allocated.
+    /// so 256 rows of 1,000 tokens are about 12 GB): a call's questions are decoded in smaller
+    /// batches to stay under it, and a single question over it is refused before anything is
+    /// allocated.
     pub max_decode_rows: usize,
     /// Default answer settings of every question.
     pub answer: AnswerOptions,
@@ -183,7 +224,7 @@ pub enum AnswerEvent<'a> {
         question: usize,
         sources: &'a [Source],
     },
-    /// One generated token (RAG-Token, greedy), the end-of-sequence token included.
+    /// One generated token (RAG-Token, greedy or sampled), the end-of-sequence token included.
     Token {
         question: usize,
         /// Position among the question's generated tokens (0 = first).
@@ -772,7 +813,7 @@ impl Pipeline {
     }
 
     /// [`Pipeline::answer_with`] telling `on_event` each question's sources once retrieved and,
-    /// for RAG-Token with greedy decoding, each generated token as it is chosen with its
+    /// for RAG-Token with greedy decoding or sampling, each generated token as it is chosen with its
     /// posterior over the documents (what a server streams). The tokens and posteriors are the
     /// ones the returned answers hold (posteriors up to float rounding: here from the decoding
     /// steps, there from a teacher-forced pass; no pass is made with `provenance: false`).
@@ -817,7 +858,20 @@ impl Pipeline {
             min_length: opts.min_new_tokens.or(d.min_new_tokens).map(|m| m + 1),
             ..Default::default()
         };
-        let params = self.rag.generation_params(&overrides)?;
+        let mut params = self.rag.generation_params(&overrides)?;
+        params.sampling = AnswerOptions {
+            temperature: opts.temperature.or(d.temperature),
+            top_p: opts.top_p.or(d.top_p),
+            seed: opts.seed.or(d.seed),
+            ..AnswerOptions::default()
+        }
+        .sampling()?;
+        if params.sampling.is_some() && (mode != RagMode::Token || params.num_beams != 1) {
+            bail!(
+                "sampling (temperature > 0) needs RAG-Token decoding with one beam, got {mode:?} with {} beams",
+                params.num_beams
+            );
+        }
         if params.num_return_sequences > params.num_beams {
             bail!(
                 "num_return_sequences ({}) must be at most the number of beams ({})",
@@ -833,8 +887,13 @@ impl Pipeline {
                 params.max_length - 1
             );
         }
-        let batch = self.config.batch_size.min(questions.len());
-        let rows = batch * n_docs * params.num_beams;
+        // Fewer questions per decode when their rows would not fit: only one question over the
+        // limit is refused (a server batching equal requests must not turn valid ones into errors).
+        let per_question = n_docs * params.num_beams;
+        let batch_size = (self.config.max_decode_rows / per_question.max(1))
+            .clamp(1, self.config.batch_size.max(1));
+        let batch = batch_size.min(questions.len());
+        let rows = batch * per_question;
         if rows > self.config.max_decode_rows {
             bail!(
                 "{rows} generator rows at once (questions per batch {batch} × n_docs {n_docs} × beams {}) exceed PipelineConfig::max_decode_rows ({}): lower the beams, n_docs or batch size",
@@ -844,15 +903,15 @@ impl Pipeline {
         }
         if on_event.is_some() && (mode != RagMode::Token || params.num_beams != 1) {
             bail!(
-                "streaming needs RAG-Token with greedy decoding (mode token, beams 1), got {mode:?} with {} beams",
+                "streaming needs RAG-Token with one beam (mode token, beams 1), got {mode:?} with {} beams",
                 params.num_beams
             );
         }
         let rag_format = self.format_leaving(params.max_length - 1)?;
         let tok = &self.rag.generator_tokenizer;
         let mut out = Vec::with_capacity(questions.len());
-        for (c, chunk) in questions.chunks(self.config.batch_size).enumerate() {
-            let first = c * self.config.batch_size;
+        for (c, chunk) in questions.chunks(batch_size).enumerate() {
+            let first = c * batch_size;
             let (retrieved, ctx) = match closed_book {
                 true => self.question_only(chunk, rag_format.as_ref())?,
                 false => self.retrieve(chunk, n_docs, rag_format.as_ref())?,

@@ -1,9 +1,11 @@
-//! Decoding loops with HF transformers' semantics: logits processors, greedy search (`_sample` without
-//! sampling) and the vectorised beam search of transformers ≥ 4.50 (`_beam_search`), over any
-//! [`StepScorer`] — the RAG-Token marginal or a plain generator.
+//! Decoding loops with HF transformers' semantics: logits processors, greedy search and seeded
+//! sampling (`_sample` without / with `do_sample`, temperature and top-p warpers), and the
+//! vectorised beam search of transformers ≥ 4.50 (`_beam_search`), over any [`StepScorer`] — the
+//! RAG-Token marginal or a plain generator.
 
 use crate::rag::config::{EarlyStopping, GenerationParams};
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
 /// Supplies next-token scores for the live rows of a search.
 pub trait StepScorer {
@@ -13,7 +15,7 @@ pub trait StepScorer {
     /// Keep/reorder/duplicate rows: new row `i` continues old row `rows[i]`.
     fn reorder(&mut self, rows: &[usize]) -> Result<()>;
     fn vocab_size(&self) -> usize;
-    /// The token [`greedy`] chose for every row at this step; `live[r]`: row `r` had not finished,
+    /// The token [`greedy`] (or [`sample_scored`]) chose for every row at this step; `live[r]`: row `r` had not finished,
     /// so its token is generated, not padding. For streaming: an error stops the search (the
     /// reader went away). Beam search does not call it (a beam's tokens are not final until the
     /// end). Default: nothing.
@@ -128,6 +130,152 @@ pub fn greedy_scored(
     rows: usize,
     p: &GenerationParams,
 ) -> Result<Hypotheses> {
+    decode_scored(scorer, rows, p, |_, row| argmax(row) as u32)
+}
+
+/// Sampling settings: HF `do_sample=True` with its `TemperatureLogitsWarper` then
+/// `TopPLogitsWarper` applied to the processed scores (for RAG-Token, the marginal
+/// log p(y_i | x, y<i) = log Σ_z p(z|x) p(y_i | x, z, y<i)).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    /// Scores are divided by it before the softmax; positive and finite. Towards 0 the
+    /// distribution concentrates on the argmax (greedy), above 1 it flattens.
+    pub temperature: f64,
+    /// Nucleus: only the most likely tokens whose cumulative probability reaches `top_p` are
+    /// kept (HF: a token is dropped when the tokens less likely than it, itself included, sum to
+    /// at most `1 - top_p`; the most likely one is always kept). In [0, 1]; 1 keeps every token,
+    /// 0 only the most likely.
+    pub top_p: f64,
+    /// Seed of the random stream. Every row of a call starts from it, so a question's answer does
+    /// not depend on the questions it is batched with. None: a fresh seed per row.
+    pub seed: Option<u64>,
+}
+
+impl Sampling {
+    /// Checks the ranges documented on the fields; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "temperature must be positive and finite to sample, got {}",
+                self.temperature
+            );
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            bail!("top_p must be between 0 and 1, got {}", self.top_p);
+        }
+        Ok(())
+    }
+
+    /// One token drawn from `row` (processed scores, any additive constant) after the
+    /// temperature and top-p warpers.
+    pub fn draw(&self, rng: &mut SplitMix64, row: &[f32]) -> u32 {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            // Every token banned (or a NaN row): nothing to sample from; as greedy does.
+            return argmax(row) as u32;
+        }
+        // Shifted by the max before dividing, so a tiny temperature gives -inf, never +inf or NaN:
+        // the same softmax as HF's scores / T, without overflow.
+        let t = self.temperature;
+        let mut probs: Vec<(f64, u32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (((v - max) as f64 / t).exp(), i as u32))
+            .filter(|&(q, _)| q > 0.0)
+            .collect();
+        // Most likely first; equal ones by id, so a draw is a function of (seed, scores) alone.
+        probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let total: f64 = probs.iter().map(|&(q, _)| q).sum();
+        let mut keep = probs.len();
+        if self.top_p < 1.0 {
+            // HF walks up from the least likely: drop while the cumulative mass (from the bottom)
+            // stays <= 1 - top_p; the most likely token always stays.
+            let mut below = 0.0;
+            let floor = (1.0 - self.top_p) * total;
+            for (i, &(q, _)) in probs.iter().enumerate().rev() {
+                below += q;
+                if below <= floor && i > 0 {
+                    keep = i;
+                } else {
+                    break;
+                }
+            }
+        }
+        let kept = &probs[..keep];
+        let mass: f64 = kept.iter().map(|&(q, _)| q).sum();
+        let mut u = rng.next_f64() * mass;
+        for &(q, id) in kept {
+            if u < q {
+                return id;
+            }
+            u -= q;
+        }
+        // Rounding left u at the end of the mass: the least likely kept token.
+        kept.last().map_or(argmax(row) as u32, |&(_, id)| id)
+    }
+}
+
+/// SplitMix64 (Steele, Lea & Flood 2014): a small, fast generator whose output for a seed is fixed
+/// by this code, not by a dependency's version, so a seeded answer stays reproducible across builds.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// A seed from the process' hasher keys (random per process and per call).
+    pub fn from_entropy() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        Self(h.finish())
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Sampling of `rows` sequences (HF `_sample` with `do_sample=True`): the greedy loop of
+/// [`greedy_scored`] with each row's token drawn by `s` instead of taken as the argmax, so
+/// [`StepScorer::chosen`] (streaming, per-token provenance) is told each sampled token the same
+/// way. Log-likelihoods are of the processed, unwarped scores (as greedy's).
+pub fn sample_scored(
+    scorer: &mut dyn StepScorer,
+    rows: usize,
+    p: &GenerationParams,
+    s: &Sampling,
+) -> Result<Hypotheses> {
+    s.validate()?;
+    let mut rngs: Vec<SplitMix64> = (0..rows)
+        .map(|_| {
+            s.seed
+                .map_or_else(SplitMix64::from_entropy, SplitMix64::new)
+        })
+        .collect();
+    decode_scored(scorer, rows, p, |r, row| s.draw(&mut rngs[r], row))
+}
+
+/// The one token-by-token loop behind greedy search and sampling: `pick(row, scores)` chooses a
+/// live row's next token from its processed scores.
+fn decode_scored(
+    scorer: &mut dyn StepScorer,
+    rows: usize,
+    p: &GenerationParams,
+    mut pick: impl FnMut(usize, &[f32]) -> u32,
+) -> Result<Hypotheses> {
     let vocab = scorer.vocab_size();
     check_ids(p, vocab)?;
     let mut total = vec![0f32; rows];
@@ -146,7 +294,7 @@ pub fn greedy_scored(
         for (r, row) in scores.chunks_mut(vocab).enumerate() {
             process_row(p, &seqs[r], row);
             let tok = if unfinished[r] {
-                argmax(row) as u32
+                pick(r, row)
             } else {
                 p.pad_token_id
             };
@@ -493,6 +641,80 @@ mod tests {
         assert_eq!(told, vec![2, 3, 1]);
         assert!(t.chosen.iter().all(|(_, live)| live == &[true, true]));
         Ok(())
+    }
+
+    fn sampled(t: f64, top_p: f64, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+        let mut tab = table();
+        let s = Sampling {
+            temperature: t,
+            top_p,
+            seed: Some(seed),
+        };
+        let out = sample_scored(&mut tab, 1, &params(1, 1), &s)?;
+        let told = tab.chosen.iter().map(|(tok, _)| tok[0]).collect();
+        Ok((out.ids[0].clone(), told))
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_tends_to_greedy() -> Result<()> {
+        let greedy_ids = greedy(&mut table(), 1, &params(1, 1))?[0].clone();
+        // Same seed, same draws; each drawn token is told as chosen (streaming provenance).
+        let (a, told) = sampled(1.0, 1.0, 42)?;
+        assert_eq!(a, sampled(1.0, 1.0, 42)?.0);
+        assert_eq!(told, a[1..].to_vec());
+        // Other seeds reach other sequences (a b eos, b eos, a eos ...).
+        let distinct: std::collections::BTreeSet<Vec<u32>> = (0..20)
+            .map(|s| sampled(1.0, 1.0, s).map(|x| x.0))
+            .collect::<Result<_>>()?;
+        assert!(distinct.len() > 1, "{distinct:?}");
+        // T -> 0 and a tiny nucleus are greedy, whatever the seed.
+        for seed in 0..20 {
+            assert_eq!(sampled(1e-4, 1.0, seed)?.0, greedy_ids);
+            assert_eq!(sampled(1.0, 1e-9, seed)?.0, greedy_ids);
+            assert_eq!(sampled(1.0, 0.0, seed)?.0, greedy_ids);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn draws_follow_the_warped_distribution() {
+        // log-probs of a 0.6 / b 0.4 (and banned tokens).
+        let row = [
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            0.6f32.ln(),
+            0.4f32.ln(),
+        ];
+        let freq = |t: f64, top_p: f64| {
+            let s = Sampling {
+                temperature: t,
+                top_p,
+                seed: None,
+            };
+            let mut rng = SplitMix64::new(9);
+            (0..20_000).filter(|_| s.draw(&mut rng, &row) == 2).count() as f64 / 20_000.0
+        };
+        assert!((freq(1.0, 1.0) - 0.6).abs() < 0.02);
+        // T = 2: p ∝ sqrt(0.6), sqrt(0.4) -> 0.5505.
+        assert!((freq(2.0, 1.0) - 0.5505).abs() < 0.02);
+        // HF top-p: b (0.4) is dropped when 0.4 <= 1 - top_p, i.e. top_p <= 0.6; kept above.
+        assert_eq!(freq(1.0, 0.5), 1.0);
+        assert!((freq(1.0, 0.7) - 0.6).abs() < 0.02);
+        // Every token banned: the argmax, as greedy.
+        let mut rng = SplitMix64::new(1);
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+        };
+        assert_eq!(s.draw(&mut rng, &[f32::NEG_INFINITY; 3]), 0);
+        assert!(Sampling {
+            temperature: 0.0,
+            ..s
+        }
+        .validate()
+        .is_err());
+        assert!(Sampling { top_p: 1.5, ..s }.validate().is_err());
     }
 
     #[test]

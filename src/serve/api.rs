@@ -7,7 +7,60 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// An optional field whose JSON `null` means absent (the default). Optional request fields are
+/// nullable on every route, as OpenAI declares them for chat completions; `/openapi.json` says so.
+/// (An `Option` field reads null as `None` by itself; this is for the fields with a plain default.)
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// An optional integer field (null = absent) that also takes an integral float such as `7.0`:
+/// JSON Schema's `integer` is a mathematical integer, so the document calls `7.0` valid, and
+/// clients that hold every number as a double send it that way. Anything else (a fraction, out
+/// of range, not a number) is an error naming the field.
+pub fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64> + TryFrom<i64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let out_of_range = || D::Error::custom(format!("invalid value: {n}, out of range"));
+    if let Some(u) = n.as_u64() {
+        return T::try_from(u).map(Some).map_err(|_| out_of_range());
+    }
+    if let Some(i) = n.as_i64() {
+        return T::try_from(i).map(Some).map_err(|_| out_of_range());
+    }
+    match n.as_f64() {
+        // Integral and exactly representable (|x| < 2^53): a float spelling of an integer.
+        Some(f) if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => match f < 0.0 {
+            true => T::try_from(f as i64).map(Some).map_err(|_| out_of_range()),
+            false => T::try_from(f as u64).map(Some).map_err(|_| out_of_range()),
+        },
+        _ => Err(D::Error::custom(format!(
+            "invalid type: {n}, expected an integer"
+        ))),
+    }
+}
+
+/// An optional field that may be absent but not `null`: `question` / `questions` (exactly one of
+/// them is given, which a nullable pair could not state in the document).
+pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape, on
 /// every route).
@@ -153,9 +206,12 @@ pub struct KbInfo {
 #[serde(deny_unknown_fields)]
 pub struct RetrieveRequest {
     /// One question (or `questions`).
+    #[serde(default, deserialize_with = "not_null")]
     pub question: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     pub questions: Option<Vec<String>>,
     /// Passages per question. Default 3.
+    #[serde(default, deserialize_with = "integer")]
     pub k: Option<usize>,
     /// Must be the served retriever when given (one retriever is loaded).
     pub retriever: Option<RetrieverKind>,
@@ -183,10 +239,14 @@ pub struct AnswerRequest {
     pub question: String,
     /// `token` (default) or `sequence`.
     pub mode: Option<RagMode>,
+    #[serde(default, deserialize_with = "integer")]
     pub n_docs: Option<usize>,
     /// 1 = greedy (default).
+    #[serde(default, deserialize_with = "integer")]
     pub beams: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_new_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub min_new_tokens: Option<usize>,
     pub prior_temperature: Option<f64>,
     /// RAG-Sequence: `thorough` (default) or `fast`.
@@ -195,8 +255,15 @@ pub struct AnswerRequest {
     /// in their token events).
     pub provenance: Option<bool>,
     /// Server-sent events: `sources`, one `token` per generated token, then `done`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
+    /// Sampling temperature in [0, 2]; absent or 0: greedy ([`AnswerOptions::temperature`]).
+    pub temperature: Option<f64>,
+    /// Nucleus sampling, in [0, 1]; default 1.
+    pub top_p: Option<f64>,
+    /// Seed of the sampling (same seed and settings: same answer).
+    #[serde(default, deserialize_with = "integer")]
+    pub seed: Option<u64>,
 }
 
 /// Timings of one answer, milliseconds from the request's arrival.
@@ -302,7 +369,13 @@ pub struct AnswerSettings {
     pub sequence_decoding: Option<SequenceDecoding>,
     pub provenance: bool,
     pub stream: bool,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
 }
+
+/// Largest sampling temperature a request may ask for (OpenAI's limit).
+pub const MAX_TEMPERATURE: f64 = 2.0;
 
 /// Limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
@@ -313,9 +386,17 @@ pub struct Limits {
     pub kb_len: usize,
 }
 
+/// Whitespace as the document's `"pattern": "\S"` sees it: Unicode White_Space plus the ASCII
+/// separators U+001C..U+001F, which Python's `re` (schemathesis, jsonschema) counts as `\s` and
+/// Rust's `char::is_whitespace` does not.
+pub fn is_blank(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
 /// A question that is non-empty and within the character limit.
 pub fn check_question(field: &str, q: &str, limits: &Limits) -> Result<(), ApiError> {
-    if q.trim().is_empty() {
+    if is_blank(q) {
         return Err(ApiError::field(field, "the question is empty"));
     }
     let n = q.chars().count();
@@ -372,14 +453,20 @@ impl AnswerSettings {
                 ),
             ));
         }
-        if let Some(m) = self.min_new_tokens {
-            if m > max_new {
+        // Above max_new_tokens it means "all of them" (HF generates max_length then, with a
+        // warning): refusing would make a request valid field by field depend on another field.
+        let min_new = match self.min_new_tokens {
+            Some(m) if m > limits.max_new_tokens => {
                 return Err(ApiError::field(
                     field("min_new_tokens"),
-                    format!("min_new_tokens ({m}) is above max_new_tokens ({max_new})"),
+                    format!(
+                        "min_new_tokens must be at most {} (ServeConfig::max_new_tokens), got {m}",
+                        limits.max_new_tokens
+                    ),
                 ));
             }
-        }
+            m => m.map(|m| m.min(max_new)),
+        };
         let beams = self.beams.unwrap_or(1);
         if beams == 0 || beams > 8 {
             return Err(ApiError::field(
@@ -395,16 +482,41 @@ impl AnswerSettings {
                 ));
             }
         }
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
+                return Err(ApiError::field(
+                    field("temperature"),
+                    format!(
+                        "temperature must be between 0 (greedy) and {MAX_TEMPERATURE}, got {t}"
+                    ),
+                ));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(ApiError::field(
+                    field("top_p"),
+                    format!("top_p must be between 0 and 1, got {p}"),
+                ));
+            }
+        }
         let mode = self.mode.unwrap_or(RagMode::Token);
+        let sampling = self.temperature.is_some_and(|t| t > 0.0);
+        if sampling && (mode != RagMode::Token || beams != 1) {
+            return Err(ApiError::field(
+                field("temperature"),
+                format!(
+                    "sampling (temperature > 0) draws from RAG-Token's marginal with one beam; got mode `{}` with {beams} beams: use mode token, beams 1, or temperature 0",
+                    mode_name(mode)
+                ),
+            ));
+        }
         if self.stream && (mode != RagMode::Token || beams != 1) {
             return Err(ApiError::field(
                 field("stream"),
                 format!(
-                    "streaming needs mode `token` with beams 1 (each token's posterior is final only under greedy RAG-Token decoding); got mode `{}` with {beams} beams: drop `stream` or use mode token, beams 1",
-                    match mode {
-                        RagMode::Token => "token",
-                        RagMode::Sequence => "sequence",
-                    }
+                    "streaming needs mode `token` with beams 1 (each token's posterior is final only under greedy or sampled RAG-Token decoding); got mode `{}` with {beams} beams: drop `stream` or use mode token, beams 1",
+                    mode_name(mode)
                 ),
             ));
         }
@@ -415,12 +527,24 @@ impl AnswerSettings {
             beams: Some(beams),
             num_return_sequences: None,
             max_new_tokens: Some(max_new),
-            min_new_tokens: self.min_new_tokens,
+            min_new_tokens: min_new,
             prior_temperature: self.prior_temperature,
             // A stream carries each token's posterior from decoding: no extra pass.
             provenance: self.provenance && !self.stream,
             closed_book: false,
+            // Greedy requests carry no sampling settings, so they batch together whatever
+            // top_p / seed they named (neither changes a greedy answer).
+            temperature: self.temperature.filter(|_| sampling),
+            top_p: self.top_p.filter(|_| sampling),
+            seed: self.seed.filter(|_| sampling),
         };
         Ok((opts, max_new))
+    }
+}
+
+fn mode_name(mode: RagMode) -> &'static str {
+    match mode {
+        RagMode::Token => "token",
+        RagMode::Sequence => "sequence",
     }
 }

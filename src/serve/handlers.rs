@@ -232,8 +232,14 @@ async fn metrics(State(app): State<AppRef>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(super::openapi::document())
+/// The document with the limits in force now (a KB swap can change the KB size).
+async fn openapi(State(app): State<AppRef>) -> Json<serde_json::Value> {
+    let p = app.pipeline();
+    Json(super::openapi::document(&super::openapi::DocLimits::new(
+        &app.config,
+        &limits(&app, &p),
+        p.config.retriever,
+    )))
 }
 
 async fn retrieve(
@@ -345,6 +351,9 @@ async fn answer(
         sequence_decoding: req.sequence_decoding,
         provenance: req.provenance.unwrap_or(true),
         stream: req.stream,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
     };
     let (opts, max_new) = settings.options(&limits, 32, |f| f)?;
     drop(p);
@@ -461,6 +470,25 @@ async fn admin_kb(
             StatusCode::FORBIDDEN,
             "/admin/kb answers loopback clients only",
         ));
+    }
+    if req.path.as_os_str().is_empty() {
+        return Err(ApiError::field("path", "the path is empty"));
+    }
+    // No knowledge base there is a reference to nothing: 404 naming `path` (a KB that exists but
+    // cannot be served stays a 400).
+    let is_kb = req.path.join(crate::kb::atomic::CURRENT).is_file()
+        || req.path.join(crate::kb::manifest::MANIFEST_FILE).is_file();
+    if !is_kb {
+        return Err(ApiError {
+            param: Some("path".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no knowledge base at {:?} (no CURRENT or manifest file); build one with `rustrag index build`",
+                    req.path
+                ),
+            )
+        });
     }
     app.swap_kb(req.path.clone(), false)
         .await

@@ -1,9 +1,9 @@
-//! `POST /v1/chat/completions`, OpenAI-compatible: RAG over the last user message. Greedy
-//! decoding only: `temperature` must be absent or 0 and `top_p` absent or 1 (anything else is a
-//! 400 naming the field). Sources ride in an extra `sources` field (and each streamed chunk's
-//! `provenance`), which OpenAI clients ignore.
+//! `POST /v1/chat/completions`, OpenAI-compatible: RAG over the last user message. Greedy by
+//! default; `temperature` > 0 samples from the RAG-Token marginal (with `top_p` and `seed`).
+//! Sources ride in an extra `sources` field (and each streamed chunk's `provenance`), which
+//! OpenAI clients ignore. Optional fields are nullable (null = absent), as in OpenAI's schema.
 
-use super::api::{check_question, AnswerSettings, ApiError, JsonBody};
+use super::api::{check_question, integer, null_as_default, AnswerSettings, ApiError, JsonBody};
 use super::handlers::{answered, enqueue, limits, timed_out, timeout};
 use super::queue::JobEvent;
 use super::AppRef;
@@ -25,26 +25,41 @@ pub struct ChatRequest {
     /// Echoed back; the served generator answers whatever is named.
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
+    /// Generated tokens at most (default 64). With `max_completion_tokens` too, the smaller
+    /// one: both are caps.
+    #[serde(default, deserialize_with = "integer")]
     pub max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_completion_tokens: Option<usize>,
-    /// Absent or 0 (greedy).
+    /// In [0, 2]; absent or 0: greedy (OpenAI's default is 1: here a client asks to sample).
     pub temperature: Option<f64>,
-    /// Absent or 1.
+    /// In [0, 1]; used when sampling.
     pub top_p: Option<f64>,
     /// Up to 4 strings; the answer ends before the first.
     pub stop: Option<Stop>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
-    /// Only `include_usage` (the final chunk carries usage either way).
-    pub stream_options: Option<Value>,
+    /// The final chunk carries usage either way.
+    pub stream_options: Option<StreamOptions>,
     /// Absent or 1.
+    #[serde(default, deserialize_with = "integer")]
     pub n: Option<usize>,
     pub user: Option<String>,
+    /// Seed of the sampling (a negative one is read as its two's-complement u64).
+    #[serde(default, deserialize_with = "integer")]
     pub seed: Option<i64>,
     /// rustrag: documents per answer.
+    #[serde(default, deserialize_with = "integer")]
     pub n_docs: Option<usize>,
     /// rustrag: `token` (default) or `sequence` (not streamed).
     pub mode: Option<RagMode>,
+}
+
+/// `stream_options`: only `include_usage`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -71,16 +86,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The text of the last user message.
-fn question(messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let (i, m) = messages
-        .iter()
-        .enumerate()
-        .rev()
-        .find(|(_, m)| m.role == "user")
-        .ok_or_else(|| ApiError::field("messages", "no message with role `user`"))?;
-    let field = format!("messages[{i}].content");
-    match &m.content {
+/// The text of a message's content: a string, or text parts joined.
+fn content_text(field: &str, content: &Value) -> Result<String, ApiError> {
+    match content {
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => {
             let mut text = String::new();
@@ -98,18 +106,26 @@ fn question(messages: &[ChatMessage]) -> Result<String, ApiError> {
             Ok(text)
         }
         _ => Err(ApiError::field(
-            &field,
+            field,
             "content must be a string or a list of text parts",
         )),
     }
 }
 
-/// The OpenAI field behind a setting name.
-fn openai_field(name: &'static str) -> &'static str {
-    match name {
-        "max_new_tokens" => "max_tokens",
-        other => other,
+/// The question: the text of the last user message. Every message is checked as the document
+/// states it (content a string or text parts; a user message's text not blank and within the
+/// question limit), not only the one answered, so the server refuses what the document refuses.
+fn question(messages: &[ChatMessage], limits: &super::api::Limits) -> Result<String, ApiError> {
+    let mut last = None;
+    for (i, m) in messages.iter().enumerate() {
+        let field = format!("messages[{i}].content");
+        let text = content_text(&field, &m.content)?;
+        if m.role == "user" {
+            check_question(&field, &text, limits)?;
+            last = Some(text);
+        }
     }
+    last.ok_or_else(|| ApiError::field("messages", "no message with role `user`"))
 }
 
 /// `text` cut before the first stop string, and whether one was found.
@@ -142,38 +158,11 @@ pub async fn chat_completions(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    if let Some(t) = req.temperature {
-        if t != 0.0 {
-            return Err(ApiError::field(
-                "temperature",
-                format!("only greedy decoding is served: temperature must be 0 or absent, got {t}"),
-            ));
-        }
-    }
-    if let Some(p) = req.top_p {
-        if p != 1.0 {
-            return Err(ApiError::field(
-                "top_p",
-                format!("only greedy decoding is served: top_p must be 1 or absent, got {p}"),
-            ));
-        }
-    }
     if let Some(n) = req.n {
         if n != 1 {
             return Err(ApiError::field(
                 "n",
                 format!("one choice per request: n must be 1, got {n}"),
-            ));
-        }
-    }
-    if let Some(o) = &req.stream_options {
-        let ok = o
-            .as_object()
-            .is_some_and(|m| m.keys().all(|k| k == "include_usage"));
-        if !ok {
-            return Err(ApiError::field(
-                "stream_options",
-                "only {\"include_usage\": bool} is supported",
             ));
         }
     }
@@ -185,26 +174,49 @@ pub async fn chat_completions(
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
         return Err(ApiError::field("stop", "up to 4 non-empty stop strings"));
     }
-    if req.max_tokens.is_some() && req.max_completion_tokens.is_some() {
-        return Err(ApiError::field(
-            "max_completion_tokens",
-            "give max_tokens or max_completion_tokens, not both",
-        ));
-    }
     let p = app.pipeline();
     let limits = limits(&app, &p);
-    let question = question(&req.messages)?;
-    let qfield = "messages";
-    check_question(qfield, &question, &limits)?;
+    let question = question(&req.messages, &limits)?;
+    // Each cap within the server's limit on its own (the document bounds both), then the smaller.
+    for (f, v) in [
+        ("max_tokens", req.max_tokens),
+        ("max_completion_tokens", req.max_completion_tokens),
+    ] {
+        if let Some(v) = v.filter(|&v| v == 0 || v > limits.max_new_tokens) {
+            return Err(ApiError::field(
+                f,
+                format!(
+                    "{f} must be between 1 and {} (ServeConfig::max_new_tokens), got {v}",
+                    limits.max_new_tokens
+                ),
+            ));
+        }
+    }
+    // The OpenAI name of the cap that was given (the smaller one when both were).
+    let max_field = match (req.max_tokens, req.max_completion_tokens) {
+        (Some(a), Some(b)) if b < a => "max_completion_tokens",
+        (None, Some(_)) => "max_completion_tokens",
+        _ => "max_tokens",
+    };
     let settings = AnswerSettings {
         mode: req.mode,
         n_docs: req.n_docs,
-        max_new_tokens: req.max_tokens.or(req.max_completion_tokens),
+        max_new_tokens: match (req.max_tokens, req.max_completion_tokens) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
         provenance: false,
         stream: req.stream,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed.map(|s| s as u64),
         ..Default::default()
     };
-    let (opts, max_new) = settings.options(&limits, 64, openai_field)?;
+    let field = |name: &'static str| match name {
+        "max_new_tokens" => max_field,
+        other => other,
+    };
+    let (opts, max_new) = settings.options(&limits, 64, field)?;
     let prompt_tokens = p
         .rag
         .generator_tokenizer

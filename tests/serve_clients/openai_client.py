@@ -28,12 +28,24 @@ assert chunks[-1].choices[0].finish_reason == choice.finish_reason, chunks[-1]
 provenance = [c.model_extra.get("provenance") for c in chunks if c.model_extra.get("provenance")]
 assert provenance and all(len(p["doc_posterior"]) == len(sources) for p in provenance)
 
-# Sampling is not served: the client sees a 400 naming the field.
-try:
-    client.chat.completions.create(model="smollm2", messages=messages, temperature=0.8)
-    raise SystemExit("temperature 0.8 was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "temperature", e.body
+# Sampling (temperature 0.7, seeded): the same seed gives the same answer, streamed or not, and
+# each streamed token still carries its posterior over the sources.
+sampled = [client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0.7,
+                                          seed=1234) for _ in range(2)]
+assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content, sampled
+s_chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0.7,
+                                               seed=1234, stream=True))
+assert "".join(c.choices[0].delta.content or "" for c in s_chunks) == sampled[0].choices[0].message.content
+s_prov = [c.model_extra.get("provenance") for c in s_chunks if c.model_extra.get("provenance")]
+assert s_prov and all(abs(sum(p["doc_posterior"]) - 1) < 1e-4 for p in s_prov), s_prov
+
+# Out of range: the client sees a 400 naming the field.
+for bad, field in [({"temperature": 2.5}, "temperature"), ({"temperature": 0.7, "top_p": 1.5}, "top_p")]:
+    try:
+        client.chat.completions.create(model="smollm2", messages=messages, **bad)
+        raise SystemExit(f"{bad} was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == field, e.body
 
 # A stop string ends the answer before it.
 words = choice.message.content.split()
@@ -46,4 +58,5 @@ if len(words) > 1:
     assert s_text == stopped.choices[0].message.content, (s_text, stopped.choices[0].message.content)
 
 print(json.dumps({"content": choice.message.content, "streamed_content": streamed, "sources": sources,
+                  "sampled": sampled[0].choices[0].message.content,
                   "finish_reason": choice.finish_reason, "chunks": len(chunks)}))
