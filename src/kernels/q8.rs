@@ -116,7 +116,13 @@ pub fn dot_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row, simd: bool)
 
 /// [`dot_q4_1`] of one weight row with four activation rows (the weight block is unpacked once).
 #[inline]
-pub fn dot4_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dot4_q4_1(
+    d: &[u16],
+    m: &[u16],
+    qs: &[[u8; QK / 2]],
+    x: &[Q8Row; 4],
+    simd: bool,
+) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if simd && cpu().avx2_fma_f16c() {
         // SAFETY: avx2, fma and f16c were detected.
@@ -510,7 +516,12 @@ pub(super) mod avx2 {
     /// [`dot_q4_1_q8_1`] of one weight row with four activation rows: each weight block is
     /// unpacked once and its scales converted once (prefill).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_q4_1_q8_1(d: &[u16], m: &[u16], qs: &[[u8; 16]], x: &[Q8Row; 4]) -> [f32; 4] {
+    pub unsafe fn dot4_q4_1_q8_1(
+        d: &[u16],
+        m: &[u16],
+        qs: &[[u8; 16]],
+        x: &[Q8Row; 4],
+    ) -> [f32; 4] {
         let n = qs.len();
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
