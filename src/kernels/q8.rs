@@ -621,16 +621,17 @@ pub(super) mod avx2 {
     /// applied per block in f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+        // Two accumulators: one FMA chain would serialise the blocks on its latency.
+        let mut acc = [_mm256_setzero_ps(); 2];
         let mut summ = 0f32;
         for (k, b) in w.iter().enumerate() {
             let p = idot_legacy(unpack_legacy(b), x.qs.get_unchecked(k));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b.d()) * x.d[k]), p, acc);
+            acc[k & 1] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b.d()) * x.d[k]), p, acc[k & 1]);
             if B::KIND == 2 {
                 summ += h2f(b.m()) * x.s[k];
             }
         }
-        hsum(acc) + summ
+        hsum(_mm256_add_ps(acc[0], acc[1])) + summ
     }
 
     /// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once).
