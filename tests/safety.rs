@@ -716,6 +716,8 @@ fn careless_input_gets_clear_errors() {
     let mpath = gen.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(&mpath, text.replace(&source, "moved-away/minilm")).unwrap();
+    // Edited by hand: its CRC file goes too (or the edit itself is refused as corruption).
+    std::fs::remove_file(gen.join("manifest.crc32")).unwrap();
     let o = rustrag()
         .args(["retrieve", "--query", "comet", "--kb"])
         .arg(&kb)
@@ -841,6 +843,43 @@ fn flipped_bytes_are_detected_never_served_never_laundered() {
         f.sync_all().unwrap();
     }
     eprintln!("trials per file: {per_file:?}");
+    // The manifest itself: a flipped byte that still parses (a digit of τ) is caught by its CRC32
+    // file, as is any other; a generation without the CRC file (older KBs) still opens.
+    let manifest = gen.join("manifest.json");
+    let original = std::fs::read(&manifest).unwrap();
+    let text = String::from_utf8(original.clone()).unwrap();
+    let tau_at = text
+        .find("\"prior_temperature\": 0.05")
+        .expect("τ 0.05 in the manifest")
+        + 23;
+    for trial in 0..50 {
+        let mut bytes = original.clone();
+        let at = if trial == 0 {
+            tau_at
+        } else {
+            rng() as usize % bytes.len()
+        };
+        bytes[at] ^= if trial == 0 {
+            0x03
+        } else {
+            1 + (rng() % 255) as u8
+        }; // 0.05 -> 0.06
+        std::fs::write(&manifest, &bytes).unwrap();
+        let e = match rustrag::kb::KnowledgeBase::open(&root) {
+            Ok(_) => panic!("manifest trial {trial}: byte {at} flipped, and the KB opened"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains("manifest.json") && e.contains("CRC32") && e.contains("manifest.crc32"),
+            "manifest trial {trial}: {e}"
+        );
+    }
+    std::fs::write(&manifest, &original).unwrap();
+    let crc = gen.join("manifest.crc32");
+    let recorded = std::fs::read(&crc).unwrap();
+    std::fs::remove_file(&crc).unwrap();
+    rustrag::kb::KnowledgeBase::open(&root).expect("a generation without manifest.crc32 opens");
+    std::fs::write(&crc, &recorded).unwrap();
     let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
     kb.verify().unwrap();
     assert_eq!(

@@ -256,6 +256,10 @@ pub fn kb_files(data: &[u8]) -> Result<()> {
         .into();
     }
     std::fs::write(gen.join(&file), payload)?;
+    if file == "manifest.json" {
+        // Reach the parser: the manifest's own CRC file would refuse almost every payload.
+        std::fs::remove_file(gen.join(rustrag::kb::manifest::MANIFEST_CRC_FILE))?;
+    }
     if sel & 0x10 != 0 && file != "manifest.json" {
         let path = gen.join(rustrag::kb::manifest::MANIFEST_FILE);
         let mut m: rustrag::kb::Manifest = serde_json::from_slice(&std::fs::read(&path)?)?;
@@ -263,7 +267,7 @@ pub fn kb_files(data: &[u8]) -> Result<()> {
             file.clone(),
             rustrag::kb::manifest::file_entry(&gen.join(&file))?,
         );
-        std::fs::write(&path, m.to_json()?)?;
+        m.write(&gen)?;
     }
     read_kb(root.path())
 }

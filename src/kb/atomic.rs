@@ -126,6 +126,7 @@ pub fn check_kb_root(root: &Path) -> Result<()> {
 /// The files a generation holds; a `gen-*` directory with anything else in it is not removed.
 const GENERATION_FILES: &[&str] = &[
     super::manifest::MANIFEST_FILE,
+    super::manifest::MANIFEST_CRC_FILE,
     super::store::RECORDS_FILE,
     super::store::OFFSETS_FILE,
     super::store::IDS_FILE,

@@ -7,7 +7,7 @@ use super::ingest::{read_corpus_with, BadRecord, Document, IngestOptions};
 use super::lock::WriterLock;
 use super::manifest::{
     file_entry, fingerprint_differences, now_unix, EmbeddingDtype, HnswParams, Manifest, FORMAT,
-    FORMAT_VERSION, MANIFEST_FILE,
+    FORMAT_VERSION,
 };
 use super::split::{document_id, split_document};
 use super::Passage;
@@ -533,7 +533,7 @@ fn write_generation(
             .and_then(|(kb, _)| kb.manifest().prior_temperature)
             .or(Some(super::manifest::default_prior_temperature(fp))),
     };
-    store::write_synced(&dir.join(MANIFEST_FILE), &manifest.to_json()?)?;
+    manifest.write(&dir)?;
     let bytes_on_disk = manifest.files.values().map(|f| f.bytes).sum::<u64>();
     let live = pending.commit()?;
     Ok(BuildReport {

@@ -15,6 +15,10 @@ pub const FORMAT_VERSION: u32 = 2;
 /// Version 1 differed only in its HNSW file (a usearch graph): v1 KBs without a graph are read as v2.
 const COMPATIBLE_WITHOUT_HNSW: u64 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The CRC32 of `manifest.json`'s bytes (8 hex digits), written beside it: a flipped byte in the
+/// manifest that still parses (a digit of τ, a name) is caught on open like one in a data file.
+/// Generations written before it existed have none and open unchecked.
+pub const MANIFEST_CRC_FILE: &str = "manifest.crc32";
 
 /// Element type of the stored embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -202,9 +206,26 @@ pub fn default_prior_temperature(encoder: &EncoderFingerprint) -> f64 {
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let crc_path = dir.join(MANIFEST_CRC_FILE);
+        match std::fs::read_to_string(&crc_path) {
+            Ok(want) => {
+                let got = format!("{:08x}", crc32fast::hash(&bytes));
+                if want.trim() != got {
+                    bail!(
+                        "{}: CRC32 {got} does not match the {:?} recorded in {}: the manifest is corrupt (if you edited it by hand, remove the .crc32 file; τ can be set per query with --prior-temperature)",
+                        path.display(),
+                        want.trim(),
+                        crc_path.display()
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", crc_path.display())),
+        }
+        let text = std::str::from_utf8(&bytes)
+            .with_context(|| format!("{}: not UTF-8", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(text)
             .with_context(|| format!("{}: not valid JSON", path.display()))?;
         let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
         if format != FORMAT {
@@ -236,6 +257,15 @@ impl Manifest {
 
     pub fn to_json(&self) -> Result<Vec<u8>> {
         Ok(serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Write `manifest.json` and its [`MANIFEST_CRC_FILE`] into the generation directory `dir`
+    /// (before it is committed), each synced.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = self.to_json()?;
+        super::store::write_synced(&dir.join(MANIFEST_FILE), &json)?;
+        let crc = format!("{:08x}\n", crc32fast::hash(&json));
+        super::store::write_synced(&dir.join(MANIFEST_CRC_FILE), crc.as_bytes())
     }
 
     /// Refuse a query encoder that does not match the one that embedded the passages.
