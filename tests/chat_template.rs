@@ -319,3 +319,33 @@ fn values_print_as_python() -> Result<()> {
     );
     Ok(())
 }
+
+/// Found by the `gguf` fuzz target in 13 s: a template containing `{%}` (the tag's `%}` overlapping
+/// its `{%`) panicked while the `{% generation %}` tags were rewritten. Every such source is now a
+/// syntax error naming the origin, or renders.
+#[test]
+fn overlapping_or_unclosed_tags_are_errors_not_panics() {
+    for source in [
+        "{%}",
+        "a{%}b",
+        "{%-}",
+        "{%+}{% generation %}",
+        "{%",
+        "%}{%}%}",
+        "{%%}",
+    ] {
+        let r = std::panic::catch_unwind(|| {
+            ChatTemplate::new(
+                source,
+                TemplateTokens::default(),
+                "fuzz.gguf: `tokenizer.chat_template`",
+            )
+            .and_then(|t| t.format(&[ChatMessage::new("user", "hi")], true))
+        });
+        match r {
+            Err(_) => panic!("{source:?} panicked"),
+            Ok(Err(e)) => assert!(format!("{e:#}").contains("fuzz.gguf"), "{source:?}: {e:#}"),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
