@@ -9,7 +9,8 @@
 #     client on both), same run.
 #  3. (PARTS=soak, not in the default) resident memory over a $SOAK_DURATION s run (default 600):
 #     retrieves and greedy streamed answers ($SOAK_CONNECTIONS wrk connections each, default 2) and
-#     one connection of sampled answers (temperature 0.7) at once; RSS after warm-up, then every 30 s.
+#     one connection of sampled answers (temperature 0.7) at once; RSS and the heap's live and
+#     freed-but-held bytes (/metrics, glibc mallinfo2) after warm-up, then every 30 s.
 # Threads pinned: the server on core $SERVER_CPU with 1 thread (RAYON_NUM_THREADS / --n_threads), the
 # load generator on core $CLIENT_CPU. Usage: bench/serve.sh [DURATION_S]; PARTS="retrieve answer full ttft"
 # (default all) picks parts; streamed answers run $ANSWER_DURATION s (default 60) per level with n_docs 2
@@ -51,6 +52,12 @@ start_server() { # port, extra args...
 }
 stop_server() { kill "$(cat "$WORK/server-$1.pid")" 2>/dev/null || true; wait "$(cat "$WORK/server-$1.pid")" 2>/dev/null || true; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/server-$1.pid")/status"; }
+# The heap's live and freed-but-held bytes from /metrics (glibc mallinfo2), as JSON fields.
+heap_fields() {
+  curl -s "http://127.0.0.1:$1/metrics" | awk '
+    /^rustrag_heap_in_use_bytes / {u = $2} /^rustrag_heap_free_held_bytes / {f = $2}
+    END {printf "\"heap_in_use_kb\": %d, \"heap_free_held_kb\": %d", u / 1024, f / 1024}'
+}
 load() { # port path body connections [seconds] -> one JSON line
   BODY="$3" taskset -c "$CLIENT_CPU" wrk -t1 -c"$4" -d"${5:-$DURATION}s" --timeout 180s -s bench/serve_post.lua \
     "http://127.0.0.1:$1$2" | tail -1
@@ -120,7 +127,7 @@ if has soak; then
   soak="$OUT/soak.jsonl"
   : > "$soak"
   t0=$(date +%s)
-  echo "{\"t_s\": 0, \"rss_kb\": $(rss_kb $port)}" | tee -a "$soak"
+  echo "{\"t_s\": 0, \"rss_kb\": $(rss_kb $port), $(heap_fields $port)}" | tee -a "$soak"
   load $port /v1/retrieve "$retrieve" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-retrieve.json" &
   w1=$!
   load $port /v1/answer "$answer" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-answer.json" &
@@ -129,7 +136,7 @@ if has soak; then
   w3=$!
   while kill -0 $w1 2>/dev/null || kill -0 $w2 2>/dev/null || kill -0 $w3 2>/dev/null; do
     sleep 30
-    echo "{\"t_s\": $(( $(date +%s) - t0 )), \"rss_kb\": $(rss_kb $port)}" | tee -a "$soak"
+    echo "{\"t_s\": $(( $(date +%s) - t0 )), \"rss_kb\": $(rss_kb $port), $(heap_fields $port)}" | tee -a "$soak"
   done
   wait $w1 $w2 $w3 || true
   echo "{\"endpoint\": \"/v1/retrieve\", \"body\": $retrieve, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-retrieve.json")}" | tee -a "$soak"

@@ -42,6 +42,34 @@ pub fn reuse_freed_memory() {
     }
 }
 
+/// What the process heap holds, as glibc's allocator counts it (all arenas).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapUsage {
+    /// Bytes in live allocations (`mallinfo2` `uordblks` + `hblkhd`: arena chunks in use plus
+    /// directly mapped blocks).
+    pub in_use: u64,
+    /// Bytes freed by the program and kept by the allocator for reuse (`fordblks`): resident if
+    /// touched, but no longer owned by anything. [`reuse_freed_memory`] makes this large on purpose.
+    pub free_held: u64,
+}
+
+/// The heap's live and freed-but-held bytes, to tell a leak (live bytes growing) from allocator
+/// retention (resident memory growing while live bytes stay flat). `None` off glibc.
+pub fn heap_usage() -> Option<HeapUsage> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and only reads the allocator's statistics (under
+        // each arena's lock).
+        let m = unsafe { libc::mallinfo2() };
+        Some(HeapUsage {
+            in_use: (m.uordblks + m.hblkhd) as u64,
+            free_held: m.fordblks as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
 /// The device models run on: CUDA device 0 when built with `cuda` and available, else CPU.
 pub fn default_device() -> candle_core::Device {
     #[cfg(feature = "cuda")]

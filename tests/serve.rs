@@ -475,6 +475,9 @@ fn retrieve_answer_and_stream_agree_with_each_other() -> Result<()> {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
     assert!(server.metric("rustrag_tokens_generated_total")? >= 2.0 * tokens.len() as f64);
+    // The heap gauges (glibc): the models alone are hundreds of MB of live allocations.
+    assert!(server.metric("rustrag_heap_in_use_bytes")? > 1e8);
+    assert!(server.metric("rustrag_heap_free_held_bytes")? >= 0.0);
 
     // /openapi.json is the library's document, and names exactly the router's routes.
     let doc = server.get("/openapi.json")?.json()?;

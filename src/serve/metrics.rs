@@ -214,6 +214,13 @@ impl Metrics {
             "Panics caught (answered 500).",
             self.panics.load(o),
         );
+        if let Some(heap) = crate::heap_usage() {
+            let _ = writeln!(
+                out,
+                "# HELP rustrag_heap_in_use_bytes Bytes in live heap allocations (glibc mallinfo2, all arenas).\n# TYPE rustrag_heap_in_use_bytes gauge\nrustrag_heap_in_use_bytes {}\n# HELP rustrag_heap_free_held_bytes Heap bytes freed and kept by the allocator for reuse (part of the resident memory, owned by nothing).\n# TYPE rustrag_heap_free_held_bytes gauge\nrustrag_heap_free_held_bytes {}",
+                heap.in_use, heap.free_held
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP rustrag_kb_info The served knowledge-base generation.\n# TYPE rustrag_kb_info gauge\nrustrag_kb_info{{generation=\"{}\"}} 1",
