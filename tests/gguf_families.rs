@@ -1,10 +1,10 @@
-//! GGUF decoder families (llama, qwen2, qwen3) × quantisation types (Q4_K_M, Q5_K_M, Q6_K, Q8_0,
+//! GGUF decoder families (llama, qwen2, qwen3, phi3, gemma2) × quantisation types (Q4_K_M, Q5_K_M, Q6_K, Q8_0,
 //! Q4_0) against llama.cpp on the same files: logits of a 64-token prompt and 32 greedy tokens,
 //! greedy ids, and the GGUF tokenizer's ids for the prompt text.
 //!
 //! The fixtures are tiny random models converted and quantised by llama.cpp's own tools, with
 //! llama.cpp's outputs recorded by tests/fixtures/make_gguf_fixtures.py. The files the tests read
-//! (~21 MB: quantised GGUFs, llama.cpp's logits and ids) are committed in `tests/fixtures/gguf`, so
+//! (~33 MB: quantised GGUFs, llama.cpp's logits and ids) are committed in `tests/fixtures/gguf`, so
 //! CI needs neither torch nor a llama.cpp build; `$RUSTRAG_GGUF_FIXTURES` points elsewhere. A
 //! missing fixture directory fails the tests.
 //!
@@ -75,7 +75,7 @@ fn fixtures() -> Result<Vec<Fixture>> {
     let dir = fixtures_dir();
     let index: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json"))?)?;
-    assert_eq!(index.len(), 15, "3 families x 5 types expected: {index:?}");
+    assert_eq!(index.len(), 25, "5 families x 5 types expected: {index:?}");
     index
         .iter()
         .map(|stem| {
@@ -219,7 +219,8 @@ fn families_match_llama_cpp_logits_and_greedy_ids() -> Result<()> {
 }
 
 /// The tokenizer rebuilt from each family's GGUF metadata (byte-level BPE, `tokenizer.ggml.pre` =
-/// llama-bpe / qwen2) splits the text as llama.cpp does.
+/// llama-bpe / qwen2; SentencePiece BPE with byte fallback for phi3 and gemma, the latter without
+/// the space prefix) splits the text as llama.cpp does, and the family's chat template renders.
 #[test]
 fn gguf_tokenizers_match_llama_cpp() -> Result<()> {
     let mut families = 0;
@@ -236,16 +237,18 @@ fn gguf_tokenizers_match_llama_cpp() -> Result<()> {
             .input_ids
             .remove(0);
         assert_eq!(ids, f.meta.text_ids, "{}: tokenisation", f.meta.family);
-        // The fixtures carry a ChatML template (as Qwen's): recognised and rendered.
+        // llama/qwen fixtures carry a ChatML template (as Qwen's), the others their family's.
         let chat = ChatTemplate::from_gguf(&g)?;
         let text = chat.format(&[ChatMessage::new("user", "Hi")], true)?;
-        assert_eq!(
-            text,
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let want = match f.meta.family.as_str() {
+            "phi3" => "<|user|>\nHi<|end|>\n<|assistant|>\n",
+            "gemma2" => "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+            _ => "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        };
+        assert_eq!(text, want, "{}: chat template", f.meta.family);
         families += 1;
     }
-    assert_eq!(families, 3);
+    assert_eq!(families, 5);
     Ok(())
 }
 

@@ -5,14 +5,16 @@
 
 use super::dot::dot_unrolled;
 
-/// `out = Σ_j p_j · values[j]` with `p = softmax_j(q · keys[j] · scale)` over the keys `j < t`
-/// for which `visible(j)`; `q, out: [d]`, `keys, values: [t, d]` row-major (`d = q.len()`).
+/// `out = Σ_j p_j · values[j]` with `p = softmax_j(s_j)`, `s_j = q · keys[j] · scale` (soft-capped
+/// to `cap * tanh(s_j / cap)` with `softcap`, as Gemma 2), over the keys `j < t` for which
+/// `visible(j)`; `q, out: [d]`, `keys, values: [t, d]` row-major (`d = q.len()`).
 /// A query that sees no key (padding) gets zeros.
 pub fn attend_query(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     scale: f32,
+    softcap: Option<f32>,
     visible: impl Fn(usize) -> bool,
     out: &mut [f32],
 ) {
@@ -21,7 +23,11 @@ pub fn attend_query(
     let mut scores: Vec<f32> = (0..t)
         .map(|j| {
             if visible(j) {
-                dot_unrolled(q, &keys[j * d..(j + 1) * d]) * scale
+                let s = dot_unrolled(q, &keys[j * d..(j + 1) * d]) * scale;
+                match softcap {
+                    Some(c) => (s * (1.0 / c)).tanh() * c,
+                    None => s,
+                }
             } else {
                 f32::NEG_INFINITY
             }
@@ -61,7 +67,7 @@ mod tests {
         let values: Vec<f32> = (0..t * d).map(|i| (i as f32) * 0.1).collect();
         let visible = |j: usize| j != 2;
         let mut out = [0f32; 3];
-        attend_query(&q, &keys, &values, 0.5, visible, &mut out);
+        attend_query(&q, &keys, &values, 0.5, None, visible, &mut out);
         let s: Vec<f64> = (0..t)
             .map(|j| {
                 let dot: f64 = (0..d).map(|c| (q[c] * keys[j * d + c]) as f64).sum();
@@ -81,7 +87,7 @@ mod tests {
                 out[c]
             );
         }
-        attend_query(&q, &keys, &values, 0.5, |_| false, &mut out);
+        attend_query(&q, &keys, &values, 0.5, None, |_| false, &mut out);
         assert_eq!(out, [0.0; 3]);
     }
 }

@@ -1,5 +1,6 @@
 //! Llama hyper-parameters from a HF `config.json` or GGUF metadata.
 
+use super::gemma::GemmaConfig;
 use crate::generators::gguf::GgufFile;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -31,10 +32,16 @@ pub enum Family {
     Qwen2,
     /// Qwen3: RMSNorm of each q/k head, no bias.
     Qwen3,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini: fused q/k/v and gate/up tensors ([`super::phi3`]).
+    Phi3,
+    /// Gemma 2: GELU MLP, post-norms, soft-capping, sliding window ([`super::gemma`]).
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 without soft-capping, plus q/k head norms and local rope base.
+    Gemma3,
 }
 
 /// The `general.architecture` values [`LlamaConfig::from_gguf`] takes.
-pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3";
+pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
 
 /// Model hyper-parameters.
 #[derive(Clone, Debug)]
@@ -54,6 +61,8 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    /// What the Gemma families add (None for the others).
+    pub gemma: Option<GemmaConfig>,
 }
 
 #[derive(serde::Deserialize)]
@@ -199,6 +208,7 @@ impl LlamaConfig {
             bos_token_id: first_id(&c.bos_token_id),
             eos_token_id: first_id(&c.eos_token_id),
             pad_token_id: first_id(&c.pad_token_id),
+            gemma: None,
         })
     }
 
@@ -253,6 +263,9 @@ impl LlamaConfig {
             "llama" | "mistral" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "phi3" => Family::Phi3,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
             _ => bail!(
                 "{}: `general.architecture` = `{arch}` is not supported ({GGUF_ARCHITECTURES})",
                 g.path.display()
@@ -324,6 +337,27 @@ impl LlamaConfig {
                 g.usize(&k("vocab_size"))?
             );
         }
+        if family == Family::Phi3 {
+            super::phi3::check_rope(g)?;
+        }
+        let num_layers = match g.usize(&k("block_count"))? {
+            0 => bail!("{}: `{}` is 0", g.path.display(), k("block_count")),
+            n => n,
+        };
+        let rope_theta = if g.has(&k("rope.freq_base")) {
+            g.f64(&k("rope.freq_base"))?
+        } else {
+            10000.0
+        };
+        let gemma = match family {
+            Family::Gemma2 | Family::Gemma3 => Some(GemmaConfig::from_gguf(
+                g,
+                family,
+                (num_layers, hidden_size, num_heads, head_dim),
+                (rope_theta, &rope_scaling),
+            )?),
+            _ => None,
+        };
         let id = |key: &str| -> Result<Option<u32>> {
             if g.has(key) {
                 g.u32(key).map(Some)
@@ -336,43 +370,67 @@ impl LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: g.usize(&k("feed_forward_length"))?,
-            num_layers: match g.usize(&k("block_count"))? {
-                0 => bail!("{}: `{}` is 0", g.path.display(), k("block_count")),
-                n => n,
-            },
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             rms_norm_eps: g.f64(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: if g.has(&k("rope.freq_base")) {
-                g.f64(&k("rope.freq_base"))?
-            } else {
-                10000.0
-            },
+            rope_theta,
             rope_scaling,
             tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
             pad_token_id: id("tokenizer.ggml.padding_token_id")?,
+            gemma,
         })
     }
 
-    /// Rotary angles `out: [head_dim / 2]` of position `pos`, rounded as ggml's rope cache computes
-    /// them (`theta_i = pos * base^(-2i/d)` by repeated f32 multiplication, scaled by
-    /// `1 / factor` for linear scaling), so that the raw path's q/k match llama.cpp's to the last
-    /// bits; Llama 3 scaling takes `pos * inv_freq`.
-    pub(super) fn rope_angles(&self, pos: u32, out: &mut [f32]) {
-        let freq_scale = match self.rope_scaling {
+    /// Multiplier of the attention scores: Gemma's query scale, else `1 / sqrt(head_dim)`.
+    pub(super) fn attn_scale(&self) -> f32 {
+        match &self.gemma {
+            Some(g) => g.query_scale as f32,
+            None => 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Whether llama.cpp scales the queries before `q·k` (Phi-3, Gemma) rather than the scores in
+    /// its softmax (Llama, Qwen): the raw path does the same, to round as it does.
+    pub(super) fn q_prescaled(&self) -> bool {
+        matches!(self.family, Family::Phi3 | Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// Rotary base and scaling of the global blocks, or (`local`) of Gemma's sliding-window ones.
+    fn rope_params(&self, local: bool) -> (f64, &RopeScaling) {
+        match &self.gemma {
+            Some(g) if local => (g.local_rope_theta, &g.local_rope_scaling),
+            _ => (self.rope_theta, &self.rope_scaling),
+        }
+    }
+
+    /// Whether block `layer` rotates with the local (sliding-window) frequencies, which differ from
+    /// the global ones (Gemma 3: base 10000 locally).
+    pub(super) fn local_rope(&self, layer: usize) -> bool {
+        self.gemma.as_ref().is_some_and(|g| g.is_sliding(layer))
+            && self.rope_params(true) != self.rope_params(false)
+    }
+
+    /// Rotary angles `out: [head_dim / 2]` of position `pos` (global or `local` frequencies), rounded as ggml's
+    /// rope cache computes them (`theta_i = pos * base^(-2i/d)` by repeated f32 multiplication,
+    /// scaled by `1 / factor` for linear scaling), so that the raw path's q/k match llama.cpp's to
+    /// the last bits; Llama 3 scaling takes `pos * inv_freq`.
+    pub(super) fn rope_angles(&self, local: bool, pos: u32, out: &mut [f32]) {
+        let (theta_base, scaling) = self.rope_params(local);
+        let freq_scale = match *scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => (1.0 / factor) as f32,
             RopeScaling::Llama3 { .. } => {
-                for (o, f) in out.iter_mut().zip(self.inv_freq()) {
+                for (o, f) in out.iter_mut().zip(self.inv_freq(local)) {
                     *o = pos as f32 * f;
                 }
                 return;
             }
         };
-        let theta_scale = (self.rope_theta as f32).powf(-2.0 / self.head_dim as f32);
+        let theta_scale = (theta_base as f32).powf(-2.0 / self.head_dim as f32);
         let mut theta = pos as f32;
         for o in out.iter_mut() {
             *o = freq_scale * theta;
@@ -380,13 +438,14 @@ impl LlamaConfig {
         }
     }
 
-    /// Rotary inverse frequencies `[head_dim / 2]`, computed in f32 as HF does.
-    pub(super) fn inv_freq(&self) -> Vec<f32> {
+    /// Rotary inverse frequencies `[head_dim / 2]` (global or `local`), computed in f32 as HF does.
+    pub(super) fn inv_freq(&self, local: bool) -> Vec<f32> {
+        let (theta_base, scaling) = self.rope_params(local);
         let d = self.head_dim;
         let base: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .map(|i| 1.0 / (theta_base as f32).powf((2 * i) as f32 / d as f32))
             .collect();
-        match self.rope_scaling {
+        match *scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
             RopeScaling::Llama3 {

@@ -7,12 +7,13 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 impl Llama {
-    /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32.
-    pub(super) fn rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32 and inverse
+    /// frequencies `inv_freq: [head_dim / 2]`.
+    pub(super) fn rotary(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, l) = positions.dims2()?;
-        let half = self.inv_freq.dim(0)?;
+        let half = inv_freq.dim(0)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, l, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let freqs = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
         Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
     }
 
@@ -65,18 +66,50 @@ impl Llama {
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n_rep = nh / nkv;
-        let (cos, sin) = self.rotary(positions)?;
+        let global_rope = self.rotary(positions, &self.inv_freq)?;
+        let local_rope = match &self.inv_freq_local {
+            Some(f) => Some(self.rotary(positions, f)?),
+            None => None,
+        };
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, l, cfg.hidden_size))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        if cfg.gemma.is_some() {
+            // Gemma scales the embeddings by sqrt(hidden), rounded to f32 as HF and ggml do.
+            x = (x * (cfg.hidden_size as f32).sqrt() as f64)?;
+        }
+        let scale = cfg.attn_scale() as f64;
         // Mask broadcast over the n_rep query heads that share a key/value head.
         let mask = match mask {
             Some(m) => Some(m.unsqueeze(2)?), // [b, 1, 1, l, k]
             None => None,
         };
-        for (block, layer_cache) in self.blocks.iter().zip(cache.iter_mut()) {
+        // Sliding blocks add a band to the mask (every layer's cache has the same length).
+        let past = match cache.first().and_then(|c| c.self_kv.as_ref()) {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        let window_mask = match cfg.gemma.as_ref().and_then(|g| g.sliding_window) {
+            Some(w) if past + l > 1 => {
+                let band = super::gemma::window_band(l, past + l, w, &self.device)?;
+                Some(match &mask {
+                    Some(m) => m.broadcast_minimum(&band)?,
+                    None => band,
+                })
+            }
+            _ => None,
+        };
+        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.iter_mut()).enumerate() {
+            let (cos, sin) = match (&local_rope, cfg.local_rope(i)) {
+                (Some(r), true) => r,
+                _ => &global_rope,
+            };
+            let window = cfg.gemma.as_ref().and_then(|g| g.window(i));
+            let mask = match window {
+                Some(_) => window_mask.as_ref(),
+                None => mask.as_ref(),
+            };
             let residual = &x;
             let differentiable = block.differentiable && grad;
             let hs = block.attn_norm.forward(&x, grad)?;
@@ -90,8 +123,8 @@ impl Llama {
             let q = q.transpose(1, 2)?.contiguous()?;
             let k = k.transpose(1, 2)?.contiguous()?;
             let v = v.transpose(1, 2)?.contiguous()?;
-            let q = self.rope(&q, &cos, &sin, differentiable)?;
-            let k = self.rope(&k, &cos, &sin, differentiable)?;
+            let q = self.rope(&q, cos, sin, differentiable)?;
+            let k = self.rope(&k, cos, sin, differentiable)?;
             let (k, v) = match &layer_cache.self_kv {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
@@ -101,7 +134,11 @@ impl Llama {
             // Grouped-query attention without copying K/V: query heads h = j * n_rep + r use kv head j.
             let q = q.reshape((b, nkv, n_rep * l, hd))?;
             let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = match &mask {
+            let att = match cfg.gemma.as_ref().and_then(|g| g.attn_softcap) {
+                Some(cap) => super::gemma::softcap(&att, cap)?,
+                None => att,
+            };
+            let att = match mask {
                 Some(m) => att
                     .reshape((b, nkv, n_rep, l, k_len))?
                     .broadcast_add(m)?
@@ -118,6 +155,10 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((b, l, nh * hd))?;
             let y = a.o.forward(&y, grad)?;
+            let y = match &block.post_norms {
+                Some(p) => p.attn.forward(&y, grad)?,
+                None => y,
+            };
             x = (residual + y)?;
             let residual = &x;
             let hs = block.mlp_norm.forward(&x, grad)?;
@@ -127,8 +168,16 @@ impl Llama {
                 .forward(&hs, grad)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("llama: gate/up projections are not two"))?;
-            let gated = (gate.silu()? * up)?;
-            x = (residual + m.down.forward(&gated, grad)?)?;
+            let gated = match cfg.gemma {
+                Some(_) => (gate.gelu()? * up)?,
+                None => (gate.silu()? * up)?,
+            };
+            let y = m.down.forward(&gated, grad)?;
+            let y = match &block.post_norms {
+                Some(p) => p.ffw.forward(&y, grad)?,
+                None => y,
+            };
+            x = (residual + y)?;
         }
         Ok(self.norm.forward(&x, grad)?)
     }
@@ -158,15 +207,20 @@ impl Llama {
         Ok(Tensor::from_vec(data, (rows, 1, q_len, k_len), device)?)
     }
 
+    /// Logits `[.., vocab]` of final hidden states `[.., hidden]` (Gemma's final soft-cap applied).
+    fn head(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden, grad)?;
+        match self.config.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => super::gemma::softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
     /// Logits `[rows, vocab]` of the last position of `hidden: [rows, len, hidden]`.
     pub(super) fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let l = hidden.dim(1)?;
         let last = hidden.narrow(1, l - 1, 1)?.contiguous()?;
-        Ok(self
-            .lm_head
-            .forward(&last, false)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)?)
+        Ok(self.head(&last, false)?.squeeze(1)?.to_dtype(DType::F32)?)
     }
 
     /// Hidden states `[rows, len, hidden]` of left-padded `rows` (real lengths `lens`), each row at
@@ -187,7 +241,7 @@ impl Llama {
         let rows = left.len();
         let l = left.first().map_or(0, |r| r.len());
         let hidden = self.run_left_padded(&left, &lens)?;
-        let logits = self.lm_head.forward(&hidden, true)?;
+        let logits = self.head(&hidden, true)?;
         // Back to the caller's right-padded layout.
         let per_row = (0..rows)
             .map(|r| {
@@ -236,7 +290,7 @@ impl Llama {
         let lens: Vec<usize> = lens.iter().map(|n| n + t - 1).collect();
         let hidden = self.run_left_padded(&rows, &lens)?;
         let targets = hidden.narrow(1, l - 1, t)?.contiguous()?;
-        Ok(self.lm_head.forward(&targets, true)?.to_dtype(DType::F32)?)
+        Ok(self.head(&targets, true)?.to_dtype(DType::F32)?)
     }
 
     /// Log-probabilities of `continuation` given `prompt` (teacher forcing, one unpadded sequence):

@@ -1,5 +1,7 @@
 //! Loading a [`Llama`] from a GGUF file or a HF directory.
 
+use super::gemma::PostNorms;
+use super::phi3;
 use super::qwen::QkvExtras;
 use super::{
     Attention, Block, Family, GgufWeights, Linear, Llama, LlamaConfig, Mlp, Projections, RmsNorm,
@@ -73,14 +75,37 @@ impl Llama {
         let mut blocks = Vec::new();
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let ffn = cfg.intermediate_size;
+            // Phi-3 stores q/k/v (and gate/up) fused: split into the Llama projections.
+            let split = |name: String, rows: &[usize]| -> Result<Vec<Linear>> {
+                phi3::split_rows(g, &name, rows, h, device)?
+                    .into_iter()
+                    .map(|t| to_qmm(Arc::new(t), &name))
+                    .collect()
+            };
+            let qkv = match g.content.tensor_infos.contains_key(&p("attn_qkv")) {
+                true => split(p("attn_qkv"), &[hd, kv, kv])?,
+                false => vec![
+                    qmm(&p("attn_q"), &[hd, h])?,
+                    qmm(&p("attn_k"), &[kv, h])?,
+                    qmm(&p("attn_v"), &[kv, h])?,
+                ],
+            };
+            let gate_up = match cfg.family {
+                Family::Phi3 => split(p("ffn_up"), &[ffn, ffn])?,
+                _ => vec![
+                    qmm(&p("ffn_gate"), &[ffn, h])?,
+                    qmm(&p("ffn_up"), &[ffn, h])?,
+                ],
+            };
+            let post_norms = match cfg.gemma {
+                Some(_) => Some(PostNorms::from_gguf(g, i, h, cfg.rms_norm_eps, device)?),
+                None => None,
+            };
             blocks.push(Block {
                 attn_norm: norm(&p("attn_norm"))?,
                 attn: Attention {
-                    qkv: Projections::new(vec![
-                        qmm(&p("attn_q"), &[hd, h])?,
-                        qmm(&p("attn_k"), &[kv, h])?,
-                        qmm(&p("attn_v"), &[kv, h])?,
-                    ])?,
+                    qkv: Projections::new(qkv)?,
                     extras: QkvExtras::from_gguf(
                         g,
                         cfg.family,
@@ -93,20 +118,18 @@ impl Llama {
                 },
                 mlp_norm: norm(&p("ffn_norm"))?,
                 mlp: Mlp {
-                    gate_up: Projections::new(vec![
-                        qmm(&p("ffn_gate"), &[cfg.intermediate_size, h])?,
-                        qmm(&p("ffn_up"), &[cfg.intermediate_size, h])?,
-                    ])?,
-                    down: qmm(&p("ffn_down"), &[h, cfg.intermediate_size])?,
+                    gate_up: Projections::new(gate_up)?,
+                    down: qmm(&p("ffn_down"), &[h, ffn])?,
                 },
+                post_norms,
                 differentiable: false,
             });
         }
         let norm = norm("output_norm.weight")?;
-        // llama.cpp's converter permutes Llama's q/k rows to interleaved pairs, not Qwen's.
+        // llama.cpp's converter permutes Llama's q/k rows to interleaved pairs, not the others'.
         let rope = match cfg.family {
             Family::Llama => RopeLayout::Interleaved,
-            Family::Qwen2 | Family::Qwen3 => RopeLayout::Halves,
+            _ => RopeLayout::Halves,
         };
         Self::assemble(
             cfg,
@@ -167,6 +190,7 @@ impl Llama {
                     ]),
                     down: lin(&m, "down_proj", h, cfg.intermediate_size)?,
                 },
+                post_norms: None,
                 differentiable: false,
             });
         }
@@ -199,7 +223,11 @@ impl Llama {
         device: &Device,
         source: PathBuf,
     ) -> Result<Self> {
-        let inv_freq = Tensor::new(config.inv_freq(), device)?;
+        let inv_freq = Tensor::new(config.inv_freq(false), device)?;
+        let inv_freq_local = match (0..config.num_layers).any(|i| config.local_rope(i)) {
+            true => Some(Tensor::new(config.inv_freq(true), device)?),
+            false => None,
+        };
         let eos = config
             .eos_token_id
             .with_context(|| format!("{}: no eos token id", source.display()))?;
@@ -219,6 +247,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
             native_decode: false,
             rope_layout,
             special,

@@ -7,13 +7,16 @@
 
 mod config;
 mod forward;
+mod gemma;
 mod load;
 mod lora;
+mod phi3;
 mod qwen;
 mod raw;
 mod train;
 
 pub use config::{Family, LlamaConfig, RopeScaling};
+pub use gemma::GemmaConfig;
 pub use lora::{LoraAdapter, LoraConfig, LORA_MODULES};
 
 use super::quant::QMatrix;
@@ -146,7 +149,7 @@ impl Projections {
 struct Attention {
     /// q, k, v.
     qkv: Projections,
-    /// The Qwen families' q/k/v bias or q/k head norms.
+    /// The Qwen families' q/k/v bias or q/k head norms (and Gemma 3's).
     extras: qwen::QkvExtras,
     o: Linear,
 }
@@ -162,6 +165,8 @@ struct Block {
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Gemma's norms of the attention and MLP outputs (before each residual add).
+    post_norms: Option<gemma::PostNorms>,
     /// Use ops with a backward pass (softmax, rotary) because a gradient flows through this block.
     differentiable: bool,
 }
@@ -182,6 +187,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     inv_freq: Tensor,
+    /// Inverse frequencies of Gemma 3's sliding blocks, where they differ from `inv_freq`.
+    inv_freq_local: Option<Tensor>,
     /// Every matmul is native (stacked projections): prefill and decode steps take
     /// [`Llama::run_native`].
     native_decode: bool,

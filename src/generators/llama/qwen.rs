@@ -35,7 +35,7 @@ impl QkvExtras {
             Ok(g.tensor(&name, &[n], device)?.dequantize(device)?)
         };
         Ok(match family {
-            Family::Llama => Self::default(),
+            Family::Llama | Family::Phi3 | Family::Gemma2 => Self::default(),
             Family::Qwen2 => {
                 let parts = [
                     read(format!("blk.{i}.attn_q.bias"), q_dim)?,
@@ -47,7 +47,8 @@ impl QkvExtras {
                     qk_norm: None,
                 }
             }
-            Family::Qwen3 => Self {
+            // Gemma 3 normalises its q/k heads the same way.
+            Family::Qwen3 | Family::Gemma3 => Self {
                 bias: None,
                 qk_norm: Some((
                     RmsNorm::new(read(format!("blk.{i}.attn_q_norm.weight"), head_dim)?, eps),

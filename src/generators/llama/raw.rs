@@ -35,7 +35,13 @@ impl Llama {
         }
         let (b, n) = (tokens.len() / len, tokens.len());
         let qkv_w = qd + 2 * kvd;
-        let scale = 1.0 / (hd as f32).sqrt();
+        // Where llama.cpp scales the queries before q·k, so do we (scores then unscaled).
+        let (q_scale, scale) = match cfg.q_prescaled() {
+            true => (Some(cfg.attn_scale()), 1.0),
+            false => (None, cfg.attn_scale()),
+        };
+        let gemma = cfg.gemma.as_ref();
+        let attn_cap = gemma.and_then(|g| g.attn_softcap).map(|c| c as f32);
         let mut x = vec![0f32; n * h];
         with_f32(&self.embed, |e| -> Result<()> {
             for (r, &t) in tokens.iter().enumerate() {
@@ -47,18 +53,31 @@ impl Llama {
             }
             Ok(())
         })??;
-        // cos/sin [rows * len, head_dim / 2] of the rotary angles as llama.cpp computes them.
-        let mut cos = vec![0f32; n * half];
-        let mut sin = vec![0f32; n * half];
-        let mut angles = vec![0f32; half];
-        for (r, &p) in positions.iter().enumerate() {
-            self.config.rope_angles(p, &mut angles);
-            for (i, a) in angles.iter().enumerate() {
-                cos[r * half + i] = a.cos();
-                sin[r * half + i] = a.sin();
-            }
+        if gemma.is_some() {
+            // Gemma scales the embeddings by sqrt(hidden) (f32, as ggml).
+            let s = (h as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
         }
-        let rope = |v: &mut [f32], r: usize| {
+        // cos/sin [rows * len, head_dim / 2] of the rotary angles as llama.cpp computes them:
+        // global, and Gemma 3's local ones where they differ.
+        let tables = |local: bool| {
+            let mut cos = vec![0f32; n * half];
+            let mut sin = vec![0f32; n * half];
+            let mut angles = vec![0f32; half];
+            for (r, &p) in positions.iter().enumerate() {
+                cfg.rope_angles(local, p, &mut angles);
+                for (i, a) in angles.iter().enumerate() {
+                    cos[r * half + i] = a.cos();
+                    sin[r * half + i] = a.sin();
+                }
+            }
+            (cos, sin)
+        };
+        let global_rope = tables(false);
+        let local_rope = (0..cfg.num_layers)
+            .any(|i| cfg.local_rope(i))
+            .then(|| tables(true));
+        let rope = |(cos, sin): &(Vec<f32>, Vec<f32>), v: &mut [f32], r: usize| {
             let (c, s) = (
                 &cos[r * half..(r + 1) * half],
                 &sin[r * half..(r + 1) * half],
@@ -79,7 +98,12 @@ impl Llama {
         let mut proj = vec![0f32; n * h];
         let mut gu = vec![0f32; n * 2 * ffn];
         let mut act = vec![0f32; n * ffn];
-        for (block, lc) in self.blocks.iter().zip(cache.iter_mut()) {
+        for (layer, (block, lc)) in self.blocks.iter().zip(cache.iter_mut()).enumerate() {
+            let tables = match (&local_rope, cfg.local_rope(layer)) {
+                (Some(t), true) => t,
+                _ => &global_rope,
+            };
+            let window = gemma.and_then(|g| g.window(layer));
             let (Projections::Stacked { w: qkv_m, .. }, Projections::Stacked { w: gu_m, .. }) =
                 (&block.attn.qkv, &block.mlp.gate_up)
             else {
@@ -93,7 +117,10 @@ impl Llama {
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 block.attn.extras.apply_raw(row, nh, hd)?;
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
-                    rope(head, r);
+                    rope(tables, head, r);
+                }
+                if let Some(s) = q_scale {
+                    row[..qd].iter_mut().for_each(|v| *v *= s);
                 }
             }
             // Append the new k/v in place: [rows, kv_heads, capacity, head_dim].
@@ -135,12 +162,16 @@ impl Llama {
             let attend = |(idx, out): (usize, &mut [f32])| {
                 let (qi, head) = (idx / nh, idx % nh);
                 let (r, i) = (qi / len, qi % len);
-                let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
+                let visible = |j: usize| {
+                    j <= t_past + i
+                        && window.is_none_or(|w| t_past + i - j < w)
+                        && key_mask.is_none_or(|m| m[r][j] == 1)
+                };
                 let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
                 let base = kv.offset(r, head / n_rep, 0);
                 let (k, v) = (&kc[base..base + t * hd], &vc[base..base + t * hd]);
                 // A padding query that sees no key gets zeros; its output is never used.
-                attention::attend_query(q, k, v, scale, visible, out);
+                attention::attend_query(q, k, v, scale, attn_cap, visible, out);
             };
             if n * nh * t * hd < 1 << 18 {
                 att.chunks_mut(hd).enumerate().for_each(attend);
@@ -149,16 +180,25 @@ impl Llama {
             }
             lc.raw_kv = Some(kv);
             o_m.matmul_into(&att, n, &mut proj)?;
+            if let Some(p) = &block.post_norms {
+                rms_norm_in_place_rows(&mut proj, &p.attn)?;
+            }
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm_rows(&x, &block.mlp_norm, &mut xn)?;
             gu_m.matmul_into(&xn, n, &mut gu)?;
             for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
                 let (gate, up) = g.split_at(ffn);
                 for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = g / (1.0 + (-g).exp()) * u;
+                    *a = match gemma {
+                        Some(_) => super::gemma::gelu(g) * u,
+                        None => g / (1.0 + (-g).exp()) * u,
+                    };
                 }
             }
             down_m.matmul_into(&act, n, &mut proj)?;
+            if let Some(p) = &block.post_norms {
+                rms_norm_in_place_rows(&mut proj, &p.ffw)?;
+            }
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         // Final norm and logits of each row's last position only.
@@ -174,6 +214,9 @@ impl Llama {
             .context("llama run_native: lm_head is not native")?;
         let mut logits = vec![0f32; b * head.rows()];
         head.matmul_into(&last_n, b, &mut logits)?;
+        if let Some(cap) = gemma.and_then(|g| g.final_softcap) {
+            super::gemma::softcap_in_place(&mut logits, cap as f32);
+        }
         Ok(Tensor::from_vec(logits, (b, head.rows()), &self.device)?)
     }
 }
@@ -199,6 +242,15 @@ fn rms_norm_rows(x: &[f32], norm: &RmsNorm, out: &mut [f32]) -> Result<()> {
         for (xs, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
             o.copy_from_slice(xs);
             rms_norm_in_place(o, w, norm.eps);
+        }
+    })
+}
+
+/// [`rms_norm_rows`] in place.
+fn rms_norm_in_place_rows(x: &mut [f32], norm: &RmsNorm) -> Result<()> {
+    with_f32(&norm.weight, |w| {
+        for xs in x.chunks_exact_mut(w.len()) {
+            rms_norm_in_place(xs, w, norm.eps);
         }
     })
 }
