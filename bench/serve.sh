@@ -7,7 +7,8 @@
 #  2. Time to first token and tokens/s of a streamed answer, rustrag vs llama-cpp-python's own
 #     OpenAI-compatible server on the same GGUF and the same prompt (bench/serve_ttft.py, the `openai`
 #     client on both), same run.
-#  3. (PARTS=soak, not in the default) resident memory over a $SOAK_DURATION s run (default 600):
+#  3. (PARTS=soak, not in the default) resident memory over $SOAK_CYCLES (default 1) runs of
+#     $SOAK_DURATION s (default 600), each followed by $SOAK_IDLE s idle (default 30):
 #     retrieves and greedy streamed answers ($SOAK_CONNECTIONS wrk connections each, default 2) and
 #     one connection of sampled answers (temperature 0.7) at once; RSS and the heap's live and
 #     freed-but-held bytes (/metrics, glibc mallinfo2) after warm-up, then every 30 s.
@@ -115,10 +116,15 @@ if has ttft; then
   stop_server 18183
   stop_server 18185
 fi
-# Resident memory at the start and end of a long mixed run (the issue's "10-minute run").
+# Resident memory at the start and end of a long mixed run (the issue's "10-minute run"), in
+# $SOAK_CYCLES cycles of $SOAK_DURATION s of load then $SOAK_IDLE s idle: the heap's live bytes
+# sampled idle after each cycle tell a leak (growing cycle after cycle) from working memory and
+# allocator retention (RSS above live bytes).
 if has soak; then
   SOAK_DURATION="${SOAK_DURATION:-600}"
   SOAK_CONNECTIONS="${SOAK_CONNECTIONS:-2}"
+  SOAK_CYCLES="${SOAK_CYCLES:-1}"
+  SOAK_IDLE="${SOAK_IDLE:-30}"
   port=18186
   start_server $port
   curl -s -o /dev/null "http://127.0.0.1:$port/v1/answer" -d "{\"question\": \"$Q\", \"max_new_tokens\": 4}"
@@ -127,21 +133,27 @@ if has soak; then
   soak="$OUT/soak.jsonl"
   : > "$soak"
   t0=$(date +%s)
-  echo "{\"t_s\": 0, \"rss_kb\": $(rss_kb $port), $(heap_fields $port)}" | tee -a "$soak"
-  load $port /v1/retrieve "$retrieve" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-retrieve.json" &
-  w1=$!
-  load $port /v1/answer "$answer" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-answer.json" &
-  w2=$!
-  load $port /v1/answer "$sampled" 1 "$SOAK_DURATION" > "$WORK/soak-sampled.json" &
-  w3=$!
-  while kill -0 $w1 2>/dev/null || kill -0 $w2 2>/dev/null || kill -0 $w3 2>/dev/null; do
-    sleep 30
-    echo "{\"t_s\": $(( $(date +%s) - t0 )), \"rss_kb\": $(rss_kb $port), $(heap_fields $port)}" | tee -a "$soak"
+  sample() { echo "{\"t_s\": $(( $(date +%s) - t0 )), \"phase\": \"$1\", \"rss_kb\": $(rss_kb $port), $(heap_fields $port)}" | tee -a "$soak"; }
+  sample idle
+  for cycle in $(seq 1 "$SOAK_CYCLES"); do
+    load $port /v1/retrieve "$retrieve" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-retrieve-$cycle.json" &
+    w1=$!
+    load $port /v1/answer "$answer" "$SOAK_CONNECTIONS" "$SOAK_DURATION" > "$WORK/soak-answer-$cycle.json" &
+    w2=$!
+    load $port /v1/answer "$sampled" 1 "$SOAK_DURATION" > "$WORK/soak-sampled-$cycle.json" &
+    w3=$!
+    while kill -0 $w1 2>/dev/null || kill -0 $w2 2>/dev/null || kill -0 $w3 2>/dev/null; do
+      sleep 30
+      sample load
+    done
+    wait $w1 $w2 $w3 || true
+    echo "{\"cycle\": $cycle, \"endpoint\": \"/v1/retrieve\", \"body\": $retrieve, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-retrieve-$cycle.json")}" | tee -a "$soak"
+    echo "{\"cycle\": $cycle, \"endpoint\": \"/v1/answer\", \"body\": $answer, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-answer-$cycle.json")}" | tee -a "$soak"
+    echo "{\"cycle\": $cycle, \"endpoint\": \"/v1/answer\", \"body\": $sampled, \"connections\": 1, \"wrk\": $(cat "$WORK/soak-sampled-$cycle.json")}" | tee -a "$soak"
+    # Streams whose client left finish their current token first: wait for an empty queue.
+    sleep "$SOAK_IDLE"
+    sample idle
   done
-  wait $w1 $w2 $w3 || true
-  echo "{\"endpoint\": \"/v1/retrieve\", \"body\": $retrieve, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-retrieve.json")}" | tee -a "$soak"
-  echo "{\"endpoint\": \"/v1/answer\", \"body\": $answer, \"connections\": $SOAK_CONNECTIONS, \"wrk\": $(cat "$WORK/soak-answer.json")}" | tee -a "$soak"
-  echo "{\"endpoint\": \"/v1/answer\", \"body\": $sampled, \"connections\": 1, \"wrk\": $(cat "$WORK/soak-sampled.json")}" | tee -a "$soak"
   curl -s "http://127.0.0.1:$port/metrics" > "$OUT/metrics-after-soak.txt"
   curl -s "http://127.0.0.1:$port/healthz" | tee -a "$soak"; echo
   stop_server $port
