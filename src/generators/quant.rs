@@ -3,7 +3,7 @@
 //! Q5_1/Q8_0: scale `d`, and `s = d * sum(q)` so that an offset `m` costs one multiply per block;
 //! `Q8_K` per 256 values for the k-quants Q4_K/Q5_K/Q6_K; f16/bf16 for F16/BF16 weights, f32 for
 //! F32), and each weight row is dotted by the kernels in [`crate::kernels::q8`] /
-//! [`crate::kernels::kquant`] (AVX2 where the CPU has it, else their scalar fallback).
+//! [`crate::kernels::kquant`] (AVX-512 or AVX2 where the CPU has it, else their scalar fallback).
 //!
 //! Why not candle's `QMatMul`: candle 0.11's CPU kernels for Q4_1/Q5_x are scalar. Output rows are
 //! split over the rayon pool; several activation rows (prefill) reuse each weight row while it is
@@ -531,13 +531,16 @@ impl QMatrix {
         }
     }
 
-    /// Dots of weight row `r` with four activation rows `i..i + 4` (32-block types: the weight
+    /// Dots of weight row `r` with four activation rows `i..i + 4` (quantised types: the weight
     /// block is unpacked once). `q8_rows`: every row of `acts.q8_1`, made once per matmul and passed
     /// by reference (building four rows per call cost a fifth of a long prefill in stack copies).
     fn dot_row4(&self, r: usize, acts: &Acts, q8_rows: &[Q8Row], i: usize, simd: bool) -> [f32; 4] {
         let (seg, rr) = self.seg(r);
         let nb = self.cols / QK;
         let k = rr * nb..(rr + 1) * nb;
+        let nbk = self.cols / QK_K;
+        let kk = rr * nbk..(rr + 1) * nbk;
+        let xk4 = || -> [&[BlockQ8K]; 4] { [0, 1, 2, 3].map(|j| acts.q8k(i + j)) };
         let x4 = || -> &[Q8Row; 4] {
             q8_rows[i..i + 4]
                 .try_into()
@@ -551,6 +554,9 @@ impl QMatrix {
             Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
             Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
             Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], x4(), simd),
+            Blocks::Q4K(b) => kquant::dot4_q4k(&b[kk], xk4(), simd),
+            Blocks::Q5K(b) => kquant::dot4_q5k(&b[kk], xk4(), simd),
+            Blocks::Q6K(b) => kquant::dot4_q6k(&b[kk], xk4(), simd),
             _ => [0, 1, 2, 3].map(|j| self.dot_row(r, acts, i + j, simd)),
         }
     }

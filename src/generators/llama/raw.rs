@@ -138,7 +138,9 @@ impl Llama {
                 let visible = |j: usize| j <= t_past + i && key_mask.is_none_or(|m| m[r][j] == 1);
                 let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
                 let base = kv.offset(r, head / n_rep, 0);
-                let (k, v) = (&kc[base..base + t * hd], &vc[base..base + t * hd]);
+                // Causal: keys after `t_past + i` are never visible.
+                let tv = t_past + i + 1;
+                let (k, v) = (&kc[base..base + tv * hd], &vc[base..base + tv * hd]);
                 // A padding query that sees no key gets zeros; its output is never used.
                 attention::attend_query(q, k, v, scale, visible, out);
             };
