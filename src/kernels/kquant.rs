@@ -237,30 +237,40 @@ fn dot_k_block(
 /// round(x / d))` with ties to even.
 pub fn quantize_q8_k(x: &[f32]) -> Vec<BlockQ8K> {
     debug_assert_eq!(x.len() % QK_K, 0);
-    x.chunks_exact(QK_K)
-        .map(|xs| {
-            let mut b = BlockQ8K::default();
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in xs {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
+    let mut out = vec![BlockQ8K::default(); x.len() / QK_K];
+    quantize_q8_k_into(x, &mut out);
+    out
+}
+
+avx2_dispatch! {
+    /// [`quantize_q8_k`] into `out` (`x.len() / 256` blocks); the AVX2 copy rounds 8 lanes at a
+    /// time (same values: no reassociation).
+    fn quantize_q8_k_into(x: &[f32], out: &mut [BlockQ8K]) => quantize_q8_k_body
+}
+
+#[inline(always)]
+fn quantize_q8_k_body(x: &[f32], out: &mut [BlockQ8K]) {
+    for (xs, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        *b = BlockQ8K::default();
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
             }
-            if amax == 0.0 {
-                return b;
-            }
-            let iscale = -127.0 / max;
-            for (q, &v) in b.qs.iter_mut().zip(xs) {
-                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-            }
-            for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-                *s = q.iter().map(|&v| v as i16).sum();
-            }
-            b.d = 1.0 / iscale;
-            b
-        })
-        .collect()
+        }
+        if amax == 0.0 {
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
 }
 
 /// Whether the AVX2 k-quant kernels can run (avx2 + fma + f16c, unless forced scalar).
@@ -307,8 +317,8 @@ fn dot_q6k_scalar(w: &[BlockQ6K], x: &[BlockQ8K]) -> f32 {
     sum
 }
 
-/// `fn $name(w, x, simd)` (one activation row) and `fn $name4(w, x: [_; 4], simd)` (four rows,
-/// each weight block unpacked once: prefill) over the 512-bit kernel where the CPU has AVX-512,
+/// `fn $name(w, x, simd)` (one activation row) and `fn $name4(w, x: [_; N], simd)` (`N` rows,
+/// each weight block unpacked once per 4 or `N` rows: prefill) over the 512-bit kernel where the CPU has AVX-512,
 /// else the AVX2 one, else `$scalar`.
 macro_rules! k_dots {
     ($(#[$doc:meta])* $name:ident, $name4:ident, $block:ty, $scalar:ident) => {
@@ -330,18 +340,24 @@ macro_rules! k_dots {
             $scalar(w, x)
         }
 
-        #[doc = concat!("[`", stringify!($name), "`] of one weight row with four activation rows.")]
-        pub fn $name4(w: &[$block], x: [&[BlockQ8K]; 4], simd: bool) -> [f32; 4] {
+        #[doc = concat!("[`", stringify!($name), "`] of one weight row with `N` activation rows ")]
+        #[doc = "(each weight block unpacked once per 4 rows on AVX2, per `N` on AVX-512: prefill)."]
+        pub fn $name4<const N: usize>(w: &[$block], x: [&[BlockQ8K]; N], simd: bool) -> [f32; N] {
             debug_assert!(x.iter().all(|x| x.len() == w.len()));
             #[cfg(target_arch = "x86_64")]
             {
                 if avx512_ok(simd) {
                     // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
-                    return unsafe { avx512::$name::<4>(w, x) };
+                    return unsafe { avx512::$name::<N>(w, x) };
                 }
-                if simd_ok(simd) {
-                    // SAFETY: avx2, fma and f16c were detected.
-                    return unsafe { avx2::$name::<4>(w, x) };
+                if simd_ok(simd) && N % 4 == 0 {
+                    let mut out = [0f32; N];
+                    for (o, x4) in out.chunks_exact_mut(4).zip(x.chunks_exact(4)) {
+                        let x4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| x4[i]);
+                        // SAFETY: avx2, fma and f16c were detected.
+                        o.copy_from_slice(&unsafe { avx2::$name::<4>(w, x4) });
+                    }
+                    return out;
                 }
             }
             let _ = simd;
@@ -354,21 +370,21 @@ k_dots!(
     /// `ggml_vec_dot_q4_K_q8_K` of one weight row with one activation row (same number of
     /// blocks). `simd`: take the SIMD kernel where the CPU has it.
     dot_q4k,
-    dot4_q4k,
+    dotn_q4k,
     BlockQ4K,
     dot_q4k_scalar
 );
 k_dots!(
     /// `ggml_vec_dot_q5_K_q8_K` (see [`dot_q4k`]).
     dot_q5k,
-    dot4_q5k,
+    dotn_q5k,
     BlockQ5K,
     dot_q5k_scalar
 );
 k_dots!(
     /// `ggml_vec_dot_q6_K_q8_K` (see [`dot_q4k`]).
     dot_q6k,
-    dot4_q6k,
+    dotn_q6k,
     BlockQ6K,
     dot_q6k_scalar
 );
@@ -519,7 +535,9 @@ mod avx2 {
         let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); N], [_mm_setzero_ps(); N]);
         for (k, w) in w.iter().enumerate() {
             let xk = x.map(|x| x.get_unchecked(k));
-            dot_k_block(w.d, w.dmin, &w.scales, &w.qs, None, xk, &mut acc, &mut acc_m);
+            dot_k_block(
+                w.d, w.dmin, &w.scales, &w.qs, None, xk, &mut acc, &mut acc_m,
+            );
         }
         std::array::from_fn(|i| finish(acc[i], acc_m[i]))
     }
@@ -722,7 +740,9 @@ mod avx512 {
         let (mut acc, mut acc_m) = ([_mm512_setzero_ps(); N], [_mm_setzero_ps(); N]);
         for (k, w) in w.iter().enumerate() {
             let xk = x.map(|x| x.get_unchecked(k));
-            dot_k_block(w.d, w.dmin, &w.scales, &w.qs, None, xk, &mut acc, &mut acc_m);
+            dot_k_block(
+                w.d, w.dmin, &w.scales, &w.qs, None, xk, &mut acc, &mut acc_m,
+            );
         }
         std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) + hsum4(acc_m[i]))
     }
@@ -953,7 +973,12 @@ mod tests {
             scalar: fn(&[B], &[BlockQ8K]) -> f32,
             one: fn(&[B], &[BlockQ8K], bool) -> f32,
             four: fn(&[B], [&[BlockQ8K]; 4], bool) -> [f32; 4],
-            paths: &[(&str, unsafe fn(&[B], [&[BlockQ8K]; 4]) -> [f32; 4], unsafe fn(&[B], [&[BlockQ8K]; 1]) -> [f32; 1], bool)],
+            paths: &[(
+                &str,
+                unsafe fn(&[B], [&[BlockQ8K]; 4]) -> [f32; 4],
+                unsafe fn(&[B], [&[BlockQ8K]; 1]) -> [f32; 1],
+                bool,
+            )],
         ) {
             let want = x4.map(|x| scalar(w, x));
             let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * a.abs().max(1.0);
@@ -969,7 +994,12 @@ mod tests {
             }
             for (p, g) in got {
                 for i in 0..4 {
-                    assert!(close(want[i], g[i]), "{name} {p} row {i}: {} vs scalar {}", g[i], want[i]);
+                    assert!(
+                        close(want[i], g[i]),
+                        "{name} {p} row {i}: {} vs scalar {}",
+                        g[i],
+                        want[i]
+                    );
                 }
             }
         }
@@ -977,28 +1007,79 @@ mod tests {
             let q4 = blocks(seed, BlockQ4K::BYTES, &[0, 2], BlockQ4K::from_bytes);
             let q5 = blocks(seed + 10, BlockQ5K::BYTES, &[0, 2], BlockQ5K::from_bytes);
             let q6 = blocks(seed + 20, BlockQ6K::BYTES, &[208], BlockQ6K::from_bytes);
+            // Eight rows (the AVX-512 kernels' widest use; AVX2 in fours).
+            let x8: [&[BlockQ8K]; 8] = std::array::from_fn(|i| x4[i % 4]);
+            let close8 = |name: &str, want: [f32; 8], got: [f32; 8]| {
+                for i in 0..8 {
+                    assert!(
+                        (want[i] - got[i]).abs() <= 1e-5 * want[i].abs().max(1.0),
+                        "{name} 8 rows, row {i}: {} vs scalar {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+            };
+            close8(
+                "q4_K",
+                x8.map(|x| dot_q4k_scalar(&q4, x)),
+                dotn_q4k(&q4, x8, true),
+            );
+            close8(
+                "q5_K",
+                x8.map(|x| dot_q5k_scalar(&q5, x)),
+                dotn_q5k(&q5, x8, true),
+            );
+            close8(
+                "q6_K",
+                x8.map(|x| dot_q6k_scalar(&q6, x)),
+                dotn_q6k(&q6, x8, true),
+            );
             #[cfg(target_arch = "x86_64")]
             let (a2, a5) = (cpu().avx2_fma_f16c(), cpu().avx512());
             #[cfg(target_arch = "x86_64")]
             {
-                check_all("q4_K", &q4, x4, dot_q4k_scalar, dot_q4k, dot4_q4k, &[
-                    ("avx2", avx2::dot_q4k::<4>, avx2::dot_q4k::<1>, a2),
-                    ("avx512", avx512::dot_q4k::<4>, avx512::dot_q4k::<1>, a5),
-                ]);
-                check_all("q5_K", &q5, x4, dot_q5k_scalar, dot_q5k, dot4_q5k, &[
-                    ("avx2", avx2::dot_q5k::<4>, avx2::dot_q5k::<1>, a2),
-                    ("avx512", avx512::dot_q5k::<4>, avx512::dot_q5k::<1>, a5),
-                ]);
-                check_all("q6_K", &q6, x4, dot_q6k_scalar, dot_q6k, dot4_q6k, &[
-                    ("avx2", avx2::dot_q6k::<4>, avx2::dot_q6k::<1>, a2),
-                    ("avx512", avx512::dot_q6k::<4>, avx512::dot_q6k::<1>, a5),
-                ]);
+                check_all(
+                    "q4_K",
+                    &q4,
+                    x4,
+                    dot_q4k_scalar,
+                    dot_q4k,
+                    dotn_q4k,
+                    &[
+                        ("avx2", avx2::dot_q4k::<4>, avx2::dot_q4k::<1>, a2),
+                        ("avx512", avx512::dot_q4k::<4>, avx512::dot_q4k::<1>, a5),
+                    ],
+                );
+                check_all(
+                    "q5_K",
+                    &q5,
+                    x4,
+                    dot_q5k_scalar,
+                    dot_q5k,
+                    dotn_q5k,
+                    &[
+                        ("avx2", avx2::dot_q5k::<4>, avx2::dot_q5k::<1>, a2),
+                        ("avx512", avx512::dot_q5k::<4>, avx512::dot_q5k::<1>, a5),
+                    ],
+                );
+                check_all(
+                    "q6_K",
+                    &q6,
+                    x4,
+                    dot_q6k_scalar,
+                    dot_q6k,
+                    dotn_q6k,
+                    &[
+                        ("avx2", avx2::dot_q6k::<4>, avx2::dot_q6k::<1>, a2),
+                        ("avx512", avx512::dot_q6k::<4>, avx512::dot_q6k::<1>, a5),
+                    ],
+                );
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
-                check_all("q4_K", &q4, x4, dot_q4k_scalar, dot_q4k, dot4_q4k, &[]);
-                check_all("q5_K", &q5, x4, dot_q5k_scalar, dot_q5k, dot4_q5k, &[]);
-                check_all("q6_K", &q6, x4, dot_q6k_scalar, dot_q6k, dot4_q6k, &[]);
+                check_all("q4_K", &q4, x4, dot_q4k_scalar, dot_q4k, dotn_q4k, &[]);
+                check_all("q5_K", &q5, x4, dot_q5k_scalar, dot_q5k, dotn_q5k, &[]);
+                check_all("q6_K", &q6, x4, dot_q6k_scalar, dot_q6k, dotn_q6k, &[]);
             }
         }
     }

@@ -120,27 +120,42 @@ pub fn dot_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row, simd: bool)
     dot_q4_1_q8_1_scalar(d, m, qs, x)
 }
 
-/// [`dot_q4_1`] of one weight row with four activation rows (the weight block is unpacked once).
+/// [`dot_q4_1`] of one weight row with `N` activation rows (the weight block is unpacked once
+/// per 4 rows on AVX2, per `N` on AVX-512: prefill).
 #[inline]
-pub fn dot4_q4_1(
+pub fn dotn_q4_1<const N: usize>(
     d: &[u16],
     m: &[u16],
     qs: &[[u8; QK / 2]],
-    x: &[Q8Row; 4],
+    x: &[Q8Row; N],
     simd: bool,
-) -> [f32; 4] {
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     {
         if simd && cpu().avx512() {
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_q4_1(d, m, qs, x) };
         }
-        if simd && cpu().avx2_fma_f16c() {
+        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
             // SAFETY: avx2, fma and f16c were detected.
-            return unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x) };
+            return by_four(x, |x4| unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x4) });
         }
     }
     (*x).map(|x| dot_q4_1(d, m, qs, x, simd))
+}
+
+/// `f` over the activation rows in fours (`N % 4 == 0`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn by_four<'a, const N: usize>(
+    x: &[Q8Row<'a>; N],
+    f: impl Fn(&[Q8Row<'a>; 4]) -> [f32; 4],
+) -> [f32; N] {
+    let mut out = [0f32; N];
+    for (o, x4) in out.chunks_exact_mut(4).zip(x.chunks_exact(4)) {
+        o.copy_from_slice(&f(x4.try_into().expect("four rows")));
+    }
+    out
 }
 
 /// `ggml_vec_dot_q8_0_q8_0` of one Q8_0 weight row (`d`: f16 bits per block) with one activation
@@ -162,18 +177,23 @@ pub fn dot_q8_0(d: &[u16], qs: &[[i8; QK]], x: Q8Row, simd: bool) -> f32 {
     dot_q8_0_q8_1_scalar(d, qs, x)
 }
 
-/// [`dot_q8_0`] of one weight row with four activation rows.
+/// [`dot_q8_0`] of one weight row with `N` activation rows (see [`dotn_q4_1`]).
 #[inline]
-pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dotn_q8_0<const N: usize>(
+    d: &[u16],
+    qs: &[[i8; QK]],
+    x: &[Q8Row; N],
+    simd: bool,
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     {
         if simd && cpu().avx512() {
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_q8_0(d, qs, x) };
         }
-        if simd && cpu().avx2_fma_f16c() {
+        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
             // SAFETY: avx2, fma and f16c were detected.
-            return unsafe { avx2::dot4_q8_0_q8_1(d, qs, x) };
+            return by_four(x, |x4| unsafe { avx2::dot4_q8_0_q8_1(d, qs, x4) });
         }
     }
     (*x).map(|x| dot_q8_0(d, qs, x, simd))
@@ -351,18 +371,21 @@ pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
     sum
 }
 
-/// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once:
-/// prefill).
-pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
+/// [`dot_legacy`] of one weight row with `N` activation rows (see [`dotn_q4_1`]).
+pub fn dotn_legacy<B: LegacyBlock, const N: usize>(
+    w: &[B],
+    x: &[Q8Row; N],
+    simd: bool,
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     {
         if simd && cpu().avx512() {
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_legacy(w, x) };
         }
-        if simd && cpu().avx2_fma_f16c() {
+        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
             // SAFETY: avx2, fma and f16c were detected.
-            return unsafe { avx2::dot4_legacy(w, x) };
+            return by_four(x, |x4| unsafe { avx2::dot4_legacy(w, x4) });
         }
     }
     (*x).map(|x| dot_legacy(w, x, simd))
@@ -1040,7 +1063,7 @@ mod tests {
             let w: Vec<B> = bytes.chunks_exact(B::BYTES).map(B::from_bytes).collect();
             let want = xr.map(|x| dot_legacy(&w, x, false));
             let name = format!("kind {} nb {nb}", B::KIND);
-            close(&name, want, dot4_legacy(&w, xr, true));
+            close(&name, want, dotn_legacy(&w, xr, true));
             close(&name, want, xr.map(|x| dot_legacy(&w, x, true)));
             #[cfg(target_arch = "x86_64")]
             {
@@ -1052,7 +1075,11 @@ mod tests {
                 if cpu().avx512() {
                     // SAFETY: detected.
                     close(&name, want, unsafe { avx512::dot_legacy(&w, xr) });
-                    close(&name, want, xr.map(|x| unsafe { avx512::dot_legacy(&w, &[x]) }[0]));
+                    close(
+                        &name,
+                        want,
+                        xr.map(|x| unsafe { avx512::dot_legacy(&w, &[x]) }[0]),
+                    );
                 }
             }
         }
@@ -1062,6 +1089,29 @@ mod tests {
                 .collect();
             let rows: Vec<Q8Rows> = xq.iter().map(|x| Q8Rows::new(x)).collect();
             let xr: [Q8Row; 4] = std::array::from_fn(|i| rows[i].row(0, nb));
+            // Eight rows through the dispatch (AVX-512: one pass; AVX2: two fours).
+            let x8: [Q8Row; 8] = std::array::from_fn(|i| xr[i % 4]);
+            let wq5: Vec<BlockQ5_0> = lcg(40 + nb as u64, nb * BlockQ5_0::BYTES)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % BlockQ5_0::BYTES {
+                    1 => 0x20,
+                    _ => ((v + 1.0) * 127.99) as u8,
+                })
+                .collect::<Vec<u8>>()
+                .chunks_exact(BlockQ5_0::BYTES)
+                .map(BlockQ5_0::from_bytes)
+                .collect();
+            let want8 = x8.map(|x| dot_legacy(&wq5, x, false));
+            let got8 = dotn_legacy(&wq5, &x8, true);
+            for i in 0..8 {
+                assert!(
+                    (want8[i] - got8[i]).abs() <= 1e-5 * want8[i].abs().max(1.0),
+                    "q5_0 8 rows nb {nb} row {i}: {} vs scalar {}",
+                    got8[i],
+                    want8[i]
+                );
+            }
             legacy::<BlockQ4_0>(nb, 1, &xr);
             legacy::<BlockQ5_0>(nb, 2, &xr);
             legacy::<BlockQ5_1>(nb, 3, &xr);
@@ -1085,10 +1135,10 @@ mod tests {
                 })
                 .collect();
             let want = xr.map(|x| dot_q8_0(&d, &q8, x, false));
-            close("q8_0", want, dot4_q8_0(&d, &q8, &xr, true));
+            close("q8_0", want, dotn_q8_0(&d, &q8, &xr, true));
             close("q8_0", want, xr.map(|x| dot_q8_0(&d, &q8, x, true)));
             let want4 = xr.map(|x| dot_q4_1(&d, &m, &q4, x, false));
-            close("q4_1", want4, dot4_q4_1(&d, &m, &q4, &xr, true));
+            close("q4_1", want4, dotn_q4_1(&d, &m, &q4, &xr, true));
             close("q4_1", want4, xr.map(|x| dot_q4_1(&d, &m, &q4, x, true)));
             #[cfg(target_arch = "x86_64")]
             {
