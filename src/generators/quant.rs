@@ -570,7 +570,8 @@ impl QMatrix {
     /// `out[i * rows + r] = y[i]` where `f(r, i0, y)` fills `y = [i0, i0 + y.len())` of output row
     /// `r`; output rows are split over the rayon pool. Within a task the activation rows go in tiles
     /// of about [`ACT_TILE_BYTES`]: every weight row of the task is dotted with one tile while the tile is in L1
-    /// (a 1,000-token prefill would otherwise stream all the activations from L2 once per weight row).
+    /// (a 1,000-token prefill would otherwise stream all the activations from L2 once per weight row);
+    /// each task writes its rows' outputs in place.
     fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
         let rows = self.rows;
         // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.

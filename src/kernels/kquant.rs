@@ -350,7 +350,7 @@ macro_rules! k_dots {
                     // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
                     return unsafe { avx512::$name::<N>(w, x) };
                 }
-                if simd_ok(simd) && N % 4 == 0 {
+                if simd_ok(simd) && N.is_multiple_of(4) {
                     let mut out = [0f32; N];
                     for (o, x4) in out.chunks_exact_mut(4).zip(x.chunks_exact(4)) {
                         let x4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| x4[i]);

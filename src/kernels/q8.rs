@@ -1,8 +1,9 @@
 //! GGUF quantised dot products, as llama.cpp computes them: activations quantised per 32-block to
 //! 8 bits (`Q8_1`: scale `d`, and `s = d * sum(q)` so that Q4_1's offset `m` costs one multiply per
 //! block), each weight block (Q4_1 or Q8_0, scales as f16 bits) dotted with integer SIMD
-//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`); a scalar loop computes the same sums
-//! elsewhere. The weight matrices that call these live in [`crate::generators::quant`].
+//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`: AVX2, or AVX-512 VNNI two blocks per
+//! register and up to 8 activation rows per weight-block unpack); a scalar loop computes the same
+//! sums elsewhere. The weight matrices that call these live in [`crate::generators::quant`].
 
 use super::cpu;
 use half::f16;
@@ -136,7 +137,7 @@ pub fn dotn_q4_1<const N: usize>(
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_q4_1(d, m, qs, x) };
         }
-        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
             // SAFETY: avx2, fma and f16c were detected.
             return by_four(x, |x4| unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x4) });
         }
@@ -191,7 +192,7 @@ pub fn dotn_q8_0<const N: usize>(
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_q8_0(d, qs, x) };
         }
-        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
             // SAFETY: avx2, fma and f16c were detected.
             return by_four(x, |x4| unsafe { avx2::dot4_q8_0_q8_1(d, qs, x4) });
         }
@@ -383,7 +384,7 @@ pub fn dotn_legacy<B: LegacyBlock, const N: usize>(
             // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
             return unsafe { avx512::dot_legacy(w, x) };
         }
-        if simd && cpu().avx2_fma_f16c() && N % 4 == 0 {
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
             // SAFETY: avx2, fma and f16c were detected.
             return by_four(x, |x4| unsafe { avx2::dot4_legacy(w, x4) });
         }
