@@ -3,7 +3,7 @@
 //! Q5_1/Q8_0: scale `d`, and `s = d * sum(q)` so that an offset `m` costs one multiply per block;
 //! `Q8_K` per 256 values for the k-quants Q4_K/Q5_K/Q6_K; f16/bf16 for F16/BF16 weights, f32 for
 //! F32), and each weight row is dotted by the kernels in [`crate::kernels::q8`] /
-//! [`crate::kernels::kquant`] (AVX2 where the CPU has it, else their scalar fallback).
+//! [`crate::kernels::kquant`] (AVX-512 or AVX2 where the CPU has it, else their scalar fallback).
 //!
 //! Why not candle's `QMatMul`: candle 0.11's CPU kernels for Q4_1/Q5_x are scalar. Output rows are
 //! split over the rayon pool; several activation rows (prefill) reuse each weight row while it is
@@ -531,42 +531,55 @@ impl QMatrix {
         }
     }
 
-    /// Dots of weight row `r` with four activation rows `i..i + 4` (32-block types: the weight
-    /// block is unpacked once). `q8_rows`: every row of `acts.q8_1`, made once per matmul and passed
-    /// by reference (building four rows per call cost a fifth of a long prefill in stack copies).
-    fn dot_row4(&self, r: usize, acts: &Acts, q8_rows: &[Q8Row], i: usize, simd: bool) -> [f32; 4] {
+    /// Dots of weight row `r` with `N` activation rows `i..i + N` (quantised types: the weight
+    /// block is unpacked once per 4 or `N` rows). `q8_rows`: every row of `acts.q8_1`, made once
+    /// per matmul and passed by reference (building the rows per call cost a fifth of a long
+    /// prefill in stack copies).
+    fn dot_rows<const N: usize>(
+        &self,
+        r: usize,
+        acts: &Acts,
+        q8_rows: &[Q8Row],
+        i: usize,
+        simd: bool,
+    ) -> [f32; N] {
         let (seg, rr) = self.seg(r);
         let nb = self.cols / QK;
         let k = rr * nb..(rr + 1) * nb;
-        let x4 = || -> &[Q8Row; 4] {
-            q8_rows[i..i + 4]
+        let nbk = self.cols / QK_K;
+        let kk = rr * nbk..(rr + 1) * nbk;
+        let xk = || -> [&[BlockQ8K]; N] { std::array::from_fn(|j| acts.q8k(i + j)) };
+        let x = || -> &[Q8Row; N] {
+            q8_rows[i..i + N]
                 .try_into()
-                .expect("four Q8_1 activation rows")
+                .expect("N Q8_1 activation rows")
         };
         match &seg.blocks {
-            Blocks::Q4_1(b) => {
-                q8::dot4_q4_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x4(), simd)
-            }
-            Blocks::Q8_0(b) => q8::dot4_q8_0(&b.d[k.clone()], &b.qs[k], x4(), simd),
-            Blocks::Q4_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
-            Blocks::Q5_0(b) => q8::dot4_legacy(&b[k], x4(), simd),
-            Blocks::Q5_1(b) => q8::dot4_legacy(&b[k], x4(), simd),
-            _ => [0, 1, 2, 3].map(|j| self.dot_row(r, acts, i + j, simd)),
+            Blocks::Q4_1(b) => q8::dotn_q4_1(&b.d[k.clone()], &b.m[k.clone()], &b.qs[k], x(), simd),
+            Blocks::Q8_0(b) => q8::dotn_q8_0(&b.d[k.clone()], &b.qs[k], x(), simd),
+            Blocks::Q4_0(b) => q8::dotn_legacy(&b[k], x(), simd),
+            Blocks::Q5_0(b) => q8::dotn_legacy(&b[k], x(), simd),
+            Blocks::Q5_1(b) => q8::dotn_legacy(&b[k], x(), simd),
+            Blocks::Q4K(b) => kquant::dotn_q4k(&b[kk], xk(), simd),
+            Blocks::Q5K(b) => kquant::dotn_q5k(&b[kk], xk(), simd),
+            Blocks::Q6K(b) => kquant::dotn_q6k(&b[kk], xk(), simd),
+            _ => std::array::from_fn(|j| self.dot_row(r, acts, i + j, simd)),
         }
     }
 
     /// `out[i * rows + r] = y[i]` where `f(r, i0, y)` fills `y = [i0, i0 + y.len())` of output row
     /// `r`; output rows are split over the rayon pool. Within a task the activation rows go in tiles
     /// of about [`ACT_TILE_BYTES`]: every weight row of the task is dotted with one tile while the tile is in L1
-    /// (a 1,000-token prefill would otherwise stream all the activations from L2 once per weight row).
+    /// (a 1,000-token prefill would otherwise stream all the activations from L2 once per weight row);
+    /// each task writes its rows' outputs in place.
     fn par_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
         let rows = self.rows;
         // Work per output row is `m * cols`: split rows into ~4 tasks per thread, at least 16 rows.
         let threads = rayon::current_num_threads().max(1);
         let chunk = rows.div_ceil(threads * 4).max(16);
         let serial = rows * self.cols * m < 64 * 1024 || threads == 1;
-        // A multiple of 4 (the row-4 kernels' width).
-        let tile = (ACT_TILE_BYTES / (self.cols + self.cols / 8).max(1) / 4 * 4).max(4);
+        // A multiple of 8 (the widest row kernels' width).
+        let tile = (ACT_TILE_BYTES / (self.cols + self.cols / 8).max(1) / 8 * 8).max(8);
         let run = |t: &mut [f32]| {
             let body = |(ci, o): (usize, &mut [f32])| {
                 for i0 in (0..m).step_by(tile) {
@@ -586,18 +599,34 @@ impl QMatrix {
             run(out);
             return;
         }
-        // `[rows, m]` so each task owns a contiguous slice, then transposed in blocks of 16 rows
-        // (16 read streams, contiguous writes).
-        let mut t = vec![0f32; rows * m];
-        run(&mut t);
-        for r0 in (0..rows).step_by(16) {
-            let r1 = (r0 + 16).min(rows);
-            for i in 0..m {
-                let o = &mut out[i * rows + r0..i * rows + r1];
-                for (r, o) in (r0..r1).zip(o) {
-                    *o = t[r * m + i];
+        // Each task writes its own rows' outputs straight into `out[i * rows + r]` (disjoint
+        // elements): no `[rows, m]` buffer, and no serial transpose of it after the parallel part.
+        struct Out(*mut f32);
+        // SAFETY: the tasks write disjoint elements of `out` (their own rows r), which outlives them.
+        unsafe impl Sync for Out {}
+        let dst = Out(out.as_mut_ptr());
+        let dst = &dst;
+        let body = |ci: usize| {
+            let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(rows));
+            let mut buf = vec![0f32; tile.min(m)];
+            for i0 in (0..m).step_by(tile) {
+                let i1 = (i0 + tile).min(m);
+                let y = &mut buf[..i1 - i0];
+                for r in r0..r1 {
+                    f(r, i0, y);
+                    for (j, &v) in y.iter().enumerate() {
+                        // SAFETY: (i0 + j) * rows + r < m * rows = out.len(), and only this task
+                        // writes row r.
+                        unsafe { *dst.0.add((i0 + j) * rows + r) = v };
+                    }
                 }
             }
+        };
+        let tasks = rows.div_ceil(chunk);
+        if serial {
+            (0..tasks).for_each(body);
+        } else {
+            (0..tasks).into_par_iter().for_each(body);
         }
     }
 
@@ -609,8 +638,12 @@ impl QMatrix {
         };
         self.par_rows(m, out, |r, i0, y| {
             let mut j = 0;
+            while j + 8 <= y.len() {
+                y[j..j + 8].copy_from_slice(&self.dot_rows::<8>(r, acts, &q8_rows, i0 + j, simd));
+                j += 8;
+            }
             while j + 4 <= y.len() {
-                y[j..j + 4].copy_from_slice(&self.dot_row4(r, acts, &q8_rows, i0 + j, simd));
+                y[j..j + 4].copy_from_slice(&self.dot_rows::<4>(r, acts, &q8_rows, i0 + j, simd));
                 j += 4;
             }
             for (j, y) in y.iter_mut().enumerate().skip(j) {

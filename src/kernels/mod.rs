@@ -9,7 +9,8 @@
 //!   softmax and attention; [`attention`]: single-query softmax attention over a raw KV cache.
 //!
 //! Every kernel has a portable scalar path and, on x86_64, an AVX2 path chosen by the one cached
-//! feature check [`cpu`]. `RUSTRAG_FORCE_SCALAR=1` (read once, at the first kernel call) makes
+//! feature check [`cpu`]; the GGUF quantised dots also have 512-bit paths (AVX-512 F/BW/VL/VNNI,
+//! [`Cpu::avx512`]). `RUSTRAG_FORCE_SCALAR=1` (read once, at the first kernel call) makes
 //! every kernel take its scalar path, as on CPUs without AVX2 (ARM: Apple Silicon, Graviton);
 //! CI runs the parity suite and the model tests that way too. candle's own ops (the training
 //! path, the tensor forward of the generators) keep their own dispatch.
@@ -59,6 +60,8 @@ pub struct Cpu {
     pub avx2: bool,
     pub fma: bool,
     pub f16c: bool,
+    /// AVX-512 F + BW + VL + VNNI (the 512-bit quantised dot kernels).
+    pub avx512: bool,
     /// The scalar paths were forced by [`FORCE_SCALAR_ENV`].
     pub forced_scalar: bool,
 }
@@ -82,6 +85,10 @@ impl Cpu {
                 avx2: is_x86_feature_detected!("avx2"),
                 fma: is_x86_feature_detected!("fma"),
                 f16c: is_x86_feature_detected!("f16c"),
+                avx512: is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni"),
                 forced_scalar: false,
             }
         }
@@ -107,10 +114,18 @@ impl Cpu {
         self.avx2 && self.fma && self.f16c
     }
 
+    /// AVX2 + FMA + F16C and AVX-512 F/BW/VL/VNNI (512-bit GGUF quantised dots).
+    #[inline]
+    pub fn avx512(&self) -> bool {
+        self.avx512 && self.avx2_fma_f16c()
+    }
+
     /// A short name of the path the kernels take, for logs and benchmark reports.
     pub fn describe(&self) -> &'static str {
         if self.forced_scalar {
             "scalar (forced by RUSTRAG_FORCE_SCALAR)"
+        } else if self.avx512() {
+            "avx512(f,bw,vl,vnni)+avx2+fma+f16c"
         } else if self.avx2_fma_f16c() {
             "avx2+fma+f16c"
         } else if self.avx2 {
@@ -140,7 +155,9 @@ mod tests {
     fn force_scalar_switch_turns_every_feature_off() {
         for v in ["1", "yes"] {
             let c = Cpu::detect_with(Some(v));
-            assert!(c.forced_scalar && !c.avx2() && !c.avx2_fma() && !c.avx2_fma_f16c());
+            assert!(
+                c.forced_scalar && !c.avx2() && !c.avx2_fma() && !c.avx2_fma_f16c() && !c.avx512()
+            );
         }
         for v in [None, Some(""), Some("0")] {
             let c = Cpu::detect_with(v);

@@ -1,8 +1,9 @@
 //! GGUF quantised dot products, as llama.cpp computes them: activations quantised per 32-block to
 //! 8 bits (`Q8_1`: scale `d`, and `s = d * sum(q)` so that Q4_1's offset `m` costs one multiply per
 //! block), each weight block (Q4_1 or Q8_0, scales as f16 bits) dotted with integer SIMD
-//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`); a scalar loop computes the same sums
-//! elsewhere. The weight matrices that call these live in [`crate::generators::quant`].
+//! (`ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`: AVX2, or AVX-512 VNNI two blocks per
+//! register and up to 8 activation rows per weight-block unpack); a scalar loop computes the same
+//! sums elsewhere. The weight matrices that call these live in [`crate::generators::quant`].
 
 use super::cpu;
 use half::f16;
@@ -106,29 +107,56 @@ fn scales(amax: f32, sum: i32) -> (f32, f32) {
 #[inline]
 pub fn dot_q4_1(d: &[u16], m: &[u16], qs: &[[u8; QK / 2]], x: Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot_q4_1_q8_1(d, m, qs, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_q4_1(d, m, qs, &[x]) }[0];
+        }
+        if simd && cpu().avx2_fma_f16c() {
+            // SAFETY: avx2, fma and f16c were detected.
+            return unsafe { avx2::dot_q4_1_q8_1(d, m, qs, x) };
+        }
     }
     let _ = simd;
     dot_q4_1_q8_1_scalar(d, m, qs, x)
 }
 
-/// [`dot_q4_1`] of one weight row with four activation rows (the weight block is unpacked once).
+/// [`dot_q4_1`] of one weight row with `N` activation rows (the weight block is unpacked once
+/// per 4 rows on AVX2, per `N` on AVX-512: prefill).
 #[inline]
-pub fn dot4_q4_1(
+pub fn dotn_q4_1<const N: usize>(
     d: &[u16],
     m: &[u16],
     qs: &[[u8; QK / 2]],
-    x: &[Q8Row; 4],
+    x: &[Q8Row; N],
     simd: bool,
-) -> [f32; 4] {
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_q4_1(d, m, qs, x) };
+        }
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
+            // SAFETY: avx2, fma and f16c were detected.
+            return by_four(x, |x4| unsafe { avx2::dot4_q4_1_q8_1(d, m, qs, x4) });
+        }
     }
     (*x).map(|x| dot_q4_1(d, m, qs, x, simd))
+}
+
+/// `f` over the activation rows in fours (`N % 4 == 0`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn by_four<'a, const N: usize>(
+    x: &[Q8Row<'a>; N],
+    f: impl Fn(&[Q8Row<'a>; 4]) -> [f32; 4],
+) -> [f32; N] {
+    let mut out = [0f32; N];
+    for (o, x4) in out.chunks_exact_mut(4).zip(x.chunks_exact(4)) {
+        o.copy_from_slice(&f(x4.try_into().expect("four rows")));
+    }
+    out
 }
 
 /// `ggml_vec_dot_q8_0_q8_0` of one Q8_0 weight row (`d`: f16 bits per block) with one activation
@@ -136,21 +164,38 @@ pub fn dot4_q4_1(
 #[inline]
 pub fn dot_q8_0(d: &[u16], qs: &[[i8; QK]], x: Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot_q8_0_q8_1(d, qs, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_q8_0(d, qs, &[x]) }[0];
+        }
+        if simd && cpu().avx2_fma_f16c() {
+            // SAFETY: avx2, fma and f16c were detected.
+            return unsafe { avx2::dot_q8_0_q8_1(d, qs, x) };
+        }
     }
     let _ = simd;
     dot_q8_0_q8_1_scalar(d, qs, x)
 }
 
-/// [`dot_q8_0`] of one weight row with four activation rows.
+/// [`dot_q8_0`] of one weight row with `N` activation rows (see [`dotn_q4_1`]).
 #[inline]
-pub fn dot4_q8_0(d: &[u16], qs: &[[i8; QK]], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
+pub fn dotn_q8_0<const N: usize>(
+    d: &[u16],
+    qs: &[[i8; QK]],
+    x: &[Q8Row; N],
+    simd: bool,
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot4_q8_0_q8_1(d, qs, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_q8_0(d, qs, x) };
+        }
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
+            // SAFETY: avx2, fma and f16c were detected.
+            return by_four(x, |x4| unsafe { avx2::dot4_q8_0_q8_1(d, qs, x4) });
+        }
     }
     (*x).map(|x| dot_q8_0(d, qs, x, simd))
 }
@@ -300,9 +345,15 @@ impl LegacyBlock for BlockQ5_1 {
 /// where the CPU has it.
 pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot_legacy(w, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_legacy(w, &[x]) }[0];
+        }
+        if simd && cpu().avx2_fma_f16c() {
+            // SAFETY: avx2, fma and f16c were detected.
+            return unsafe { avx2::dot_legacy(w, x) };
+        }
     }
     let _ = simd;
     let mut sum = 0f32;
@@ -321,13 +372,22 @@ pub fn dot_legacy<B: LegacyBlock>(w: &[B], x: Q8Row, simd: bool) -> f32 {
     sum
 }
 
-/// [`dot_legacy`] of one weight row with four activation rows (each block unpacked once:
-/// prefill).
-pub fn dot4_legacy<B: LegacyBlock>(w: &[B], x: &[Q8Row; 4], simd: bool) -> [f32; 4] {
+/// [`dot_legacy`] of one weight row with `N` activation rows (see [`dotn_q4_1`]).
+pub fn dotn_legacy<B: LegacyBlock, const N: usize>(
+    w: &[B],
+    x: &[Q8Row; N],
+    simd: bool,
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
-    if simd && cpu().avx2_fma_f16c() {
-        // SAFETY: avx2, fma and f16c were detected.
-        return unsafe { avx2::dot4_legacy(w, x) };
+    {
+        if simd && cpu().avx512() {
+            // SAFETY: avx512 f/bw/vl/vnni, avx2, fma and f16c were detected.
+            return unsafe { avx512::dot_legacy(w, x) };
+        }
+        if simd && cpu().avx2_fma_f16c() && N.is_multiple_of(4) {
+            // SAFETY: avx2, fma and f16c were detected.
+            return by_four(x, |x4| unsafe { avx2::dot4_legacy(w, x4) });
+        }
     }
     (*x).map(|x| dot_legacy(w, x, simd))
 }
@@ -505,7 +565,7 @@ pub(super) mod avx2 {
     /// Unpacked nibbles of one Q4_1 block: 32 unsigned bytes in element order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack_q4(q: &[u8; 16]) -> __m256i {
+    pub(super) unsafe fn unpack_q4(q: &[u8; 16]) -> __m256i {
         let tmp = _mm_loadu_si128(q.as_ptr() as *const __m128i);
         _mm256_and_si256(
             _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
@@ -578,27 +638,35 @@ pub(super) mod avx2 {
         _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 
+    /// One legacy block's 32 values as bytes: signed for Q4_0/Q5_0, unsigned (0..32) for Q5_1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unpack_legacy_raw<B: LegacyBlock>(b: &B) -> __m256i {
+        let nib = unpack_q4(b.qs());
+        match B::KIND {
+            0 => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
+            1 => {
+                let hi = _mm256_andnot_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(-16));
+                _mm256_or_si256(nib, hi)
+            }
+            _ => {
+                let hi = _mm256_and_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nib, hi)
+            }
+        }
+    }
+
     /// One legacy block as 32 bytes and the form its products take: (`|w|` or `w` as unsigned
     /// bytes, sign source) — Q4_0/Q5_0 are signed (dotted with the sign trick: `|w| * sign(x,
     /// w)`), Q5_1 is unsigned (`w * x` directly; no sign source).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack_legacy<B: LegacyBlock>(b: &B) -> (__m256i, Option<__m256i>) {
-        let nib = unpack_q4(b.qs());
-        match B::KIND {
-            0 => {
-                let qw = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
-                (_mm256_sign_epi8(qw, qw), Some(qw))
-            }
-            1 => {
-                let hi = _mm256_andnot_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(-16));
-                let qw = _mm256_or_si256(nib, hi);
-                (_mm256_sign_epi8(qw, qw), Some(qw))
-            }
-            _ => {
-                let hi = _mm256_and_si256(bytes_from_bits(b.qh()), _mm256_set1_epi8(0x10));
-                (_mm256_or_si256(nib, hi), None)
-            }
+        let qw = unpack_legacy_raw(b);
+        if B::KIND == 2 {
+            (qw, None)
+        } else {
+            (_mm256_sign_epi8(qw, qw), Some(qw))
         }
     }
 
@@ -728,6 +796,163 @@ pub(super) mod avx2 {
     }
 }
 
+/// The 512-bit legacy kernels (AVX-512 F/BW/VL/VNNI): two consecutive 32-value weight blocks per
+/// 64-byte register (unpacked by the AVX2 helpers), dotted with `N` activation rows by `vpdpbusd`
+/// (unsigned weight bytes × signed activation bytes, exact i32 sums; signed weights as `|w|` with
+/// the activation negated where `w < 0`, as the AVX2 sign trick), each block's 8 sums scaled by
+/// `d_w d_x` in f32.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+pub(super) mod avx512 {
+    use super::avx2::{unpack_legacy_raw, unpack_q4};
+    use super::{LegacyBlock, Q8Row, QK};
+    use std::arch::x86_64::*;
+
+    /// Two 32-byte halves as one register.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// Signed weight bytes as (`|w|`, the lanes where `w < 0`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn abs_sign(w: __m512i) -> (__m512i, __mmask64) {
+        (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+    }
+
+    /// The shared loop: blocks in groups of 8 (`d(k)`, `m(k)`: f16 bits of block `k`'s scale and,
+    /// when `offset`, its offset dotted with the activation's `s`), pairs of blocks from
+    /// `w2(k, two)` (block `k`, and `k + 1` when `two`, else zeros: weight bytes and sign lanes).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn rows<const N: usize>(
+        n: usize,
+        x: &[Q8Row; N],
+        offset: bool,
+        d: impl Fn(usize) -> u16,
+        m: impl Fn(usize) -> u16,
+        w2: impl Fn(usize, bool) -> (__m512i, __mmask64),
+    ) -> [f32; N] {
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut summ = [_mm256_setzero_ps(); N];
+        let mut k = 0;
+        while k < n {
+            let g = (n - k).min(8);
+            let gm = ((1u32 << g) - 1) as __mmask8;
+            let (mut dh, mut mh) = ([0u16; 8], [0u16; 8]);
+            for j in 0..g {
+                dh[j] = d(k + j);
+                if offset {
+                    mh[j] = m(k + j);
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(dh.as_ptr() as *const __m128i));
+            let mut dd = [_mm512_setzero_ps(); N];
+            for i in 0..N {
+                let dx = _mm256_maskz_loadu_ps(gm, x[i].d.as_ptr().add(k));
+                dd[i] = _mm512_castps256_ps512(_mm256_mul_ps(dw, dx));
+                if offset {
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(mh.as_ptr() as *const __m128i));
+                    let sx = _mm256_maskz_loadu_ps(gm, x[i].s.as_ptr().add(k));
+                    summ[i] = _mm256_fmadd_ps(mw, sx, summ[i]);
+                }
+            }
+            let mut j = 0;
+            while j < g {
+                let two = j + 1 < g;
+                let (w, neg) = w2(k + j, two);
+                // Lanes 0..8: block j's d_w d_x; 8..16: block j + 1's.
+                let idx = _mm512_mask_blend_epi32(
+                    0xFF00,
+                    _mm512_set1_epi32(j as i32),
+                    _mm512_set1_epi32(j as i32 + 1),
+                );
+                let am: __mmask64 = if two { !0 } else { 0xFFFF_FFFF };
+                for i in 0..N {
+                    let a = _mm512_maskz_loadu_epi8(am, x[i].qs.as_ptr().add(k + j) as *const i8);
+                    let a = _mm512_mask_sub_epi8(a, neg, zero, a);
+                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w, a));
+                    acc[i] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, dd[i]), acc[i]);
+                }
+                j += 2;
+            }
+            k += g;
+        }
+        std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) + super::avx2::hsum(summ[i]))
+    }
+
+    /// [`super::dot_legacy`] of one weight row with `N` activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_legacy<B: LegacyBlock, const N: usize>(w: &[B], x: &[Q8Row; N]) -> [f32; N] {
+        rows(
+            w.len(),
+            x,
+            B::KIND == 2,
+            |k| w.get_unchecked(k).d(),
+            |k| w.get_unchecked(k).m(),
+            |k, two| {
+                let lo = unpack_legacy_raw(w.get_unchecked(k));
+                let hi = if two {
+                    unpack_legacy_raw(w.get_unchecked(k + 1))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let v = join(lo, hi);
+                if B::KIND == 2 {
+                    (v, 0)
+                } else {
+                    abs_sign(v)
+                }
+            },
+        )
+    }
+
+    /// [`super::dot_q8_0`] of one weight row with `N` activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0<const N: usize>(d: &[u16], qs: &[[i8; QK]], x: &[Q8Row; N]) -> [f32; N] {
+        rows(
+            qs.len(),
+            x,
+            false,
+            |k| *d.get_unchecked(k),
+            |_| 0,
+            |k, two| {
+                let am: __mmask64 = if two { !0 } else { 0xFFFF_FFFF };
+                abs_sign(_mm512_maskz_loadu_epi8(am, qs.as_ptr().add(k) as *const i8))
+            },
+        )
+    }
+
+    /// [`super::dot_q4_1`] of one weight row with `N` activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1<const N: usize>(
+        d: &[u16],
+        m: &[u16],
+        qs: &[[u8; QK / 2]],
+        x: &[Q8Row; N],
+    ) -> [f32; N] {
+        rows(
+            qs.len(),
+            x,
+            true,
+            |k| *d.get_unchecked(k),
+            |k| *m.get_unchecked(k),
+            |k, two| {
+                let lo = unpack_q4(qs.get_unchecked(k));
+                let hi = if two {
+                    unpack_q4(qs.get_unchecked(k + 1))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                (join(lo, hi), 0)
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -811,6 +1036,128 @@ mod tests {
             assert_eq!(b.d, f16::from_f32(d).to_f32());
             let sum: i32 = qs.iter().map(|&v| v as i32).sum();
             assert_eq!(b.s, f16::from_f32(d * sum as f32).to_f32());
+        }
+    }
+    /// Every SIMD path (AVX2 and 512-bit, one and four activation rows) against the scalar one,
+    /// for block counts that are and are not multiples of the kernels' groups of 2 and 8.
+    #[test]
+    fn simd_paths_equal_scalar_one_and_four_rows() {
+        fn close(name: &str, want: [f32; 4], got: [f32; 4]) {
+            for i in 0..4 {
+                assert!(
+                    (want[i] - got[i]).abs() <= 1e-5 * want[i].abs().max(1.0),
+                    "{name} row {i}: {} vs scalar {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        fn legacy<B: LegacyBlock>(nb: usize, seed: u64, xr: &[Q8Row; 4]) {
+            let bytes: Vec<u8> = lcg(seed, nb * B::BYTES)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % B::BYTES {
+                    1 | 3 => 0x20, // f16 scales of moderate size
+                    _ => ((v + 1.0) * 127.99) as u8,
+                })
+                .collect();
+            let w: Vec<B> = bytes.chunks_exact(B::BYTES).map(B::from_bytes).collect();
+            let want = xr.map(|x| dot_legacy(&w, x, false));
+            let name = format!("kind {} nb {nb}", B::KIND);
+            close(&name, want, dotn_legacy(&w, xr, true));
+            close(&name, want, xr.map(|x| dot_legacy(&w, x, true)));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if cpu().avx2_fma_f16c() {
+                    // SAFETY: detected.
+                    close(&name, want, unsafe { avx2::dot4_legacy(&w, xr) });
+                    close(&name, want, xr.map(|x| unsafe { avx2::dot_legacy(&w, x) }));
+                }
+                if cpu().avx512() {
+                    // SAFETY: detected.
+                    close(&name, want, unsafe { avx512::dot_legacy(&w, xr) });
+                    close(
+                        &name,
+                        want,
+                        xr.map(|x| unsafe { avx512::dot_legacy(&w, &[x]) }[0]),
+                    );
+                }
+            }
+        }
+        for nb in [1, 2, 3, 8, 13, 18, 48] {
+            let xq: Vec<Vec<BlockQ8_1>> = (0..4)
+                .map(|i| quantize_q8_1(&lcg(100 + i + nb as u64, nb * QK), nb * QK))
+                .collect();
+            let rows: Vec<Q8Rows> = xq.iter().map(|x| Q8Rows::new(x)).collect();
+            let xr: [Q8Row; 4] = std::array::from_fn(|i| rows[i].row(0, nb));
+            // Eight rows through the dispatch (AVX-512: one pass; AVX2: two fours).
+            let x8: [Q8Row; 8] = std::array::from_fn(|i| xr[i % 4]);
+            let wq5: Vec<BlockQ5_0> = lcg(40 + nb as u64, nb * BlockQ5_0::BYTES)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % BlockQ5_0::BYTES {
+                    1 => 0x20,
+                    _ => ((v + 1.0) * 127.99) as u8,
+                })
+                .collect::<Vec<u8>>()
+                .chunks_exact(BlockQ5_0::BYTES)
+                .map(BlockQ5_0::from_bytes)
+                .collect();
+            let want8 = x8.map(|x| dot_legacy(&wq5, x, false));
+            let got8 = dotn_legacy(&wq5, &x8, true);
+            for i in 0..8 {
+                assert!(
+                    (want8[i] - got8[i]).abs() <= 1e-5 * want8[i].abs().max(1.0),
+                    "q5_0 8 rows nb {nb} row {i}: {} vs scalar {}",
+                    got8[i],
+                    want8[i]
+                );
+            }
+            legacy::<BlockQ4_0>(nb, 1, &xr);
+            legacy::<BlockQ5_0>(nb, 2, &xr);
+            legacy::<BlockQ5_1>(nb, 3, &xr);
+            // Q8_0 and Q4_1 (struct-of-arrays rows); Q8_0 weights include -127 and 127.
+            let d: Vec<u16> = (0..nb)
+                .map(|k| f16::from_f32(0.01 + 0.002 * k as f32).to_bits())
+                .collect();
+            let m: Vec<u16> = (0..nb)
+                .map(|k| f16::from_f32(-0.03 * k as f32).to_bits())
+                .collect();
+            let q8: Vec<[i8; QK]> = (0..nb)
+                .map(|k| {
+                    let v = lcg(7 + k as u64, QK);
+                    std::array::from_fn(|j| (v[j] * 127.0).round().clamp(-127.0, 127.0) as i8)
+                })
+                .collect();
+            let q4: Vec<[u8; QK / 2]> = (0..nb)
+                .map(|k| {
+                    let v = lcg(9 + k as u64, QK / 2);
+                    std::array::from_fn(|j| ((v[j] + 1.0) * 127.99) as u8)
+                })
+                .collect();
+            let want = xr.map(|x| dot_q8_0(&d, &q8, x, false));
+            close("q8_0", want, dotn_q8_0(&d, &q8, &xr, true));
+            close("q8_0", want, xr.map(|x| dot_q8_0(&d, &q8, x, true)));
+            let want4 = xr.map(|x| dot_q4_1(&d, &m, &q4, x, false));
+            close("q4_1", want4, dotn_q4_1(&d, &m, &q4, &xr, true));
+            close("q4_1", want4, xr.map(|x| dot_q4_1(&d, &m, &q4, x, true)));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if cpu().avx2_fma_f16c() {
+                    // SAFETY: detected.
+                    unsafe {
+                        close("q8_0 avx2", want, avx2::dot4_q8_0_q8_1(&d, &q8, &xr));
+                        close("q4_1 avx2", want4, avx2::dot4_q4_1_q8_1(&d, &m, &q4, &xr));
+                    }
+                }
+                if cpu().avx512() {
+                    // SAFETY: detected.
+                    unsafe {
+                        close("q8_0 avx512", want, avx512::dot_q8_0(&d, &q8, &xr));
+                        close("q4_1 avx512", want4, avx512::dot_q4_1(&d, &m, &q4, &xr));
+                    }
+                }
+            }
         }
     }
 }

@@ -27,10 +27,12 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use std::path::PathBuf;
 
 /// Longest prompt (tokens per row) prefilled on raw buffers by [`GgufWeights::Native`] models.
-/// Measured on SmolLM2 (2 cores): a 214-token RAG prompt prefills in 1.15 s raw vs 1.46 s on the
-/// tensor path; at 939 tokens the two are equal (7.8 s), the raw attention's O(len²) dot products
-/// catching up with the saved per-op overhead.
-const RAW_PREFILL_MAX_LEN: usize = 512;
+/// The raw path's prefill attention is blocked ([`crate::kernels::attention::attend_block`]: keys
+/// and values read once per block of 8 positions × the query heads of a kv head, causal half
+/// only), so it is faster than the tensor path's batched gemm + softmax at every length measured
+/// (SmolLM2, 2 cores, 997-token RAG prompt: see `bench/results/decode-kquant`); the cap only
+/// bounds the raw buffers (`[len, 2 × intermediate]` f32 and the like).
+const RAW_PREFILL_MAX_LEN: usize = 16 * 1024;
 
 /// How GGUF weights are held in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -157,26 +157,78 @@ impl Llama {
             }
             kv.len = t;
             let (kc, vc) = (&kv.k, &kv.v);
-            // Grouped-query attention: query head `head` reads kv head `head / n_rep`. One task per
-            // (query, head), on the pool when there is enough work.
-            let attend = |(idx, out): (usize, &mut [f32])| {
-                let (qi, head) = (idx / nh, idx % nh);
-                let (r, i) = (qi / len, qi % len);
-                let visible = |j: usize| {
-                    j <= t_past + i
-                        && window.is_none_or(|w| t_past + i - j < w)
-                        && key_mask.is_none_or(|m| m[r][j] == 1)
+            if key_mask.is_none() && len > 1 && window.is_none() && attn_cap.is_none() {
+                // Prefill without padding, causal mask only: blocks of ATT_BLOCK positions × the n_rep query heads
+                // of one kv head attend together (keys and values read once per block).
+                const ATT_BLOCK: usize = 8;
+                let nblk = len.div_ceil(ATT_BLOCK);
+                let tasks: Vec<(usize, usize, usize)> = (0..b)
+                    .flat_map(|r| (0..nkv).flat_map(move |g| (0..nblk).map(move |k| (r, g, k))))
+                    .collect();
+                let block = |&(r, g, k): &(usize, usize, usize)| -> Vec<f32> {
+                    let (i0, i1) = (k * ATT_BLOCK, ((k + 1) * ATT_BLOCK).min(len));
+                    let nq = (i1 - i0) * n_rep;
+                    let mut qs = vec![0f32; nq * hd];
+                    let mut limits = vec![0usize; nq];
+                    for i in i0..i1 {
+                        for rep in 0..n_rep {
+                            let (u, head, qi) =
+                                ((i - i0) * n_rep + rep, g * n_rep + rep, r * len + i);
+                            let q = qi * qkv_w + head * hd;
+                            qs[u * hd..(u + 1) * hd].copy_from_slice(&qkv[q..q + hd]);
+                            limits[u] = t_past + i + 1;
+                        }
+                    }
+                    let (base, tv) = (kv.offset(r, g, 0), t_past + i1);
+                    let mut out = vec![0f32; nq * hd];
+                    attention::attend_block(
+                        &qs,
+                        &limits,
+                        &kc[base..base + tv * hd],
+                        &vc[base..base + tv * hd],
+                        scale,
+                        &mut out,
+                    );
+                    out
                 };
-                let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
-                let base = kv.offset(r, head / n_rep, 0);
-                let (k, v) = (&kc[base..base + t * hd], &vc[base..base + t * hd]);
-                // A padding query that sees no key gets zeros; its output is never used.
-                attention::attend_query(q, k, v, scale, attn_cap, visible, out);
-            };
-            if n * nh * t * hd < 1 << 18 {
-                att.chunks_mut(hd).enumerate().for_each(attend);
+                let outs: Vec<Vec<f32>> = if n * nh * t * hd < 1 << 18 {
+                    tasks.iter().map(block).collect()
+                } else {
+                    tasks.par_iter().map(block).collect()
+                };
+                for (&(r, g, k), o) in tasks.iter().zip(&outs) {
+                    for i in k * ATT_BLOCK..((k + 1) * ATT_BLOCK).min(len) {
+                        for rep in 0..n_rep {
+                            let (u, head) = ((i - k * ATT_BLOCK) * n_rep + rep, g * n_rep + rep);
+                            let a = (r * len + i) * qd + head * hd;
+                            att[a..a + hd].copy_from_slice(&o[u * hd..(u + 1) * hd]);
+                        }
+                    }
+                }
             } else {
-                att.par_chunks_mut(hd).enumerate().for_each(attend);
+                // Grouped-query attention: query head `head` reads kv head `head / n_rep`. One task
+                // per (query, head), on the pool when there is enough work.
+                let attend = |(idx, out): (usize, &mut [f32])| {
+                    let (qi, head) = (idx / nh, idx % nh);
+                    let (r, i) = (qi / len, qi % len);
+                    let visible = |j: usize| {
+                        j <= t_past + i
+                            && window.is_none_or(|w| t_past + i - j < w)
+                            && key_mask.is_none_or(|m| m[r][j] == 1)
+                    };
+                    let q = &qkv[qi * qkv_w + head * hd..qi * qkv_w + (head + 1) * hd];
+                    let base = kv.offset(r, head / n_rep, 0);
+                    // Causal: keys after `t_past + i` are never visible.
+                    let tv = t_past + i + 1;
+                    let (k, v) = (&kc[base..base + tv * hd], &vc[base..base + tv * hd]);
+                    // A padding query that sees no key gets zeros; its output is never used.
+                    attention::attend_query(q, k, v, scale, attn_cap, visible, out);
+                };
+                if n * nh * t * hd < 1 << 18 {
+                    att.chunks_mut(hd).enumerate().for_each(attend);
+                } else {
+                    att.par_chunks_mut(hd).enumerate().for_each(attend);
+                }
             }
             lc.raw_kv = Some(kv);
             o_m.matmul_into(&att, n, &mut proj)?;
