@@ -27,6 +27,31 @@ pub fn report(r: Result<()>) {
     }
 }
 
+/// Let a panic raised inside a dependency's code unwind instead of aborting the fuzzer.
+///
+/// libfuzzer-sys's panic hook aborts on every panic, before unwinding. rustrag runs the
+/// third-party readers of untrusted files (candle's safetensors, pickle and GGUF readers) under
+/// `hub::parse_guarded`, which turns their panics into an error naming the file, so for those the
+/// product's behaviour is a clean error, and the fuzzer should record the input as handled and go
+/// on (before this, the `weights` target stopped within seconds at a pickle LONG1 overflow that
+/// `parse_guarded` already handles). A panic in rustrag's own code still aborts at once, and a
+/// dependency panic that no guard catches unwinds into libfuzzer-sys's `catch_unwind`, which
+/// aborts: both remain crashes.
+fn let_dependency_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let fuzzer_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_dependency = info
+                .location()
+                .is_some_and(|l| l.file().contains("/.cargo/registry/"));
+            if !in_dependency {
+                fuzzer_hook(info);
+            }
+        }));
+    });
+}
+
 /// Split off the first byte (the harness's selector) from the payload.
 fn selector(data: &[u8]) -> (u8, &[u8]) {
     match data.split_first() {
@@ -77,6 +102,7 @@ pub fn ingest(data: &[u8]) -> Result<()> {
 /// or dequantized to f32, by the selector's bit 0), the tokenizer and the chat template, and use
 /// them: one chat prompt encoded and decoded.
 pub fn gguf(data: &[u8]) -> Result<()> {
+    let_dependency_panics_unwind();
     let (sel, payload) = selector(data);
     let (_dir, path) = scratch_file("model.gguf", payload)?;
     let g = GgufFile::open(&path)?;
@@ -108,6 +134,7 @@ pub fn gguf(data: &[u8]) -> Result<()> {
 /// The HF weight reader: the payload as `model.safetensors` (selector bit 0 clear) or
 /// `pytorch_model.bin` (set), loaded as f32 (bit 1 clear) or bf16 (set); every tensor is read back.
 pub fn weights(data: &[u8]) -> Result<()> {
+    let_dependency_panics_unwind();
     use candle_core::DType;
     let (sel, payload) = selector(data);
     let name = if sel & 1 == 0 {
