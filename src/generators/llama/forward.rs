@@ -169,7 +169,7 @@ impl Llama {
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("llama: gate/up projections are not two"))?;
             let gated = match cfg.gemma {
-                Some(_) => (gate.gelu()? * up)?,
+                Some(_) => (super::gemma::gelu_tensor(&gate, differentiable)? * up)?,
                 None => (gate.silu()? * up)?,
             };
             let y = m.down.forward(&gated, grad)?;

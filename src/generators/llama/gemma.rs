@@ -192,6 +192,43 @@ pub(super) fn gelu(x: f32) -> f32 {
     half::f16::from_f32(y).to_f32()
 }
 
+/// [`gelu`] of every value, as a candle op without a backward pass (CPU, f32).
+struct GgmlGelu;
+
+impl candle_core::CustomOp1 for GgmlGelu {
+    fn name(&self) -> &'static str {
+        "ggml-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("ggml-gelu: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("ggml-gelu: contiguous input only");
+        };
+        let out = v[start..end].iter().map(|&x| gelu(x)).collect();
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The tensor path's GELU (tanh): [`gelu`]'s f16 table on CPU f32 tensors, so that the values
+/// the down projection quantizes land where llama.cpp's do (the exact function moves a few of
+/// them by an f16 step: 7.8e-2 on Gemma 3's Q6_K fixture logits at position 0); candle's GELU
+/// elsewhere and where gradients flow.
+pub(super) fn gelu_tensor(x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    Ok(
+        match !differentiable && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            true => x.contiguous()?.apply_op1_no_bwd(&GgmlGelu)?,
+            false => x.gelu()?,
+        },
+    )
+}
+
 /// Additive band `[1, 1, 1, q_len, past + q_len]` of a sliding block: query `i` (column
 /// `past + i`) may see key `j` when `past + i - j < window` (0), else `f32::MIN`; combined with
 /// the causal/padding mask by a minimum, so that a fully masked row stays finite.
