@@ -3,7 +3,9 @@
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tokenizers::{
     PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams, TruncationStrategy,
 };
@@ -20,7 +22,7 @@ pub struct SpecialTokens {
 }
 
 /// How a batch is padded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Padding {
     /// No padding: rows keep their own lengths.
     None,
@@ -69,6 +71,12 @@ pub struct TextTokenizer {
     /// `model_max_length` from tokenizer_config.json (or set by the caller).
     pub max_length: usize,
     pub source: PathBuf,
+    /// `inner` set up for truncation and padding, one per setting, made on first use and kept:
+    /// tokenizers' BPE keeps a thread-local cache per instance, keyed by an id each clone draws
+    /// afresh and never removed when the instance is dropped, so a clone per call (as before)
+    /// leaked a cache of the call's words on every call (~100 KB a retrieval in `serve`).
+    /// Shared by clones of this `TextTokenizer`; a handful of settings exist per model.
+    configured: Arc<Mutex<HashMap<(Option<usize>, Padding), Arc<tokenizers::Tokenizer>>>>,
 }
 
 impl TextTokenizer {
@@ -114,6 +122,7 @@ impl TextTokenizer {
             special,
             max_length,
             source: file,
+            configured: Arc::default(),
         })
     }
 
@@ -128,6 +137,7 @@ impl TextTokenizer {
             special,
             max_length: usize::MAX,
             source,
+            configured: Arc::default(),
         }
     }
 
@@ -148,7 +158,22 @@ impl TextTokenizer {
         Ok(())
     }
 
+    /// `inner` with this truncation and padding (made once per setting, see `configured`).
     fn configured(
+        &self,
+        max_length: Option<usize>,
+        padding: Padding,
+    ) -> Result<Arc<tokenizers::Tokenizer>> {
+        let mut made = self.configured.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tok) = made.get(&(max_length, padding)) {
+            return Ok(tok.clone());
+        }
+        let tok = Arc::new(self.configure(max_length, padding)?);
+        made.insert((max_length, padding), tok.clone());
+        Ok(tok)
+    }
+
+    fn configure(
         &self,
         max_length: Option<usize>,
         padding: Padding,
