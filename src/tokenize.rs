@@ -63,6 +63,9 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), len), device)?)
 }
 
+/// Tokenizers set up for one (truncation length, padding) setting each.
+type ConfiguredTokenizers = HashMap<(Option<usize>, Padding), Arc<tokenizers::Tokenizer>>;
+
 /// A HF tokenizer with its special tokens and maximum length.
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -76,7 +79,7 @@ pub struct TextTokenizer {
     /// afresh and never removed when the instance is dropped, so a clone per call (as before)
     /// leaked a cache of the call's words on every call (~100 KB a retrieval in `serve`).
     /// Shared by clones of this `TextTokenizer`; a handful of settings exist per model.
-    configured: Arc<Mutex<HashMap<(Option<usize>, Padding), Arc<tokenizers::Tokenizer>>>>,
+    configured: Arc<Mutex<ConfiguredTokenizers>>,
 }
 
 impl TextTokenizer {
