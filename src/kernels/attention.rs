@@ -64,6 +64,25 @@ fn dots4(q: &[f32], ks: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
+/// `v = exp(v - max)` for every score in place (-inf becomes 0), returning their sum: the
+/// softmax numerators of both attention kernels, summed in 8 lanes so the loop vectorises.
+#[inline(always)]
+fn exp_minus_max_sum(scores: &mut [f32], max: f32) -> f32 {
+    let mut sums = [0f32; 8];
+    let mut chunks = scores.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = math::exp(*v - max);
+            *s += *v;
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = math::exp(*v - max);
+        sums[0] += *v;
+    }
+    sums.iter().sum()
+}
+
 /// `cap * tanh(s / cap)` with a cap (Gemma 2's attention soft-capping), else `s`.
 #[inline(always)]
 fn soft_capped(s: f32, softcap: Option<f32>) -> f32 {
@@ -106,19 +125,7 @@ fn attend_body(
     if max == f32::NEG_INFINITY {
         return;
     }
-    let mut sums = [0f32; 8];
-    let mut chunks = scores.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
-            *v = math::exp(*v - max);
-            *s += *v;
-        }
-    }
-    for v in chunks.into_remainder() {
-        *v = math::exp(*v - max);
-        sums[0] += *v;
-    }
-    let inv = 1.0 / sums.iter().sum::<f32>();
+    let inv = 1.0 / exp_minus_max_sum(scores, max);
     for (j, &p) in scores.iter().enumerate() {
         if p != 0.0 {
             let p = p * inv;
@@ -247,19 +254,7 @@ fn attend_block_body(
             *v *= scale;
             max = max.max(*v);
         }
-        let mut sums = [0f32; 8];
-        let mut chunks = vis.chunks_exact_mut(8);
-        for c in &mut chunks {
-            for (sum, v) in sums.iter_mut().zip(c.iter_mut()) {
-                *v = math::exp(*v - max);
-                *sum += *v;
-            }
-        }
-        for v in chunks.into_remainder() {
-            *v = math::exp(*v - max);
-            sums[0] += *v;
-        }
-        let inv = 1.0 / sums.iter().sum::<f32>();
+        let inv = 1.0 / exp_minus_max_sum(vis, max);
         for v in vis.iter_mut() {
             *v *= inv;
         }
