@@ -1,6 +1,8 @@
 //! GGUF decoder families (llama, qwen2, qwen3, phi3, gemma2) × quantisation types (Q4_K_M, Q5_K_M, Q6_K, Q8_0,
-//! Q4_0) against llama.cpp on the same files: logits of a 64-token prompt and 32 greedy tokens,
-//! greedy ids, and the GGUF tokenizer's ids for the prompt text.
+//! Q4_0), and the rope-scaling variants `llama31` (Llama 3.1's scaling as `rope_freqs.weight`) and
+//! `phi3long` (Phi-3-128k's LongRoPE: long/short factor tensors and an attention factor) in
+//! Q4_K_M and Q8_0, against llama.cpp on the same files: logits of a 64-token prompt and 32 greedy
+//! tokens, greedy ids, and the GGUF tokenizer's ids for the prompt text.
 //!
 //! The fixtures are tiny random models converted and quantised by llama.cpp's own tools, with
 //! llama.cpp's outputs recorded by tests/fixtures/make_gguf_fixtures.py. The files the tests read
@@ -75,7 +77,11 @@ fn fixtures() -> Result<Vec<Fixture>> {
     let dir = fixtures_dir();
     let index: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json"))?)?;
-    assert_eq!(index.len(), 25, "5 families x 5 types expected: {index:?}");
+    assert_eq!(
+        index.len(),
+        29,
+        "5 families x 5 types + 2 rope-scaling variants x 2 types expected: {index:?}"
+    );
     index
         .iter()
         .map(|stem| {
@@ -241,14 +247,14 @@ fn gguf_tokenizers_match_llama_cpp() -> Result<()> {
         let chat = ChatTemplate::from_gguf(&g)?;
         let text = chat.format(&[ChatMessage::new("user", "Hi")], true)?;
         let want = match f.meta.family.as_str() {
-            "phi3" => "<|user|>\nHi<|end|>\n<|assistant|>\n",
+            "phi3" | "phi3long" => "<|user|>\nHi<|end|>\n<|assistant|>\n",
             "gemma2" => "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
             _ => "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
         };
         assert_eq!(text, want, "{}: chat template", f.meta.family);
         families += 1;
     }
-    assert_eq!(families, 5);
+    assert_eq!(families, 7);
     Ok(())
 }
 
@@ -297,4 +303,71 @@ fn unsupported_tensor_type_names_the_supported_ones() {
         err.contains(&*p.to_string_lossy()) && err.contains("type id 20") && err.contains("Q4_K"),
         "{err}"
     );
+}
+
+/// `src` rewritten to `dst` with metadata key `drop` removed and tensor `replace.0` replaced by
+/// `replace.1` (f32).
+fn rewrite_gguf(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    drop: Option<&str>,
+    replace: Option<(&str, Vec<f32>)>,
+) -> Result<()> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut f = std::fs::File::open(src)?;
+    let content = gguf_file::Content::read(&mut f)?;
+    let meta: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| Some(k.as_str()) != drop)
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let t = match &replace {
+            Some((n, values)) if n == name => QTensor::quantize(
+                &Tensor::new(values.as_slice(), &Device::Cpu)?,
+                candle_core::quantized::GgmlDType::F32,
+            )?,
+            _ => content.tensor(&mut f, name, &Device::Cpu)?,
+        };
+        tensors.push((name.clone(), t));
+    }
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst)?, &meta, &refs)?;
+    Ok(())
+}
+
+/// LongRoPE's factor tensors without the original context length that picks between them, and a
+/// frequency factor that is not positive, are errors naming the file and the key or tensor.
+#[test]
+fn bad_rope_factors_are_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = fixtures_dir().join("phi3long-Q8_0.gguf");
+    let err = |p: &std::path::Path| -> String {
+        match GgufFile::open(p).and_then(|g| Llama::from_gguf(&g, &Device::Cpu)) {
+            Ok(_) => panic!("{} loaded", p.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let no_orig = dir.path().join("no-orig.gguf");
+    let key = "phi3.rope.scaling.original_context_length";
+    rewrite_gguf(&src, &no_orig, Some(key), None)?;
+    let msg = err(&no_orig);
+    assert!(
+        msg.contains(&*no_orig.to_string_lossy()) && msg.contains(key),
+        "{msg}"
+    );
+    let zero = dir.path().join("zero-factor.gguf");
+    let mut factors = vec![1.5f32; 32];
+    factors[3] = 0.0;
+    rewrite_gguf(&src, &zero, None, Some(("rope_factors_long.weight", factors)))?;
+    let msg = err(&zero);
+    assert!(
+        msg.contains(&*zero.to_string_lossy())
+            && msg.contains("rope_factors_long.weight")
+            && msg.contains("factor 3"),
+        "{msg}"
+    );
+    Ok(())
 }

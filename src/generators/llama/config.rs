@@ -20,6 +20,12 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Per-frequency divisors of the rotary angles, `theta_i / factors[i]` (`factors: [head_dim / 2]`),
+    /// with cos and sin multiplied by `attn_factor`. This is how llama.cpp's converter writes
+    /// Llama 3.1+'s scaling (tensor `rope_freqs.weight`) and Phi-3's LongRoPE
+    /// (`rope_factors_short`/`_long.weight`, `rope.scaling.attn_factor`); transformers reads it as
+    /// `longrope` with equal short and long factors.
+    Factors { factors: Vec<f32>, attn_factor: f32 },
 }
 
 /// The architecture families run by [`super::Llama`] (GGUF `general.architecture`).
@@ -137,11 +143,79 @@ fn parse_rope_scaling(v: &serde_json::Value, file: &Path) -> Result<RopeScaling>
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
+        "longrope" => {
+            let factors = |k: &str| -> Result<Vec<f32>> {
+                let list = v.get(k).and_then(|x| x.as_array()).with_context(|| {
+                    format!("{}: rope scaling `longrope` needs a list `{k}`", file.display())
+                })?;
+                list.iter()
+                    .map(|x| x.as_f64().map(|f| f as f32))
+                    .collect::<Option<_>>()
+                    .with_context(|| format!("{}: `{k}` holds a non-number", file.display()))
+            };
+            let (short, long) = (factors("short_factor")?, factors("long_factor")?);
+            // transformers switches from the short to the long factors once a sequence passes
+            // `original_max_position_embeddings`, re-rotating nothing already cached: one set only.
+            if short != long {
+                bail!(
+                    "{}: rope scaling `longrope` with different `short_factor` and `long_factor` \
+                     is not supported for HF directories (the GGUF of the model is)",
+                    file.display()
+                );
+            }
+            RopeScaling::Factors {
+                factors: short,
+                attn_factor: num("attention_factor")? as f32,
+            }
+        }
         other => bail!(
-            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3)",
+            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3, longrope)",
             file.display()
         ),
     })
+}
+
+/// The rotary frequency factors of a GGUF, as llama.cpp picks them (`llama_model::get_rope_factors`):
+/// `rope_freqs.weight` (Llama 3.1+) if present, else Phi-3's LongRoPE pair, the long factors when
+/// the context window (`{arch}.context_length`) exceeds `{arch}.rope.scaling.original_context_length`
+/// (llama.cpp's default context is the trained one). cos/sin are multiplied by
+/// `{arch}.rope.scaling.attn_factor` (default 1).
+fn rope_factors(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<RopeScaling>> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let has = |name: &str| g.content.tensor_infos.contains_key(name);
+    let (long, short) = ("rope_factors_long.weight", "rope_factors_short.weight");
+    let name = if has("rope_freqs.weight") {
+        "rope_freqs.weight"
+    } else if has(long) || has(short) {
+        let orig = k("rope.scaling.original_context_length");
+        let (window, orig_window) = (g.usize(&k("context_length"))?, g.usize(&orig)?);
+        match window > orig_window {
+            true => long,
+            false => short,
+        }
+    } else {
+        return Ok(None);
+    };
+    let factors = g
+        .tensor(name, &[head_dim / 2], &candle_core::Device::Cpu)?
+        .dequantize(&candle_core::Device::Cpu)
+        .and_then(|t| t.to_vec1::<f32>())
+        .with_context(|| format!("{}: reading tensor `{name}`", g.path.display()))?;
+    if let Some(bad) = factors.iter().position(|f| !f.is_finite() || *f <= 0.0) {
+        bail!(
+            "{}: tensor `{name}`: factor {bad} is {} (must be positive)",
+            g.path.display(),
+            factors[bad]
+        );
+    }
+    let attn_factor = match g.has(&k("rope.scaling.attn_factor")) {
+        true => g.f64(&k("rope.scaling.attn_factor"))? as f32,
+        false => 1.0,
+    };
+    Ok(Some(RopeScaling::Factors {
+        factors,
+        attn_factor,
+    }))
 }
 
 impl LlamaConfig {
@@ -230,6 +304,17 @@ impl LlamaConfig {
                 "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::Factors {
+                ref factors,
+                attn_factor,
+            } => serde_json::json!({
+                "rope_type": "longrope",
+                "short_factor": factors,
+                "long_factor": factors,
+                "attention_factor": attn_factor,
+                "original_max_position_embeddings": 1u64 << 20,
+                "factor": 1.0,
             }),
         };
         serde_json::json!({
@@ -337,9 +422,15 @@ impl LlamaConfig {
                 g.usize(&k("vocab_size"))?
             );
         }
-        if family == Family::Phi3 {
-            super::phi3::check_rope(g)?;
-        }
+        let rope_scaling = match rope_factors(g, arch, head_dim)? {
+            None => rope_scaling,
+            Some(f) if rope_scaling == RopeScaling::None => f,
+            Some(_) => bail!(
+                "{}: rotary frequency factors together with `{}` = {rope_scaling:?} are not supported",
+                g.path.display(),
+                k("rope.scaling.type")
+            ),
+        };
         let num_layers = match g.usize(&k("block_count"))? {
             0 => bail!("{}: `{}` is 0", g.path.display(), k("block_count")),
             n => n,
@@ -420,7 +511,9 @@ impl LlamaConfig {
     /// the last bits; Llama 3 scaling takes `pos * inv_freq`.
     pub(super) fn rope_angles(&self, local: bool, pos: u32, out: &mut [f32]) {
         let (theta_base, scaling) = self.rope_params(local);
-        let freq_scale = match *scaling {
+        let theta_scale = (theta_base as f32).powf(-2.0 / self.head_dim as f32);
+        let mut theta = pos as f32;
+        let freq_scale = match scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => (1.0 / factor) as f32,
             RopeScaling::Llama3 { .. } => {
@@ -429,12 +522,25 @@ impl LlamaConfig {
                 }
                 return;
             }
+            RopeScaling::Factors { factors, .. } => {
+                for (o, f) in out.iter_mut().zip(factors) {
+                    *o = theta / f;
+                    theta *= theta_scale;
+                }
+                return;
+            }
         };
-        let theta_scale = (theta_base as f32).powf(-2.0 / self.head_dim as f32);
-        let mut theta = pos as f32;
         for o in out.iter_mut() {
             *o = freq_scale * theta;
             theta *= theta_scale;
+        }
+    }
+
+    /// Multiplier of the rotary cos and sin (LongRoPE's attention factor; 1 for the others).
+    pub(super) fn rope_attn_factor(&self, local: bool) -> f32 {
+        match self.rope_params(local).1 {
+            RopeScaling::Factors { attn_factor, .. } => *attn_factor,
+            _ => 1.0,
         }
     }
 
@@ -448,6 +554,9 @@ impl LlamaConfig {
         match *scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+            RopeScaling::Factors { ref factors, .. } => {
+                base.iter().zip(factors).map(|(f, d)| f / d).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -473,5 +582,60 @@ impl LlamaConfig {
                     .collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(rope_scaling: RopeScaling) -> LlamaConfig {
+        LlamaConfig {
+            family: Family::Llama,
+            vocab_size: 10,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+            pad_token_id: None,
+            gemma: None,
+        }
+    }
+
+    /// A model read from a GGUF with frequency factors is saved as transformers' `longrope` with
+    /// equal short and long factors (which transformers computes as `1 / (f_i * base^(2i/d))`,
+    /// cos/sin times `attention_factor`), and reads back the same.
+    #[test]
+    fn frequency_factors_round_trip_through_hf_config() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.json");
+        let scaling = RopeScaling::Factors {
+            factors: vec![1.0, 1.5, 4.0, 8.0],
+            attn_factor: 1.25,
+        };
+        std::fs::write(&path, config(scaling.clone()).to_hf_json().to_string())?;
+        let back = LlamaConfig::from_hf(&path)?;
+        assert_eq!(back.rope_scaling, scaling);
+        assert_eq!(back.rope_attn_factor(false), 1.25);
+        let base = config(RopeScaling::None).inv_freq(false);
+        let scaled = back.inv_freq(false);
+        assert_eq!(scaled[2], base[2] / 4.0);
+
+        // Different short and long factors switch by sequence length in transformers: refused.
+        let mut v = config(RopeScaling::None).to_hf_json();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0],
+            "long_factor": [2.0, 2.0, 2.0, 2.0], "attention_factor": 1.0, "original_max_position_embeddings": 64});
+        std::fs::write(&path, v.to_string())?;
+        let err = format!("{:#}", LlamaConfig::from_hf(&path).unwrap_err());
+        assert!(err.contains("short_factor") && err.contains("config.json"), "{err}");
+        Ok(())
     }
 }

@@ -8,13 +8,24 @@ use candle_core::{DType, Device, Tensor, D};
 
 impl Llama {
     /// cos/sin `[rows, len, head_dim / 2]` for positions `[rows, len]` u32 and inverse
-    /// frequencies `inv_freq: [head_dim / 2]`.
-    pub(super) fn rotary(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// frequencies `inv_freq: [head_dim / 2]`, both multiplied by `scale` (LongRoPE's attention
+    /// factor, else 1).
+    pub(super) fn rotary(
+        &self,
+        positions: &Tensor,
+        inv_freq: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, l) = positions.dims2()?;
         let half = inv_freq.dim(0)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, l, 1))?;
         let freqs = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
-        Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        Ok(if scale == 1.0 {
+            (cos.contiguous()?, sin.contiguous()?)
+        } else {
+            ((cos * scale as f64)?, (sin * scale as f64)?)
+        })
     }
 
     /// Rotary embedding of `x: [rows, heads, len, head_dim]` with cos/sin `[rows, len, head_dim / 2]`.
@@ -66,9 +77,9 @@ impl Llama {
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n_rep = nh / nkv;
-        let global_rope = self.rotary(positions, &self.inv_freq)?;
+        let global_rope = self.rotary(positions, &self.inv_freq, cfg.rope_attn_factor(false))?;
         let local_rope = match &self.inv_freq_local {
-            Some(f) => Some(self.rotary(positions, f)?),
+            Some(f) => Some(self.rotary(positions, f, cfg.rope_attn_factor(true))?),
             None => None,
         };
         let mut x =

@@ -3,32 +3,13 @@
 //! llama.cpp's SWIGLU takes `silu(first half) * second half`, as HF's `Phi3MLP` chunks it). Their
 //! rows are split here into the Llama projections; everything else is Llama's with NEOX rotary
 //! (halves) and no bias. llama.cpp disables Phi's sliding window (`phi3.attention.sliding_window`
-//! is read and ignored), and so do we, to compute what it computes.
+//! is read and ignored), and so do we, to compute what it computes. LongRoPE (Phi-3-*-128k, Phi-3.5)
+//! is the rotary frequency factors of [`super::config`].
 
 use crate::generators::gguf::GgufFile;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::Device;
-
-/// LongRoPE (Phi-3-*-128k, Phi-3.5) rescales the rotary frequencies per dimension by factors that
-/// depend on the context size: not supported, refused by name.
-pub(super) fn check_rope(g: &GgufFile) -> Result<()> {
-    for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
-        if g.content.tensor_infos.contains_key(name) {
-            bail!(
-                "{}: phi3 LongRoPE (tensor `{name}`) is not supported",
-                g.path.display()
-            );
-        }
-    }
-    if g.has("phi3.rope.scaling.attn_factor") {
-        bail!(
-            "{}: phi3 LongRoPE (`phi3.rope.scaling.attn_factor`) is not supported",
-            g.path.display()
-        );
-    }
-    Ok(())
-}
 
 /// Tensor `name` of shape `[sum(rows), cols]` split into consecutive row blocks `[rows_i, cols]`,
 /// each in the stored type (rows of a GGUF tensor are whole quantisation blocks, contiguous).

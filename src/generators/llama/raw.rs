@@ -64,11 +64,12 @@ impl Llama {
             let mut cos = vec![0f32; n * half];
             let mut sin = vec![0f32; n * half];
             let mut angles = vec![0f32; half];
+            let m = cfg.rope_attn_factor(local);
             for (r, &p) in positions.iter().enumerate() {
                 cfg.rope_angles(local, p, &mut angles);
                 for (i, a) in angles.iter().enumerate() {
-                    cos[r * half + i] = a.cos();
-                    sin[r * half + i] = a.sin();
+                    cos[r * half + i] = a.cos() * m;
+                    sin[r * half + i] = a.sin() * m;
                 }
             }
             (cos, sin)
