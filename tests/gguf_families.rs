@@ -1,7 +1,7 @@
 //! GGUF decoder families (llama, qwen2, qwen3, phi3, gemma2, gemma3) × quantisation types (Q4_K_M, Q5_K_M, Q6_K, Q8_0,
-//! Q4_0), and the rope-scaling variants `llama31` (Llama 3.1's scaling as `rope_freqs.weight`) and
-//! `phi3long` (Phi-3-128k's LongRoPE: long/short factor tensors and an attention factor) in
-//! Q4_K_M and Q8_0, against llama.cpp on the same files: logits of a 64-token prompt and 32 greedy
+//! Q4_0), and the rope-scaling variants `llama31` (Llama 3.1's scaling as `rope_freqs.weight`),
+//! `qwen2yarn` (YaRN) and `phi3long` (Phi-3-128k's LongRoPE: long/short factor tensors and an
+//! attention factor) in Q4_K_M and Q8_0, against llama.cpp on the same files: logits of a 64-token prompt and 32 greedy
 //! tokens, greedy ids, and the GGUF tokenizer's ids for the prompt text.
 //!
 //! The fixtures are tiny random models converted and quantised by llama.cpp's own tools, with
@@ -80,8 +80,8 @@ fn fixtures() -> Result<Vec<Fixture>> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json"))?)?;
     assert_eq!(
         index.len(),
-        34,
-        "6 families x 5 types + 2 rope-scaling variants x 2 types expected: {index:?}"
+        36,
+        "6 families x 5 types + 3 rope-scaling variants x 2 types expected: {index:?}"
     );
     index
         .iter()
@@ -249,13 +249,15 @@ fn gguf_tokenizers_match_llama_cpp() -> Result<()> {
         let text = chat.format(&[ChatMessage::new("user", "Hi")], true)?;
         let want = match f.meta.family.as_str() {
             "phi3" | "phi3long" => "<|user|>\nHi<|end|>\n<|assistant|>\n",
-            "gemma2" | "gemma3" => "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+            "gemma2" | "gemma3" => {
+                "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+            }
             _ => "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
         };
         assert_eq!(text, want, "{}: chat template", f.meta.family);
         families += 1;
     }
-    assert_eq!(families, 8);
+    assert_eq!(families, 9);
     Ok(())
 }
 
@@ -362,7 +364,12 @@ fn bad_rope_factors_are_clear_errors() -> Result<()> {
     let zero = dir.path().join("zero-factor.gguf");
     let mut factors = vec![1.5f32; 32];
     factors[3] = 0.0;
-    rewrite_gguf(&src, &zero, None, Some(("rope_factors_long.weight", factors)))?;
+    rewrite_gguf(
+        &src,
+        &zero,
+        None,
+        Some(("rope_factors_long.weight", factors)),
+    )?;
     let msg = err(&zero);
     assert!(
         msg.contains(&*zero.to_string_lossy())

@@ -25,7 +25,56 @@ pub enum RopeScaling {
     /// Llama 3.1+'s scaling (tensor `rope_freqs.weight`) and Phi-3's LongRoPE
     /// (`rope_factors_short`/`_long.weight`, `rope.scaling.attn_factor`); transformers reads it as
     /// `longrope` with equal short and long factors.
-    Factors { factors: Vec<f32>, attn_factor: f32 },
+    Factors {
+        factors: Vec<f32>,
+        attn_factor: f32,
+    },
+    /// YaRN: each frequency blended between itself (extrapolation) and itself `/ factor`
+    /// (interpolation) by a ramp over the dimensions that make between `beta_fast` and `beta_slow`
+    /// rotations in `original_context` positions; cos and sin multiplied by `attn_factor`.
+    Yarn {
+        factor: f64,
+        original_context: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attn_factor: f32,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN from HF `rope_scaling` values, with transformers' defaults (beta 32 / 1; attention
+    /// factor `0.1 ln(factor) + 1`).
+    fn yarn(
+        factor: f64,
+        original_context: f64,
+        beta: (Option<f64>, Option<f64>),
+        attn_factor: Option<f64>,
+    ) -> Self {
+        Self::Yarn {
+            factor,
+            original_context,
+            beta_fast: beta.0.unwrap_or(32.0),
+            beta_slow: beta.1.unwrap_or(1.0),
+            attn_factor: attn_factor.unwrap_or(0.1 * factor.ln() + 1.0) as f32,
+        }
+    }
+}
+
+/// YaRN's extrapolation share of each of the `head_dim / 2` frequencies, as ggml's
+/// `rope_yarn_ramp` over `ggml_rope_yarn_corr_dims` (f32) and transformers'
+/// `find_correction_range` + `linear_ramp_factor` compute it: 1 for the fast dimensions, 0 for the
+/// slow ones, linear between.
+fn yarn_ramp(head_dim: usize, base: f64, original_context: f64, beta: (f64, f64)) -> Vec<f32> {
+    let n = head_dim as f32;
+    let corr_dim = |rotations: f64| {
+        n * (original_context as f32 / (rotations as f32 * 2.0 * std::f32::consts::PI)).ln()
+            / (2.0 * (base as f32).ln())
+    };
+    let low = corr_dim(beta.0).floor().max(0.0);
+    let high = corr_dim(beta.1).ceil().min(n - 1.0);
+    (0..head_dim / 2)
+        .map(|i| 1.0 - ((i as f32 - low) / (high - low).max(0.001)).clamp(0.0, 1.0))
+        .collect()
 }
 
 /// The architecture families run by [`super::Llama`] (GGUF `general.architecture`).
@@ -168,8 +217,26 @@ fn parse_rope_scaling(v: &serde_json::Value, file: &Path) -> Result<RopeScaling>
                 attn_factor: num("attention_factor")? as f32,
             }
         }
+        "yarn" => {
+            // DeepSeek's mscale pair and untruncated ranges change the math: not taken.
+            for k in ["mscale", "mscale_all_dim"] {
+                if v.get(k).is_some_and(|x| !x.is_null()) {
+                    bail!("{}: rope scaling `yarn` with `{k}` is not supported", file.display());
+                }
+            }
+            if v.get("truncate").and_then(|t| t.as_bool()) == Some(false) {
+                bail!("{}: rope scaling `yarn` with `truncate: false` is not supported", file.display());
+            }
+            let opt = |k: &str| v.get(k).and_then(|x| x.as_f64());
+            RopeScaling::yarn(
+                num("factor")?,
+                num("original_max_position_embeddings")?,
+                (opt("beta_fast"), opt("beta_slow")),
+                opt("attention_factor"),
+            )
+        }
         other => bail!(
-            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3, longrope)",
+            "{}: unsupported rope scaling type `{other}` (supported: default, linear, llama3, longrope, yarn)",
             file.display()
         ),
     })
@@ -316,6 +383,20 @@ impl LlamaConfig {
                 "original_max_position_embeddings": 1u64 << 20,
                 "factor": 1.0,
             }),
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attn_factor,
+            } => serde_json::json!({
+                "rope_type": "yarn",
+                "factor": factor,
+                "original_max_position_embeddings": original_context,
+                "beta_fast": beta_fast,
+                "beta_slow": beta_slow,
+                "attention_factor": attn_factor,
+            }),
         };
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -399,8 +480,34 @@ impl LlamaConfig {
                 "linear" => RopeScaling::Linear {
                     factor: g.f64(&k("rope.scaling.factor"))?,
                 },
+                // The factors are tensors, read below.
+                "longrope" => RopeScaling::None,
+                "yarn" => {
+                    let opt = |key: &str| -> Result<Option<f64>> {
+                        g.has(&k(key)).then(|| g.f64(&k(key))).transpose()
+                    };
+                    // ggml's attention factor: llama.cpp's context sets
+                    // `get_mscale(f) / (1 + 0.1 ln f) * rope.scaling.attn_factor` and its rope
+                    // multiplies by `1 + 0.1 ln(1 / freq_scale)` (f32 throughout).
+                    let freq_scale = 1.0 / g.f64(&k("rope.scaling.factor"))? as f32;
+                    let f = 1.0 / freq_scale;
+                    let mscale = if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
+                    let attn = mscale * (1.0 / (1.0 + 0.1 * f.ln()))
+                        * opt("rope.scaling.attn_factor")?.unwrap_or(1.0) as f32
+                        * (1.0 + 0.1 * (1.0 / freq_scale).ln());
+                    let original = match opt("rope.scaling.original_context_length")? {
+                        Some(n) => n,
+                        None => g.f64(&k("context_length"))?,
+                    };
+                    RopeScaling::yarn(
+                        f as f64,
+                        original,
+                        (opt("rope.scaling.yarn_beta_fast")?, opt("rope.scaling.yarn_beta_slow")?),
+                        Some(attn as f64),
+                    )
+                }
                 other => bail!(
-                    "{}: `{}` = `{other}` is not supported",
+                    "{}: `{}` = `{other}` is not supported (supported: none, linear, longrope, yarn)",
                     g.path.display(),
                     k("rope.scaling.type")
                 ),
@@ -423,6 +530,15 @@ impl LlamaConfig {
             );
         }
         let rope_scaling = match rope_factors(g, arch, head_dim)? {
+            None if g.has(&k("rope.scaling.type"))
+                && g.str(&k("rope.scaling.type"))? == "longrope" =>
+            {
+                bail!(
+                    "{}: `{}` = `longrope` but no tensor `rope_factors_long.weight`/`rope_factors_short.weight`",
+                    g.path.display(),
+                    k("rope.scaling.type")
+                )
+            }
             None => rope_scaling,
             Some(f) if rope_scaling == RopeScaling::None => f,
             Some(_) => bail!(
@@ -529,6 +645,26 @@ impl LlamaConfig {
                 }
                 return;
             }
+            &RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                ..
+            } => {
+                let freq_scale = (1.0 / factor) as f32;
+                let ramp = yarn_ramp(
+                    self.head_dim,
+                    theta_base,
+                    original_context,
+                    (beta_fast, beta_slow),
+                );
+                for (o, r) in out.iter_mut().zip(ramp) {
+                    *o = freq_scale * theta * (1.0 - r) + theta * r;
+                    theta *= theta_scale;
+                }
+                return;
+            }
         };
         for o in out.iter_mut() {
             *o = freq_scale * theta;
@@ -539,7 +675,9 @@ impl LlamaConfig {
     /// Multiplier of the rotary cos and sin (LongRoPE's attention factor; 1 for the others).
     pub(super) fn rope_attn_factor(&self, local: bool) -> f32 {
         match self.rope_params(local).1 {
-            RopeScaling::Factors { attn_factor, .. } => *attn_factor,
+            RopeScaling::Factors { attn_factor, .. } | RopeScaling::Yarn { attn_factor, .. } => {
+                *attn_factor
+            }
             _ => 1.0,
         }
     }
@@ -556,6 +694,19 @@ impl LlamaConfig {
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
             RopeScaling::Factors { ref factors, .. } => {
                 base.iter().zip(factors).map(|(f, d)| f / d).collect()
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                ..
+            } => {
+                let ramp = yarn_ramp(d, theta_base, original_context, (beta_fast, beta_slow));
+                base.iter()
+                    .zip(ramp)
+                    .map(|(&f, r)| f / factor as f32 * (1.0 - r) + f * r)
+                    .collect()
             }
             RopeScaling::Llama3 {
                 factor,
@@ -629,13 +780,31 @@ mod tests {
         let scaled = back.inv_freq(false);
         assert_eq!(scaled[2], base[2] / 4.0);
 
+        // YaRN: the HF fields round-trip, and the ramp blends the fast dimensions unscaled (ramp 1)
+        // into the slow ones divided by the factor (head_dim 8, base 10000, original context 64:
+        // correction dims 0 and 2).
+        let yarn = RopeScaling::yarn(4.0, 64.0, (None, None), None);
+        std::fs::write(&path, config(yarn.clone()).to_hf_json().to_string())?;
+        let back = LlamaConfig::from_hf(&path)?;
+        assert_eq!(back.rope_scaling, yarn);
+        assert_eq!(back.rope_attn_factor(false), (0.1 * 4f64.ln() + 1.0) as f32);
+        assert_eq!(
+            yarn_ramp(8, 10000.0, 64.0, (32.0, 1.0)),
+            [1.0, 0.5, 0.0, 0.0]
+        );
+        let scaled = back.inv_freq(false);
+        assert_eq!((scaled[0], scaled[3]), (base[0], base[3] / 4.0));
+
         // Different short and long factors switch by sequence length in transformers: refused.
         let mut v = config(RopeScaling::None).to_hf_json();
         v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0],
             "long_factor": [2.0, 2.0, 2.0, 2.0], "attention_factor": 1.0, "original_max_position_embeddings": 64});
         std::fs::write(&path, v.to_string())?;
         let err = format!("{:#}", LlamaConfig::from_hf(&path).unwrap_err());
-        assert!(err.contains("short_factor") && err.contains("config.json"), "{err}");
+        assert!(
+            err.contains("short_factor") && err.contains("config.json"),
+            "{err}"
+        );
         Ok(())
     }
 }
