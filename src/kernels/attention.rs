@@ -138,8 +138,8 @@ fn attend_body(
 
 /// Causal attention of `limits.len()` query vectors that share one key/value head (a block of
 /// prompt positions × the query heads of a grouped-query head): query `u` (row `u` of `qs:
-/// [nq, d]`) sees keys `0..limits[u]` of `keys, values: [t, d]` (`t >= max(limits)`); `out:
-/// [nq, d]`. The math of [`attend_query`] per query, with the keys and values read once per
+/// [nq, d]`) sees keys `0..limits[u]` of `keys, values: [t, d]` (`t >= max(limits)`), only the
+/// last `w` of them with a sliding window `w`, scored as `scoring` says; `out: [nq, d]`. The math of [`attend_query`] per query, with the keys and values read once per
 /// block: scores by an 8-key × 4-query tile over transposed keys, probabilities × values by a
 /// 4-query × 16-column tile (prefill: no O(len²) stream of the cache per query).
 pub fn attend_block(
@@ -147,7 +147,7 @@ pub fn attend_block(
     limits: &[usize],
     keys: &[f32],
     values: &[f32],
-    scale: f32,
+    scoring: &Scoring,
     out: &mut [f32],
 ) {
     let nq = limits.len();
@@ -159,7 +159,17 @@ pub fn attend_block(
     let d = qs.len() / nq;
     let mut s = vec![0f32; nq * tmax.next_multiple_of(8)];
     let mut kt = vec![0f32; d * 8];
-    attend_block_scored(qs, limits, keys, values, scale, &mut s, &mut kt, out);
+    attend_block_scored(qs, limits, keys, values, scoring, &mut s, &mut kt, out);
+}
+
+/// How [`attend_block`] turns `q · k` into probabilities.
+pub struct Scoring {
+    /// Multiplier of `q · k`.
+    pub scale: f32,
+    /// `cap * tanh(s / cap)` of the scaled scores (Gemma 2), or none.
+    pub softcap: Option<f32>,
+    /// Sliding window: a query sees only the last `w` of its keys, or all.
+    pub window: Option<usize>,
 }
 
 /// [`attend_block`] with its scratch: `s: [nq, tmax rounded up to 8]`, `kt: [d, 8]`. Compiled for
@@ -171,7 +181,7 @@ fn attend_block_scored(
     limits: &[usize],
     keys: &[f32],
     values: &[f32],
-    scale: f32,
+    scoring: &Scoring,
     s: &mut [f32],
     kt: &mut [f32],
     out: &mut [f32],
@@ -185,19 +195,19 @@ fn attend_block_scored(
             limits: &[usize],
             keys: &[f32],
             values: &[f32],
-            scale: f32,
+            scoring: &Scoring,
             s: &mut [f32],
             kt: &mut [f32],
             out: &mut [f32],
         ) {
-            attend_block_body(qs, limits, keys, values, scale, s, kt, out, f32::mul_add)
+            attend_block_body(qs, limits, keys, values, scoring, s, kt, out, f32::mul_add)
         }
         if super::cpu().avx2_fma() {
             // SAFETY: avx2 and fma were detected.
-            return unsafe { avx2(qs, limits, keys, values, scale, s, kt, out) };
+            return unsafe { avx2(qs, limits, keys, values, scoring, s, kt, out) };
         }
     }
-    attend_block_body(qs, limits, keys, values, scale, s, kt, out, |a, b, c| {
+    attend_block_body(qs, limits, keys, values, scoring, s, kt, out, |a, b, c| {
         a * b + c
     })
 }
@@ -209,7 +219,7 @@ fn attend_block_body(
     limits: &[usize],
     keys: &[f32],
     values: &[f32],
-    scale: f32,
+    scoring: &Scoring,
     s: &mut [f32],
     kt: &mut [f32],
     out: &mut [f32],
@@ -247,11 +257,14 @@ fn attend_block_body(
     }
     // Softmax of each query's visible scores; the invisible ones become 0.
     for (row, &lim) in s.chunks_exact_mut(tp).zip(limits) {
-        let (vis, rest) = row.split_at_mut(lim);
+        let (seen, rest) = row.split_at_mut(lim);
         rest.fill(0.0);
+        let (slid_out, vis) =
+            seen.split_at_mut(scoring.window.map_or(0, |w| lim.saturating_sub(w)));
+        slid_out.fill(0.0);
         let mut max = f32::NEG_INFINITY;
         for v in vis.iter_mut() {
-            *v *= scale;
+            *v = soft_capped(*v * scoring.scale, scoring.softcap);
             max = max.max(*v);
         }
         let inv = 1.0 / exp_minus_max_sum(vis, max);
@@ -344,19 +357,40 @@ mod tests {
                 .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.07)
                 .collect();
             let limits: Vec<usize> = (0..nq).map(|u| t - (u * 3) % t.min(6)).collect();
-            let mut out = vec![0f32; nq * d];
-            attend_block(&qs, &limits, &keys, &values, 0.125, &mut out);
-            for u in 0..nq {
-                let mut want = vec![0f32; d];
-                let q = &qs[u * d..(u + 1) * d];
-                attend_query(q, &keys, &values, 0.125, None, |j| j < limits[u], &mut want);
-                for c in 0..d {
-                    let got = out[u * d + c];
-                    assert!(
-                        (got - want[c]).abs() < 1e-5,
-                        "d {d} query {u} col {c}: {got} vs {}",
-                        want[c]
-                    );
+            // Plain causal, Gemma 2's soft-capping, and a sliding window shorter than t.
+            for (softcap, window) in [
+                (None, None),
+                (Some(0.5), None),
+                (None, Some(4)),
+                (Some(0.5), Some(3)),
+            ] {
+                let mut out = vec![0f32; nq * d];
+                attend_block(
+                    &qs,
+                    &limits,
+                    &keys,
+                    &values,
+                    &Scoring {
+                        scale: 0.125,
+                        softcap,
+                        window,
+                    },
+                    &mut out,
+                );
+                for u in 0..nq {
+                    let mut want = vec![0f32; d];
+                    let q = &qs[u * d..(u + 1) * d];
+                    let visible =
+                        |j: usize| j < limits[u] && window.is_none_or(|w| limits[u] - j <= w);
+                    attend_query(q, &keys, &values, 0.125, softcap, visible, &mut want);
+                    for c in 0..d {
+                        let got = out[u * d + c];
+                        assert!(
+                            (got - want[c]).abs() < 1e-5,
+                            "d {d} query {u} col {c} cap {softcap:?} window {window:?}: {got} vs {}",
+                            want[c]
+                        );
+                    }
                 }
             }
         }

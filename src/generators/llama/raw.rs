@@ -158,8 +158,8 @@ impl Llama {
             }
             kv.len = t;
             let (kc, vc) = (&kv.k, &kv.v);
-            if key_mask.is_none() && len > 1 && window.is_none() && attn_cap.is_none() {
-                // Prefill without padding, causal mask only: blocks of ATT_BLOCK positions × the n_rep query heads
+            if key_mask.is_none() && len > 1 {
+                // Prefill without padding: blocks of ATT_BLOCK positions × the n_rep query heads
                 // of one kv head attend together (keys and values read once per block).
                 const ATT_BLOCK: usize = 8;
                 let nblk = len.div_ceil(ATT_BLOCK);
@@ -187,7 +187,11 @@ impl Llama {
                         &limits,
                         &kc[base..base + tv * hd],
                         &vc[base..base + tv * hd],
-                        scale,
+                        &attention::Scoring {
+                            scale,
+                            softcap: attn_cap,
+                            window,
+                        },
                         &mut out,
                     );
                     out
