@@ -1148,3 +1148,243 @@ fn background_check_of_large_kbs_and_hnsw_graph_held_from_open() {
         "the row's own vector is its nearest neighbour"
     );
 }
+
+/// Overwrite bytes of `path` at `at` in place: the same file (inode), so a reader that mapped it
+/// sees the new bytes, as with bit rot or an edit in place. Returns the bytes replaced.
+fn overwrite_in_place(path: &Path, at: u64, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut old = vec![0u8; bytes.len()];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut old).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    old
+}
+
+/// A KB of `n` synthetic passages (each ~300 bytes, so `passages.bin` spans several 64 KiB
+/// checksum blocks) and random 8-dim embeddings, written by `write_kb` under `root`.
+fn synthetic_kb(root: &Path, n: usize) -> Vec<rustrag::kb::Passage> {
+    let dim = 8;
+    let passages: Vec<rustrag::kb::Passage> = (0..n)
+        .map(|i| rustrag::kb::Passage {
+            id: format!("p{i}"),
+            title: format!("Title {i}"),
+            text: format!(
+                "Passage {i} about glaciers. {}",
+                "The ice moves slowly downhill. ".repeat(9)
+            ),
+        })
+        .collect();
+    let mut state = 7u32;
+    let v: Vec<f32> = (0..n * dim)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect();
+    rustrag::kb::write_kb(
+        root,
+        &passages,
+        &v,
+        &test_fingerprint(dim),
+        &Default::default(),
+    )
+    .unwrap();
+    passages
+}
+
+/// A passage read checks the CRC32 of the blocks its record and offsets lie in: bytes of
+/// `passages.bin` (or `passages.idx`) corrupted in place after the KB was opened make that
+/// passage an error naming the file, the block and its byte range, never the corrupt text; the
+/// passages of other blocks still read, and a re-check (`scrub`) then fails the whole KB.
+#[test]
+fn passage_reads_check_their_blocks_after_open() {
+    use rustrag::kb::{manifest::STORE_CHECKSUM_BLOCK_BYTES, KnowledgeBase};
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    let passages = synthetic_kb(&root, 1000);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    let records = kb.dir().join("passages.bin");
+    let blocks = kb.manifest().files["passages.bin"].blocks.clone().unwrap();
+    assert_eq!(blocks.block_bytes, STORE_CHECKSUM_BLOCK_BYTES);
+    assert!(blocks.crc32.len() >= 4, "{} blocks", blocks.crc32.len());
+    let bs = STORE_CHECKSUM_BLOCK_BYTES as usize;
+
+    // Row 500's record, inside block 2 or later; its offset from passages.idx.
+    let idx = std::fs::read(kb.dir().join("passages.idx")).unwrap();
+    let offset = |row: usize| u64::from_le_bytes(idx[row * 8..row * 8 + 8].try_into().unwrap());
+    let row = 500;
+    let (start, end) = (offset(row), offset(row + 1));
+    let block = start as usize / bs;
+    assert_eq!(
+        block,
+        (end as usize - 1) / bs,
+        "row {row} lies in one block"
+    );
+    assert!(block >= 2);
+    let text_at = start + (end - start) / 2;
+    let original = overwrite_in_place(&records, text_at, b"XYZZY");
+
+    let e = format!("{:#}", kb.passage(row).unwrap_err());
+    let range = format!(
+        "block {block} (bytes {}..{})",
+        block * bs,
+        ((block + 1) * bs).min(std::fs::metadata(&records).unwrap().len() as usize)
+    );
+    assert!(
+        e.contains(&records.display().to_string()) && e.contains(&range) && e.contains("CRC32"),
+        "{e}"
+    );
+    assert!(!e.contains("XYZZY") && !e.contains("glaciers"), "{e}");
+    for err in [
+        kb.passages().id(row).map(|_| ()),
+        kb.row_of(&passages[row].id).map(|_| ()),
+        kb.passages().all().map(|_| ()),
+    ] {
+        let e = format!("{:#}", err.unwrap_err());
+        assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    }
+    // Other blocks still read; the KB as a whole is not failed by a read.
+    for other in [0, 1, 999] {
+        assert_ne!(offset(other) as usize / bs, block);
+        assert_eq!(kb.passage(other).unwrap(), passages[other]);
+        assert_eq!(kb.row_of(&passages[other].id).unwrap(), Some(other));
+    }
+    kb.integrity().unwrap();
+
+    // The re-check finds it and fails every read of the KB until it is reopened.
+    let e = format!("{:#}", kb.scrub().unwrap_err());
+    assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    let e = format!("{:#}", kb.passage(0).unwrap_err());
+    assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    let status = kb.integrity_status();
+    assert_eq!(status.checks, 2, "{status:?}");
+    assert!(status.error.unwrap().contains(&range));
+    drop(kb);
+
+    // Restored: reads again. An offset corrupted in place names passages.idx.
+    overwrite_in_place(&records, text_at, &original);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    assert_eq!(kb.passage(row).unwrap(), passages[row]);
+    let offsets = kb.dir().join("passages.idx");
+    overwrite_in_place(&offsets, (row * 8) as u64, &(start + 3).to_le_bytes());
+    let e = format!("{:#}", kb.passage(row).unwrap_err());
+    assert!(
+        e.contains("passages.idx") && e.contains("block 0 (bytes 0..8008)"),
+        "{e}"
+    );
+    assert!(!e.contains("glaciers"), "{e}");
+}
+
+/// Embeddings corrupted in place after open are served until a re-check: `scrub` (called
+/// directly, or every interval by `scrub_every`) finds the block, and from then every dense
+/// search and passage read fails with the error naming the file and block.
+#[test]
+fn scrub_fails_a_kb_whose_embeddings_were_corrupted_in_place() {
+    use rustrag::kb::KnowledgeBase;
+    use rustrag::retrieve::dense::DenseRetriever;
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    synthetic_kb(&root, 1000);
+    let kb = Arc::new(KnowledgeBase::open(&root).unwrap());
+    let emb = kb.dir().join("embeddings.f32");
+    let len = std::fs::metadata(&emb).unwrap().len();
+    assert_eq!(len, 1000 * 8 * 4);
+    let dense = DenseRetriever::new(kb.clone(), None, None).unwrap();
+    let q = kb.embeddings().row(3);
+    assert_eq!(dense.search(&q, 1).unwrap()[0][0].0, 3);
+    let status = kb.integrity_status();
+    assert_eq!((status.checks, status.error.as_deref()), (1, None));
+    assert!(status.last_check_unix.is_some());
+
+    let at = len / 2;
+    let original = overwrite_in_place(&emb, at, &1.0f32.to_le_bytes());
+    // The gap a re-check closes: the mapped file serves the new bytes, unnoticed.
+    dense.search(&q, 1).unwrap();
+    kb.passage(0).unwrap();
+    let range = format!("block 0 (bytes 0..{len})");
+    let e = format!("{:#}", kb.scrub().unwrap_err());
+    assert!(
+        e.contains(&emb.display().to_string()) && e.contains(&range) && e.contains("CRC32"),
+        "{e}"
+    );
+    for err in [
+        dense.search(&q, 1).map(|_| ()),
+        kb.passage(0).map(|_| ()),
+        kb.integrity(),
+    ] {
+        let e = format!("{:#}", err.unwrap_err());
+        assert!(e.contains("embeddings.f32") && e.contains(&range), "{e}");
+    }
+    assert_eq!(kb.integrity_status().checks, 2);
+    drop((dense, kb));
+
+    // Periodically: a KB re-checked every 50 ms fails on its own once corrupted.
+    overwrite_in_place(&emb, at, &original);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    kb.scrub_every(std::time::Duration::from_millis(50));
+    assert_eq!(kb.integrity_status().scrub_interval_s, 0.05);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    kb.integrity().unwrap();
+    assert!(kb.integrity_status().checks >= 2, "re-checked while intact");
+    overwrite_in_place(&emb, at, &1.0f32.to_le_bytes());
+    let t0 = std::time::Instant::now();
+    while kb.integrity().is_ok() {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "not caught by the periodic re-check"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let e = format!("{:#}", kb.passage(0).unwrap_err());
+    assert!(e.contains("embeddings.f32") && e.contains(&range), "{e}");
+}
+
+/// The cost of one passage read (`KnowledgeBase::passage`: row lookup, parsing, and the CRC32 of
+/// the checksum blocks the passage lies in), over every passage of the KB at `$RUSTRAG_COST_KB` in
+/// a shuffled order, 20 rounds, page cache warm. Run by hand, e.g. on the SQuAD-dev KB of
+/// docs/safety.md: `RUSTRAG_COST_KB=/tmp/scrub-kb cargo test --release --test safety --
+/// --ignored --nocapture passage_read_cost`.
+#[test]
+#[ignore]
+fn passage_read_cost() {
+    let root = std::env::var("RUSTRAG_COST_KB")
+        .map(PathBuf::from)
+        .expect("set RUSTRAG_COST_KB to a knowledge base (e.g. one built from SQuAD-dev)");
+    let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
+    let n = kb.len();
+    assert!(n > 0, "{}: no passages", root.display());
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        order.swap(i, state as usize % (i + 1));
+    }
+    let mut per_read = Vec::new();
+    let mut bytes = 0usize;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        for &row in &order {
+            bytes += std::hint::black_box(kb.passage(row).unwrap()).text.len();
+        }
+        per_read.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+    }
+    per_read.sort_by(f64::total_cmp);
+    eprintln!(
+        "{}: {n} passages ({} bytes of text read), per read: median {:.0} ns, min {:.0} ns, max {:.0} ns",
+        root.display(),
+        bytes / 20,
+        per_read[per_read.len() / 2],
+        per_read[0],
+        per_read[per_read.len() - 1]
+    );
+}
