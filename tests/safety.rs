@@ -401,7 +401,12 @@ fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        match e.file_type().unwrap().is_dir() {
+            true => copy_dir(&e.path(), &to.join(e.file_name())),
+            false => {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
     }
 }
 
@@ -932,8 +937,8 @@ fn non_finite_embeddings_are_refused_naming_the_row() {
     );
 }
 
-/// The cost of checking block checksums on open, on a synthetic 1M-passage, 384-dim f32 KB
-/// (1.5 GB of embeddings). Writes ~1.7 GB under $TMPDIR; run by hand:
+/// The cost of checking block checksums on open and in a re-check, and of a passage read, on a
+/// synthetic 1M-passage, 384-dim f32 KB (1.5 GB of embeddings). Writes ~1.7 GB under $TMPDIR; run by hand:
 /// `cargo test --release --test safety -- --ignored --nocapture checksum_cost`.
 #[test]
 #[ignore]
@@ -977,14 +982,26 @@ fn checksum_cost_on_a_1m_passage_kb() {
         let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
         let open = t0.elapsed();
         let t1 = std::time::Instant::now();
+        kb.scrub().unwrap();
+        let scrub = t1.elapsed();
+        // At random rows of a 100 MB store: the blocks are rarely in a CPU cache.
+        let read = ns_per_passage_read(&kb, 20_000, 5);
+        let t3 = std::time::Instant::now();
         kb.verify().unwrap();
         eprintln!(
-            "round {round}: {bytes} bytes, open with block checks {:.3} s, sha256 verify {:.3} s (write {:.1} s)",
+            "round {round}: {bytes} bytes, open with block checks {:.3} s, re-check (scrub, one core) {:.3} s, passage read {read:.0} ns, sha256 verify {:.3} s (write {:.1} s)",
             open.as_secs_f64(),
-            t1.elapsed().as_secs_f64(),
+            scrub.as_secs_f64(),
+            t3.elapsed().as_secs_f64(),
             write.as_secs_f64()
         );
     }
+    strip_store_checksums(&root);
+    let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
+    eprintln!(
+        "passage read, unchecked (no store checksums recorded): {:.0} ns",
+        ns_per_passage_read(&kb, 20_000, 5)
+    );
 }
 
 /// Every writer (`build`, `add`, `reembed`) takes the lock: while this process holds it, each is
@@ -1167,8 +1184,8 @@ fn overwrite_in_place(path: &Path, at: u64, bytes: &[u8]) -> Vec<u8> {
     old
 }
 
-/// A KB of `n` synthetic passages (each ~300 bytes, so `passages.bin` spans several 64 KiB
-/// checksum blocks) and random 8-dim embeddings, written by `write_kb` under `root`.
+/// A KB of `n` synthetic passages (each ~300 bytes, so `passages.bin` spans several checksum
+/// blocks) and random 8-dim embeddings, written by `write_kb` under `root`.
 fn synthetic_kb(root: &Path, n: usize) -> Vec<rustrag::kb::Passage> {
     let dim = 8;
     let passages: Vec<rustrag::kb::Passage> = (0..n)
@@ -1205,28 +1222,25 @@ fn synthetic_kb(root: &Path, n: usize) -> Vec<rustrag::kb::Passage> {
 /// passages of other blocks still read, and a re-check (`scrub`) then fails the whole KB.
 #[test]
 fn passage_reads_check_their_blocks_after_open() {
-    use rustrag::kb::{manifest::STORE_CHECKSUM_BLOCK_BYTES, KnowledgeBase};
+    use rustrag::kb::manifest::{INDEX_CHECKSUM_BLOCK_BYTES, RECORDS_CHECKSUM_BLOCK_BYTES};
+    use rustrag::kb::KnowledgeBase;
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("kb");
     let passages = synthetic_kb(&root, 1000);
     let kb = KnowledgeBase::open(&root).unwrap();
     let records = kb.dir().join("passages.bin");
     let blocks = kb.manifest().files["passages.bin"].blocks.clone().unwrap();
-    assert_eq!(blocks.block_bytes, STORE_CHECKSUM_BLOCK_BYTES);
+    assert_eq!(blocks.block_bytes, RECORDS_CHECKSUM_BLOCK_BYTES);
     assert!(blocks.crc32.len() >= 4, "{} blocks", blocks.crc32.len());
-    let bs = STORE_CHECKSUM_BLOCK_BYTES as usize;
+    let bs = RECORDS_CHECKSUM_BLOCK_BYTES as usize;
 
-    // Row 500's record, inside block 2 or later; its offset from passages.idx.
+    // A record from row 500 on that lies in one block (block 2 or later), found by its offsets.
     let idx = std::fs::read(kb.dir().join("passages.idx")).unwrap();
     let offset = |row: usize| u64::from_le_bytes(idx[row * 8..row * 8 + 8].try_into().unwrap());
-    let row = 500;
+    let in_one_block = |r: usize| offset(r) as usize / bs == (offset(r + 1) as usize - 1) / bs;
+    let row = (500..1000).find(|&r| in_one_block(r)).unwrap();
     let (start, end) = (offset(row), offset(row + 1));
     let block = start as usize / bs;
-    assert_eq!(
-        block,
-        (end as usize - 1) / bs,
-        "row {row} lies in one block"
-    );
     assert!(block >= 2);
     let text_at = start + (end - start) / 2;
     let original = overwrite_in_place(&records, text_at, b"XYZZY");
@@ -1274,11 +1288,15 @@ fn passage_reads_check_their_blocks_after_open() {
     assert_eq!(kb.passage(row).unwrap(), passages[row]);
     let offsets = kb.dir().join("passages.idx");
     overwrite_in_place(&offsets, (row * 8) as u64, &(start + 3).to_le_bytes());
-    let e = format!("{:#}", kb.passage(row).unwrap_err());
-    assert!(
-        e.contains("passages.idx") && e.contains("block 0 (bytes 0..8008)"),
-        "{e}"
+    let (ibs, at) = (INDEX_CHECKSUM_BLOCK_BYTES as usize, row * 8);
+    let range = format!(
+        "block {} (bytes {}..{})",
+        at / ibs,
+        at / ibs * ibs,
+        (at / ibs + 1) * ibs
     );
+    let e = format!("{:#}", kb.passage(row).unwrap_err());
+    assert!(e.contains("passages.idx") && e.contains(&range), "{e}");
     assert!(!e.contains("glaciers"), "{e}");
 }
 
@@ -1347,11 +1365,47 @@ fn scrub_fails_a_kb_whose_embeddings_were_corrupted_in_place() {
     assert!(e.contains("embeddings.f32") && e.contains(&range), "{e}");
 }
 
+/// Nanoseconds per [`rustrag::kb::KnowledgeBase::passage`] at random rows: the median of
+/// `rounds` rounds of `reads` reads each.
+fn ns_per_passage_read(kb: &rustrag::kb::KnowledgeBase, reads: usize, rounds: usize) -> f64 {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut per_read: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            for _ in 0..reads {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                std::hint::black_box(kb.passage(state as usize % kb.len()).unwrap());
+            }
+            t.elapsed().as_secs_f64() * 1e9 / reads as f64
+        })
+        .collect();
+    per_read.sort_by(f64::total_cmp);
+    per_read[rounds / 2]
+}
+
+/// Drop the passage store's block checksums from the manifest of the live generation of `root`,
+/// as in a KB written before they existed: its passage reads are then unchecked (the baseline of
+/// their cost).
+fn strip_store_checksums(root: &Path) {
+    let gen = rustrag::kb::KnowledgeBase::open(root)
+        .unwrap()
+        .dir()
+        .to_path_buf();
+    let mut m = rustrag::kb::Manifest::load(&gen).unwrap();
+    for name in ["passages.bin", "passages.idx", "ids.idx"] {
+        m.files.get_mut(name).unwrap().blocks = None;
+    }
+    m.write(&gen).unwrap();
+}
+
 /// The cost of one passage read (`KnowledgeBase::passage`: row lookup, parsing, and the CRC32 of
-/// the checksum blocks the passage lies in), over every passage of the KB at `$RUSTRAG_COST_KB` in
-/// a shuffled order, 20 rounds, page cache warm. Run by hand, e.g. on the SQuAD-dev KB of
-/// docs/safety.md: `RUSTRAG_COST_KB=/tmp/scrub-kb cargo test --release --test safety --
-/// --ignored --nocapture passage_read_cost`.
+/// the checksum blocks the passage lies in) at random rows of the KB at `$RUSTRAG_COST_KB`, page
+/// cache warm; then the same reads unchecked, on a copy whose manifest records no store
+/// checksums. Run by hand, e.g. on the SQuAD-dev KB of docs/safety.md:
+/// `RUSTRAG_COST_KB=/tmp/scrub-kb cargo test --release --test safety -- --ignored --nocapture
+/// passage_read_cost`.
 #[test]
 #[ignore]
 fn passage_read_cost() {
@@ -1359,32 +1413,27 @@ fn passage_read_cost() {
         .map(PathBuf::from)
         .expect("set RUSTRAG_COST_KB to a knowledge base (e.g. one built from SQuAD-dev)");
     let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
-    let n = kb.len();
-    assert!(n > 0, "{}: no passages", root.display());
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        order.swap(i, state as usize % (i + 1));
-    }
-    let mut per_read = Vec::new();
-    let mut bytes = 0usize;
-    for _ in 0..20 {
-        let t = std::time::Instant::now();
-        for &row in &order {
-            bytes += std::hint::black_box(kb.passage(row).unwrap()).text.len();
-        }
-        per_read.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
-    }
-    per_read.sort_by(f64::total_cmp);
+    assert!(!kb.is_empty(), "{}: no passages", root.display());
+    let blocks = |name: &str| {
+        let b = kb.manifest().files[name].blocks.as_ref();
+        b.map_or("none".to_string(), |b| format!("{} B", b.block_bytes))
+    };
+    let checked = ns_per_passage_read(&kb, 20_000, 21);
     eprintln!(
-        "{}: {n} passages ({} bytes of text read), per read: median {:.0} ns, min {:.0} ns, max {:.0} ns",
+        "{}: {} passages, blocks of passages.bin {} and passages.idx {}: {checked:.0} ns per read",
         root.display(),
-        bytes / 20,
-        per_read[per_read.len() / 2],
-        per_read[0],
-        per_read[per_read.len() - 1]
+        kb.len(),
+        blocks("passages.bin"),
+        blocks("passages.idx")
     );
+    let t = tempfile::tempdir().unwrap();
+    let copy = t.path().join("kb");
+    copy_dir(&root, &copy);
+    strip_store_checksums(&copy);
+    let unchecked = ns_per_passage_read(
+        &rustrag::kb::KnowledgeBase::open(&copy).unwrap(),
+        20_000,
+        21,
+    );
+    eprintln!("the same, unchecked (no store checksums recorded): {unchecked:.0} ns per read");
 }

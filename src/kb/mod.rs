@@ -385,7 +385,7 @@ impl KnowledgeBase {
         self.block_check.checked.status().clone()
     }
 
-    /// Re-check every block of the files mapped on open, now (one core; about 0.3 s per GB):
+    /// Re-check every block of the files mapped on open, now (one core; about 0.1 s per GB):
     /// a mapped file sees bytes changed on disk after it was opened (bit rot, an edit in place),
     /// which the check on open cannot. On a mismatch the KB is failed for good, as by the
     /// background check: [`KnowledgeBase::integrity`] and every passage read and dense search
