@@ -63,9 +63,9 @@ pub struct ServeConfig {
     pub kb_poll_ms: u64,
     /// Seconds between re-checks of every block checksum of the served KB's mapped files
     /// ([`crate::kb::KnowledgeBase::scrub_every`]): catches data corrupted on disk while it is
-    /// served (passage reads check their own blocks; this covers the embeddings and the HNSW
-    /// graph). A failure fails every passage read and dense search and `/healthz`. One core for
-    /// about 0.3 s per GB. Default 21600 (6 hours, [`crate::kb::DEFAULT_SCRUB_INTERVAL_S`]); 0: off.
+    /// served in any file (passage reads check their own blocks as they go; the embeddings and
+    /// the HNSW graph only this way). A failure fails every passage read and dense search, and
+    /// `/healthz` (503). One core for about 0.1 s per GB. Default 21600 (6 hours, [`crate::kb::DEFAULT_SCRUB_INTERVAL_S`]); 0: off.
     pub kb_scrub_interval_s: u64,
 }
 
