@@ -401,7 +401,12 @@ fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        match e.file_type().unwrap().is_dir() {
+            true => copy_dir(&e.path(), &to.join(e.file_name())),
+            false => {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
     }
 }
 
@@ -932,8 +937,8 @@ fn non_finite_embeddings_are_refused_naming_the_row() {
     );
 }
 
-/// The cost of checking block checksums on open, on a synthetic 1M-passage, 384-dim f32 KB
-/// (1.5 GB of embeddings). Writes ~1.7 GB under $TMPDIR; run by hand:
+/// The cost of checking block checksums on open and in a re-check, and of a passage read, on a
+/// synthetic 1M-passage, 384-dim f32 KB (1.5 GB of embeddings). Writes ~1.7 GB under $TMPDIR; run by hand:
 /// `cargo test --release --test safety -- --ignored --nocapture checksum_cost`.
 #[test]
 #[ignore]
@@ -977,14 +982,26 @@ fn checksum_cost_on_a_1m_passage_kb() {
         let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
         let open = t0.elapsed();
         let t1 = std::time::Instant::now();
+        kb.scrub().unwrap();
+        let scrub = t1.elapsed();
+        // At random rows of a 100 MB store: the blocks are rarely in a CPU cache.
+        let read = ns_per_passage_read(&kb, 20_000, 5);
+        let t3 = std::time::Instant::now();
         kb.verify().unwrap();
         eprintln!(
-            "round {round}: {bytes} bytes, open with block checks {:.3} s, sha256 verify {:.3} s (write {:.1} s)",
+            "round {round}: {bytes} bytes, open with block checks {:.3} s, re-check (scrub, one core) {:.3} s, passage read {read:.0} ns, sha256 verify {:.3} s (write {:.1} s)",
             open.as_secs_f64(),
-            t1.elapsed().as_secs_f64(),
+            scrub.as_secs_f64(),
+            t3.elapsed().as_secs_f64(),
             write.as_secs_f64()
         );
     }
+    strip_store_checksums(&root);
+    let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
+    eprintln!(
+        "passage read, unchecked (no store checksums recorded): {:.0} ns",
+        ns_per_passage_read(&kb, 20_000, 5)
+    );
 }
 
 /// Every writer (`build`, `add`, `reembed`) takes the lock: while this process holds it, each is
@@ -1147,4 +1164,279 @@ fn background_check_of_large_kbs_and_hnsw_graph_held_from_open() {
         hits[0][0].0, 3,
         "the row's own vector is its nearest neighbour"
     );
+}
+
+/// Overwrite bytes of `path` at `at` in place: the same file (inode), so a reader that mapped it
+/// sees the new bytes, as with bit rot or an edit in place. Returns the bytes replaced.
+fn overwrite_in_place(path: &Path, at: u64, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut old = vec![0u8; bytes.len()];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut old).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    old
+}
+
+/// A KB of `n` synthetic passages (each ~300 bytes, so `passages.bin` spans several checksum
+/// blocks) and random 8-dim embeddings, written by `write_kb` under `root`.
+fn synthetic_kb(root: &Path, n: usize) -> Vec<rustrag::kb::Passage> {
+    let dim = 8;
+    let passages: Vec<rustrag::kb::Passage> = (0..n)
+        .map(|i| rustrag::kb::Passage {
+            id: format!("p{i}"),
+            title: format!("Title {i}"),
+            text: format!(
+                "Passage {i} about glaciers. {}",
+                "The ice moves slowly downhill. ".repeat(9)
+            ),
+        })
+        .collect();
+    let mut state = 7u32;
+    let v: Vec<f32> = (0..n * dim)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect();
+    rustrag::kb::write_kb(
+        root,
+        &passages,
+        &v,
+        &test_fingerprint(dim),
+        &Default::default(),
+    )
+    .unwrap();
+    passages
+}
+
+/// A passage read checks the CRC32 of the blocks its record and offsets lie in: bytes of
+/// `passages.bin` (or `passages.idx`) corrupted in place after the KB was opened make that
+/// passage an error naming the file, the block and its byte range, never the corrupt text; the
+/// passages of other blocks still read, and a re-check (`scrub`) then fails the whole KB.
+#[test]
+fn passage_reads_check_their_blocks_after_open() {
+    use rustrag::kb::manifest::{INDEX_CHECKSUM_BLOCK_BYTES, RECORDS_CHECKSUM_BLOCK_BYTES};
+    use rustrag::kb::KnowledgeBase;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    let passages = synthetic_kb(&root, 1000);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    let records = kb.dir().join("passages.bin");
+    let blocks = kb.manifest().files["passages.bin"].blocks.clone().unwrap();
+    assert_eq!(blocks.block_bytes, RECORDS_CHECKSUM_BLOCK_BYTES);
+    assert!(blocks.crc32.len() >= 4, "{} blocks", blocks.crc32.len());
+    let bs = RECORDS_CHECKSUM_BLOCK_BYTES as usize;
+
+    // A record from row 500 on that lies in one block (block 2 or later), found by its offsets.
+    let idx = std::fs::read(kb.dir().join("passages.idx")).unwrap();
+    let offset = |row: usize| u64::from_le_bytes(idx[row * 8..row * 8 + 8].try_into().unwrap());
+    let in_one_block = |r: usize| offset(r) as usize / bs == (offset(r + 1) as usize - 1) / bs;
+    let row = (500..1000).find(|&r| in_one_block(r)).unwrap();
+    let (start, end) = (offset(row), offset(row + 1));
+    let block = start as usize / bs;
+    assert!(block >= 2);
+    let text_at = start + (end - start) / 2;
+    let original = overwrite_in_place(&records, text_at, b"XYZZY");
+
+    let e = format!("{:#}", kb.passage(row).unwrap_err());
+    let range = format!(
+        "block {block} (bytes {}..{})",
+        block * bs,
+        ((block + 1) * bs).min(std::fs::metadata(&records).unwrap().len() as usize)
+    );
+    assert!(
+        e.contains(&records.display().to_string()) && e.contains(&range) && e.contains("CRC32"),
+        "{e}"
+    );
+    assert!(!e.contains("XYZZY") && !e.contains("glaciers"), "{e}");
+    for err in [
+        kb.passages().id(row).map(|_| ()),
+        kb.row_of(&passages[row].id).map(|_| ()),
+        kb.passages().all().map(|_| ()),
+    ] {
+        let e = format!("{:#}", err.unwrap_err());
+        assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    }
+    // Other blocks still read; the KB as a whole is not failed by a read.
+    for other in [0, 1, 999] {
+        assert_ne!(offset(other) as usize / bs, block);
+        assert_eq!(kb.passage(other).unwrap(), passages[other]);
+        assert_eq!(kb.row_of(&passages[other].id).unwrap(), Some(other));
+    }
+    kb.integrity().unwrap();
+
+    // The re-check finds it and fails every read of the KB until it is reopened.
+    let e = format!("{:#}", kb.scrub().unwrap_err());
+    assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    let e = format!("{:#}", kb.passage(0).unwrap_err());
+    assert!(e.contains("passages.bin") && e.contains(&range), "{e}");
+    let status = kb.integrity_status();
+    assert_eq!(status.checks, 2, "{status:?}");
+    assert!(status.error.unwrap().contains(&range));
+    drop(kb);
+
+    // Restored: reads again. An offset corrupted in place names passages.idx.
+    overwrite_in_place(&records, text_at, &original);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    assert_eq!(kb.passage(row).unwrap(), passages[row]);
+    let offsets = kb.dir().join("passages.idx");
+    overwrite_in_place(&offsets, (row * 8) as u64, &(start + 3).to_le_bytes());
+    let (ibs, at) = (INDEX_CHECKSUM_BLOCK_BYTES as usize, row * 8);
+    let range = format!(
+        "block {} (bytes {}..{})",
+        at / ibs,
+        at / ibs * ibs,
+        (at / ibs + 1) * ibs
+    );
+    let e = format!("{:#}", kb.passage(row).unwrap_err());
+    assert!(e.contains("passages.idx") && e.contains(&range), "{e}");
+    assert!(!e.contains("glaciers"), "{e}");
+}
+
+/// Embeddings corrupted in place after open are served until a re-check: `scrub` (called
+/// directly, or every interval by `scrub_every`) finds the block, and from then every dense
+/// search and passage read fails with the error naming the file and block.
+#[test]
+fn scrub_fails_a_kb_whose_embeddings_were_corrupted_in_place() {
+    use rustrag::kb::KnowledgeBase;
+    use rustrag::retrieve::dense::DenseRetriever;
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("kb");
+    synthetic_kb(&root, 1000);
+    let kb = Arc::new(KnowledgeBase::open(&root).unwrap());
+    let emb = kb.dir().join("embeddings.f32");
+    let len = std::fs::metadata(&emb).unwrap().len();
+    assert_eq!(len, 1000 * 8 * 4);
+    let dense = DenseRetriever::new(kb.clone(), None, None).unwrap();
+    let q = kb.embeddings().row(3);
+    assert_eq!(dense.search(&q, 1).unwrap()[0][0].0, 3);
+    let status = kb.integrity_status();
+    assert_eq!((status.checks, status.error.as_deref()), (1, None));
+    assert!(status.last_check_unix.is_some());
+
+    let at = len / 2;
+    let original = overwrite_in_place(&emb, at, &1.0f32.to_le_bytes());
+    // The gap a re-check closes: the mapped file serves the new bytes, unnoticed.
+    dense.search(&q, 1).unwrap();
+    kb.passage(0).unwrap();
+    let range = format!("block 0 (bytes 0..{len})");
+    let e = format!("{:#}", kb.scrub().unwrap_err());
+    assert!(
+        e.contains(&emb.display().to_string()) && e.contains(&range) && e.contains("CRC32"),
+        "{e}"
+    );
+    for err in [
+        dense.search(&q, 1).map(|_| ()),
+        kb.passage(0).map(|_| ()),
+        kb.integrity(),
+    ] {
+        let e = format!("{:#}", err.unwrap_err());
+        assert!(e.contains("embeddings.f32") && e.contains(&range), "{e}");
+    }
+    assert_eq!(kb.integrity_status().checks, 2);
+    drop((dense, kb));
+
+    // Periodically: a KB re-checked every 50 ms fails on its own once corrupted.
+    overwrite_in_place(&emb, at, &original);
+    let kb = KnowledgeBase::open(&root).unwrap();
+    kb.scrub_every(std::time::Duration::from_millis(50));
+    assert_eq!(kb.integrity_status().scrub_interval_s, 0.05);
+    let t0 = std::time::Instant::now();
+    while kb.integrity_status().checks < 3 {
+        assert!(t0.elapsed().as_secs() < 20, "not re-checked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    kb.integrity().unwrap();
+    overwrite_in_place(&emb, at, &1.0f32.to_le_bytes());
+    let t0 = std::time::Instant::now();
+    while kb.integrity().is_ok() {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "not caught by the periodic re-check"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let e = format!("{:#}", kb.passage(0).unwrap_err());
+    assert!(e.contains("embeddings.f32") && e.contains(&range), "{e}");
+}
+
+/// Nanoseconds per [`rustrag::kb::KnowledgeBase::passage`] at random rows: the median of
+/// `rounds` rounds of `reads` reads each.
+fn ns_per_passage_read(kb: &rustrag::kb::KnowledgeBase, reads: usize, rounds: usize) -> f64 {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut per_read: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            for _ in 0..reads {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                std::hint::black_box(kb.passage(state as usize % kb.len()).unwrap());
+            }
+            t.elapsed().as_secs_f64() * 1e9 / reads as f64
+        })
+        .collect();
+    per_read.sort_by(f64::total_cmp);
+    per_read[rounds / 2]
+}
+
+/// Drop the passage store's block checksums from the manifest of the live generation of `root`,
+/// as in a KB written before they existed: its passage reads are then unchecked (the baseline of
+/// their cost).
+fn strip_store_checksums(root: &Path) {
+    let gen = rustrag::kb::KnowledgeBase::open(root)
+        .unwrap()
+        .dir()
+        .to_path_buf();
+    let mut m = rustrag::kb::Manifest::load(&gen).unwrap();
+    for name in ["passages.bin", "passages.idx", "ids.idx"] {
+        m.files.get_mut(name).unwrap().blocks = None;
+    }
+    m.write(&gen).unwrap();
+}
+
+/// The cost of one passage read (`KnowledgeBase::passage`: row lookup, parsing, and the CRC32 of
+/// the checksum blocks the passage lies in) at random rows of the KB at `$RUSTRAG_COST_KB`, page
+/// cache warm; then the same reads unchecked, on a copy whose manifest records no store
+/// checksums. Run by hand, e.g. on the SQuAD-dev KB of docs/safety.md:
+/// `RUSTRAG_COST_KB=/tmp/scrub-kb cargo test --release --test safety -- --ignored --nocapture
+/// passage_read_cost`.
+#[test]
+#[ignore]
+fn passage_read_cost() {
+    let root = std::env::var("RUSTRAG_COST_KB")
+        .map(PathBuf::from)
+        .expect("set RUSTRAG_COST_KB to a knowledge base (e.g. one built from SQuAD-dev)");
+    let kb = rustrag::kb::KnowledgeBase::open(&root).unwrap();
+    assert!(!kb.is_empty(), "{}: no passages", root.display());
+    let blocks = |name: &str| {
+        let b = kb.manifest().files[name].blocks.as_ref();
+        b.map_or("none".to_string(), |b| format!("{} B", b.block_bytes))
+    };
+    let checked = ns_per_passage_read(&kb, 20_000, 21);
+    eprintln!(
+        "{}: {} passages, blocks of passages.bin {} and passages.idx {}: {checked:.0} ns per read",
+        root.display(),
+        kb.len(),
+        blocks("passages.bin"),
+        blocks("passages.idx")
+    );
+    let t = tempfile::tempdir().unwrap();
+    let copy = t.path().join("kb");
+    copy_dir(&root, &copy);
+    strip_store_checksums(&copy);
+    let unchecked = ns_per_passage_read(
+        &rustrag::kb::KnowledgeBase::open(&copy).unwrap(),
+        20_000,
+        21,
+    );
+    eprintln!("the same, unchecked (no store checksums recorded): {unchecked:.0} ns per read");
 }

@@ -996,6 +996,129 @@ fn knowledge_base_hot_swap() -> Result<()> {
     Ok(())
 }
 
+/// A passage corrupted in place in the served `passages.bin` (same file: the server's mapping
+/// sees the bytes) fails the retrieval that reads it at once, with no re-check, naming the file
+/// and block and not the text; BM25 hits come from the KB's checked store too. A failed read does
+/// not fail the KB: `/healthz` stays 200, and the restored bytes are served again.
+#[test]
+fn served_passages_are_checked_on_every_read() -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let tmp = tempfile::tempdir()?;
+    let kb = tmp.path().join("kb");
+    copy_dir(&shared_kb()?, &kb)?;
+    let server = Server::start(&kb, &["--retriever", "bm25", "--kb-scrub-interval-s", "0"])?;
+    let ask = || server.post("/v1/retrieve", &json!({"question": QUESTION, "k": 3}));
+    let r = ask()?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let top = r.json()?["results"][0]["sources"][0].clone();
+    let row = top["doc_id"].as_u64().context("doc_id")?;
+
+    // A byte in the middle of the top hit's record.
+    let h = server.get("/healthz")?.json()?;
+    let generation = h["kb"]["generation"].as_str().context("generation")?;
+    let offsets = std::fs::read(kb.join(generation).join("passages.idx"))?;
+    let offset = |r: u64| {
+        let at = r as usize * 8;
+        u64::from_le_bytes(offsets[at..at + 8].try_into().expect("8 bytes"))
+    };
+    let at = (offset(row) + offset(row + 1)) / 2;
+    let records = kb.join(generation).join("passages.bin");
+    let (block, len) = (at / 16384, std::fs::metadata(&records)?.len());
+    let block = format!(
+        "block {block} (bytes {}..{})",
+        block * 16384,
+        ((block + 1) * 16384).min(len)
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&records)?;
+    let mut original = [0u8; 8];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut original)?;
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(b"CORRUPT!")?;
+    f.sync_all()?;
+    let r = ask()?;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let message = r.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.contains(&records.display().to_string())
+            && message.contains(&block)
+            && message.contains("CRC32"),
+        "{message}"
+    );
+    assert!(!message.contains("CORRUPT!"), "{message}");
+    let h = server.get("/healthz")?;
+    assert_eq!(h.status, 200, "{}", h.text());
+
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&original)?;
+    f.sync_all()?;
+    let r = ask()?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()?["results"][0]["sources"][0], top);
+    Ok(())
+}
+
+/// The served KB's block checksums are re-checked every `--kb-scrub-interval-s`: embeddings
+/// corrupted in place while they are served (same file, so the server's mapping sees the bytes)
+/// turn `/healthz` into a 503 naming the file and block, every retrieval into a 500 with that
+/// error, and `rustrag_kb_corrupt` into 1.
+#[test]
+fn served_kb_corrupted_in_place_is_caught_by_the_scrub() -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let tmp = tempfile::tempdir()?;
+    let kb = tmp.path().join("kb");
+    copy_dir(&shared_kb()?, &kb)?;
+    let server = Server::start(&kb, &["--kb-scrub-interval-s", "1"])?;
+    let h = server.get("/healthz")?;
+    assert_eq!(h.status, 200, "{}", h.text());
+    let h = h.json()?;
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["kb_integrity"]["scrub_interval_s"], 1.0, "{h}");
+    assert_eq!(h["kb_integrity"]["error"], Value::Null, "{h}");
+    server.wait_for(20, "a re-check of the intact KB", || {
+        Ok(server.get("/healthz")?.json()?["kb_integrity"]["checks"].as_u64() >= Some(2))
+    })?;
+    assert_eq!(server.metric("rustrag_kb_corrupt")?, 0.0);
+    let r = server.post("/v1/retrieve", &json!({"question": QUESTION}))?;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let generation = h["kb"]["generation"].as_str().context("generation")?;
+    let emb = kb.join(generation).join("embeddings.f32");
+    let block = format!("block 0 (bytes 0..{})", std::fs::metadata(&emb)?.len());
+    let mut f = std::fs::OpenOptions::new().write(true).open(&emb)?;
+    f.seek(SeekFrom::Start(1000))?;
+    f.write_all(&1.5f32.to_le_bytes())?;
+    f.sync_all()?;
+    server.wait_for(20, "the re-check to find the corrupt block", || {
+        Ok(server.get("/healthz")?.status == 503)
+    })?;
+    let h = server.get("/healthz")?.json()?;
+    assert_eq!(h["status"], "kb_corrupt", "{h}");
+    let e = h["kb_integrity"]["error"].as_str().unwrap_or("");
+    assert!(
+        e.contains(&emb.display().to_string()) && e.contains(&block),
+        "{h}"
+    );
+    let r = server.post("/v1/retrieve", &json!({"question": QUESTION}))?;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let message = r.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.contains("embeddings.f32") && message.contains(&block) && message.contains("CRC32"),
+        "{message}"
+    );
+    assert_eq!(server.metric("rustrag_kb_corrupt")?, 1.0);
+    Ok(())
+}
+
 /// `python` with the `openai` package: $RUSTRAG_TEST_PYTHON, else the CI venv, else python3.
 fn python_with_openai() -> Result<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

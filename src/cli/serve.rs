@@ -51,6 +51,10 @@ pub struct Args {
     /// How often the KB's CURRENT generation is checked, ms (default 1000).
     #[arg(long)]
     pub kb_poll_ms: Option<u64>,
+    /// Seconds between re-checks of the served KB's block checksums (default 21600 = 6 hours;
+    /// 0: off).
+    #[arg(long)]
+    pub kb_scrub_interval_s: Option<u64>,
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
@@ -78,6 +82,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     set(&mut c.max_n_docs, a.max_n_docs);
     set(&mut c.max_new_tokens, a.max_new_tokens);
     set(&mut c.kb_poll_ms, a.kb_poll_ms);
+    set(&mut c.kb_scrub_interval_s, a.kb_scrub_interval_s);
     rustrag::serve::serve(c, |addr| {
         // The one line a script waits for (stdout); logs go to stderr.
         let line = match json {

@@ -212,23 +212,22 @@ pub fn add_documents(
         passages: HashMap::new(),
         documents: HashMap::new(),
     };
-    for row in 0..kb.len() {
-        let id = kb.passages().id(row)?;
-        existing.passages.insert(id.to_string(), row);
+    // Read once, each block checked once (not per passage).
+    let old = kb.passages().all()?;
+    for (row, p) in old.iter().enumerate() {
+        existing.passages.insert(p.id.clone(), row);
         existing
             .documents
-            .entry(document_id(id).to_string())
+            .entry(document_id(&p.id).to_string())
             .or_default()
             .push(row);
     }
     let read = read_passages(sources, &opts.ingest, m.words_per_passage, Some(&existing))?;
-    let keep: Vec<usize> = (0..kb.len())
-        .filter(|r| !read.replaced_rows.contains(r))
-        .collect();
-    let mut passages = keep
-        .iter()
-        .map(|&r| kb.passage(r))
-        .collect::<Result<Vec<_>>>()?;
+    let (keep, mut passages): (Vec<usize>, Vec<Passage>) = old
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| !read.replaced_rows.contains(r))
+        .unzip();
     passages.extend(read.passages);
     let mut sources_all = m.sources.clone();
     sources_all.extend(sources.iter().map(|s| s.display().to_string()));

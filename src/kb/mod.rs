@@ -23,6 +23,7 @@ pub use store::PassageStore;
 use crate::encoders::EncoderFingerprint;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 /// One passage of a knowledge base.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,65 +71,178 @@ fn check_blocks(files: &MappedFiles) -> Result<()> {
     Ok(())
 }
 
-/// A background check's verdict (None while running) and the condition signalled when it lands.
-type Verdict = std::sync::Arc<(
-    std::sync::Mutex<Option<Result<(), String>>>,
-    std::sync::Condvar,
-)>;
+/// Default seconds between re-checks of an opened KB's blocks by a long-running reader
+/// ([`KnowledgeBase::scrub_every`]; `rustrag serve --kb-scrub-interval-s`): 6 hours.
+pub const DEFAULT_SCRUB_INTERVAL_S: u64 = 6 * 3600;
 
-/// How the block checksums of an opened generation were, or are being, checked.
-enum BlockCheck {
-    /// All checked on open.
-    Done,
-    /// Checking in a background thread (KBs over [`VERIFY_ON_OPEN_MAX_BYTES`]); its verdict.
-    Background(Verdict),
+/// Who ran a full check of the blocks (for the logs).
+#[derive(Clone, Copy)]
+enum CheckKind {
+    Open,
+    Background,
+    Scrub,
+}
+
+/// What the full checks of an opened KB's blocks found so far: the state behind
+/// [`KnowledgeBase::integrity`], shared by the check on open, the background check of a large KB
+/// and the periodic re-checks.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct IntegrityStatus {
+    /// Full checks of every block finished since the KB was opened (0 while the first one runs in
+    /// the background).
+    pub checks: u64,
+    /// When the last full check finished (unix seconds).
+    pub last_check_unix: Option<u64>,
+    /// How long it took.
+    pub last_check_seconds: Option<f64>,
+    /// Seconds between re-checks (0: none scheduled).
+    pub scrub_interval_s: f64,
+    /// The corruption found (file, block and byte range): once set, every passage read and dense
+    /// search of this KB fails with it until the KB is reopened.
+    pub error: Option<String>,
+}
+
+/// The mapped files and the one verdict every full check of them updates.
+struct Checked {
+    dir: PathBuf,
+    files: MappedFiles,
+    status: Mutex<IntegrityStatus>,
+    /// Signalled when a full check lands.
+    landed: Condvar,
+    /// One full check at a time.
+    running: Mutex<()>,
+}
+
+impl Checked {
+    fn status(&self) -> MutexGuard<'_, IntegrityStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Check every block and record the verdict; a KB found corrupt stays so (not re-checked).
+    fn run(&self, kind: CheckKind) -> Result<()> {
+        let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &self.status().error {
+            bail!("{e}");
+        }
+        let t = std::time::Instant::now();
+        let verdict = match kind {
+            // A re-check runs beside the requests of a server: one core, not all of them.
+            CheckKind::Scrub => rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "rustrag-kb-scrub".into())
+                .build()
+                .context("starting the re-check thread")?
+                .install(|| check_blocks(&self.files)),
+            CheckKind::Open | CheckKind::Background => check_blocks(&self.files),
+        };
+        let seconds = t.elapsed().as_secs_f64();
+        {
+            let mut s = self.status();
+            s.checks += 1;
+            s.last_check_unix = Some(manifest::now_unix());
+            s.last_check_seconds = Some(seconds);
+            if let Err(e) = &verdict {
+                s.error = Some(format!("{e:#}"));
+            }
+        }
+        self.landed.notify_all();
+        let (dir, ms) = (self.dir.display(), seconds * 1e3);
+        let bytes: usize = self
+            .files
+            .iter()
+            .map(|(_, _, d)| d.as_ref().map_or(0, |m| m.len()))
+            .sum();
+        match (&verdict, kind) {
+            // The caller of open reports its own error.
+            (Err(_), CheckKind::Open) => {}
+            (Err(e), _) => tracing::error!("knowledge base corrupt: {e:#}"),
+            (Ok(()), CheckKind::Open) => {
+                tracing::debug!(
+                    "{dir}: block checksums of {bytes} bytes checked on open in {ms:.1} ms"
+                )
+            }
+            (Ok(()), CheckKind::Background) => tracing::info!(
+                "{dir}: block checksums of {bytes} bytes checked in the background in {ms:.1} ms"
+            ),
+            (Ok(()), CheckKind::Scrub) => {
+                tracing::info!(
+                    "{dir}: block checksums of {bytes} bytes re-checked in {ms:.1} ms: intact"
+                )
+            }
+        }
+        verdict
+    }
+}
+
+/// How the block checksums of an opened generation are checked: on open or in a background
+/// thread, then again whenever asked ([`KnowledgeBase::scrub`]) or periodically.
+struct BlockCheck {
+    checked: Arc<Checked>,
+    /// The periodic re-check thread's line: dropping it (with the KB, or for a new interval)
+    /// ends the thread at once, however long its interval.
+    scrubber: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl BlockCheck {
-    fn background(files: MappedFiles) -> Self {
-        let state = std::sync::Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
-        let shared = state.clone();
+    fn new(dir: &Path, files: MappedFiles) -> Self {
+        Self {
+            checked: Arc::new(Checked {
+                dir: dir.to_path_buf(),
+                files,
+                status: Default::default(),
+                landed: Default::default(),
+                running: Default::default(),
+            }),
+            scrubber: Default::default(),
+        }
+    }
+
+    fn background(&self) {
+        let checked = self.checked.clone();
+        std::thread::spawn(move || checked.run(CheckKind::Background));
+    }
+
+    /// Every `every`, re-check all blocks in a thread of its own (zero: stop).
+    fn scrub_every(&self, every: std::time::Duration) {
+        let mut slot = self.scrubber.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = None;
+        self.checked.status().scrub_interval_s = every.as_secs_f64();
+        if every.is_zero() {
+            return;
+        }
+        let (line, hangup) = mpsc::channel::<()>();
+        let checked = self.checked.clone();
         std::thread::spawn(move || {
-            let t = std::time::Instant::now();
-            let verdict = check_blocks(&files).map_err(|e| format!("{e:#}"));
-            match &verdict {
-                Ok(()) => tracing::info!(
-                    "block checksums checked in the background in {:.1} s",
-                    t.elapsed().as_secs_f64()
-                ),
-                Err(e) => tracing::error!("knowledge base corrupt: {e}"),
+            while let Err(mpsc::RecvTimeoutError::Timeout) = hangup.recv_timeout(every) {
+                if checked.run(CheckKind::Scrub).is_err() {
+                    return; // failed for good; nothing more to find
+                }
             }
-            let (lock, done) = &*shared;
-            *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
-            done.notify_all();
         });
-        Self::Background(state)
+        *slot = Some(line);
     }
 
     /// The verdict so far: an error once corruption was found, else Ok (also while checking).
     fn so_far(&self) -> Result<()> {
-        match self {
-            Self::Done => Ok(()),
-            Self::Background(state) => match &*state.0.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(Err(e)) => bail!("{e}"),
-                _ => Ok(()),
-            },
+        match &self.checked.status().error {
+            Some(e) => bail!("{e}"),
+            None => Ok(()),
         }
     }
 
-    /// The verdict, waiting for a background check to finish.
+    /// The verdict, waiting for the first full check to finish.
     fn wait(&self) -> Result<()> {
-        let Self::Background(state) = self else {
-            return Ok(());
-        };
-        let (lock, done) = &**state;
-        let mut verdict = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while verdict.is_none() {
-            verdict = done.wait(verdict).unwrap_or_else(|p| p.into_inner());
+        let mut s = self.checked.status();
+        while s.checks == 0 {
+            s = self
+                .checked
+                .landed
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        match verdict.as_ref() {
-            Some(Err(e)) => bail!("{e}"),
-            _ => Ok(()),
+        match &s.error {
+            Some(e) => bail!("{e}"),
+            None => Ok(()),
         }
     }
 }
@@ -138,7 +252,7 @@ pub struct KnowledgeBase {
     root: PathBuf,
     /// Name of the generation opened (`None`: a KB written before generations existed).
     generation: Option<String>,
-    /// Block checksums: checked on open, or being checked in the background.
+    /// Block checksums: checked on open or in the background, re-checked when asked.
     block_check: BlockCheck,
     dir: PathBuf,
     manifest: Manifest,
@@ -219,27 +333,21 @@ impl KnowledgeBase {
         }
         let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
         let files = map_checked_files(&dir, &manifest)?;
-        let block_check = if total <= verify_on_open_max_bytes {
-            let t = std::time::Instant::now();
-            check_blocks(&files)?;
-            tracing::debug!(
-                "{}: block checksums of {total} bytes checked in {:.1} ms",
-                dir.display(),
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            BlockCheck::Done
+        let block_check = BlockCheck::new(&dir, files);
+        if total <= verify_on_open_max_bytes {
+            block_check.checked.run(CheckKind::Open)?;
         } else {
             tracing::info!(
                 "{}: {total} bytes of data, over the {verify_on_open_max_bytes}-byte limit for checking on open; checking block checksums in the background",
                 dir.display()
             );
-            BlockCheck::background(files)
-        };
+            block_check.background();
+        }
         let hnsw_graph = match &manifest.hnsw {
             Some(_) => Some(store::map(&dir.join(HNSW_FILE))?),
             None => None,
         };
-        let store = PassageStore::open(&dir, manifest.passages)?;
+        let store = PassageStore::open(&dir, &manifest)?;
         let embeddings =
             EmbeddingMatrix::open(&dir, manifest.passages, manifest.dim, manifest.dtype)?;
         Ok(Self {
@@ -261,13 +369,39 @@ impl KnowledgeBase {
         self.block_check.wait()
     }
 
-    /// Corruption found so far: an error once the background check of a large KB has found a bad
-    /// block (reads of passages and dense searches then fail with it), else Ok — also while the
-    /// check is still running, when reads are served unchecked (about 0.2 s per GB).
+    /// Corruption found so far: an error once a full check (the background check of a large KB,
+    /// or a re-check: [`KnowledgeBase::scrub`]) has found a bad block (reads of passages and dense
+    /// searches then fail with it), else Ok — also while the background check is still running,
+    /// when only the blocks of the passages read are checked (about 0.2 s per GB).
     pub fn integrity(&self) -> Result<()> {
         self.block_check
             .so_far()
             .with_context(|| format!("knowledge base {}", self.root.display()))
+    }
+
+    /// The full checks of this KB's blocks so far: how many, the last one's time and duration,
+    /// the re-check interval, and the corruption found, if any.
+    pub fn integrity_status(&self) -> IntegrityStatus {
+        self.block_check.checked.status().clone()
+    }
+
+    /// Re-check every block of the files mapped on open, now (one core; about 0.1 s per GB):
+    /// a mapped file sees bytes changed on disk after it was opened (bit rot, an edit in place),
+    /// which the check on open cannot. On a mismatch the KB is failed for good, as by the
+    /// background check: [`KnowledgeBase::integrity`] and every passage read and dense search
+    /// return the error, naming the file, the block and its byte range.
+    pub fn scrub(&self) -> Result<()> {
+        self.block_check
+            .checked
+            .run(CheckKind::Scrub)
+            .with_context(|| format!("knowledge base {}", self.root.display()))
+    }
+
+    /// Run [`KnowledgeBase::scrub`] every `every` in a background thread, for long-running
+    /// readers (`rustrag serve`), until the KB is dropped or this is called again; zero: never.
+    /// The thread stops at the first corruption found.
+    pub fn scrub_every(&self, every: std::time::Duration) {
+        self.block_check.scrub_every(every)
     }
 
     /// Recompute the sha256 of every data file and compare with the manifest.

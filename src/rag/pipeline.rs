@@ -1252,20 +1252,58 @@ fn batched_scores(queries: &Tensor, docs: &Tensor, n_docs: usize) -> Result<Tens
 
 /// The configured retriever over a knowledge base with `dense` as its dense side.
 fn kb_retriever(
-    kb: &KnowledgeBase,
+    kb: &Arc<KnowledgeBase>,
     dense: Box<dyn Retriever>,
     config: &PipelineConfig,
 ) -> Result<Box<dyn Retriever>> {
+    let bm25 = || -> Result<Box<dyn Retriever>> {
+        Ok(Box::new(KbBm25 {
+            bm25: open_or_build_kb_bm25(kb)?,
+            kb: kb.clone(),
+        }))
+    };
     Ok(match config.retriever {
         RetrieverKind::Dense => dense,
-        RetrieverKind::Bm25 => Box::new(open_or_build_kb_bm25(kb)?),
+        RetrieverKind::Bm25 => bm25()?,
         RetrieverKind::Hybrid => Box::new(HybridRetriever::new(
             dense,
-            Box::new(open_or_build_kb_bm25(kb)?),
+            bm25()?,
             Fusion::Rrf { k: config.rrf_k },
             config.candidates,
         )?),
     })
+}
+
+/// BM25 over a knowledge base whose hits' passages are read from the KB's store, as the dense
+/// retriever's are (each checked against its block checksums, and refused once the KB failed a
+/// full check), not from the copy the BM25 index keeps, which has no block checksums.
+struct KbBm25 {
+    bm25: Bm25Retriever,
+    kb: Arc<KnowledgeBase>,
+}
+
+impl Retriever for KbBm25 {
+    fn retrieve(
+        &self,
+        queries: &[&str],
+        _query_embeddings: Option<&Tensor>,
+        k: usize,
+    ) -> Result<Vec<crate::retrieve::Hits>> {
+        use rayon::prelude::*;
+        queries
+            .par_iter()
+            .map(|q| {
+                let found: Vec<(u32, f32)> = (self.bm25.search(q, k)?.into_iter())
+                    .map(|(row, score)| (row as u32, score))
+                    .collect();
+                crate::retrieve::Hits::from_rows(&found, |row| self.kb.passage(row), None)
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.bm25.len()
+    }
 }
 
 /// The sources of each question of `ctx`: passages, scores and p(z|x).

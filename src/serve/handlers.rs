@@ -202,26 +202,38 @@ async fn page() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
-async fn healthz(State(app): State<AppRef>) -> Json<serde_json::Value> {
+/// 200 with `status: ok`; 503 with `status: kb_corrupt` once a block check of the served KB
+/// failed (every retrieval fails then, so a balancer should stop sending requests).
+async fn healthz(State(app): State<AppRef>) -> Response {
     let p = app.pipeline();
-    Json(serde_json::json!({
-        "status": "ok",
+    let integrity = p.knowledge_base().map(|k| k.integrity_status());
+    let corrupt = integrity.as_ref().is_some_and(|i| i.error.is_some());
+    let body = Json(serde_json::json!({
+        "status": if corrupt { "kb_corrupt" } else { "ok" },
         "kb": kb_info(&p),
+        "kb_integrity": integrity,
         "generator": app.config.generator.display().to_string(),
         "retriever": p.config.retriever,
         "queue": {"depth": app.admission.depth(), "capacity": app.admission.capacity()},
-    }))
+    }));
+    match corrupt {
+        true => (StatusCode::SERVICE_UNAVAILABLE, body).into_response(),
+        false => body.into_response(),
+    }
 }
 
 async fn metrics(State(app): State<AppRef>) -> Response {
     let p = app.pipeline();
-    let generation = p
-        .knowledge_base()
+    let kb = p.knowledge_base();
+    let generation = kb
         .and_then(|k| k.generation().map(str::to_string))
         .unwrap_or_default();
-    let body = app
-        .metrics
-        .render(app.admission.depth(), app.admission.capacity(), &generation);
+    let body = app.metrics.render(
+        app.admission.depth(),
+        app.admission.capacity(),
+        &generation,
+        kb.map(|k| k.integrity_status()).as_ref(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -1,6 +1,7 @@
 //! Prometheus text-format metrics: requests by route and status, latency histograms, queue depth,
 //! tokens generated, batches decoded, knowledge-base swaps.
 
+use crate::kb::IntegrityStatus;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,8 +102,15 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The Prometheus text exposition, with the gauges read by the caller.
-    pub fn render(&self, queue_depth: usize, queue_capacity: usize, kb_generation: &str) -> String {
+    /// The Prometheus text exposition, with the gauges read by the caller (`integrity`: the
+    /// served KB's block checks).
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        queue_capacity: usize,
+        kb_generation: &str,
+        integrity: Option<&IntegrityStatus>,
+    ) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
@@ -226,6 +234,25 @@ impl Metrics {
             "# HELP rustrag_kb_info The served knowledge-base generation.\n# TYPE rustrag_kb_info gauge\nrustrag_kb_info{{generation=\"{}\"}} 1",
             kb_generation.replace(['"', '\\', '\n'], "_")
         );
+        if let Some(i) = integrity {
+            counter(
+                &mut out,
+                "rustrag_kb_block_checks_total",
+                "Full checks of the served KB's block checksums (on open, in the background, re-checks) since it was opened.",
+                i.checks,
+            );
+            let _ = writeln!(
+                out,
+                "# HELP rustrag_kb_corrupt 1 once a block check of the served KB failed (reads and dense searches fail), else 0.\n# TYPE rustrag_kb_corrupt gauge\nrustrag_kb_corrupt {}",
+                u8::from(i.error.is_some())
+            );
+            if let Some(t) = i.last_check_unix {
+                let _ = writeln!(
+                    out,
+                    "# HELP rustrag_kb_last_block_check_timestamp_seconds When the last full check of the served KB's block checksums finished.\n# TYPE rustrag_kb_last_block_check_timestamp_seconds gauge\nrustrag_kb_last_block_check_timestamp_seconds {t}"
+                );
+            }
+        }
         out
     }
 }

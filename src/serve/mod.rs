@@ -61,6 +61,12 @@ pub struct ServeConfig {
     pub max_questions: usize,
     /// How often the KB's `CURRENT` generation is checked for a change, in ms. Default 1000.
     pub kb_poll_ms: u64,
+    /// Seconds between re-checks of every block checksum of the served KB's mapped files
+    /// ([`crate::kb::KnowledgeBase::scrub_every`]): catches data corrupted on disk while it is
+    /// served in any file (passage reads check their own blocks as they go; the embeddings and
+    /// the HNSW graph only this way). A failure fails every passage read and dense search, and
+    /// `/healthz` (503). One core for about 0.1 s per GB. Default 21600 (6 hours, [`crate::kb::DEFAULT_SCRUB_INTERVAL_S`]); 0: off.
+    pub kb_scrub_interval_s: u64,
 }
 
 impl Default for ServeConfig {
@@ -79,6 +85,7 @@ impl Default for ServeConfig {
             max_new_tokens: 256,
             max_questions: 64,
             kb_poll_ms: 1000,
+            kb_scrub_interval_s: crate::kb::DEFAULT_SCRUB_INTERVAL_S,
         }
     }
 }

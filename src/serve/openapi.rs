@@ -153,6 +153,14 @@ pub fn document(limits: &DocLimits) -> Value {
     let kb = json!({"type": "object", "properties": {
         "path": {"type": "string"}, "generation": {"type": ["string", "null"]},
         "passages": int(0)}});
+    let integrity = json!({"type": ["object", "null"], "properties": {
+        "checks": int(0), "last_check_unix": {"type": ["integer", "null"]},
+        "last_check_seconds": {"type": ["number", "null"]}, "scrub_interval_s": {"type": "number"},
+        "error": {"type": ["string", "null"], "description": "the corrupt file, block and byte range"}}});
+    let health = json!({"type": "object", "properties": {
+        "status": {"type": "string", "enum": ["ok", "kb_corrupt"]}, "kb": kb,
+        "kb_integrity": integrity, "generator": {"type": "string"}, "retriever": {"type": "string"},
+        "queue": {"type": "object", "properties": {"depth": int(0), "capacity": int(1)}}}});
     let token = json!({"type": "object", "properties": {
         "position": int(0), "id": int(0), "text": {"type": "string"},
         "doc_posterior": {"type": "array", "items": {"type": "number"},
@@ -168,11 +176,9 @@ pub fn document(limits: &DocLimits) -> Value {
         "paths": {
             "/": {"get": {"summary": "The web page: ask, watch the answer stream in with each token shaded by its source",
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
-            "/healthz": {"get": {"summary": "Liveness, the served KB generation and the queue",
-                "responses": {"200": ok_json("Healthy", json!({"type": "object", "properties": {
-                    "status": {"type": "string"}, "kb": kb, "generator": {"type": "string"},
-                    "retriever": {"type": "string"},
-                    "queue": {"type": "object", "properties": {"depth": int(0), "capacity": int(1)}}}}))}}},
+            "/healthz": {"get": {"summary": "Liveness, the served KB generation, its block checks and the queue",
+                "responses": {"200": ok_json("Healthy", health.clone()),
+                    "503": ok_json("The served KB failed a block check (status kb_corrupt): every retrieval fails", health)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)",
                 "responses": {"200": {"description": "Metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document",

@@ -33,6 +33,7 @@ impl App {
         if config.queue_capacity == 0 {
             anyhow::bail!("queue_capacity must be at least 1");
         }
+        scrub(&pipeline, &config);
         Ok(Arc::new_cyclic(|weak| Self {
             admission: Admission::new(config.queue_capacity),
             queue: AnswerQueue::start(weak.clone(), config.queue_capacity),
@@ -61,6 +62,7 @@ impl App {
             return Ok(false);
         }
         let reopened = tokio::task::spawn_blocking(move || current.reopen_kb(&root)).await??;
+        scrub(&reopened, &self.config);
         let generation = reopened
             .knowledge_base()
             .and_then(|k| k.generation().map(str::to_string));
@@ -70,6 +72,14 @@ impl App {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("knowledge base swapped in: generation {generation:?}");
         Ok(true)
+    }
+}
+
+/// Re-check the blocks of the KB about to be served every `kb_scrub_interval_s` (its thread
+/// ends when the KB is dropped, after a swap).
+fn scrub(p: &Pipeline, config: &ServeConfig) {
+    if let Some(kb) = p.knowledge_base() {
+        kb.scrub_every(Duration::from_secs(config.kb_scrub_interval_s));
     }
 }
 
