@@ -158,11 +158,9 @@ impl Llama {
             }
             kv.len = t;
             let (kc, vc) = (&kv.k, &kv.v);
-            if key_mask.is_none() && (len > 1 || n_rep > 1) {
-                // No padding: blocks of ATT_BLOCK positions × the n_rep query heads of one kv head
-                // attend together, keys and values read once per block (prefill, and decode steps
-                // of grouped-query models, where reading the cache once per query head made long
-                // contexts memory-bound).
+            if key_mask.is_none() && len > 1 {
+                // Prefill without padding: blocks of ATT_BLOCK positions × the n_rep query heads
+                // of one kv head attend together (keys and values read once per block).
                 const ATT_BLOCK: usize = 8;
                 let nblk = len.div_ceil(ATT_BLOCK);
                 let tasks: Vec<(usize, usize, usize)> = (0..b)
