@@ -308,23 +308,30 @@ fn unsupported_tensor_type_names_the_supported_ones() {
     );
 }
 
-/// `src` rewritten to `dst` with metadata key `drop` removed and tensor `replace.0` replaced by
-/// `replace.1` (f32).
+use candle_core::quantized::gguf_file::Value;
+
+/// `src` rewritten to `dst` with the metadata `edits` (key, new value or None to remove it) and
+/// tensor `replace.0` replaced by `replace.1` (f32).
 fn rewrite_gguf(
     src: &std::path::Path,
     dst: &std::path::Path,
-    drop: Option<&str>,
+    edits: &[(&str, Option<Value>)],
     replace: Option<(&str, Vec<f32>)>,
 ) -> Result<()> {
     use candle_core::quantized::{gguf_file, QTensor};
     let mut f = std::fs::File::open(src)?;
     let content = gguf_file::Content::read(&mut f)?;
-    let meta: Vec<(&str, &gguf_file::Value)> = content
+    let mut meta: Vec<(&str, &Value)> = content
         .metadata
         .iter()
-        .filter(|(k, _)| Some(k.as_str()) != drop)
+        .filter(|(k, _)| !edits.iter().any(|(e, _)| e == k))
         .map(|(k, v)| (k.as_str(), v))
         .collect();
+    meta.extend(
+        edits
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))),
+    );
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for name in content.tensor_infos.keys() {
         let t = match &replace {
@@ -355,7 +362,7 @@ fn bad_rope_factors_are_clear_errors() -> Result<()> {
     };
     let no_orig = dir.path().join("no-orig.gguf");
     let key = "phi3.rope.scaling.original_context_length";
-    rewrite_gguf(&src, &no_orig, Some(key), None)?;
+    rewrite_gguf(&src, &no_orig, &[(key, None)], None)?;
     let msg = err(&no_orig);
     assert!(
         msg.contains(&*no_orig.to_string_lossy()) && msg.contains(key),
@@ -367,7 +374,7 @@ fn bad_rope_factors_are_clear_errors() -> Result<()> {
     rewrite_gguf(
         &src,
         &zero,
-        None,
+        &[],
         Some(("rope_factors_long.weight", factors)),
     )?;
     let msg = err(&zero);
@@ -377,5 +384,35 @@ fn bad_rope_factors_are_clear_errors() -> Result<()> {
             && msg.contains("factor 3"),
         "{msg}"
     );
+    Ok(())
+}
+
+/// Gemma's sliding-window metadata of the wrong type or length is an error naming the file and key.
+#[test]
+fn bad_sliding_window_metadata_is_a_clear_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = fixtures_dir().join("gemma3-Q8_0.gguf");
+    let cases = [
+        (
+            "gemma3.attention.sliding_window_pattern",
+            Value::Array(vec![Value::Bool(true); 2]),
+        ),
+        (
+            "gemma3.attention.sliding_window",
+            Value::String("sixteen".into()),
+        ),
+    ];
+    for (i, (key, value)) in cases.into_iter().enumerate() {
+        let p = dir.path().join(format!("bad-window-{i}.gguf"));
+        rewrite_gguf(&src, &p, &[(key, Some(value))], None)?;
+        let msg = match GgufFile::open(&p).and_then(|g| Llama::from_gguf(&g, &Device::Cpu)) {
+            Ok(_) => panic!("{} loaded", p.display()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            msg.contains(&*p.to_string_lossy()) && msg.contains(key),
+            "{key}: {msg}"
+        );
+    }
     Ok(())
 }
