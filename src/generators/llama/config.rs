@@ -621,54 +621,52 @@ impl LlamaConfig {
             && self.rope_params(true) != self.rope_params(false)
     }
 
-    /// Rotary angles `out: [head_dim / 2]` of position `pos` (global or `local` frequencies), rounded as ggml's
-    /// rope cache computes them (`theta_i = pos * base^(-2i/d)` by repeated f32 multiplication,
-    /// scaled by `1 / factor` for linear scaling), so that the raw path's q/k match llama.cpp's to
-    /// the last bits; Llama 3 scaling takes `pos * inv_freq`.
-    pub(super) fn rope_angles(&self, local: bool, pos: u32, out: &mut [f32]) {
+    /// Rotary angles `out: [positions, head_dim / 2]` (global or `local` frequencies), rounded as
+    /// ggml's rope cache computes them (`theta_i = pos * base^(-2i/d)` by repeated f32
+    /// multiplication, then scaled per dimension: `1 / factor` for linear scaling, `1 / f_i` for
+    /// frequency factors, YaRN's ramp), so that the raw path's q/k match llama.cpp's to the last
+    /// bits; Llama 3 scaling takes `pos * inv_freq`. What a scaling derives per dimension (the
+    /// inverse frequencies, YaRN's ramp) is computed once for all positions.
+    pub(super) fn rope_angles(&self, local: bool, positions: &[u32], out: &mut [f32]) {
         let (theta_base, scaling) = self.rope_params(local);
-        let theta_scale = (theta_base as f32).powf(-2.0 / self.head_dim as f32);
-        let mut theta = pos as f32;
-        let freq_scale = match scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => (1.0 / factor) as f32,
-            RopeScaling::Llama3 { .. } => {
-                for (o, f) in out.iter_mut().zip(self.inv_freq(local)) {
+        let half = self.head_dim / 2;
+        if let RopeScaling::Llama3 { .. } = scaling {
+            let inv_freq = self.inv_freq(local);
+            for (row, &pos) in out.chunks_exact_mut(half).zip(positions) {
+                for (o, f) in row.iter_mut().zip(&inv_freq) {
                     *o = pos as f32 * f;
                 }
-                return;
             }
-            RopeScaling::Factors { factors, .. } => {
-                for (o, f) in out.iter_mut().zip(factors) {
-                    *o = theta / f;
-                    theta *= theta_scale;
-                }
-                return;
-            }
-            &RopeScaling::Yarn {
-                factor,
+            return;
+        }
+        let ramp = match *scaling {
+            RopeScaling::Yarn {
                 original_context,
                 beta_fast,
                 beta_slow,
                 ..
-            } => {
-                let freq_scale = (1.0 / factor) as f32;
-                let ramp = yarn_ramp(
-                    self.head_dim,
-                    theta_base,
-                    original_context,
-                    (beta_fast, beta_slow),
-                );
-                for (o, r) in out.iter_mut().zip(ramp) {
-                    *o = freq_scale * theta * (1.0 - r) + theta * r;
-                    theta *= theta_scale;
-                }
-                return;
-            }
+            } => yarn_ramp(
+                self.head_dim,
+                theta_base,
+                original_context,
+                (beta_fast, beta_slow),
+            ),
+            _ => Vec::new(),
         };
-        for o in out.iter_mut() {
-            *o = freq_scale * theta;
-            theta *= theta_scale;
+        let theta_scale = (theta_base as f32).powf(-2.0 / self.head_dim as f32);
+        for (row, &pos) in out.chunks_exact_mut(half).zip(positions) {
+            let mut theta = pos as f32;
+            for (i, o) in row.iter_mut().enumerate() {
+                *o = match scaling {
+                    RopeScaling::None | RopeScaling::Llama3 { .. } => theta,
+                    RopeScaling::Linear { factor } => (1.0 / factor) as f32 * theta,
+                    RopeScaling::Factors { factors, .. } => theta / factors[i],
+                    RopeScaling::Yarn { factor, .. } => {
+                        (1.0 / factor) as f32 * theta * (1.0 - ramp[i]) + theta * ramp[i]
+                    }
+                };
+                theta *= theta_scale;
+            }
         }
     }
 

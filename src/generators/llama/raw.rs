@@ -63,14 +63,12 @@ impl Llama {
         let tables = |local: bool| {
             let mut cos = vec![0f32; n * half];
             let mut sin = vec![0f32; n * half];
-            let mut angles = vec![0f32; half];
+            let mut angles = vec![0f32; n * half];
+            cfg.rope_angles(local, positions, &mut angles);
             let m = cfg.rope_attn_factor(local);
-            for (r, &p) in positions.iter().enumerate() {
-                cfg.rope_angles(local, p, &mut angles);
-                for (i, a) in angles.iter().enumerate() {
-                    cos[r * half + i] = a.cos() * m;
-                    sin[r * half + i] = a.sin() * m;
-                }
+            for ((c, s), a) in cos.iter_mut().zip(sin.iter_mut()).zip(&angles) {
+                *c = a.cos() * m;
+                *s = a.sin() * m;
             }
             (cos, sin)
         };
